@@ -1,0 +1,49 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * The maps of the load balancer. They are pinned by the agent under its
+ * --bpf-root with the names below, which carry the layout version: a layout
+ * change gets new names, so an agent never reads a map of another layout.
+ * Capacities here are defaults; the agent sets them before load.
+ */
+#ifndef KPR_LB_MAPS_H
+#define KPR_LB_MAPS_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include "lb_types.h"
+
+/* frontend (+ slot) -> master entry or backend slot */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct lb_svc_key);
+	__type(value, struct lb_svc_val);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} kpr_svc_v1 SEC(".maps");
+
+/* backend id -> backend */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, struct lb_backend);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} kpr_backends_v1 SEC(".maps");
+
+/* (client, frontend) -> backend, for sessionAffinity ClientIP */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct lb_affinity_key);
+	__type(value, struct lb_affinity_val);
+	__uint(max_entries, 65536);
+} kpr_affinity_v1 SEC(".maps");
+
+/* (socket, backend) -> frontend, for recvmsg and getpeername */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct lb_sock_rnat_key);
+	__type(value, struct lb_sock_rnat_val);
+	__uint(max_entries, 262144);
+} kpr_sockrnat_v1 SEC(".maps");
+
+#endif /* KPR_LB_MAPS_H */

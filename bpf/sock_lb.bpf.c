@@ -1,0 +1,198 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * Socket-level load balancing on cgroup v2 hooks: a connect() or sendmsg()
+ * to a service frontend is rewritten to one of its backends before any
+ * packet exists, so no per-packet NAT and no conntrack entry is needed for
+ * traffic that starts on this node. recvmsg() and getpeername() translate
+ * back, so applications only ever see the frontend address.
+ *
+ * Hook entry points are thin: they never fail a syscall except when the
+ * destination is a frontend without a usable backend, which fails with
+ * ECONNREFUSED at once (what kube-proxy's REJECT rule gives a client).
+ */
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <linux/errno.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "lb_types.h"
+#include "lb_maps.h"
+#include "lb_select.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+#define SYS_REJECT 0
+#define SYS_PROCEED 1
+
+/* Errno a client gets for a frontend with no usable backend. */
+const volatile __u32 no_backend_errno = ECONNREFUSED;
+
+enum sock_family { FAM_V4, FAM_V6 };
+
+static __always_inline void ctx_get_addr(const struct bpf_sock_addr *ctx,
+					 enum sock_family fam, __be32 addr[4])
+{
+	if (fam == FAM_V4) {
+		lb_addr_set_v4(addr, ctx->user_ip4);
+	} else {
+		addr[0] = ctx->user_ip6[0];
+		addr[1] = ctx->user_ip6[1];
+		addr[2] = ctx->user_ip6[2];
+		addr[3] = ctx->user_ip6[3];
+	}
+}
+
+static __always_inline void ctx_set_addr(struct bpf_sock_addr *ctx,
+					 enum sock_family fam, const __be32 addr[4])
+{
+	if (fam == FAM_V4) {
+		ctx->user_ip4 = addr[3];
+	} else {
+		ctx->user_ip6[0] = addr[0];
+		ctx->user_ip6[1] = addr[1];
+		ctx->user_ip6[2] = addr[2];
+		ctx->user_ip6[3] = addr[3];
+	}
+}
+
+/* Fills @key with the frontend the socket addresses. */
+static __always_inline void ctx_svc_key(const struct bpf_sock_addr *ctx,
+					enum sock_family fam, __u8 proto,
+					struct lb_svc_key *key)
+{
+	ctx_get_addr(ctx, fam, key->addr);
+	key->port = (__be16)ctx->user_port;
+	key->proto = proto;
+	key->scope = LB_SCOPE_EXT;
+}
+
+/* Rewrites the destination of @ctx to a backend of the frontend it targets.
+ * Returns 0 when translated or not a frontend, -errno when the frontend has
+ * no usable backend. */
+static __always_inline int sock_translate(struct bpf_sock_addr *ctx,
+					  enum sock_family fam, __u8 proto)
+{
+	struct lb_svc_key key = {};
+	struct lb_svc_val *master;
+	struct lb_backend *backend;
+	struct lb_sock_rnat_key rkey = {};
+	struct lb_sock_rnat_val rval = {};
+
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+		return 0;
+
+	ctx_svc_key(ctx, fam, proto, &key);
+	master = lb_lookup_master(&key);
+	if (!master)
+		return 0;
+
+	/* Node-local traffic uses the internal backend set when the frontend
+	 * has one (externalTrafficPolicy Local must not limit it). */
+	if (master->flags & SVC_F_HAS_INT_SCOPE) {
+		key.scope = LB_SCOPE_INT;
+		master = lb_lookup_master(&key);
+		if (!master)
+			return -no_backend_errno;
+	}
+
+	backend = lb_select_backend(&key, master, bpf_get_netns_cookie(ctx));
+	if (!backend)
+		return -no_backend_errno;
+	/* A v4 socket can only reach an IPv4 backend; the agent never mixes
+	 * families in a frontend, so this guards against corruption only. */
+	if (fam == FAM_V4 && !lb_addr_is_v4(backend->addr))
+		return -no_backend_errno;
+
+	rkey.cookie = bpf_get_socket_cookie(ctx);
+	__builtin_memcpy(rkey.addr, backend->addr, sizeof(rkey.addr));
+	rkey.port = backend->port;
+	__builtin_memcpy(rval.addr, key.addr, sizeof(rval.addr));
+	rval.port = key.port;
+	rval.svc_id = master->svc_id;
+	/* Best effort: without the entry only the reported peer is wrong. */
+	bpf_map_update_elem(&kpr_sockrnat_v1, &rkey, &rval, BPF_ANY);
+
+	ctx_set_addr(ctx, fam, backend->addr);
+	ctx->user_port = backend->port;
+	return 0;
+}
+
+/* Rewrites the peer address of @ctx (a backend) back to the frontend the
+ * socket was translated from, if any. */
+static __always_inline void sock_rev_translate(struct bpf_sock_addr *ctx,
+					       enum sock_family fam)
+{
+	struct lb_sock_rnat_key rkey = {};
+	struct lb_sock_rnat_val *rval;
+
+	rkey.cookie = bpf_get_socket_cookie(ctx);
+	ctx_get_addr(ctx, fam, rkey.addr);
+	rkey.port = (__be16)ctx->user_port;
+	rval = bpf_map_lookup_elem(&kpr_sockrnat_v1, &rkey);
+	if (!rval)
+		return;
+	ctx_set_addr(ctx, fam, rval->addr);
+	ctx->user_port = rval->port;
+}
+
+static __always_inline int sock_verdict(int ret)
+{
+	if (ret < 0) {
+		bpf_set_retval(ret);
+		return SYS_REJECT;
+	}
+	return SYS_PROCEED;
+}
+
+SEC("cgroup/connect4")
+int kpr_connect4(struct bpf_sock_addr *ctx)
+{
+	return sock_verdict(sock_translate(ctx, FAM_V4, ctx->protocol));
+}
+
+SEC("cgroup/connect6")
+int kpr_connect6(struct bpf_sock_addr *ctx)
+{
+	return sock_verdict(sock_translate(ctx, FAM_V6, ctx->protocol));
+}
+
+SEC("cgroup/sendmsg4")
+int kpr_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return sock_verdict(sock_translate(ctx, FAM_V4, IPPROTO_UDP));
+}
+
+SEC("cgroup/sendmsg6")
+int kpr_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	return sock_verdict(sock_translate(ctx, FAM_V6, IPPROTO_UDP));
+}
+
+SEC("cgroup/recvmsg4")
+int kpr_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	sock_rev_translate(ctx, FAM_V4);
+	return SYS_PROCEED;
+}
+
+SEC("cgroup/recvmsg6")
+int kpr_recvmsg6(struct bpf_sock_addr *ctx)
+{
+	sock_rev_translate(ctx, FAM_V6);
+	return SYS_PROCEED;
+}
+
+SEC("cgroup/getpeername4")
+int kpr_getpeername4(struct bpf_sock_addr *ctx)
+{
+	sock_rev_translate(ctx, FAM_V4);
+	return SYS_PROCEED;
+}
+
+SEC("cgroup/getpeername6")
+int kpr_getpeername6(struct bpf_sock_addr *ctx)
+{
+	sock_rev_translate(ctx, FAM_V6);
+	return SYS_PROCEED;
+}
