@@ -1,1 +1,6 @@
-pub mod datapath { pub mod skel; }
+//! kpr: a kube-proxy replacement. See README.md for the data flow.
+
+pub mod datapath {
+    pub mod skel;
+}
+pub mod skip;

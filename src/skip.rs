@@ -1,0 +1,56 @@
+//! Why an object or part of one was not programmed. A fixed set, so it can
+//! label a metric (`kpr_skipped_objects_total{reason}`) without letting
+//! object names or error text into label values.
+
+use std::fmt;
+
+/// The reason a manifest document, object, port or endpoint was skipped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SkipReason {
+    /// The document is not valid YAML/JSON or does not match its kind's schema.
+    Malformed,
+    /// A kind kpr does not consume (anything but v1 Service and discovery.k8s.io/v1 EndpointSlice).
+    UnsupportedKind,
+    /// A protocol kpr does not balance (SCTP).
+    UnsupportedProtocol,
+    /// A Service type kpr does not program yet.
+    UnsupportedType,
+    /// An address that does not parse or does not fit the object's family.
+    InvalidAddress,
+    /// A port that is missing or out of range.
+    InvalidPort,
+    /// A second object with the same namespace/name.
+    Duplicate,
+}
+
+impl SkipReason {
+    /// Every reason, in label order.
+    pub const ALL: [SkipReason; 7] = [
+        SkipReason::Malformed,
+        SkipReason::UnsupportedKind,
+        SkipReason::UnsupportedProtocol,
+        SkipReason::UnsupportedType,
+        SkipReason::InvalidAddress,
+        SkipReason::InvalidPort,
+        SkipReason::Duplicate,
+    ];
+
+    /// The metric label value.
+    pub fn as_label(self) -> &'static str {
+        match self {
+            SkipReason::Malformed => "malformed",
+            SkipReason::UnsupportedKind => "unsupported_kind",
+            SkipReason::UnsupportedProtocol => "unsupported_protocol",
+            SkipReason::UnsupportedType => "unsupported_type",
+            SkipReason::InvalidAddress => "invalid_address",
+            SkipReason::InvalidPort => "invalid_port",
+            SkipReason::Duplicate => "duplicate",
+        }
+    }
+}
+
+impl fmt::Display for SkipReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_label())
+    }
+}
