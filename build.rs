@@ -20,7 +20,12 @@ fn main() {
         SkeletonBuilder::new()
             .source(source)
             .clang(&clang)
-            .clang_args(["-Wall", "-Werror", "-Ibpf/include", multiarch_include.as_str()])
+            .clang_args([
+                "-Wall",
+                "-Werror",
+                "-Ibpf/include",
+                multiarch_include.as_str(),
+            ])
             .build_and_generate(out.join(format!("{name}.skel.rs")))
             .unwrap_or_else(|e| panic!("building BPF program {source} with {clang}: {e:#}"));
     }

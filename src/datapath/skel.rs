@@ -1,5 +1,11 @@
 //! The generated libbpf-rs skeletons; the only place they are included.
-#![allow(clippy::all, missing_docs, non_camel_case_types, non_snake_case, dead_code)]
+#![allow(
+    clippy::all,
+    missing_docs,
+    non_camel_case_types,
+    non_snake_case,
+    dead_code
+)]
 
 pub mod sock_lb {
     include!(concat!(env!("OUT_DIR"), "/sock_lb.skel.rs"));

@@ -1,0 +1,218 @@
+//! `LbMaps` on the pinned BPF maps. Writes go through batch syscalls, one
+//! per ordered step of a plan, so a full sync of 100k entries costs a few
+//! syscalls per thousand entries instead of one per entry.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::Path;
+
+use libbpf_rs::{ErrorKind, MapCore, MapFlags, MapHandle};
+
+use crate::datapath::layout::{self, as_bytes, from_bytes, Pod};
+use crate::datapath::maps::{
+    BackendEntry, BackendId, Capacity, LbMaps, MapError, MapName, ServiceId, Snapshot, SvcValue,
+};
+use crate::datapath::skel::sock_lb::types::{
+    lb_affinity_key, lb_affinity_val, lb_backend, lb_svc_key, lb_svc_val,
+};
+use crate::model::Frontend;
+
+/// Handles on the pinned load-balancer maps.
+pub struct KernelMaps {
+    services: MapHandle,
+    backends: MapHandle,
+    affinity: MapHandle,
+    sock_revnat: MapHandle,
+}
+
+/// libbpf-rs errors carry an errno-like kind; keep the errno where it matters.
+pub(crate) fn to_io(err: libbpf_rs::Error) -> io::Error {
+    match err.kind() {
+        ErrorKind::NotFound => io::Error::from_raw_os_error(libc::ENOENT),
+        ErrorKind::TooBig => io::Error::from_raw_os_error(libc::E2BIG),
+        ErrorKind::OutOfMemory => io::Error::from_raw_os_error(libc::ENOMEM),
+        ErrorKind::PermissionDenied => io::Error::from_raw_os_error(libc::EPERM),
+        _ => io::Error::other(err.to_string()),
+    }
+}
+
+impl KernelMaps {
+    /// Opens the maps pinned under `bpf_root` (see `loader::pin_path`).
+    pub fn open(bpf_root: &Path) -> Result<KernelMaps, MapError> {
+        let open = |name: MapName| {
+            let path = crate::datapath::loader::pin_path(bpf_root, name);
+            MapHandle::from_pinned_path(&path).map_err(|e| {
+                MapError::new(
+                    "open",
+                    name,
+                    io::Error::new(
+                        to_io(e).kind(),
+                        format!("{}: not pinned or unreadable", path.display()),
+                    ),
+                )
+            })
+        };
+        Ok(KernelMaps {
+            services: open(MapName::Services)?,
+            backends: open(MapName::Backends)?,
+            affinity: open(MapName::Affinity)?,
+            sock_revnat: open(MapName::SockRevNat)?,
+        })
+    }
+
+    fn handle(&self, name: MapName) -> &MapHandle {
+        match name {
+            MapName::Services => &self.services,
+            MapName::Backends => &self.backends,
+            MapName::Affinity => &self.affinity,
+            MapName::SockRevNat => &self.sock_revnat,
+        }
+    }
+
+    pub fn max_entries(&self, name: MapName) -> usize {
+        self.handle(name).max_entries() as usize
+    }
+
+    /// Number of entries in a map (walks its keys).
+    pub fn entry_count(&self, name: MapName) -> usize {
+        self.handle(name).keys().count()
+    }
+
+    fn entries<K: Pod, V: Pod>(&self, name: MapName) -> Result<Vec<(K, V)>, MapError> {
+        let map = self.handle(name);
+        let mut out = Vec::new();
+        for key in map.keys() {
+            // An entry deleted between the key walk and the lookup is skipped.
+            let value = map
+                .lookup(&key, MapFlags::ANY)
+                .map_err(|e| MapError::new("lookup", name, to_io(e)))?;
+            if let (Some(k), Some(v)) = (
+                from_bytes::<K>(&key),
+                value.as_deref().and_then(from_bytes::<V>),
+            ) {
+                out.push((k, v));
+            }
+        }
+        Ok(out)
+    }
+
+    fn update_batch<K: Pod, V: Pod>(
+        &self,
+        name: MapName,
+        entries: &[(K, V)],
+    ) -> Result<(), MapError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut keys = Vec::with_capacity(entries.len() * std::mem::size_of::<K>());
+        let mut values = Vec::with_capacity(entries.len() * std::mem::size_of::<V>());
+        for (k, v) in entries {
+            keys.extend_from_slice(as_bytes(k));
+            values.extend_from_slice(as_bytes(v));
+        }
+        self.handle(name)
+            .update_batch(
+                &keys,
+                &values,
+                entries.len() as u32,
+                MapFlags::ANY,
+                MapFlags::ANY,
+            )
+            .map_err(|e| MapError::new("update", name, to_io(e)))
+    }
+
+    fn delete_batch<K: Pod>(&self, name: MapName, keys: &[K]) -> Result<(), MapError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let map = self.handle(name);
+        let bytes: Vec<u8> = keys.iter().flat_map(|k| as_bytes(k).to_vec()).collect();
+        match map.delete_batch(&bytes, keys.len() as u32, MapFlags::ANY, MapFlags::ANY) {
+            Ok(()) => Ok(()),
+            // The batch stops at a missing key; deletes are idempotent, so
+            // finish one by one and ignore the missing ones.
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                for k in keys {
+                    match map.delete(as_bytes(k)) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == ErrorKind::NotFound => {}
+                        Err(e) => return Err(MapError::new("delete", name, to_io(e))),
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => Err(MapError::new("delete", name, to_io(e))),
+        }
+    }
+}
+
+impl LbMaps for KernelMaps {
+    fn capacity(&self) -> Capacity {
+        Capacity {
+            services: self.max_entries(MapName::Services),
+            backends: self.max_entries(MapName::Backends),
+        }
+    }
+
+    fn snapshot(&self) -> Result<Snapshot, MapError> {
+        let svc = self.entries::<lb_svc_key, lb_svc_val>(MapName::Services)?;
+        let svc = svc.iter().filter_map(|(k, v)| {
+            let (fe, slot) = layout::decode_svc_key(k)?;
+            Some((fe, slot, layout::decode_svc_value(slot, v)?))
+        });
+        let backends: BTreeMap<BackendId, BackendEntry> = self
+            .entries::<u32, lb_backend>(MapName::Backends)?
+            .iter()
+            .filter_map(|(id, v)| Some((*id, layout::decode_backend(v)?)))
+            .collect();
+        Ok(Snapshot::from_entries(svc, backends))
+    }
+
+    fn put_backends(&mut self, entries: &[(BackendId, BackendEntry)]) -> Result<(), MapError> {
+        let raw: Vec<(u32, lb_backend)> = entries
+            .iter()
+            .map(|(id, b)| (*id, layout::backend_value(b)))
+            .collect();
+        self.update_batch(MapName::Backends, &raw)
+    }
+
+    fn delete_backends(&mut self, ids: &[BackendId]) -> Result<(), MapError> {
+        self.delete_batch(MapName::Backends, ids)
+    }
+
+    fn put_service_entries(
+        &mut self,
+        entries: &[(Frontend, u16, SvcValue)],
+    ) -> Result<(), MapError> {
+        let raw: Vec<(lb_svc_key, lb_svc_val)> = entries
+            .iter()
+            .map(|(fe, slot, v)| (layout::svc_key(fe, *slot), layout::svc_value(v)))
+            .collect();
+        self.update_batch(MapName::Services, &raw)
+    }
+
+    fn delete_service_entries(&mut self, keys: &[(Frontend, u16)]) -> Result<(), MapError> {
+        let raw: Vec<lb_svc_key> = keys
+            .iter()
+            .map(|(fe, slot)| layout::svc_key(fe, *slot))
+            .collect();
+        self.delete_batch(MapName::Services, &raw)
+    }
+
+    fn prune_affinity(
+        &mut self,
+        keep: &mut dyn FnMut(ServiceId, BackendId) -> bool,
+    ) -> Result<usize, MapError> {
+        let stale: Vec<lb_affinity_key> = self
+            .entries::<lb_affinity_key, lb_affinity_val>(MapName::Affinity)?
+            .into_iter()
+            .filter(|(k, v)| {
+                let (svc_id, backend_id) = layout::decode_affinity(k, v);
+                !keep(svc_id, backend_id)
+            })
+            .map(|(k, _)| k)
+            .collect();
+        self.delete_batch(MapName::Affinity, &stale)?;
+        Ok(stale.len())
+    }
+}

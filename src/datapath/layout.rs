@@ -1,0 +1,308 @@
+//! Encoding of map keys and values: domain types to and from the structs
+//! that libbpf-cargo generates from bpf/include/lb_types.h. This module
+//! owns byte order (addresses and ports are network order in the maps) and
+//! the IPv4-mapped address convention; nothing else touches raw entries.
+
+use std::net::{IpAddr, Ipv6Addr};
+
+use crate::datapath::maps::{BackendEntry, BackendId, MasterEntry, ServiceId, SvcValue};
+use crate::datapath::skel::sock_lb::types::{
+    lb_affinity_key, lb_affinity_val, lb_backend, lb_svc_key, lb_svc_val,
+};
+use crate::model::{BackendState, Frontend, FrontendOptions, L4Addr, Protocol, Scope, ServiceType};
+
+/// Layout version of the maps; the `_vN` suffix of their pinned names.
+pub const LAYOUT_VERSION: u32 = 1;
+
+// enum lb_scope
+const LB_SCOPE_EXT: u8 = 0;
+const LB_SCOPE_INT: u8 = 1;
+// enum lb_svc_flags
+const SVC_F_CLUSTER_IP: u16 = 1 << 0;
+const SVC_F_NODE_PORT: u16 = 1 << 1;
+const SVC_F_LOADBALANCER: u16 = 1 << 2;
+const SVC_F_EXTERNAL_IP: u16 = 1 << 3;
+const SVC_F_AFFINITY: u16 = 1 << 4;
+const SVC_F_HAS_INT_SCOPE: u16 = 1 << 5;
+const SVC_F_ETP_LOCAL: u16 = 1 << 6;
+const SVC_F_ITP_LOCAL: u16 = 1 << 7;
+// enum lb_backend_state
+const BE_STATE_ACTIVE: u8 = 0;
+const BE_STATE_TERMINATING: u8 = 1;
+
+/// Plain-old-data map structs: `repr(C)`, every byte a declared field
+/// (explicit padding; `tests::struct_sizes_match_the_c_layout` pins it).
+pub trait Pod: Copy + Default {}
+impl Pod for lb_svc_key {}
+impl Pod for lb_svc_val {}
+impl Pod for lb_backend {}
+impl Pod for lb_affinity_key {}
+impl Pod for lb_affinity_val {}
+impl Pod for u32 {}
+
+pub fn as_bytes<T: Pod>(value: &T) -> &[u8] {
+    // SAFETY: T is repr(C) with no implicit padding (Pod), so every byte is initialised.
+    unsafe { std::slice::from_raw_parts(value as *const T as *const u8, std::mem::size_of::<T>()) }
+}
+
+/// Reads a `T` from map bytes; None when the size does not match.
+pub fn from_bytes<T: Pod>(bytes: &[u8]) -> Option<T> {
+    if bytes.len() != std::mem::size_of::<T>() {
+        return None;
+    }
+    // SAFETY: the length matches and every bit pattern is valid for these integer-only structs.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const T) })
+}
+
+/// A 16-byte map address in network order (IPv4 as IPv4-mapped).
+pub fn encode_ip(ip: IpAddr) -> [u32; 4] {
+    let octets = match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    };
+    let mut out = [0u32; 4];
+    for (i, word) in out.iter_mut().enumerate() {
+        *word = u32::from_ne_bytes([
+            octets[4 * i],
+            octets[4 * i + 1],
+            octets[4 * i + 2],
+            octets[4 * i + 3],
+        ]);
+    }
+    out
+}
+
+pub fn decode_ip(words: &[u32; 4]) -> IpAddr {
+    let mut octets = [0u8; 16];
+    for (i, word) in words.iter().enumerate() {
+        octets[4 * i..4 * i + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    let v6 = Ipv6Addr::from(octets);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+pub fn svc_key(fe: &Frontend, slot: u16) -> lb_svc_key {
+    lb_svc_key {
+        addr: encode_ip(fe.addr.ip),
+        port: fe.addr.port.to_be(),
+        slot,
+        proto: fe.addr.proto.number(),
+        scope: match fe.scope {
+            Scope::External => LB_SCOPE_EXT,
+            Scope::Internal => LB_SCOPE_INT,
+        },
+        pad: [0; 2],
+    }
+}
+
+/// The frontend and slot of a key; None for a key kpr never writes.
+pub fn decode_svc_key(key: &lb_svc_key) -> Option<(Frontend, u16)> {
+    let scope = match key.scope {
+        LB_SCOPE_EXT => Scope::External,
+        LB_SCOPE_INT => Scope::Internal,
+        _ => return None,
+    };
+    let addr = L4Addr {
+        ip: decode_ip(&key.addr),
+        port: u16::from_be(key.port),
+        proto: Protocol::from_number(key.proto)?,
+    };
+    Some((Frontend { addr, scope }, key.slot))
+}
+
+pub fn svc_value(value: &SvcValue) -> lb_svc_val {
+    match value {
+        SvcValue::Master(m) => lb_svc_val {
+            backend_id: 0,
+            count: m.count,
+            svc_id: m.svc_id,
+            affinity_timeout: m.options.affinity_timeout.unwrap_or(0),
+            flags: master_flags(m),
+            pad: 0,
+        },
+        SvcValue::Slot { backend_id, svc_id } => lb_svc_val {
+            backend_id: *backend_id,
+            svc_id: *svc_id,
+            ..Default::default()
+        },
+    }
+}
+
+fn master_flags(m: &MasterEntry) -> u16 {
+    let mut flags = match m.svc_type {
+        ServiceType::ClusterIP => SVC_F_CLUSTER_IP,
+        ServiceType::NodePort => SVC_F_NODE_PORT,
+        ServiceType::LoadBalancer => SVC_F_LOADBALANCER,
+        ServiceType::ExternalIP => SVC_F_EXTERNAL_IP,
+    };
+    let o = &m.options;
+    if o.affinity_timeout.is_some() {
+        flags |= SVC_F_AFFINITY;
+    }
+    if o.has_internal_scope {
+        flags |= SVC_F_HAS_INT_SCOPE;
+    }
+    if o.external_traffic_local {
+        flags |= SVC_F_ETP_LOCAL;
+    }
+    if o.internal_traffic_local {
+        flags |= SVC_F_ITP_LOCAL;
+    }
+    flags
+}
+
+/// The value at `slot`; None when it is not a value kpr writes there.
+pub fn decode_svc_value(slot: u16, val: &lb_svc_val) -> Option<SvcValue> {
+    if slot > 0 {
+        return Some(SvcValue::Slot {
+            backend_id: val.backend_id,
+            svc_id: val.svc_id,
+        });
+    }
+    let f = val.flags;
+    let svc_type = if f & SVC_F_CLUSTER_IP != 0 {
+        ServiceType::ClusterIP
+    } else if f & SVC_F_NODE_PORT != 0 {
+        ServiceType::NodePort
+    } else if f & SVC_F_LOADBALANCER != 0 {
+        ServiceType::LoadBalancer
+    } else if f & SVC_F_EXTERNAL_IP != 0 {
+        ServiceType::ExternalIP
+    } else {
+        return None;
+    };
+    let options = FrontendOptions {
+        affinity_timeout: (f & SVC_F_AFFINITY != 0).then_some(val.affinity_timeout),
+        has_internal_scope: f & SVC_F_HAS_INT_SCOPE != 0,
+        external_traffic_local: f & SVC_F_ETP_LOCAL != 0,
+        internal_traffic_local: f & SVC_F_ITP_LOCAL != 0,
+    };
+    Some(SvcValue::Master(MasterEntry {
+        svc_id: val.svc_id,
+        count: val.count,
+        svc_type,
+        options,
+    }))
+}
+
+pub fn backend_value(b: &BackendEntry) -> lb_backend {
+    lb_backend {
+        addr: encode_ip(b.addr.ip),
+        port: b.addr.port.to_be(),
+        proto: b.addr.proto.number(),
+        state: match b.state {
+            BackendState::Active => BE_STATE_ACTIVE,
+            BackendState::Terminating => BE_STATE_TERMINATING,
+        },
+        pad: 0,
+    }
+}
+
+pub fn decode_backend(val: &lb_backend) -> Option<BackendEntry> {
+    let state = match val.state {
+        BE_STATE_ACTIVE => BackendState::Active,
+        BE_STATE_TERMINATING => BackendState::Terminating,
+        _ => return None,
+    };
+    Some(BackendEntry {
+        addr: L4Addr {
+            ip: decode_ip(&val.addr),
+            port: u16::from_be(val.port),
+            proto: Protocol::from_number(val.proto)?,
+        },
+        state,
+    })
+}
+
+/// Service and backend ids of an affinity entry.
+pub fn decode_affinity(key: &lb_affinity_key, val: &lb_affinity_val) -> (ServiceId, BackendId) {
+    (key.svc_id, val.backend_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datapath::skel::sock_lb::types::{lb_sock_rnat_key, lb_sock_rnat_val};
+    use std::mem::size_of;
+
+    fn hex<T: Pod>(v: &T) -> String {
+        as_bytes(v).iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn struct_sizes_match_the_c_layout() {
+        // Sizes of bpf/include/lb_types.h with its explicit padding; a change
+        // here is a layout change and needs a new map version.
+        assert_eq!(size_of::<lb_svc_key>(), 24);
+        assert_eq!(size_of::<lb_svc_val>(), 20);
+        assert_eq!(size_of::<lb_backend>(), 24);
+        assert_eq!(size_of::<lb_affinity_key>(), 16);
+        assert_eq!(size_of::<lb_affinity_val>(), 16);
+        assert_eq!(size_of::<lb_sock_rnat_key>(), 32);
+        assert_eq!(size_of::<lb_sock_rnat_val>(), 24);
+    }
+
+    #[test]
+    fn svc_key_encodes_ipv4_mapped_address_and_network_order_port() {
+        let fe = Frontend::new("10.96.0.10".parse().unwrap(), 80, Protocol::Tcp);
+        assert_eq!(
+            hex(&svc_key(&fe, 2)),
+            // ::ffff:10.96.0.10       port 80  slot 2  tcp ext pad
+            "00000000000000000000ffff0a60000a".to_string() + "0050" + "0200" + "06" + "00" + "0000"
+        );
+        assert_eq!(decode_svc_key(&svc_key(&fe, 2)), Some((fe, 2)));
+    }
+
+    #[test]
+    fn ipv6_frontend_roundtrips() {
+        let mut fe = Frontend::new("fd00:10:96::a".parse().unwrap(), 53, Protocol::Udp);
+        fe.scope = Scope::Internal;
+        assert_eq!(decode_svc_key(&svc_key(&fe, 0)), Some((fe, 0)));
+        assert_eq!(
+            hex(&svc_key(&fe, 0)),
+            // fd00:10:96::a                   port 53  slot 0  udp int pad
+            "fd00001000960000000000000000000a".to_string() + "0035" + "0000" + "11" + "01" + "0000"
+        );
+    }
+
+    #[test]
+    fn master_value_golden_encoding() {
+        let m = MasterEntry {
+            svc_id: 7,
+            count: 3,
+            svc_type: ServiceType::ClusterIP,
+            options: FrontendOptions {
+                affinity_timeout: Some(10800),
+                ..Default::default()
+            },
+        };
+        let v = svc_value(&SvcValue::Master(m));
+        //            backend_id count    svc_id   timeout  flags pad
+        assert_eq!(
+            hex(&v),
+            "00000000".to_string() + "03000000" + "07000000" + "302a0000" + "1100" + "0000"
+        );
+        assert_eq!(decode_svc_value(0, &v), Some(SvcValue::Master(m)));
+    }
+
+    #[test]
+    fn backend_golden_encoding() {
+        let b = BackendEntry {
+            addr: L4Addr {
+                ip: "10.244.0.11".parse().unwrap(),
+                port: 8080,
+                proto: Protocol::Tcp,
+            },
+            state: BackendState::Terminating,
+        };
+        let v = backend_value(&b);
+        assert_eq!(
+            hex(&v),
+            "00000000000000000000ffff0af4000b".to_string() + "1f90" + "06" + "01" + "00000000"
+        );
+        assert_eq!(decode_backend(&v), Some(b));
+    }
+}

@@ -1,0 +1,443 @@
+//! Loading the BPF programs, pinning their maps and attaching them to a
+//! cgroup with pinned links — and undoing all of it (`kpr cleanup`).
+//!
+//! Restart safety: maps are pinned under the bpf root and reused by the
+//! next agent (libbpf reuses a pinned map whose definition matches), and
+//! every attachment is a pinned bpf_link. A restarted agent atomically
+//! swaps the program behind each existing link (BPF_LINK_UPDATE) instead
+//! of detaching and re-attaching, so translation never stops; SIGKILL
+//! leaves links and maps in place and traffic keeps being translated.
+
+use std::fs;
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use libbpf_rs::query::LinkTypeInfo;
+use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+use libbpf_rs::{Link, MapCore, MapHandle, OpenMapMut, ProgramMut};
+use serde::Serialize;
+
+use crate::datapath::maps::MapName;
+use crate::datapath::skel::sock_lb::{SockLbSkel, SockLbSkelBuilder};
+
+/// Default --bpf-root.
+pub const DEFAULT_BPF_ROOT: &str = "/sys/fs/bpf/kpr";
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// Where a map is pinned.
+pub fn pin_path(bpf_root: &Path, map: MapName) -> PathBuf {
+    bpf_root.join(map.pin_name())
+}
+
+fn links_dir(bpf_root: &Path) -> PathBuf {
+    bpf_root.join("links")
+}
+
+/// Capacities for newly created maps. Maps that are already pinned keep
+/// the capacity they were created with (changing it needs `kpr cleanup`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct MapSizes {
+    pub services: u32,
+    pub backends: u32,
+    pub affinity: u32,
+    pub sock_revnat: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        MapSizes {
+            services: 65536,
+            backends: 65536,
+            affinity: 65536,
+            sock_revnat: 262144,
+        }
+    }
+}
+
+impl MapSizes {
+    fn get(&self, map: MapName) -> u32 {
+        match map {
+            MapName::Services => self.services,
+            MapName::Backends => self.backends,
+            MapName::Affinity => self.affinity,
+            MapName::SockRevNat => self.sock_revnat,
+        }
+    }
+}
+
+/// A socket-LB hook: program name in bpf/sock_lb.bpf.c and attach point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Hook {
+    pub attach_point: &'static str,
+    program: &'static str,
+}
+
+pub const SOCK_HOOKS: [Hook; 8] = [
+    Hook {
+        attach_point: "connect4",
+        program: "kpr_connect4",
+    },
+    Hook {
+        attach_point: "connect6",
+        program: "kpr_connect6",
+    },
+    Hook {
+        attach_point: "sendmsg4",
+        program: "kpr_sendmsg4",
+    },
+    Hook {
+        attach_point: "sendmsg6",
+        program: "kpr_sendmsg6",
+    },
+    Hook {
+        attach_point: "recvmsg4",
+        program: "kpr_recvmsg4",
+    },
+    Hook {
+        attach_point: "recvmsg6",
+        program: "kpr_recvmsg6",
+    },
+    Hook {
+        attach_point: "getpeername4",
+        program: "kpr_getpeername4",
+    },
+    Hook {
+        attach_point: "getpeername6",
+        program: "kpr_getpeername6",
+    },
+];
+
+fn link_pin(bpf_root: &Path, hook: &Hook) -> PathBuf {
+    links_dir(bpf_root).join(format!("sock_{}", hook.attach_point))
+}
+
+/// What loading did, for logs and `kpr status`.
+#[derive(Debug, Default, Serialize)]
+pub struct LoadReport {
+    /// Maps that were already pinned and are reused with their content.
+    pub reused_maps: Vec<MapName>,
+    /// Hooks whose pinned link got the new program (agent restart).
+    pub updated_links: Vec<&'static str>,
+    /// Hooks attached anew.
+    pub created_links: Vec<&'static str>,
+    /// Pins of another layout version removed after the switch.
+    pub removed_old_pins: Vec<PathBuf>,
+}
+
+/// Makes sure `bpf_root` is a directory on a BPF filesystem. When its
+/// nearest existing ancestor is not on one, bpffs is mounted: on that
+/// ancestor if it is an empty directory that cannot hold new ones (the
+/// kernel's /sys/fs/bpf mount point, as Cilium does), else on `bpf_root`.
+pub fn ensure_bpffs(bpf_root: &Path) -> Result<()> {
+    let mut ancestor = bpf_root;
+    while !ancestor.exists() {
+        ancestor = ancestor.parent().unwrap_or(Path::new("/"));
+    }
+    if !is_bpffs(ancestor)? && ancestor != bpf_root && fs::create_dir_all(bpf_root).is_err() {
+        mount_bpffs(ancestor)?;
+    }
+    fs::create_dir_all(bpf_root)
+        .with_context(|| format!("creating bpf root {}", bpf_root.display()))?;
+    if !is_bpffs(bpf_root)? {
+        mount_bpffs(bpf_root)?;
+    }
+    Ok(())
+}
+
+fn mount_bpffs(at: &Path) -> Result<()> {
+    nix::mount::mount(
+        Some("bpffs"),
+        at,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .with_context(|| format!("mounting bpffs at {}", at.display()))
+}
+
+fn is_bpffs(path: &Path) -> Result<bool> {
+    let st =
+        nix::sys::statfs::statfs(path).with_context(|| format!("statfs {}", path.display()))?;
+    Ok(st.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+}
+
+/// The cgroup id of a cgroup v2 directory (its inode number).
+fn cgroup_id(cgroup: &Path) -> Result<u64> {
+    Ok(fs::metadata(cgroup)
+        .with_context(|| format!("cgroup {}", cgroup.display()))?
+        .ino())
+}
+
+fn set_map_size(
+    map: &mut OpenMapMut<'_>,
+    bpf_root: &Path,
+    name: MapName,
+    sizes: &MapSizes,
+    report: &mut LoadReport,
+) -> Result<()> {
+    let pin = pin_path(bpf_root, name);
+    let size = if pin.exists() {
+        // Keep the pinned map's capacity so libbpf can reuse it.
+        let pinned = MapHandle::from_pinned_path(&pin)
+            .with_context(|| format!("opening pinned map {}", pin.display()))?;
+        report.reused_maps.push(name);
+        if pinned.max_entries() != sizes.get(name) {
+            tracing::warn!(map = %name, pinned = pinned.max_entries(), requested = sizes.get(name),
+                "pinned map keeps its capacity; run `kpr cleanup` to resize");
+        }
+        pinned.max_entries()
+    } else {
+        sizes.get(name)
+    };
+    map.set_max_entries(size)
+        .with_context(|| format!("sizing map {name}"))?;
+    map.set_pin_path(&pin)
+        .with_context(|| format!("pin path for map {name}"))?;
+    Ok(())
+}
+
+/// Loads the socket-LB programs with their maps pinned under `bpf_root`
+/// and attaches them to `cgroup`, reusing pinned maps and links.
+pub fn load_and_attach(bpf_root: &Path, cgroup: &Path, sizes: &MapSizes) -> Result<LoadReport> {
+    ensure_bpffs(bpf_root)?;
+    fs::create_dir_all(links_dir(bpf_root)).context("creating links directory")?;
+    let mut report = LoadReport::default();
+
+    let mut storage = MaybeUninit::uninit();
+    let mut open = SockLbSkelBuilder::default()
+        .open(&mut storage)
+        .context("opening the socket-LB BPF object")?;
+    let maps = &mut open.maps;
+    set_map_size(
+        &mut maps.kpr_svc_v1,
+        bpf_root,
+        MapName::Services,
+        sizes,
+        &mut report,
+    )?;
+    set_map_size(
+        &mut maps.kpr_backends_v1,
+        bpf_root,
+        MapName::Backends,
+        sizes,
+        &mut report,
+    )?;
+    set_map_size(
+        &mut maps.kpr_affinity_v1,
+        bpf_root,
+        MapName::Affinity,
+        sizes,
+        &mut report,
+    )?;
+    set_map_size(
+        &mut maps.kpr_sockrnat_v1,
+        bpf_root,
+        MapName::SockRevNat,
+        sizes,
+        &mut report,
+    )?;
+    let skel: SockLbSkel = open.load().context(
+        "loading the socket-LB BPF programs (a pinned map of an incompatible definition? run `kpr cleanup`)",
+    )?;
+
+    let cgroup_dir =
+        fs::File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+    let want_cgroup = cgroup_id(cgroup)?;
+    for hook in &SOCK_HOOKS {
+        let prog = program(&skel, hook)?;
+        attach_hook(
+            bpf_root,
+            hook,
+            prog,
+            cgroup_dir.as_raw_fd(),
+            want_cgroup,
+            &mut report,
+        )
+        .with_context(|| {
+            format!(
+                "attaching {} to cgroup {}",
+                hook.attach_point,
+                cgroup.display()
+            )
+        })?;
+    }
+    report.removed_old_pins = remove_old_layout_pins(bpf_root)?;
+    Ok(report)
+}
+
+fn program<'a>(skel: &'a SockLbSkel<'_>, hook: &Hook) -> Result<&'a ProgramMut<'a>> {
+    let p = &skel.progs;
+    Ok(match hook.program {
+        "kpr_connect4" => &p.kpr_connect4,
+        "kpr_connect6" => &p.kpr_connect6,
+        "kpr_sendmsg4" => &p.kpr_sendmsg4,
+        "kpr_sendmsg6" => &p.kpr_sendmsg6,
+        "kpr_recvmsg4" => &p.kpr_recvmsg4,
+        "kpr_recvmsg6" => &p.kpr_recvmsg6,
+        "kpr_getpeername4" => &p.kpr_getpeername4,
+        "kpr_getpeername6" => &p.kpr_getpeername6,
+        other => bail!("no program {other} in the socket-LB object"),
+    })
+}
+
+/// The cgroup a pinned link is attached to; None when it is detached.
+fn link_cgroup(link: &Link) -> Option<u64> {
+    match link.info().ok()?.info {
+        LinkTypeInfo::Cgroup(c) if c.cgroup_id != 0 => Some(c.cgroup_id),
+        _ => None,
+    }
+}
+
+fn attach_hook(
+    bpf_root: &Path,
+    hook: &Hook,
+    prog: &ProgramMut<'_>,
+    cgroup_fd: i32,
+    want_cgroup: u64,
+    report: &mut LoadReport,
+) -> Result<()> {
+    let pin = link_pin(bpf_root, hook);
+    if pin.exists() {
+        let mut link =
+            Link::open(&pin).with_context(|| format!("opening pinned link {}", pin.display()))?;
+        if link_cgroup(&link) == Some(want_cgroup) {
+            link.update_prog(prog)
+                .context("replacing the program of the pinned link")?;
+            report.updated_links.push(hook.attach_point);
+            return Ok(());
+        }
+        // Attached elsewhere (another --cgroup) or defunct: attach the new
+        // one first, then drop the old, so there is no gap on the new cgroup.
+        let mut new = prog.attach_cgroup(cgroup_fd).context("attaching")?;
+        let _ = link.detach();
+        fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
+        new.pin(&pin)
+            .with_context(|| format!("pinning link at {}", pin.display()))?;
+        report.created_links.push(hook.attach_point);
+        return Ok(());
+    }
+    let mut link = prog.attach_cgroup(cgroup_fd).context("attaching")?;
+    link.pin(&pin)
+        .with_context(|| format!("pinning link at {}", pin.display()))?;
+    report.created_links.push(hook.attach_point);
+    Ok(())
+}
+
+/// Pins of kpr maps from another layout version: unused once the programs
+/// of this version are attached.
+fn remove_old_layout_pins(bpf_root: &Path) -> Result<Vec<PathBuf>> {
+    let current: Vec<&str> = MapName::ALL.iter().map(|m| m.pin_name()).collect();
+    let mut removed = Vec::new();
+    for entry in
+        fs::read_dir(bpf_root).with_context(|| format!("reading {}", bpf_root.display()))?
+    {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("kpr_") && !current.contains(&name.as_str()) {
+            fs::remove_file(entry.path()).with_context(|| format!("removing old pin {name}"))?;
+            tracing::info!(pin = %name, "removed map of an older layout version");
+            removed.push(entry.path());
+        }
+    }
+    Ok(removed)
+}
+
+/// A hook as found in the bpf root, for `kpr status` and tests.
+#[derive(Debug, Serialize)]
+pub struct AttachedHook {
+    pub attach_point: &'static str,
+    pub cgroup_id: Option<u64>,
+}
+
+/// The socket-LB hooks that have a pinned link under `bpf_root`.
+pub fn attached_hooks(bpf_root: &Path) -> Vec<AttachedHook> {
+    SOCK_HOOKS
+        .iter()
+        .filter_map(|hook| {
+            let link = Link::open(link_pin(bpf_root, hook)).ok()?;
+            Some(AttachedHook {
+                attach_point: hook.attach_point,
+                cgroup_id: link_cgroup(&link),
+            })
+        })
+        .collect()
+}
+
+/// What `kpr cleanup` removed.
+#[derive(Debug, Default, Serialize)]
+pub struct CleanupReport {
+    pub detached: Vec<String>,
+    pub removed_pins: Vec<PathBuf>,
+    pub unmounted: bool,
+}
+
+/// Detaches every program kpr attached under `bpf_root` and removes every
+/// pin, then the root itself. Idempotent.
+pub fn cleanup(bpf_root: &Path) -> Result<CleanupReport> {
+    let mut report = CleanupReport::default();
+    if !bpf_root.exists() {
+        return Ok(report);
+    }
+    let links = links_dir(bpf_root);
+    if links.exists() {
+        for entry in fs::read_dir(&links)? {
+            let path = entry?.path();
+            match Link::open(&path) {
+                Ok(link) => {
+                    // Best effort: a link whose cgroup is gone is already detached.
+                    let _ = link.detach();
+                    report.detached.push(
+                        path.file_name()
+                            .unwrap_or_default()
+                            .to_string_lossy()
+                            .into_owned(),
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(pin = %path.display(), error = %e, "not a link; removing the pin")
+                }
+            }
+            remove_pin(&path, &mut report)?;
+        }
+        fs::remove_dir(&links).with_context(|| format!("removing {}", links.display()))?;
+    }
+    for entry in fs::read_dir(bpf_root)? {
+        let path = entry?.path();
+        if path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("kpr_"))
+        {
+            remove_pin(&path, &mut report)?;
+        }
+    }
+    // The root is ours only if kpr mounted it (a bpffs mount at the root).
+    if is_mountpoint(bpf_root)? && is_bpffs(bpf_root)? {
+        nix::mount::umount(bpf_root)
+            .with_context(|| format!("unmounting {}", bpf_root.display()))?;
+        report.unmounted = true;
+    }
+    match fs::remove_dir(bpf_root) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::DirectoryNotEmpty => {
+            tracing::warn!(root = %bpf_root.display(), "bpf root holds files kpr did not create; left in place")
+        }
+        Err(e) => return Err(e).with_context(|| format!("removing {}", bpf_root.display())),
+    }
+    Ok(report)
+}
+
+fn remove_pin(path: &Path, report: &mut CleanupReport) -> Result<()> {
+    fs::remove_file(path).with_context(|| format!("removing pin {}", path.display()))?;
+    report.removed_pins.push(path.to_path_buf());
+    Ok(())
+}
+
+fn is_mountpoint(path: &Path) -> Result<bool> {
+    let meta = fs::metadata(path)?;
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    Ok(meta.dev() != fs::metadata(parent)?.dev())
+}

@@ -1,0 +1,213 @@
+//! The seam between the reconciler and the datapath: what the load-balancer
+//! maps hold, expressed in domain types, and the operations the reconciler
+//! performs on them. `kernel::KernelMaps` implements it on pinned BPF maps,
+//! `fake::FakeMaps` in memory (with fault injection) for tests.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Serialize;
+
+use crate::model::{BackendState, Frontend, FrontendOptions, L4Addr, ServiceType};
+
+/// Id of a backend in the backends map. 0 is invalid ("no backend").
+pub type BackendId = u32;
+/// Id of a frontend (Cilium's rev-NAT index). 0 is invalid.
+pub type ServiceId = u32;
+
+/// The maps of the load balancer, as named in metrics and errors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MapName {
+    Services,
+    Backends,
+    Affinity,
+    SockRevNat,
+}
+
+impl MapName {
+    pub const ALL: [MapName; 4] = [
+        MapName::Services,
+        MapName::Backends,
+        MapName::Affinity,
+        MapName::SockRevNat,
+    ];
+
+    /// The map's pinned name; the suffix is the layout version.
+    pub fn pin_name(self) -> &'static str {
+        match self {
+            MapName::Services => "kpr_svc_v1",
+            MapName::Backends => "kpr_backends_v1",
+            MapName::Affinity => "kpr_affinity_v1",
+            MapName::SockRevNat => "kpr_sockrnat_v1",
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MapName::Services => "services",
+            MapName::Backends => "backends",
+            MapName::Affinity => "affinity",
+            MapName::SockRevNat => "sock_revnat",
+        }
+    }
+}
+
+impl fmt::Display for MapName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Maximum entries of the maps the reconciler fills.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Capacity {
+    /// Entries of the services map: one master plus one per backend slot per frontend.
+    pub services: usize,
+    /// Entries of the backends map.
+    pub backends: usize,
+}
+
+/// Slot 0 of a frontend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MasterEntry {
+    pub svc_id: ServiceId,
+    /// Number of backend slots (1..=count).
+    pub count: u32,
+    pub svc_type: ServiceType,
+    pub options: FrontendOptions,
+}
+
+/// A value of the services map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SvcValue {
+    Master(MasterEntry),
+    Slot {
+        backend_id: BackendId,
+        svc_id: ServiceId,
+    },
+}
+
+/// A value of the backends map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendEntry {
+    pub addr: L4Addr,
+    pub state: BackendState,
+}
+
+/// A frontend as the services map holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendEntries {
+    pub master: MasterEntry,
+    /// Backend id of slot i+1.
+    pub slots: Vec<BackendId>,
+}
+
+/// The content of the services and backends maps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub frontends: BTreeMap<Frontend, FrontendEntries>,
+    pub backends: BTreeMap<BackendId, BackendEntry>,
+    /// Service-map entries that belong to no consistent frontend: slots
+    /// without a master or beyond its count, left by an interrupted apply.
+    /// They are never selected by the datapath and are removed on prune.
+    pub stray_entries: Vec<(Frontend, u16)>,
+}
+
+impl Snapshot {
+    /// Entries the services map holds for the consistent frontends.
+    pub fn service_entries(&self) -> usize {
+        self.frontends.values().map(|f| 1 + f.slots.len()).sum()
+    }
+
+    /// Builds a snapshot from raw map entries, sorting out inconsistent ones.
+    pub fn from_entries(
+        svc: impl IntoIterator<Item = (Frontend, u16, SvcValue)>,
+        backends: BTreeMap<BackendId, BackendEntry>,
+    ) -> Snapshot {
+        let mut masters: BTreeMap<Frontend, MasterEntry> = BTreeMap::new();
+        let mut slots: BTreeMap<(Frontend, u16), BackendId> = BTreeMap::new();
+        let mut stray = Vec::new();
+        for (fe, slot, val) in svc {
+            match val {
+                SvcValue::Master(m) if slot == 0 => {
+                    masters.insert(fe, m);
+                }
+                SvcValue::Slot { backend_id, .. } if slot > 0 => {
+                    slots.insert((fe, slot), backend_id);
+                }
+                _ => stray.push((fe, slot)),
+            }
+        }
+        let mut frontends = BTreeMap::new();
+        for (fe, master) in masters {
+            // A master whose slots are incomplete (interrupted apply) keeps
+            // the slots it has; the next sync rewrites the frontend.
+            let mut list = Vec::with_capacity(master.count as usize);
+            for slot in 1..=master.count {
+                match slots.remove(&(fe, slot as u16)) {
+                    Some(id) => list.push(id),
+                    None => break,
+                }
+            }
+            frontends.insert(
+                fe,
+                FrontendEntries {
+                    master,
+                    slots: list,
+                },
+            );
+        }
+        stray.extend(slots.into_keys());
+        Snapshot {
+            frontends,
+            backends,
+            stray_entries: stray,
+        }
+    }
+}
+
+/// A failed map operation.
+#[derive(Debug, thiserror::Error)]
+#[error("{op} on BPF map {map}: {source}")]
+pub struct MapError {
+    pub op: &'static str,
+    pub map: MapName,
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl MapError {
+    pub fn new(op: &'static str, map: MapName, source: std::io::Error) -> MapError {
+        MapError { op, map, source }
+    }
+
+    /// The map had no room for the entry.
+    pub fn is_full(&self) -> bool {
+        matches!(
+            self.source.raw_os_error(),
+            Some(libc::E2BIG) | Some(libc::ENOSPC) | Some(libc::ENOMEM)
+        )
+    }
+}
+
+/// Operations on the load-balancer maps. Batches are applied in order;
+/// deletes are idempotent (a missing entry is not an error).
+pub trait LbMaps {
+    fn capacity(&self) -> Capacity;
+    /// Reads the services and backends maps.
+    fn snapshot(&self) -> Result<Snapshot, MapError>;
+    fn put_backends(&mut self, entries: &[(BackendId, BackendEntry)]) -> Result<(), MapError>;
+    fn delete_backends(&mut self, ids: &[BackendId]) -> Result<(), MapError>;
+    fn put_service_entries(
+        &mut self,
+        entries: &[(Frontend, u16, SvcValue)],
+    ) -> Result<(), MapError>;
+    fn delete_service_entries(&mut self, keys: &[(Frontend, u16)]) -> Result<(), MapError>;
+    /// Removes affinity entries for which `keep(svc_id, backend_id)` is false;
+    /// returns how many were removed.
+    fn prune_affinity(
+        &mut self,
+        keep: &mut dyn FnMut(ServiceId, BackendId) -> bool,
+    ) -> Result<usize, MapError>;
+}
