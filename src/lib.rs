@@ -3,3 +3,8 @@
 pub mod datapath;
 pub mod model;
 pub mod skip;
+pub mod reconcile;
+pub mod translate;
+pub mod svc_list;
+pub mod agent;
+pub mod cli;

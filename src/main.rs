@@ -1,1 +1,88 @@
-fn main() {}
+//! `kpr`: thin entry point; each subcommand lives in its own module.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+
+use kpr::agent::{self, AgentConfig};
+use kpr::cli::{AgentArgs, Cli, Command, OutputFormat, SvcCommand};
+use kpr::datapath::kernel::KernelMaps;
+use kpr::datapath::loader::{self, MapSizes};
+use kpr::datapath::LbMaps;
+use kpr::{host, selftest, svc_list, testbed};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KPR_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("kpr: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Agent(args) => run_agent(args).map(|()| ExitCode::SUCCESS),
+        Command::Svc { command: SvcCommand::List { bpf_root, output } } => {
+            let maps = KernelMaps::open(&bpf_root.bpf_root).with_context(|| {
+                format!(
+                    "no kpr maps under {} (has an agent run with this --bpf-root?)",
+                    bpf_root.bpf_root.display()
+                )
+            })?;
+            let rows = svc_list::rows(&maps.snapshot()?);
+            print!(
+                "{}",
+                match output {
+                    OutputFormat::Table => svc_list::format_table(&rows),
+                    OutputFormat::Json => svc_list::format_json(&rows),
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cleanup(args) => {
+            let report = loader::cleanup(&args.bpf_root.bpf_root)?;
+            println!(
+                "detached {} program links, removed {} pins{}",
+                report.detached.len(),
+                report.removed_pins.len(),
+                if report.unmounted { ", unmounted bpffs" } else { "" }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Selftest => selftest::run(),
+        Command::Probe { spec } => testbed::probe::probe_main(&spec).map(|()| ExitCode::SUCCESS),
+    }
+}
+
+fn run_agent(args: AgentArgs) -> Result<()> {
+    let cgroup = match args.cgroup {
+        Some(c) => c,
+        None => host::cgroup2_mount().context("finding the cgroup2 mount for the default --cgroup")?,
+    };
+    let config = AgentConfig {
+        manifests: args.manifests,
+        cgroup,
+        bpf_root: args.bpf_root.bpf_root,
+        metrics_addr: args.metrics_addr,
+        healthz_addr: args.healthz_addr,
+        map_sizes: MapSizes { services: args.lb_map_max, backends: args.lb_map_max, ..MapSizes::default() },
+        debounce: Duration::from_millis(args.debounce_ms),
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(agent::run(config))
+}

@@ -1,0 +1,98 @@
+//! Command-line interface. Every flag states its default.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::datapath::loader::DEFAULT_BPF_ROOT;
+
+#[derive(Debug, Parser)]
+#[command(name = "kpr", version, about = "kpr: a kube-proxy replacement on BPF socket-level load balancing")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: load and attach the datapath, keep its maps equal to the Services.
+    Agent(AgentArgs),
+    /// Inspect services as the datapath holds them.
+    Svc {
+        #[command(subcommand)]
+        command: SvcCommand,
+    },
+    /// Detach every kpr program and remove every pinned map and link.
+    Cleanup(CleanupArgs),
+    /// Build a throw-away network, run the agent on an example manifest, send
+    /// real TCP and UDP traffic through the VIPs, report and remove everything.
+    Selftest,
+    /// Test-bed client used by selftest and the tests (runs one probe spec).
+    #[command(hide = true)]
+    Probe {
+        /// The probe specification as JSON.
+        #[arg(long)]
+        spec: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct BpfRootArg {
+    /// Directory on a BPF filesystem where kpr pins its maps and links
+    /// (bpffs is mounted there when none is).
+    #[arg(long, default_value = DEFAULT_BPF_ROOT)]
+    pub bpf_root: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Service and EndpointSlice manifests: a YAML/JSON file or a directory of
+    /// them; repeatable. Edits are applied while the agent runs.
+    #[arg(long = "manifests", value_name = "PATH", required = true)]
+    pub manifests: Vec<PathBuf>,
+    /// cgroup v2 directory whose processes get socket-level load balancing
+    /// [default: the root of the host's cgroup2 mount].
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
+    #[command(flatten)]
+    pub bpf_root: BpfRootArg,
+    /// Address of the Prometheus metrics endpoint (/metrics).
+    #[arg(long, default_value = "0.0.0.0:10249")]
+    pub metrics_addr: SocketAddr,
+    /// Address of the health endpoint (/healthz, /livez).
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    pub healthz_addr: SocketAddr,
+    /// Capacity of the services and backends maps, in entries, when they are
+    /// created (pinned maps keep theirs).
+    #[arg(long, default_value_t = 65536)]
+    pub lb_map_max: u32,
+    /// Wait after a manifest change before syncing, so a burst of edits is one sync (ms).
+    #[arg(long, default_value_t = 100)]
+    pub debounce_ms: u64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SvcCommand {
+    /// List frontends and their backends, like `cilium service list`.
+    List {
+        #[command(flatten)]
+        bpf_root: BpfRootArg,
+        /// Output format.
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table)]
+        output: OutputFormat,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct CleanupArgs {
+    #[command(flatten)]
+    pub bpf_root: BpfRootArg,
+}
+

@@ -1,0 +1,493 @@
+//! The reconciler: keeps the services and backends maps equal to the
+//! desired state with minimal, ordered writes.
+//!
+//! Every sync runs in ordered steps, so a connect() racing with it at any
+//! point finds a consistent frontend:
+//!  1. new and changed backends are written;
+//!  2. backend slots of new and changed frontends are written;
+//!  3. their master entries (with the new count) are written;
+//!  4. slots beyond a shrunk count are removed;
+//!  5. removed frontends lose their master entry, then their slots;
+//!  6. backends no longer referenced are removed, and affinity entries that
+//!     point at backends a frontend no longer has.
+//!
+//! Ids are released only after a sync, so an id is never reused while a
+//! slot written before the sync may still point at it.
+//!
+//! The unit of change is a Service (`namespace/name`): its frontends are
+//! admitted or refused as a whole against the maps' capacity, and a
+//! refused Service keeps what the maps held for it before.
+
+pub mod ids;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+
+use crate::datapath::maps::{
+    BackendEntry, BackendId, Capacity, FrontendEntries, LbMaps, MapError, MapName, MasterEntry,
+    ServiceId, Snapshot, SvcValue,
+};
+use crate::model::{BackendState, Frontend, FrontendSpec, L4Addr};
+use ids::IdAllocator;
+
+/// A Service's frontends, keyed by frontend.
+pub type ServiceFrontends = BTreeMap<Frontend, FrontendSpec>;
+/// Desired state: `namespace/name` -> the Service's frontends.
+pub type DesiredByService = BTreeMap<String, ServiceFrontends>;
+
+/// Why a Service (or one of its frontends) was not programmed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RefusalReason {
+    /// Programming it would overflow a map.
+    Capacity { map: MapName, needed: usize, free: usize, capacity: usize },
+    /// Another Service already owns this frontend.
+    FrontendConflict { frontend: Frontend, owner: String },
+    /// No free backend or frontend id.
+    IdsExhausted,
+}
+
+/// A Service that was not (fully) programmed; its previous state stays.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub service: String,
+    pub reason: RefusalReason,
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.reason {
+            RefusalReason::Capacity { map, needed, free, capacity } => write!(
+                f,
+                "service {} not programmed: it needs {needed} more entries in BPF map {map} \
+                 but only {free} of {capacity} are free; its previous state is kept \
+                 (raise the map size or remove services)",
+                self.service
+            ),
+            RefusalReason::FrontendConflict { frontend, owner } => write!(
+                f,
+                "service {}: frontend {} is already programmed for service {owner}; skipped",
+                self.service, frontend.addr
+            ),
+            RefusalReason::IdsExhausted => {
+                write!(f, "service {} not programmed: no free backend or frontend id", self.service)
+            }
+        }
+    }
+}
+
+/// A sync that could not be applied. The maps are consistent (every step is
+/// ordered) and the reconciler has re-read them; the next sync retries.
+#[derive(Debug, thiserror::Error)]
+#[error("applying service changes to the BPF maps: {0}")]
+pub struct SyncError(#[from] pub MapError);
+
+/// What a sync did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncOutcome {
+    /// Services whose desired state differed and were applied.
+    pub applied_services: usize,
+    pub refused: Vec<Refusal>,
+    /// Map entries written or deleted.
+    pub writes: usize,
+    /// Frontends removed because no Service claims them any more.
+    pub pruned_frontends: usize,
+}
+
+/// The writes of one sync, in the order they are applied.
+#[derive(Default)]
+struct Plan {
+    put_backends: Vec<(BackendId, BackendEntry)>,
+    put_slots: Vec<(Frontend, u16, SvcValue)>,
+    put_masters: Vec<(Frontend, u16, SvcValue)>,
+    delete_shrunk_slots: Vec<(Frontend, u16)>,
+    delete_masters: Vec<(Frontend, u16)>,
+    delete_removed_slots: Vec<(Frontend, u16)>,
+    delete_backends: Vec<BackendId>,
+    prune_affinity: bool,
+}
+
+impl Plan {
+    fn writes(&self) -> usize {
+        self.put_backends.len()
+            + self.put_slots.len()
+            + self.put_masters.len()
+            + self.delete_shrunk_slots.len()
+            + self.delete_masters.len()
+            + self.delete_removed_slots.len()
+            + self.delete_backends.len()
+    }
+}
+
+pub struct Reconciler<M: LbMaps> {
+    maps: M,
+    /// What the maps hold, kept in step with every write.
+    actual: Snapshot,
+    backend_ids: IdAllocator,
+    svc_ids: IdAllocator,
+    backend_by_addr: HashMap<L4Addr, BackendId>,
+    backend_refs: HashMap<BackendId, u32>,
+    /// Which Service programmed a frontend. Frontends restored from pinned
+    /// maps have no owner until a Service claims them or they are pruned.
+    owners: HashMap<Frontend, String>,
+    /// Frontends last applied per Service.
+    applied: HashMap<String, ServiceFrontends>,
+}
+
+impl<M: LbMaps> Reconciler<M> {
+    /// A reconciler that starts from what the maps hold (pinned maps of a
+    /// previous agent keep serving until the first complete sync prunes).
+    pub fn new(maps: M) -> Result<Reconciler<M>, MapError> {
+        let mut r = Reconciler {
+            maps,
+            actual: Snapshot::default(),
+            backend_ids: IdAllocator::default(),
+            svc_ids: IdAllocator::default(),
+            backend_by_addr: HashMap::new(),
+            backend_refs: HashMap::new(),
+            owners: HashMap::new(),
+            applied: HashMap::new(),
+        };
+        r.reload()?;
+        Ok(r)
+    }
+
+    /// Re-reads the maps and rebuilds every index from them.
+    fn reload(&mut self) -> Result<(), MapError> {
+        self.actual = self.maps.snapshot()?;
+        self.backend_ids = IdAllocator::from_used(self.actual.backends.keys().copied());
+        self.svc_ids = IdAllocator::from_used(self.actual.frontends.values().map(|f| f.master.svc_id));
+        self.backend_by_addr.clear();
+        for (id, b) in &self.actual.backends {
+            self.backend_by_addr.entry(b.addr).or_insert(*id);
+        }
+        self.backend_refs.clear();
+        for fe in self.actual.frontends.values() {
+            for id in &fe.slots {
+                *self.backend_refs.entry(*id).or_default() += 1;
+            }
+        }
+        let actual = &self.actual;
+        self.owners.retain(|fe, _| actual.frontends.contains_key(fe));
+        Ok(())
+    }
+
+    pub fn maps(&self) -> &M {
+        &self.maps
+    }
+
+    pub fn maps_mut(&mut self) -> &mut M {
+        &mut self.maps
+    }
+
+    /// What the maps hold.
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.actual
+    }
+
+    pub fn capacity(&self) -> Capacity {
+        self.maps.capacity()
+    }
+
+    /// Services currently programmed.
+    pub fn service_count(&self) -> usize {
+        self.applied.len()
+    }
+
+    /// Entries the services map holds.
+    pub fn service_entries(&self) -> usize {
+        self.actual.service_entries() + self.actual.stray_entries.len()
+    }
+
+    /// Brings the maps to `desired`, touching only Services that changed.
+    /// With `prune`, frontends no Service claims (restored from a previous
+    /// run, or left by an interrupted sync) are removed: pass it only once
+    /// the source has delivered its complete initial state.
+    pub fn sync_full(&mut self, desired: &DesiredByService, prune: bool) -> Result<SyncOutcome, SyncError> {
+        let mut changes: Vec<(String, ServiceFrontends)> = desired
+            .iter()
+            .filter(|(key, fes)| self.applied.get(*key) != Some(*fes) && !(fes.is_empty() && !self.applied.contains_key(*key)))
+            .map(|(key, fes)| (key.clone(), fes.clone()))
+            .collect();
+        changes.extend(
+            self.applied.keys().filter(|key| !desired.contains_key(*key)).map(|key| (key.clone(), ServiceFrontends::new())),
+        );
+        self.apply(changes, prune)
+    }
+
+    /// Applies the new state of some Services (an empty map removes one).
+    pub fn sync_services(&mut self, changes: Vec<(String, ServiceFrontends)>) -> Result<SyncOutcome, SyncError> {
+        self.apply(changes, false)
+    }
+
+    fn apply(&mut self, changes: Vec<(String, ServiceFrontends)>, prune: bool) -> Result<SyncOutcome, SyncError> {
+        let mut outcome = SyncOutcome::default();
+        let admitted = self.admit(changes, &mut outcome.refused);
+        let mut plan = Plan::default();
+        let mut touched_backends: HashSet<BackendId> = HashSet::new();
+        let mut released_svc_ids = Vec::new();
+
+        for (service, frontends) in &admitted {
+            let previous: Vec<Frontend> = self
+                .applied
+                .get(service)
+                .map(|fes| fes.keys().copied().collect())
+                .unwrap_or_default();
+            let mut programmed = ServiceFrontends::new();
+            for (fe, spec) in frontends {
+                if let Some(owner) = self.owners.get(fe).filter(|o| *o != service) {
+                    outcome.refused.push(Refusal {
+                        service: service.clone(),
+                        reason: RefusalReason::FrontendConflict { frontend: *fe, owner: owner.clone() },
+                    });
+                    continue;
+                }
+                match self.plan_frontend(fe, spec, &mut plan, &mut touched_backends) {
+                    Some(()) => {
+                        self.owners.insert(*fe, service.clone());
+                        programmed.insert(*fe, spec.clone());
+                    }
+                    None => outcome.refused.push(Refusal { service: service.clone(), reason: RefusalReason::IdsExhausted }),
+                }
+            }
+            for fe in previous.iter().filter(|fe| !programmed.contains_key(*fe)) {
+                if let Some(svc_id) = self.plan_frontend_removal(fe, &mut plan, &mut touched_backends) {
+                    released_svc_ids.push(svc_id);
+                }
+            }
+            if programmed.is_empty() {
+                self.applied.remove(service);
+            } else {
+                self.applied.insert(service.clone(), programmed);
+            }
+            outcome.applied_services += 1;
+        }
+
+        if prune {
+            let unowned: Vec<Frontend> =
+                self.actual.frontends.keys().filter(|fe| !self.owners.contains_key(*fe)).copied().collect();
+            for fe in &unowned {
+                if let Some(svc_id) = self.plan_frontend_removal(fe, &mut plan, &mut touched_backends) {
+                    released_svc_ids.push(svc_id);
+                }
+            }
+            outcome.pruned_frontends = unowned.len();
+            plan.delete_removed_slots.append(&mut self.actual.stray_entries);
+            touched_backends.extend(self.actual.backends.keys().copied());
+        }
+
+        // Backends nothing points at any more.
+        let mut released_backends = Vec::new();
+        for id in touched_backends {
+            if self.backend_refs.get(&id).copied().unwrap_or(0) == 0 {
+                self.backend_refs.remove(&id);
+                if let Some(b) = self.actual.backends.remove(&id) {
+                    if self.backend_by_addr.get(&b.addr) == Some(&id) {
+                        self.backend_by_addr.remove(&b.addr);
+                    }
+                    plan.delete_backends.push(id);
+                    released_backends.push(id);
+                }
+            }
+        }
+        plan.delete_backends.sort_unstable();
+
+        outcome.writes = plan.writes();
+        if let Err(e) = self.execute(&plan) {
+            // The maps are consistent but not what we planned: re-read them
+            // and forget what was applied for the Services of this sync so
+            // the next sync retries them.
+            for (service, _) in &admitted {
+                self.applied.remove(service);
+            }
+            self.reload()?;
+            return Err(SyncError(e));
+        }
+        for id in released_backends {
+            self.backend_ids.release(id);
+        }
+        for id in released_svc_ids {
+            self.svc_ids.release(id);
+        }
+        Ok(outcome)
+    }
+
+    /// Orders the changes (those that free entries first) and keeps those
+    /// that fit the maps; the others are refused and keep their state.
+    fn admit(&self, changes: Vec<(String, ServiceFrontends)>, refused: &mut Vec<Refusal>) -> Vec<(String, ServiceFrontends)> {
+        let cap = self.maps.capacity();
+        let mut svc_used = self.service_entries();
+        let mut be_used = self.actual.backends.len();
+        let mut sized: Vec<(i64, usize, String, ServiceFrontends)> = changes
+            .into_iter()
+            .map(|(service, fes)| {
+                let new_entries: usize = fes.values().map(|s| 1 + s.backends.len()).sum();
+                let old_entries: usize = self
+                    .applied
+                    .get(&service)
+                    .into_iter()
+                    .flat_map(|old| old.keys())
+                    .chain(fes.keys().filter(|fe| !self.owners.contains_key(*fe)))
+                    .filter_map(|fe| self.actual.frontends.get(fe))
+                    .map(|e| 1 + e.slots.len())
+                    .sum();
+                let new_backends: HashSet<&L4Addr> = fes
+                    .values()
+                    .flat_map(|s| s.backends.iter().map(|(a, _)| a))
+                    .filter(|a| !self.backend_by_addr.contains_key(*a))
+                    .collect();
+                let nb = new_backends.len();
+                (new_entries as i64 - old_entries as i64, nb, service, fes)
+            })
+            .collect();
+        // Shrinking changes first (they make room), then by name.
+        sized.sort_by(|a, b| (a.0 > 0 || a.1 > 0, &a.2).cmp(&(b.0 > 0 || b.1 > 0, &b.2)));
+
+        let mut admitted = Vec::with_capacity(sized.len());
+        for (delta, new_backends, service, fes) in sized {
+            let svc_after = (svc_used as i64 + delta).max(0) as usize;
+            if delta > 0 && svc_after > cap.services {
+                refused.push(Refusal {
+                    service,
+                    reason: RefusalReason::Capacity {
+                        map: MapName::Services,
+                        needed: delta as usize,
+                        free: cap.services.saturating_sub(svc_used),
+                        capacity: cap.services,
+                    },
+                });
+                continue;
+            }
+            if be_used + new_backends > cap.backends {
+                refused.push(Refusal {
+                    service,
+                    reason: RefusalReason::Capacity {
+                        map: MapName::Backends,
+                        needed: new_backends,
+                        free: cap.backends.saturating_sub(be_used),
+                        capacity: cap.backends,
+                    },
+                });
+                continue;
+            }
+            svc_used = svc_after;
+            be_used += new_backends;
+            admitted.push((service, fes));
+        }
+        admitted
+    }
+
+    /// Plans the writes that make `fe` match `spec`; None when ids ran out.
+    fn plan_frontend(
+        &mut self,
+        fe: &Frontend,
+        spec: &FrontendSpec,
+        plan: &mut Plan,
+        touched: &mut HashSet<BackendId>,
+    ) -> Option<()> {
+        let mut slots = Vec::with_capacity(spec.backends.len());
+        for (addr, state) in &spec.backends {
+            slots.push(self.plan_backend(addr, *state, plan)?);
+        }
+        let existing = self.actual.frontends.get(fe);
+        let svc_id = match existing {
+            Some(e) => e.master.svc_id,
+            None => self.svc_ids.allocate()?,
+        };
+        let master =
+            MasterEntry { svc_id, count: slots.len() as u32, svc_type: spec.svc_type, options: spec.options };
+        let old_master = existing.map(|e| e.master);
+        let old_slots: Vec<BackendId> = existing.map(|e| e.slots.clone()).unwrap_or_default();
+        for (i, id) in slots.iter().enumerate() {
+            if old_slots.get(i) != Some(id) {
+                plan.put_slots.push((*fe, i as u16 + 1, SvcValue::Slot { backend_id: *id, svc_id }));
+            }
+        }
+        if old_master != Some(master) {
+            plan.put_masters.push((*fe, 0, SvcValue::Master(master)));
+        }
+        for slot in slots.len()..old_slots.len() {
+            plan.delete_shrunk_slots.push((*fe, slot as u16 + 1));
+        }
+        if spec.options.affinity_timeout.is_some() && old_slots.iter().any(|id| !slots.contains(id)) {
+            plan.prune_affinity = true;
+        }
+        for id in &old_slots {
+            self.unref_backend(*id, touched);
+        }
+        for id in &slots {
+            *self.backend_refs.entry(*id).or_default() += 1;
+        }
+        self.actual.frontends.insert(*fe, FrontendEntries { master, slots });
+        Some(())
+    }
+
+    /// The id of the backend at `addr`, allocating and writing it if new.
+    fn plan_backend(&mut self, addr: &L4Addr, state: BackendState, plan: &mut Plan) -> Option<BackendId> {
+        let entry = BackendEntry { addr: *addr, state };
+        if let Some(id) = self.backend_by_addr.get(addr).copied() {
+            if self.actual.backends.get(&id) != Some(&entry) {
+                // A backend shared by several Services takes the state last written.
+                plan.put_backends.push((id, entry));
+                self.actual.backends.insert(id, entry);
+            }
+            return Some(id);
+        }
+        let id = self.backend_ids.allocate()?;
+        plan.put_backends.push((id, entry));
+        self.actual.backends.insert(id, entry);
+        self.backend_by_addr.insert(*addr, id);
+        Some(id)
+    }
+
+    fn unref_backend(&mut self, id: BackendId, touched: &mut HashSet<BackendId>) {
+        if let Some(n) = self.backend_refs.get_mut(&id) {
+            *n = n.saturating_sub(1);
+        }
+        touched.insert(id);
+    }
+
+    /// Plans the removal of a frontend; returns its id for release.
+    fn plan_frontend_removal(
+        &mut self,
+        fe: &Frontend,
+        plan: &mut Plan,
+        touched: &mut HashSet<BackendId>,
+    ) -> Option<ServiceId> {
+        self.owners.remove(fe);
+        let entries = self.actual.frontends.remove(fe)?;
+        plan.delete_masters.push((*fe, 0));
+        for slot in 1..=entries.slots.len() {
+            plan.delete_removed_slots.push((*fe, slot as u16));
+        }
+        for id in &entries.slots {
+            self.unref_backend(*id, touched);
+        }
+        if entries.master.options.affinity_timeout.is_some() {
+            plan.prune_affinity = true;
+        }
+        Some(entries.master.svc_id)
+    }
+
+    fn execute(&mut self, plan: &Plan) -> Result<(), MapError> {
+        self.maps.put_backends(&plan.put_backends)?;
+        self.maps.put_service_entries(&plan.put_slots)?;
+        self.maps.put_service_entries(&plan.put_masters)?;
+        self.maps.delete_service_entries(&plan.delete_shrunk_slots)?;
+        self.maps.delete_service_entries(&plan.delete_masters)?;
+        self.maps.delete_service_entries(&plan.delete_removed_slots)?;
+        self.maps.delete_backends(&plan.delete_backends)?;
+        if plan.prune_affinity {
+            let valid: HashMap<ServiceId, HashSet<BackendId>> = self
+                .actual
+                .frontends
+                .values()
+                .filter(|e| e.master.options.affinity_timeout.is_some())
+                .map(|e| (e.master.svc_id, e.slots.iter().copied().collect()))
+                .collect();
+            self.maps.prune_affinity(&mut |svc_id, backend_id| {
+                valid.get(&svc_id).is_some_and(|slots| slots.contains(&backend_id))
+            })?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,118 @@
+//! `kpr svc list`: the services map as `cilium service list` shows it, read
+//! straight from the maps (so it shows what the datapath uses, whether or
+//! not an agent runs), plus the same data as JSON for scripts.
+
+use serde::Serialize;
+
+use crate::datapath::maps::{BackendId, ServiceId, Snapshot};
+use crate::model::{BackendState, Frontend, L4Addr, Scope, ServiceType};
+
+/// One frontend with its backends, as printed.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct ServiceRow {
+    pub id: ServiceId,
+    /// `ip:port/PROTO`, `[ip6]:port/PROTO`; `/i` marks the internal scope.
+    pub frontend: String,
+    pub address: String,
+    pub port: u16,
+    pub protocol: &'static str,
+    pub scope: Scope,
+    #[serde(rename = "type")]
+    pub svc_type: ServiceType,
+    /// sessionAffinity ClientIP timeout in seconds, when set.
+    pub affinity_timeout_seconds: Option<u32>,
+    pub backends: Vec<BackendRow>,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct BackendRow {
+    pub id: BackendId,
+    pub address: String,
+    pub port: u16,
+    pub protocol: &'static str,
+    pub state: BackendState,
+}
+
+fn frontend_label(fe: &Frontend) -> String {
+    match fe.scope {
+        Scope::External => fe.addr.to_string(),
+        Scope::Internal => format!("{}/i", fe.addr),
+    }
+}
+
+/// Rows in frontend order. A slot whose backend is missing (which the
+/// reconciler's ordering rules out) shows as id with address "?".
+pub fn rows(snapshot: &Snapshot) -> Vec<ServiceRow> {
+    snapshot
+        .frontends
+        .iter()
+        .map(|(fe, entries)| ServiceRow {
+            id: entries.master.svc_id,
+            frontend: frontend_label(fe),
+            address: fe.addr.ip.to_string(),
+            port: fe.addr.port,
+            protocol: fe.addr.proto.as_str(),
+            scope: fe.scope,
+            svc_type: entries.master.svc_type,
+            affinity_timeout_seconds: entries.master.options.affinity_timeout,
+            backends: entries
+                .slots
+                .iter()
+                .map(|id| match snapshot.backends.get(id) {
+                    Some(b) => backend_row(*id, &b.addr, b.state),
+                    None => BackendRow {
+                        id: *id,
+                        address: "?".into(),
+                        port: 0,
+                        protocol: "?",
+                        state: BackendState::Active,
+                    },
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+fn backend_row(id: BackendId, addr: &L4Addr, state: BackendState) -> BackendRow {
+    BackendRow { id, address: addr.ip.to_string(), port: addr.port, protocol: addr.proto.as_str(), state }
+}
+
+fn backend_label(b: &BackendRow) -> String {
+    if b.address == "?" {
+        return format!("backend {} missing", b.id);
+    }
+    let addr = if b.address.contains(':') { format!("[{}]", b.address) } else { b.address.clone() };
+    format!("{addr}:{}/{} ({})", b.port, b.protocol, b.state.as_str())
+}
+
+/// The table: columns padded like Go's tabwriter (min width 5, padding 3).
+pub fn format_table(rows: &[ServiceRow]) -> String {
+    let header = ["ID", "Frontend", "Service Type", "Backend"];
+    let mut lines: Vec<[String; 4]> = vec![header.map(String::from)];
+    for row in rows {
+        let mut backends = row.backends.iter().enumerate().map(|(i, b)| format!("{} => {}", i + 1, backend_label(b)));
+        lines.push([
+            row.id.to_string(),
+            row.frontend.clone(),
+            row.svc_type.to_string(),
+            backends.next().unwrap_or_default(),
+        ]);
+        for more in backends {
+            lines.push([String::new(), String::new(), String::new(), more]);
+        }
+    }
+    let width = |col: usize| lines.iter().map(|l| l[col].len()).max().unwrap_or(0).max(5) + 3;
+    let widths = [width(0), width(1), width(2)];
+    let mut out = String::new();
+    for l in &lines {
+        let line = format!("{:w0$}{:w1$}{:w2$}{}", l[0], l[1], l[2], l[3], w0 = widths[0], w1 = widths[1], w2 = widths[2]);
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// The rows as pretty JSON.
+pub fn format_json(rows: &[ServiceRow]) -> String {
+    serde_json::to_string_pretty(rows).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}")) + "\n"
+}
