@@ -8,7 +8,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::datapath::loader::DEFAULT_BPF_ROOT;
 
 #[derive(Debug, Parser)]
-#[command(name = "kpr", version, about = "kpr: a kube-proxy replacement on BPF socket-level load balancing")]
+#[command(
+    name = "kpr",
+    version,
+    about = "kpr: a kube-proxy replacement on BPF socket-level load balancing"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -95,4 +99,3 @@ pub struct CleanupArgs {
     #[command(flatten)]
     pub bpf_root: BpfRootArg,
 }
-

@@ -2,9 +2,9 @@
 
 pub mod datapath;
 pub mod model;
-pub mod skip;
 pub mod reconcile;
-pub mod translate;
+pub mod skip;
 pub mod svc_list;
-pub mod agent;
+pub mod translate;
+//pub mod agent;
 pub mod cli;

@@ -17,7 +17,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KPR_LOG").unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("KPR_LOG")
+                .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -33,7 +34,9 @@ fn main() -> ExitCode {
 fn run(command: Command) -> Result<ExitCode> {
     match command {
         Command::Agent(args) => run_agent(args).map(|()| ExitCode::SUCCESS),
-        Command::Svc { command: SvcCommand::List { bpf_root, output } } => {
+        Command::Svc {
+            command: SvcCommand::List { bpf_root, output },
+        } => {
             let maps = KernelMaps::open(&bpf_root.bpf_root).with_context(|| {
                 format!(
                     "no kpr maps under {} (has an agent run with this --bpf-root?)",
@@ -56,7 +59,11 @@ fn run(command: Command) -> Result<ExitCode> {
                 "detached {} program links, removed {} pins{}",
                 report.detached.len(),
                 report.removed_pins.len(),
-                if report.unmounted { ", unmounted bpffs" } else { "" }
+                if report.unmounted {
+                    ", unmounted bpffs"
+                } else {
+                    ""
+                }
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -68,7 +75,9 @@ fn run(command: Command) -> Result<ExitCode> {
 fn run_agent(args: AgentArgs) -> Result<()> {
     let cgroup = match args.cgroup {
         Some(c) => c,
-        None => host::cgroup2_mount().context("finding the cgroup2 mount for the default --cgroup")?,
+        None => {
+            host::cgroup2_mount().context("finding the cgroup2 mount for the default --cgroup")?
+        }
     };
     let config = AgentConfig {
         manifests: args.manifests,
@@ -76,7 +85,11 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         bpf_root: args.bpf_root.bpf_root,
         metrics_addr: args.metrics_addr,
         healthz_addr: args.healthz_addr,
-        map_sizes: MapSizes { services: args.lb_map_max, backends: args.lb_map_max, ..MapSizes::default() },
+        map_sizes: MapSizes {
+            services: args.lb_map_max,
+            backends: args.lb_map_max,
+            ..MapSizes::default()
+        },
         debounce: Duration::from_millis(args.debounce_ms),
     };
     tokio::runtime::Builder::new_multi_thread()

@@ -74,14 +74,24 @@ pub fn rows(snapshot: &Snapshot) -> Vec<ServiceRow> {
 }
 
 fn backend_row(id: BackendId, addr: &L4Addr, state: BackendState) -> BackendRow {
-    BackendRow { id, address: addr.ip.to_string(), port: addr.port, protocol: addr.proto.as_str(), state }
+    BackendRow {
+        id,
+        address: addr.ip.to_string(),
+        port: addr.port,
+        protocol: addr.proto.as_str(),
+        state,
+    }
 }
 
 fn backend_label(b: &BackendRow) -> String {
     if b.address == "?" {
         return format!("backend {} missing", b.id);
     }
-    let addr = if b.address.contains(':') { format!("[{}]", b.address) } else { b.address.clone() };
+    let addr = if b.address.contains(':') {
+        format!("[{}]", b.address)
+    } else {
+        b.address.clone()
+    };
     format!("{addr}:{}/{} ({})", b.port, b.protocol, b.state.as_str())
 }
 
@@ -90,7 +100,11 @@ pub fn format_table(rows: &[ServiceRow]) -> String {
     let header = ["ID", "Frontend", "Service Type", "Backend"];
     let mut lines: Vec<[String; 4]> = vec![header.map(String::from)];
     for row in rows {
-        let mut backends = row.backends.iter().enumerate().map(|(i, b)| format!("{} => {}", i + 1, backend_label(b)));
+        let mut backends = row
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| format!("{} => {}", i + 1, backend_label(b)));
         lines.push([
             row.id.to_string(),
             row.frontend.clone(),
@@ -105,7 +119,16 @@ pub fn format_table(rows: &[ServiceRow]) -> String {
     let widths = [width(0), width(1), width(2)];
     let mut out = String::new();
     for l in &lines {
-        let line = format!("{:w0$}{:w1$}{:w2$}{}", l[0], l[1], l[2], l[3], w0 = widths[0], w1 = widths[1], w2 = widths[2]);
+        let line = format!(
+            "{:w0$}{:w1$}{:w2$}{}",
+            l[0],
+            l[1],
+            l[2],
+            l[3],
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2]
+        );
         out.push_str(line.trim_end());
         out.push('\n');
     }

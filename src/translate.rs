@@ -9,7 +9,10 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1::{Service, ServicePort};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 
-use crate::model::{BackendState, Frontend, FrontendOptions, FrontendSpec, L4Addr, Protocol, ServiceRef, ServiceType};
+use crate::model::{
+    BackendState, Frontend, FrontendOptions, FrontendSpec, L4Addr, Protocol, ServiceRef,
+    ServiceType,
+};
 use crate::reconcile::{DesiredByService, ServiceFrontends};
 use crate::skip::SkipReason;
 
@@ -36,13 +39,21 @@ pub struct Translation {
 
 /// `namespace/name` of an object (namespace "default" when unset).
 pub fn object_key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
-    format!("{}/{}", meta.namespace.as_deref().unwrap_or("default"), meta.name.as_deref().unwrap_or(""))
+    format!(
+        "{}/{}",
+        meta.namespace.as_deref().unwrap_or("default"),
+        meta.name.as_deref().unwrap_or("")
+    )
 }
 
 /// The Service key (`namespace/name`) an EndpointSlice belongs to.
 pub fn slice_service_key(slice: &EndpointSlice) -> Option<String> {
     let name = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
-    Some(format!("{}/{}", slice.metadata.namespace.as_deref().unwrap_or("default"), name))
+    Some(format!(
+        "{}/{}",
+        slice.metadata.namespace.as_deref().unwrap_or("default"),
+        name
+    ))
 }
 
 /// Translates every Service with the EndpointSlices that belong to it.
@@ -73,16 +84,31 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice]) -> Translation 
 
 /// The frontends of one Service. Services kube-proxy does not program
 /// (ExternalName, headless) give none.
-pub fn translate_service(svc: &Service, slices: &[&EndpointSlice], skipped: &mut Vec<Skipped>) -> ServiceFrontends {
+pub fn translate_service(
+    svc: &Service,
+    slices: &[&EndpointSlice],
+    skipped: &mut Vec<Skipped>,
+) -> ServiceFrontends {
     let key = object_key(&svc.metadata);
     let mut out = ServiceFrontends::new();
     let Some(spec) = &svc.spec else { return out };
-    let mut skip = |reason, detail: String| skipped.push(Skipped { object: format!("Service {key}"), reason, detail });
+    let mut skip = |reason, detail: String| {
+        skipped.push(Skipped {
+            object: format!("Service {key}"),
+            reason,
+            detail,
+        })
+    };
 
     if spec.type_.as_deref() == Some("ExternalName") {
         return out;
     }
-    let mut ips: Vec<&str> = spec.cluster_ips.iter().flatten().map(String::as_str).collect();
+    let mut ips: Vec<&str> = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
     if ips.is_empty() {
         ips.extend(spec.cluster_ip.as_deref());
     }
@@ -93,7 +119,10 @@ pub fn translate_service(svc: &Service, slices: &[&EndpointSlice], skipped: &mut
     for ip in ips.iter().filter(|ip| !ip.is_empty()) {
         match ip.parse::<IpAddr>() {
             Ok(ip) => cluster_ips.push(ip),
-            Err(_) => skip(SkipReason::InvalidAddress, format!("clusterIP {ip:?} is not an IP address")),
+            Err(_) => skip(
+                SkipReason::InvalidAddress,
+                format!("clusterIP {ip:?} is not an IP address"),
+            ),
         }
     }
 
@@ -105,17 +134,33 @@ pub fn translate_service(svc: &Service, slices: &[&EndpointSlice], skipped: &mut
             .and_then(|t| u32::try_from(t).ok())
             .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
     });
-    let options = FrontendOptions { affinity_timeout, ..Default::default() };
+    let options = FrontendOptions {
+        affinity_timeout,
+        ..Default::default()
+    };
 
     for port in spec.ports.iter().flatten() {
-        let Some(proto) = service_port_protocol(port, &mut skip) else { continue };
-        let Ok(number) = u16::try_from(port.port).map_err(|_| ()).and_then(|p| if p == 0 { Err(()) } else { Ok(p) }) else {
-            skip(SkipReason::InvalidPort, format!("port {} is out of range", port.port));
+        let Some(proto) = service_port_protocol(port, &mut skip) else {
+            continue;
+        };
+        let Ok(number) =
+            u16::try_from(port.port)
+                .map_err(|_| ())
+                .and_then(|p| if p == 0 { Err(()) } else { Ok(p) })
+        else {
+            skip(
+                SkipReason::InvalidPort,
+                format!("port {} is out of range", port.port),
+            );
             continue;
         };
         let port_name = port.name.clone().unwrap_or_default();
         let service = ServiceRef {
-            namespace: svc.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+            namespace: svc
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into()),
             name: svc.metadata.name.clone().unwrap_or_default(),
             port_name: port_name.clone(),
         };
@@ -123,19 +168,30 @@ pub fn translate_service(svc: &Service, slices: &[&EndpointSlice], skipped: &mut
             let backends = backends_for(slices, *ip, &port_name, proto);
             out.insert(
                 Frontend::new(*ip, number, proto),
-                FrontendSpec { service: service.clone(), svc_type: ServiceType::ClusterIP, options, backends },
+                FrontendSpec {
+                    service: service.clone(),
+                    svc_type: ServiceType::ClusterIP,
+                    options,
+                    backends,
+                },
             );
         }
     }
     out
 }
 
-fn service_port_protocol(port: &ServicePort, skip: &mut impl FnMut(SkipReason, String)) -> Option<Protocol> {
+fn service_port_protocol(
+    port: &ServicePort,
+    skip: &mut impl FnMut(SkipReason, String),
+) -> Option<Protocol> {
     match port.protocol.as_deref().unwrap_or("TCP") {
         "TCP" => Some(Protocol::Tcp),
         "UDP" => Some(Protocol::Udp),
         other => {
-            skip(SkipReason::UnsupportedProtocol, format!("port {} uses protocol {other}", port.port));
+            skip(
+                SkipReason::UnsupportedProtocol,
+                format!("port {} uses protocol {other}", port.port),
+            );
             None
         }
     }
@@ -157,24 +213,42 @@ fn is_serving_terminating(ep: &Endpoint) -> bool {
 /// The backends of the Service port named `port_name` for a frontend of
 /// `family`: ready endpoints of every slice, deduplicated and in address
 /// order; when none is ready, the serving terminating ones.
-fn backends_for(slices: &[&EndpointSlice], family: IpAddr, port_name: &str, proto: Protocol) -> Vec<(L4Addr, BackendState)> {
+fn backends_for(
+    slices: &[&EndpointSlice],
+    family: IpAddr,
+    port_name: &str,
+    proto: Protocol,
+) -> Vec<(L4Addr, BackendState)> {
     let address_type = if family.is_ipv4() { "IPv4" } else { "IPv6" };
     let mut ready = BTreeSet::new();
     let mut terminating = BTreeSet::new();
     for slice in slices.iter().filter(|s| s.address_type == address_type) {
         let Some(port) = slice.ports.iter().flatten().find(|p| {
-            p.name.as_deref().unwrap_or("") == port_name && p.protocol.as_deref().unwrap_or("TCP") == proto.as_str()
+            p.name.as_deref().unwrap_or("") == port_name
+                && p.protocol.as_deref().unwrap_or("TCP") == proto.as_str()
         }) else {
             continue;
         };
-        let Some(number) = port.port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0) else { continue };
+        let Some(number) = port
+            .port
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0)
+        else {
+            continue;
+        };
         for ep in &slice.endpoints {
             // kube-proxy uses an endpoint's first address only.
-            let Some(ip) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else { continue };
+            let Some(ip) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
+                continue;
+            };
             if ip.is_ipv4() != family.is_ipv4() {
                 continue;
             }
-            let addr = L4Addr { ip, port: number, proto };
+            let addr = L4Addr {
+                ip,
+                port: number,
+                proto,
+            };
             if is_ready(ep) {
                 ready.insert(addr);
             } else if is_serving_terminating(ep) {
@@ -183,8 +257,14 @@ fn backends_for(slices: &[&EndpointSlice], family: IpAddr, port_name: &str, prot
         }
     }
     if !ready.is_empty() {
-        ready.into_iter().map(|a| (a, BackendState::Active)).collect()
+        ready
+            .into_iter()
+            .map(|a| (a, BackendState::Active))
+            .collect()
     } else {
-        terminating.into_iter().map(|a| (a, BackendState::Terminating)).collect()
+        terminating
+            .into_iter()
+            .map(|a| (a, BackendState::Terminating))
+            .collect()
     }
 }

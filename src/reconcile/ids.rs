@@ -13,7 +13,10 @@ pub struct IdAllocator {
 
 impl Default for IdAllocator {
     fn default() -> Self {
-        IdAllocator { next: 1, free: BTreeSet::new() }
+        IdAllocator {
+            next: 1,
+            free: BTreeSet::new(),
+        }
     }
 }
 
@@ -55,7 +58,10 @@ mod tests {
     #[test]
     fn allocates_from_one_and_reuses_the_lowest_released_id() {
         let mut ids = IdAllocator::default();
-        assert_eq!((ids.allocate(), ids.allocate(), ids.allocate()), (Some(1), Some(2), Some(3)));
+        assert_eq!(
+            (ids.allocate(), ids.allocate(), ids.allocate()),
+            (Some(1), Some(2), Some(3))
+        );
         ids.release(2);
         ids.release(1);
         assert_eq!(ids.allocate(), Some(1));

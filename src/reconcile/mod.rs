@@ -19,6 +19,8 @@
 //! refused Service keeps what the maps held for it before.
 
 pub mod ids;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -39,7 +41,12 @@ pub type DesiredByService = BTreeMap<String, ServiceFrontends>;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RefusalReason {
     /// Programming it would overflow a map.
-    Capacity { map: MapName, needed: usize, free: usize, capacity: usize },
+    Capacity {
+        map: MapName,
+        needed: usize,
+        free: usize,
+        capacity: usize,
+    },
     /// Another Service already owns this frontend.
     FrontendConflict { frontend: Frontend, owner: String },
     /// No free backend or frontend id.
@@ -56,7 +63,12 @@ pub struct Refusal {
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.reason {
-            RefusalReason::Capacity { map, needed, free, capacity } => write!(
+            RefusalReason::Capacity {
+                map,
+                needed,
+                free,
+                capacity,
+            } => write!(
                 f,
                 "service {} not programmed: it needs {needed} more entries in BPF map {map} \
                  but only {free} of {capacity} are free; its previous state is kept \
@@ -69,7 +81,11 @@ impl fmt::Display for Refusal {
                 self.service, frontend.addr
             ),
             RefusalReason::IdsExhausted => {
-                write!(f, "service {} not programmed: no free backend or frontend id", self.service)
+                write!(
+                    f,
+                    "service {} not programmed: no free backend or frontend id",
+                    self.service
+                )
             }
         }
     }
@@ -155,7 +171,8 @@ impl<M: LbMaps> Reconciler<M> {
     fn reload(&mut self) -> Result<(), MapError> {
         self.actual = self.maps.snapshot()?;
         self.backend_ids = IdAllocator::from_used(self.actual.backends.keys().copied());
-        self.svc_ids = IdAllocator::from_used(self.actual.frontends.values().map(|f| f.master.svc_id));
+        self.svc_ids =
+            IdAllocator::from_used(self.actual.frontends.values().map(|f| f.master.svc_id));
         self.backend_by_addr.clear();
         for (id, b) in &self.actual.backends {
             self.backend_by_addr.entry(b.addr).or_insert(*id);
@@ -167,7 +184,8 @@ impl<M: LbMaps> Reconciler<M> {
             }
         }
         let actual = &self.actual;
-        self.owners.retain(|fe, _| actual.frontends.contains_key(fe));
+        self.owners
+            .retain(|fe, _| actual.frontends.contains_key(fe));
         Ok(())
     }
 
@@ -177,6 +195,10 @@ impl<M: LbMaps> Reconciler<M> {
 
     pub fn maps_mut(&mut self) -> &mut M {
         &mut self.maps
+    }
+
+    pub fn into_maps(self) -> M {
+        self.maps
     }
 
     /// What the maps hold.
@@ -202,24 +224,41 @@ impl<M: LbMaps> Reconciler<M> {
     /// With `prune`, frontends no Service claims (restored from a previous
     /// run, or left by an interrupted sync) are removed: pass it only once
     /// the source has delivered its complete initial state.
-    pub fn sync_full(&mut self, desired: &DesiredByService, prune: bool) -> Result<SyncOutcome, SyncError> {
+    pub fn sync_full(
+        &mut self,
+        desired: &DesiredByService,
+        prune: bool,
+    ) -> Result<SyncOutcome, SyncError> {
         let mut changes: Vec<(String, ServiceFrontends)> = desired
             .iter()
-            .filter(|(key, fes)| self.applied.get(*key) != Some(*fes) && !(fes.is_empty() && !self.applied.contains_key(*key)))
+            .filter(|(key, fes)| {
+                self.applied.get(*key) != Some(*fes)
+                    && !(fes.is_empty() && !self.applied.contains_key(*key))
+            })
             .map(|(key, fes)| (key.clone(), fes.clone()))
             .collect();
         changes.extend(
-            self.applied.keys().filter(|key| !desired.contains_key(*key)).map(|key| (key.clone(), ServiceFrontends::new())),
+            self.applied
+                .keys()
+                .filter(|key| !desired.contains_key(*key))
+                .map(|key| (key.clone(), ServiceFrontends::new())),
         );
         self.apply(changes, prune)
     }
 
     /// Applies the new state of some Services (an empty map removes one).
-    pub fn sync_services(&mut self, changes: Vec<(String, ServiceFrontends)>) -> Result<SyncOutcome, SyncError> {
+    pub fn sync_services(
+        &mut self,
+        changes: Vec<(String, ServiceFrontends)>,
+    ) -> Result<SyncOutcome, SyncError> {
         self.apply(changes, false)
     }
 
-    fn apply(&mut self, changes: Vec<(String, ServiceFrontends)>, prune: bool) -> Result<SyncOutcome, SyncError> {
+    fn apply(
+        &mut self,
+        changes: Vec<(String, ServiceFrontends)>,
+        prune: bool,
+    ) -> Result<SyncOutcome, SyncError> {
         let mut outcome = SyncOutcome::default();
         let admitted = self.admit(changes, &mut outcome.refused);
         let mut plan = Plan::default();
@@ -237,7 +276,10 @@ impl<M: LbMaps> Reconciler<M> {
                 if let Some(owner) = self.owners.get(fe).filter(|o| *o != service) {
                     outcome.refused.push(Refusal {
                         service: service.clone(),
-                        reason: RefusalReason::FrontendConflict { frontend: *fe, owner: owner.clone() },
+                        reason: RefusalReason::FrontendConflict {
+                            frontend: *fe,
+                            owner: owner.clone(),
+                        },
                     });
                     continue;
                 }
@@ -246,11 +288,16 @@ impl<M: LbMaps> Reconciler<M> {
                         self.owners.insert(*fe, service.clone());
                         programmed.insert(*fe, spec.clone());
                     }
-                    None => outcome.refused.push(Refusal { service: service.clone(), reason: RefusalReason::IdsExhausted }),
+                    None => outcome.refused.push(Refusal {
+                        service: service.clone(),
+                        reason: RefusalReason::IdsExhausted,
+                    }),
                 }
             }
             for fe in previous.iter().filter(|fe| !programmed.contains_key(*fe)) {
-                if let Some(svc_id) = self.plan_frontend_removal(fe, &mut plan, &mut touched_backends) {
+                if let Some(svc_id) =
+                    self.plan_frontend_removal(fe, &mut plan, &mut touched_backends)
+                {
                     released_svc_ids.push(svc_id);
                 }
             }
@@ -263,15 +310,32 @@ impl<M: LbMaps> Reconciler<M> {
         }
 
         if prune {
-            let unowned: Vec<Frontend> =
-                self.actual.frontends.keys().filter(|fe| !self.owners.contains_key(*fe)).copied().collect();
+            let unowned: Vec<Frontend> = self
+                .actual
+                .frontends
+                .keys()
+                .filter(|fe| !self.owners.contains_key(*fe))
+                .copied()
+                .collect();
             for fe in &unowned {
-                if let Some(svc_id) = self.plan_frontend_removal(fe, &mut plan, &mut touched_backends) {
+                if let Some(svc_id) =
+                    self.plan_frontend_removal(fe, &mut plan, &mut touched_backends)
+                {
                     released_svc_ids.push(svc_id);
                 }
             }
             outcome.pruned_frontends = unowned.len();
-            plan.delete_removed_slots.append(&mut self.actual.stray_entries);
+            // Stray entries of an interrupted sync, unless this sync just
+            // rewrote the same key for a frontend that is now whole.
+            let stray = std::mem::take(&mut self.actual.stray_entries);
+            plan.delete_removed_slots
+                .extend(stray.into_iter().filter(|(fe, slot)| {
+                    !self
+                        .actual
+                        .frontends
+                        .get(fe)
+                        .is_some_and(|e| *slot == 0 || (*slot as usize) <= e.slots.len())
+                }));
             touched_backends.extend(self.actual.backends.keys().copied());
         }
 
@@ -311,67 +375,62 @@ impl<M: LbMaps> Reconciler<M> {
         Ok(outcome)
     }
 
-    /// Orders the changes (those that free entries first) and keeps those
-    /// that fit the maps; the others are refused and keep their state.
-    fn admit(&self, changes: Vec<(String, ServiceFrontends)>, refused: &mut Vec<Refusal>) -> Vec<(String, ServiceFrontends)> {
+    /// Keeps the changes that fit the maps; the others are refused and keep
+    /// their state. Entries are only freed at the end of a sync (removals
+    /// come after additions), so what must fit is the peak: every entry in
+    /// use now plus every key this sync adds.
+    fn admit(
+        &self,
+        changes: Vec<(String, ServiceFrontends)>,
+        refused: &mut Vec<Refusal>,
+    ) -> Vec<(String, ServiceFrontends)> {
         let cap = self.maps.capacity();
         let mut svc_used = self.service_entries();
         let mut be_used = self.actual.backends.len();
-        let mut sized: Vec<(i64, usize, String, ServiceFrontends)> = changes
-            .into_iter()
-            .map(|(service, fes)| {
-                let new_entries: usize = fes.values().map(|s| 1 + s.backends.len()).sum();
-                let old_entries: usize = self
-                    .applied
-                    .get(&service)
-                    .into_iter()
-                    .flat_map(|old| old.keys())
-                    .chain(fes.keys().filter(|fe| !self.owners.contains_key(*fe)))
-                    .filter_map(|fe| self.actual.frontends.get(fe))
-                    .map(|e| 1 + e.slots.len())
-                    .sum();
-                let new_backends: HashSet<&L4Addr> = fes
-                    .values()
-                    .flat_map(|s| s.backends.iter().map(|(a, _)| a))
-                    .filter(|a| !self.backend_by_addr.contains_key(*a))
-                    .collect();
-                let nb = new_backends.len();
-                (new_entries as i64 - old_entries as i64, nb, service, fes)
-            })
-            .collect();
-        // Shrinking changes first (they make room), then by name.
-        sized.sort_by(|a, b| (a.0 > 0 || a.1 > 0, &a.2).cmp(&(b.0 > 0 || b.1 > 0, &b.2)));
-
-        let mut admitted = Vec::with_capacity(sized.len());
-        for (delta, new_backends, service, fes) in sized {
-            let svc_after = (svc_used as i64 + delta).max(0) as usize;
-            if delta > 0 && svc_after > cap.services {
-                refused.push(Refusal {
-                    service,
-                    reason: RefusalReason::Capacity {
-                        map: MapName::Services,
-                        needed: delta as usize,
-                        free: cap.services.saturating_sub(svc_used),
-                        capacity: cap.services,
-                    },
-                });
+        let mut new_backends: HashSet<L4Addr> = HashSet::new();
+        let mut admitted = Vec::with_capacity(changes.len());
+        for (service, fes) in changes {
+            let added_keys: usize = fes
+                .iter()
+                .map(|(fe, spec)| {
+                    let existing = self
+                        .actual
+                        .frontends
+                        .get(fe)
+                        .map_or(0, |e| 1 + e.slots.len());
+                    (1 + spec.backends.len()).saturating_sub(existing)
+                })
+                .sum();
+            let added_backends: HashSet<L4Addr> = fes
+                .values()
+                .flat_map(|s| s.backends.iter().map(|(a, _)| *a))
+                .filter(|a| !self.backend_by_addr.contains_key(a) && !new_backends.contains(a))
+                .collect();
+            let (map, needed, used, capacity) = if svc_used + added_keys > cap.services {
+                (MapName::Services, added_keys, svc_used, cap.services)
+            } else if be_used + added_backends.len() > cap.backends {
+                (
+                    MapName::Backends,
+                    added_backends.len(),
+                    be_used,
+                    cap.backends,
+                )
+            } else {
+                svc_used += added_keys;
+                be_used += added_backends.len();
+                new_backends.extend(added_backends);
+                admitted.push((service, fes));
                 continue;
-            }
-            if be_used + new_backends > cap.backends {
-                refused.push(Refusal {
-                    service,
-                    reason: RefusalReason::Capacity {
-                        map: MapName::Backends,
-                        needed: new_backends,
-                        free: cap.backends.saturating_sub(be_used),
-                        capacity: cap.backends,
-                    },
-                });
-                continue;
-            }
-            svc_used = svc_after;
-            be_used += new_backends;
-            admitted.push((service, fes));
+            };
+            refused.push(Refusal {
+                service,
+                reason: RefusalReason::Capacity {
+                    map,
+                    needed,
+                    free: capacity.saturating_sub(used),
+                    capacity,
+                },
+            });
         }
         admitted
     }
@@ -393,13 +452,24 @@ impl<M: LbMaps> Reconciler<M> {
             Some(e) => e.master.svc_id,
             None => self.svc_ids.allocate()?,
         };
-        let master =
-            MasterEntry { svc_id, count: slots.len() as u32, svc_type: spec.svc_type, options: spec.options };
+        let master = MasterEntry {
+            svc_id,
+            count: slots.len() as u32,
+            svc_type: spec.svc_type,
+            options: spec.options,
+        };
         let old_master = existing.map(|e| e.master);
         let old_slots: Vec<BackendId> = existing.map(|e| e.slots.clone()).unwrap_or_default();
         for (i, id) in slots.iter().enumerate() {
             if old_slots.get(i) != Some(id) {
-                plan.put_slots.push((*fe, i as u16 + 1, SvcValue::Slot { backend_id: *id, svc_id }));
+                plan.put_slots.push((
+                    *fe,
+                    i as u16 + 1,
+                    SvcValue::Slot {
+                        backend_id: *id,
+                        svc_id,
+                    },
+                ));
             }
         }
         if old_master != Some(master) {
@@ -408,7 +478,8 @@ impl<M: LbMaps> Reconciler<M> {
         for slot in slots.len()..old_slots.len() {
             plan.delete_shrunk_slots.push((*fe, slot as u16 + 1));
         }
-        if spec.options.affinity_timeout.is_some() && old_slots.iter().any(|id| !slots.contains(id)) {
+        if spec.options.affinity_timeout.is_some() && old_slots.iter().any(|id| !slots.contains(id))
+        {
             plan.prune_affinity = true;
         }
         for id in &old_slots {
@@ -417,12 +488,19 @@ impl<M: LbMaps> Reconciler<M> {
         for id in &slots {
             *self.backend_refs.entry(*id).or_default() += 1;
         }
-        self.actual.frontends.insert(*fe, FrontendEntries { master, slots });
+        self.actual
+            .frontends
+            .insert(*fe, FrontendEntries { master, slots });
         Some(())
     }
 
     /// The id of the backend at `addr`, allocating and writing it if new.
-    fn plan_backend(&mut self, addr: &L4Addr, state: BackendState, plan: &mut Plan) -> Option<BackendId> {
+    fn plan_backend(
+        &mut self,
+        addr: &L4Addr,
+        state: BackendState,
+        plan: &mut Plan,
+    ) -> Option<BackendId> {
         let entry = BackendEntry { addr: *addr, state };
         if let Some(id) = self.backend_by_addr.get(addr).copied() {
             if self.actual.backends.get(&id) != Some(&entry) {
@@ -472,9 +550,11 @@ impl<M: LbMaps> Reconciler<M> {
         self.maps.put_backends(&plan.put_backends)?;
         self.maps.put_service_entries(&plan.put_slots)?;
         self.maps.put_service_entries(&plan.put_masters)?;
-        self.maps.delete_service_entries(&plan.delete_shrunk_slots)?;
+        self.maps
+            .delete_service_entries(&plan.delete_shrunk_slots)?;
         self.maps.delete_service_entries(&plan.delete_masters)?;
-        self.maps.delete_service_entries(&plan.delete_removed_slots)?;
+        self.maps
+            .delete_service_entries(&plan.delete_removed_slots)?;
         self.maps.delete_backends(&plan.delete_backends)?;
         if plan.prune_affinity {
             let valid: HashMap<ServiceId, HashSet<BackendId>> = self
@@ -485,7 +565,9 @@ impl<M: LbMaps> Reconciler<M> {
                 .map(|e| (e.master.svc_id, e.slots.iter().copied().collect()))
                 .collect();
             self.maps.prune_affinity(&mut |svc_id, backend_id| {
-                valid.get(&svc_id).is_some_and(|slots| slots.contains(&backend_id))
+                valid
+                    .get(&svc_id)
+                    .is_some_and(|slots| slots.contains(&backend_id))
             })?;
         }
         Ok(())

@@ -1,0 +1,364 @@
+use std::net::IpAddr;
+
+use super::*;
+use crate::datapath::fake::FakeMaps;
+use crate::model::{FrontendOptions, Protocol, ServiceRef, ServiceType};
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn be(addr: &str, port: u16) -> (L4Addr, BackendState) {
+    (
+        L4Addr {
+            ip: ip(addr),
+            port,
+            proto: Protocol::Tcp,
+        },
+        BackendState::Active,
+    )
+}
+
+fn fe(addr: &str, port: u16) -> Frontend {
+    Frontend::new(ip(addr), port, Protocol::Tcp)
+}
+
+fn service(
+    name: &str,
+    frontends: &[(Frontend, Vec<(L4Addr, BackendState)>)],
+) -> (String, ServiceFrontends) {
+    let key = format!("default/{name}");
+    let fes = frontends
+        .iter()
+        .map(|(f, backends)| {
+            (
+                *f,
+                FrontendSpec {
+                    service: ServiceRef {
+                        namespace: "default".into(),
+                        name: name.into(),
+                        port_name: String::new(),
+                    },
+                    svc_type: ServiceType::ClusterIP,
+                    options: FrontendOptions::default(),
+                    backends: backends.clone(),
+                },
+            )
+        })
+        .collect();
+    (key, fes)
+}
+
+fn desired(services: Vec<(String, ServiceFrontends)>) -> DesiredByService {
+    services.into_iter().collect()
+}
+
+/// The maps hold exactly `d`: every frontend with its backends in order.
+#[track_caller]
+fn assert_maps_hold(r: &Reconciler<FakeMaps>, d: &DesiredByService) {
+    let snap = r.maps().snapshot().unwrap();
+    assert_eq!(
+        &snap,
+        r.snapshot(),
+        "the reconciler's view differs from the maps"
+    );
+    let mut expected: Vec<(Frontend, Vec<L4Addr>)> = d
+        .values()
+        .flat_map(|fes| {
+            fes.iter()
+                .map(|(f, s)| (*f, s.backends.iter().map(|(a, _)| *a).collect()))
+        })
+        .collect();
+    expected.sort();
+    let actual: Vec<(Frontend, Vec<L4Addr>)> = snap
+        .frontends
+        .iter()
+        .map(|(f, e)| {
+            (
+                *f,
+                e.slots.iter().map(|id| snap.backends[id].addr).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(actual, expected);
+    assert!(
+        snap.stray_entries.is_empty(),
+        "stray entries: {:?}",
+        snap.stray_entries
+    );
+    let referenced: HashSet<BackendId> = snap
+        .frontends
+        .values()
+        .flat_map(|e| e.slots.iter().copied())
+        .collect();
+    let stored: HashSet<BackendId> = snap.backends.keys().copied().collect();
+    assert_eq!(referenced, stored, "unreferenced or missing backends");
+    assert!(
+        r.maps().violations.is_empty(),
+        "datapath invariant broken: {:?}",
+        r.maps().violations
+    );
+}
+
+fn web3() -> (String, ServiceFrontends) {
+    service(
+        "web",
+        &[(
+            fe("10.96.0.10", 80),
+            vec![
+                be("10.244.0.11", 8080),
+                be("10.244.0.12", 8080),
+                be("10.244.0.13", 8080),
+            ],
+        )],
+    )
+}
+
+#[test]
+fn a_new_service_is_written_backends_first_then_slots_then_master() {
+    let mut r = Reconciler::new(FakeMaps::new()).unwrap();
+    let d = desired(vec![web3()]);
+    let out = r.sync_full(&d, true).unwrap();
+    assert_eq!(out.writes, 3 + 3 + 1);
+    assert_maps_hold(&r, &d);
+    let e = &r.snapshot().frontends[&fe("10.96.0.10", 80)];
+    assert_eq!(e.master.svc_id, 1);
+    assert_eq!(e.slots, vec![1, 2, 3]);
+}
+
+#[test]
+fn an_unchanged_state_writes_nothing() {
+    let mut r = Reconciler::new(FakeMaps::new()).unwrap();
+    let d = desired(vec![web3()]);
+    r.sync_full(&d, true).unwrap();
+    let writes = r.maps().writes;
+    assert_eq!(r.sync_full(&d, true).unwrap().writes, 0);
+    assert_eq!(r.maps().writes, writes);
+}
+
+#[test]
+fn an_endpoint_change_rewrites_one_slot_and_frees_the_removed_backend_id() {
+    let mut r = Reconciler::new(FakeMaps::new()).unwrap();
+    r.sync_full(&desired(vec![web3()]), true).unwrap();
+    let d = desired(vec![service(
+        "web",
+        &[(
+            fe("10.96.0.10", 80),
+            vec![
+                be("10.244.0.11", 8080),
+                be("10.244.0.14", 8080),
+                be("10.244.0.13", 8080),
+            ],
+        )],
+    )]);
+    let out = r.sync_full(&d, true).unwrap();
+    // new backend, slot 2, old backend deleted
+    assert_eq!(out.writes, 3);
+    assert_maps_hold(&r, &d);
+    assert!(
+        !r.snapshot().backends.contains_key(&2),
+        "id 2 still allocated"
+    );
+    // The freed id is reused by the next new backend.
+    let d = desired(vec![service(
+        "web",
+        &[(
+            fe("10.96.0.10", 80),
+            vec![
+                be("10.244.0.11", 8080),
+                be("10.244.0.14", 8080),
+                be("10.244.0.15", 8080),
+            ],
+        )],
+    )]);
+    r.sync_full(&d, true).unwrap();
+    assert_maps_hold(&r, &d);
+    assert_eq!(
+        r.snapshot().frontends[&fe("10.96.0.10", 80)].slots,
+        vec![1, 4, 2]
+    );
+}
+
+#[test]
+fn shrinking_and_growing_keep_every_slot_valid_at_every_write() {
+    let mut r = Reconciler::new(FakeMaps::new()).unwrap();
+    let sizes = [5usize, 1, 8, 0, 3, 9, 2];
+    for n in sizes {
+        let backends: Vec<_> = (0..n)
+            .map(|i| be(&format!("10.244.1.{}", i + 1 + n), 80))
+            .collect();
+        let d = desired(vec![service("grow", &[(fe("10.96.0.20", 80), backends)])]);
+        r.sync_full(&d, true).unwrap();
+        assert_maps_hold(&r, &d);
+    }
+}
+
+#[test]
+fn removing_a_service_removes_master_slots_and_backends() {
+    let mut r = Reconciler::new(FakeMaps::new()).unwrap();
+    let other = service(
+        "other",
+        &[(fe("10.96.0.30", 53), vec![be("10.244.0.11", 8080)])],
+    );
+    r.sync_full(&desired(vec![web3(), other.clone()]), true)
+        .unwrap();
+    let d = desired(vec![other]);
+    r.sync_full(&d, true).unwrap();
+    assert_maps_hold(&r, &d);
+    // 10.244.0.11:8080 is shared and stays; the other two are gone.
+    assert_eq!(r.snapshot().backends.len(), 1);
+}
+
+#[test]
+fn a_service_that_does_not_fit_is_refused_and_the_others_are_untouched() {
+    let cap = Capacity {
+        services: 10,
+        backends: 10,
+    };
+    let mut r = Reconciler::new(FakeMaps::with_capacity(cap)).unwrap();
+    let small = desired(vec![web3()]);
+    r.sync_full(&small, true).unwrap();
+    let big_backends: Vec<_> = (0..8)
+        .map(|i| be(&format!("10.244.2.{}", i + 1), 80))
+        .collect();
+    let big = service("big", &[(fe("10.96.0.40", 80), big_backends)]);
+    let mut d = small.clone();
+    d.insert(big.0.clone(), big.1.clone());
+    let out = r.sync_full(&d, true).unwrap();
+    assert_eq!(out.refused.len(), 1);
+    let msg = out.refused[0].to_string();
+    assert!(
+        msg.contains("default/big")
+            && msg.contains("services")
+            && msg.contains("previous state is kept"),
+        "{msg}"
+    );
+    assert_maps_hold(&r, &small);
+    // Removing web makes room, but only once its removal is applied (the
+    // maps must hold old and new entries at the peak of a sync): big is
+    // refused once more, then goes in on the following sync (the agent
+    // retries refused syncs).
+    let d = desired(vec![big]);
+    assert_eq!(r.sync_full(&d, true).unwrap().refused.len(), 1);
+    assert!(r.snapshot().frontends.is_empty());
+    let out = r.sync_full(&d, true).unwrap();
+    assert!(out.refused.is_empty(), "{:?}", out.refused);
+    assert_maps_hold(&r, &d);
+}
+
+#[test]
+fn a_restarted_reconciler_adopts_pinned_state_without_writes() {
+    let mut r = Reconciler::new(FakeMaps::new()).unwrap();
+    let d = desired(vec![
+        web3(),
+        service(
+            "dns",
+            &[(fe("10.96.0.53", 53), vec![be("10.244.0.20", 53)])],
+        ),
+    ]);
+    r.sync_full(&d, true).unwrap();
+    let before = r.snapshot().clone();
+    let maps = r.into_maps();
+    let writes = maps.writes;
+
+    let mut r = Reconciler::new(maps).unwrap();
+    assert_eq!(r.snapshot(), &before);
+    let out = r.sync_full(&d, true).unwrap();
+    assert_eq!(out.writes, 0);
+    assert_eq!(out.pruned_frontends, 0);
+    assert_eq!(r.maps().writes, writes);
+    assert_eq!(r.snapshot(), &before);
+}
+
+#[test]
+fn stale_frontends_are_pruned_only_once_the_source_is_complete() {
+    let mut r = Reconciler::new(FakeMaps::new()).unwrap();
+    r.sync_full(
+        &desired(vec![
+            web3(),
+            service(
+                "gone",
+                &[(fe("10.96.0.99", 80), vec![be("10.244.0.99", 80)])],
+            ),
+        ]),
+        true,
+    )
+    .unwrap();
+    let mut r = Reconciler::new(r.into_maps()).unwrap();
+    let d = desired(vec![web3()]);
+    // Partial initial state: the stale frontend keeps serving.
+    r.sync_full(&d, false).unwrap();
+    assert!(r.snapshot().frontends.contains_key(&fe("10.96.0.99", 80)));
+    let out = r.sync_full(&d, true).unwrap();
+    assert_eq!(out.pruned_frontends, 1);
+    assert_maps_hold(&r, &d);
+}
+
+#[test]
+fn a_failed_write_leaves_consistent_maps_and_the_next_sync_converges() {
+    for fail_after in 0..12 {
+        let mut r = Reconciler::new(FakeMaps::new()).unwrap();
+        r.sync_full(&desired(vec![web3()]), true).unwrap();
+        let d = desired(vec![
+            service(
+                "web",
+                &[(
+                    fe("10.96.0.10", 80),
+                    vec![be("10.244.0.12", 8080), be("10.244.0.16", 8080)],
+                )],
+            ),
+            service(
+                "new",
+                &[(
+                    fe("10.96.0.50", 80),
+                    vec![be("10.244.0.17", 80), be("10.244.0.18", 80)],
+                )],
+            ),
+        ]);
+        r.maps_mut().fail_after_writes = Some(fail_after);
+        let result = r.sync_full(&d, true);
+        assert!(
+            r.maps().violations.is_empty(),
+            "fail_after={fail_after}: {:?}",
+            r.maps().violations
+        );
+        r.maps_mut().fail_after_writes = None;
+        if result.is_err() {
+            r.sync_full(&d, true).unwrap();
+        }
+        assert_maps_hold(&r, &d);
+    }
+}
+
+#[test]
+fn affinity_entries_to_backends_a_frontend_lost_are_removed() {
+    let mut r = Reconciler::new(FakeMaps::new()).unwrap();
+    let mut svc = web3();
+    for spec in svc.1.values_mut() {
+        spec.options.affinity_timeout = Some(10800);
+    }
+    r.sync_full(&desired(vec![svc.clone()]), true).unwrap();
+    r.maps_mut().affinity.insert((1, 111), 1);
+    r.maps_mut().affinity.insert((1, 222), 2);
+    for spec in svc.1.values_mut() {
+        spec.backends.remove(1); // 10.244.0.12 (id 2)
+    }
+    r.sync_full(&desired(vec![svc]), true).unwrap();
+    assert_eq!(
+        r.maps().affinity.keys().collect::<Vec<_>>(),
+        vec![&(1, 111)]
+    );
+}
+
+#[test]
+fn a_frontend_claimed_by_two_services_stays_with_the_first() {
+    let mut r = Reconciler::new(FakeMaps::new()).unwrap();
+    let a = service("a", &[(fe("10.96.0.60", 80), vec![be("10.244.0.11", 80)])]);
+    let b = service("b", &[(fe("10.96.0.60", 80), vec![be("10.244.0.12", 80)])]);
+    let out = r.sync_full(&desired(vec![a.clone(), b]), true).unwrap();
+    assert_eq!(out.refused.len(), 1);
+    assert!(
+        matches!(&out.refused[0].reason, RefusalReason::FrontendConflict { owner, .. } if owner == "default/a")
+    );
+    assert_maps_hold(&r, &desired(vec![a]));
+}
