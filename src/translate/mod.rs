@@ -268,3 +268,6 @@ fn backends_for(
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests;
