@@ -6,5 +6,5 @@ pub mod reconcile;
 pub mod skip;
 pub mod svc_list;
 pub mod translate;
-//pub mod agent;
+
 pub mod cli;
