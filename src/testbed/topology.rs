@@ -1,9 +1,11 @@
 //! Two namespaces joined by a veth pair: a client side whose sockets kpr
 //! translates, and a backends side with pod addresses and untranslated VIPs.
 //!
-//! Neighbour entries are static and IPv6 addresses skip DAD, so the first
-//! packet of a test never waits on ARP/ND, and rp_filter is off on both
-//! sides so asymmetric test routes are not dropped.
+//! Neighbour entries are static, IPv6 addresses skip DAD, and every step
+//! waits (bounded) until the kernel has really finished it (link watch,
+//! IPv6 local routes), so the first packet of a test is never lost or
+//! delayed; rp_filter is off on both sides so asymmetric test routes are
+//! not dropped.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
@@ -32,10 +34,13 @@ pub const CLIENT_MAC: &str = "02:6b:70:72:00:01";
 /// Fixed, locally administered MAC of [`BACKENDS_IF`].
 pub const BACKENDS_MAC: &str = "02:6b:70:72:00:02";
 
-/// How long `build` waits for the veth carrier.
+/// How long `build` waits for the veth carrier (and an IPv6 address for
+/// its local route).
 const LINK_WAIT: Duration = Duration::from_secs(3);
 /// Poll interval for that wait.
 const LINK_POLL: Duration = Duration::from_millis(20);
+/// Poll interval while an IPv6 address is being installed.
+const ROUTE_POLL: Duration = Duration::from_millis(2);
 
 /// IPv4 address of backend `n` (1..=200): 10.244.0.11, .12, ...
 pub fn backend_v4(n: u16) -> Result<Ipv4Addr> {
@@ -147,6 +152,8 @@ impl Topology {
 
         wait_link_up(c, CLIENT_IF)?;
         wait_link_up(b, BACKENDS_IF)?;
+        wait_local_route(c, CLIENT_V6)?;
+        wait_local_route(b, GATEWAY_V6)?;
 
         for (ns, dev, ip, mac) in [
             (c, CLIENT_IF, IpAddr::V4(GATEWAY_V4), BACKENDS_MAC),
@@ -206,15 +213,12 @@ impl Topology {
             IpAddr::V4(v4) => self
                 .backends
                 .ip(&["addr", "add", &format!("{v4}/32"), "dev", dev]),
-            IpAddr::V6(v6) => self.backends.ip(&[
-                "-6",
-                "addr",
-                "add",
-                &format!("{v6}/128"),
-                "dev",
-                dev,
-                "nodad",
-            ]),
+            IpAddr::V6(v6) => {
+                let net = format!("{v6}/128");
+                self.backends
+                    .ip(&["-6", "addr", "add", &net, "dev", dev, "nodad"])?;
+                wait_local_route(&self.backends, v6)
+            }
         }
     }
 }
@@ -233,12 +237,18 @@ fn static_neighbour(ns: &Netns, dev: &str, ip: IpAddr, mac: &str) -> Result<()> 
     ])
 }
 
-/// Waits (bounded) until `dev` reports carrier (`LOWER_UP`).
+/// Waits (bounded) until `dev` can carry packets.
+///
+/// Carrier (`LOWER_UP`) is not enough: the kernel's link watch work sets
+/// the operational state and swaps the `noop` qdisc, which drops every
+/// packet, for the real one asynchronously, and a SYN lost there costs a
+/// one-second retransmit. So wait for `state UP` and a qdisc other than
+/// `noop` as well.
 fn wait_link_up(ns: &Netns, dev: &str) -> Result<()> {
     let start = Instant::now();
     while start.elapsed() < LINK_WAIT {
         let out = ns.ip_output(&["-o", "link", "show", "dev", dev])?;
-        if out.contains("LOWER_UP") {
+        if link_ready(&out) {
             return Ok(());
         }
         std::thread::sleep(LINK_POLL);
@@ -249,9 +259,49 @@ fn wait_link_up(ns: &Netns, dev: &str) -> Result<()> {
     })
 }
 
+/// Waits (bounded) until the local route of an IPv6 address exists.
+///
+/// Even with `nodad`, the kernel finishes adding an IPv6 address from a
+/// work queue: until then packets to it count as `Ip6InNoRoutes` and are
+/// answered with "unreachable", which a connecting socket may drop
+/// (`TCPLockDroppedIcmps`) and then wait a second to retransmit. IPv4
+/// addresses are usable when `ip addr add` returns.
+fn wait_local_route(ns: &Netns, ip: Ipv6Addr) -> Result<()> {
+    let addr = ip.to_string();
+    let start = Instant::now();
+    while start.elapsed() < LINK_WAIT {
+        let out = ns.ip_output(&["-6", "route", "show", "table", "local", &addr])?;
+        if out.lines().any(|l| l.starts_with("local ")) {
+            return Ok(());
+        }
+        std::thread::sleep(ROUTE_POLL);
+    }
+    Err(TestbedError::Timeout {
+        what: format!("local route for {addr} in netns {}", ns.name()),
+        waited_ms: LINK_WAIT.as_millis() as u64,
+    })
+}
+
+/// Whether one `ip -o link show` line describes a link that forwards.
+fn link_ready(line: &str) -> bool {
+    line.contains("LOWER_UP") && line.contains(" state UP ") && !line.contains(" qdisc noop ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_link_is_ready_only_with_carrier_operstate_up_and_a_real_qdisc() {
+        let ready = "7: veth-c@if6: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 qdisc noqueue state UP mode DEFAULT";
+        let no_qdisc = "7: veth-c@if6: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 qdisc noop state UP mode DEFAULT";
+        let operstate_pending = "7: veth-c@if6: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 qdisc noop state DOWN mode DEFAULT";
+        let no_carrier = "7: veth-c@if6: <NO-CARRIER,BROADCAST,MULTICAST,UP> mtu 1500 qdisc noqueue state LOWERLAYERDOWN";
+        assert!(link_ready(ready));
+        assert!(!link_ready(no_qdisc));
+        assert!(!link_ready(operstate_pending));
+        assert!(!link_ready(no_carrier));
+    }
 
     #[test]
     fn backend_addresses_start_at_eleven() {
