@@ -22,6 +22,8 @@ use super::probe::{ProbeResult, ProbeSpec};
 const WAIT_POLL: Duration = Duration::from_millis(2);
 /// Most bytes kept from each of the probe's stdout and stderr.
 const MAX_OUTPUT: u64 = 16 << 20;
+/// Bound on collecting output after the probe has exited.
+const READER_WAIT: Duration = Duration::from_secs(1);
 /// Most stderr bytes quoted in an error.
 const MAX_QUOTED: usize = 2000;
 
@@ -235,10 +237,22 @@ fn spawn_reader(pipe: impl Read + Send + 'static) -> JoinHandle<String> {
     })
 }
 
-/// Joins a reader. The probe has exited (or was killed and reaped) by
-/// now, so its pipe ends are closed and the reader finishes.
+/// Joins a reader, waiting at most [`READER_WAIT`]. The probe has exited
+/// (or was killed and reaped) by now, so the reader normally finishes at
+/// once; only a grandchild still holding the pipe could keep it open, and
+/// then the reader is left behind rather than blocking the caller.
 fn collect(reader: Reader) -> String {
-    reader.and_then(|r| r.join().ok()).unwrap_or_default()
+    let Some(reader) = reader else {
+        return String::new();
+    };
+    let start = Instant::now();
+    while !reader.is_finished() {
+        if start.elapsed() >= READER_WAIT {
+            return String::from("<output not closed: a child of the probe still holds it>");
+        }
+        std::thread::sleep(WAIT_POLL);
+    }
+    reader.join().unwrap_or_default()
 }
 
 fn quote(text: &str) -> String {

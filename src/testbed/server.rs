@@ -133,7 +133,9 @@ impl Server {
         &self.identity
     }
 
-    /// Replies sent so far (one per TCP connection or UDP datagram).
+    /// Replies sent so far (one per TCP connection or UDP datagram). A hit
+    /// is counted just before its reply is sent, so once a client has read
+    /// a reply, `hits()` already includes it.
     pub fn hits(&self) -> u64 {
         self.hits.load(Ordering::Relaxed)
     }
@@ -168,8 +170,11 @@ fn serve_tcp(listener: TcpListener, reply: &[u8], hits: &AtomicU64, stop: &Atomi
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((stream, _peer)) => {
-                if answer_tcp(stream, &line).is_ok() {
-                    hits.fetch_add(1, Ordering::Relaxed);
+                // Counted before the reply leaves, so a client that has its
+                // reply always sees the hit; taken back if the reply fails.
+                hits.fetch_add(1, Ordering::Relaxed);
+                if answer_tcp(stream, &line).is_err() {
+                    hits.fetch_sub(1, Ordering::Relaxed);
                 }
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(IDLE_POLL),
@@ -215,12 +220,13 @@ fn serve_udp(socket: UdpSocket, reply: &[u8], hits: &AtomicU64, stop: &AtomicBoo
     let mut buf = [0u8; 2048];
     while !stop.load(Ordering::Relaxed) {
         match socket.recv_from(&mut buf) {
-            Ok((_, peer)) => match socket.send_to(reply, peer) {
-                Ok(_) => {
-                    hits.fetch_add(1, Ordering::Relaxed);
+            Ok((_, peer)) => {
+                hits.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = socket.send_to(reply, peer) {
+                    hits.fetch_sub(1, Ordering::Relaxed);
+                    tracing::debug!(%peer, error = %e, "test server reply failed");
                 }
-                Err(e) => tracing::debug!(%peer, error = %e, "test server reply failed"),
-            },
+            }
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) => {
