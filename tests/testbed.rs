@@ -266,3 +266,31 @@ fn a_panic_while_the_test_bed_is_up_still_removes_it() {
     );
     assert!(!Path::new(&names[2]).exists());
 }
+
+#[test]
+fn sweeping_removes_leftovers_of_dead_runs_but_not_live_test_beds() {
+    require_root!();
+    let mut gone = Command::new("true").spawn().expect("true starts");
+    let dead = gone.id();
+    gone.wait().expect("true exits");
+    let stale_ns = format!("tbsc{dead}");
+    let stale_cg = cgroup2_mount()
+        .unwrap()
+        .join(format!("kpr-test-tbs-{dead}"));
+    let ok = Command::new("ip")
+        .args(["netns", "add", &stale_ns])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    std::fs::create_dir(&stale_cg).unwrap();
+
+    let live = Topology::build("tbs").expect("topology builds");
+    let live_cg = TestCgroup::create("tbs").expect("cgroup is created");
+    let swept = kpr::testbed::sweep_stale("tbs").expect("sweep runs");
+    assert_eq!(swept.netns, vec![stale_ns.clone()]);
+    assert_eq!(swept.cgroups, vec![stale_cg.display().to_string()]);
+    assert!(!netns_names().contains(&stale_ns));
+    assert!(!stale_cg.exists());
+    assert!(netns_names().contains(&live.client().name().to_string()));
+    assert!(live_cg.path().exists());
+}

@@ -20,6 +20,8 @@
 //! pair is created inside the client namespace with its peer placed directly
 //! in the backends namespace.
 
+#![warn(missing_docs)]
+
 pub mod cgroup;
 pub mod errno;
 pub mod error;
@@ -27,6 +29,7 @@ pub mod launch;
 pub mod netns;
 pub mod probe;
 pub mod server;
+pub mod sweep;
 pub mod topology;
 
 pub use cgroup::{cgroup2_mount, TestCgroup};
@@ -35,6 +38,7 @@ pub use launch::run_probe;
 pub use netns::{Netns, NsThread};
 pub use probe::{probe_main, ProbeResult, ProbeSpec};
 pub use server::Server;
+pub use sweep::sweep_stale;
 pub use topology::Topology;
 
 use std::sync::atomic::{AtomicU32, Ordering};
