@@ -2,6 +2,7 @@
 
 pub mod cli;
 pub mod datapath;
+pub mod host;
 pub mod model;
 pub mod reconcile;
 pub mod skip;

@@ -20,6 +20,9 @@ pub enum TestbedError {
         /// The command's stderr, trimmed.
         stderr: String,
     },
+    /// The kpr agent under test failed to start, got unhealthy or answered oddly.
+    #[error("testbed: {0}")]
+    Agent(String),
     /// A system call or file operation failed.
     #[error("testbed: {what}: {source}")]
     Io {

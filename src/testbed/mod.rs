@@ -22,6 +22,7 @@
 
 #![warn(missing_docs)]
 
+pub mod agent;
 pub mod cgroup;
 pub mod errno;
 pub mod error;
@@ -32,6 +33,7 @@ pub mod server;
 pub mod sweep;
 pub mod topology;
 
+pub use agent::AgentProcess;
 pub use cgroup::{cgroup2_mount, TestCgroup};
 pub use error::{Result, TestbedError};
 pub use launch::run_probe;

@@ -1,0 +1,194 @@
+//! A kpr agent run as a child process against a bed: its own bpf root, the
+//! bed's cgroup, manifests in a directory, metrics and health on free
+//! loopback ports. Stopped (SIGTERM, then SIGKILL) and its pins removed on
+//! Drop, so a failing test leaves no attachment behind.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::error::{Result, TestbedError};
+
+/// A running `kpr agent` child process.
+pub struct AgentProcess {
+    child: Option<Child>,
+    exe: PathBuf,
+    /// The agent's --bpf-root.
+    pub bpf_root: PathBuf,
+    /// The agent's --cgroup.
+    pub cgroup: PathBuf,
+    /// The agent's --manifests.
+    pub manifests: PathBuf,
+    /// Where the agent serves /metrics.
+    pub metrics_addr: SocketAddr,
+    /// Where the agent serves /healthz.
+    pub healthz_addr: SocketAddr,
+    extra_args: Vec<String>,
+    log: PathBuf,
+}
+
+/// A free loopback TCP port (bound and released; good enough for tests).
+pub fn free_loopback_addr() -> Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| TestbedError::io("binding 127.0.0.1:0", e))?;
+    l.local_addr().map_err(|e| TestbedError::io("local_addr", e))
+}
+
+impl AgentProcess {
+    /// Starts `exe agent` with the given paths; `extra_args` are appended.
+    /// The agent's stderr goes to `<bpf_root>.log`.
+    pub fn start(exe: &Path, manifests: &Path, cgroup: &Path, bpf_root: &Path, extra_args: &[&str]) -> Result<AgentProcess> {
+        let mut agent = AgentProcess {
+            child: None,
+            exe: exe.to_path_buf(),
+            bpf_root: bpf_root.to_path_buf(),
+            cgroup: cgroup.to_path_buf(),
+            manifests: manifests.to_path_buf(),
+            metrics_addr: free_loopback_addr()?,
+            healthz_addr: free_loopback_addr()?,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            log: bpf_root.with_extension("log"),
+        };
+        agent.spawn()?;
+        Ok(agent)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(|e| TestbedError::io(format!("opening {}", self.log.display()), e))?;
+        let child = Command::new(&self.exe)
+            .arg("agent")
+            .arg("--manifests")
+            .arg(&self.manifests)
+            .arg("--cgroup")
+            .arg(&self.cgroup)
+            .arg("--bpf-root")
+            .arg(&self.bpf_root)
+            .arg("--metrics-addr")
+            .arg(self.metrics_addr.to_string())
+            .arg("--healthz-addr")
+            .arg(self.healthz_addr.to_string())
+            .args(&self.extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| TestbedError::io(format!("starting {} agent", self.exe.display()), e))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// The agent's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The agent's log so far (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until /healthz answers 200 (the first complete sync is done).
+    pub fn wait_healthy(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    self.child = None;
+                    return Err(TestbedError::Agent(format!("agent exited with {status}:\n{}", self.log())));
+                }
+            }
+            if let Ok((200, _)) = http_get(self.healthz_addr, "/healthz") {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(TestbedError::Agent(format!("agent not healthy within {timeout:?}:\n{}", self.log())));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The agent's /metrics text.
+    pub fn metrics(&self) -> Result<String> {
+        let (status, body) = http_get(self.metrics_addr, "/metrics")?;
+        if status != 200 {
+            return Err(TestbedError::Agent(format!("/metrics answered {status}")));
+        }
+        Ok(body)
+    }
+
+    /// The value of the first sample of `metric` whose labels contain `labels`.
+    pub fn metric_value(&self, metric: &str, labels: &str) -> Result<Option<f64>> {
+        Ok(self.metrics()?.lines().find_map(|line| {
+            let rest = line.strip_prefix(metric)?;
+            let (head, value) = rest.rsplit_once(' ')?;
+            (head.is_empty() || head.starts_with('{')).then_some(())?;
+            head.contains(labels).then(|| value.parse().ok())?
+        }))
+    }
+
+    /// Kills the agent with SIGKILL, leaving its pins (a crash).
+    pub fn kill(&mut self) -> Result<()> {
+        self.signal(nix::sys::signal::Signal::SIGKILL)
+    }
+
+    /// Stops the agent with SIGTERM (bounded wait, then SIGKILL).
+    pub fn stop(&mut self) -> Result<()> {
+        self.signal(nix::sys::signal::Signal::SIGTERM)
+    }
+
+    fn signal(&mut self, sig: nix::sys::signal::Signal) -> Result<()> {
+        let Some(mut child) = self.child.take() else { return Ok(()) };
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, sig);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) => return Ok(()),
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Starts the agent again with the same arguments (after kill or stop).
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop()?;
+        self.spawn()
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.stop();
+        if let Err(e) = crate::datapath::loader::cleanup(&self.bpf_root) {
+            eprintln!("testbed: cleaning up {}: {e:#}", self.bpf_root.display());
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// A bounded HTTP/1.0 GET on loopback: (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let io = |e| TestbedError::io(format!("GET http://{addr}{path}"), e);
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(io)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).map_err(io)?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n").map_err(io)?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).map_err(io)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| TestbedError::Agent(format!("bad HTTP response from {addr}{path}")))?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
