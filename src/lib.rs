@@ -4,3 +4,4 @@ pub mod datapath {
     pub mod skel;
 }
 pub mod skip;
+pub mod source;

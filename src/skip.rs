@@ -69,7 +69,10 @@ mod tests {
         let labels: BTreeSet<&str> = SkipReason::ALL.iter().map(|r| r.as_label()).collect();
         assert_eq!(labels.len(), SkipReason::ALL.len());
         for label in labels {
-            assert!(label.chars().all(|c| c.is_ascii_lowercase() || c == '_'), "{label}");
+            assert!(
+                label.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
+                "{label}"
+            );
         }
     }
 
