@@ -3,5 +3,6 @@
 pub mod datapath {
     pub mod skel;
 }
+pub mod metrics;
 pub mod skip;
 pub mod source;
