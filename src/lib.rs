@@ -3,6 +3,7 @@
 pub mod datapath {
     pub mod skel;
 }
+pub mod http;
 pub mod metrics;
 pub mod skip;
 pub mod source;
