@@ -532,11 +532,12 @@ fn split_json(text: &str) -> Vec<Document> {
 /// Why [`watch`] could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
-    /// The platform's file watcher could not be created (inotify on Linux).
+    /// The platform's file watcher could not be created (inotify on Linux:
+    /// `fs.inotify.max_user_instances` reached).
     #[error("creating the manifest file watcher")]
     Create(#[source] notify::Error),
-    /// A directory could not be watched: it does not exist, or the inotify
-    /// watch limit (`fs.inotify.max_user_watches`) is reached.
+    /// A directory could not be watched: no permission, or the inotify watch
+    /// limit (`fs.inotify.max_user_watches`) is reached.
     #[error("watching manifest directory {}", dir.display())]
     Watch {
         /// The directory that could not be watched.
@@ -549,8 +550,10 @@ pub enum WatchError {
 
 /// Reports changes to manifest paths; see [`watch`]. Dropping it stops watching.
 pub struct ManifestWatch {
-    _watcher: RecommendedWatcher,
-    dirs: Vec<PathBuf>,
+    watcher: RecommendedWatcher,
+    paths: Vec<PathBuf>,
+    /// Every directory watched so far; see [`ManifestWatch::dirs`].
+    dirs: BTreeSet<PathBuf>,
     events: mpsc::Receiver<()>,
     debounce: Duration,
     /// When the burst being debounced must be reported at the latest; `Some`
@@ -561,6 +564,7 @@ pub struct ManifestWatch {
 impl std::fmt::Debug for ManifestWatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ManifestWatch")
+            .field("paths", &self.paths)
             .field("dirs", &self.dirs)
             .field("debounce", &self.debounce)
             .finish_non_exhaustive()
@@ -569,26 +573,32 @@ impl std::fmt::Debug for ManifestWatch {
 
 /// Starts watching `paths` (the same paths as given to [`load`]).
 ///
-/// A directory is watched itself (not recursively); for a file, or a path that
-/// does not exist yet, its parent directory is watched, so that editors'
-/// write-to-temp-then-rename, deletion and re-creation are all seen. As a
-/// consequence any change in a watched directory counts, including files that
-/// [`load`] ignores; that only costs a reload. Opening and reading files does
-/// not count, so reloading does not trigger itself. Not seen: changes inside a
-/// symlink's target directory, unless that directory is also a watched path.
+/// A directory is watched itself (not recursively). For a file, its parent
+/// directory is watched, so that editors' write-to-temp-then-rename, deletion
+/// and re-creation are all seen. For a path that does not exist (yet), its
+/// nearest existing ancestor is watched; after each reported burst the
+/// watches are brought up to date, so a directory created, or deleted and
+/// re-created, later is watched from then on. Watches are only added, never
+/// removed, while the `ManifestWatch` lives.
+///
+/// Any change in a watched directory counts, including files that [`load`]
+/// ignores; that only costs a reload. Opening and reading files does not
+/// count, so reloading does not trigger itself. Not seen: changes inside a
+/// symlink's target directory, unless that directory is watched too (a
+/// ConfigMap volume's atomic `..data` swap *is* seen, in the volume's
+/// directory).
 ///
 /// `debounce` is the quiet period that ends a burst of changes (for example
-/// 200 ms). Needs a Tokio runtime with the time driver for
-/// [`ManifestWatch::changed`].
+/// 200 ms). [`ManifestWatch::changed`] needs a Tokio runtime with the time
+/// driver.
 ///
 /// # Errors
-/// [`WatchError`] when the watcher cannot be created or a directory (a path's
-/// parent for files) does not exist or cannot be watched.
+/// [`WatchError`] when the watcher cannot be created or a directory cannot
+/// be watched (a missing path is not an error).
 pub fn watch(paths: &[PathBuf], debounce: Duration) -> Result<ManifestWatch, WatchError> {
-    let dirs: BTreeSet<PathBuf> = paths.iter().map(|path| watched_dir(path)).collect();
     // Capacity 1: a pending notification already says "something changed".
     let (tx, events) = mpsc::channel(1);
-    let mut watcher =
+    let watcher =
         notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
             Ok(event) if !is_change(&event.kind) => {}
             Ok(_) => {
@@ -601,32 +611,31 @@ pub fn watch(paths: &[PathBuf], debounce: Duration) -> Result<ManifestWatch, Wat
             }
         })
         .map_err(WatchError::Create)?;
-    for dir in &dirs {
-        watcher
-            .watch(dir, RecursiveMode::NonRecursive)
-            .map_err(|source| WatchError::Watch {
-                dir: dir.clone(),
-                source,
-            })?;
-    }
-    Ok(ManifestWatch {
-        _watcher: watcher,
-        dirs: dirs.into_iter().collect(),
+    let mut watch = ManifestWatch {
+        watcher,
+        paths: paths.to_vec(),
+        dirs: BTreeSet::new(),
         events,
         debounce,
         burst_deadline: None,
-    })
+    };
+    for dir in watch.wanted_dirs() {
+        watch.add_watch(&dir)?;
+    }
+    Ok(watch)
 }
 
-/// The directory to watch for `path`: itself if it is a directory, else its parent.
+/// The directory to watch for `path`: itself if it is a directory, else its
+/// nearest existing ancestor (`.` for a relative path with none).
 fn watched_dir(path: &Path) -> PathBuf {
     if path.is_dir() {
         return path.to_path_buf();
     }
-    match path.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
+    path.ancestors()
+        .skip(1)
+        .take_while(|dir| !dir.as_os_str().is_empty())
+        .find(|dir| dir.is_dir())
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
 }
 
 /// Whether an event can change what [`load`] returns. Opens, reads and
@@ -640,15 +649,19 @@ fn is_change(kind: &EventKind) -> bool {
 }
 
 impl ManifestWatch {
-    /// The directories being watched, sorted.
-    pub fn dirs(&self) -> &[PathBuf] {
-        &self.dirs
+    /// Every directory watched so far, sorted.
+    pub fn dirs(&self) -> impl Iterator<Item = &Path> {
+        self.dirs.iter().map(PathBuf::as_path)
     }
 
     /// Resolves once per burst of changes: after a change, when no further
     /// change has been seen for the debounce period, or at the latest after
     /// ten debounce periods. Changes made while nobody is waiting are kept
     /// (coalesced into one) and reported by the next call.
+    ///
+    /// Before resolving, watches directories that have appeared since (see
+    /// [`watch`]), so a [`load`] after this call sees everything that the
+    /// next call will report changes to.
     ///
     /// Cancel-safe: dropping the future (e.g. in `tokio::select!`) loses no
     /// change; the next call resumes the pending burst.
@@ -676,7 +689,35 @@ impl ManifestWatch {
                 () = tokio::time::sleep_until(quiet) => break,
             }
         }
+        self.rewatch();
         self.burst_deadline = None;
+    }
+
+    fn wanted_dirs(&self) -> BTreeSet<PathBuf> {
+        self.paths.iter().map(|path| watched_dir(path)).collect()
+    }
+
+    fn add_watch(&mut self, dir: &Path) -> Result<(), WatchError> {
+        self.watcher
+            .watch(dir, RecursiveMode::NonRecursive)
+            .map_err(|source| WatchError::Watch {
+                dir: dir.to_path_buf(),
+                source,
+            })?;
+        self.dirs.insert(dir.to_path_buf());
+        Ok(())
+    }
+
+    /// Watches the directories the paths need now. Watching a directory again
+    /// is harmless, and needed when it was deleted and re-created.
+    fn rewatch(&mut self) {
+        for dir in self.wanted_dirs() {
+            if let Err(e) = self.add_watch(&dir) {
+                // A directory can vanish between the check and the watch;
+                // the next burst (its parent is watched) tries again.
+                tracing::warn!(error = %format!("{e:#}"), "manifest watch not updated");
+            }
+        }
     }
 }
 
@@ -1162,7 +1203,8 @@ items:
         fs::create_dir(&confd).unwrap();
         let svc = write(&files, "svc.yaml", WEB_SERVICE);
         let mut watch = watch(&[svc.clone(), confd.clone()], DEBOUNCE).unwrap();
-        assert_eq!(watch.dirs(), [confd.clone(), files.clone()]);
+        let dirs: Vec<&Path> = watch.dirs().collect();
+        assert_eq!(dirs, [confd.as_path(), files.as_path()]);
 
         fs::write(&svc, SERVICE_AND_SLICES).unwrap();
         expect_change(&mut watch, "an in-place write").await;
@@ -1240,14 +1282,46 @@ items:
         assert!(start.elapsed() < DEBOUNCE * 2);
     }
 
-    #[test]
-    fn watching_a_missing_directory_fails_with_its_path() {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_directory_created_later_or_re_created_is_watched() {
         let dir = tempfile::tempdir().unwrap();
-        let missing = dir.path().join("no-such-dir").join("svc.yaml");
+        let confd = dir.path().join("later").join("conf.d");
+        let mut watch = watch(std::slice::from_ref(&confd), DEBOUNCE).unwrap();
+        let dirs: Vec<&Path> = watch.dirs().collect();
+        assert_eq!(dirs, [dir.path()]);
 
-        let err = watch(&[missing], DEBOUNCE).unwrap_err();
+        fs::create_dir_all(&confd).unwrap();
+        expect_change(&mut watch, "creating the directory's parent").await;
+        settle(&mut watch, Duration::from_millis(500)).await;
+        assert!(watch.dirs().any(|d| d == confd));
 
-        let message = err.to_string();
-        assert!(message.contains("no-such-dir"), "{message}");
+        write(&confd, "svc.yaml", WEB_SERVICE);
+        expect_change(&mut watch, "a file created in the new directory").await;
+        settle(&mut watch, Duration::from_millis(500)).await;
+
+        fs::remove_dir_all(&confd).unwrap();
+        expect_change(&mut watch, "deleting the directory").await;
+        settle(&mut watch, Duration::from_millis(500)).await;
+        fs::create_dir(&confd).unwrap();
+        expect_change(&mut watch, "re-creating the directory").await;
+        settle(&mut watch, Duration::from_millis(500)).await;
+
+        write(&confd, "svc.yaml", WEB_SERVICE);
+        expect_change(&mut watch, "a file created in the re-created directory").await;
+    }
+
+    #[test]
+    fn a_missing_path_is_watched_through_its_nearest_existing_ancestor() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(dir.path(), "svc.yaml", WEB_SERVICE);
+
+        assert_eq!(watched_dir(dir.path()), dir.path());
+        assert_eq!(watched_dir(&file), dir.path());
+        assert_eq!(watched_dir(&dir.path().join("a/b/c.yaml")), dir.path());
+        assert_eq!(watched_dir(&file.join("under-a-file.yaml")), dir.path());
+        assert_eq!(
+            watched_dir(Path::new("no-such-relative/x.yaml")),
+            Path::new(".")
+        );
     }
 }
