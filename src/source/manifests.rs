@@ -18,9 +18,9 @@
 //! syntax error and loses every later document of the file. The split is
 //! exact, not a heuristic: YAML forbids such a line inside any scalar, so
 //! it always ends a document. Error details carry the line numbers of the
-//! file, not of the document. Documents made only
-//! of blank lines, comments and `%` directives are ignored silently and not
-//! counted in [`SkippedDocument::index`].
+//! file, not of the document. Documents made only of blank lines, comments
+//! and `%` directives are ignored silently and not counted in
+//! [`SkippedDocument::index`].
 //!
 //! A `.json` file is a stream of JSON values (usually exactly one); after a
 //! JSON syntax error the rest of that file is reported as one skipped
