@@ -1,11 +1,16 @@
 //! kpr: a kube-proxy replacement. See README.md for the data flow.
 
+pub mod agent;
 pub mod cli;
 pub mod datapath;
 pub mod host;
+pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod reconcile;
+pub mod selftest;
 pub mod skip;
+pub mod source;
 pub mod svc_list;
 pub mod testbed;
 pub mod translate;

@@ -21,11 +21,13 @@ pub enum SkipReason {
     InvalidPort,
     /// A second object with the same namespace/name.
     Duplicate,
+    /// A manifest path that is missing or a file/directory that could not be read.
+    Unreadable,
 }
 
 impl SkipReason {
     /// Every reason, in label order.
-    pub const ALL: [SkipReason; 7] = [
+    pub const ALL: [SkipReason; 8] = [
         SkipReason::Malformed,
         SkipReason::UnsupportedKind,
         SkipReason::UnsupportedProtocol,
@@ -33,6 +35,7 @@ impl SkipReason {
         SkipReason::InvalidAddress,
         SkipReason::InvalidPort,
         SkipReason::Duplicate,
+        SkipReason::Unreadable,
     ];
 
     /// The metric label value.
@@ -45,6 +48,7 @@ impl SkipReason {
             SkipReason::InvalidAddress => "invalid_address",
             SkipReason::InvalidPort => "invalid_port",
             SkipReason::Duplicate => "duplicate",
+            SkipReason::Unreadable => "unreadable",
         }
     }
 }
@@ -52,5 +56,41 @@ impl SkipReason {
 impl fmt::Display for SkipReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_label())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SkipReason;
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn every_reason_has_a_distinct_snake_case_label() {
+        let labels: BTreeSet<&str> = SkipReason::ALL.iter().map(|r| r.as_label()).collect();
+        assert_eq!(labels.len(), SkipReason::ALL.len());
+        for label in labels {
+            assert!(
+                label.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
+                "{label}"
+            );
+        }
+    }
+
+    #[test]
+    fn all_lists_every_variant() {
+        // Adding a variant breaks this match; add it to ALL too.
+        let position = |r: SkipReason| match r {
+            SkipReason::Malformed => 0,
+            SkipReason::UnsupportedKind => 1,
+            SkipReason::UnsupportedProtocol => 2,
+            SkipReason::UnsupportedType => 3,
+            SkipReason::InvalidAddress => 4,
+            SkipReason::InvalidPort => 5,
+            SkipReason::Duplicate => 6,
+            SkipReason::Unreadable => 7,
+        };
+        for (i, r) in SkipReason::ALL.iter().enumerate() {
+            assert_eq!(position(*r), i);
+        }
     }
 }

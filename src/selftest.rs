@@ -1,0 +1,1 @@
+pub fn run() -> anyhow::Result<std::process::ExitCode> { todo!() }
