@@ -24,10 +24,23 @@ const ENDPOINTS: usize = 10;
 
 fn service(i: usize) -> Service {
     Service {
-        metadata: ObjectMeta { name: Some(format!("svc-{i}")), namespace: Some("bench".into()), ..Default::default() },
+        metadata: ObjectMeta {
+            name: Some(format!("svc-{i}")),
+            namespace: Some("bench".into()),
+            ..Default::default()
+        },
         spec: Some(ServiceSpec {
-            cluster_ip: Some(format!("10.{}.{}.{}", 96 + i / 65536, (i / 256) % 256, i % 256)),
-            ports: Some(vec![ServicePort { name: Some("http".into()), port: 80, ..Default::default() }]),
+            cluster_ip: Some(format!(
+                "10.{}.{}.{}",
+                96 + i / 65536,
+                (i / 256) % 256,
+                i % 256
+            )),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: 80,
+                ..Default::default()
+            }]),
             ..Default::default()
         }),
         ..Default::default()
@@ -39,7 +52,12 @@ fn slice(i: usize, generation: usize) -> EndpointSlice {
         .map(|e| {
             let n = i * ENDPOINTS + e + generation * 7919;
             Endpoint {
-                addresses: vec![format!("10.{}.{}.{}", 128 + (n / 65536) % 64, (n / 256) % 256, n % 256)],
+                addresses: vec![format!(
+                    "10.{}.{}.{}",
+                    128 + (n / 65536) % 64,
+                    (n / 256) % 256,
+                    n % 256
+                )],
                 ..Default::default()
             }
         })
@@ -48,12 +66,19 @@ fn slice(i: usize, generation: usize) -> EndpointSlice {
         metadata: ObjectMeta {
             name: Some(format!("svc-{i}-abc")),
             namespace: Some("bench".into()),
-            labels: Some(BTreeMap::from([(translate::SERVICE_NAME_LABEL.to_string(), format!("svc-{i}"))])),
+            labels: Some(BTreeMap::from([(
+                translate::SERVICE_NAME_LABEL.to_string(),
+                format!("svc-{i}"),
+            )])),
             ..Default::default()
         },
         address_type: "IPv4".into(),
         endpoints,
-        ports: Some(vec![EndpointPort { name: Some("http".into()), port: Some(8080), ..Default::default() }]),
+        ports: Some(vec![EndpointPort {
+            name: Some("http".into()),
+            port: Some(8080),
+            ..Default::default()
+        }]),
     }
 }
 
@@ -68,13 +93,18 @@ impl Bed {
             return None;
         }
         let root = tempfile::tempdir().expect("tempdir");
-        let sizes = MapSizes { services: 262_144, backends: 262_144, ..MapSizes::default() };
+        let sizes = MapSizes {
+            services: 262_144,
+            backends: 262_144,
+            ..MapSizes::default()
+        };
         loader::create_maps(&root.path().join("bpf"), &sizes).expect("creating maps");
         Some(Bed { root })
     }
 
     fn reconciler(&self) -> Reconciler<KernelMaps> {
-        Reconciler::new(KernelMaps::open(&self.root.path().join("bpf")).expect("open maps")).expect("reconciler")
+        Reconciler::new(KernelMaps::open(&self.root.path().join("bpf")).expect("open maps"))
+            .expect("reconciler")
     }
 }
 
@@ -89,7 +119,9 @@ fn full_sync(c: &mut Criterion, bed: &Bed, services: usize) {
     let slices: Vec<EndpointSlice> = (0..services).map(|i| slice(i, 0)).collect();
     let mut r = bed.reconciler();
     let mut group = c.benchmark_group("full_sync");
-    group.sample_size(10).measurement_time(Duration::from_secs(if services > 5000 { 20 } else { 5 }));
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(if services > 5000 { 20 } else { 5 }));
     group.bench_function(format!("{services}x{ENDPOINTS}"), |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
@@ -112,7 +144,8 @@ fn endpoint_change(c: &mut Criterion, bed: &Bed, services: usize) {
     let svcs: Vec<Service> = (0..services).map(service).collect();
     let slices: Vec<EndpointSlice> = (0..services).map(|i| slice(i, 0)).collect();
     let mut r = bed.reconciler();
-    r.sync_full(&translate::translate(&svcs, &slices).desired, true).expect("load");
+    r.sync_full(&translate::translate(&svcs, &slices).desired, true)
+        .expect("load");
     let target = services / 2;
     let key = translate::object_key(&svcs[target].metadata);
     // Two versions of one slice that differ in one endpoint.
@@ -128,7 +161,11 @@ fn endpoint_change(c: &mut Criterion, bed: &Bed, services: usize) {
             let mut skipped = Vec::new();
             let fes = translate::translate_service(&svcs[target], &[slice], &mut skipped);
             let out = r.sync_services(vec![(key.clone(), fes)]).expect("sync");
-            assert!(out.writes >= 3 && out.writes <= ENDPOINTS + 2, "writes: {}", out.writes);
+            assert!(
+                out.writes >= 3 && out.writes <= ENDPOINTS + 2,
+                "writes: {}",
+                out.writes
+            );
         })
     });
     group.finish();

@@ -47,8 +47,16 @@ impl Syncer {
         let maps = KernelMaps::open(bpf_root).context("opening the pinned maps")?;
         let reconciler = Reconciler::new(maps).context("reading the pinned maps")?;
         let s = reconciler.snapshot();
-        tracing::info!(frontends = s.frontends.len(), backends = s.backends.len(), "restored state from pinned maps");
-        Ok(Syncer { reconciler, metrics, health })
+        tracing::info!(
+            frontends = s.frontends.len(),
+            backends = s.backends.len(),
+            "restored state from pinned maps"
+        );
+        Ok(Syncer {
+            reconciler,
+            metrics,
+            health,
+        })
     }
 
     /// Syncs the maps to `desired`; `complete` says the source delivered
@@ -64,7 +72,9 @@ impl Syncer {
                 for refusal in &outcome.refused {
                     tracing::error!("{refusal}");
                     let reason = match refusal.reason {
-                        RefusalReason::Capacity { .. } | RefusalReason::IdsExhausted => SyncErrorReason::Capacity,
+                        RefusalReason::Capacity { .. } | RefusalReason::IdsExhausted => {
+                            SyncErrorReason::Capacity
+                        }
                         RefusalReason::FrontendConflict { .. } => SyncErrorReason::Source,
                     };
                     self.metrics.inc_sync_error(reason);
@@ -98,15 +108,24 @@ impl Syncer {
         self.metrics.set_services(r.service_count());
         self.metrics.set_frontends(r.snapshot().frontends.len());
         self.metrics.set_backends(r.snapshot().backends.len());
-        self.metrics.set_map(MapLabel::Services, r.service_entries(), cap.services);
-        self.metrics.set_map(MapLabel::Backends, r.snapshot().backends.len(), cap.backends);
+        self.metrics
+            .set_map(MapLabel::Services, r.service_entries(), cap.services);
+        self.metrics.set_map(
+            MapLabel::Backends,
+            r.snapshot().backends.len(),
+            cap.backends,
+        );
     }
 
     /// Refreshes the fill of the LRU maps (a key walk, so not on every sync).
     pub fn update_lru_gauges(&self) {
         let maps = self.reconciler.maps();
-        for (name, label) in [(MapName::Affinity, MapLabel::Affinity), (MapName::SockRevNat, MapLabel::SockRevNat)] {
-            self.metrics.set_map(label, maps.entry_count(name), maps.max_entries(name));
+        for (name, label) in [
+            (MapName::Affinity, MapLabel::Affinity),
+            (MapName::SockRevNat, MapLabel::SockRevNat),
+        ] {
+            self.metrics
+                .set_map(label, maps.entry_count(name), maps.max_entries(name));
         }
     }
 
@@ -144,11 +163,20 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     };
     let metrics_listener = http::bind(config.metrics_addr, "metrics").await?;
     let healthz_listener = http::bind(config.healthz_addr, "healthz").await?;
-    let metrics_server = tokio::spawn(http::serve_metrics(metrics_listener, metrics.clone(), stopped(stop_rx.clone())));
-    let healthz_server = tokio::spawn(http::serve_healthz(healthz_listener, health.clone(), stopped(stop_rx.clone())));
+    let metrics_server = tokio::spawn(http::serve_metrics(
+        metrics_listener,
+        metrics.clone(),
+        stopped(stop_rx.clone()),
+    ));
+    let healthz_server = tokio::spawn(http::serve_healthz(
+        healthz_listener,
+        health.clone(),
+        stopped(stop_rx.clone()),
+    ));
 
     let mut syncer = Syncer::new(&config.bpf_root, metrics.clone(), health.clone())?;
-    let mut watch = manifests::watch(&config.manifests, config.debounce).context("watching the manifests")?;
+    let mut watch =
+        manifests::watch(&config.manifests, config.debounce).context("watching the manifests")?;
     let mut lru_tick = tokio::time::interval(LRU_GAUGE_PERIOD);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
 

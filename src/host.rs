@@ -7,8 +7,12 @@ use std::path::PathBuf;
 /// `--cgroup`.
 pub fn cgroup2_mount() -> std::io::Result<PathBuf> {
     let info = std::fs::read_to_string("/proc/self/mountinfo")?;
-    parse_cgroup2_mount(&info)
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no cgroup2 file system is mounted"))
+    parse_cgroup2_mount(&info).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "no cgroup2 file system is mounted",
+        )
+    })
 }
 
 /// Returns the mount point of the first `cgroup2` mount in a mountinfo

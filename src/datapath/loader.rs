@@ -214,10 +214,34 @@ fn with_loaded<R>(
         .open(&mut storage)
         .context("opening the socket-LB BPF object")?;
     let maps = &mut open.maps;
-    set_map_size(&mut maps.kpr_svc_v1, bpf_root, MapName::Services, sizes, report)?;
-    set_map_size(&mut maps.kpr_backends_v1, bpf_root, MapName::Backends, sizes, report)?;
-    set_map_size(&mut maps.kpr_affinity_v1, bpf_root, MapName::Affinity, sizes, report)?;
-    set_map_size(&mut maps.kpr_sockrnat_v1, bpf_root, MapName::SockRevNat, sizes, report)?;
+    set_map_size(
+        &mut maps.kpr_svc_v1,
+        bpf_root,
+        MapName::Services,
+        sizes,
+        report,
+    )?;
+    set_map_size(
+        &mut maps.kpr_backends_v1,
+        bpf_root,
+        MapName::Backends,
+        sizes,
+        report,
+    )?;
+    set_map_size(
+        &mut maps.kpr_affinity_v1,
+        bpf_root,
+        MapName::Affinity,
+        sizes,
+        report,
+    )?;
+    set_map_size(
+        &mut maps.kpr_sockrnat_v1,
+        bpf_root,
+        MapName::SockRevNat,
+        sizes,
+        report,
+    )?;
     let skel: SockLbSkel = open.load().context(
         "loading the socket-LB BPF programs (a pinned map of an incompatible definition? run `kpr cleanup`)",
     )?;
@@ -235,15 +259,29 @@ pub fn create_maps(bpf_root: &Path, sizes: &MapSizes) -> Result<LoadReport> {
 /// Loads the socket-LB programs with their maps pinned under `bpf_root`
 /// and attaches them to `cgroup`, reusing pinned maps and links.
 pub fn load_and_attach(bpf_root: &Path, cgroup: &Path, sizes: &MapSizes) -> Result<LoadReport> {
-    let cgroup_dir = fs::File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+    let cgroup_dir =
+        fs::File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
     let want_cgroup = cgroup_id(cgroup)?;
     let mut report = LoadReport::default();
     with_loaded(bpf_root, sizes, &mut report, |skel, report| {
         fs::create_dir_all(links_dir(bpf_root)).context("creating links directory")?;
         for hook in &SOCK_HOOKS {
             let prog = program(skel, hook)?;
-            attach_hook(bpf_root, hook, prog, cgroup_dir.as_raw_fd(), want_cgroup, report)
-                .with_context(|| format!("attaching {} to cgroup {}", hook.attach_point, cgroup.display()))?;
+            attach_hook(
+                bpf_root,
+                hook,
+                prog,
+                cgroup_dir.as_raw_fd(),
+                want_cgroup,
+                report,
+            )
+            .with_context(|| {
+                format!(
+                    "attaching {} to cgroup {}",
+                    hook.attach_point,
+                    cgroup.display()
+                )
+            })?;
         }
         Ok(())
     })?;

@@ -31,14 +31,22 @@ pub struct AgentProcess {
 
 /// A free loopback TCP port (bound and released; good enough for tests).
 pub fn free_loopback_addr() -> Result<SocketAddr> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| TestbedError::io("binding 127.0.0.1:0", e))?;
-    l.local_addr().map_err(|e| TestbedError::io("local_addr", e))
+    let l =
+        TcpListener::bind("127.0.0.1:0").map_err(|e| TestbedError::io("binding 127.0.0.1:0", e))?;
+    l.local_addr()
+        .map_err(|e| TestbedError::io("local_addr", e))
 }
 
 impl AgentProcess {
     /// Starts `exe agent` with the given paths; `extra_args` are appended.
     /// The agent's stderr goes to `<bpf_root>.log`.
-    pub fn start(exe: &Path, manifests: &Path, cgroup: &Path, bpf_root: &Path, extra_args: &[&str]) -> Result<AgentProcess> {
+    pub fn start(
+        exe: &Path,
+        manifests: &Path,
+        cgroup: &Path,
+        bpf_root: &Path,
+        extra_args: &[&str],
+    ) -> Result<AgentProcess> {
         let mut agent = AgentProcess {
             child: None,
             exe: exe.to_path_buf(),
@@ -99,14 +107,20 @@ impl AgentProcess {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
                     self.child = None;
-                    return Err(TestbedError::Agent(format!("agent exited with {status}:\n{}", self.log())));
+                    return Err(TestbedError::Agent(format!(
+                        "agent exited with {status}:\n{}",
+                        self.log()
+                    )));
                 }
             }
             if let Ok((200, _)) = http_get(self.healthz_addr, "/healthz") {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                return Err(TestbedError::Agent(format!("agent not healthy within {timeout:?}:\n{}", self.log())));
+                return Err(TestbedError::Agent(format!(
+                    "agent not healthy within {timeout:?}:\n{}",
+                    self.log()
+                )));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -142,14 +156,18 @@ impl AgentProcess {
     }
 
     fn signal(&mut self, sig: nix::sys::signal::Signal) -> Result<()> {
-        let Some(mut child) = self.child.take() else { return Ok(()) };
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
         let _ = nix::sys::signal::kill(pid, sig);
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             match child.try_wait() {
                 Ok(Some(_)) => return Ok(()),
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
                 _ => {
                     let _ = child.kill();
                     let _ = child.wait();
@@ -180,8 +198,14 @@ impl Drop for AgentProcess {
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     let io = |e| TestbedError::io(format!("GET http://{addr}{path}"), e);
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(io)?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).map_err(io)?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n").map_err(io)?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(io)?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(io)?;
     let mut response = String::new();
     stream.read_to_string(&mut response).map_err(io)?;
     let status = response
@@ -189,6 +213,9 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| TestbedError::Agent(format!("bad HTTP response from {addr}{path}")))?;
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((status, body))
 }

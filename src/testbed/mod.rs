@@ -23,6 +23,7 @@
 #![warn(missing_docs)]
 
 pub mod agent;
+pub mod bed;
 pub mod cgroup;
 pub mod errno;
 pub mod error;
@@ -34,6 +35,7 @@ pub mod sweep;
 pub mod topology;
 
 pub use agent::AgentProcess;
+pub use bed::{BedPlan, SocketLbBed};
 pub use cgroup::{cgroup2_mount, TestCgroup};
 pub use error::{Result, TestbedError};
 pub use launch::run_probe;
