@@ -71,6 +71,17 @@ pub enum ProbeSpec {
         /// Connect timeout, in ms.
         timeout_ms: u64,
     },
+    /// `count` rounds of one TCP request to each of `targets` in turn, so
+    /// latencies of several paths are measured under the same conditions
+    /// (same process, same TIME_WAIT load, same host noise).
+    TcpInterleaved {
+        /// Where to connect, in round order.
+        targets: Vec<SocketAddr>,
+        /// How many rounds.
+        count: u32,
+        /// Timeout of each step, in ms.
+        timeout_ms: u64,
+    },
     /// Where the probe runs: its cgroup v2 path and network namespace;
     /// lets a launcher check that placement worked.
     Placement {},
@@ -90,6 +101,9 @@ pub enum ProbeResult {
     TcpPeerName(PeerNameReport),
     /// Result of [`ProbeSpec::TcpConnectError`].
     TcpConnectError(ConnectReport),
+    /// Result of [`ProbeSpec::TcpInterleaved`]: one report per target, keyed
+    /// by the target as written.
+    TcpInterleaved(BTreeMap<String, RequestsReport>),
     /// Result of [`ProbeSpec::Placement`].
     Placement(PlacementReport),
 }
@@ -161,7 +175,7 @@ pub struct PlacementReport {
 impl ProbeSpec {
     /// Checks the bounds: count <= [`MAX_COUNT`], 1 <= timeout_ms <= [`MAX_TIMEOUT_MS`].
     pub fn validate(&self) -> Result<()> {
-        let (count, timeout_ms) = match *self {
+        let (count, timeout_ms) = match self {
             ProbeSpec::TcpRequests {
                 count, timeout_ms, ..
             }
@@ -170,9 +184,12 @@ impl ProbeSpec {
             }
             | ProbeSpec::UdpConnected {
                 count, timeout_ms, ..
-            } => (count, timeout_ms),
+            }
+            | ProbeSpec::TcpInterleaved {
+                count, timeout_ms, ..
+            } => (*count, *timeout_ms),
             ProbeSpec::TcpPeerName { timeout_ms, .. }
-            | ProbeSpec::TcpConnectError { timeout_ms, .. } => (1, timeout_ms),
+            | ProbeSpec::TcpConnectError { timeout_ms, .. } => (1, *timeout_ms),
             ProbeSpec::Placement {} => return Ok(()),
         };
         if count > MAX_COUNT {
@@ -196,6 +213,7 @@ impl ProbeSpec {
             ProbeSpec::UdpConnected { .. } => "udp_connected",
             ProbeSpec::TcpPeerName { .. } => "tcp_peer_name",
             ProbeSpec::TcpConnectError { .. } => "tcp_connect_error",
+            ProbeSpec::TcpInterleaved { .. } => "tcp_interleaved",
             ProbeSpec::Placement {} => "placement",
         }
     }
@@ -204,7 +222,20 @@ impl ProbeSpec {
     /// validating it. Socket failures are results, not errors.
     pub fn run(&self) -> Result<ProbeResult> {
         self.validate()?;
+        if let ProbeSpec::TcpInterleaved {
+            targets,
+            count,
+            timeout_ms,
+        } = self
+        {
+            return Ok(ProbeResult::TcpInterleaved(tcp_interleaved(
+                targets,
+                *count,
+                ms(*timeout_ms),
+            )));
+        }
         Ok(match *self {
+            ProbeSpec::TcpInterleaved { .. } => unreachable!("handled above"),
             ProbeSpec::TcpRequests {
                 target,
                 count,
@@ -240,7 +271,16 @@ impl ProbeResult {
             ProbeResult::UdpConnected(_) => "udp_connected",
             ProbeResult::TcpPeerName(_) => "tcp_peer_name",
             ProbeResult::TcpConnectError(_) => "tcp_connect_error",
+            ProbeResult::TcpInterleaved(_) => "tcp_interleaved",
             ProbeResult::Placement(_) => "placement",
+        }
+    }
+
+    /// The per-target reports of an interleaved run, if this is one.
+    pub fn as_interleaved(&self) -> Option<&BTreeMap<String, RequestsReport>> {
+        match self {
+            ProbeResult::TcpInterleaved(r) => Some(r),
+            _ => None,
         }
     }
 
@@ -326,6 +366,28 @@ fn tcp_requests(target: SocketAddr, count: u32, timeout: Duration) -> RequestsRe
         }
     }
     report
+}
+
+fn tcp_interleaved(
+    targets: &[SocketAddr],
+    count: u32,
+    timeout: Duration,
+) -> BTreeMap<String, RequestsReport> {
+    let mut reports: BTreeMap<String, RequestsReport> = BTreeMap::new();
+    for _ in 0..count {
+        for target in targets {
+            let report = reports.entry(target.to_string()).or_default();
+            let start = Instant::now();
+            match tcp_request(*target, timeout) {
+                Ok((identity, _peer)) => {
+                    report.durations_us.push(micros(start.elapsed()));
+                    *report.identities.entry(identity).or_default() += 1;
+                }
+                Err(f) => *report.failures.entry(f).or_default() += 1,
+            }
+        }
+    }
+    reports
 }
 
 /// One request on a fresh connection; returns (identity, getpeername).

@@ -1,0 +1,139 @@
+//! Datapath latency: connect + request + close through a VIP (socket-LB
+//! translation) against the same requests sent straight to the backends,
+//! in one run on one bed, interleaved in rounds so host noise hits both.
+//! Prints p50/p90 side by side and the ratio (target: p50 ratio <= 1.02).
+//!
+//! Needs root; without it, it says so and measures nothing.
+//! `cargo bench --bench datapath` (KPR_BENCH_REQUESTS to change the count).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use kpr::testbed::{BedPlan, ProbeSpec, SocketLbBed};
+
+const MANIFEST: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: bench, namespace: bench}
+spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: bench-1, namespace: bench, labels: {kubernetes.io/service-name: bench}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- addresses: [10.244.0.11]
+- addresses: [10.244.0.12]
+- addresses: [10.244.0.13]
+"#;
+
+/// Mean of the middle half: finer than a percentile of whole microseconds,
+/// and as insensitive to outliers.
+fn interquartile_mean(sorted: &[u64]) -> f64 {
+    let mid = &sorted[sorted.len() / 4..sorted.len() * 3 / 4];
+    mid.iter().sum::<u64>() as f64 / mid.len() as f64
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Per-request durations (us) by target of `rounds` x one request to each
+/// of `targets` in turn (a target listed twice gets two requests a round).
+fn interleaved(bed: &SocketLbBed, targets: &[&str], rounds: u32) -> BTreeMap<String, Vec<u64>> {
+    let targets: Vec<SocketAddr> = targets.iter().map(|t| t.parse().unwrap()).collect();
+    let spec = ProbeSpec::TcpInterleaved {
+        targets,
+        count: rounds,
+        timeout_ms: 2000,
+    };
+    let r = bed.probe(&spec, true).expect("probe");
+    r.as_interleaved()
+        .expect("interleaved report")
+        .iter()
+        .map(|(t, r)| {
+            assert!(r.failures.is_empty(), "failures to {t}: {:?}", r.failures);
+            (t.clone(), r.durations_us.clone())
+        })
+        .collect()
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("!!! benches/datapath needs root (namespaces, cgroups, BPF): NOT MEASURED");
+        return;
+    }
+    let total: u32 = std::env::var("KPR_BENCH_REQUESTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6000);
+    // One CPU for client, servers and agent: no cross-CPU wake-ups, whose
+    // cost varies run to run and would make the distributions bimodal.
+    let mut one_cpu = nix::sched::CpuSet::new();
+    one_cpu.set(0).expect("cpu 0");
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one_cpu)
+        .expect("pinning to cpu 0");
+    let bed = SocketLbBed::start(
+        "bench",
+        Path::new(env!("CARGO_BIN_EXE_kpr")),
+        MANIFEST,
+        &BedPlan {
+            v6_backends: 0,
+            ..BedPlan::default()
+        },
+    )
+    .expect("bed");
+    // Each round: one request through the VIP, then one straight to each
+    // backend, so both paths see the same conditions; the VIP gets three
+    // requests per round to match the direct count.
+    let targets = [
+        "10.96.0.10:80",
+        "10.244.0.11:8080",
+        "10.96.0.10:80",
+        "10.244.0.12:8080",
+        "10.96.0.10:80",
+        "10.244.0.13:8080",
+    ];
+    interleaved(&bed, &targets, 50); // warm-up
+    let mut runs = interleaved(&bed, &targets, total / 3);
+    let mut via_vip = runs.remove("10.96.0.10:80").expect("VIP durations");
+    let mut direct: Vec<u64> = runs.into_values().flatten().collect();
+    via_vip.sort_unstable();
+    direct.sort_unstable();
+    let (v50, v90) = (percentile(&via_vip, 0.5), percentile(&via_vip, 0.9));
+    let (d50, d90) = (percentile(&direct, 0.5), percentile(&direct, 0.9));
+    println!("connect + request + close, {} requests each way (3 backends, one bed, interleaved per request)", via_vip.len());
+    let (dm, vm) = (interquartile_mean(&direct), interquartile_mean(&via_vip));
+    println!(
+        "{:<28}{:>10}{:>10}{:>12}",
+        "", "p50 us", "p90 us", "IQ-mean us"
+    );
+    println!(
+        "{:<28}{:>10}{:>10}{:>12.2}",
+        "direct to backends", d50, d90, dm
+    );
+    println!(
+        "{:<28}{:>10}{:>10}{:>12.2}",
+        "via VIP (kpr socket-LB)", v50, v90, vm
+    );
+    if std::env::var_os("KPR_BENCH_HISTOGRAM").is_some() {
+        for (name, d) in [("direct", &direct), ("vip", &via_vip)] {
+            let p: Vec<u64> = [0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9, 0.99]
+                .iter()
+                .map(|q| percentile(d, *q))
+                .collect();
+            println!("{name:<8} p10/25/40/50/60/75/90/99 {p:?}");
+        }
+    }
+    println!(
+        "ratio p50 {:.3}  p90 {:.3}  IQ-mean {:.3}  (target p50 <= 1.02)",
+        v50 as f64 / d50 as f64,
+        v90 as f64 / d90 as f64,
+        vm / dm
+    );
+}
