@@ -55,7 +55,7 @@ fn interleaved(bed: &SocketLbBed, targets: &[&str], rounds: u32) -> BTreeMap<Str
         .iter()
         .map(|(t, r)| {
             assert!(r.failures.is_empty(), "failures to {t}: {:?}", r.failures);
-            (t.clone(), r.durations_us.clone())
+            (t.clone(), r.durations_ns.clone())
         })
         .collect()
 }
@@ -105,10 +105,14 @@ fn main() {
     let mut direct: Vec<u64> = runs.into_values().flatten().collect();
     via_vip.sort_unstable();
     direct.sort_unstable();
-    let (v50, v90) = (percentile(&via_vip, 0.5), percentile(&via_vip, 0.9));
-    let (d50, d90) = (percentile(&direct, 0.5), percentile(&direct, 0.9));
+    let us = |ns: u64| ns as f64 / 1000.0;
+    let (v50, v90) = (us(percentile(&via_vip, 0.5)), us(percentile(&via_vip, 0.9)));
+    let (d50, d90) = (us(percentile(&direct, 0.5)), us(percentile(&direct, 0.9)));
     println!("connect + request + close, {} requests each way (3 backends, one bed, interleaved per request)", via_vip.len());
-    let (dm, vm) = (interquartile_mean(&direct), interquartile_mean(&via_vip));
+    let (dm, vm) = (
+        interquartile_mean(&direct) / 1000.0,
+        interquartile_mean(&via_vip) / 1000.0,
+    );
     println!(
         "{:<28}{:>10}{:>10}{:>12}",
         "", "p50 us", "p90 us", "IQ-mean us"
@@ -132,8 +136,8 @@ fn main() {
     }
     println!(
         "ratio p50 {:.3}  p90 {:.3}  IQ-mean {:.3}  (target p50 <= 1.02)",
-        v50 as f64 / d50 as f64,
-        v90 as f64 / d90 as f64,
+        v50 / d50,
+        v90 / d90,
         vm / dm
     );
 }

@@ -180,7 +180,7 @@ fn probe_reaches_servers_over_tcp_and_udp_on_v4_and_v6() {
         let r = r.as_requests().unwrap();
         assert_eq!(r.identities.get(server.identity()), Some(&u64::from(count)));
         assert!(r.failures.is_empty(), "{r:?}");
-        assert_eq!(r.durations_us.len(), count as usize);
+        assert_eq!(r.durations_ns.len(), count as usize);
         assert_eq!(server.hits(), u64::from(count));
     }
 

@@ -86,7 +86,7 @@ fn servers_answer_the_client_directly_on_v4_and_v6_and_drop_removes_everything()
         let r = r.as_requests().unwrap();
         assert_eq!(r.identities.get("10.244.0.11:8080"), Some(&5), "{r:?}");
         assert!(r.failures.is_empty(), "{r:?}");
-        assert_eq!(r.durations_us.len(), 5);
+        assert_eq!(r.durations_ns.len(), 5);
 
         let r = run_in(
             &topo,

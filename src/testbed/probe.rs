@@ -116,8 +116,8 @@ pub struct RequestsReport {
     /// `step:NAME` (e.g. `connect:ECONNREFUSED`, `read:TIMEOUT`) -> count.
     pub failures: BTreeMap<String, u64>,
     /// Duration of each successful request (connect + request + reply +
-    /// close), in microseconds, in order.
-    pub durations_us: Vec<u64>,
+    /// close), in nanoseconds, in order.
+    pub durations_ns: Vec<u64>,
 }
 
 /// Outcome of repeated UDP exchanges.
@@ -133,7 +133,7 @@ pub struct UdpReport {
     /// getpeername() after connect (connected mode only; else empty).
     pub peer_names: BTreeSet<String>,
     /// Duration of each answered exchange, in microseconds, in order.
-    pub durations_us: Vec<u64>,
+    pub durations_ns: Vec<u64>,
 }
 
 /// Outcome of one TCP connection's getpeername.
@@ -349,6 +349,10 @@ fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
 fn failure(step: &str, e: &std::io::Error) -> String {
     format!("{step}:{}", error_name(e))
 }
@@ -359,7 +363,7 @@ fn tcp_requests(target: SocketAddr, count: u32, timeout: Duration) -> RequestsRe
         let start = Instant::now();
         match tcp_request(target, timeout) {
             Ok((identity, _peer)) => {
-                report.durations_us.push(micros(start.elapsed()));
+                report.durations_ns.push(nanos(start.elapsed()));
                 *report.identities.entry(identity).or_default() += 1;
             }
             Err(f) => *report.failures.entry(f).or_default() += 1,
@@ -380,7 +384,7 @@ fn tcp_interleaved(
             let start = Instant::now();
             match tcp_request(*target, timeout) {
                 Ok((identity, _peer)) => {
-                    report.durations_us.push(micros(start.elapsed()));
+                    report.durations_ns.push(nanos(start.elapsed()));
                     *report.identities.entry(identity).or_default() += 1;
                 }
                 Err(f) => *report.failures.entry(f).or_default() += 1,
@@ -448,7 +452,7 @@ fn udp_socket(target: SocketAddr, timeout: Duration) -> std::io::Result<UdpSocke
 }
 
 fn record_reply(report: &mut UdpReport, buf: &[u8], from: SocketAddr, start: Instant) {
-    report.durations_us.push(micros(start.elapsed()));
+    report.durations_ns.push(nanos(start.elapsed()));
     let identity = String::from_utf8_lossy(buf).trim().to_string();
     *report.identities.entry(identity).or_default() += 1;
     report.reply_sources.insert(from.to_string());
@@ -627,7 +631,7 @@ mod tests {
         let mut requests = RequestsReport::default();
         requests.identities.insert("10.244.0.11:80".into(), 3);
         requests.failures.insert("connect:ECONNREFUSED".into(), 1);
-        requests.durations_us = vec![120, 95, 101];
+        requests.durations_ns = vec![120, 95, 101];
         let mut udp = UdpReport::default();
         udp.reply_sources.insert("10.96.0.10:53".into());
         udp.peer_names.insert("10.96.0.10:53".into());
