@@ -98,4 +98,8 @@ pub enum OutputFormat {
 pub struct CleanupArgs {
     #[command(flatten)]
     pub bpf_root: BpfRootArg,
+    /// Also detach kpr programs linked to this cgroup v2 directory whose
+    /// pins are gone [default: only what is pinned under --bpf-root].
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
 }

@@ -57,9 +57,13 @@ fn run(command: Command) -> Result<ExitCode> {
         }
         Command::Cleanup(args) => {
             let report = loader::cleanup(&args.bpf_root.bpf_root)?;
+            let unpinned = match &args.cgroup {
+                Some(cgroup) => loader::detach_from_cgroup(cgroup)?,
+                None => Vec::new(),
+            };
             println!(
                 "detached {} program links, removed {} pins{}",
-                report.detached.len(),
+                report.detached.len() + unpinned.len(),
                 report.removed_pins.len(),
                 if report.unmounted {
                     ", unmounted bpffs"

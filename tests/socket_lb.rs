@@ -562,3 +562,71 @@ fn a_service_that_overflows_the_maps_is_refused_and_the_earlier_ones_are_unaffec
     let spread = tcp_spread(&bed, "10.96.0.20:80", 10);
     assert_spread_over(&spread, &["10.244.0.14:8080"], 1.0);
 }
+
+const STICKY: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: sticky, namespace: t}
+spec:
+  clusterIP: 10.96.0.60
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 3600}}
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: brief, namespace: t}
+spec:
+  clusterIP: 10.96.0.61
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 1}}
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: sticky-1, namespace: t, labels: {kubernetes.io/service-name: sticky}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.244.0.11]}, {addresses: [10.244.0.12]}, {addresses: [10.244.0.13]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: brief-1, namespace: t, labels: {kubernetes.io/service-name: brief}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.244.0.11]}, {addresses: [10.244.0.12]}, {addresses: [10.244.0.13]}]
+"#;
+
+#[test]
+fn client_ip_affinity_holds_within_its_timeout_and_lapses_after_it() {
+    if !root() {
+        return;
+    }
+    let bed = bed(
+        "sticky",
+        STICKY,
+        BedPlan {
+            v4_backends: 3,
+            v6_backends: 0,
+            ..BedPlan::default()
+        },
+    );
+    // Within the timeout every connection of this client lands on one backend.
+    let spread = tcp_spread(&bed, "10.96.0.60:80", 100);
+    assert_eq!(spread.len(), 1, "affinity did not hold: {spread:?}");
+    let spread = tcp_spread(&bed, "10.96.0.60:80", 20);
+    assert_eq!(
+        spread.len(),
+        1,
+        "affinity did not hold across probes: {spread:?}"
+    );
+
+    // A 1 s timeout lapses between rounds 1.5 s apart: picks are random
+    // again, so 8 rounds all on one backend would happen with p = (1/3)^7.
+    let mut picks = BTreeSet::new();
+    for _ in 0..8 {
+        picks.extend(tcp_spread(&bed, "10.96.0.61:80", 1).into_keys());
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    assert!(picks.len() > 1, "affinity never lapsed: {picks:?}");
+}

@@ -450,6 +450,47 @@ pub fn cleanup(bpf_root: &Path) -> Result<CleanupReport> {
     Ok(report)
 }
 
+/// Detaches every kpr program (name `kpr_*`) linked to `cgroup`, pinned or
+/// not: the way out when pins were lost (a bpffs unmounted under a running
+/// node, a wiped bpf root). Returns the attach points detached.
+pub fn detach_from_cgroup(cgroup: &Path) -> Result<Vec<String>> {
+    use libbpf_rs::query::{LinkInfoIter, ProgInfoIter};
+    let cgroup_id = cgroup_id(cgroup)?;
+    let kpr_progs: std::collections::HashMap<u32, String> = ProgInfoIter::default()
+        .filter(|p| p.name.to_string_lossy().starts_with("kpr_"))
+        .map(|p| (p.id, p.name.to_string_lossy().into_owned()))
+        .collect();
+    let mut detached = Vec::new();
+    for link in LinkInfoIter::default() {
+        let LinkTypeInfo::Cgroup(info) = &link.info else {
+            continue;
+        };
+        let Some(name) = kpr_progs.get(&link.prog_id) else {
+            continue;
+        };
+        if info.cgroup_id != cgroup_id {
+            continue;
+        }
+        // SAFETY: plain syscall wrappers; the fd is closed right after use.
+        let fd = unsafe { libbpf_sys::bpf_link_get_fd_by_id(link.id) };
+        if fd < 0 {
+            continue; // gone meanwhile
+        }
+        let ret = unsafe { libbpf_sys::bpf_link_detach(fd) };
+        unsafe { libc::close(fd) };
+        if ret != 0 {
+            bail!(
+                "detaching link {} ({name}) from {}: {}",
+                link.id,
+                cgroup.display(),
+                io::Error::last_os_error()
+            );
+        }
+        detached.push(name.clone());
+    }
+    Ok(detached)
+}
+
 fn remove_pin(path: &Path, report: &mut CleanupReport) -> Result<()> {
     fs::remove_file(path).with_context(|| format!("removing pin {}", path.display()))?;
     report.removed_pins.push(path.to_path_buf());

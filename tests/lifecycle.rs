@@ -1,0 +1,151 @@
+//! Datapath lifecycle: `kpr cleanup` removes every attachment and pin, and
+//! maps of an older layout version are dropped when a new agent takes over.
+//! Needs root; without it every test says so and skips.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+
+use kpr::testbed::bed::UNTRANSLATED;
+use kpr::testbed::{BedPlan, ProbeSpec, SocketLbBed};
+
+const KPR: &str = env!("CARGO_BIN_EXE_kpr");
+
+const MANIFEST: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: t}
+spec: {clusterIP: 10.96.0.10, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: t, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.244.0.11]}]
+"#;
+
+fn root() -> bool {
+    let root = nix::unistd::Uid::effective().is_root();
+    if !root {
+        eprintln!("!!! SKIPPED: lifecycle tests need root (namespaces, cgroups, BPF)");
+    }
+    root
+}
+
+fn bed(prefix: &str) -> SocketLbBed {
+    let plan = BedPlan {
+        v4_backends: 1,
+        v6_backends: 0,
+        untranslated_vips: vec!["10.96.0.10:80".parse().unwrap()],
+        ..BedPlan::default()
+    };
+    SocketLbBed::start(prefix, Path::new(KPR), MANIFEST, &plan).unwrap()
+}
+
+/// Who answers a TCP request to the VIP from inside the cgroup.
+fn vip_answer(bed: &SocketLbBed) -> String {
+    let target: SocketAddr = "10.96.0.10:80".parse().unwrap();
+    let r = bed
+        .probe(
+            &ProbeSpec::TcpRequests {
+                target,
+                count: 1,
+                timeout_ms: 2000,
+            },
+            true,
+        )
+        .unwrap();
+    let r = r.as_requests().unwrap();
+    assert!(r.failures.is_empty(), "{:?}", r.failures);
+    r.identities.keys().next().unwrap().clone()
+}
+
+fn kpr(args: &[&str]) -> String {
+    let out = Command::new(KPR).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "kpr {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn cleanup_detaches_every_program_and_removes_every_pin() {
+    if !root() {
+        return;
+    }
+    let mut bed = bed("clean");
+    assert_eq!(vip_answer(&bed), "10.244.0.11:8080");
+    bed.agent.stop().unwrap();
+    assert_eq!(
+        vip_answer(&bed),
+        "10.244.0.11:8080",
+        "a stopped agent leaves the datapath in place"
+    );
+
+    let root = bed.agent.bpf_root.to_str().unwrap().to_string();
+    let out = kpr(&["cleanup", "--bpf-root", &root]);
+    assert!(out.contains("detached 8 program links"), "{out}");
+    assert!(!Path::new(&root).exists(), "bpf root {root} still exists");
+    assert!(kpr::datapath::loader::attached_hooks(Path::new(&root)).is_empty());
+    assert_eq!(
+        vip_answer(&bed),
+        UNTRANSLATED,
+        "translation goes on after cleanup"
+    );
+    // Idempotent.
+    assert!(kpr(&["cleanup", "--bpf-root", &root]).contains("detached 0 program links"));
+}
+
+#[test]
+fn cleanup_with_a_cgroup_detaches_kpr_programs_pinned_elsewhere() {
+    if !root() {
+        return;
+    }
+    let bed = bed("cgclean");
+    let elsewhere = tempfile::tempdir().unwrap();
+    let other_root = elsewhere.path().join("bpf");
+    let out = kpr(&[
+        "cleanup",
+        "--bpf-root",
+        other_root.to_str().unwrap(),
+        "--cgroup",
+        bed.cgroup.path().to_str().unwrap(),
+    ]);
+    assert!(out.contains("detached 8 program links"), "{out}");
+    assert_eq!(vip_answer(&bed), UNTRANSLATED);
+}
+
+#[test]
+fn maps_of_an_older_layout_version_are_removed_when_a_new_agent_takes_over() {
+    if !root() {
+        return;
+    }
+    use libbpf_rs::{MapHandle, MapType};
+    let mut bed = bed("layout");
+    bed.agent.stop().unwrap();
+    // What an older kpr would have left: a services map of layout v0.
+    let old = bed.agent.bpf_root.join("kpr_svc_v0");
+    let opts = libbpf_sys::bpf_map_create_opts {
+        sz: std::mem::size_of::<libbpf_sys::bpf_map_create_opts>() as _,
+        ..Default::default()
+    };
+    let mut map = MapHandle::create(MapType::Hash, Some("kpr_svc_v0"), 16, 16, 16, &opts).unwrap();
+    map.pin(&old).unwrap();
+    drop(map);
+    bed.agent.restart().unwrap();
+    bed.agent
+        .wait_healthy(std::time::Duration::from_secs(30))
+        .unwrap();
+    assert!(!old.exists(), "the v0 map is still pinned");
+    assert!(
+        bed.agent
+            .log()
+            .contains("removed map of an older layout version"),
+        "{}",
+        bed.agent.log()
+    );
+    assert_eq!(vip_answer(&bed), "10.244.0.11:8080");
+}
