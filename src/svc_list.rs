@@ -115,7 +115,7 @@ pub fn format_table(rows: &[ServiceRow]) -> String {
             lines.push([String::new(), String::new(), String::new(), more]);
         }
     }
-    let width = |col: usize| lines.iter().map(|l| l[col].len()).max().unwrap_or(0).max(5) + 3;
+    let width = |col: usize| (lines.iter().map(|l| l[col].len()).max().unwrap_or(0) + 3).max(5);
     let widths = [width(0), width(1), width(2)];
     let mut out = String::new();
     for l in &lines {

@@ -39,6 +39,14 @@ impl FakeMaps {
         }
     }
 
+    /// The maps' content (the `LbMaps::snapshot` of a fake never fails).
+    pub fn snapshot_for_tests(&self) -> Snapshot {
+        Snapshot::from_entries(
+            self.services.iter().map(|((fe, slot), v)| (*fe, *slot, *v)),
+            self.backends.clone(),
+        )
+    }
+
     fn write(&mut self, map: MapName, op: &'static str) -> Result<(), MapError> {
         if let Some(left) = self.fail_after_writes.as_mut() {
             if *left == 0 {
@@ -87,10 +95,7 @@ impl LbMaps for FakeMaps {
     }
 
     fn snapshot(&self) -> Result<Snapshot, MapError> {
-        Ok(Snapshot::from_entries(
-            self.services.iter().map(|((fe, slot), v)| (*fe, *slot, *v)),
-            self.backends.clone(),
-        ))
+        Ok(self.snapshot_for_tests())
     }
 
     fn put_backends(&mut self, entries: &[(BackendId, BackendEntry)]) -> Result<(), MapError> {

@@ -1,0 +1,64 @@
+//! Golden tests of the control plane without a kernel: manifests on disk ->
+//! translation -> reconciler on fake maps -> `kpr svc list` output, compared
+//! with tests/golden/<case>.txt. `KPR_UPDATE_GOLDEN=1 cargo test --test golden`
+//! rewrites the expected files (review the diff before committing).
+
+use std::path::{Path, PathBuf};
+
+use kpr::datapath::fake::FakeMaps;
+use kpr::reconcile::Reconciler;
+use kpr::source::manifests;
+use kpr::{svc_list, translate};
+
+fn render(manifest: &Path) -> String {
+    let set = manifests::load(&[manifest.to_path_buf()]);
+    assert!(
+        set.skipped.is_empty(),
+        "{}: {:?}",
+        manifest.display(),
+        set.skipped
+    );
+    let t = translate::translate(&set.services, &set.slices);
+    let mut r = Reconciler::new(FakeMaps::new()).unwrap();
+    let out = r.sync_full(&t.desired, true).unwrap();
+    assert!(out.refused.is_empty());
+    assert!(r.maps().violations.is_empty(), "{:?}", r.maps().violations);
+    let mut text = svc_list::format_table(&svc_list::rows(&r.maps().snapshot_for_tests()));
+    for s in &t.skipped {
+        text.push_str(&format!(
+            "# skipped {}: {} ({})\n",
+            s.object, s.reason, s.detail
+        ));
+    }
+    text
+}
+
+#[test]
+fn svc_list_matches_the_golden_files() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    cases.sort();
+    assert!(!cases.is_empty());
+    let mut failures = Vec::new();
+    for case in cases {
+        let got = render(&case);
+        let golden = case.with_extension("txt");
+        if std::env::var_os("KPR_UPDATE_GOLDEN").is_some() {
+            std::fs::write(&golden, &got).unwrap();
+            continue;
+        }
+        let want = std::fs::read_to_string(&golden)
+            .unwrap_or_else(|e| panic!("{}: {e}", golden.display()));
+        if got != want {
+            failures.push(format!(
+                "{}:\n--- want\n{want}--- got\n{got}",
+                case.display()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
