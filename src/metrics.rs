@@ -102,6 +102,40 @@ label_enum! {
     }
 }
 
+label_enum! {
+    /// A Local traffic policy, as kube-proxy's `traffic_policy` label.
+    pub enum TrafficPolicy {
+        /// internalTrafficPolicy: Local.
+        Internal => "internal",
+        /// externalTrafficPolicy: Local.
+        External => "external",
+    }
+}
+
+label_enum! {
+    /// A watched kind, as the `kind` label of the watch metrics.
+    pub enum WatchKind {
+        /// v1 Services.
+        Service => "service",
+        /// discovery.k8s.io/v1 EndpointSlices.
+        EndpointSlice => "endpointslice",
+        /// The agent's own v1 Node.
+        Node => "node",
+    }
+}
+
+/// Buckets of `kubeproxy_network_programming_duration_seconds`: kube-proxy's
+/// (0.25 s .. 300 s) preceded by finer ones, since kpr programs in
+/// milliseconds and kube-proxy's first bucket would hold every sample.
+fn network_programming_buckets() -> Vec<f64> {
+    let mut b = vec![0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1];
+    b.extend([0.25, 0.5]);
+    b.extend((1..=59).map(f64::from));
+    b.extend((0..12).map(|i| 60.0 + 5.0 * f64::from(i)));
+    b.extend((0..7).map(|i| 120.0 + 30.0 * f64::from(i)));
+    b
+}
+
 impl EncodeLabelValue for SkipReason {
     fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
         EncodeLabelValue::encode(&self.as_label(), encoder)
@@ -126,6 +160,16 @@ struct SkipLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SyncResultLabels {
     result: SyncResult,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TrafficPolicyLabels {
+    traffic_policy: TrafficPolicy,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WatchKindLabels {
+    kind: WatchKind,
 }
 
 /// The agent's metrics. Cheap to update from any thread; share it as
@@ -155,6 +199,12 @@ pub struct Metrics {
     sync_errors: Family<SyncErrorLabels, Counter>,
     skipped: Family<SkipLabels, Counter>,
     syncs: Family<SyncResultLabels, Counter>,
+    network_programming: Histogram,
+    endpoint_changes: Counter,
+    service_changes: Counter,
+    no_local_endpoints: Family<TrafficPolicyLabels, Gauge>,
+    watch_errors: Family<WatchKindLabels, Counter>,
+    relists: Family<WatchKindLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -185,7 +235,24 @@ impl Metrics {
             sync_errors: Family::default(),
             skipped: Family::default(),
             syncs: Family::default(),
+            network_programming: Histogram::new(network_programming_buckets()),
+            endpoint_changes: Counter::default(),
+            service_changes: Counter::default(),
+            no_local_endpoints: Family::default(),
+            watch_errors: Family::default(),
+            relists: Family::default(),
         };
+        for &traffic_policy in TrafficPolicy::ALL {
+            let _ = metrics
+                .no_local_endpoints
+                .get_or_create(&TrafficPolicyLabels { traffic_policy });
+        }
+        for &kind in WatchKind::ALL {
+            let _ = metrics
+                .watch_errors
+                .get_or_create(&WatchKindLabels { kind });
+            let _ = metrics.relists.get_or_create(&WatchKindLabels { kind });
+        }
         // `get_or_create` creates the series; the returned guard is not needed.
         for &map in MapLabel::ALL {
             let _ = metrics.map_entries.get_or_create(&MapLabels { map });
@@ -261,7 +328,67 @@ impl Metrics {
             "Syncs of the maps, by result",
             self.syncs.clone(),
         );
+        r.register_with_unit(
+            "kubeproxy_network_programming_duration",
+            "In Cluster Network Programming Latency in seconds: from the EndpointSlice change to the map update",
+            Unit::Seconds,
+            self.network_programming.clone(),
+        );
+        r.register(
+            "kubeproxy_sync_proxy_rules_endpoint_changes",
+            "Cumulative EndpointSlice changes",
+            self.endpoint_changes.clone(),
+        );
+        r.register(
+            "kubeproxy_sync_proxy_rules_service_changes",
+            "Cumulative Service changes",
+            self.service_changes.clone(),
+        );
+        // A gauge with kube-proxy's (counter-like) name, as kube-proxy has it.
+        r.register(
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+            "Number of services with a Local traffic policy and no endpoints",
+            self.no_local_endpoints.clone(),
+        );
+        r.register(
+            "kpr_watch_errors",
+            "Kubernetes watch failures (the watcher retries with backoff), by kind",
+            self.watch_errors.clone(),
+        );
+        r.register(
+            "kpr_relists",
+            "Relists after the initial list (watch expired or restarted), by kind",
+            self.relists.clone(),
+        );
         self
+    }
+
+    /// Records a network programming latency (`kubeproxy_network_programming_duration_seconds`).
+    pub fn observe_network_programming(&self, seconds: f64) {
+        self.network_programming.observe(seconds);
+    }
+
+    /// Counts Service and EndpointSlice changes handled by a sync.
+    pub fn add_changes(&self, services: u64, endpoints: u64) {
+        self.service_changes.inc_by(services);
+        self.endpoint_changes.inc_by(endpoints);
+    }
+
+    /// Sets the number of Services with a Local policy and no local endpoint.
+    pub fn set_no_local_endpoints(&self, traffic_policy: TrafficPolicy, services: usize) {
+        self.no_local_endpoints
+            .get_or_create(&TrafficPolicyLabels { traffic_policy })
+            .set(gauge_value(services));
+    }
+
+    pub fn inc_watch_error(&self, kind: WatchKind) {
+        self.watch_errors
+            .get_or_create(&WatchKindLabels { kind })
+            .inc();
+    }
+
+    pub fn inc_relist(&self, kind: WatchKind) {
+        self.relists.get_or_create(&WatchKindLabels { kind }).inc();
     }
 
     /// Records how long one sync took (`kubeproxy_sync_proxy_rules_duration_seconds`).
@@ -426,6 +553,12 @@ mod tests {
             "kpr_sync_errors counter",
             "kpr_skipped_objects counter",
             "kpr_syncs counter",
+            "kubeproxy_network_programming_duration_seconds histogram",
+            "kubeproxy_sync_proxy_rules_endpoint_changes counter",
+            "kubeproxy_sync_proxy_rules_service_changes counter",
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total gauge",
+            "kpr_watch_errors counter",
+            "kpr_relists counter",
         ]
         .into_iter()
         .collect();

@@ -3,4 +3,6 @@
 //! sources that produce them, so the reconciler does not care whether they
 //! came from an API server or from files.
 
+pub mod kube;
 pub mod manifests;
+pub mod store;

@@ -1,0 +1,353 @@
+//! The objects the Kubernetes watchers last reported, and which Services
+//! changed since the last sync. Pure bookkeeping, no I/O: the watch loop
+//! feeds it events, the agent takes the changes and translates only those.
+//!
+//! A relist (the watcher's Init .. InitDone) replaces a kind's objects as a
+//! whole and marks every key that was or is present as changed, so objects
+//! deleted while the watch was down are removed (Cilium #48050's bug).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::jiff::Timestamp;
+use serde::Serialize;
+
+use crate::translate::{object_key, slice_service_key};
+
+/// Annotation the EndpointSlice controller sets to when the change that led
+/// to this slice version happened (kube-proxy's network programming latency).
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// The kinds the agent watches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+    Node,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::Service, Kind::EndpointSlice, Kind::Node];
+}
+
+/// What changed since the last sync.
+#[derive(Debug, Default, PartialEq)]
+pub struct Changes {
+    /// Every Service must be re-translated (node change, relist, resync).
+    pub all: bool,
+    /// Services to re-translate (`namespace/name`).
+    pub services: BTreeSet<String>,
+    /// EndpointSlice trigger times of the changes, per Service.
+    pub trigger_times: Vec<Timestamp>,
+    /// EndpointSlice events in these changes.
+    pub endpoint_changes: u64,
+    /// Service events in these changes.
+    pub service_changes: u64,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        !self.all && self.services.is_empty()
+    }
+}
+
+#[derive(Default)]
+pub struct ObjectStore {
+    services: BTreeMap<String, Service>,
+    slices: BTreeMap<String, EndpointSlice>,
+    slices_by_service: BTreeMap<String, BTreeSet<String>>,
+    node: Option<Node>,
+    /// Objects of a relist in progress, per kind.
+    relist: BTreeMap<Kind, Vec<Relisted>>,
+    listed: BTreeSet<Kind>,
+    pending: Changes,
+}
+
+enum Relisted {
+    Service(Box<Service>),
+    Slice(Box<EndpointSlice>),
+    Node(Box<Node>),
+}
+
+impl ObjectStore {
+    pub fn new() -> ObjectStore {
+        ObjectStore::default()
+    }
+
+    /// Every watcher has delivered its initial list: only now may stale
+    /// entries be pruned.
+    pub fn initial_lists_complete(&self) -> bool {
+        Kind::ALL.iter().all(|k| self.listed.contains(k))
+    }
+
+    pub fn is_listed(&self, kind: Kind) -> bool {
+        self.listed.contains(&kind)
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = &Service> {
+        self.services.values()
+    }
+
+    pub fn service(&self, key: &str) -> Option<&Service> {
+        self.services.get(key)
+    }
+
+    pub fn slices(&self) -> impl Iterator<Item = &EndpointSlice> {
+        self.slices.values()
+    }
+
+    /// The EndpointSlices of a Service.
+    pub fn slices_of(&self, service_key: &str) -> Vec<&EndpointSlice> {
+        self.slices_by_service
+            .get(service_key)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.slices.get(k))
+            .collect()
+    }
+
+    pub fn node(&self) -> Option<&Node> {
+        self.node.as_ref()
+    }
+
+    pub fn counts(&self) -> (usize, usize) {
+        (self.services.len(), self.slices.len())
+    }
+
+    pub fn apply_service(&mut self, svc: Service) {
+        let key = object_key(&svc.metadata);
+        self.pending.services.insert(key.clone());
+        self.pending.service_changes += 1;
+        self.services.insert(key, svc);
+    }
+
+    pub fn delete_service(&mut self, svc: &Service) {
+        let key = object_key(&svc.metadata);
+        self.pending.services.insert(key.clone());
+        self.pending.service_changes += 1;
+        self.services.remove(&key);
+    }
+
+    pub fn apply_slice(&mut self, slice: EndpointSlice) {
+        let key = object_key(&slice.metadata);
+        if let Some(old) = self.slices.remove(&key) {
+            self.unindex_slice(&key, &old);
+        }
+        self.note_slice_change(&slice);
+        if let Some(svc) = slice_service_key(&slice) {
+            self.slices_by_service
+                .entry(svc)
+                .or_default()
+                .insert(key.clone());
+        }
+        self.slices.insert(key, slice);
+    }
+
+    pub fn delete_slice(&mut self, slice: &EndpointSlice) {
+        let key = object_key(&slice.metadata);
+        if let Some(old) = self.slices.remove(&key) {
+            self.unindex_slice(&key, &old);
+        }
+        self.note_slice_change(slice);
+    }
+
+    fn unindex_slice(&mut self, key: &str, old: &EndpointSlice) {
+        if let Some(svc) = slice_service_key(old) {
+            self.pending.services.insert(svc.clone());
+            if let Some(set) = self.slices_by_service.get_mut(&svc) {
+                set.remove(key);
+                if set.is_empty() {
+                    self.slices_by_service.remove(&svc);
+                }
+            }
+        }
+    }
+
+    fn note_slice_change(&mut self, slice: &EndpointSlice) {
+        self.pending.endpoint_changes += 1;
+        if let Some(svc) = slice_service_key(slice) {
+            self.pending.services.insert(svc);
+        }
+        let trigger = slice
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION));
+        if let Some(t) = trigger.and_then(|t| t.parse::<Timestamp>().ok()) {
+            self.pending.trigger_times.push(t);
+        }
+    }
+
+    /// The agent's own Node changed (addresses, zone): every Service may change.
+    pub fn set_node(&mut self, node: Option<Node>) {
+        if self.node != node {
+            self.node = node;
+            self.pending.all = true;
+        }
+    }
+
+    /// A watcher (re)starts listing `kind`.
+    pub fn begin_relist(&mut self, kind: Kind) {
+        self.relist.insert(kind, Vec::new());
+    }
+
+    pub fn relist_service(&mut self, svc: Service) {
+        self.relist
+            .entry(Kind::Service)
+            .or_default()
+            .push(Relisted::Service(Box::new(svc)));
+    }
+
+    pub fn relist_slice(&mut self, slice: EndpointSlice) {
+        self.relist
+            .entry(Kind::EndpointSlice)
+            .or_default()
+            .push(Relisted::Slice(Box::new(slice)));
+    }
+
+    pub fn relist_node(&mut self, node: Node) {
+        self.relist
+            .entry(Kind::Node)
+            .or_default()
+            .push(Relisted::Node(Box::new(node)));
+    }
+
+    /// The relist of `kind` is complete: its objects replace the old ones.
+    pub fn end_relist(&mut self, kind: Kind) {
+        let items = self.relist.remove(&kind).unwrap_or_default();
+        match kind {
+            Kind::Service => {
+                self.pending.services.extend(self.services.keys().cloned());
+                self.services.clear();
+                for item in items {
+                    if let Relisted::Service(svc) = item {
+                        self.apply_service(*svc);
+                    }
+                }
+            }
+            Kind::EndpointSlice => {
+                let old: Vec<EndpointSlice> = self.slices.values().cloned().collect();
+                for slice in &old {
+                    self.delete_slice(slice);
+                }
+                for item in items {
+                    if let Relisted::Slice(slice) = item {
+                        self.apply_slice(*slice);
+                    }
+                }
+            }
+            Kind::Node => {
+                let node = items.into_iter().find_map(|i| match i {
+                    Relisted::Node(n) => Some(*n),
+                    _ => None,
+                });
+                self.set_node(node);
+            }
+        }
+        if self.listed.contains(&kind) {
+            // A relist after the first: re-check everything against it.
+            self.pending.all = true;
+        }
+        self.listed.insert(kind);
+    }
+
+    /// Takes what changed since the last call.
+    pub fn take_changes(&mut self) -> Changes {
+        std::mem::take(&mut self.pending)
+    }
+
+    pub fn has_changes(&self) -> bool {
+        !self.pending.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(name: &str) -> Service {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "ns"},
+            "spec": {"clusterIP": "10.96.0.1", "ports": [{"port": 80}]}
+        }))
+        .unwrap()
+    }
+
+    fn slice(name: &str, svc: &str) -> EndpointSlice {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "ns", "labels": {"kubernetes.io/service-name": svc},
+                         "annotations": {TRIGGER_TIME_ANNOTATION: "2026-01-01T00:00:00Z"}},
+            "addressType": "IPv4", "endpoints": [{"addresses": ["10.244.0.1"]}]
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn pruning_waits_for_every_initial_list() {
+        let mut s = ObjectStore::new();
+        for kind in [Kind::Service, Kind::EndpointSlice] {
+            s.begin_relist(kind);
+            s.end_relist(kind);
+        }
+        assert!(!s.initial_lists_complete());
+        s.begin_relist(Kind::Node);
+        s.end_relist(Kind::Node);
+        assert!(s.initial_lists_complete());
+    }
+
+    #[test]
+    fn slice_changes_mark_their_service_and_carry_trigger_times() {
+        let mut s = ObjectStore::new();
+        s.apply_service(svc("a"));
+        s.take_changes();
+        s.apply_slice(slice("a-1", "a"));
+        let c = s.take_changes();
+        assert_eq!(c.services, BTreeSet::from(["ns/a".to_string()]));
+        assert_eq!(c.trigger_times.len(), 1);
+        assert_eq!(c.endpoint_changes, 1);
+        assert_eq!(s.slices_of("ns/a").len(), 1);
+        s.delete_slice(&slice("a-1", "a"));
+        assert!(s.slices_of("ns/a").is_empty());
+        assert!(s.take_changes().services.contains("ns/a"));
+    }
+
+    #[test]
+    fn a_slice_moving_to_another_service_marks_both() {
+        let mut s = ObjectStore::new();
+        s.apply_slice(slice("x", "a"));
+        s.take_changes();
+        s.apply_slice(slice("x", "b"));
+        let c = s.take_changes();
+        assert_eq!(
+            c.services,
+            BTreeSet::from(["ns/a".to_string(), "ns/b".to_string()])
+        );
+        assert!(s.slices_of("ns/a").is_empty());
+    }
+
+    #[test]
+    fn a_relist_removes_what_was_deleted_while_disconnected() {
+        let mut s = ObjectStore::new();
+        s.begin_relist(Kind::Service);
+        s.relist_service(svc("a"));
+        s.relist_service(svc("b"));
+        s.end_relist(Kind::Service);
+        s.begin_relist(Kind::EndpointSlice);
+        s.relist_slice(slice("b-1", "b"));
+        s.end_relist(Kind::EndpointSlice);
+        s.take_changes();
+        // Watch lost; b and its slice deleted meanwhile; relist.
+        s.begin_relist(Kind::Service);
+        s.relist_service(svc("a"));
+        s.end_relist(Kind::Service);
+        s.begin_relist(Kind::EndpointSlice);
+        s.end_relist(Kind::EndpointSlice);
+        let c = s.take_changes();
+        assert!(c.all);
+        assert!(c.services.contains("ns/b"));
+        assert!(s.service("ns/b").is_none());
+        assert!(s.slices_of("ns/b").is_empty());
+        assert_eq!(s.counts(), (1, 0));
+    }
+}
