@@ -17,15 +17,41 @@ use crate::datapath::kernel::KernelMaps;
 use crate::datapath::loader::{self, MapSizes};
 use crate::datapath::maps::MapName;
 use crate::http::{self, Health};
+use crate::metrics::WatchKind;
 use crate::metrics::{MapLabel, Metrics, SyncErrorReason};
+use crate::reconcile::ServiceFrontends;
 use crate::reconcile::{DesiredByService, Reconciler, RefusalReason};
+use crate::source::kube::{self as kube_source, ApiConfig, WatchEvent};
 use crate::source::manifests;
+use crate::source::store::{Kind, ObjectStore};
 use crate::translate::{self, Skipped};
+
+/// Where Services and EndpointSlices come from.
+#[derive(Clone, Debug)]
+pub enum SourceConfig {
+    /// Standalone: manifest files and directories, watched.
+    Manifests(Vec<PathBuf>),
+    /// The Kubernetes API.
+    Kubernetes(KubeSourceConfig),
+}
+
+/// The Kubernetes source's settings.
+#[derive(Clone, Debug)]
+pub struct KubeSourceConfig {
+    pub api: ApiConfig,
+    /// This node's name: selects the Node object (node IPs, zone).
+    pub node_name: String,
+    /// Shortest time between two syncs: bursts of changes are coalesced
+    /// (kube-proxy's minSyncPeriod).
+    pub min_sync_period: Duration,
+    /// Period of full resyncs (kube-proxy's syncPeriod).
+    pub sync_period: Duration,
+}
 
 /// Everything `kpr agent` needs.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
-    pub manifests: Vec<PathBuf>,
+    pub source: SourceConfig,
     pub cgroup: PathBuf,
     pub bpf_root: PathBuf,
     pub metrics_addr: SocketAddr,
@@ -65,6 +91,21 @@ impl Syncer {
     pub fn sync_full(&mut self, desired: &DesiredByService, complete: bool) -> bool {
         let started = Instant::now();
         let result = self.reconciler.sync_full(desired, complete);
+        self.report(started, result)
+    }
+
+    /// Syncs the maps for the Services in `changes` only.
+    pub fn sync_services(&mut self, changes: Vec<(String, ServiceFrontends)>) -> bool {
+        let started = Instant::now();
+        let result = self.reconciler.sync_services(changes);
+        self.report(started, result)
+    }
+
+    fn report(
+        &mut self,
+        started: Instant,
+        result: Result<crate::reconcile::SyncOutcome, crate::reconcile::SyncError>,
+    ) -> bool {
         let elapsed = started.elapsed();
         self.metrics.observe_sync(elapsed);
         let ok = match result {
@@ -142,6 +183,19 @@ const RETRY_PERIOD: Duration = Duration::from_secs(2);
 /// How often the LRU map gauges are refreshed.
 const LRU_GAUGE_PERIOD: Duration = Duration::from_secs(10);
 
+/// Resolves when the agent is asked to stop (SIGINT or SIGTERM).
+async fn stop_requested() {
+    let mut sigterm = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = sigterm.recv() => {}
+    }
+}
+
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(config: AgentConfig) -> Result<()> {
     let report = loader::load_and_attach(&config.bpf_root, &config.cgroup, &config.map_sizes)
@@ -174,18 +228,37 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         stopped(stop_rx.clone()),
     ));
 
-    let mut syncer = Syncer::new(&config.bpf_root, metrics.clone(), health.clone())?;
-    let mut watch =
-        manifests::watch(&config.manifests, config.debounce).context("watching the manifests")?;
-    let mut lru_tick = tokio::time::interval(LRU_GAUGE_PERIOD);
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let syncer = Syncer::new(&config.bpf_root, metrics.clone(), health.clone())?;
+    let result = match &config.source {
+        SourceConfig::Manifests(paths) => {
+            run_manifests(syncer, paths, config.debounce, &metrics).await
+        }
+        SourceConfig::Kubernetes(kube) => run_kubernetes(syncer, kube, &metrics).await,
+    };
+    tracing::info!("stopping; programs stay attached and maps pinned");
+    let _ = stop_tx.send(true);
+    let _ = metrics_server.await;
+    let _ = healthz_server.await;
+    result
+}
 
+/// Standalone mode: the manifests on disk are the whole truth on every read.
+async fn run_manifests(
+    mut syncer: Syncer,
+    paths: &[PathBuf],
+    debounce: Duration,
+    metrics: &Metrics,
+) -> Result<()> {
+    let mut watch = manifests::watch(paths, debounce).context("watching the manifests")?;
+    let mut lru_tick = tokio::time::interval(LRU_GAUGE_PERIOD);
+    let stop = stop_requested();
+    tokio::pin!(stop);
     let mut reload = true;
     let mut retry_at: Option<tokio::time::Instant> = None;
     let mut desired = DesiredByService::new();
     loop {
         if reload {
-            let paths = config.manifests.clone();
+            let paths = paths.to_vec();
             let set = tokio::task::spawn_blocking(move || manifests::load(&paths)).await?;
             for doc in &set.skipped {
                 metrics.inc_skipped(doc.reason);
@@ -195,28 +268,164 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             desired = translation.desired;
         }
         if reload || retry_at.is_some_and(|at| at <= tokio::time::Instant::now()) {
-            // Manifests on disk are the whole truth on every read: prune.
             let ok = syncer.sync_full(&desired, true);
             retry_at = (!ok).then(|| tokio::time::Instant::now() + RETRY_PERIOD);
         }
         reload = false;
-        let retry = async {
-            match retry_at {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             _ = watch.changed() => reload = true,
-            _ = retry => {}
+            _ = sleep_until_opt(retry_at) => {}
             _ = lru_tick.tick() => syncer.update_lru_gauges(),
-            _ = tokio::signal::ctrl_c() => break,
-            _ = sigterm.recv() => break,
+            _ = &mut stop => return Ok(()),
         }
     }
-    tracing::info!("stopping; programs stay attached and maps pinned");
-    let _ = stop_tx.send(true);
-    let _ = metrics_server.await;
-    let _ = healthz_server.await;
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn watch_kind(kind: Kind) -> WatchKind {
+    match kind {
+        Kind::Service => WatchKind::Service,
+        Kind::EndpointSlice => WatchKind::EndpointSlice,
+        Kind::Node => WatchKind::Node,
+    }
+}
+
+/// Kubernetes mode: watchers feed the object store; changed Services are
+/// translated and synced at most once per `min_sync_period`; everything
+/// is re-synced every `sync_period`. Nothing is written before every
+/// watcher's initial list is complete, so a restart while the API is
+/// unreachable keeps the pinned state serving.
+async fn run_kubernetes(
+    mut syncer: Syncer,
+    config: &KubeSourceConfig,
+    metrics: &Metrics,
+) -> Result<()> {
+    let client = kube_source::client(&config.api).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+    let watchers = kube_source::spawn_watchers(client, &config.node_name, tx);
+    let mut store = ObjectStore::new();
+    let mut lru_tick = tokio::time::interval(LRU_GAUGE_PERIOD);
+    let mut resync = tokio::time::interval(config.sync_period);
+    resync.tick().await;
+    let stop = stop_requested();
+    tokio::pin!(stop);
+    let mut synced_once = false;
+    let mut last_sync: Option<tokio::time::Instant> = None;
+    let mut retry_at: Option<tokio::time::Instant> = None;
+    let mut force_full = false;
+
+    loop {
+        let due = if store.initial_lists_complete() && (store.has_changes() || force_full) {
+            let earliest =
+                last_sync.map_or_else(tokio::time::Instant::now, |t| t + config.min_sync_period);
+            Some(retry_at.map_or(earliest, |r| r.max(earliest)))
+        } else {
+            retry_at.filter(|_| synced_once)
+        };
+        tokio::select! {
+            event = rx.recv() => match event {
+                Some(event) => handle_watch_event(&mut store, event, metrics),
+                None => anyhow::bail!("the Kubernetes watchers stopped"),
+            },
+            _ = sleep_until_opt(due) => {
+                let changes = store.take_changes();
+                let full = !synced_once || changes.all || force_full || retry_at.is_some();
+                let ok = if full {
+                    let services: Vec<_> = store.services().cloned().collect();
+                    let slices: Vec<_> = store.slices().cloned().collect();
+                    let translation = translate::translate(&services, &slices);
+                    syncer.record_skipped(&translation.skipped);
+                    syncer.sync_full(&translation.desired, true)
+                } else {
+                    let mut skipped = Vec::new();
+                    let updates: Vec<(String, ServiceFrontends)> = changes
+                        .services
+                        .iter()
+                        .map(|key| {
+                            let frontends = match store.service(key) {
+                                Some(svc) => translate::translate_service(svc, &store.slices_of(key), &mut skipped),
+                                None => ServiceFrontends::new(),
+                            };
+                            (key.clone(), frontends)
+                        })
+                        .collect();
+                    syncer.record_skipped(&skipped);
+                    syncer.sync_services(updates)
+                };
+                metrics.add_changes(changes.service_changes, changes.endpoint_changes);
+                if ok {
+                    let now = k8s_openapi::jiff::Timestamp::now();
+                    for t in &changes.trigger_times {
+                        let latency = now.duration_since(*t).as_secs_f64();
+                        if latency >= 0.0 {
+                            metrics.observe_network_programming(latency);
+                        }
+                    }
+                }
+                synced_once = true;
+                force_full = false;
+                last_sync = Some(tokio::time::Instant::now());
+                retry_at = (!ok).then(|| tokio::time::Instant::now() + RETRY_PERIOD);
+            }
+            _ = resync.tick() => force_full = synced_once,
+            _ = lru_tick.tick() => syncer.update_lru_gauges(),
+            _ = &mut stop => break,
+        }
+    }
+    for w in watchers {
+        w.abort();
+    }
     Ok(())
+}
+
+fn handle_watch_event(store: &mut ObjectStore, event: WatchEvent, metrics: &Metrics) {
+    use kube::runtime::watcher::Event;
+    let relisted = |kind: Kind, store: &ObjectStore| {
+        if store.is_listed(kind) {
+            metrics.inc_relist(watch_kind(kind));
+            tracing::info!(?kind, "relisted");
+        }
+    };
+    match event {
+        WatchEvent::Service(e) => match e {
+            Event::Init => store.begin_relist(Kind::Service),
+            Event::InitApply(o) => store.relist_service(o),
+            Event::InitDone => {
+                relisted(Kind::Service, store);
+                store.end_relist(Kind::Service)
+            }
+            Event::Apply(o) => store.apply_service(o),
+            Event::Delete(o) => store.delete_service(&o),
+        },
+        WatchEvent::EndpointSlice(e) => match e {
+            Event::Init => store.begin_relist(Kind::EndpointSlice),
+            Event::InitApply(o) => store.relist_slice(o),
+            Event::InitDone => {
+                relisted(Kind::EndpointSlice, store);
+                store.end_relist(Kind::EndpointSlice)
+            }
+            Event::Apply(o) => store.apply_slice(o),
+            Event::Delete(o) => store.delete_slice(&o),
+        },
+        WatchEvent::Node(e) => match e {
+            Event::Init => store.begin_relist(Kind::Node),
+            Event::InitApply(o) => store.relist_node(o),
+            Event::InitDone => {
+                relisted(Kind::Node, store);
+                store.end_relist(Kind::Node)
+            }
+            Event::Apply(o) => store.set_node(Some(o)),
+            Event::Delete(_) => store.set_node(None),
+        },
+        WatchEvent::Failed(kind, error) => {
+            metrics.inc_watch_error(watch_kind(kind));
+            tracing::warn!(?kind, %error, "watch failed; retrying with backoff");
+        }
+    }
 }

@@ -51,10 +51,28 @@ pub struct BpfRootArg {
 
 #[derive(Debug, Args)]
 pub struct AgentArgs {
-    /// Service and EndpointSlice manifests: a YAML/JSON file or a directory of
-    /// them; repeatable. Edits are applied while the agent runs.
-    #[arg(long = "manifests", value_name = "PATH", required = true)]
+    /// Standalone mode: Service and EndpointSlice manifests, a YAML/JSON file
+    /// or a directory of them; repeatable. Edits are applied while the agent
+    /// runs. Without it the agent watches the Kubernetes API.
+    #[arg(long = "manifests", value_name = "PATH")]
     pub manifests: Vec<PathBuf>,
+    /// kubeconfig for the API server [default: $KUBECONFIG, else the in-cluster config].
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// API server URL, overriding the kubeconfig's, for nodes where nothing
+    /// serves the `kubernetes` ClusterIP yet (Cilium's k8sServiceHost).
+    #[arg(long, value_name = "URL")]
+    pub k8s_api_server: Option<String>,
+    /// This node's name [default: $NODE_NAME, else the hostname].
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// Shortest time between two syncs; changes within it are coalesced
+    /// (kube-proxy's --iptables-min-sync-period).
+    #[arg(long, default_value = "10ms", value_parser = humantime::parse_duration)]
+    pub min_sync_period: std::time::Duration,
+    /// Period of full resyncs of every Service (kube-proxy's --iptables-sync-period).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub sync_period: std::time::Duration,
     /// cgroup v2 directory whose processes get socket-level load balancing
     /// [default: the root of the host's cgroup2 mount].
     #[arg(long)]

@@ -7,11 +7,12 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Parser;
 
-use kpr::agent::{self, AgentConfig};
+use kpr::agent::{self, AgentConfig, KubeSourceConfig, SourceConfig};
 use kpr::cli::{AgentArgs, Cli, Command, OutputFormat, SvcCommand};
 use kpr::datapath::kernel::KernelMaps;
 use kpr::datapath::loader::{self, MapSizes};
 use kpr::datapath::LbMaps;
+use kpr::source::kube::ApiConfig;
 use kpr::{host, selftest, svc_list, testbed};
 
 fn main() -> ExitCode {
@@ -85,8 +86,28 @@ fn run_agent(args: AgentArgs) -> Result<()> {
             host::cgroup2_mount().context("finding the cgroup2 mount for the default --cgroup")?
         }
     };
+    let source = if args.manifests.is_empty() {
+        let node_name = match args.node_name.or_else(|| std::env::var("NODE_NAME").ok()) {
+            Some(n) => n,
+            None => nix::unistd::gethostname()
+                .context("no --node-name, no $NODE_NAME and no hostname")?
+                .to_string_lossy()
+                .into_owned(),
+        };
+        SourceConfig::Kubernetes(KubeSourceConfig {
+            api: ApiConfig {
+                kubeconfig: args.kubeconfig,
+                api_server: args.k8s_api_server,
+            },
+            node_name,
+            min_sync_period: args.min_sync_period,
+            sync_period: args.sync_period,
+        })
+    } else {
+        SourceConfig::Manifests(args.manifests)
+    };
     let config = AgentConfig {
-        manifests: args.manifests,
+        source,
         cgroup,
         bpf_root: args.bpf_root.bpf_root,
         metrics_addr: args.metrics_addr,
