@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use crate::datapath::kernel::KernelMaps;
 use crate::datapath::loader::{self, MapSizes};
 use crate::datapath::maps::MapName;
+use crate::features::{self, KprMode};
 use crate::http::{self, Health};
 use crate::metrics::WatchKind;
 use crate::metrics::{MapLabel, Metrics, SyncErrorReason};
@@ -58,6 +59,7 @@ pub struct AgentConfig {
     pub healthz_addr: SocketAddr,
     pub map_sizes: MapSizes,
     pub debounce: Duration,
+    pub kpr_mode: KprMode,
 }
 
 /// The reconciler with the reporting around it: every sync is timed,
@@ -183,6 +185,47 @@ const RETRY_PERIOD: Duration = Duration::from_secs(2);
 /// How often the LRU map gauges are refreshed.
 const LRU_GAUGE_PERIOD: Duration = Duration::from_secs(10);
 
+/// Probes the kernel. Strict: any missing feature is an error naming it and
+/// its kernel option. Partial: logs what is missing and returns the socket
+/// hooks to leave out.
+fn check_features(mode: KprMode) -> Result<Vec<&'static str>> {
+    let probed = features::probe();
+    let missing = features::missing(&probed);
+    for rules in features::kube_proxy_rules() {
+        tracing::warn!(found = %rules, "kube-proxy's rules are on this node: they will intercept Service traffic too; remove kube-proxy and flush its rules");
+    }
+    if missing.is_empty() {
+        return Ok(Vec::new());
+    }
+    if mode == KprMode::Strict {
+        anyhow::bail!(
+            "--kube-proxy-replacement strict: the kernel lacks {} required feature(s):\n  {}\n(use --kube-proxy-replacement partial to run without them)",
+            missing.len(),
+            missing.join("\n  ")
+        );
+    }
+    for m in &missing {
+        tracing::warn!(feature = %m, "--kube-proxy-replacement partial: running without");
+    }
+    let skip = features::HOOK_ATTACH_TYPES
+        .iter()
+        .map(|(hook, _)| *hook)
+        .filter(|hook| {
+            probed
+                .iter()
+                .any(|f| f.name == features::hook_feature_name(hook) && !f.available)
+        })
+        .collect::<Vec<_>>();
+    if skip.len() == features::HOOK_ATTACH_TYPES.len()
+        || probed
+            .iter()
+            .any(|f| f.name == "cgroup_sock_addr" && !f.available)
+    {
+        anyhow::bail!("no socket-LB hook is available: {}", missing.join("; "));
+    }
+    Ok(skip)
+}
+
 /// Resolves when the agent is asked to stop (SIGINT or SIGTERM).
 async fn stop_requested() {
     let mut sigterm = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -198,8 +241,14 @@ async fn stop_requested() {
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(config: AgentConfig) -> Result<()> {
-    let report = loader::load_and_attach(&config.bpf_root, &config.cgroup, &config.map_sizes)
-        .context("setting up the datapath")?;
+    let skip_hooks = check_features(config.kpr_mode)?;
+    let report = loader::load_and_attach(
+        &config.bpf_root,
+        &config.cgroup,
+        &config.map_sizes,
+        &skip_hooks,
+    )
+    .context("setting up the datapath")?;
     tracing::info!(
         cgroup = %config.cgroup.display(),
         bpf_root = %config.bpf_root.display(),

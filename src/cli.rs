@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::datapath::loader::DEFAULT_BPF_ROOT;
+use crate::features::KprMode;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -89,6 +90,10 @@ pub struct AgentArgs {
     /// created (pinned maps keep theirs).
     #[arg(long, default_value_t = 65536)]
     pub lb_map_max: u32,
+    /// strict: every kernel feature kpr uses must be there, or the agent
+    /// exits naming the missing one; partial: run with what there is.
+    #[arg(long, value_enum, default_value_t = KprMode::Strict)]
+    pub kube_proxy_replacement: KprMode,
     /// Wait after a manifest change before syncing, so a burst of edits is one sync (ms).
     #[arg(long, default_value_t = 100)]
     pub debounce_ms: u64,

@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod cli;
 pub mod datapath;
+pub mod features;
 pub mod host;
 pub mod http;
 pub mod metrics;

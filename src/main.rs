@@ -118,6 +118,7 @@ fn run_agent(args: AgentArgs) -> Result<()> {
             ..MapSizes::default()
         },
         debounce: Duration::from_millis(args.debounce_ms),
+        kpr_mode: args.kube_proxy_replacement,
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

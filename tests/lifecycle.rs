@@ -149,3 +149,65 @@ fn maps_of_an_older_layout_version_are_removed_when_a_new_agent_takes_over() {
     );
     assert_eq!(vip_answer(&bed), "10.244.0.11:8080");
 }
+
+fn agent_with_missing_feature(
+    prefix: &str,
+    mode: &str,
+) -> (
+    kpr::testbed::AgentProcess,
+    kpr::testbed::TestCgroup,
+    tempfile::TempDir,
+) {
+    let cgroup = kpr::testbed::TestCgroup::create(prefix).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("svc.yaml"), MANIFEST).unwrap();
+    let agent = kpr::testbed::AgentProcess::start_with_env(
+        Path::new(KPR),
+        &dir.path().join("svc.yaml"),
+        cgroup.path(),
+        &dir.path().join("bpf"),
+        &["--kube-proxy-replacement", mode],
+        &[("KPR_TEST_MISSING_FEATURES", "cgroup_getpeername6")],
+    )
+    .unwrap();
+    (agent, cgroup, dir)
+}
+
+#[test]
+fn strict_mode_refuses_to_start_without_a_required_feature_and_names_it() {
+    if !root() {
+        return;
+    }
+    let (mut agent, _cgroup, _dir) = agent_with_missing_feature("strict", "strict");
+    let status = agent
+        .wait_exit(std::time::Duration::from_secs(20))
+        .expect("the agent did not exit");
+    assert!(!status.success());
+    let log = agent.log();
+    assert!(
+        log.contains("cgroup_getpeername6") && log.contains("CONFIG_CGROUP_BPF"),
+        "{log}"
+    );
+    assert!(
+        kpr::datapath::loader::attached_hooks(&agent.bpf_root).is_empty(),
+        "strict mode attached something"
+    );
+}
+
+#[test]
+fn partial_mode_runs_without_the_missing_hook() {
+    if !root() {
+        return;
+    }
+    let (mut agent, _cgroup, _dir) = agent_with_missing_feature("partial", "partial");
+    agent
+        .wait_healthy(std::time::Duration::from_secs(30))
+        .unwrap();
+    let hooks: Vec<&str> = kpr::datapath::loader::attached_hooks(&agent.bpf_root)
+        .iter()
+        .map(|h| h.attach_point)
+        .collect();
+    assert_eq!(hooks.len(), 7, "{hooks:?}");
+    assert!(!hooks.contains(&"getpeername6"));
+    assert!(agent.log().contains("running without"), "{}", agent.log());
+}

@@ -205,6 +205,7 @@ fn set_map_size(
 fn with_loaded<R>(
     bpf_root: &Path,
     sizes: &MapSizes,
+    skip_hooks: &[&str],
     report: &mut LoadReport,
     f: impl FnOnce(&SockLbSkel<'_>, &mut LoadReport) -> Result<R>,
 ) -> Result<R> {
@@ -213,6 +214,16 @@ fn with_loaded<R>(
     let mut open = SockLbSkelBuilder::default()
         .open(&mut storage)
         .context("opening the socket-LB BPF object")?;
+    // Hooks the kernel lacks (--kube-proxy-replacement partial) are not loaded.
+    for mut prog in open.open_object_mut().progs_mut() {
+        let name = prog.name().to_string_lossy().into_owned();
+        if SOCK_HOOKS
+            .iter()
+            .any(|h| h.program == name && skip_hooks.contains(&h.attach_point))
+        {
+            prog.set_autoload(false);
+        }
+    }
     let maps = &mut open.maps;
     set_map_size(
         &mut maps.kpr_svc_v1,
@@ -252,20 +263,29 @@ fn with_loaded<R>(
 /// benchmarks and tools that exercise the maps alone.
 pub fn create_maps(bpf_root: &Path, sizes: &MapSizes) -> Result<LoadReport> {
     let mut report = LoadReport::default();
-    with_loaded(bpf_root, sizes, &mut report, |_, _| Ok(()))?;
+    with_loaded(bpf_root, sizes, &[], &mut report, |_, _| Ok(()))?;
     Ok(report)
 }
 
 /// Loads the socket-LB programs with their maps pinned under `bpf_root`
-/// and attaches them to `cgroup`, reusing pinned maps and links.
-pub fn load_and_attach(bpf_root: &Path, cgroup: &Path, sizes: &MapSizes) -> Result<LoadReport> {
+/// and attaches them to `cgroup`, reusing pinned maps and links. Hooks in
+/// `skip_hooks` (attach points the kernel lacks) are left out.
+pub fn load_and_attach(
+    bpf_root: &Path,
+    cgroup: &Path,
+    sizes: &MapSizes,
+    skip_hooks: &[&str],
+) -> Result<LoadReport> {
     let cgroup_dir =
         fs::File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
     let want_cgroup = cgroup_id(cgroup)?;
     let mut report = LoadReport::default();
-    with_loaded(bpf_root, sizes, &mut report, |skel, report| {
+    with_loaded(bpf_root, sizes, skip_hooks, &mut report, |skel, report| {
         fs::create_dir_all(links_dir(bpf_root)).context("creating links directory")?;
-        for hook in &SOCK_HOOKS {
+        for hook in SOCK_HOOKS
+            .iter()
+            .filter(|h| !skip_hooks.contains(&h.attach_point))
+        {
             let prog = program(skel, hook)?;
             attach_hook(
                 bpf_root,
@@ -378,7 +398,8 @@ pub fn attached_hooks(bpf_root: &Path) -> Vec<AttachedHook> {
     SOCK_HOOKS
         .iter()
         .filter_map(|hook| {
-            let link = Link::open(link_pin(bpf_root, hook)).ok()?;
+            let pin = link_pin(bpf_root, hook);
+            let link = Link::open(pin.exists().then_some(pin)?).ok()?;
             Some(AttachedHook {
                 attach_point: hook.attach_point,
                 cgroup_id: link_cgroup(&link),

@@ -26,6 +26,8 @@ pub struct AgentProcess {
     /// Where the agent serves /healthz.
     pub healthz_addr: SocketAddr,
     extra_args: Vec<String>,
+    /// Extra environment of the agent process.
+    pub env: Vec<(String, String)>,
     log: PathBuf,
 }
 
@@ -38,6 +40,50 @@ pub fn free_loopback_addr() -> Result<SocketAddr> {
 }
 
 impl AgentProcess {
+    /// Like [`AgentProcess::start`], with extra environment variables.
+    pub fn start_with_env(
+        exe: &Path,
+        manifests: &Path,
+        cgroup: &Path,
+        bpf_root: &Path,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<AgentProcess> {
+        let mut agent = AgentProcess {
+            child: None,
+            exe: exe.to_path_buf(),
+            bpf_root: bpf_root.to_path_buf(),
+            cgroup: cgroup.to_path_buf(),
+            manifests: manifests.to_path_buf(),
+            metrics_addr: free_loopback_addr()?,
+            healthz_addr: free_loopback_addr()?,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            log: bpf_root.with_extension("log"),
+        };
+        agent.spawn()?;
+        Ok(agent)
+    }
+
+    /// The exit status once the agent has exited by itself (waits up to `timeout`).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Starts `exe agent` with the given paths; `extra_args` are appended.
     /// The agent's stderr goes to `<bpf_root>.log`.
     pub fn start(
@@ -56,6 +102,7 @@ impl AgentProcess {
             metrics_addr: free_loopback_addr()?,
             healthz_addr: free_loopback_addr()?,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
             log: bpf_root.with_extension("log"),
         };
         agent.spawn()?;
@@ -81,6 +128,7 @@ impl AgentProcess {
             .arg("--healthz-addr")
             .arg(self.healthz_addr.to_string())
             .args(&self.extra_args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -1,0 +1,283 @@
+//! Kernel features kpr needs, probed at start. With
+//! `--kube-proxy-replacement strict` a missing one stops the agent with its
+//! name and the kernel option that provides it; with `partial` the agent
+//! runs with what there is (hooks the kernel lacks are left out) and
+//! reports the rest.
+//!
+//! Test-only: `KPR_TEST_MISSING_FEATURES=name,name` makes the probe report
+//! those features missing, to exercise the strict path on a complete kernel.
+
+use std::ffi::CString;
+use std::path::Path;
+
+use clap::ValueEnum;
+use serde::Serialize;
+
+use libbpf_sys as sys;
+
+/// `--kube-proxy-replacement`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KprMode {
+    /// Every feature is required; a missing one is a start-up error.
+    Strict,
+    /// Run with the features the kernel has; report the missing ones.
+    Partial,
+}
+
+/// One probed feature.
+#[derive(Clone, Debug, Serialize)]
+pub struct Feature {
+    pub name: &'static str,
+    /// The kernel option (or mount) that provides it.
+    pub kernel_config: &'static str,
+    /// What kpr uses it for.
+    pub used_for: &'static str,
+    pub available: bool,
+}
+
+/// Socket-LB hooks and their attach types, as the loader names them.
+pub const HOOK_ATTACH_TYPES: [(&str, sys::bpf_attach_type); 8] = [
+    ("connect4", sys::BPF_CGROUP_INET4_CONNECT),
+    ("connect6", sys::BPF_CGROUP_INET6_CONNECT),
+    ("sendmsg4", sys::BPF_CGROUP_UDP4_SENDMSG),
+    ("sendmsg6", sys::BPF_CGROUP_UDP6_SENDMSG),
+    ("recvmsg4", sys::BPF_CGROUP_UDP4_RECVMSG),
+    ("recvmsg6", sys::BPF_CGROUP_UDP6_RECVMSG),
+    ("getpeername4", sys::BPF_CGROUP_INET4_GETPEERNAME),
+    ("getpeername6", sys::BPF_CGROUP_INET6_GETPEERNAME),
+];
+
+fn prog_type_supported(t: sys::bpf_prog_type) -> bool {
+    // SAFETY: a probe with no options.
+    unsafe { sys::libbpf_probe_bpf_prog_type(t, std::ptr::null()) == 1 }
+}
+
+fn helper_supported(t: sys::bpf_prog_type, helper: sys::bpf_func_id) -> bool {
+    // SAFETY: a probe with no options.
+    unsafe { sys::libbpf_probe_bpf_helper(t, helper, std::ptr::null()) == 1 }
+}
+
+/// Whether the kernel loads a `return 1` cgroup sock_addr program for
+/// `attach` (the kernel rejects attach types it does not know).
+fn sock_addr_hook_supported(attach: sys::bpf_attach_type) -> bool {
+    // r0 = 1; exit
+    let insns = [
+        sys::bpf_insn {
+            code: 0xb7,
+            _bitfield_align_1: [],
+            _bitfield_1: sys::bpf_insn::new_bitfield_1(0, 0),
+            off: 0,
+            imm: 1,
+        },
+        sys::bpf_insn {
+            code: 0x95,
+            _bitfield_align_1: [],
+            _bitfield_1: sys::bpf_insn::new_bitfield_1(0, 0),
+            off: 0,
+            imm: 0,
+        },
+    ];
+    let mut opts = sys::bpf_prog_load_opts {
+        sz: std::mem::size_of::<sys::bpf_prog_load_opts>() as _,
+        expected_attach_type: attach,
+        ..Default::default()
+    };
+    let license = CString::new("GPL").expect("no NUL");
+    // SAFETY: valid instructions and options; the fd is closed below.
+    let fd = unsafe {
+        sys::bpf_prog_load(
+            sys::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+            std::ptr::null(),
+            license.as_ptr(),
+            insns.as_ptr(),
+            insns.len() as _,
+            &mut opts,
+        )
+    };
+    if fd >= 0 {
+        // SAFETY: our own fd.
+        unsafe { libc::close(fd) };
+    }
+    fd >= 0
+}
+
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let Ok(uts) = nix::sys::utsname::uname() else {
+        return false;
+    };
+    let release = uts.release().to_string_lossy().into_owned();
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse::<u32>().ok());
+    let (a, b) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (a, b) >= (major, minor)
+}
+
+/// Probes every feature kpr uses.
+pub fn probe() -> Vec<Feature> {
+    let missing_override: Vec<String> = std::env::var("KPR_TEST_MISSING_FEATURES")
+        .map(|v| v.split(',').map(|s| s.trim().to_string()).collect())
+        .unwrap_or_default();
+    let bpf = prog_type_supported(sys::BPF_PROG_TYPE_SOCKET_FILTER);
+    let sock_addr = bpf && prog_type_supported(sys::BPF_PROG_TYPE_CGROUP_SOCK_ADDR);
+    let mut features = vec![
+        Feature {
+            name: "bpf_syscall",
+            kernel_config: "CONFIG_BPF_SYSCALL",
+            used_for: "everything",
+            available: bpf,
+        },
+        Feature {
+            name: "btf",
+            kernel_config: "CONFIG_DEBUG_INFO_BTF",
+            used_for: "kernel type information for the BPF programs",
+            available: Path::new("/sys/kernel/btf/vmlinux").exists(),
+        },
+        Feature {
+            name: "cgroup_v2",
+            kernel_config: "CONFIG_CGROUPS (and a mounted cgroup2 file system)",
+            used_for: "socket-LB attach point",
+            available: crate::host::cgroup2_mount().is_ok(),
+        },
+        Feature {
+            name: "cgroup_sock_addr",
+            kernel_config: "CONFIG_CGROUP_BPF",
+            used_for: "socket-LB programs",
+            available: sock_addr,
+        },
+    ];
+    for (hook, attach) in HOOK_ATTACH_TYPES {
+        features.push(Feature {
+            name: hook_feature_name(hook),
+            kernel_config:
+                "CONFIG_CGROUP_BPF (connect: 4.17, sendmsg: 4.18, recvmsg: 5.2, getpeername: 5.8)",
+            used_for: "socket-LB hook",
+            available: sock_addr && sock_addr_hook_supported(attach),
+        });
+    }
+    features.extend([
+        Feature {
+            name: "helper_set_retval",
+            kernel_config: "kernel >= 5.18",
+            used_for: "ECONNREFUSED for frontends without backends",
+            available: sock_addr
+                && helper_supported(
+                    sys::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+                    sys::BPF_FUNC_set_retval,
+                ),
+        },
+        Feature {
+            name: "helper_netns_cookie",
+            kernel_config: "kernel >= 5.7",
+            used_for: "session affinity per client network namespace",
+            available: sock_addr
+                && helper_supported(
+                    sys::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+                    sys::BPF_FUNC_get_netns_cookie,
+                ),
+        },
+        Feature {
+            name: "xdp",
+            kernel_config: "CONFIG_BPF_SYSCALL, CONFIG_NET (driver support for native mode)",
+            used_for: "NodePort acceleration",
+            available: bpf && prog_type_supported(sys::BPF_PROG_TYPE_XDP),
+        },
+        Feature {
+            name: "tc_bpf",
+            kernel_config: "CONFIG_NET_CLS_BPF, CONFIG_NET_SCH_INGRESS",
+            used_for: "NodePort replies and SNAT",
+            available: bpf && prog_type_supported(sys::BPF_PROG_TYPE_SCHED_CLS),
+        },
+        Feature {
+            name: "tcx",
+            kernel_config: "CONFIG_NET_XGRESS (kernel >= 6.6)",
+            used_for: "tc programs without qdiscs",
+            available: bpf && kernel_at_least(6, 6),
+        },
+    ]);
+    for f in &mut features {
+        if missing_override.iter().any(|m| m == f.name) {
+            f.available = false;
+        }
+    }
+    features
+}
+
+/// `cgroup_connect4` etc.
+pub fn hook_feature_name(hook: &str) -> &'static str {
+    match hook {
+        "connect4" => "cgroup_connect4",
+        "connect6" => "cgroup_connect6",
+        "sendmsg4" => "cgroup_sendmsg4",
+        "sendmsg6" => "cgroup_sendmsg6",
+        "recvmsg4" => "cgroup_recvmsg4",
+        "recvmsg6" => "cgroup_recvmsg6",
+        "getpeername4" => "cgroup_getpeername4",
+        _ => "cgroup_getpeername6",
+    }
+}
+
+/// The missing features, as one error line per feature.
+pub fn missing(features: &[Feature]) -> Vec<String> {
+    features
+        .iter()
+        .filter(|f| !f.available)
+        .map(|f| {
+            format!(
+                "{} (needs {}; used for {})",
+                f.name, f.kernel_config, f.used_for
+            )
+        })
+        .collect()
+}
+
+/// Whether kube-proxy's rules are on this node (they would fight kpr for
+/// the same traffic): the iptables KUBE-SERVICES chain or the nftables
+/// `kube-proxy` table. Returns what was found.
+pub fn kube_proxy_rules() -> Vec<String> {
+    let mut found = Vec::new();
+    if let Some(out) = run_bounded("iptables-save", &["-t", "nat"]) {
+        if out.contains(":KUBE-SERVICES") {
+            found.push("iptables chain KUBE-SERVICES (nat)".to_string());
+        }
+    }
+    if let Some(out) = run_bounded("nft", &["list", "tables"]) {
+        if out
+            .lines()
+            .any(|l| l.trim() == "table ip kube-proxy" || l.trim() == "table ip6 kube-proxy")
+        {
+            found.push("nftables table kube-proxy".to_string());
+        }
+    }
+    found
+}
+
+/// stdout of a command that exits 0 within 5 s; None otherwise or if absent.
+fn run_bounded(cmd: &str, args: &[&str]) -> Option<String> {
+    let mut child = std::process::Command::new(cmd)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => {
+                let mut out = String::new();
+                std::io::Read::read_to_string(child.stdout.as_mut()?, &mut out).ok()?;
+                return Some(out);
+            }
+            Ok(Some(_)) => return None,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+}
