@@ -25,6 +25,7 @@ use crate::reconcile::{DesiredByService, Reconciler, RefusalReason};
 use crate::source::kube::{self as kube_source, ApiConfig, WatchEvent};
 use crate::source::manifests;
 use crate::source::store::{Kind, ObjectStore};
+use crate::status::{status_router, AgentStatus, StatusHandle};
 use crate::translate::{self, Skipped};
 
 /// Where Services and EndpointSlices come from.
@@ -68,10 +69,16 @@ pub struct Syncer {
     reconciler: Reconciler<KernelMaps>,
     metrics: Arc<Metrics>,
     health: Health,
+    status: StatusHandle,
 }
 
 impl Syncer {
-    pub fn new(bpf_root: &Path, metrics: Arc<Metrics>, health: Health) -> Result<Syncer> {
+    pub fn new(
+        bpf_root: &Path,
+        metrics: Arc<Metrics>,
+        health: Health,
+        status: StatusHandle,
+    ) -> Result<Syncer> {
         let maps = KernelMaps::open(bpf_root).context("opening the pinned maps")?;
         let reconciler = Reconciler::new(maps).context("reading the pinned maps")?;
         let s = reconciler.snapshot();
@@ -84,6 +91,7 @@ impl Syncer {
             reconciler,
             metrics,
             health,
+            status,
         })
     }
 
@@ -141,6 +149,7 @@ impl Syncer {
         };
         self.metrics.record_sync_result(ok, SystemTime::now());
         self.health.record_sync(ok);
+        self.status.record_sync(ok);
         self.update_gauges();
         ok
     }
@@ -188,14 +197,14 @@ const LRU_GAUGE_PERIOD: Duration = Duration::from_secs(10);
 /// Probes the kernel. Strict: any missing feature is an error naming it and
 /// its kernel option. Partial: logs what is missing and returns the socket
 /// hooks to leave out.
-fn check_features(mode: KprMode) -> Result<Vec<&'static str>> {
+fn check_features(mode: KprMode) -> Result<(Vec<&'static str>, Vec<features::Feature>)> {
     let probed = features::probe();
     let missing = features::missing(&probed);
     for rules in features::kube_proxy_rules() {
         tracing::warn!(found = %rules, "kube-proxy's rules are on this node: they will intercept Service traffic too; remove kube-proxy and flush its rules");
     }
     if missing.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), probed));
     }
     if mode == KprMode::Strict {
         anyhow::bail!(
@@ -223,7 +232,7 @@ fn check_features(mode: KprMode) -> Result<Vec<&'static str>> {
     {
         anyhow::bail!("no socket-LB hook is available: {}", missing.join("; "));
     }
-    Ok(skip)
+    Ok((skip, probed))
 }
 
 /// Resolves when the agent is asked to stop (SIGINT or SIGTERM).
@@ -241,7 +250,33 @@ async fn stop_requested() {
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(config: AgentConfig) -> Result<()> {
-    let skip_hooks = check_features(config.kpr_mode)?;
+    let (skip_hooks, features) = check_features(config.kpr_mode)?;
+    let status = StatusHandle::new(AgentStatus {
+        source: match &config.source {
+            SourceConfig::Manifests(_) => "manifests".into(),
+            SourceConfig::Kubernetes(_) => "kubernetes".into(),
+        },
+        api_server: match &config.source {
+            SourceConfig::Kubernetes(k) => k.api.api_server.clone().or_else(|| {
+                k.api
+                    .kubeconfig
+                    .as_ref()
+                    .map(|p| format!("from {}", p.display()))
+            }),
+            SourceConfig::Manifests(_) => None,
+        },
+        node_name: match &config.source {
+            SourceConfig::Kubernetes(k) => Some(k.node_name.clone()),
+            SourceConfig::Manifests(_) => None,
+        },
+        kube_proxy_replacement: format!("{:?}", config.kpr_mode).to_lowercase(),
+        cgroup: config.cgroup.display().to_string(),
+        features: features
+            .iter()
+            .map(|f| (f.name.to_string(), f.available))
+            .collect(),
+        ..AgentStatus::default()
+    });
     let report = loader::load_and_attach(
         &config.bpf_root,
         &config.cgroup,
@@ -271,18 +306,25 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         metrics.clone(),
         stopped(stop_rx.clone()),
     ));
-    let healthz_server = tokio::spawn(http::serve_healthz(
+    let healthz_router = http::healthz_router(health.clone()).merge(status_router(status.clone()));
+    let healthz_server = tokio::spawn(http::serve(
         healthz_listener,
-        health.clone(),
+        "healthz",
+        healthz_router,
         stopped(stop_rx.clone()),
     ));
 
-    let syncer = Syncer::new(&config.bpf_root, metrics.clone(), health.clone())?;
+    let syncer = Syncer::new(
+        &config.bpf_root,
+        metrics.clone(),
+        health.clone(),
+        status.clone(),
+    )?;
     let result = match &config.source {
         SourceConfig::Manifests(paths) => {
             run_manifests(syncer, paths, config.debounce, &metrics).await
         }
-        SourceConfig::Kubernetes(kube) => run_kubernetes(syncer, kube, &metrics).await,
+        SourceConfig::Kubernetes(kube) => run_kubernetes(syncer, kube, &metrics, &status).await,
     };
     tracing::info!("stopping; programs stay attached and maps pinned");
     let _ = stop_tx.send(true);
@@ -354,7 +396,11 @@ async fn run_kubernetes(
     mut syncer: Syncer,
     config: &KubeSourceConfig,
     metrics: &Metrics,
+    status: &StatusHandle,
 ) -> Result<()> {
+    for kind in Kind::ALL {
+        status.watcher(watch_kind(kind).as_label(), |w| w.state = "starting".into());
+    }
     let client = kube_source::client(&config.api).await?;
     let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
     let watchers = kube_source::spawn_watchers(client, &config.node_name, tx);
@@ -379,7 +425,7 @@ async fn run_kubernetes(
         };
         tokio::select! {
             event = rx.recv() => match event {
-                Some(event) => handle_watch_event(&mut store, event, metrics),
+                Some(event) => handle_watch_event(&mut store, event, metrics, status),
                 None => anyhow::bail!("the Kubernetes watchers stopped"),
             },
             _ = sleep_until_opt(due) => {
@@ -433,17 +479,30 @@ async fn run_kubernetes(
     Ok(())
 }
 
-fn handle_watch_event(store: &mut ObjectStore, event: WatchEvent, metrics: &Metrics) {
+fn handle_watch_event(
+    store: &mut ObjectStore,
+    event: WatchEvent,
+    metrics: &Metrics,
+    status: &StatusHandle,
+) {
     use kube::runtime::watcher::Event;
+    let state = |kind: Kind, state: &str| {
+        status.watcher(watch_kind(kind).as_label(), |w| w.state = state.into())
+    };
     let relisted = |kind: Kind, store: &ObjectStore| {
+        status.watcher(watch_kind(kind).as_label(), |w| w.state = "watching".into());
         if store.is_listed(kind) {
             metrics.inc_relist(watch_kind(kind));
+            status.watcher(watch_kind(kind).as_label(), |w| w.relists += 1);
             tracing::info!(?kind, "relisted");
         }
     };
     match event {
         WatchEvent::Service(e) => match e {
-            Event::Init => store.begin_relist(Kind::Service),
+            Event::Init => {
+                state(Kind::Service, "listing");
+                store.begin_relist(Kind::Service)
+            }
             Event::InitApply(o) => store.relist_service(o),
             Event::InitDone => {
                 relisted(Kind::Service, store);
@@ -453,7 +512,10 @@ fn handle_watch_event(store: &mut ObjectStore, event: WatchEvent, metrics: &Metr
             Event::Delete(o) => store.delete_service(&o),
         },
         WatchEvent::EndpointSlice(e) => match e {
-            Event::Init => store.begin_relist(Kind::EndpointSlice),
+            Event::Init => {
+                state(Kind::EndpointSlice, "listing");
+                store.begin_relist(Kind::EndpointSlice)
+            }
             Event::InitApply(o) => store.relist_slice(o),
             Event::InitDone => {
                 relisted(Kind::EndpointSlice, store);
@@ -463,7 +525,10 @@ fn handle_watch_event(store: &mut ObjectStore, event: WatchEvent, metrics: &Metr
             Event::Delete(o) => store.delete_slice(&o),
         },
         WatchEvent::Node(e) => match e {
-            Event::Init => store.begin_relist(Kind::Node),
+            Event::Init => {
+                state(Kind::Node, "listing");
+                store.begin_relist(Kind::Node)
+            }
             Event::InitApply(o) => store.relist_node(o),
             Event::InitDone => {
                 relisted(Kind::Node, store);
@@ -474,6 +539,11 @@ fn handle_watch_event(store: &mut ObjectStore, event: WatchEvent, metrics: &Metr
         },
         WatchEvent::Failed(kind, error) => {
             metrics.inc_watch_error(watch_kind(kind));
+            status.watcher(watch_kind(kind).as_label(), |w| {
+                w.state = "failing".into();
+                w.errors += 1;
+                w.last_error = Some(error.clone());
+            });
             tracing::warn!(?kind, %error, "watch failed; retrying with backoff");
         }
     }

@@ -28,6 +28,17 @@ pub enum Command {
         #[command(subcommand)]
         command: SvcCommand,
     },
+    /// Show the agent's and the datapath's state (like `cilium status --verbose`).
+    Status {
+        #[command(flatten)]
+        bpf_root: BpfRootArg,
+        /// The agent's health address, where it serves /status.
+        #[arg(long, default_value = "127.0.0.1:10256")]
+        healthz_addr: SocketAddr,
+        /// Output format.
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table)]
+        output: OutputFormat,
+    },
     /// Detach every kpr program and remove every pinned map and link.
     Cleanup(CleanupArgs),
     /// Build a throw-away network, run the agent on an example manifest, send

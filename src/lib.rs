@@ -12,6 +12,7 @@ pub mod reconcile;
 pub mod selftest;
 pub mod skip;
 pub mod source;
+pub mod status;
 pub mod svc_list;
 pub mod testbed;
 pub mod translate;

@@ -13,7 +13,7 @@ use kpr::datapath::kernel::KernelMaps;
 use kpr::datapath::loader::{self, MapSizes};
 use kpr::datapath::LbMaps;
 use kpr::source::kube::ApiConfig;
-use kpr::{host, selftest, svc_list, testbed};
+use kpr::{host, selftest, status, svc_list, testbed};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -72,6 +72,18 @@ fn run(command: Command) -> Result<ExitCode> {
                     ""
                 }
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status {
+            bpf_root,
+            healthz_addr,
+            output,
+        } => {
+            let report = status::gather(healthz_addr, &bpf_root.bpf_root);
+            match output {
+                OutputFormat::Table => print!("{}", status::format_text(&report)),
+                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Selftest => selftest::run(),

@@ -211,3 +211,43 @@ fn partial_mode_runs_without_the_missing_hook() {
     assert!(!hooks.contains(&"getpeername6"));
     assert!(agent.log().contains("running without"), "{}", agent.log());
 }
+
+#[test]
+fn status_reports_the_agent_the_hooks_and_the_map_fill() {
+    if !root() {
+        return;
+    }
+    let bed = bed("status");
+    let root = bed.agent.bpf_root.to_str().unwrap().to_string();
+    let addr = bed.agent.healthz_addr.to_string();
+    let json: serde_json::Value = serde_json::from_str(&kpr(&[
+        "status",
+        "--bpf-root",
+        &root,
+        "--healthz-addr",
+        &addr,
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    let agent = &json["agent"]["Ok"];
+    assert_eq!(agent["source"], "manifests", "{json:#}");
+    assert_eq!(agent["kube_proxy_replacement"], "strict");
+    assert_eq!(agent["last_sync_ok"], true);
+    assert_eq!(json["attached_hooks"].as_array().unwrap().len(), 8);
+    assert_eq!(json["frontends"], 1);
+    assert_eq!(json["backends"], 1);
+    let services = json["maps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["map"] == "services")
+        .unwrap();
+    assert_eq!(services["entries"], 2);
+    let text = kpr(&["status", "--bpf-root", &root, "--healthz-addr", &addr]);
+    assert!(
+        text.contains("KubeProxyReplacement Details:") && text.contains("connect4"),
+        "{text}"
+    );
+    println!("{text}");
+}

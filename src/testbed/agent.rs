@@ -3,8 +3,7 @@
 //! loopback ports. Stopped (SIGTERM, then SIGKILL) and its pins removed on
 //! Drop, so a failing test leaves no attachment behind.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -242,28 +241,8 @@ impl Drop for AgentProcess {
     }
 }
 
-/// A bounded HTTP/1.0 GET on loopback: (status, body).
+/// A bounded HTTP GET: (status, body). See [`crate::http::blocking_get`].
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    let io = |e| TestbedError::io(format!("GET http://{addr}{path}"), e);
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(io)?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(io)?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(io)?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).map_err(io)?;
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| TestbedError::Agent(format!("bad HTTP response from {addr}{path}")))?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
+    crate::http::blocking_get(addr, path)
+        .map_err(|e| TestbedError::Agent(format!("GET http://{addr}{path}: {e}")))
 }

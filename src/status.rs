@@ -1,0 +1,240 @@
+//! `kpr status`: the agent's view (source, API connectivity, watchers, last
+//! sync, kernel features, mode), served by the agent at `/status` on its
+//! health address, combined with what the pinned datapath shows (attached
+//! hooks, map fill, service and backend counts) — the information of
+//! `cilium status --verbose`'s KubeProxyReplacement block.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use crate::datapath::kernel::KernelMaps;
+use crate::datapath::loader;
+use crate::datapath::maps::{LbMaps, MapName};
+
+/// What a watcher is doing.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct WatcherStatus {
+    /// "starting", "listing", "watching" or "failing".
+    pub state: String,
+    pub last_error: Option<String>,
+    pub errors: u64,
+    pub relists: u64,
+}
+
+/// The agent's own state, as `/status` serves it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct AgentStatus {
+    /// "manifests" or "kubernetes".
+    pub source: String,
+    pub api_server: Option<String>,
+    pub node_name: Option<String>,
+    /// "strict" or "partial".
+    pub kube_proxy_replacement: String,
+    pub cgroup: String,
+    pub watchers: BTreeMap<String, WatcherStatus>,
+    /// RFC 3339 time of the last fully successful sync.
+    pub last_successful_sync: Option<String>,
+    pub last_sync_ok: Option<bool>,
+    pub syncs: u64,
+    /// Kernel features: name -> available.
+    pub features: BTreeMap<String, bool>,
+}
+
+/// Shared, updatable agent status.
+#[derive(Clone, Debug, Default)]
+pub struct StatusHandle(Arc<Mutex<AgentStatus>>);
+
+impl StatusHandle {
+    pub fn new(status: AgentStatus) -> StatusHandle {
+        StatusHandle(Arc::new(Mutex::new(status)))
+    }
+
+    pub fn update(&self, f: impl FnOnce(&mut AgentStatus)) {
+        if let Ok(mut s) = self.0.lock() {
+            f(&mut s);
+        }
+    }
+
+    pub fn get(&self) -> AgentStatus {
+        self.0.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    pub fn record_sync(&self, ok: bool) {
+        self.update(|s| {
+            s.syncs += 1;
+            s.last_sync_ok = Some(ok);
+            if ok {
+                s.last_successful_sync = Some(k8s_openapi::jiff::Timestamp::now().to_string());
+            }
+        });
+    }
+
+    pub fn watcher(&self, kind: &str, f: impl FnOnce(&mut WatcherStatus)) {
+        self.update(|s| f(s.watchers.entry(kind.to_string()).or_default()));
+    }
+}
+
+/// `GET /status`.
+pub fn status_router(status: StatusHandle) -> Router {
+    Router::new().route(
+        "/status",
+        get(move || {
+            let status = status.clone();
+            async move { Json(status.get()) }
+        }),
+    )
+}
+
+/// Fill of one map.
+#[derive(Debug, Serialize)]
+pub struct MapFill {
+    pub map: MapName,
+    pub entries: usize,
+    pub capacity: usize,
+}
+
+/// Everything `kpr status` reports.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// The agent's status, or why it could not be read.
+    pub agent: Result<AgentStatus, String>,
+    pub bpf_root: String,
+    pub attached_hooks: Vec<String>,
+    pub maps: Vec<MapFill>,
+    pub frontends: usize,
+    pub backends: usize,
+}
+
+/// Gathers the report: the agent's `/status` at `healthz_addr` and the
+/// pinned datapath under `bpf_root`.
+pub fn gather(healthz_addr: SocketAddr, bpf_root: &Path) -> Report {
+    let agent = crate::http::blocking_get(healthz_addr, "/status")
+        .map_err(|e| format!("agent not reachable at {healthz_addr}: {e}"))
+        .and_then(|(code, body)| match code {
+            200 => serde_json::from_str(&body).map_err(|e| format!("bad /status answer: {e}")),
+            code => Err(format!("agent answered {code}")),
+        });
+    let attached_hooks = loader::attached_hooks(bpf_root)
+        .iter()
+        .map(|h| h.attach_point.to_string())
+        .collect();
+    let (mut maps, mut frontends, mut backends) = (Vec::new(), 0, 0);
+    if let Ok(kernel) = KernelMaps::open(bpf_root) {
+        for map in MapName::ALL {
+            maps.push(MapFill {
+                map,
+                entries: kernel.entry_count(map),
+                capacity: kernel.max_entries(map),
+            });
+        }
+        if let Ok(snapshot) = kernel.snapshot() {
+            frontends = snapshot.frontends.len();
+            backends = snapshot.backends.len();
+        }
+    }
+    Report {
+        agent,
+        bpf_root: bpf_root.display().to_string(),
+        attached_hooks,
+        maps,
+        frontends,
+        backends,
+    }
+}
+
+/// The report as text, in the spirit of `cilium status --verbose`.
+pub fn format_text(r: &Report) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "KubeProxyReplacement Details:");
+    match &r.agent {
+        Ok(a) => {
+            let _ = writeln!(o, "  Mode:                 {}", a.kube_proxy_replacement);
+            let _ = writeln!(o, "  Source:               {}", a.source);
+            if let Some(api) = &a.api_server {
+                let _ = writeln!(o, "  API server:           {api}");
+            }
+            if let Some(node) = &a.node_name {
+                let _ = writeln!(o, "  Node:                 {node}");
+            }
+            for (kind, w) in &a.watchers {
+                let err = w
+                    .last_error
+                    .as_deref()
+                    .map(|e| format!(", last error: {e}"))
+                    .unwrap_or_default();
+                let _ = writeln!(
+                    o,
+                    "  Watcher {kind:<13} {} (errors {}, relists {}{err})",
+                    w.state, w.errors, w.relists
+                );
+            }
+            let _ = writeln!(
+                o,
+                "  Last successful sync: {} ({} syncs, last {})",
+                a.last_successful_sync.as_deref().unwrap_or("never"),
+                a.syncs,
+                match a.last_sync_ok {
+                    Some(true) => "ok",
+                    Some(false) => "FAILED",
+                    None => "-",
+                }
+            );
+            let missing: Vec<&str> = a
+                .features
+                .iter()
+                .filter(|(_, ok)| !**ok)
+                .map(|(f, _)| f.as_str())
+                .collect();
+            let _ = writeln!(
+                o,
+                "  Kernel features:      {}",
+                if missing.is_empty() {
+                    "all present".to_string()
+                } else {
+                    format!("missing {}", missing.join(", "))
+                }
+            );
+            let _ = writeln!(o, "  Socket LB cgroup:     {}", a.cgroup);
+        }
+        Err(e) => {
+            let _ = writeln!(o, "  Agent:                {e}");
+        }
+    }
+    let _ = writeln!(
+        o,
+        "  Socket LB hooks:      {}",
+        if r.attached_hooks.is_empty() {
+            "none".into()
+        } else {
+            r.attached_hooks.join(" ")
+        }
+    );
+    let _ = writeln!(
+        o,
+        "  Services:             {} frontends, {} backends",
+        r.frontends, r.backends
+    );
+    let _ = writeln!(o, "  BPF maps ({}):", r.bpf_root);
+    for m in &r.maps {
+        let pct = if m.capacity > 0 {
+            100.0 * m.entries as f64 / m.capacity as f64
+        } else {
+            0.0
+        };
+        let _ = writeln!(
+            o,
+            "    {:<12} {:>8} / {:<8} ({pct:.1}%)",
+            m.map.as_str(),
+            m.entries,
+            m.capacity
+        );
+    }
+    o
+}
