@@ -183,6 +183,11 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let mut reload = true;
     let mut retry_at: Option<tokio::time::Instant> = None;
     let mut desired = DesiredByService::new();
+    // TODO(integration): build from --node-name (node name, zone label,
+    // addresses). Until then no endpoint is local: Local traffic policies
+    // leave their frontends without backends, and NodePorts are served on
+    // 127.0.0.1 only.
+    let node = translate::NodeContext::default();
     loop {
         if reload {
             let paths = config.manifests.clone();
@@ -190,7 +195,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             for doc in &set.skipped {
                 metrics.inc_skipped(doc.reason);
             }
-            let translation = translate::translate(&set.services, &set.slices);
+            let translation = translate::translate(&set.services, &set.slices, &node);
             syncer.record_skipped(&translation.skipped);
             desired = translation.desired;
         }

@@ -10,6 +10,18 @@ use kpr::reconcile::Reconciler;
 use kpr::source::manifests;
 use kpr::{svc_list, translate};
 
+/// The node every golden case is translated for.
+fn node() -> translate::NodeContext {
+    translate::NodeContext {
+        node_name: "node-a".into(),
+        zone: Some("zone-a".into()),
+        node_ips: vec![
+            "192.168.1.10".parse().unwrap(),
+            "fd00:192:168:1::10".parse().unwrap(),
+        ],
+    }
+}
+
 fn render(manifest: &Path) -> String {
     let set = manifests::load(&[manifest.to_path_buf()]);
     assert!(
@@ -18,7 +30,7 @@ fn render(manifest: &Path) -> String {
         manifest.display(),
         set.skipped
     );
-    let t = translate::translate(&set.services, &set.slices);
+    let t = translate::translate(&set.services, &set.slices, &node());
     let mut r = Reconciler::new(FakeMaps::new()).unwrap();
     let out = r.sync_full(&t.desired, true).unwrap();
     assert!(out.refused.is_empty());
