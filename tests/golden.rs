@@ -36,6 +36,18 @@ fn render(manifest: &Path) -> String {
     assert!(out.refused.is_empty());
     assert!(r.maps().violations.is_empty(), "{:?}", r.maps().violations);
     let mut text = svc_list::format_table(&svc_list::rows(&r.maps().snapshot_for_tests()));
+    for h in &t.health_checks {
+        text.push_str(&format!(
+            "# health check node port {} for {}: {} local endpoint(s)\n",
+            h.port, h.service, h.local_endpoints
+        ));
+    }
+    for n in &t.no_local_endpoints {
+        text.push_str(&format!(
+            "# no local endpoints ({}): {} {}\n",
+            n.policy, n.service, n.family
+        ));
+    }
     for s in &t.skipped {
         text.push_str(&format!(
             "# skipped {}: {} ({})\n",
