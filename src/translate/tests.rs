@@ -419,6 +419,21 @@ spec: {clusterIP: 10.96.0.300, ports: [{port: 80}]}
         skips: &[SkipReason::InvalidAddress],
     },
     Case {
+        name: "a second clusterIP of one family is a counted skip; the first one is programmed",
+        service: r#"
+apiVersion: v1
+kind: Service
+metadata: {name: two, namespace: demo}
+spec:
+  clusterIPs: [10.96.0.80, 10.96.0.81]
+  ports: [{port: 80}]
+"#,
+        slices: &[],
+        node: NODE_A,
+        expect: &["10.96.0.80:80/TCP ClusterIP => "],
+        skips: &[SkipReason::InvalidAddress],
+    },
+    Case {
         name: "service ports 0 and 70000 are counted skips",
         service: r#"
 apiVersion: v1
@@ -853,6 +868,27 @@ status:
         expect: &[
             "10.96.3.2:80/TCP ClusterIP => 10.244.1.1:8080/TCP, 10.244.2.1:8080/TCP",
             "198.51.100.4:80/TCP LoadBalancer => 10.244.1.1:8080/TCP, 10.244.2.1:8080/TCP",
+        ],
+        skips: &[],
+    },
+    Case {
+        name: "load balancer ingress is read only for type LoadBalancer",
+        service: r#"
+apiVersion: v1
+kind: Service
+metadata: {name: was-lb, namespace: demo}
+spec:
+  type: NodePort
+  clusterIP: 10.96.3.5
+  ports: [{name: http, port: 80, nodePort: 30185}]
+status: {loadBalancer: {ingress: [{ip: 198.51.100.5}]}}
+"#,
+        slices: &[],
+        node: NODE_A_NO_ZONE,
+        expect: &[
+            "10.96.3.5:80/TCP ClusterIP => ",
+            "127.0.0.1:30185/TCP NodePort => ",
+            "192.168.1.10:30185/TCP NodePort => ",
         ],
         skips: &[],
     },
