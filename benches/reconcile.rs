@@ -18,7 +18,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kpr::datapath::kernel::KernelMaps;
 use kpr::datapath::loader::{self, MapSizes};
 use kpr::reconcile::{DesiredByService, Reconciler};
-use kpr::translate;
+use kpr::translate::{self, NodeContext};
 
 const ENDPOINTS: usize = 10;
 
@@ -127,7 +127,7 @@ fn full_sync(c: &mut Criterion, bed: &Bed, services: usize) {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
                 let start = Instant::now();
-                let t = translate::translate(&svcs, &slices);
+                let t = translate::translate(&svcs, &slices, &NodeContext::default());
                 let out = r.sync_full(&t.desired, true).expect("sync");
                 total += start.elapsed();
                 assert!(out.refused.is_empty(), "{:?}", out.refused.first());
@@ -144,8 +144,11 @@ fn endpoint_change(c: &mut Criterion, bed: &Bed, services: usize) {
     let svcs: Vec<Service> = (0..services).map(service).collect();
     let slices: Vec<EndpointSlice> = (0..services).map(|i| slice(i, 0)).collect();
     let mut r = bed.reconciler();
-    r.sync_full(&translate::translate(&svcs, &slices).desired, true)
-        .expect("load");
+    r.sync_full(
+        &translate::translate(&svcs, &slices, &NodeContext::default()).desired,
+        true,
+    )
+    .expect("load");
     let target = services / 2;
     let key = translate::object_key(&svcs[target].metadata);
     // Two versions of one slice that differ in one endpoint.
@@ -159,7 +162,13 @@ fn endpoint_change(c: &mut Criterion, bed: &Bed, services: usize) {
             flip = !flip;
             let slice = if flip { &b } else { &a };
             let mut skipped = Vec::new();
-            let fes = translate::translate_service(&svcs[target], &[slice], &mut skipped);
+            let fes = translate::translate_service(
+                &svcs[target],
+                &[slice],
+                &NodeContext::default(),
+                &mut skipped,
+            )
+            .frontends;
             let out = r.sync_services(vec![(key.clone(), fes)]).expect("sync");
             assert!(
                 out.writes >= 3 && out.writes <= ENDPOINTS + 2,

@@ -17,7 +17,9 @@ use crate::datapath::kernel::KernelMaps;
 use crate::datapath::loader::{self, MapSizes};
 use crate::datapath::maps::MapName;
 use crate::features::{self, KprMode};
+use crate::healthcheck::HealthCheckServer;
 use crate::http::{self, Health};
+use crate::metrics::TrafficPolicy as MetricPolicy;
 use crate::metrics::WatchKind;
 use crate::metrics::{MapLabel, Metrics, SyncErrorReason};
 use crate::reconcile::ServiceFrontends;
@@ -26,7 +28,13 @@ use crate::source::kube::{self as kube_source, ApiConfig, WatchEvent};
 use crate::source::manifests;
 use crate::source::store::{Kind, ObjectStore};
 use crate::status::{status_router, AgentStatus, StatusHandle};
-use crate::translate::{self, Skipped};
+use crate::translate::{
+    self, HealthCheck, NoLocalEndpoints, NodeContext, ServiceTranslation, Skipped, TrafficPolicy,
+    Translation,
+};
+use k8s_openapi::api::core::v1::Node;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
 
 /// Where Services and EndpointSlices come from.
 #[derive(Clone, Debug)]
@@ -41,8 +49,6 @@ pub enum SourceConfig {
 #[derive(Clone, Debug)]
 pub struct KubeSourceConfig {
     pub api: ApiConfig,
-    /// This node's name: selects the Node object (node IPs, zone).
-    pub node_name: String,
     /// Shortest time between two syncs: bursts of changes are coalesced
     /// (kube-proxy's minSyncPeriod).
     pub min_sync_period: Duration,
@@ -61,6 +67,12 @@ pub struct AgentConfig {
     pub map_sizes: MapSizes,
     pub debounce: Duration,
     pub kpr_mode: KprMode,
+    /// This node's name (standalone mode: decides which endpoints are local).
+    pub node_name: String,
+    /// Node addresses added to those of the Node object (NodePort frontends).
+    pub node_ips: Vec<IpAddr>,
+    /// Address the health check node port listeners bind to.
+    pub health_check_bind: IpAddr,
 }
 
 /// The reconciler with the reporting around it: every sync is timed,
@@ -189,6 +201,90 @@ impl Syncer {
     }
 }
 
+/// What translation says besides frontends, kept per Service so that
+/// incremental syncs can update it: health check node ports to serve and
+/// Local-policy frontends without a local endpoint.
+#[derive(Default)]
+struct PolicyState {
+    health_checks: BTreeMap<String, HealthCheck>,
+    no_local: BTreeMap<String, Vec<NoLocalEndpoints>>,
+}
+
+impl PolicyState {
+    fn replace_all(&mut self, t: &Translation) {
+        self.health_checks = t
+            .health_checks
+            .iter()
+            .map(|h| (h.service.clone(), h.clone()))
+            .collect();
+        self.no_local.clear();
+        for n in &t.no_local_endpoints {
+            self.no_local
+                .entry(n.service.service_key())
+                .or_default()
+                .push(n.clone());
+        }
+    }
+
+    fn replace_service(&mut self, key: &str, t: &ServiceTranslation) {
+        match &t.health_check {
+            Some(h) => self.health_checks.insert(key.to_string(), h.clone()),
+            None => self.health_checks.remove(key),
+        };
+        if t.no_local_endpoints.is_empty() {
+            self.no_local.remove(key);
+        } else {
+            self.no_local
+                .insert(key.to_string(), t.no_local_endpoints.clone());
+        }
+    }
+
+    /// Publishes the no-local-endpoint counts and serves the health checks.
+    async fn publish(&self, metrics: &Metrics, health_checks: &HealthCheckServer) {
+        for (policy, label) in [
+            (TrafficPolicy::Internal, MetricPolicy::Internal),
+            (TrafficPolicy::External, MetricPolicy::External),
+        ] {
+            let n = self
+                .no_local
+                .values()
+                .flatten()
+                .filter(|n| n.policy == policy)
+                .count();
+            metrics.set_no_local_endpoints(label, n);
+        }
+        let checks: Vec<HealthCheck> = self.health_checks.values().cloned().collect();
+        health_checks.update(&checks).await;
+    }
+}
+
+/// The node's identity for translation: its name, zone label and
+/// addresses (from its Node object) plus any --node-ip.
+pub fn node_context(node_name: &str, node: Option<&Node>, extra_ips: &[IpAddr]) -> NodeContext {
+    let zone = node
+        .and_then(|n| n.metadata.labels.as_ref())
+        .and_then(|l| l.get("topology.kubernetes.io/zone"))
+        .cloned();
+    let mut node_ips: Vec<IpAddr> = node
+        .and_then(|n| n.status.as_ref())
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+        .filter_map(|a| a.address.parse().ok())
+        .collect();
+    for ip in extra_ips {
+        if !node_ips.contains(ip) {
+            node_ips.push(*ip);
+        }
+    }
+    NodeContext {
+        node_name: node_name.to_string(),
+        zone,
+        node_ips,
+    }
+}
+
 /// Wait before retrying a sync that did not fully succeed.
 const RETRY_PERIOD: Duration = Duration::from_secs(2);
 /// How often the LRU map gauges are refreshed.
@@ -266,8 +362,8 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             SourceConfig::Manifests(_) => None,
         },
         node_name: match &config.source {
-            SourceConfig::Kubernetes(k) => Some(k.node_name.clone()),
-            SourceConfig::Manifests(_) => None,
+            SourceConfig::Kubernetes(_) => Some(config.node_name.clone()),
+            SourceConfig::Manifests(_) => Some(config.node_name.clone()),
         },
         kube_proxy_replacement: format!("{:?}", config.kpr_mode).to_lowercase(),
         cgroup: config.cgroup.display().to_string(),
@@ -320,11 +416,17 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         health.clone(),
         status.clone(),
     )?;
+    let health_checks =
+        HealthCheckServer::new(config.health_check_bind).with_proxy_health(health.clone());
+    let ctx = LoopContext {
+        metrics: &metrics,
+        status: &status,
+        health_checks: &health_checks,
+        config: &config,
+    };
     let result = match &config.source {
-        SourceConfig::Manifests(paths) => {
-            run_manifests(syncer, paths, config.debounce, &metrics).await
-        }
-        SourceConfig::Kubernetes(kube) => run_kubernetes(syncer, kube, &metrics, &status).await,
+        SourceConfig::Manifests(paths) => run_manifests(syncer, paths, config.debounce, &ctx).await,
+        SourceConfig::Kubernetes(kube) => run_kubernetes(syncer, kube, &ctx).await,
     };
     tracing::info!("stopping; programs stay attached and maps pinned");
     let _ = stop_tx.send(true);
@@ -333,12 +435,20 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     result
 }
 
+/// What both source loops share.
+struct LoopContext<'a> {
+    metrics: &'a Metrics,
+    status: &'a StatusHandle,
+    health_checks: &'a HealthCheckServer,
+    config: &'a AgentConfig,
+}
+
 /// Standalone mode: the manifests on disk are the whole truth on every read.
 async fn run_manifests(
     mut syncer: Syncer,
     paths: &[PathBuf],
     debounce: Duration,
-    metrics: &Metrics,
+    ctx: &LoopContext<'_>,
 ) -> Result<()> {
     let mut watch = manifests::watch(paths, debounce).context("watching the manifests")?;
     let mut lru_tick = tokio::time::interval(LRU_GAUGE_PERIOD);
@@ -347,19 +457,25 @@ async fn run_manifests(
     let mut reload = true;
     let mut retry_at: Option<tokio::time::Instant> = None;
     let mut desired = DesiredByService::new();
+    let mut policies = PolicyState::default();
+    // No Node object in standalone mode: --node-name and --node-ip say
+    // which endpoints are local and where NodePorts listen.
+    let node = node_context(&ctx.config.node_name, None, &ctx.config.node_ips);
     loop {
         if reload {
             let paths = paths.to_vec();
             let set = tokio::task::spawn_blocking(move || manifests::load(&paths)).await?;
             for doc in &set.skipped {
-                metrics.inc_skipped(doc.reason);
+                ctx.metrics.inc_skipped(doc.reason);
             }
-            let translation = translate::translate(&set.services, &set.slices);
+            let translation = translate::translate(&set.services, &set.slices, &node);
             syncer.record_skipped(&translation.skipped);
+            policies.replace_all(&translation);
             desired = translation.desired;
         }
         if reload || retry_at.is_some_and(|at| at <= tokio::time::Instant::now()) {
             let ok = syncer.sync_full(&desired, true);
+            policies.publish(ctx.metrics, ctx.health_checks).await;
             retry_at = (!ok).then(|| tokio::time::Instant::now() + RETRY_PERIOD);
         }
         reload = false;
@@ -395,16 +511,17 @@ fn watch_kind(kind: Kind) -> WatchKind {
 async fn run_kubernetes(
     mut syncer: Syncer,
     config: &KubeSourceConfig,
-    metrics: &Metrics,
-    status: &StatusHandle,
+    ctx: &LoopContext<'_>,
 ) -> Result<()> {
+    let (metrics, status) = (ctx.metrics, ctx.status);
     for kind in Kind::ALL {
         status.watcher(watch_kind(kind).as_label(), |w| w.state = "starting".into());
     }
     let client = kube_source::client(&config.api).await?;
     let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
-    let watchers = kube_source::spawn_watchers(client, &config.node_name, tx);
+    let watchers = kube_source::spawn_watchers(client, &ctx.config.node_name, tx);
     let mut store = ObjectStore::new();
+    let mut policies = PolicyState::default();
     let mut lru_tick = tokio::time::interval(LRU_GAUGE_PERIOD);
     let mut resync = tokio::time::interval(config.sync_period);
     resync.tick().await;
@@ -416,6 +533,8 @@ async fn run_kubernetes(
     let mut force_full = false;
 
     loop {
+        // Bounded frequency: a change is synced at once unless the last
+        // sync was less than min_sync_period ago.
         let due = if store.initial_lists_complete() && (store.has_changes() || force_full) {
             let earliest =
                 last_sync.map_or_else(tokio::time::Instant::now, |t| t + config.min_sync_period);
@@ -431,28 +550,29 @@ async fn run_kubernetes(
             _ = sleep_until_opt(due) => {
                 let changes = store.take_changes();
                 let full = !synced_once || changes.all || force_full || retry_at.is_some();
+                let node = node_context(&ctx.config.node_name, store.node(), &ctx.config.node_ips);
                 let ok = if full {
                     let services: Vec<_> = store.services().cloned().collect();
                     let slices: Vec<_> = store.slices().cloned().collect();
-                    let translation = translate::translate(&services, &slices);
+                    let translation = translate::translate(&services, &slices, &node);
                     syncer.record_skipped(&translation.skipped);
+                    policies.replace_all(&translation);
                     syncer.sync_full(&translation.desired, true)
                 } else {
                     let mut skipped = Vec::new();
-                    let updates: Vec<(String, ServiceFrontends)> = changes
-                        .services
-                        .iter()
-                        .map(|key| {
-                            let frontends = match store.service(key) {
-                                Some(svc) => translate::translate_service(svc, &store.slices_of(key), &mut skipped),
-                                None => ServiceFrontends::new(),
-                            };
-                            (key.clone(), frontends)
-                        })
-                        .collect();
+                    let mut updates: Vec<(String, ServiceFrontends)> = Vec::new();
+                    for key in &changes.services {
+                        let t = match store.service(key) {
+                            Some(svc) => translate::translate_service(svc, &store.slices_of(key), &node, &mut skipped),
+                            None => ServiceTranslation::default(),
+                        };
+                        policies.replace_service(key, &t);
+                        updates.push((key.clone(), t.frontends));
+                    }
                     syncer.record_skipped(&skipped);
                     syncer.sync_services(updates)
                 };
+                policies.publish(metrics, ctx.health_checks).await;
                 metrics.add_changes(changes.service_changes, changes.endpoint_changes);
                 if ok {
                     let now = k8s_openapi::jiff::Timestamp::now();

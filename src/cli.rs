@@ -78,6 +78,13 @@ pub struct AgentArgs {
     /// This node's name [default: $NODE_NAME, else the hostname].
     #[arg(long)]
     pub node_name: Option<String>,
+    /// An address of this node for NodePort frontends, added to the Node
+    /// object's; repeatable (standalone mode has no Node object).
+    #[arg(long = "node-ip", value_name = "IP")]
+    pub node_ips: Vec<std::net::IpAddr>,
+    /// Address the healthCheckNodePort listeners bind to.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub health_check_bind_address: std::net::IpAddr,
     /// Shortest time between two syncs; changes within it are coalesced
     /// (kube-proxy's --iptables-min-sync-period).
     #[arg(long, default_value = "10ms", value_parser = humantime::parse_duration)]

@@ -4,6 +4,7 @@ pub mod agent;
 pub mod cli;
 pub mod datapath;
 pub mod features;
+pub mod healthcheck;
 pub mod host;
 pub mod http;
 pub mod metrics;

@@ -98,20 +98,19 @@ fn run_agent(args: AgentArgs) -> Result<()> {
             host::cgroup2_mount().context("finding the cgroup2 mount for the default --cgroup")?
         }
     };
+    let node_name = match args.node_name.or_else(|| std::env::var("NODE_NAME").ok()) {
+        Some(n) => n,
+        None => nix::unistd::gethostname()
+            .context("no --node-name, no $NODE_NAME and no hostname")?
+            .to_string_lossy()
+            .into_owned(),
+    };
     let source = if args.manifests.is_empty() {
-        let node_name = match args.node_name.or_else(|| std::env::var("NODE_NAME").ok()) {
-            Some(n) => n,
-            None => nix::unistd::gethostname()
-                .context("no --node-name, no $NODE_NAME and no hostname")?
-                .to_string_lossy()
-                .into_owned(),
-        };
         SourceConfig::Kubernetes(KubeSourceConfig {
             api: ApiConfig {
                 kubeconfig: args.kubeconfig,
                 api_server: args.k8s_api_server,
             },
-            node_name,
             min_sync_period: args.min_sync_period,
             sync_period: args.sync_period,
         })
@@ -131,6 +130,9 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         },
         debounce: Duration::from_millis(args.debounce_ms),
         kpr_mode: args.kube_proxy_replacement,
+        node_name,
+        node_ips: args.node_ips,
+        health_check_bind: args.health_check_bind_address,
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -10,6 +10,18 @@ use kpr::reconcile::Reconciler;
 use kpr::source::manifests;
 use kpr::{svc_list, translate};
 
+/// The node every golden case is translated for.
+fn node() -> translate::NodeContext {
+    translate::NodeContext {
+        node_name: "node-a".into(),
+        zone: Some("zone-a".into()),
+        node_ips: vec![
+            "192.168.1.10".parse().unwrap(),
+            "fd00:192:168:1::10".parse().unwrap(),
+        ],
+    }
+}
+
 fn render(manifest: &Path) -> String {
     let set = manifests::load(&[manifest.to_path_buf()]);
     assert!(
@@ -18,12 +30,24 @@ fn render(manifest: &Path) -> String {
         manifest.display(),
         set.skipped
     );
-    let t = translate::translate(&set.services, &set.slices);
+    let t = translate::translate(&set.services, &set.slices, &node());
     let mut r = Reconciler::new(FakeMaps::new()).unwrap();
     let out = r.sync_full(&t.desired, true).unwrap();
     assert!(out.refused.is_empty());
     assert!(r.maps().violations.is_empty(), "{:?}", r.maps().violations);
     let mut text = svc_list::format_table(&svc_list::rows(&r.maps().snapshot_for_tests()));
+    for h in &t.health_checks {
+        text.push_str(&format!(
+            "# health check node port {} for {}: {} local endpoint(s)\n",
+            h.port, h.service, h.local_endpoints
+        ));
+    }
+    for n in &t.no_local_endpoints {
+        text.push_str(&format!(
+            "# no local endpoints ({}): {} {}\n",
+            n.policy, n.service, n.family
+        ));
+    }
     for s in &t.skipped {
         text.push_str(&format!(
             "# skipped {}: {} ({})\n",
