@@ -18,8 +18,9 @@ pub struct AgentProcess {
     pub bpf_root: PathBuf,
     /// The agent's --cgroup.
     pub cgroup: PathBuf,
-    /// The agent's --manifests.
-    pub manifests: PathBuf,
+    /// The agent's --manifests; None runs it against the Kubernetes API
+    /// (its `--kubeconfig` among the extra arguments).
+    pub manifests: Option<PathBuf>,
     /// Where the agent serves /metrics.
     pub metrics_addr: SocketAddr,
     /// Where the agent serves /healthz.
@@ -39,10 +40,49 @@ pub fn free_loopback_addr() -> Result<SocketAddr> {
 }
 
 impl AgentProcess {
+    /// Starts `exe agent` with the given paths; `extra_args` are appended.
+    /// The agent's stderr goes to `<bpf_root>.log`.
+    pub fn start(
+        exe: &Path,
+        manifests: &Path,
+        cgroup: &Path,
+        bpf_root: &Path,
+        extra_args: &[&str],
+    ) -> Result<AgentProcess> {
+        AgentProcess::launch(exe, Some(manifests), cgroup, bpf_root, extra_args, &[])
+    }
+
     /// Like [`AgentProcess::start`], with extra environment variables.
     pub fn start_with_env(
         exe: &Path,
         manifests: &Path,
+        cgroup: &Path,
+        bpf_root: &Path,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<AgentProcess> {
+        AgentProcess::launch(exe, Some(manifests), cgroup, bpf_root, extra_args, env)
+    }
+
+    /// Starts `exe agent` against the API server of `kubeconfig` as node
+    /// `node_name`; `extra_args` are appended.
+    pub fn start_kubernetes(
+        exe: &Path,
+        kubeconfig: &Path,
+        node_name: &str,
+        cgroup: &Path,
+        bpf_root: &Path,
+        extra_args: &[&str],
+    ) -> Result<AgentProcess> {
+        let kubeconfig = kubeconfig.to_string_lossy();
+        let mut args = vec!["--kubeconfig", &kubeconfig, "--node-name", node_name];
+        args.extend_from_slice(extra_args);
+        AgentProcess::launch(exe, None, cgroup, bpf_root, &args, &[])
+    }
+
+    fn launch(
+        exe: &Path,
+        manifests: Option<&Path>,
         cgroup: &Path,
         bpf_root: &Path,
         extra_args: &[&str],
@@ -53,7 +93,7 @@ impl AgentProcess {
             exe: exe.to_path_buf(),
             bpf_root: bpf_root.to_path_buf(),
             cgroup: cgroup.to_path_buf(),
-            manifests: manifests.to_path_buf(),
+            manifests: manifests.map(Path::to_path_buf),
             metrics_addr: free_loopback_addr()?,
             healthz_addr: free_loopback_addr()?,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
@@ -83,41 +123,18 @@ impl AgentProcess {
         }
     }
 
-    /// Starts `exe agent` with the given paths; `extra_args` are appended.
-    /// The agent's stderr goes to `<bpf_root>.log`.
-    pub fn start(
-        exe: &Path,
-        manifests: &Path,
-        cgroup: &Path,
-        bpf_root: &Path,
-        extra_args: &[&str],
-    ) -> Result<AgentProcess> {
-        let mut agent = AgentProcess {
-            child: None,
-            exe: exe.to_path_buf(),
-            bpf_root: bpf_root.to_path_buf(),
-            cgroup: cgroup.to_path_buf(),
-            manifests: manifests.to_path_buf(),
-            metrics_addr: free_loopback_addr()?,
-            healthz_addr: free_loopback_addr()?,
-            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
-            env: Vec::new(),
-            log: bpf_root.with_extension("log"),
-        };
-        agent.spawn()?;
-        Ok(agent)
-    }
-
     fn spawn(&mut self) -> Result<()> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .map_err(|e| TestbedError::io(format!("opening {}", self.log.display()), e))?;
-        let child = Command::new(&self.exe)
-            .arg("agent")
-            .arg("--manifests")
-            .arg(&self.manifests)
+        let mut command = Command::new(&self.exe);
+        command.arg("agent");
+        if let Some(manifests) = &self.manifests {
+            command.arg("--manifests").arg(manifests);
+        }
+        let child = command
             .arg("--cgroup")
             .arg(&self.cgroup)
             .arg("--bpf-root")

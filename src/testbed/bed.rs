@@ -34,6 +34,9 @@ pub struct BedPlan {
     pub untranslated_vips: Vec<SocketAddr>,
     /// Extra `kpr agent` arguments.
     pub agent_args: Vec<String>,
+    /// Run the agent against this kubeconfig's API server as this node,
+    /// instead of on the manifest.
+    pub kubernetes: Option<(PathBuf, String)>,
 }
 
 impl Default for BedPlan {
