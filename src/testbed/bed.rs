@@ -46,6 +46,7 @@ impl Default for BedPlan {
             v6_backends: 2,
             untranslated_vips: Vec::new(),
             agent_args: Vec::new(),
+            kubernetes: None,
         }
     }
 }
