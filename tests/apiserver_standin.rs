@@ -527,7 +527,41 @@ async fn idle_watches_get_bookmarks_with_the_latest_version_and_end_after_their_
         found,
         "no bookmark at {latest} before the 2 s timeout ended the stream"
     );
-    assert_eq!(server.open_watches(), 0);
+    eventually("the timed-out watch is closed", || {
+        server.open_watches() == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn watcher_pages_its_initial_list_with_continue_tokens() {
+    let server = ApiServer::start();
+    for name in ["a", "b", "c", "d", "e"] {
+        server.apply(&service("t", name, json!({})));
+    }
+    let api = Api::<Service>::all(client(&server).await);
+    let mut events = watch(api, watcher::Config::default().page_size(2));
+    assert_eq!(
+        take(&mut events, 7).await,
+        [
+            "Init",
+            "InitApply t/a",
+            "InitApply t/b",
+            "InitApply t/c",
+            "InitApply t/d",
+            "InitApply t/e",
+            "InitDone"
+        ]
+    );
+    assert_eq!(server.list_requests(Kind::Service), 3);
+    server.delete(Kind::Service, Some("t"), "c");
+    assert_eq!(take(&mut events, 1).await, ["Delete t/c"]);
+}
+
+#[test]
+fn the_server_handle_can_be_shared_across_threads_and_tasks() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<ApiServer>();
 }
 
 #[tokio::test]

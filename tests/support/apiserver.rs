@@ -109,7 +109,7 @@ const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub struct Options {
     /// Period of BOOKMARK events on watches that allow them. Default 1 s
-    /// (the real apiserver sends about one a minute).
+    /// (the real apiserver sends about one a minute); at least 1 ms.
     pub bookmark_interval: Duration,
     /// Whether list items carry `kind` and `apiVersion`. Default false,
     /// which is what the real apiserver does.
@@ -224,9 +224,12 @@ impl ApiServer {
     /// Creates or replaces a Service, EndpointSlice or Node (a k8s-openapi
     /// object or JSON with `apiVersion` and `kind`), as an update through
     /// the API would: a new resourceVersion and an ADDED or MODIFIED event.
-    /// Namespaced objects without a namespace go to `default`. An apply
-    /// that changes nothing issues no version and no event. Returns the
-    /// stored object. Panics on an object the stand-in does not serve.
+    /// Namespaced objects without a namespace go to `default`; a Node's
+    /// namespace is dropped. The server-owned fields (resourceVersion, uid,
+    /// creationTimestamp, generation) are the server's whatever `obj` says,
+    /// so there are no conflicts. An apply that changes nothing issues no
+    /// version and no event. Returns the stored object. Panics on an object
+    /// the stand-in does not serve or without `metadata.name`.
     pub fn apply<T: Serialize + DeserializeOwned>(&self, obj: &T) -> T {
         let json = serde_json::to_value(obj)
             .unwrap_or_else(|e| panic!("apiserver stand-in: apply: encode: {e}"));

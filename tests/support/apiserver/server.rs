@@ -586,7 +586,10 @@ fn start_watch(shared: &Arc<Shared>, target: &Target, query: &Query) -> Response
     let changed = shared.changed.subscribe();
     let dropped = shared.drop_epoch.subscribe();
     let bookmarks = query.bookmarks.then(|| {
-        let period = shared.options.bookmark_interval;
+        let period = shared
+            .options
+            .bookmark_interval
+            .max(Duration::from_millis(1));
         let mut i = tokio::time::interval_at(Instant::now() + period, period);
         i.set_missed_tick_behavior(MissedTickBehavior::Delay);
         i
