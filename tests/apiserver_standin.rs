@@ -306,6 +306,19 @@ async fn watcher_sees_the_initial_list_then_changes_through_its_label_selector()
     );
     assert_eq!(server.list_requests(Kind::Service), 1);
     assert_eq!(server.watch_requests(Kind::Service), 1);
+    // What kube's watcher asks for by default (pinned for kpr's integrator).
+    let selector = "labelSelector=%21service.kubernetes.io%2Fservice-proxy-name";
+    let listed_at = 4; // three applies, first version 1
+    assert_eq!(
+        server.requests(),
+        [
+            format!("GET /api/v1/services?&{selector}&limit=500"),
+            format!(
+                "GET /api/v1/services?&watch=true&timeoutSeconds=290&{selector}\
+                 &allowWatchBookmarks=true&resourceVersion={listed_at}"
+            ),
+        ]
+    );
 }
 
 #[tokio::test]

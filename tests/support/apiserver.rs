@@ -337,6 +337,13 @@ impl ApiServer {
         self.shared.watches[kind.index()].load(Ordering::SeqCst)
     }
 
+    /// `METHOD path?query` of every request so far, in arrival order, as
+    /// sent (query still percent-encoded).
+    pub fn requests(&self) -> Vec<String> {
+        let log = self.shared.requests.lock();
+        log.unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// Watch streams open now, all kinds.
     pub fn open_watches(&self) -> usize {
         self.shared.open_watches().len()

@@ -49,6 +49,8 @@ pub struct Shared {
     /// Open watch streams by id.
     pub open: Mutex<HashMap<u64, Kind>>,
     next_watch_id: AtomicU64,
+    /// `METHOD path?query` of every request, in arrival order.
+    pub requests: Mutex<Vec<String>>,
 }
 
 impl Shared {
@@ -64,6 +66,7 @@ impl Shared {
             watches: Default::default(),
             open: Mutex::new(HashMap::new()),
             next_watch_id: AtomicU64::new(1),
+            requests: Mutex::new(Vec::new()),
         }
     }
 
@@ -172,6 +175,11 @@ struct Target {
 }
 
 fn handle(shared: &Arc<Shared>, req: &Request<Incoming>) -> Response<Body> {
+    shared
+        .requests
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(format!("{} {}", req.method(), req.uri()));
     let path = req.uri().path();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     if req.method() != Method::GET {
