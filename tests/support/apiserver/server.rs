@@ -292,7 +292,9 @@ impl Query {
                 "labelSelector" => q.labels = LabelSelector::parse(&value)?,
                 "fieldSelector" => q.fields = FieldSelector::parse(&value)?,
                 "timeoutSeconds" => {
-                    q.timeout = Some(Duration::from_secs(parse_number(&key, &value)? as u64))
+                    // Capped at a day, so a deadline never overflows.
+                    let secs = parse_number(&key, &value)?.min(86_400);
+                    q.timeout = Some(Duration::from_secs(secs as u64))
                 }
                 "allowWatchBookmarks" => q.bookmarks = parse_bool(&key, &value)?,
                 "sendInitialEvents" => q.send_initial_events = parse_bool(&key, &value)?,
