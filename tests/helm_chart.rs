@@ -201,6 +201,9 @@ fn render(overrides: &str) -> Rendered {
             .templates
             .render_file(name, &context)
             .unwrap_or_else(|e| panic!("rendering {name}: {e}"));
+        if let Some(line) = text.lines().find(|l| yaml11_reads_as_bool(l)) {
+            panic!("{name}: Kubernetes (YAML 1.1) reads a bool where a string may be meant: {line:?}");
+        }
         for doc in split_documents(&text) {
             let v: Value = serde_yaml_ng::from_str(&doc)
                 .unwrap_or_else(|e| panic!("{name} renders invalid YAML: {e}\n{doc}"));
@@ -212,6 +215,22 @@ fn render(overrides: &str) -> Rendered {
         files.insert(name.clone(), text);
     }
     Rendered { files, docs }
+}
+
+/// Whether a line ends in a plain scalar that YAML 1.1 (the API server's
+/// YAML) reads as a bool and YAML 1.2 (this test's parser) as a string:
+/// `nodeSelector: {kpr: yes}` must come out as `kpr: "yes"`.
+fn yaml11_reads_as_bool(line: &str) -> bool {
+    let line = line.trim();
+    let value = match line.rsplit_once(": ") {
+        Some((_, v)) => v,
+        None => line.strip_prefix("- ").unwrap_or(""),
+    };
+    matches!(
+        value.trim(),
+        "y" | "Y" | "yes" | "Yes" | "YES" | "n" | "N" | "no" | "No" | "NO" | "on" | "On" | "ON"
+            | "off" | "Off" | "OFF"
+    )
 }
 
 /// Splits a manifest stream at `---` lines.

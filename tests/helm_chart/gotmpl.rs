@@ -1059,29 +1059,196 @@ fn sprintf(format: &str, args: &[Value]) -> Result<String, String> {
     Ok(out)
 }
 
-/// Helm's `toYaml`: YAML with sorted keys, without the final newline.
-/// Helm goes through JSON, where a float64 with an integral value prints as
-/// an integer; so do we.
+/// Helm's `toYaml` (sigs.k8s.io/yaml: JSON, then go-yaml v2's emitter):
+/// block style, sorted keys, lists flush with their key, integral numbers
+/// as integers, and strings quoted exactly when go-yaml quotes them: double
+/// quotes for a string YAML 1.1 would read as something else (`"yes"`,
+/// `"123"`, `""`), single quotes where plain style cannot hold it (`'a: b'`).
+/// No final newline. Multi-line strings (go-yaml's `|-`) are refused.
 fn to_yaml(v: &Value) -> Result<String, String> {
-    fn integral(v: &Value) -> Value {
+    let mut out = String::new();
+    match v {
+        Value::Object(m) if !m.is_empty() => yaml_map(m, 0, false, &mut out)?,
+        Value::Array(a) if !a.is_empty() => yaml_list(a, 0, false, &mut out)?,
+        scalar => out = yaml_scalar(scalar)?,
+    }
+    Ok(out.trim_end_matches('\n').to_string())
+}
+
+/// A map's entries at column `indent`; the first on the current line when
+/// `inline` (after a list's "- ").
+fn yaml_map(m: &Map<String, Value>, indent: usize, inline: bool, out: &mut String) -> Result<(), String> {
+    for (i, (k, v)) in sorted(m).enumerate() {
+        if !(inline && i == 0) {
+            out.push_str(&" ".repeat(indent));
+        }
+        out.push_str(&yaml_string(k)?);
+        out.push(':');
         match v {
-            Value::Number(n) => match n.as_f64() {
-                Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() < 1e15 => {
-                    Value::from(f as i64)
-                }
-                _ => v.clone(),
-            },
-            Value::Array(a) => Value::Array(a.iter().map(integral).collect()),
-            Value::Object(m) => Value::Object(
-                sorted(m)
-                    .map(|(k, v)| (k.clone(), integral(v)))
-                    .collect(),
-            ),
-            other => other.clone(),
+            Value::Object(inner) if !inner.is_empty() => {
+                out.push('\n');
+                yaml_map(inner, indent + 2, false, out)?;
+            }
+            Value::Array(a) if !a.is_empty() => {
+                out.push('\n');
+                yaml_list(a, indent, false, out)?;
+            }
+            scalar => {
+                out.push(' ');
+                out.push_str(&yaml_scalar(scalar)?);
+                out.push('\n');
+            }
         }
     }
-    let yaml = serde_yaml_ng::to_string(&integral(v)).map_err(|e| e.to_string())?;
-    Ok(yaml.trim_end_matches('\n').to_string())
+    Ok(())
+}
+
+fn yaml_list(a: &[Value], indent: usize, inline: bool, out: &mut String) -> Result<(), String> {
+    for (i, v) in a.iter().enumerate() {
+        if !(inline && i == 0) {
+            out.push_str(&" ".repeat(indent));
+        }
+        out.push_str("- ");
+        match v {
+            Value::Object(m) if !m.is_empty() => yaml_map(m, indent + 2, true, out)?,
+            Value::Array(inner) if !inner.is_empty() => yaml_list(inner, indent + 2, true, out)?,
+            scalar => {
+                out.push_str(&yaml_scalar(scalar)?);
+                out.push('\n');
+            }
+        }
+    }
+    Ok(())
+}
+
+fn yaml_scalar(v: &Value) -> Result<String, String> {
+    Ok(match v {
+        Value::Null => "null".into(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => match n.as_f64() {
+            // JSON prints an integral float64 as an integer.
+            Some(f) if f.fract() == 0.0 && f.abs() < 1e18 => (f as i64).to_string(),
+            Some(f) => go_float(f),
+            None => n.to_string(),
+        },
+        Value::String(s) => yaml_string(s)?,
+        Value::Object(_) => "{}".into(),
+        Value::Array(_) => "[]".into(),
+    })
+}
+
+fn yaml_string(s: &str) -> Result<String, String> {
+    if s.contains('\n') {
+        return Err(format!("toYaml: multi-line string {s:?} is not supported"));
+    }
+    let printable = |c: char| c == ' ' || !(c.is_control() || c == '\u{feff}');
+    if !s.chars().all(printable) || yaml11_not_a_string(s) {
+        Ok(yaml_double_quoted(s))
+    } else if plain_allowed(s) {
+        Ok(s.to_string())
+    } else {
+        Ok(format!("'{}'", s.replace('\'', "''")))
+    }
+}
+
+/// Whether go-yaml v2 would resolve the plain scalar `s` to a non-string
+/// (YAML 1.1: null, bool, int, float, base-60 number, timestamp).
+fn yaml11_not_a_string(s: &str) -> bool {
+    const WORDS: &[&str] = &[
+        "", "~", "null", "Null", "NULL", "y", "Y", "yes", "Yes", "YES", "n", "N", "no", "No",
+        "NO", "true", "True", "TRUE", "false", "False", "FALSE", "on", "On", "ON", "off", "Off",
+        "OFF", ".inf", ".Inf", ".INF", "+.inf", "+.Inf", "+.INF", "-.inf", "-.Inf", "-.INF",
+        ".nan", ".NaN", ".NAN",
+    ];
+    if WORDS.contains(&s) {
+        return true;
+    }
+    if !s.starts_with(|c: char| "+-.0123456789".contains(c)) {
+        return false;
+    }
+    let plain = s.replace('_', "");
+    let unsigned = plain.trim_start_matches(['+', '-']);
+    let all = |t: &str, f: fn(char) -> bool| !t.is_empty() && t.chars().all(f);
+    let radix = [("0x", 16), ("0X", 16), ("0b", 2), ("0B", 2), ("0o", 8), ("0O", 8)]
+        .iter()
+        .any(|(p, r)| {
+            unsigned
+                .strip_prefix(p)
+                .is_some_and(|d| all(d, |c| c.is_ascii_hexdigit()) && i64::from_str_radix(d, *r).is_ok())
+        });
+    let digits = |t: &str| all(t, |c| c.is_ascii_digit());
+    // [-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?
+    let float = {
+        let (mantissa, exp) = match unsigned.find(['e', 'E']) {
+            Some(i) => (&unsigned[..i], Some(&unsigned[i + 1..])),
+            None => (unsigned, None),
+        };
+        let mantissa_ok = match mantissa.split_once('.') {
+            Some(("", frac)) => digits(frac),
+            Some((int, frac)) => digits(int) && (frac.is_empty() || digits(frac)),
+            None => digits(mantissa),
+        };
+        mantissa_ok && exp.is_none_or(|e| digits(e.trim_start_matches(['+', '-'])))
+    };
+    // Base 60: [-+]?[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?
+    let base60 = {
+        let (whole, frac) = unsigned.split_once('.').unwrap_or((unsigned, ""));
+        let mut parts = whole.split(':');
+        let head = parts.next().unwrap_or("");
+        let rest: Vec<&str> = parts.collect();
+        digits(head)
+            && !rest.is_empty()
+            && rest
+                .iter()
+                .all(|p| digits(p) && p.len() <= 2 && p.parse::<u32>().is_ok_and(|n| n < 60))
+            && (frac.is_empty() || digits(frac))
+    };
+    // Timestamps start YYYY-M-D.
+    let timestamp = {
+        let mut it = s.splitn(3, '-');
+        let (y, m, rest) = (it.next().unwrap_or(""), it.next().unwrap_or(""), it.next().unwrap_or(""));
+        let d: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        y.len() == 4 && digits(y) && (1..=2).contains(&m.len()) && digits(m) && (1..=2).contains(&d.len())
+            && (rest.len() == d.len() || rest[d.len()..].starts_with(['T', 't', ' ']))
+    };
+    radix || float || base60 || timestamp
+}
+
+/// libyaml's test for plain style in block context.
+fn plain_allowed(s: &str) -> bool {
+    let chars: Vec<char> = s.chars().collect();
+    let blank_at = |i: usize| chars.get(i).is_none_or(|c| *c == ' ');
+    if s.starts_with("---") || s.starts_with("...") || s.starts_with(' ') || s.ends_with(' ') {
+        return false;
+    }
+    if chars[0] == '-' && blank_at(1) || "?:".contains(chars[0]) && blank_at(1) {
+        return false;
+    }
+    if "#,[]{}&*!|>'\"%@`".contains(chars[0]) {
+        return false;
+    }
+    (1..chars.len()).all(|i| {
+        !(chars[i] == ':' && blank_at(i + 1)) && !(chars[i] == '#' && chars[i - 1] == ' ')
+    })
+}
+
+fn yaml_double_quoted(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\0' => out.push_str("\\0"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            '\u{1b}' => out.push_str("\\e"),
+            '\u{feff}' => out.push_str("\\uFEFF"),
+            c if c.is_control() => out.push_str(&format!("\\x{:02X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// Turns every number into a float, as Helm's values loading does.
@@ -1209,6 +1376,66 @@ mod tests {
     fn required_fails_with_its_message() {
         let err = render("{{ required \"need x\" .x }}", json!({})).unwrap_err();
         assert!(err.contains("need x"), "{err}");
+    }
+
+    /// The expected text is what Helm 4.2.3's `toYaml` printed for the same map.
+    #[test]
+    fn to_yaml_quotes_strings_as_go_yaml_does() {
+        let data = json!({"v": {
+            "t": "true", "y": "yes", "n": "123", "e": "", "f": "1.5e3", "h": "0x1F",
+            "d": "2001-12-14", "b60": "1:20", "colon": "a: b", "dash": "- x", "star": "*x",
+            "hash": "a #b", "plain": "kubernetes.io/os", "flag": "--x=1", "q": "it's: x",
+            "cpu": "100m", "ver": "v1.2.3", "ip": "10.0.0.1", "dot": "1.2.3", "tab": "a\tb",
+            "u": "ünï", "end:": "x:", "qm": "?x", "q2": "? x", "neg": "-1", "und": "1_000",
+            "oct": "0o17", "bin": "0b101", "e1": "1e5", "dotnum": ".5", "ver2": "1.2", "sp": " a",
+        }});
+        let want = [
+            r#"b60: "1:20""#,
+            r#"bin: "0b101""#,
+            r#"colon: 'a: b'"#,
+            r#"cpu: 100m"#,
+            r#"d: "2001-12-14""#,
+            r#"dash: '- x'"#,
+            r#"dot: 1.2.3"#,
+            r#"dotnum: ".5""#,
+            r#"e: """#,
+            r#"e1: "1e5""#,
+            r#"'end:': 'x:'"#,
+            r#"f: "1.5e3""#,
+            r#"flag: --x=1"#,
+            r#"h: "0x1F""#,
+            r#"hash: 'a #b'"#,
+            r#"ip: 10.0.0.1"#,
+            r#""n": "123""#,
+            r#"neg: "-1""#,
+            r#"oct: "0o17""#,
+            r#"plain: kubernetes.io/os"#,
+            r#"q: 'it''s: x'"#,
+            r#"q2: '? x'"#,
+            r#"qm: ?x"#,
+            r#"sp: ' a'"#,
+            r#"star: '*x'"#,
+            r#"t: "true""#,
+            r#"tab: "a\tb""#,
+            r#"u: ünï"#,
+            r#"und: "1_000""#,
+            r#"ver: v1.2.3"#,
+            r#"ver2: "1.2""#,
+            r#""y": "yes""#,
+        ];
+        assert_eq!(ok("{{ toYaml .v }}", data), want.join("\n"));
+    }
+
+    #[test]
+    fn to_yaml_nests_maps_and_lists_like_go_yaml() {
+        let data = numbers_to_float(json!({"v": {
+            "l": [{"a": 1, "b": [1, 2]}, [3, 4]], "m": {"x": {}}, "z": [],
+            "f": 2.5, "g": 0.00001, "big": 12345678,
+        }}));
+        assert_eq!(
+            ok("{{ toYaml .v }}", data),
+            "big: 12345678\nf: 2.5\ng: 1e-05\nl:\n- a: 1\n  b:\n  - 1\n  - 2\n- - 3\n  - 4\nm:\n  x: {}\nz: []"
+        );
     }
 
     #[test]
