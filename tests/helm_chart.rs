@@ -427,8 +427,13 @@ fn every_value_is_commented_in_values_yaml_and_listed_in_the_readme() {
     let chart = chart();
     let values_yaml = read(&chart.dir, "values.yaml");
     let readme = read(&chart.dir, "README.md");
-    // The README's values table: rows "| `path` | default | meaning |".
-    let documented: Vec<&str> = readme
+    // The README's values table: rows "| `path` | default | meaning |" in
+    // its "## Values" section.
+    let section = readme
+        .split("\n## ")
+        .find(|s| s.starts_with("Values\n"))
+        .expect("a \"## Values\" section in the chart README");
+    let documented: Vec<&str> = section
         .lines()
         .filter_map(|l| l.strip_prefix("| `")?.split_once("` |").map(|(k, _)| k))
         .collect();
