@@ -202,7 +202,9 @@ fn render(overrides: &str) -> Rendered {
             .render_file(name, &context)
             .unwrap_or_else(|e| panic!("rendering {name}: {e}"));
         if let Some(line) = text.lines().find(|l| yaml11_reads_as_bool(l)) {
-            panic!("{name}: Kubernetes (YAML 1.1) reads a bool where a string may be meant: {line:?}");
+            panic!(
+                "{name}: Kubernetes (YAML 1.1) reads a bool where a string may be meant: {line:?}"
+            );
         }
         for doc in split_documents(&text) {
             let v: Value = serde_yaml_ng::from_str(&doc)
@@ -228,8 +230,21 @@ fn yaml11_reads_as_bool(line: &str) -> bool {
     };
     matches!(
         value.trim(),
-        "y" | "Y" | "yes" | "Yes" | "YES" | "n" | "N" | "no" | "No" | "NO" | "on" | "On" | "ON"
-            | "off" | "Off" | "OFF"
+        "y" | "Y"
+            | "yes"
+            | "Yes"
+            | "YES"
+            | "n"
+            | "N"
+            | "no"
+            | "No"
+            | "NO"
+            | "on"
+            | "On"
+            | "ON"
+            | "off"
+            | "Off"
+            | "OFF"
     )
 }
 
@@ -250,13 +265,21 @@ fn split_documents(text: &str) -> Vec<String> {
 
 impl Rendered {
     fn kinds(&self) -> Vec<&str> {
-        self.docs.iter().map(|d| d["kind"].as_str().unwrap_or("?")).collect()
+        self.docs
+            .iter()
+            .map(|d| d["kind"].as_str().unwrap_or("?"))
+            .collect()
     }
 
     #[track_caller]
     fn one(&self, kind: &str) -> &Value {
         let all: Vec<_> = self.docs.iter().filter(|d| d["kind"] == kind).collect();
-        assert_eq!(all.len(), 1, "want one {kind}, have kinds {:?}", self.kinds());
+        assert_eq!(
+            all.len(),
+            1,
+            "want one {kind}, have kinds {:?}",
+            self.kinds()
+        );
         all[0]
     }
 
@@ -332,7 +355,12 @@ fn agent(ds: &DaemonSet) -> &Container {
 }
 
 fn args(ds: &DaemonSet) -> Vec<&str> {
-    agent(ds).args.iter().flatten().map(String::as_str).collect()
+    agent(ds)
+        .args
+        .iter()
+        .flatten()
+        .map(String::as_str)
+        .collect()
 }
 
 /// mountPath -> (volume, mountPropagation, readOnly) of a container.
@@ -477,7 +505,11 @@ fn every_value_is_commented_in_values_yaml_and_listed_in_the_readme() {
             documented = commented(parent);
             child = parent;
         }
-        assert!(documented, "values.yaml line {}: {t:?} has no comment", i + 1);
+        assert!(
+            documented,
+            "values.yaml line {}: {t:?} has no comment",
+            i + 1
+        );
     }
 }
 
@@ -589,7 +621,10 @@ fn node_name_comes_from_the_downward_api() {
 #[test]
 fn default_args_pass_no_nodeport_flag_and_no_api_server() {
     let ds = render(DEFAULTS).daemonset();
-    assert_eq!(agent(&ds).command.as_deref(), Some(&["kpr".to_string()][..]));
+    assert_eq!(
+        agent(&ds).command.as_deref(),
+        Some(&["kpr".to_string()][..])
+    );
     assert_eq!(
         args(&ds),
         [
@@ -609,8 +644,14 @@ fn api_server_values_become_the_flag_and_the_client_environment() {
     let ds = render(API_SERVER).daemonset();
     assert!(args(&ds).contains(&"--k8s-api-server=https://192.0.2.10:6443"));
     let env = serde_json::to_value(&agent(&ds).env).unwrap();
-    assert_eq!(env[1], json!({"name": "KUBERNETES_SERVICE_HOST", "value": "192.0.2.10"}));
-    assert_eq!(env[2], json!({"name": "KUBERNETES_SERVICE_PORT", "value": "6443"}));
+    assert_eq!(
+        env[1],
+        json!({"name": "KUBERNETES_SERVICE_HOST", "value": "192.0.2.10"})
+    );
+    assert_eq!(
+        env[2],
+        json!({"name": "KUBERNETES_SERVICE_PORT", "value": "6443"})
+    );
 
     let ds = render(API_SERVER_V6).daemonset();
     assert!(
@@ -664,7 +705,9 @@ fn one_nodeport_value_alone_passes_only_its_own_flag() {
 #[test]
 fn the_image_tag_defaults_to_the_app_version() {
     let ds = render(DEFAULTS).daemonset();
-    let app_version = chart().chart_yaml["appVersion"].as_str().expect("appVersion");
+    let app_version = chart().chart_yaml["appVersion"]
+        .as_str()
+        .expect("appVersion");
     assert_eq!(
         agent(&ds).image.as_deref(),
         Some(format!("kpr:{app_version}").as_str())
@@ -741,9 +784,15 @@ fn init_containers_mount_cgroup2_and_bpffs_on_the_host() {
     let cg = init_container(&ds, "mount-cgroup").unwrap();
     let script = cg.command.as_ref().unwrap().join(" ");
     assert!(script.contains("nsenter --cgroup=/hostproc/1/ns/cgroup -- mount -t cgroup2"));
-    assert!(script.contains("cgroup2 already mounted"), "idempotent: {script}");
+    assert!(
+        script.contains("cgroup2 already mounted"),
+        "idempotent: {script}"
+    );
     let env = serde_json::to_value(&cg.env).unwrap();
-    assert_eq!(env, json!([{"name": "CGROUP_ROOT", "value": "/run/kpr/cgroupv2"}]));
+    assert_eq!(
+        env,
+        json!([{"name": "CGROUP_ROOT", "value": "/run/kpr/cgroupv2"}])
+    );
     assert_eq!(
         mounts(cg),
         BTreeMap::from([
@@ -755,7 +804,10 @@ fn init_containers_mount_cgroup2_and_bpffs_on_the_host() {
     let bpf = init_container(&ds, "mount-bpf-fs").unwrap();
     let script = bpf.command.as_ref().unwrap().join(" ");
     assert!(script.contains("mount -t bpf bpf /sys/fs/bpf"));
-    assert!(script.contains("bpffs already mounted"), "idempotent: {script}");
+    assert!(
+        script.contains("bpffs already mounted"),
+        "idempotent: {script}"
+    );
     assert_eq!(
         mounts(bpf),
         BTreeMap::from([("/sys/fs/bpf", ("bpf-maps", "Bidirectional", false))])
@@ -797,11 +849,23 @@ fn probes_and_ports_use_the_healthz_and_metrics_ports() {
             ])
         );
         let probe = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
-            let get = p.as_ref().and_then(|p| p.http_get.clone()).expect("httpGet");
-            (get.path.unwrap_or_default(), serde_json::to_value(get.port).unwrap())
+            let get = p
+                .as_ref()
+                .and_then(|p| p.http_get.clone())
+                .expect("httpGet");
+            (
+                get.path.unwrap_or_default(),
+                serde_json::to_value(get.port).unwrap(),
+            )
         };
-        assert_eq!(probe(&a.liveness_probe), ("/livez".into(), json!("healthz")));
-        assert_eq!(probe(&a.readiness_probe), ("/healthz".into(), json!("healthz")));
+        assert_eq!(
+            probe(&a.liveness_probe),
+            ("/livez".into(), json!("healthz"))
+        );
+        assert_eq!(
+            probe(&a.readiness_probe),
+            ("/healthz".into(), json!("healthz"))
+        );
         assert!(args(&ds).contains(&format!("--healthz-addr=0.0.0.0:{healthz}").as_str()));
         assert!(args(&ds).contains(&format!("--metrics-addr=0.0.0.0:{metrics}").as_str()));
     }
@@ -878,7 +942,10 @@ fn the_binding_gives_the_role_to_the_agents_service_account() {
     let subjects = binding.subjects.expect("subjects");
     assert_eq!(subjects.len(), 1);
     assert_eq!(subjects[0].kind, "ServiceAccount");
-    assert_eq!(subjects[0].name.as_str(), sa.metadata.name.as_deref().unwrap());
+    assert_eq!(
+        subjects[0].name.as_str(),
+        sa.metadata.name.as_deref().unwrap()
+    );
     assert_eq!(subjects[0].namespace.as_deref(), Some(NAMESPACE));
     assert_eq!(
         pod_spec(&r.daemonset()).service_account_name,
@@ -947,7 +1014,10 @@ fn the_service_monitor_scrapes_the_agents_through_a_headless_service() {
     let ds = r.daemonset();
     assert_eq!(sm.api_version, "monitoring.coreos.com/v1");
     let labels = sm.metadata.labels.as_ref().expect("labels");
-    assert_eq!(labels.get("release").map(String::as_str), Some("prometheus"));
+    assert_eq!(
+        labels.get("release").map(String::as_str),
+        Some("prometheus")
+    );
 
     // The ServiceMonitor selects the Service...
     let svc_labels = svc.metadata.labels.as_ref().expect("service labels");
@@ -1048,9 +1118,15 @@ fn renders_exactly_as_helm_does() {
     let answer: Value = serde_json::from_slice(&output.stdout).expect("JSON from helm_render.py");
     for (name, overrides) in ALL_VALUE_SETS {
         let lint = &answer["lint"][name];
-        assert_eq!(lint["errors"], json!([]), "{name}: helm lint --strict: {lint}");
+        assert_eq!(
+            lint["errors"],
+            json!([]),
+            "{name}: helm lint --strict: {lint}"
+        );
         let ours = render(overrides);
-        let helm = answer["rendered"][name].as_object().expect("rendered files");
+        let helm = answer["rendered"][name]
+            .as_object()
+            .expect("rendered files");
         let helm_files: BTreeSet<String> = helm
             .keys()
             .map(|k| k.trim_start_matches("kpr/templates/").to_string())

@@ -130,7 +130,11 @@ fn segments(src: &str) -> Result<Vec<Segment>, String> {
             let close = after
                 .find("}}")
                 .ok_or(format!("line {line}: unclosed comment action"))?;
-            if !after[..close].trim_matches(is_space).trim_end_matches('-').is_empty() {
+            if !after[..close]
+                .trim_matches(is_space)
+                .trim_end_matches('-')
+                .is_empty()
+            {
                 return Err(format!("line {line}: comment ends before the action"));
             }
             (None, &after[..close + 2])
@@ -201,7 +205,10 @@ fn find_close(s: &str) -> Option<usize> {
 enum Token {
     /// `.name`; `attached` when no space separates it from what precedes
     /// (a chain such as `$x.a` or `(f x).a`).
-    Field { name: String, attached: bool },
+    Field {
+        name: String,
+        attached: bool,
+    },
     Dot,
     Var(String),
     Ident(String),
@@ -284,7 +291,9 @@ fn tokenize(s: &str) -> Result<Vec<Token>, String> {
                 tokens.push(Token::Str(chars[start..i].iter().collect()));
                 i += 1;
             }
-            _ if c.is_ascii_digit() || (c == '-' && chars.get(i + 1).is_some_and(|d| d.is_ascii_digit())) => {
+            _ if c.is_ascii_digit()
+                || (c == '-' && chars.get(i + 1).is_some_and(|d| d.is_ascii_digit())) =>
+            {
                 let start = i;
                 i += 1;
                 while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '.') {
@@ -317,8 +326,10 @@ fn tokenize(s: &str) -> Result<Vec<Token>, String> {
 
 /// How a list of nodes ended.
 enum End {
+    /// The end of the file.
     Eof,
-    End,
+    /// `{{ end }}`.
+    Keyword,
     /// `{{ else }}` or `{{ else if ... }}`: the tokens after `else`.
     Else(Vec<Token>, String),
 }
@@ -350,7 +361,7 @@ impl Parser {
             };
             let rest = tokens.get(1..).unwrap_or_default().to_vec();
             match keyword {
-                "end" => return Ok((nodes, End::End)),
+                "end" => return Ok((nodes, End::Keyword)),
                 "else" => return Ok((nodes, End::Else(rest, text))),
                 "if" | "with" | "range" => {
                     let pipe = pipeline(&rest, &text).map_err(at)?;
@@ -366,7 +377,7 @@ impl Parser {
                     self.top_level = false;
                     let (body, end) = self.list()?;
                     self.top_level = true;
-                    if !matches!(end, End::End) {
+                    if !matches!(end, End::Keyword) {
                         return Err(at("define without end".into()));
                     }
                     self.defines.insert(name.clone(), body);
@@ -396,11 +407,11 @@ impl Parser {
     fn control(&mut self, keyword: &str, pipe: Pipeline) -> Result<Node, String> {
         let (body, end) = self.list()?;
         let else_body = match end {
-            End::End => Vec::new(),
+            End::Keyword => Vec::new(),
             End::Eof => return Err(format!("{keyword} without end")),
             End::Else(tokens, _) if tokens.is_empty() => {
                 let (else_body, end) = self.list()?;
-                if !matches!(end, End::End) {
+                if !matches!(end, End::Keyword) {
                     return Err(format!("else of {keyword} without end"));
                 }
                 else_body
@@ -752,7 +763,11 @@ impl<'t> Exec<'t> {
             let mut last = Value::Null;
             for (i, op) in operands.iter().enumerate() {
                 last = self.operand(op, dot)?;
-                let decided = if name == "and" { !truth(&last) } else { truth(&last) };
+                let decided = if name == "and" {
+                    !truth(&last)
+                } else {
+                    truth(&last)
+                };
                 if decided || (i + 1 == count) {
                     return Ok(last);
                 }
@@ -1001,9 +1016,12 @@ fn go_float(f: f64) -> String {
     let sci = format!("{f:e}");
     let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
     let exp: i32 = exp.parse().unwrap_or(0);
-    if exp < -4 || exp >= 6 {
-        let mantissa = mantissa.to_string();
-        format!("{mantissa}e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs())
+    if !(-4..6).contains(&exp) {
+        format!(
+            "{mantissa}e{}{:02}",
+            if exp < 0 { '-' } else { '+' },
+            exp.abs()
+        )
     } else {
         format!("{f}")
     }
@@ -1077,7 +1095,12 @@ fn to_yaml(v: &Value) -> Result<String, String> {
 
 /// A map's entries at column `indent`; the first on the current line when
 /// `inline` (after a list's "- ").
-fn yaml_map(m: &Map<String, Value>, indent: usize, inline: bool, out: &mut String) -> Result<(), String> {
+fn yaml_map(
+    m: &Map<String, Value>,
+    indent: usize,
+    inline: bool,
+    out: &mut String,
+) -> Result<(), String> {
     for (i, (k, v)) in sorted(m).enumerate() {
         if !(inline && i == 0) {
             out.push_str(&" ".repeat(indent));
@@ -1155,10 +1178,10 @@ fn yaml_string(s: &str) -> Result<String, String> {
 /// (YAML 1.1: null, bool, int, float, base-60 number, timestamp).
 fn yaml11_not_a_string(s: &str) -> bool {
     const WORDS: &[&str] = &[
-        "", "~", "null", "Null", "NULL", "y", "Y", "yes", "Yes", "YES", "n", "N", "no", "No",
-        "NO", "true", "True", "TRUE", "false", "False", "FALSE", "on", "On", "ON", "off", "Off",
-        "OFF", ".inf", ".Inf", ".INF", "+.inf", "+.Inf", "+.INF", "-.inf", "-.Inf", "-.INF",
-        ".nan", ".NaN", ".NAN",
+        "", "~", "null", "Null", "NULL", "y", "Y", "yes", "Yes", "YES", "n", "N", "no", "No", "NO",
+        "true", "True", "TRUE", "false", "False", "FALSE", "on", "On", "ON", "off", "Off", "OFF",
+        ".inf", ".Inf", ".INF", "+.inf", "+.Inf", "+.INF", "-.inf", "-.Inf", "-.INF", ".nan",
+        ".NaN", ".NAN",
     ];
     if WORDS.contains(&s) {
         return true;
@@ -1169,13 +1192,20 @@ fn yaml11_not_a_string(s: &str) -> bool {
     let plain = s.replace('_', "");
     let unsigned = plain.trim_start_matches(['+', '-']);
     let all = |t: &str, f: fn(char) -> bool| !t.is_empty() && t.chars().all(f);
-    let radix = [("0x", 16), ("0X", 16), ("0b", 2), ("0B", 2), ("0o", 8), ("0O", 8)]
-        .iter()
-        .any(|(p, r)| {
-            unsigned
-                .strip_prefix(p)
-                .is_some_and(|d| all(d, |c| c.is_ascii_hexdigit()) && i64::from_str_radix(d, *r).is_ok())
-        });
+    let radix = [
+        ("0x", 16),
+        ("0X", 16),
+        ("0b", 2),
+        ("0B", 2),
+        ("0o", 8),
+        ("0O", 8),
+    ]
+    .iter()
+    .any(|(p, r)| {
+        unsigned.strip_prefix(p).is_some_and(|d| {
+            all(d, |c| c.is_ascii_hexdigit()) && i64::from_str_radix(d, *r).is_ok()
+        })
+    });
     let digits = |t: &str| all(t, |c| c.is_ascii_digit());
     // [-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?
     let float = {
@@ -1206,9 +1236,17 @@ fn yaml11_not_a_string(s: &str) -> bool {
     // Timestamps start YYYY-M-D.
     let timestamp = {
         let mut it = s.splitn(3, '-');
-        let (y, m, rest) = (it.next().unwrap_or(""), it.next().unwrap_or(""), it.next().unwrap_or(""));
+        let (y, m, rest) = (
+            it.next().unwrap_or(""),
+            it.next().unwrap_or(""),
+            it.next().unwrap_or(""),
+        );
         let d: String = rest.chars().take_while(char::is_ascii_digit).collect();
-        y.len() == 4 && digits(y) && (1..=2).contains(&m.len()) && digits(m) && (1..=2).contains(&d.len())
+        y.len() == 4
+            && digits(y)
+            && (1..=2).contains(&m.len())
+            && digits(m)
+            && (1..=2).contains(&d.len())
             && (rest.len() == d.len() || rest[d.len()..].starts_with(['T', 't', ' ']))
     };
     radix || float || base60 || timestamp
@@ -1228,7 +1266,9 @@ fn plain_allowed(s: &str) -> bool {
         return false;
     }
     (1..chars.len()).all(|i| {
-        !(chars[i] == ':' && blank_at(i + 1)) && !(chars[i] == '#' && chars[i - 1] == ' ')
+        let colon_blank = chars[i] == ':' && blank_at(i + 1);
+        let blank_hash = chars[i] == '#' && chars[i - 1] == ' ';
+        !colon_blank && !blank_hash
     })
 }
 
@@ -1355,7 +1395,10 @@ mod tests {
     #[test]
     fn sprig_string_functions() {
         let src = r#"{{ "abcdef-" | trunc 7 | trimSuffix "-" }} {{ trunc -2 "abc" }} {{ replace "+" "_" "a+b" }} {{ join "," .l }} {{ default "d" "" }} {{ default "d" .x }}"#;
-        assert_eq!(ok(src, json!({"l": ["a", "b"], "x": "y"})), "abcdef bc a_b a,b d y");
+        assert_eq!(
+            ok(src, json!({"l": ["a", "b"], "x": "y"})),
+            "abcdef bc a_b a,b d y"
+        );
         assert_eq!(ok("{{ \"a\\nb\" | nindent 2 }}", json!({})), "\n  a\n  b");
         assert_eq!(ok("{{ quote \"a\\\"b\" }}", json!({})), "\"a\\\"b\"");
     }
@@ -1368,7 +1411,10 @@ mod tests {
 
     #[test]
     fn and_or_stop_at_the_deciding_operand() {
-        assert_eq!(ok("{{ and .a .a.b }}", json!({})), "<no value>".replace("<no value>", ""));
+        assert_eq!(
+            ok("{{ and .a .a.b }}", json!({})),
+            "<no value>".replace("<no value>", "")
+        );
         assert_eq!(ok("{{ or .x \"fallback\" }}", json!({})), "fallback");
     }
 
