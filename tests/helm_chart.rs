@@ -1123,6 +1123,18 @@ fn renders_exactly_as_helm_does() {
             json!([]),
             "{name}: helm lint --strict: {lint}"
         );
+        // Severity 1 is information ("icon is recommended"); 2 and up are
+        // warnings and errors.
+        let serious: Vec<&Value> = lint["messages"]
+            .as_array()
+            .expect("lint messages")
+            .iter()
+            .filter(|m| m["severity"].as_i64().unwrap_or(3) >= 2)
+            .collect();
+        assert!(
+            serious.is_empty(),
+            "{name}: helm lint --strict: {serious:?}"
+        );
         let ours = render(overrides);
         let helm = answer["rendered"][name]
             .as_object()
