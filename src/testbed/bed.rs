@@ -106,13 +106,18 @@ impl SocketLbBed {
             .map_err(|e| TestbedError::io("creating the manifests directory", e))?;
         write_file(&manifests.join("services.yaml"), manifest)?;
         let args: Vec<&str> = plan.agent_args.iter().map(String::as_str).collect();
-        let mut agent = AgentProcess::start(
-            exe,
-            &manifests,
-            cgroup.path(),
-            &dir.path().join("bpf"),
-            &args,
-        )?;
+        let bpf_root = dir.path().join("bpf");
+        let mut agent = match &plan.kubernetes {
+            Some((kubeconfig, node)) => AgentProcess::start_kubernetes(
+                exe,
+                kubeconfig,
+                node,
+                cgroup.path(),
+                &bpf_root,
+                &args,
+            )?,
+            None => AgentProcess::start(exe, &manifests, cgroup.path(), &bpf_root, &args)?,
+        };
         agent.wait_healthy(Duration::from_secs(30))?;
         Ok(SocketLbBed {
             agent,

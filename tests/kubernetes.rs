@@ -1,0 +1,567 @@
+//! kpr against a Kubernetes API (the project's stand-in, speaking the real
+//! list/watch protocol) with the datapath live in network namespaces: every
+//! check is real traffic plus `kpr svc list -o json`. Needs root; without it
+//! every test says so and skips.
+
+#[path = "support/apiserver.rs"]
+mod apiserver;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use apiserver::{ApiServer, Kind};
+use kpr::testbed::{BedPlan, ProbeSpec, SocketLbBed};
+use serde_json::{json, Value};
+
+const KPR: &str = env!("CARGO_BIN_EXE_kpr");
+const NODE: &str = "node-a";
+
+fn root() -> bool {
+    let root = nix::unistd::Uid::effective().is_root();
+    if !root {
+        eprintln!("!!! SKIPPED: Kubernetes datapath tests need root (namespaces, cgroups, BPF)");
+    }
+    root
+}
+
+fn service(name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "t"}, "spec": spec})
+}
+
+fn slice(name: &str, svc: &str, ports: Value, endpoints: Value) -> Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": name, "namespace": "t", "labels": {"kubernetes.io/service-name": svc}},
+        "addressType": "IPv4", "ports": ports, "endpoints": endpoints
+    })
+}
+
+fn ep(ip: &str) -> Value {
+    json!({"addresses": [ip], "nodeName": "node-b"})
+}
+
+fn node() -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": NODE, "labels": {"topology.kubernetes.io/zone": "zone-a"}},
+        "status": {"addresses": [{"type": "InternalIP", "address": "10.244.0.1"}]}
+    })
+}
+
+/// An API server with this node, and a bed whose agent watches it.
+fn start(prefix: &str, api: &ApiServer, v4_backends: u16) -> SocketLbBed {
+    api.apply(&node());
+    let kubeconfig =
+        std::env::temp_dir().join(format!("kpr-{prefix}-{}.kubeconfig", std::process::id()));
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    let plan = BedPlan {
+        v4_backends,
+        v6_backends: 2,
+        kubernetes: Some((kubeconfig, NODE.to_string())),
+        ..BedPlan::default()
+    };
+    SocketLbBed::start(prefix, Path::new(KPR), "", &plan)
+        .unwrap_or_else(|e| panic!("bed {prefix}: {e}"))
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+#[track_caller]
+fn spread(bed: &SocketLbBed, target: &str, count: u32) -> BTreeMap<String, u64> {
+    let r = bed
+        .probe(
+            &ProbeSpec::TcpRequests {
+                target: addr(target),
+                count,
+                timeout_ms: 2000,
+            },
+            true,
+        )
+        .unwrap();
+    let r = r.as_requests().unwrap().clone();
+    assert!(
+        r.failures.is_empty(),
+        "failures to {target}: {:?}",
+        r.failures
+    );
+    r.identities
+}
+
+fn reached(s: &BTreeMap<String, u64>) -> BTreeSet<String> {
+    s.keys().cloned().collect()
+}
+
+fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+/// Backends of a frontend in `svc list -o json`, as "ip:port".
+fn backends_of(json: &Value, frontend: &str) -> Option<BTreeSet<String>> {
+    let row = json
+        .as_array()?
+        .iter()
+        .find(|r| r["frontend"] == frontend)?;
+    Some(
+        row["backends"]
+            .as_array()?
+            .iter()
+            .map(|b| format!("{}:{}", b["address"].as_str().unwrap(), b["port"]))
+            .collect(),
+    )
+}
+
+/// Waits (bounded) until the maps show `want` behind `frontend` (None: absent).
+#[track_caller]
+fn wait_backends(bed: &SocketLbBed, frontend: &str, want: Option<&[&str]>) {
+    let want = want.map(set);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let json = bed.svc_list_json().unwrap();
+        if backends_of(&json, frontend) == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{frontend}: want {want:?}, maps: {json:#}\nagent log:\n{}",
+            bed.agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+#[test]
+fn services_and_slices_are_followed_through_create_update_and_delete() {
+    if !root() {
+        return;
+    }
+    let api = ApiServer::start();
+    let bed = start("kcrud", &api, 4);
+    // Named targetPort: the slice port "web" carries 8080.
+    api.apply(&service("web", json!({"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80, "targetPort": "web"}]})));
+    api.apply(&slice(
+        "web-a",
+        "web",
+        json!([{"name": "http", "port": 8080}]),
+        json!([ep("10.244.0.11"), ep("10.244.0.12")]),
+    ));
+    wait_backends(
+        &bed,
+        "10.96.0.10:80/TCP",
+        Some(&["10.244.0.11:8080", "10.244.0.12:8080"]),
+    );
+    assert_eq!(
+        reached(&spread(&bed, "10.96.0.10:80", 60)),
+        set(&["10.244.0.11:8080", "10.244.0.12:8080"])
+    );
+
+    // A second slice for the same service adds its endpoints.
+    api.apply(&slice(
+        "web-b",
+        "web",
+        json!([{"name": "http", "port": 8080}]),
+        json!([ep("10.244.0.13")]),
+    ));
+    wait_backends(
+        &bed,
+        "10.96.0.10:80/TCP",
+        Some(&["10.244.0.11:8080", "10.244.0.12:8080", "10.244.0.13:8080"]),
+    );
+    assert_eq!(reached(&spread(&bed, "10.96.0.10:80", 90)).len(), 3);
+
+    // Update: an endpoint leaves one slice.
+    api.apply(&slice(
+        "web-a",
+        "web",
+        json!([{"name": "http", "port": 8080}]),
+        json!([ep("10.244.0.11")]),
+    ));
+    wait_backends(
+        &bed,
+        "10.96.0.10:80/TCP",
+        Some(&["10.244.0.11:8080", "10.244.0.13:8080"]),
+    );
+    assert_eq!(
+        reached(&spread(&bed, "10.96.0.10:80", 60)),
+        set(&["10.244.0.11:8080", "10.244.0.13:8080"])
+    );
+
+    // The service moves to another port.
+    api.apply(&service("web", json!({"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 81, "targetPort": "web"}]})));
+    wait_backends(&bed, "10.96.0.10:80/TCP", None);
+    wait_backends(
+        &bed,
+        "10.96.0.10:81/TCP",
+        Some(&["10.244.0.11:8080", "10.244.0.13:8080"]),
+    );
+
+    // Delete: the frontend and its backends go.
+    api.delete(Kind::Service, Some("t"), "web");
+    wait_backends(&bed, "10.96.0.10:81/TCP", None);
+    let json = bed.svc_list_json().unwrap();
+    assert_eq!(json.as_array().unwrap().len(), 0, "{json:#}");
+}
+
+#[test]
+fn kube_proxy_semantics_on_live_traffic() {
+    if !root() {
+        return;
+    }
+    let api = ApiServer::start();
+    let bed = start("ksem", &api, 4);
+    // Terminating fallback: no ready endpoint, one serving+terminating.
+    api.apply(&service(
+        "drain",
+        json!({"clusterIP": "10.96.0.20", "ports": [{"port": 80, "targetPort": 8080}]}),
+    ));
+    api.apply(&slice("drain-a", "drain", json!([{"port": 8080}]), json!([
+        {"addresses": ["10.244.0.11"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+        {"addresses": ["10.244.0.12"], "conditions": {"ready": false, "serving": false, "terminating": true}}
+    ])));
+    // internalTrafficPolicy Local: only this node's endpoint.
+    api.apply(&service("local", json!({"clusterIP": "10.96.0.21", "internalTrafficPolicy": "Local", "ports": [{"port": 80, "targetPort": 8080}]})));
+    api.apply(&slice("local-a", "local", json!([{"port": 8080}]), json!([
+        {"addresses": ["10.244.0.13"], "nodeName": NODE}, {"addresses": ["10.244.0.14"], "nodeName": "node-b"}
+    ])));
+    // ITP Local without a local endpoint: connects fail.
+    api.apply(&service("nolocal", json!({"clusterIP": "10.96.0.22", "internalTrafficPolicy": "Local", "ports": [{"port": 80, "targetPort": 8080}]})));
+    api.apply(&slice(
+        "nolocal-a",
+        "nolocal",
+        json!([{"port": 8080}]),
+        json!([ep("10.244.0.14")]),
+    ));
+    // Skipped: another proxy's service, and a headless-labelled slice.
+    let mut other = service(
+        "other-proxy",
+        json!({"clusterIP": "10.96.0.23", "ports": [{"port": 80, "targetPort": 8080}]}),
+    );
+    other["metadata"]["labels"] =
+        json!({"service.kubernetes.io/service-proxy-name": "someone-else"});
+    api.apply(&other);
+    api.apply(&service(
+        "hl",
+        json!({"clusterIP": "10.96.0.24", "ports": [{"port": 80, "targetPort": 8080}]}),
+    ));
+    let mut hl = slice(
+        "hl-a",
+        "hl",
+        json!([{"port": 8080}]),
+        json!([ep("10.244.0.11")]),
+    );
+    hl["metadata"]["labels"]["service.kubernetes.io/headless"] = json!("");
+    api.apply(&hl);
+    // Dual-stack.
+    api.apply(&service("ds", json!({"clusterIP": "10.96.0.25", "clusterIPs": ["10.96.0.25", "fd00:10:96::25"], "ports": [{"port": 80, "targetPort": 8080}]})));
+    api.apply(&slice(
+        "ds-4",
+        "ds",
+        json!([{"port": 8080}]),
+        json!([ep("10.244.0.12")]),
+    ));
+    let mut ds6 = slice(
+        "ds-6",
+        "ds",
+        json!([{"port": 8080}]),
+        json!([{"addresses": ["fd00:10:244::11"]}]),
+    );
+    ds6["addressType"] = json!("IPv6");
+    api.apply(&ds6);
+    // NodePort: node-local access through the node IP and 127.0.0.1.
+    api.apply(&service("np", json!({"type": "NodePort", "clusterIP": "10.96.0.26", "ports": [{"port": 80, "targetPort": 8080, "nodePort": 30080}]})));
+    api.apply(&slice(
+        "np-a",
+        "np",
+        json!([{"port": 8080}]),
+        json!([ep("10.244.0.13")]),
+    ));
+
+    wait_backends(
+        &bed,
+        "[fd00:10:96::25]:80/TCP",
+        Some(&["fd00:10:244::11:8080"]),
+    );
+    wait_backends(&bed, "127.0.0.1:30080/TCP", Some(&["10.244.0.13:8080"]));
+    let json = bed.svc_list_json().unwrap();
+    assert_eq!(
+        backends_of(&json, "10.96.0.20:80/TCP"),
+        Some(set(&["10.244.0.11:8080"])),
+        "terminating fallback"
+    );
+    assert_eq!(
+        json.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["frontend"] == "10.96.0.20:80/TCP")
+            .unwrap()["backends"][0]["state"],
+        "terminating"
+    );
+    assert_eq!(
+        backends_of(&json, "10.96.0.21:80/TCP"),
+        Some(set(&["10.244.0.13:8080"])),
+        "ITP Local"
+    );
+    assert_eq!(
+        backends_of(&json, "10.96.0.22:80/TCP"),
+        Some(BTreeSet::new()),
+        "ITP Local, none local"
+    );
+    assert_eq!(
+        backends_of(&json, "10.96.0.23:80/TCP"),
+        None,
+        "service-proxy-name must be skipped"
+    );
+    assert_eq!(
+        backends_of(&json, "10.96.0.24:80/TCP"),
+        Some(BTreeSet::new()),
+        "a headless-labelled slice is ignored"
+    );
+    assert_eq!(
+        backends_of(&json, "10.244.0.1:30080/TCP"),
+        Some(set(&["10.244.0.13:8080"])),
+        "NodePort on the node IP"
+    );
+
+    assert_eq!(
+        reached(&spread(&bed, "10.96.0.20:80", 10)),
+        set(&["10.244.0.11:8080"])
+    );
+    assert_eq!(
+        reached(&spread(&bed, "10.96.0.21:80", 20)),
+        set(&["10.244.0.13:8080"])
+    );
+    let r = bed
+        .probe(
+            &ProbeSpec::TcpConnectError {
+                target: addr("10.96.0.22:80"),
+                timeout_ms: 2000,
+            },
+            true,
+        )
+        .unwrap();
+    assert_eq!(
+        r.as_connect().unwrap().error.as_deref(),
+        Some("ECONNREFUSED")
+    );
+    assert_eq!(
+        reached(&spread(&bed, "[fd00:10:96::25]:80", 10)),
+        set(&["[fd00:10:244::11]:8080"])
+    );
+    assert_eq!(
+        reached(&spread(&bed, "10.96.0.25:80", 10)),
+        set(&["10.244.0.12:8080"])
+    );
+    assert_eq!(
+        reached(&spread(&bed, "10.244.0.1:30080", 10)),
+        set(&["10.244.0.13:8080"])
+    );
+    // 127.0.0.1:30080 from the client namespace: translated before routing.
+    assert_eq!(
+        reached(&spread(&bed, "127.0.0.1:30080", 10)),
+        set(&["10.244.0.13:8080"])
+    );
+    let no_local = bed
+        .agent
+        .metric_value(
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+            "traffic_policy=\"internal\"",
+        )
+        .unwrap();
+    assert_eq!(no_local, Some(1.0));
+}
+
+#[test]
+fn session_affinity_from_the_api_holds_and_lapses() {
+    if !root() {
+        return;
+    }
+    let api = ApiServer::start();
+    let bed = start("kaff", &api, 3);
+    api.apply(&service("sticky", json!({"clusterIP": "10.96.0.30", "sessionAffinity": "ClientIP",
+        "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 1}}, "ports": [{"port": 80, "targetPort": 8080}]})));
+    api.apply(&slice(
+        "sticky-a",
+        "sticky",
+        json!([{"port": 8080}]),
+        json!([ep("10.244.0.11"), ep("10.244.0.12"), ep("10.244.0.13")]),
+    ));
+    wait_backends(
+        &bed,
+        "10.96.0.30:80/TCP",
+        Some(&["10.244.0.11:8080", "10.244.0.12:8080", "10.244.0.13:8080"]),
+    );
+    assert_eq!(
+        spread(&bed, "10.96.0.30:80", 50).len(),
+        1,
+        "affinity must hold within its timeout"
+    );
+    let mut picks = BTreeSet::new();
+    for _ in 0..8 {
+        picks.extend(reached(&spread(&bed, "10.96.0.30:80", 1)));
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    assert!(picks.len() > 1, "affinity never lapsed: {picks:?}");
+}
+
+#[test]
+fn dropped_watches_and_410_gone_relist_and_apply_deletions_made_while_disconnected() {
+    if !root() {
+        return;
+    }
+    let api = ApiServer::start();
+    let bed = start("kgone", &api, 4);
+    api.apply(&service(
+        "keep",
+        json!({"clusterIP": "10.96.0.40", "ports": [{"port": 80, "targetPort": 8080}]}),
+    ));
+    api.apply(&slice(
+        "keep-a",
+        "keep",
+        json!([{"port": 8080}]),
+        json!([ep("10.244.0.11")]),
+    ));
+    api.apply(&service(
+        "gone",
+        json!({"clusterIP": "10.96.0.41", "ports": [{"port": 80, "targetPort": 8080}]}),
+    ));
+    api.apply(&slice(
+        "gone-a",
+        "gone",
+        json!([{"port": 8080}]),
+        json!([ep("10.244.0.12")]),
+    ));
+    api.apply(&service(
+        "shrink",
+        json!({"clusterIP": "10.96.0.42", "ports": [{"port": 80, "targetPort": 8080}]}),
+    ));
+    api.apply(&slice(
+        "shrink-a",
+        "shrink",
+        json!([{"port": 8080}]),
+        json!([ep("10.244.0.13"), ep("10.244.0.14")]),
+    ));
+    wait_backends(
+        &bed,
+        "10.96.0.42:80/TCP",
+        Some(&["10.244.0.13:8080", "10.244.0.14:8080"]),
+    );
+
+    // A watch dropped mid-stream: the agent resumes and follows.
+    api.drop_watches();
+    api.apply(&slice(
+        "keep-a",
+        "keep",
+        json!([{"port": 8080}]),
+        json!([ep("10.244.0.11"), ep("10.244.0.12")]),
+    ));
+    wait_backends(
+        &bed,
+        "10.96.0.40:80/TCP",
+        Some(&["10.244.0.11:8080", "10.244.0.12:8080"]),
+    );
+
+    // The API becomes unreachable; meanwhile objects are deleted and the
+    // history compacted, so the agent's resume gets 410 Gone and must relist.
+    let lists_before = api.list_requests(Kind::Service);
+    api.set_unavailable(true);
+    api.delete(Kind::Service, Some("t"), "gone");
+    api.delete(Kind::EndpointSlice, Some("t"), "gone-a");
+    api.apply(&slice(
+        "shrink-a",
+        "shrink",
+        json!([{"port": 8080}]),
+        json!([ep("10.244.0.13")]),
+    ));
+    api.compact();
+    // Unaffected services keep flowing while the API is away.
+    assert_eq!(
+        reached(&spread(&bed, "10.96.0.40:80", 20)),
+        set(&["10.244.0.11:8080", "10.244.0.12:8080"])
+    );
+    api.set_unavailable(false);
+    wait_backends(&bed, "10.96.0.41:80/TCP", None);
+    wait_backends(&bed, "10.96.0.42:80/TCP", Some(&["10.244.0.13:8080"]));
+    assert!(
+        api.list_requests(Kind::Service) > lists_before,
+        "no relist happened"
+    );
+    let json = bed.svc_list_json().unwrap();
+    assert!(
+        !json.to_string().contains("10.244.0.12:8080")
+            || backends_of(&json, "10.96.0.40:80/TCP")
+                .unwrap()
+                .contains("10.244.0.12:8080")
+    );
+    assert_eq!(
+        json.as_array().unwrap().len(),
+        2,
+        "stale frontends remain: {json:#}"
+    );
+    let relists = bed
+        .agent
+        .metric_value("kpr_relists_total", "kind=\"service\"")
+        .unwrap();
+    assert!(
+        relists.is_some_and(|v| v >= 1.0),
+        "kpr_relists_total{{kind=service}} = {relists:?}"
+    );
+    assert_eq!(
+        reached(&spread(&bed, "10.96.0.42:80", 20)),
+        set(&["10.244.0.13:8080"])
+    );
+}
+
+#[test]
+fn a_restart_while_the_api_is_unreachable_keeps_the_pinned_state_until_it_returns() {
+    if !root() {
+        return;
+    }
+    let api = ApiServer::start();
+    let mut bed = start("kdown", &api, 3);
+    api.apply(&service(
+        "web",
+        json!({"clusterIP": "10.96.0.50", "ports": [{"port": 80, "targetPort": 8080}]}),
+    ));
+    api.apply(&slice(
+        "web-a",
+        "web",
+        json!([{"port": 8080}]),
+        json!([ep("10.244.0.11"), ep("10.244.0.12")]),
+    ));
+    wait_backends(
+        &bed,
+        "10.96.0.50:80/TCP",
+        Some(&["10.244.0.11:8080", "10.244.0.12:8080"]),
+    );
+    let before = bed.svc_list().unwrap();
+
+    api.set_unavailable(true);
+    bed.agent.restart().unwrap();
+    // The new agent cannot list anything: it must not prune, and traffic flows.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(bed.svc_list().unwrap(), before);
+    assert_eq!(
+        reached(&spread(&bed, "10.96.0.50:80", 40)),
+        set(&["10.244.0.11:8080", "10.244.0.12:8080"])
+    );
+    let (status, _) = kpr::testbed::agent::http_get(bed.agent.healthz_addr, "/healthz").unwrap();
+    assert_eq!(status, 503, "healthy before any sync with the API");
+
+    // The API returns with a change: the agent converges on it.
+    api.apply(&slice(
+        "web-a",
+        "web",
+        json!([{"port": 8080}]),
+        json!([ep("10.244.0.13")]),
+    ));
+    api.set_unavailable(false);
+    bed.agent.wait_healthy(Duration::from_secs(30)).unwrap();
+    wait_backends(&bed, "10.96.0.50:80/TCP", Some(&["10.244.0.13:8080"]));
+    assert_eq!(
+        reached(&spread(&bed, "10.96.0.50:80", 20)),
+        set(&["10.244.0.13:8080"])
+    );
+}
