@@ -22,7 +22,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent: load and attach the datapath, keep its maps equal to the Services.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Inspect services as the datapath holds them.
     Svc {
         #[command(subcommand)]

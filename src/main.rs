@@ -36,7 +36,7 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> Result<ExitCode> {
     match command {
-        Command::Agent(args) => run_agent(args).map(|()| ExitCode::SUCCESS),
+        Command::Agent(args) => run_agent(*args).map(|()| ExitCode::SUCCESS),
         Command::Svc {
             command: SvcCommand::List { bpf_root, output },
         } => {

@@ -231,9 +231,10 @@ impl<M: LbMaps> Reconciler<M> {
     ) -> Result<SyncOutcome, SyncError> {
         let mut changes: Vec<(String, ServiceFrontends)> = desired
             .iter()
+            // Changed, and not an empty Service that was never programmed.
             .filter(|(key, fes)| {
                 self.applied.get(*key) != Some(*fes)
-                    && !(fes.is_empty() && !self.applied.contains_key(*key))
+                    && (!fes.is_empty() || self.applied.contains_key(*key))
             })
             .map(|(key, fes)| (key.clone(), fes.clone()))
             .collect();

@@ -69,6 +69,7 @@ pub async fn client(config: &ApiConfig) -> Result<Client> {
 
 /// One watcher event, or a watcher failure (it retries by itself).
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one event at a time through a channel: boxing buys nothing
 pub enum WatchEvent {
     Service(Event<Service>),
     EndpointSlice(Event<EndpointSlice>),
