@@ -7,6 +7,7 @@ pub mod features;
 pub mod healthcheck;
 pub mod host;
 pub mod http;
+pub mod maglev;
 pub mod metrics;
 pub mod model;
 pub mod reconcile;
