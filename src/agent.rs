@@ -26,7 +26,7 @@ use crate::reconcile::ServiceFrontends;
 use crate::reconcile::{DesiredByService, Reconciler, RefusalReason};
 use crate::source::kube::{self as kube_source, ApiConfig, WatchEvent};
 use crate::source::manifests;
-use crate::source::store::{Kind, ObjectStore};
+use crate::source::store::{Kind, ObjectStore, Watched};
 use crate::status::{status_router, AgentStatus, StatusHandle};
 use crate::translate::{
     self, HealthCheck, NoLocalEndpoints, NodeContext, ServiceTranslation, Skipped, TrafficPolicy,
@@ -605,58 +605,10 @@ fn handle_watch_event(
     metrics: &Metrics,
     status: &StatusHandle,
 ) {
-    use kube::runtime::watcher::Event;
-    let state = |kind: Kind, state: &str| {
-        status.watcher(watch_kind(kind).as_label(), |w| w.state = state.into())
-    };
-    let relisted = |kind: Kind, store: &ObjectStore| {
-        status.watcher(watch_kind(kind).as_label(), |w| w.state = "watching".into());
-        if store.is_listed(kind) {
-            metrics.inc_relist(watch_kind(kind));
-            status.watcher(watch_kind(kind).as_label(), |w| w.relists += 1);
-            tracing::info!(?kind, "relisted");
-        }
-    };
     match event {
-        WatchEvent::Service(e) => match e {
-            Event::Init => {
-                state(Kind::Service, "listing");
-                store.begin_relist(Kind::Service)
-            }
-            Event::InitApply(o) => store.relist_service(o),
-            Event::InitDone => {
-                relisted(Kind::Service, store);
-                store.end_relist(Kind::Service)
-            }
-            Event::Apply(o) => store.apply_service(o),
-            Event::Delete(o) => store.delete_service(&o),
-        },
-        WatchEvent::EndpointSlice(e) => match e {
-            Event::Init => {
-                state(Kind::EndpointSlice, "listing");
-                store.begin_relist(Kind::EndpointSlice)
-            }
-            Event::InitApply(o) => store.relist_slice(o),
-            Event::InitDone => {
-                relisted(Kind::EndpointSlice, store);
-                store.end_relist(Kind::EndpointSlice)
-            }
-            Event::Apply(o) => store.apply_slice(o),
-            Event::Delete(o) => store.delete_slice(&o),
-        },
-        WatchEvent::Node(e) => match e {
-            Event::Init => {
-                state(Kind::Node, "listing");
-                store.begin_relist(Kind::Node)
-            }
-            Event::InitApply(o) => store.relist_node(o),
-            Event::InitDone => {
-                relisted(Kind::Node, store);
-                store.end_relist(Kind::Node)
-            }
-            Event::Apply(o) => store.set_node(Some(o)),
-            Event::Delete(_) => store.set_node(None),
-        },
+        WatchEvent::Service(e) => on_watcher_event(store, e, metrics, status),
+        WatchEvent::EndpointSlice(e) => on_watcher_event(store, e, metrics, status),
+        WatchEvent::Node(e) => on_watcher_event(store, e, metrics, status),
         WatchEvent::Failed(kind, error) => {
             metrics.inc_watch_error(watch_kind(kind));
             status.watcher(watch_kind(kind).as_label(), |w| {
@@ -666,5 +618,34 @@ fn handle_watch_event(
             });
             tracing::warn!(?kind, %error, "watch failed; retrying with backoff");
         }
+    }
+}
+
+/// One watcher event into the store; a (re)list is buffered until done.
+fn on_watcher_event<K: Watched>(
+    store: &mut ObjectStore,
+    event: kube::runtime::watcher::Event<K>,
+    metrics: &Metrics,
+    status: &StatusHandle,
+) {
+    use kube::runtime::watcher::Event;
+    let label = watch_kind(K::KIND).as_label();
+    match event {
+        Event::Init => {
+            status.watcher(label, |w| w.state = "listing".into());
+            store.begin_relist(K::KIND)
+        }
+        Event::InitApply(o) => o.relist(store),
+        Event::InitDone => {
+            status.watcher(label, |w| w.state = "watching".into());
+            if store.is_listed(K::KIND) {
+                metrics.inc_relist(watch_kind(K::KIND));
+                status.watcher(label, |w| w.relists += 1);
+                tracing::info!(kind = ?K::KIND, "relisted");
+            }
+            store.end_relist(K::KIND)
+        }
+        Event::Apply(o) => o.apply(store),
+        Event::Delete(o) => o.delete(store),
     }
 }

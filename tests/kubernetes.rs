@@ -72,23 +72,7 @@ fn addr(s: &str) -> SocketAddr {
 
 #[track_caller]
 fn spread(bed: &SocketLbBed, target: &str, count: u32) -> BTreeMap<String, u64> {
-    let r = bed
-        .probe(
-            &ProbeSpec::TcpRequests {
-                target: addr(target),
-                count,
-                timeout_ms: 2000,
-            },
-            true,
-        )
-        .unwrap();
-    let r = r.as_requests().unwrap().clone();
-    assert!(
-        r.failures.is_empty(),
-        "failures to {target}: {:?}",
-        r.failures
-    );
-    r.identities
+    bed.tcp_spread(addr(target), count).unwrap()
 }
 
 fn reached(s: &BTreeMap<String, u64>) -> BTreeSet<String> {

@@ -102,23 +102,7 @@ fn tcp_spread(
     target: &str,
     count: u32,
 ) -> std::collections::BTreeMap<String, u64> {
-    let r = bed
-        .probe(
-            &ProbeSpec::TcpRequests {
-                target: addr(target),
-                count,
-                timeout_ms: 2000,
-            },
-            true,
-        )
-        .unwrap();
-    let r = r.as_requests().unwrap().clone();
-    assert!(
-        r.failures.is_empty(),
-        "failures to {target}: {:?}",
-        r.failures
-    );
-    r.identities
+    bed.tcp_spread(addr(target), count).unwrap()
 }
 
 #[track_caller]

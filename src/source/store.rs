@@ -262,6 +262,53 @@ impl ObjectStore {
     }
 }
 
+/// A watched kind: how its objects enter the store.
+pub trait Watched: Sized {
+    const KIND: Kind;
+    fn apply(self, store: &mut ObjectStore);
+    fn delete(self, store: &mut ObjectStore);
+    fn relist(self, store: &mut ObjectStore);
+}
+
+impl Watched for Service {
+    const KIND: Kind = Kind::Service;
+    fn apply(self, store: &mut ObjectStore) {
+        store.apply_service(self)
+    }
+    fn delete(self, store: &mut ObjectStore) {
+        store.delete_service(&self)
+    }
+    fn relist(self, store: &mut ObjectStore) {
+        store.relist_service(self)
+    }
+}
+
+impl Watched for EndpointSlice {
+    const KIND: Kind = Kind::EndpointSlice;
+    fn apply(self, store: &mut ObjectStore) {
+        store.apply_slice(self)
+    }
+    fn delete(self, store: &mut ObjectStore) {
+        store.delete_slice(&self)
+    }
+    fn relist(self, store: &mut ObjectStore) {
+        store.relist_slice(self)
+    }
+}
+
+impl Watched for Node {
+    const KIND: Kind = Kind::Node;
+    fn apply(self, store: &mut ObjectStore) {
+        store.set_node(Some(self))
+    }
+    fn delete(self, store: &mut ObjectStore) {
+        store.set_node(None)
+    }
+    fn relist(self, store: &mut ObjectStore) {
+        store.relist_node(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

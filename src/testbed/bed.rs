@@ -156,6 +156,33 @@ impl SocketLbBed {
         )
     }
 
+    /// Reply identity -> count of `count` TCP requests to `target` from
+    /// inside the cgroup; any failed request is an error naming the failures.
+    pub fn tcp_spread(
+        &self,
+        target: SocketAddr,
+        count: u32,
+    ) -> Result<std::collections::BTreeMap<String, u64>> {
+        let result = self.probe(
+            &ProbeSpec::TcpRequests {
+                target,
+                count,
+                timeout_ms: 2000,
+            },
+            true,
+        )?;
+        let report = result
+            .as_requests()
+            .ok_or_else(|| TestbedError::Agent("not a TCP requests report".into()))?;
+        if !report.failures.is_empty() {
+            return Err(TestbedError::Agent(format!(
+                "requests to {target} failed: {:?}",
+                report.failures
+            )));
+        }
+        Ok(report.identities.clone())
+    }
+
     /// `kpr svc list -o json` for the bed's bpf root.
     pub fn svc_list_json(&self) -> Result<serde_json::Value> {
         let out = self.kpr(&["svc", "list", "-o", "json"])?;
