@@ -33,7 +33,7 @@ use crate::translate::{
     Translation,
 };
 use k8s_openapi::api::core::v1::Node;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 /// Where Services and EndpointSlices come from.
@@ -82,6 +82,33 @@ pub struct Syncer {
     metrics: Arc<Metrics>,
     health: Health,
     status: StatusHandle,
+    /// Refusals of the last sync, to log each only when it first appears.
+    refused: BTreeSet<String>,
+}
+
+/// How a sync ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Synced {
+    /// The maps hold everything the source asked for.
+    Clean,
+    /// The maps are written, but some Services were refused (capacity,
+    /// conflicts); they keep their previous state.
+    Refused,
+    /// A map write failed; the maps are consistent but behind.
+    Failed,
+}
+
+impl Synced {
+    /// When to try again: soon after a write error; refusals only clear when
+    /// something changes, so they are retried slowly.
+    fn retry_at(self) -> Option<tokio::time::Instant> {
+        let after = match self {
+            Synced::Clean => return None,
+            Synced::Refused => REFUSED_RETRY_PERIOD,
+            Synced::Failed => RETRY_PERIOD,
+        };
+        Some(tokio::time::Instant::now() + after)
+    }
 }
 
 impl Syncer {
@@ -104,20 +131,20 @@ impl Syncer {
             metrics,
             health,
             status,
+            refused: BTreeSet::new(),
         })
     }
 
     /// Syncs the maps to `desired`; `complete` says the source delivered
-    /// its whole state, so entries nobody claims may be pruned. Returns
-    /// whether the sync fully succeeded.
-    pub fn sync_full(&mut self, desired: &DesiredByService, complete: bool) -> bool {
+    /// its whole state, so entries nobody claims may be pruned.
+    pub fn sync_full(&mut self, desired: &DesiredByService, complete: bool) -> Synced {
         let started = Instant::now();
         let result = self.reconciler.sync_full(desired, complete);
         self.report(started, result)
     }
 
     /// Syncs the maps for the Services in `changes` only.
-    pub fn sync_services(&mut self, changes: Vec<(String, ServiceFrontends)>) -> bool {
+    pub fn sync_services(&mut self, changes: Vec<(String, ServiceFrontends)>) -> Synced {
         let started = Instant::now();
         let result = self.reconciler.sync_services(changes);
         self.report(started, result)
@@ -127,21 +154,31 @@ impl Syncer {
         &mut self,
         started: Instant,
         result: Result<crate::reconcile::SyncOutcome, crate::reconcile::SyncError>,
-    ) -> bool {
+    ) -> Synced {
         let elapsed = started.elapsed();
         self.metrics.observe_sync(elapsed);
-        let ok = match result {
+        let synced = match result {
             Ok(outcome) => {
-                for refusal in &outcome.refused {
-                    tracing::error!("{refusal}");
-                    let reason = match refusal.reason {
+                let refused: BTreeSet<String> =
+                    outcome.refused.iter().map(|r| r.to_string()).collect();
+                for (refusal, text) in outcome
+                    .refused
+                    .iter()
+                    .zip(outcome.refused.iter().map(|r| r.to_string()))
+                {
+                    // Counted every time, logged when new: a refusal repeats
+                    // on every retry until the cause goes away.
+                    if !self.refused.contains(&text) {
+                        tracing::error!("{text}");
+                    }
+                    self.metrics.inc_sync_error(match refusal.reason {
                         RefusalReason::Capacity { .. } | RefusalReason::IdsExhausted => {
                             SyncErrorReason::Capacity
                         }
                         RefusalReason::FrontendConflict { .. } => SyncErrorReason::Source,
-                    };
-                    self.metrics.inc_sync_error(reason);
+                    });
                 }
+                self.refused = refused;
                 if outcome.writes > 0 || outcome.pruned_frontends > 0 {
                     tracing::info!(
                         services = outcome.applied_services,
@@ -151,19 +188,28 @@ impl Syncer {
                         "synced"
                     );
                 }
-                outcome.refused.is_empty()
+                if outcome.refused.is_empty() {
+                    Synced::Clean
+                } else {
+                    Synced::Refused
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, "sync failed; will retry");
                 self.metrics.inc_sync_error(SyncErrorReason::MapUpdate);
-                false
+                Synced::Failed
             }
         };
-        self.metrics.record_sync_result(ok, SystemTime::now());
-        self.health.record_sync(ok);
-        self.status.record_sync(ok);
+        // Health follows the maps, not single Services: a Service the maps
+        // refuse (too big, conflicting) must not make load balancers drain
+        // the node and with it every other Service.
+        let maps_ok = synced != Synced::Failed;
+        self.metrics.record_sync_result(maps_ok, SystemTime::now());
+        self.health.record_sync(maps_ok);
+        self.status
+            .record_sync(maps_ok, self.refused.iter().cloned().collect());
         self.update_gauges();
-        ok
+        synced
     }
 
     fn update_gauges(&self) {
@@ -285,7 +331,10 @@ pub fn node_context(node_name: &str, node: Option<&Node>, extra_ips: &[IpAddr]) 
     }
 }
 
-/// Wait before retrying a sync that did not fully succeed.
+/// Wait before retrying a sync that refused Services (the room a removal
+/// frees is only usable on the sync after it).
+const REFUSED_RETRY_PERIOD: Duration = Duration::from_secs(5);
+/// Wait before retrying a sync whose map writes failed.
 const RETRY_PERIOD: Duration = Duration::from_secs(2);
 /// How often the LRU map gauges are refreshed.
 const LRU_GAUGE_PERIOD: Duration = Duration::from_secs(10);
@@ -474,9 +523,9 @@ async fn run_manifests(
             desired = translation.desired;
         }
         if reload || retry_at.is_some_and(|at| at <= tokio::time::Instant::now()) {
-            let ok = syncer.sync_full(&desired, true);
+            let synced = syncer.sync_full(&desired, true);
             policies.publish(ctx.metrics, ctx.health_checks).await;
-            retry_at = (!ok).then(|| tokio::time::Instant::now() + RETRY_PERIOD);
+            retry_at = synced.retry_at();
         }
         reload = false;
         tokio::select! {
@@ -551,7 +600,7 @@ async fn run_kubernetes(
                 let changes = store.take_changes();
                 let full = !synced_once || changes.all || force_full || retry_at.is_some();
                 let node = node_context(&ctx.config.node_name, store.node(), &ctx.config.node_ips);
-                let ok = if full {
+                let synced = if full {
                     let services: Vec<_> = store.services().cloned().collect();
                     let slices: Vec<_> = store.slices().cloned().collect();
                     let translation = translate::translate(&services, &slices, &node);
@@ -574,7 +623,7 @@ async fn run_kubernetes(
                 };
                 policies.publish(metrics, ctx.health_checks).await;
                 metrics.add_changes(changes.service_changes, changes.endpoint_changes);
-                if ok {
+                if synced != Synced::Failed {
                     let now = k8s_openapi::jiff::Timestamp::now();
                     for t in &changes.trigger_times {
                         let latency = now.duration_since(*t).as_secs_f64();
@@ -586,7 +635,7 @@ async fn run_kubernetes(
                 synced_once = true;
                 force_full = false;
                 last_sync = Some(tokio::time::Instant::now());
-                retry_at = (!ok).then(|| tokio::time::Instant::now() + RETRY_PERIOD);
+                retry_at = synced.retry_at();
             }
             _ = resync.tick() => force_full = synced_once,
             _ = lru_tick.tick() => syncer.update_lru_gauges(),

@@ -1,4 +1,4 @@
-//! Kernel features kpr needs, probed at start. With
+//! Kernel features kpr uses, probed at start. With
 //! `--kube-proxy-replacement strict` a missing one stops the agent with its
 //! name and the kernel option that provides it; with `partial` the agent
 //! runs with what there is (hooks the kernel lacks are left out) and
@@ -34,6 +34,9 @@ pub struct Feature {
     /// What kpr uses it for.
     pub used_for: &'static str,
     pub available: bool,
+    /// Whether the datapath kpr loads today uses it (strict mode requires
+    /// exactly these); the others are reported for what comes next.
+    pub required: bool,
 }
 
 /// Socket-LB hooks and their attach types, as the loader names them.
@@ -127,24 +130,28 @@ pub fn probe() -> Vec<Feature> {
             kernel_config: "CONFIG_BPF_SYSCALL",
             used_for: "everything",
             available: bpf,
+            required: true,
         },
         Feature {
             name: "btf",
             kernel_config: "CONFIG_DEBUG_INFO_BTF",
             used_for: "kernel type information for the BPF programs",
             available: Path::new("/sys/kernel/btf/vmlinux").exists(),
+            required: true,
         },
         Feature {
             name: "cgroup_v2",
             kernel_config: "CONFIG_CGROUPS (and a mounted cgroup2 file system)",
             used_for: "socket-LB attach point",
             available: crate::host::cgroup2_mount().is_ok(),
+            required: true,
         },
         Feature {
             name: "cgroup_sock_addr",
             kernel_config: "CONFIG_CGROUP_BPF",
             used_for: "socket-LB programs",
             available: sock_addr,
+            required: true,
         },
     ];
     for (hook, attach) in HOOK_ATTACH_TYPES {
@@ -154,6 +161,7 @@ pub fn probe() -> Vec<Feature> {
                 "CONFIG_CGROUP_BPF (connect: 4.17, sendmsg: 4.18, recvmsg: 5.2, getpeername: 5.8)",
             used_for: "socket-LB hook",
             available: sock_addr && sock_addr_hook_supported(attach),
+            required: true,
         });
     }
     features.extend([
@@ -166,6 +174,7 @@ pub fn probe() -> Vec<Feature> {
                     sys::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
                     sys::BPF_FUNC_set_retval,
                 ),
+            required: true,
         },
         Feature {
             name: "helper_netns_cookie",
@@ -176,30 +185,38 @@ pub fn probe() -> Vec<Feature> {
                     sys::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
                     sys::BPF_FUNC_get_netns_cookie,
                 ),
+            required: true,
         },
         Feature {
             name: "xdp",
             kernel_config: "CONFIG_BPF_SYSCALL, CONFIG_NET (driver support for native mode)",
             used_for: "NodePort acceleration",
             available: bpf && prog_type_supported(sys::BPF_PROG_TYPE_XDP),
+            required: true,
         },
         Feature {
             name: "tc_bpf",
             kernel_config: "CONFIG_NET_CLS_BPF, CONFIG_NET_SCH_INGRESS",
             used_for: "NodePort replies and SNAT",
             available: bpf && prog_type_supported(sys::BPF_PROG_TYPE_SCHED_CLS),
+            required: true,
         },
         Feature {
             name: "tcx",
             kernel_config: "CONFIG_NET_XGRESS (kernel >= 6.6)",
             used_for: "tc programs without qdiscs",
             available: bpf && kernel_at_least(6, 6),
+            required: true,
         },
     ]);
     for f in &mut features {
         if missing_override.iter().any(|m| m == f.name) {
             f.available = false;
         }
+        // BTF and the north-south hooks are not used by the datapath loaded
+        // today: report them, don't require them (a 6.1 kernel without tcx
+        // runs socket LB fine).
+        f.required = !matches!(f.name, "btf" | "xdp" | "tc_bpf" | "tcx");
     }
     features
 }
@@ -218,11 +235,11 @@ pub fn hook_feature_name(hook: &str) -> &'static str {
     }
 }
 
-/// The missing features, as one error line per feature.
+/// The missing required features, as one error line per feature.
 pub fn missing(features: &[Feature]) -> Vec<String> {
     features
         .iter()
-        .filter(|f| !f.available)
+        .filter(|f| f.required && !f.available)
         .map(|f| {
             format!(
                 "{} (needs {}; used for {})",

@@ -43,6 +43,9 @@ pub struct AgentStatus {
     pub last_successful_sync: Option<String>,
     pub last_sync_ok: Option<bool>,
     pub syncs: u64,
+    /// Services the last sync refused (capacity, conflicts), with why.
+    #[serde(default)]
+    pub refused: Vec<String>,
     /// Kernel features: name -> available.
     pub features: BTreeMap<String, bool>,
 }
@@ -66,10 +69,11 @@ impl StatusHandle {
         self.0.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
-    pub fn record_sync(&self, ok: bool) {
+    pub fn record_sync(&self, ok: bool, refused: Vec<String>) {
         self.update(|s| {
             s.syncs += 1;
             s.last_sync_ok = Some(ok);
+            s.refused = refused;
             if ok {
                 s.last_successful_sync = Some(k8s_openapi::jiff::Timestamp::now().to_string());
             }

@@ -377,10 +377,12 @@ fn session_affinity_from_the_api_holds_and_lapses() {
         "10.96.0.30:80/TCP",
         Some(&["10.244.0.11:8080", "10.244.0.12:8080", "10.244.0.13:8080"]),
     );
+    let first = reached(&spread(&bed, "10.96.0.30:80", 50));
+    assert_eq!(first.len(), 1, "affinity must hold within its timeout");
     assert_eq!(
-        spread(&bed, "10.96.0.30:80", 50).len(),
-        1,
-        "affinity must hold within its timeout"
+        reached(&spread(&bed, "10.96.0.30:80", 10)),
+        first,
+        "affinity must hold across connections"
     );
     let mut picks = BTreeSet::new();
     for _ in 0..8 {
