@@ -446,16 +446,18 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     };
     let metrics_listener = http::bind(config.metrics_addr, "metrics").await?;
     let healthz_listener = http::bind(config.healthz_addr, "healthz").await?;
-    let metrics_server = tokio::spawn(http::serve_metrics(
+    // /status (error texts, paths) goes with /metrics on the loopback-only
+    // address, not on the health port load balancers reach.
+    let metrics_router = http::metrics_router(metrics.clone()).merge(status_router(status.clone()));
+    let metrics_server = tokio::spawn(http::serve(
         metrics_listener,
-        metrics.clone(),
+        "metrics",
+        metrics_router,
         stopped(stop_rx.clone()),
     ));
-    let healthz_router = http::healthz_router(health.clone()).merge(status_router(status.clone()));
-    let healthz_server = tokio::spawn(http::serve(
+    let healthz_server = tokio::spawn(http::serve_healthz(
         healthz_listener,
-        "healthz",
-        healthz_router,
+        health.clone(),
         stopped(stop_rx.clone()),
     ));
 
@@ -580,6 +582,7 @@ async fn run_kubernetes(
     let mut last_sync: Option<tokio::time::Instant> = None;
     let mut retry_at: Option<tokio::time::Instant> = None;
     let mut force_full = false;
+    let mut warned_no_node = false;
 
     loop {
         // Bounded frequency: a change is synced at once unless the last
@@ -599,6 +602,11 @@ async fn run_kubernetes(
             _ = sleep_until_opt(due) => {
                 let changes = store.take_changes();
                 let full = !synced_once || changes.all || force_full || retry_at.is_some();
+                if store.node().is_none() && !warned_no_node {
+                    warned_no_node = true;
+                    tracing::warn!(node = %ctx.config.node_name, "no Node object with this name (check --node-name / NODE_NAME): no node IPs for NodePorts, no zone, and no endpoint counts as local");
+                }
+                status.update(|s| s.own_node_found = Some(store.node().is_some()));
                 let node = node_context(&ctx.config.node_name, store.node(), &ctx.config.node_ips);
                 let synced = if full {
                     let services: Vec<_> = store.services().cloned().collect();

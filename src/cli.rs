@@ -32,9 +32,9 @@ pub enum Command {
     Status {
         #[command(flatten)]
         bpf_root: BpfRootArg,
-        /// The agent's health address, where it serves /status.
-        #[arg(long, default_value = "127.0.0.1:10256")]
-        healthz_addr: SocketAddr,
+        /// The agent's metrics address, where it also serves /status.
+        #[arg(long, default_value = "127.0.0.1:10249")]
+        metrics_addr: SocketAddr,
         /// Output format.
         #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table)]
         output: OutputFormat,
@@ -87,10 +87,10 @@ pub struct AgentArgs {
     pub health_check_bind_address: std::net::IpAddr,
     /// Shortest time between two syncs; changes within it are coalesced
     /// (kube-proxy's --iptables-min-sync-period).
-    #[arg(long, default_value = "10ms", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10ms", value_parser = parse_period)]
     pub min_sync_period: std::time::Duration,
     /// Period of full resyncs of every Service (kube-proxy's --iptables-sync-period).
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = parse_period)]
     pub sync_period: std::time::Duration,
     /// cgroup v2 directory whose processes get socket-level load balancing
     /// [default: the root of the host's cgroup2 mount].
@@ -98,15 +98,16 @@ pub struct AgentArgs {
     pub cgroup: Option<PathBuf>,
     #[command(flatten)]
     pub bpf_root: BpfRootArg,
-    /// Address of the Prometheus metrics endpoint (/metrics).
-    #[arg(long, default_value = "0.0.0.0:10249")]
+    /// Address of the Prometheus metrics endpoint (/metrics) and of /status
+    /// (kube-proxy's default: loopback only).
+    #[arg(long, default_value = "127.0.0.1:10249")]
     pub metrics_addr: SocketAddr,
     /// Address of the health endpoint (/healthz, /livez).
     #[arg(long, default_value = "0.0.0.0:10256")]
     pub healthz_addr: SocketAddr,
     /// Capacity of the services and backends maps, in entries, when they are
     /// created (pinned maps keep theirs).
-    #[arg(long, default_value_t = 65536)]
+    #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(16..))]
     pub lb_map_max: u32,
     /// strict: every kernel feature kpr uses must be there, or the agent
     /// exits naming the missing one; partial: run with what there is.
@@ -143,4 +144,14 @@ pub struct CleanupArgs {
     /// pins are gone [default: only what is pinned under --bpf-root].
     #[arg(long)]
     pub cgroup: Option<PathBuf>,
+}
+
+/// A duration such as `10ms` or `30s`; zero is refused (a zero period would
+/// spin).
+fn parse_period(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d.is_zero() {
+        return Err("must be longer than zero".into());
+    }
+    Ok(d)
 }

@@ -271,30 +271,32 @@ pub fn kube_proxy_rules() -> Vec<String> {
 }
 
 /// stdout of a command that exits 0 within 5 s; None otherwise or if absent.
+/// The output is read while the command runs: a ruleset larger than a pipe
+/// buffer would otherwise block it until the timeout.
 fn run_bounded(cmd: &str, args: &[&str]) -> Option<String> {
-    let mut child = std::process::Command::new(cmd)
+    let child = std::process::Command::new(cmd)
         .args(args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
         .ok()?;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) if status.success() => {
-                let mut out = String::new();
-                std::io::Read::read_to_string(child.stdout.as_mut()?, &mut out).ok()?;
-                return Some(out);
-            }
-            Ok(Some(_)) => return None,
-            Ok(None) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(std::time::Duration::from_millis(20))
-            }
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return None;
-            }
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(5)) {
+        Ok(Ok(out)) if out.status.success() => {
+            Some(String::from_utf8_lossy(&out.stdout).into_owned())
+        }
+        Ok(_) => None,
+        Err(_) => {
+            // Ours, by PID; the waiting thread reaps it.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            None
         }
     }
 }

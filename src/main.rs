@@ -76,10 +76,10 @@ fn run(command: Command) -> Result<ExitCode> {
         }
         Command::Status {
             bpf_root,
-            healthz_addr,
+            metrics_addr,
             output,
         } => {
-            let report = status::gather(healthz_addr, &bpf_root.bpf_root);
+            let report = status::gather(metrics_addr, &bpf_root.bpf_root);
             match output {
                 OutputFormat::Table => print!("{}", status::format_text(&report)),
                 OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),

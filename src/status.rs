@@ -1,6 +1,6 @@
 //! `kpr status`: the agent's view (source, API connectivity, watchers, last
 //! sync, kernel features, mode), served by the agent at `/status` on its
-//! health address, combined with what the pinned datapath shows (attached
+//! metrics address, combined with what the pinned datapath shows (attached
 //! hooks, map fill, service and backend counts) — the information of
 //! `cilium status --verbose`'s KubeProxyReplacement block.
 
@@ -35,6 +35,9 @@ pub struct AgentStatus {
     pub source: String,
     pub api_server: Option<String>,
     pub node_name: Option<String>,
+    /// Kubernetes mode: whether the Node object of `node_name` exists.
+    #[serde(default)]
+    pub own_node_found: Option<bool>,
     /// "strict" or "partial".
     pub kube_proxy_replacement: String,
     pub cgroup: String,
@@ -116,11 +119,12 @@ pub struct Report {
     pub backends: usize,
 }
 
-/// Gathers the report: the agent's `/status` at `healthz_addr` and the
+/// Gathers the report: the agent's `/status` at `agent_addr` (its metrics
+/// address) and the
 /// pinned datapath under `bpf_root`.
-pub fn gather(healthz_addr: SocketAddr, bpf_root: &Path) -> Report {
-    let agent = crate::http::blocking_get(healthz_addr, "/status")
-        .map_err(|e| format!("agent not reachable at {healthz_addr}: {e}"))
+pub fn gather(agent_addr: SocketAddr, bpf_root: &Path) -> Report {
+    let agent = crate::http::blocking_get(agent_addr, "/status")
+        .map_err(|e| format!("agent not reachable at {agent_addr}: {e}"))
         .and_then(|(code, body)| match code {
             200 => serde_json::from_str(&body).map_err(|e| format!("bad /status answer: {e}")),
             code => Err(format!("agent answered {code}")),
@@ -165,7 +169,11 @@ pub fn format_text(r: &Report) -> String {
                 let _ = writeln!(o, "  API server:           {api}");
             }
             if let Some(node) = &a.node_name {
-                let _ = writeln!(o, "  Node:                 {node}");
+                let found = match a.own_node_found {
+                    Some(false) => " (NO Node object with this name)",
+                    _ => "",
+                };
+                let _ = writeln!(o, "  Node:                 {node}{found}");
             }
             for (kind, w) in &a.watchers {
                 let err = w

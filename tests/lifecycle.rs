@@ -219,12 +219,12 @@ fn status_reports_the_agent_the_hooks_and_the_map_fill() {
     }
     let bed = bed("status");
     let root = bed.agent.bpf_root.to_str().unwrap().to_string();
-    let addr = bed.agent.healthz_addr.to_string();
+    let addr = bed.agent.metrics_addr.to_string();
     let json: serde_json::Value = serde_json::from_str(&kpr(&[
         "status",
         "--bpf-root",
         &root,
-        "--healthz-addr",
+        "--metrics-addr",
         &addr,
         "-o",
         "json",
@@ -244,7 +244,7 @@ fn status_reports_the_agent_the_hooks_and_the_map_fill() {
         .find(|m| m["map"] == "services")
         .unwrap();
     assert_eq!(services["entries"], 2);
-    let text = kpr(&["status", "--bpf-root", &root, "--healthz-addr", &addr]);
+    let text = kpr(&["status", "--bpf-root", &root, "--metrics-addr", &addr]);
     assert!(
         text.contains("KubeProxyReplacement Details:") && text.contains("connect4"),
         "{text}"

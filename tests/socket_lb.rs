@@ -504,13 +504,13 @@ fn a_service_that_overflows_the_maps_is_refused_and_the_earlier_ones_are_unaffec
         BedPlan {
             v4_backends: 4,
             v6_backends: 0,
-            agent_args: vec!["--lb-map-max".into(), "8".into()],
+            agent_args: vec!["--lb-map-max".into(), "16".into()],
             ..BedPlan::default()
         },
     );
     let table_before = bed.svc_list().unwrap();
-    // 10 endpoints do not fit in 8 entries.
-    let endpoints: String = (1..=10)
+    // 20 endpoints do not fit in 16 entries.
+    let endpoints: String = (1..=20)
         .map(|i| format!("- addresses: [10.244.1.{i}]\n"))
         .collect();
     bed.write_manifest(
@@ -537,7 +537,7 @@ fn a_service_that_overflows_the_maps_is_refused_and_the_earlier_ones_are_unaffec
     }
     let log = bed.agent.log();
     assert!(
-        log.contains("service t/big not programmed: it needs 11 more entries in BPF map services"),
+        log.contains("service t/big not programmed: it needs 21 more entries in BPF map services"),
         "{log}"
     );
     let (status, _) = kpr::testbed::agent::http_get(bed.agent.healthz_addr, "/healthz").unwrap();

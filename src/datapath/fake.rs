@@ -70,6 +70,19 @@ impl FakeMaps {
     }
 
     fn check_frontend(&mut self, fe: &Frontend, when: &str) {
+        if let Some(SvcValue::Master(m)) = self.services.get(&(*fe, 0)) {
+            let internal = Frontend {
+                scope: crate::model::Scope::Internal,
+                ..*fe
+            };
+            if m.options.has_internal_scope
+                && !matches!(self.services.get(&(internal, 0)), Some(SvcValue::Master(_)))
+            {
+                self.violations.push(format!(
+                    "{when}: {fe:?} points at a missing internal-scope master"
+                ));
+            }
+        }
         let Some(count) = self.master(fe) else { return };
         for slot in 1..=count as u16 {
             match self.services.get(&(*fe, slot)) {

@@ -147,6 +147,9 @@ pub struct Reconciler<M: LbMaps> {
     owners: HashMap<Frontend, String>,
     /// Frontends last applied per Service.
     applied: HashMap<String, ServiceFrontends>,
+    /// Affinity entries have not been checked since the maps were read:
+    /// a previous agent may have left entries for ids that are gone.
+    affinity_unchecked: bool,
 }
 
 impl<M: LbMaps> Reconciler<M> {
@@ -162,6 +165,7 @@ impl<M: LbMaps> Reconciler<M> {
             backend_refs: HashMap::new(),
             owners: HashMap::new(),
             applied: HashMap::new(),
+            affinity_unchecked: true,
         };
         r.reload()?;
         Ok(r)
@@ -262,7 +266,10 @@ impl<M: LbMaps> Reconciler<M> {
     ) -> Result<SyncOutcome, SyncError> {
         let mut outcome = SyncOutcome::default();
         let admitted = self.admit(changes, &mut outcome.refused);
-        let mut plan = Plan::default();
+        let mut plan = Plan {
+            prune_affinity: self.affinity_unchecked,
+            ..Plan::default()
+        };
         let mut touched_backends: HashSet<BackendId> = HashSet::new();
         let mut released_svc_ids = Vec::new();
 
@@ -367,6 +374,7 @@ impl<M: LbMaps> Reconciler<M> {
             self.reload()?;
             return Err(SyncError(e));
         }
+        self.affinity_unchecked = false;
         for id in released_backends {
             self.backend_ids.release(id);
         }
@@ -479,7 +487,11 @@ impl<M: LbMaps> Reconciler<M> {
         for slot in slots.len()..old_slots.len() {
             plan.delete_shrunk_slots.push((*fe, slot as u16 + 1));
         }
-        if spec.options.affinity_timeout.is_some() && old_slots.iter().any(|id| !slots.contains(id))
+        // Affinity entries of this frontend may point at backends it lost:
+        // also when affinity was just turned off, or an id is reused later.
+        let had_affinity = old_master.is_some_and(|m| m.options.affinity_timeout.is_some());
+        if (had_affinity || spec.options.affinity_timeout.is_some())
+            && old_slots.iter().any(|id| !slots.contains(id))
         {
             plan.prune_affinity = true;
         }
@@ -550,7 +562,14 @@ impl<M: LbMaps> Reconciler<M> {
     fn execute(&mut self, plan: &Plan) -> Result<(), MapError> {
         self.maps.put_backends(&plan.put_backends)?;
         self.maps.put_service_entries(&plan.put_slots)?;
-        self.maps.put_service_entries(&plan.put_masters)?;
+        // Internal-scope masters first: an External master that says "use
+        // the internal entry" must never be visible before that entry.
+        let (internal, external): (Vec<_>, Vec<_>) = plan
+            .put_masters
+            .iter()
+            .partition(|(fe, _, _)| fe.scope == crate::model::Scope::Internal);
+        self.maps.put_service_entries(&internal)?;
+        self.maps.put_service_entries(&external)?;
         self.maps
             .delete_service_entries(&plan.delete_shrunk_slots)?;
         self.maps.delete_service_entries(&plan.delete_masters)?;

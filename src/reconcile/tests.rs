@@ -362,3 +362,52 @@ fn a_frontend_claimed_by_two_services_stays_with_the_first() {
     );
     assert_maps_hold(&r, &desired(vec![a]));
 }
+
+#[test]
+fn an_internal_scope_master_is_written_before_the_external_master_that_uses_it() {
+    let mut r = Reconciler::new(FakeMaps::new()).unwrap();
+    let (key, mut fes) = service(
+        "etp",
+        &[(fe("192.0.2.10", 30080), vec![be("10.244.0.11", 80)])],
+    );
+    let internal = Frontend {
+        scope: crate::model::Scope::Internal,
+        ..fe("192.0.2.10", 30080)
+    };
+    let mut spec = fes.values().next().unwrap().clone();
+    spec.options.has_internal_scope = true;
+    spec.options.external_traffic_local = true;
+    fes.insert(fe("192.0.2.10", 30080), spec.clone());
+    spec.options = FrontendOptions::default();
+    spec.backends.push(be("10.244.0.12", 80));
+    fes.insert(internal, spec);
+    let d = desired(vec![(key, fes)]);
+    r.sync_full(&d, true).unwrap();
+    assert_maps_hold(&r, &d);
+}
+
+#[test]
+fn affinity_entries_go_when_affinity_is_turned_off_and_a_backend_leaves() {
+    let mut r = Reconciler::new(FakeMaps::new()).unwrap();
+    let mut svc = web3();
+    for spec in svc.1.values_mut() {
+        spec.options.affinity_timeout = Some(10800);
+    }
+    r.sync_full(&desired(vec![svc.clone()]), true).unwrap();
+    r.maps_mut().affinity.insert((1, 111), 2);
+    for spec in svc.1.values_mut() {
+        spec.options.affinity_timeout = None;
+        spec.backends.remove(1);
+    }
+    r.sync_full(&desired(vec![svc]), true).unwrap();
+    assert!(r.maps().affinity.is_empty(), "{:?}", r.maps().affinity);
+}
+
+#[test]
+fn affinity_entries_left_by_a_previous_agent_for_unknown_frontends_are_removed() {
+    let mut maps = FakeMaps::new();
+    maps.affinity.insert((42, 7), 3);
+    let mut r = Reconciler::new(maps).unwrap();
+    r.sync_full(&desired(vec![web3()]), true).unwrap();
+    assert!(r.maps().affinity.is_empty());
+}

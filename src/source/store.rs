@@ -52,8 +52,10 @@ impl Changes {
     }
 }
 
-#[derive(Default)]
 pub struct ObjectStore {
+    /// Trigger times before this are not this agent's to measure (kube-proxy
+    /// ignores them the same way).
+    started: Timestamp,
     services: BTreeMap<String, Service>,
     slices: BTreeMap<String, EndpointSlice>,
     slices_by_service: BTreeMap<String, BTreeSet<String>>,
@@ -68,6 +70,21 @@ enum Relisted {
     Service(Box<Service>),
     Slice(Box<EndpointSlice>),
     Node(Box<Node>),
+}
+
+impl Default for ObjectStore {
+    fn default() -> Self {
+        ObjectStore {
+            started: Timestamp::now(),
+            services: BTreeMap::new(),
+            slices: BTreeMap::new(),
+            slices_by_service: BTreeMap::new(),
+            node: None,
+            relist: BTreeMap::new(),
+            listed: BTreeSet::new(),
+            pending: Changes::default(),
+        }
+    }
 }
 
 impl ObjectStore {
@@ -130,11 +147,18 @@ impl ObjectStore {
     }
 
     pub fn apply_slice(&mut self, slice: EndpointSlice) {
+        self.put_slice(slice, true);
+    }
+
+    /// Stores a slice; `measure` says whether its trigger time is a change
+    /// this agent should time (not for slices a relist merely re-delivers).
+    fn put_slice(&mut self, slice: EndpointSlice, measure: bool) {
         let key = object_key(&slice.metadata);
+        let unchanged = self.slices.get(&key) == Some(&slice);
         if let Some(old) = self.slices.remove(&key) {
             self.unindex_slice(&key, &old);
         }
-        self.note_slice_change(&slice);
+        self.note_slice_change(&slice, measure && !unchanged);
         if let Some(svc) = slice_service_key(&slice) {
             self.slices_by_service
                 .entry(svc)
@@ -149,7 +173,7 @@ impl ObjectStore {
         if let Some(old) = self.slices.remove(&key) {
             self.unindex_slice(&key, &old);
         }
-        self.note_slice_change(slice);
+        self.note_slice_change(slice, false);
     }
 
     fn unindex_slice(&mut self, key: &str, old: &EndpointSlice) {
@@ -164,27 +188,43 @@ impl ObjectStore {
         }
     }
 
-    fn note_slice_change(&mut self, slice: &EndpointSlice) {
+    fn note_slice_change(&mut self, slice: &EndpointSlice, measure: bool) {
         self.pending.endpoint_changes += 1;
         if let Some(svc) = slice_service_key(slice) {
             self.pending.services.insert(svc);
+        }
+        if !measure {
+            return;
         }
         let trigger = slice
             .metadata
             .annotations
             .as_ref()
             .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION));
-        if let Some(t) = trigger.and_then(|t| t.parse::<Timestamp>().ok()) {
+        if let Some(t) = trigger
+            .and_then(|t| t.parse::<Timestamp>().ok())
+            .filter(|t| *t >= self.started)
+        {
             self.pending.trigger_times.push(t);
         }
     }
 
     /// The agent's own Node changed (addresses, zone): every Service may change.
     pub fn set_node(&mut self, node: Option<Node>) {
-        if self.node != node {
-            self.node = node;
+        // Heartbeats and image lists change all the time; only what the
+        // translation reads (labels, addresses) re-translates everything.
+        let relevant = |n: &Option<Node>| {
+            n.as_ref().map(|n| {
+                (
+                    n.metadata.labels.clone(),
+                    n.status.as_ref().and_then(|s| s.addresses.clone()),
+                )
+            })
+        };
+        if relevant(&self.node) != relevant(&node) {
             self.pending.all = true;
         }
+        self.node = node;
     }
 
     /// A watcher (re)starts listing `kind`.
@@ -233,7 +273,7 @@ impl ObjectStore {
                 }
                 for item in items {
                     if let Relisted::Slice(slice) = item {
-                        self.apply_slice(*slice);
+                        self.put_slice(*slice, false);
                     }
                 }
             }
@@ -324,7 +364,7 @@ mod tests {
     fn slice(name: &str, svc: &str) -> EndpointSlice {
         serde_json::from_value(serde_json::json!({
             "metadata": {"name": name, "namespace": "ns", "labels": {"kubernetes.io/service-name": svc},
-                         "annotations": {TRIGGER_TIME_ANNOTATION: "2026-01-01T00:00:00Z"}},
+                         "annotations": {TRIGGER_TIME_ANNOTATION: Timestamp::now().to_string()}},
             "addressType": "IPv4", "endpoints": [{"addresses": ["10.244.0.1"]}]
         }))
         .unwrap()
@@ -371,6 +411,31 @@ mod tests {
             BTreeSet::from(["ns/a".to_string(), "ns/b".to_string()])
         );
         assert!(s.slices_of("ns/a").is_empty());
+    }
+
+    #[test]
+    fn relisted_slices_and_old_trigger_times_are_not_timed() {
+        let mut s = ObjectStore::new();
+        s.begin_relist(Kind::EndpointSlice);
+        s.relist_slice(slice("a-1", "a"));
+        s.end_relist(Kind::EndpointSlice);
+        assert!(
+            s.take_changes().trigger_times.is_empty(),
+            "a relist is not a change to time"
+        );
+        let mut old = slice("a-1", "a");
+        old.metadata.annotations = Some(
+            [(
+                TRIGGER_TIME_ANNOTATION.to_string(),
+                "2020-01-01T00:00:00Z".to_string(),
+            )]
+            .into(),
+        );
+        s.apply_slice(old);
+        assert!(
+            s.take_changes().trigger_times.is_empty(),
+            "a trigger before the agent started is not ours"
+        );
     }
 
     #[test]

@@ -32,7 +32,7 @@
 //!   traffic from outside the node keeps its source and stays on the node.
 //! - A Local policy with no local endpoint, while the Service has endpoints
 //!   elsewhere: kube-proxy drops; kpr programs the frontend without backends,
-//!   so the socket hook fails the connect at once (EHOSTUNREACH) instead of
+//!   so the socket hook fails the connect at once (ECONNREFUSED) instead of
 //!   letting it time out, and records a [`NoLocalEndpoints`] for
 //!   `kubeproxy_sync_proxy_rules_no_local_endpoints_total`.
 //! - `sessionAffinity: ClientIP` sets the timeout (default 10800 s) on every
