@@ -25,6 +25,13 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define SYS_REJECT 0
 #define SYS_PROCEED 1
 
+/* Never read: they put the enums of lb_types.h into BTF, so the generated
+ * Rust types carry their values and src/datapath/layout.rs checks its
+ * constants against them instead of trusting a hand copy. */
+const volatile enum lb_scope kpr_btf_scope = LB_SCOPE_EXT;
+const volatile enum lb_svc_flags kpr_btf_svc_flags = SVC_F_CLUSTER_IP;
+const volatile enum lb_backend_state kpr_btf_backend_state = BE_STATE_ACTIVE;
+
 /* Errno a client gets for a frontend with no usable backend. */
 const volatile __u32 no_backend_errno = ECONNREFUSED;
 

@@ -172,9 +172,9 @@ impl Syncer {
                         tracing::error!("{text}");
                     }
                     self.metrics.inc_sync_error(match refusal.reason {
-                        RefusalReason::Capacity { .. } | RefusalReason::IdsExhausted => {
-                            SyncErrorReason::Capacity
-                        }
+                        RefusalReason::Capacity { .. }
+                        | RefusalReason::IdsExhausted
+                        | RefusalReason::TooManyBackends { .. } => SyncErrorReason::Capacity,
                         RefusalReason::FrontendConflict { .. } => SyncErrorReason::Source,
                     });
                 }

@@ -7,28 +7,27 @@ use std::net::{IpAddr, Ipv6Addr};
 
 use crate::datapath::maps::{BackendEntry, BackendId, MasterEntry, ServiceId, SvcValue};
 use crate::datapath::skel::sock_lb::types::{
-    lb_affinity_key, lb_affinity_val, lb_backend, lb_svc_key, lb_svc_val,
+    lb_affinity_key, lb_affinity_val, lb_backend, lb_backend_state, lb_scope, lb_svc_flags,
+    lb_svc_key, lb_svc_val,
 };
 use crate::model::{BackendState, Frontend, FrontendOptions, L4Addr, Protocol, Scope, ServiceType};
 
 /// Layout version of the maps; the `_vN` suffix of their pinned names.
 pub const LAYOUT_VERSION: u32 = 1;
 
-// enum lb_scope
-const LB_SCOPE_EXT: u8 = 0;
-const LB_SCOPE_INT: u8 = 1;
-// enum lb_svc_flags
-const SVC_F_CLUSTER_IP: u16 = 1 << 0;
-const SVC_F_NODE_PORT: u16 = 1 << 1;
-const SVC_F_LOADBALANCER: u16 = 1 << 2;
-const SVC_F_EXTERNAL_IP: u16 = 1 << 3;
-const SVC_F_AFFINITY: u16 = 1 << 4;
-const SVC_F_HAS_INT_SCOPE: u16 = 1 << 5;
-const SVC_F_ETP_LOCAL: u16 = 1 << 6;
-const SVC_F_ITP_LOCAL: u16 = 1 << 7;
-// enum lb_backend_state
-const BE_STATE_ACTIVE: u8 = 0;
-const BE_STATE_TERMINATING: u8 = 1;
+// The enums of lb_types.h, from the generated skeleton (BTF), not copied.
+const LB_SCOPE_EXT: u8 = lb_scope::LB_SCOPE_EXT.0 as u8;
+const LB_SCOPE_INT: u8 = lb_scope::LB_SCOPE_INT.0 as u8;
+const SVC_F_CLUSTER_IP: u16 = lb_svc_flags::SVC_F_CLUSTER_IP.0 as u16;
+const SVC_F_NODE_PORT: u16 = lb_svc_flags::SVC_F_NODE_PORT.0 as u16;
+const SVC_F_LOADBALANCER: u16 = lb_svc_flags::SVC_F_LOADBALANCER.0 as u16;
+const SVC_F_EXTERNAL_IP: u16 = lb_svc_flags::SVC_F_EXTERNAL_IP.0 as u16;
+const SVC_F_AFFINITY: u16 = lb_svc_flags::SVC_F_AFFINITY.0 as u16;
+const SVC_F_HAS_INT_SCOPE: u16 = lb_svc_flags::SVC_F_HAS_INT_SCOPE.0 as u16;
+const SVC_F_ETP_LOCAL: u16 = lb_svc_flags::SVC_F_ETP_LOCAL.0 as u16;
+const SVC_F_ITP_LOCAL: u16 = lb_svc_flags::SVC_F_ITP_LOCAL.0 as u16;
+const BE_STATE_ACTIVE: u8 = lb_backend_state::BE_STATE_ACTIVE.0 as u8;
+const BE_STATE_TERMINATING: u8 = lb_backend_state::BE_STATE_TERMINATING.0 as u8;
 
 /// Plain-old-data map structs: `repr(C)`, every byte a declared field
 /// (explicit padding; `tests::struct_sizes_match_the_c_layout` pins it).

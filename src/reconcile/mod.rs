@@ -32,6 +32,10 @@ use crate::datapath::maps::{
 use crate::model::{BackendState, Frontend, FrontendSpec, L4Addr};
 use ids::IdAllocator;
 
+/// Most backend slots a frontend can have (slot numbers are 16-bit, 0 is
+/// the master entry).
+pub const MAX_SLOTS: usize = u16::MAX as usize;
+
 /// A Service's frontends, keyed by frontend.
 pub type ServiceFrontends = BTreeMap<Frontend, FrontendSpec>;
 /// Desired state: `namespace/name` -> the Service's frontends.
@@ -51,6 +55,8 @@ pub enum RefusalReason {
     FrontendConflict { frontend: Frontend, owner: String },
     /// No free backend or frontend id.
     IdsExhausted,
+    /// More backends behind one frontend than slots can number.
+    TooManyBackends { frontend: Frontend, backends: usize },
 }
 
 /// A Service that was not (fully) programmed; its previous state stays.
@@ -78,6 +84,11 @@ impl fmt::Display for Refusal {
             RefusalReason::FrontendConflict { frontend, owner } => write!(
                 f,
                 "service {}: frontend {} is already programmed for service {owner}; skipped",
+                self.service, frontend.addr
+            ),
+            RefusalReason::TooManyBackends { frontend, backends } => write!(
+                f,
+                "service {}: frontend {} has {backends} backends, more than the {MAX_SLOTS} slots a frontend can hold; skipped",
                 self.service, frontend.addr
             ),
             RefusalReason::IdsExhausted => {
@@ -281,6 +292,16 @@ impl<M: LbMaps> Reconciler<M> {
                 .unwrap_or_default();
             let mut programmed = ServiceFrontends::new();
             for (fe, spec) in frontends {
+                if spec.backends.len() > MAX_SLOTS {
+                    outcome.refused.push(Refusal {
+                        service: service.clone(),
+                        reason: RefusalReason::TooManyBackends {
+                            frontend: *fe,
+                            backends: spec.backends.len(),
+                        },
+                    });
+                    continue;
+                }
                 if let Some(owner) = self.owners.get(fe).filter(|o| *o != service) {
                     outcome.refused.push(Refusal {
                         service: service.clone(),
