@@ -34,6 +34,10 @@ const volatile enum lb_backend_state kpr_btf_backend_state = BE_STATE_ACTIVE;
 
 /* Errno a client gets for a frontend with no usable backend. */
 const volatile __u32 no_backend_errno = ECONNREFUSED;
+/* bpf_set_retval (5.18+) sets that errno; without it (partial mode on an
+ * older kernel) the reject is the kernel's default EPERM. The agent sets
+ * this before load; the verifier drops the dead branch. */
+const volatile __u8 use_set_retval = 1;
 
 enum sock_family { FAM_V4, FAM_V6 };
 
@@ -146,7 +150,8 @@ static __always_inline void sock_rev_translate(struct bpf_sock_addr *ctx,
 static __always_inline int sock_verdict(int ret)
 {
 	if (ret < 0) {
-		bpf_set_retval(ret);
+		if (use_set_retval)
+			bpf_set_retval(ret);
 		return SYS_REJECT;
 	}
 	return SYS_PROCEED;

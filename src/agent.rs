@@ -422,11 +422,18 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             .collect(),
         ..AgentStatus::default()
     });
+    let use_set_retval = features
+        .iter()
+        .any(|f| f.name == "helper_set_retval" && f.available);
+    let options = loader::DatapathOptions {
+        skip_hooks,
+        use_set_retval,
+    };
     let report = loader::load_and_attach(
         &config.bpf_root,
         &config.cgroup,
         &config.map_sizes,
-        &skip_hooks,
+        &options,
     )
     .context("setting up the datapath")?;
     tracing::info!(

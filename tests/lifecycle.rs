@@ -153,6 +153,7 @@ fn maps_of_an_older_layout_version_are_removed_when_a_new_agent_takes_over() {
 fn agent_with_missing_feature(
     prefix: &str,
     mode: &str,
+    missing: &str,
 ) -> (
     kpr::testbed::AgentProcess,
     kpr::testbed::TestCgroup,
@@ -167,7 +168,7 @@ fn agent_with_missing_feature(
         cgroup.path(),
         &dir.path().join("bpf"),
         &["--kube-proxy-replacement", mode],
-        &[("KPR_TEST_MISSING_FEATURES", "cgroup_getpeername6")],
+        &[("KPR_TEST_MISSING_FEATURES", missing)],
     )
     .unwrap();
     (agent, cgroup, dir)
@@ -178,7 +179,8 @@ fn strict_mode_refuses_to_start_without_a_required_feature_and_names_it() {
     if !root() {
         return;
     }
-    let (mut agent, _cgroup, _dir) = agent_with_missing_feature("strict", "strict");
+    let (mut agent, _cgroup, _dir) =
+        agent_with_missing_feature("strict", "strict", "cgroup_getpeername6");
     let status = agent
         .wait_exit(std::time::Duration::from_secs(20))
         .expect("the agent did not exit");
@@ -199,7 +201,11 @@ fn partial_mode_runs_without_the_missing_hook() {
     if !root() {
         return;
     }
-    let (mut agent, _cgroup, _dir) = agent_with_missing_feature("partial", "partial");
+    let (mut agent, _cgroup, _dir) = agent_with_missing_feature(
+        "partial",
+        "partial",
+        "cgroup_getpeername6,helper_set_retval",
+    );
     agent
         .wait_healthy(std::time::Duration::from_secs(30))
         .unwrap();

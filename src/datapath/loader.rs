@@ -205,7 +205,7 @@ fn set_map_size(
 fn with_loaded<R>(
     bpf_root: &Path,
     sizes: &MapSizes,
-    skip_hooks: &[&str],
+    options: &DatapathOptions,
     report: &mut LoadReport,
     f: impl FnOnce(&SockLbSkel<'_>, &mut LoadReport) -> Result<R>,
 ) -> Result<R> {
@@ -219,10 +219,13 @@ fn with_loaded<R>(
         let name = prog.name().to_string_lossy().into_owned();
         if SOCK_HOOKS
             .iter()
-            .any(|h| h.program == name && skip_hooks.contains(&h.attach_point))
+            .any(|h| h.program == name && options.skip_hooks.contains(&h.attach_point))
         {
             prog.set_autoload(false);
         }
+    }
+    if let Some(rodata) = open.maps.rodata_data.as_mut() {
+        rodata.use_set_retval = u8::from(options.use_set_retval);
     }
     let maps = &mut open.maps;
     set_map_size(
@@ -263,28 +266,61 @@ fn with_loaded<R>(
 /// benchmarks and tools that exercise the maps alone.
 pub fn create_maps(bpf_root: &Path, sizes: &MapSizes) -> Result<LoadReport> {
     let mut report = LoadReport::default();
-    with_loaded(bpf_root, sizes, &[], &mut report, |_, _| Ok(()))?;
+    with_loaded(
+        bpf_root,
+        sizes,
+        &DatapathOptions::default(),
+        &mut report,
+        |_, _| Ok(()),
+    )?;
     Ok(report)
 }
 
+/// What the kernel lets the datapath use (`--kube-proxy-replacement partial`).
+#[derive(Clone, Debug)]
+pub struct DatapathOptions {
+    /// Attach points the kernel lacks: left out.
+    pub skip_hooks: Vec<&'static str>,
+    /// bpf_set_retval exists (5.18+): rejected connects get ECONNREFUSED, else EPERM.
+    pub use_set_retval: bool,
+}
+
+impl Default for DatapathOptions {
+    fn default() -> Self {
+        DatapathOptions {
+            skip_hooks: Vec::new(),
+            use_set_retval: true,
+        }
+    }
+}
+
 /// Loads the socket-LB programs with their maps pinned under `bpf_root`
-/// and attaches them to `cgroup`, reusing pinned maps and links. Hooks in
-/// `skip_hooks` (attach points the kernel lacks) are left out.
+/// and attaches them to `cgroup` (a cgroup v2 directory), reusing pinned
+/// maps and links.
 pub fn load_and_attach(
     bpf_root: &Path,
     cgroup: &Path,
     sizes: &MapSizes,
-    skip_hooks: &[&str],
+    options: &DatapathOptions,
 ) -> Result<LoadReport> {
+    const CGROUP2_SUPER_MAGIC: i64 = 0x63677270;
+    let fs = nix::sys::statfs::statfs(cgroup)
+        .with_context(|| format!("--cgroup {}", cgroup.display()))?;
+    if fs.filesystem_type().0 as i64 != CGROUP2_SUPER_MAGIC {
+        bail!(
+            "--cgroup {} is not a cgroup v2 directory (socket LB attaches to cgroup2 only)",
+            cgroup.display()
+        );
+    }
     let cgroup_dir =
         fs::File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
     let want_cgroup = cgroup_id(cgroup)?;
     let mut report = LoadReport::default();
-    with_loaded(bpf_root, sizes, skip_hooks, &mut report, |skel, report| {
+    with_loaded(bpf_root, sizes, options, &mut report, |skel, report| {
         fs::create_dir_all(links_dir(bpf_root)).context("creating links directory")?;
         for hook in SOCK_HOOKS
             .iter()
-            .filter(|h| !skip_hooks.contains(&h.attach_point))
+            .filter(|h| !options.skip_hooks.contains(&h.attach_point))
         {
             let prog = program(skel, hook)?;
             attach_hook(
