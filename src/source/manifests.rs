@@ -598,9 +598,15 @@ impl std::fmt::Debug for ManifestWatch {
 pub fn watch(paths: &[PathBuf], debounce: Duration) -> Result<ManifestWatch, WatchError> {
     // Capacity 1: a pending notification already says "something changed".
     let (tx, events) = mpsc::channel(1);
+    let configured: Vec<PathBuf> = paths.to_vec();
     let watcher =
         notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
             Ok(event) if !is_change(&event.kind) => {}
+            // Other files next to a watched manifest file (logs, editors'
+            // swap files) do not change what `load` reads.
+            Ok(event)
+                if !event.paths.is_empty()
+                    && !event.paths.iter().any(|p| is_relevant(p, &configured)) => {}
             Ok(_) => {
                 let _ = tx.try_send(());
             }
@@ -636,6 +642,17 @@ fn watched_dir(path: &Path) -> PathBuf {
         .take_while(|dir| !dir.as_os_str().is_empty())
         .find(|dir| dir.is_dir())
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+/// Whether a change at `changed` can change what [`load`] reads from
+/// `configured`: a configured path itself or one of its ancestors (created or
+/// replaced), or a manifest file inside a configured directory.
+fn is_relevant(changed: &Path, configured: &[PathBuf]) -> bool {
+    configured.iter().any(|c| {
+        c.starts_with(changed)
+            || changed.parent() == Some(c.as_path())
+                && changed.file_name().is_some_and(is_manifest_name)
+    })
 }
 
 /// Whether an event can change what [`load`] returns. Opens, reads and
@@ -1225,6 +1242,26 @@ items:
 
         write(&files, "svc.yaml", WEB_SERVICE);
         expect_change(&mut watch, "re-creating a deleted watched file").await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn other_files_next_to_a_watched_file_do_not_trigger_the_watch() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "svc.yaml", SERVICE_AND_SLICES);
+        let paths = [dir.path().join("svc.yaml")];
+        let mut watch = watch(&paths, DEBOUNCE).unwrap();
+        settle(&mut watch, Duration::from_millis(300)).await;
+
+        write(dir.path(), "agent.log", "a log line");
+        write(dir.path(), "other.yaml", SERVICE_AND_SLICES);
+        let quiet = tokio::time::timeout(Duration::from_secs(1), watch.changed()).await;
+        assert!(
+            quiet.is_err(),
+            "a neighbour of the watched file reported a change"
+        );
+
+        write(dir.path(), "svc.yaml", SERVICE_AND_SLICES);
+        expect_change(&mut watch, "rewriting the watched file").await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
