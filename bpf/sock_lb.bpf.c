@@ -78,6 +78,7 @@ static __always_inline int sock_translate(struct bpf_sock_addr *ctx,
 	struct lb_backend *backend;
 	struct lb_sock_rnat_key rkey = {};
 	struct lb_sock_rnat_val rval = {};
+	__u32 backend_id;
 
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
 		return 0;
@@ -96,7 +97,7 @@ static __always_inline int sock_translate(struct bpf_sock_addr *ctx,
 			return -no_backend_errno;
 	}
 
-	backend = lb_select_backend(&key, master, bpf_get_netns_cookie(ctx));
+	backend = lb_select_backend(&key, master, bpf_get_netns_cookie(ctx), &backend_id);
 	if (!backend)
 		return -no_backend_errno;
 	/* A v4 socket can only reach an IPv4 backend; the agent never mixes

@@ -29,6 +29,8 @@ const SVC_F_ITP_LOCAL: u16 = 1 << 7;
 // enum lb_backend_state
 const BE_STATE_ACTIVE: u8 = 0;
 const BE_STATE_TERMINATING: u8 = 1;
+// enum lb_backend_flags
+const BE_F_LOCAL: u8 = 1 << 0;
 
 /// Plain-old-data map structs: `repr(C)`, every byte a declared field
 /// (explicit padding; `tests::struct_sizes_match_the_c_layout` pins it).
@@ -197,7 +199,8 @@ pub fn backend_value(b: &BackendEntry) -> lb_backend {
             BackendState::Active => BE_STATE_ACTIVE,
             BackendState::Terminating => BE_STATE_TERMINATING,
         },
-        pad: 0,
+        flags: if b.local { BE_F_LOCAL } else { 0 },
+        pad: [0; 3],
     }
 }
 
@@ -214,6 +217,7 @@ pub fn decode_backend(val: &lb_backend) -> Option<BackendEntry> {
             proto: Protocol::from_number(val.proto)?,
         },
         state,
+        local: val.flags & BE_F_LOCAL != 0,
     })
 }
 
@@ -297,12 +301,17 @@ mod tests {
                 proto: Protocol::Tcp,
             },
             state: BackendState::Terminating,
+            local: true,
         };
         let v = backend_value(&b);
         assert_eq!(
             hex(&v),
-            "00000000000000000000ffff0af4000b".to_string() + "1f90" + "06" + "01" + "00000000"
+            //      ::ffff:10.244.0.11        port  tcp  term  local pad
+            "00000000000000000000ffff0af4000b".to_string() + "1f90" + "06" + "01" + "01" + "000000"
         );
         assert_eq!(decode_backend(&v), Some(b));
+        // An entry of an older agent (flags were padding, zero) is remote.
+        let old = lb_backend { flags: 0, ..v };
+        assert_eq!(decode_backend(&old).map(|b| b.local), Some(false));
     }
 }

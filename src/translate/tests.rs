@@ -65,9 +65,9 @@ fn render(t: &Translation) -> Vec<String> {
             let backends: Vec<String> = spec
                 .backends
                 .iter()
-                .map(|(a, s)| match s {
-                    BackendState::Terminating => format!("{a}~"),
-                    BackendState::Active => a.to_string(),
+                .map(|b| match b.state {
+                    BackendState::Terminating => format!("{}~", b.addr),
+                    BackendState::Active => b.addr.to_string(),
                 })
                 .collect();
             let o = &spec.options;
