@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use crate::datapath::kernel::KernelMaps;
 use crate::datapath::loader::{self, MapSizes};
 use crate::datapath::maps::MapName;
+use crate::datapath::nodeport::{self, NodePortConfig};
 use crate::features::{self, KprMode};
 use crate::healthcheck::HealthCheckServer;
 use crate::http::{self, Health};
@@ -73,6 +74,10 @@ pub struct AgentConfig {
     pub node_ips: Vec<IpAddr>,
     /// Address the health check node port listeners bind to.
     pub health_check_bind: IpAddr,
+    /// The north-south datapath (`--devices`); None: off.
+    pub nodeport: Option<NodePortConfig>,
+    /// How often expired conntrack entries are removed.
+    pub ct_gc_interval: Duration,
 }
 
 /// The reconciler with the reporting around it: every sync is timed,
@@ -346,6 +351,9 @@ async fn stop_requested() {
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(config: AgentConfig) -> Result<()> {
+    if let Some(np) = &config.nodeport {
+        np.validate()?;
+    }
     let (skip_hooks, features) = check_features(config.kpr_mode)?;
     let status = StatusHandle::new(AgentStatus {
         source: match &config.source {
@@ -388,6 +396,30 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         created_links = ?report.created_links,
         "datapath attached"
     );
+    match &config.nodeport {
+        Some(np) => {
+            nodeport::check_port_range(np.snat_ports);
+            let report = nodeport::load_and_attach(&config.bpf_root, &config.map_sizes, np)
+                .context("setting up the north-south datapath")?;
+            tracing::info!(
+                devices = ?np.devices,
+                mode = ?np.mode,
+                snat_ports = %np.snat_ports,
+                reused_ct = report.reused_ct,
+                updated_links = ?report.updated_links,
+                created_links = ?report.created_links,
+                detached_links = ?report.detached_links,
+                "north-south datapath attached"
+            );
+        }
+        None => {
+            let detached = nodeport::remove(&config.bpf_root)
+                .context("turning the north-south datapath off")?;
+            if !detached.is_empty() {
+                tracing::info!(?detached, "no --devices: north-south datapath detached");
+            }
+        }
+    }
 
     let metrics = Arc::new(Metrics::new());
     let health = Health::new();
