@@ -441,6 +441,14 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         healthz_router,
         stopped(stop_rx.clone()),
     ));
+    let ct_gc = config.nodeport.as_ref().map(|_| {
+        tokio::spawn(ct_gc_loop(
+            config.bpf_root.clone(),
+            config.ct_gc_interval,
+            metrics.clone(),
+            stopped(stop_rx.clone()),
+        ))
+    });
 
     let syncer = Syncer::new(
         &config.bpf_root,
@@ -464,7 +472,76 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let _ = stop_tx.send(true);
     let _ = metrics_server.await;
     let _ = healthz_server.await;
+    if let Some(gc) = ct_gc {
+        let _ = gc.await;
+    }
     result
+}
+
+/// Removes expired conntrack entries every `interval` and publishes the
+/// conntrack fill and the datapath's counters, until `stop` resolves.
+///
+/// Only expired entries go: a flow's entries share one expiry, so pairs
+/// leave together, and a restarted agent never drops live flows (the
+/// lesson of cilium#29667).
+async fn ct_gc_loop(
+    bpf_root: PathBuf,
+    interval: Duration,
+    metrics: Arc<Metrics>,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    use crate::datapath::ct::{monotonic_ns, CtMap, NodePortStats};
+    use crate::metrics::NodePortEvent;
+    let mut tick = tokio::time::interval(interval.max(Duration::from_millis(100)));
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = &mut stop => return,
+        }
+        let root = bpf_root.clone();
+        let pass = tokio::task::spawn_blocking(move || {
+            let ct = CtMap::open(&root)?;
+            let report = ct.gc(monotonic_ns())?;
+            let stats = NodePortStats::read(&root)?;
+            anyhow::Ok((report, ct.max_entries(), stats))
+        })
+        .await;
+        match pass {
+            Ok(Ok((report, capacity, stats))) => {
+                metrics.record_ct_gc(report.deleted, report.alive);
+                metrics.set_map(MapLabel::Conntrack, report.alive, capacity);
+                for (event, n) in [
+                    (NodePortEvent::FlowNew, stats.flows_new),
+                    (NodePortEvent::FlowSnat, stats.flows_snat),
+                    (NodePortEvent::Forward, stats.packets_fwd),
+                    (NodePortEvent::Reply, stats.packets_reply),
+                    (NodePortEvent::DropNoBackend, stats.drop_no_backend),
+                    (NodePortEvent::DropSnatExhausted, stats.drop_snat_exhausted),
+                    (NodePortEvent::DropFib, stats.drop_fib),
+                    (NodePortEvent::DropConntrack, stats.drop_ct),
+                    (NodePortEvent::DropTtl, stats.drop_ttl),
+                ] {
+                    metrics.set_nodeport_event(event, n);
+                }
+                if report.deleted > 0 {
+                    tracing::debug!(
+                        deleted = report.deleted,
+                        alive = report.alive,
+                        "conntrack GC"
+                    );
+                }
+            }
+            Ok(Err(e)) => {
+                metrics.record_ct_gc_failure();
+                tracing::warn!(error = %format!("{e:#}"), "conntrack GC failed");
+            }
+            Err(e) => {
+                metrics.record_ct_gc_failure();
+                tracing::warn!(error = %e, "conntrack GC task failed");
+            }
+        }
+    }
 }
 
 /// What both source loops share.

@@ -7,8 +7,10 @@
 //! passes.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kpr::datapath::ct::{CtMap, NodePortStats};
@@ -16,6 +18,7 @@ use kpr::datapath::layout::{CtDir, CtRecord};
 use kpr::datapath::nodeport::attached_devices;
 use kpr::model::Protocol;
 use kpr::testbed::cluster::client_ip;
+use kpr::testbed::probe::RequestsReport;
 use kpr::testbed::server::split_reply;
 use kpr::testbed::{
     sweep_stale, AgentProcess, Cluster, ClusterNode, ClusterPlan, Netns, ProbeResult, ProbeSpec,
@@ -80,7 +83,8 @@ struct Bed {
 }
 
 impl Bed {
-    fn start(prefix: &str) -> Bed {
+    /// Builds the bed; `extra_args` go to every agent.
+    fn start(prefix: &str, extra_args: &[&str]) -> Bed {
         sweep_stale(prefix).expect("sweeping leftovers");
         let cluster = Cluster::build(prefix, &ClusterPlan { pods_per_node: 2 }).expect("cluster");
         let mut servers = Vec::new();
@@ -113,7 +117,7 @@ impl Bed {
             let name = format!("node{}", node.index());
             let ip = node.ext_ip().to_string();
             let devices = node.devices().join(",");
-            let args = [
+            let mut args = vec![
                 "--node-name",
                 &name,
                 "--node-ip",
@@ -123,6 +127,7 @@ impl Bed {
                 "--ct-gc-interval",
                 "1s",
             ];
+            args.extend_from_slice(extra_args);
             let agent = AgentProcess::start_in_netns(
                 Path::new(KPR),
                 &manifests,
@@ -235,7 +240,7 @@ fn nodeport_on_both_nodes_spreads_over_backends_on_both_nodes_with_snat_for_remo
     if !root() {
         return;
     }
-    let bed = Bed::start("npsp");
+    let bed = Bed::start("npsp", &[]);
     let client = bed.cluster.client();
     for n in [1u8, 2] {
         let node = bed.node(n);
@@ -349,49 +354,75 @@ fn an_agent_restart_under_load_keeps_programs_and_conntrack_without_failed_conne
     if !root() {
         return;
     }
-    let mut bed = Bed::start("nprs");
+    let mut bed = Bed::start("nprs", &[]);
     let target = node_port(bed.node(1), NODE_PORT_TCP);
 
     // Long-lived UDP flows: each keeps its backend only if conntrack survives.
     let flows = 8;
     let first = udp_flows_answers(bed.cluster.client(), bed.node(1), flows, None);
 
-    // Steady load through node1 while its agent restarts twice.
-    let count = 600;
+    // Steady load through node1, in batches until both restarts are done.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load_stop = stop.clone();
     let load = bed
         .cluster
         .client()
         .spawn_thread(move || {
-            ProbeSpec::TcpRequests {
-                target,
-                count,
-                timeout_ms: 3000,
+            let mut total = RequestsReport::default();
+            let mut batches = 0;
+            while batches < 1000 && (!load_stop.load(Ordering::Relaxed) || batches < 5) {
+                let r = ProbeSpec::TcpRequests {
+                    target,
+                    count: 20,
+                    timeout_ms: 3000,
+                }
+                .run()
+                .expect("probe runs");
+                let r = r.as_requests().expect("requests report").clone();
+                for (k, v) in r.identities {
+                    *total.identities.entry(k).or_default() += v;
+                }
+                for (k, v) in r.failures {
+                    *total.failures.entry(k).or_default() += v;
+                }
+                batches += 1;
             }
-            .run()
+            total
         })
         .unwrap();
     std::thread::sleep(Duration::from_millis(200));
-    for _ in 0..2 {
+    for crash in [true, false] {
         let agent = bed.agent(1);
-        agent.stop().unwrap();
-        std::thread::sleep(Duration::from_millis(100));
+        if crash {
+            agent.kill().unwrap();
+        } else {
+            agent.stop().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(200));
         agent.restart().unwrap();
         agent.wait_healthy(Duration::from_secs(30)).unwrap();
-        assert!(
-            agent.log().contains("updated_links"),
-            "the restarted agent swapped its programs"
-        );
     }
-    let r = load.join().unwrap().unwrap();
-    let r = r.as_requests().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Relaxed);
+    let r = load.join().unwrap();
     let answered: u64 = r.identities.values().sum();
     let failed: u64 = r.failures.values().sum();
     println!(
-        "NodePort restart under load: {answered} requests answered, {failed} failed ({:?})",
+        "NodePort restart under load (kill + restart, stop + restart): {answered} requests answered, {failed} failed ({:?})",
         r.failures
     );
     assert_eq!(failed, 0, "{:?}", r.failures);
-    assert_eq!(answered, u64::from(count));
+    assert!(answered >= 100, "{answered}");
+    let log = bed.agent(1).log();
+    assert!(
+        log.matches(
+            r#"updated_links=["eth-c/ingress", "eth-c/egress", "eth-n/ingress", "eth-n/egress"]"#
+        )
+        .count()
+            >= 2,
+        "both restarts swapped the programs behind the pinned tcx links:\n{log}"
+    );
+    assert!(log.matches("reused_ct=true").count() >= 2, "{log}");
 
     let again = udp_flows_answers(bed.cluster.client(), bed.node(1), flows, Some(&first));
     assert_eq!(
@@ -440,39 +471,9 @@ fn conntrack_entries_expire_and_are_collected_and_cleanup_detaches_tcx() {
     if !root() {
         return;
     }
-    let mut bed = Bed::start("npgc");
+    // A short UDP lifetime, so entries expire within the test.
+    let mut bed = Bed::start("npgc", &["--ct-udp-timeout", "2s"]);
     let target = node_port(bed.node(2), NODE_PORT_UDP);
-    // A short UDP lifetime: restart node2's agent with it (the program is
-    // reloaded with the new knob; the pinned map and links are reused).
-    bed.agent(2).stop().unwrap();
-    let root2 = bed.bpf_root(2);
-    let manifests = bed.dir.path().join("manifests");
-    let cgroup = bed.agent(2).cgroup.clone();
-    let ip = bed.node(2).ext_ip().to_string();
-    let devices = bed.node(2).devices().join(",");
-    let short = AgentProcess::start_in_netns(
-        Path::new(KPR),
-        &manifests,
-        &cgroup,
-        &root2,
-        &[
-            "--node-name",
-            "node2",
-            "--node-ip",
-            &ip,
-            "--devices",
-            &devices,
-            "--ct-udp-timeout",
-            "2s",
-            "--ct-gc-interval",
-            "1s",
-        ],
-        bed.node(2).ns(),
-    )
-    .unwrap();
-    bed.agents[1] = short;
-    bed.agent(2).wait_healthy(Duration::from_secs(30)).unwrap();
-
     let r = run_in(
         bed.cluster.client(),
         ProbeSpec::UdpConnected {
@@ -518,5 +519,4 @@ fn conntrack_entries_expire_and_are_collected_and_cleanup_detaches_tcx() {
         "ECONNREFUSED",
         "node2's own stack answers: nothing translates any more"
     );
-    let _ = Ipv4Addr::LOCALHOST;
 }
