@@ -48,11 +48,10 @@ struct pkt4 {
 	__be16 sport;     /* source port */
 	__be16 dport;     /* destination port */
 	__u32  l4_off;    /* offset of the L4 header from the frame start */
-	__u16  tot_len;   /* IP total length, host order */
 	__u8   proto;     /* IPPROTO_TCP or IPPROTO_UDP */
 	__u8   ttl;       /* IP TTL */
 	__u8   tcp_flags; /* TCP flags byte (FIN, SYN, RST, ... ); 0 for UDP */
-	__u8   pad[3];
+	__u8   pad;
 };
 
 /* Fills @p from an Ethernet frame. Returns 0 for an unfragmented IPv4
@@ -88,7 +87,6 @@ static __always_inline int pkt4_parse(struct __sk_buff *skb, struct pkt4 *p)
 	p->dport = ports[1];
 	p->proto = ip.protocol;
 	p->ttl = ip.ttl;
-	p->tot_len = bpf_ntohs(ip.tot_len);
 	return 0;
 }
 
@@ -163,7 +161,10 @@ static __always_inline long fib_lookup4(struct __sk_buff *skb, struct bpf_fib_lo
 	__builtin_memset(fib, 0, sizeof(*fib));
 	fib->family = AF_INET;
 	fib->l4_protocol = p->proto;
-	fib->tot_len = p->tot_len;
+	/* tot_len 0: the kernel checks the skb against the egress MTU itself
+	 * (is_skb_forwardable), which accounts for GSO; an explicit length
+	 * would refuse every GRO-aggregated packet as FRAG_NEEDED. */
+	fib->tot_len = 0;
 	fib->ipv4_src = saddr;
 	fib->ipv4_dst = daddr;
 	fib->ifindex = skb->ingress_ifindex;

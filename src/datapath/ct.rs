@@ -88,7 +88,7 @@ impl CtMap {
             .iter()
             .filter_map(|(k, v)| layout::decode_ct(k, v))
             .collect();
-        out.sort_by(|a, b| (a.dir, a.src, a.dst).cmp(&(b.dir, b.src, b.dst)));
+        out.sort_by_key(|e| (e.dir, e.src, e.dst));
         Ok(out)
     }
 
