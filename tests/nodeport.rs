@@ -39,15 +39,28 @@ fn root() -> bool {
     root
 }
 
-/// The NodePort Service with every pod of both nodes as endpoints.
+/// NodePort of `web-local` (externalTrafficPolicy Local, pods on both nodes).
+const NODE_PORT_LOCAL: u16 = 30081;
+/// NodePort of `one-local` (externalTrafficPolicy Local, pods on node1 only).
+const NODE_PORT_ONE_LOCAL: u16 = 30082;
+/// NodePort of `empty` (no endpoints).
+const NODE_PORT_EMPTY: u16 = 30083;
+
+/// The NodePort Service `web` (TCP and UDP) with every pod of both nodes as
+/// endpoints, plus the Local-policy and endpoint-less Services above.
 fn manifest(cluster: &Cluster) -> String {
     let mut endpoints = String::new();
+    let mut node1_endpoints = String::new();
     for node in cluster.nodes() {
         for ip in node.pod_ips() {
-            endpoints += &format!("- {{addresses: [{ip}], nodeName: node{}}}\n", node.index());
+            let line = format!("- {{addresses: [{ip}], nodeName: node{}}}\n", node.index());
+            if node.index() == 1 {
+                node1_endpoints += &line;
+            }
+            endpoints += &line;
         }
     }
-    format!(
+    let web = format!(
         r#"
 apiVersion: v1
 kind: Service
@@ -68,7 +81,52 @@ ports:
 - {{name: dns, protocol: UDP, port: {POD_UDP}}}
 endpoints:
 {endpoints}"#
-    )
+    );
+    let local = |name: &str, cluster_ip: &str, node_port: u16, endpoints: &str| {
+        format!(
+            r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: np}}
+spec:
+  type: NodePort
+  clusterIP: {cluster_ip}
+  externalTrafficPolicy: Local
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: {POD_TCP}, nodePort: {node_port}}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}-1, namespace: np, labels: {{kubernetes.io/service-name: {name}}}}}
+addressType: IPv4
+ports:
+- {{name: http, protocol: TCP, port: {POD_TCP}}}
+endpoints:
+{endpoints}"#
+        )
+    };
+    let empty = format!(
+        r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: empty, namespace: np}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.13
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: {POD_TCP}, nodePort: {NODE_PORT_EMPTY}}}
+"#
+    );
+    web + &local("web-local", "10.96.0.11", NODE_PORT_LOCAL, &endpoints)
+        + &local(
+            "one-local",
+            "10.96.0.12",
+            NODE_PORT_ONE_LOCAL,
+            &node1_endpoints,
+        )
+        + &empty
 }
 
 /// The cluster with identity servers on every pod and a kpr agent per node.
@@ -519,4 +577,61 @@ fn conntrack_entries_expire_and_are_collected_and_cleanup_detaches_tcx() {
         "ECONNREFUSED",
         "node2's own stack answers: nothing translates any more"
     );
+}
+
+#[test]
+fn external_traffic_policy_local_keeps_the_client_address_and_drops_without_local_backends() {
+    if !root() {
+        return;
+    }
+    let bed = Bed::start("npetp", &[]);
+    let client = bed.cluster.client();
+    for n in [1u8, 2] {
+        let node = bed.node(n);
+        let target = node_port(node, NODE_PORT_LOCAL);
+        let r = run_in(
+            client,
+            ProbeSpec::TcpRequests {
+                target,
+                count: 30,
+                timeout_ms: 2000,
+            },
+        );
+        let r = r.as_requests().unwrap();
+        assert!(r.failures.is_empty(), "{target}: {r:?}");
+        let seen: BTreeSet<IpAddr> = r
+            .identities
+            .keys()
+            .map(|reply| check_source(node, reply))
+            .collect();
+        let local: BTreeSet<IpAddr> = node.pod_ips().iter().map(|ip| IpAddr::V4(*ip)).collect();
+        assert_eq!(seen, local, "only node{n}'s pods, which see the client");
+    }
+    // node2 has no endpoint of one-local, and `empty` has none anywhere:
+    // both are dropped (kube-proxy drops the first and rejects the second;
+    // kpr has no --service-no-backend-response yet).
+    for (node, port) in [(2u8, NODE_PORT_ONE_LOCAL), (1, NODE_PORT_EMPTY)] {
+        let target = node_port(bed.node(node), port);
+        let r = run_in(
+            client,
+            ProbeSpec::TcpConnectError {
+                target,
+                timeout_ms: 300,
+            },
+        );
+        assert_eq!(r.as_connect().unwrap().outcome(), "TIMEOUT", "{target}");
+    }
+    assert!(bed.stats(2).drop_no_backend > 0);
+    assert!(bed.stats(1).drop_no_backend > 0);
+    // ... while node1 serves one-local from its own pods.
+    let target = node_port(bed.node(1), NODE_PORT_ONE_LOCAL);
+    let r = run_in(
+        client,
+        ProbeSpec::TcpRequests {
+            target,
+            count: 5,
+            timeout_ms: 2000,
+        },
+    );
+    assert!(r.as_requests().unwrap().failures.is_empty(), "{r:?}");
 }
