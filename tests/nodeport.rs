@@ -405,6 +405,13 @@ fn nodeport_on_both_nodes_spreads_over_backends_on_both_nodes_with_snat_for_remo
     ]);
     println!("{}", table.lines().take(5).collect::<Vec<_>>().join("\n"));
     assert!(table.contains("192.0.2.11:30080") && table.contains("snat"));
+    let status = bed.kpr(&["status", "--bpf-root", bed.bpf_root(1).to_str().unwrap()]);
+    assert!(
+        status.contains(
+            "North-south (tcx):    eth-c/egress eth-c/ingress eth-n/egress eth-n/ingress"
+        ),
+        "{status}"
+    );
 }
 
 #[test]

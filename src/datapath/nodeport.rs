@@ -162,7 +162,8 @@ pub enum Direction {
 impl Direction {
     pub const BOTH: [Direction; 2] = [Direction::Ingress, Direction::Egress];
 
-    fn as_str(self) -> &'static str {
+    /// `ingress` or `egress`.
+    pub fn as_str(self) -> &'static str {
         match self {
             Direction::Ingress => "ingress",
             Direction::Egress => "egress",
