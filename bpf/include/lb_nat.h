@@ -151,24 +151,24 @@ static __always_inline int ip4_dec_ttl(struct __sk_buff *skb, __u8 ttl)
 	return bpf_skb_store_bytes(skb, IP_TTL_OFF, &new_ttl, 1, 0);
 }
 
-/* Routes saddr -> daddr as if the packet had come in on the skb's device.
- * @flags: 0, or BPF_FIB_LOOKUP_SRC to also learn the source address this
- * node would use toward daddr (fib->ipv4_src). Returns a BPF_FIB_LKUP_RET_*. */
-static __always_inline long fib_lookup4(struct __sk_buff *skb, struct bpf_fib_lookup *fib,
-					const struct pkt4 *p, __be32 saddr, __be32 daddr,
-					__u32 flags)
+/* Routes saddr -> daddr as if the packet had come in on @ifindex (@ctx: the
+ * skb or XDP context). @flags: 0, or BPF_FIB_LOOKUP_SRC to also learn the
+ * source address this node would use toward daddr (fib->ipv4_src).
+ * Returns a BPF_FIB_LKUP_RET_*. */
+static __always_inline long fib_lookup4(void *ctx, __u32 ifindex, struct bpf_fib_lookup *fib,
+					__u8 proto, __be32 saddr, __be32 daddr, __u32 flags)
 {
 	__builtin_memset(fib, 0, sizeof(*fib));
 	fib->family = AF_INET;
-	fib->l4_protocol = p->proto;
-	/* tot_len 0: the kernel checks the skb against the egress MTU itself
-	 * (is_skb_forwardable), which accounts for GSO; an explicit length
-	 * would refuse every GRO-aggregated packet as FRAG_NEEDED. */
+	fib->l4_protocol = proto;
+	/* tot_len 0: the kernel checks the packet against the egress MTU
+	 * itself (is_skb_forwardable for skbs), which accounts for GSO; an
+	 * explicit length would refuse every GRO-aggregated packet. */
 	fib->tot_len = 0;
 	fib->ipv4_src = saddr;
 	fib->ipv4_dst = daddr;
-	fib->ifindex = skb->ingress_ifindex;
-	return bpf_fib_lookup(skb, fib, sizeof(*fib), flags);
+	fib->ifindex = ifindex;
+	return bpf_fib_lookup(ctx, fib, sizeof(*fib), flags);
 }
 
 /* Sends the (rewritten) packet out of the interface @fib chose: with the
