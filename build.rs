@@ -10,6 +10,7 @@ use libbpf_cargo::SkeletonBuilder;
 const PROGRAMS: &[(&str, &str)] = &[
     ("bpf/sock_lb.bpf.c", "sock_lb"),
     ("bpf/nodeport.bpf.c", "nodeport"),
+    ("bpf/nodeport_xdp.bpf.c", "nodeport_xdp"),
 ];
 
 fn main() {

@@ -409,6 +409,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                 updated_links = ?report.updated_links,
                 created_links = ?report.created_links,
                 detached_links = ?report.detached_links,
+                xdp_links = ?report.xdp_links,
                 "north-south datapath attached"
             );
         }
@@ -521,6 +522,7 @@ async fn ct_gc_loop(
                     (NodePortEvent::DropFib, stats.drop_fib),
                     (NodePortEvent::DropConntrack, stats.drop_ct),
                     (NodePortEvent::DropTtl, stats.drop_ttl),
+                    (NodePortEvent::XdpForward, stats.xdp_fwd),
                 ] {
                     metrics.set_nodeport_event(event, n);
                 }

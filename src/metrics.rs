@@ -115,6 +115,8 @@ label_enum! {
         DropConntrack => "drop_conntrack",
         /// Dropped: TTL exhausted.
         DropTtl => "drop_ttl",
+        /// A packet XDP translated and redirected itself.
+        XdpForward => "xdp_forward",
     }
 }
 

@@ -143,8 +143,12 @@ struct Bed {
 impl Bed {
     /// Builds the bed; `extra_args` go to every agent.
     fn start(prefix: &str, extra_args: &[&str]) -> Bed {
+        Bed::start_with(prefix, &ClusterPlan::default(), extra_args)
+    }
+
+    fn start_with(prefix: &str, plan: &ClusterPlan, extra_args: &[&str]) -> Bed {
         sweep_stale(prefix).expect("sweeping leftovers");
-        let cluster = Cluster::build(prefix, &ClusterPlan { pods_per_node: 2 }).expect("cluster");
+        let cluster = Cluster::build(prefix, plan).expect("cluster");
         let mut servers = Vec::new();
         for node in cluster.nodes() {
             for ip in node.pod_ips() {
@@ -299,6 +303,14 @@ fn nodeport_on_both_nodes_spreads_over_backends_on_both_nodes_with_snat_for_remo
         return;
     }
     let bed = Bed::start("npsp", &[]);
+    spreads_with_snat_for_remote_backends(&bed);
+    check_conntrack_and_tools(&bed);
+}
+
+/// TCP and UDP to both nodes' NodePorts reach every pod of both nodes; a
+/// local pod sees the client, a remote one the node; one UDP socket is one
+/// flow on one backend, answered from the NodePort address.
+fn spreads_with_snat_for_remote_backends(bed: &Bed) {
     let client = bed.cluster.client();
     for n in [1u8, 2] {
         let node = bed.node(n);
@@ -366,7 +378,11 @@ fn nodeport_on_both_nodes_spreads_over_backends_on_both_nodes_with_snat_for_remo
             [&target.to_string()]
         );
     }
+}
 
+/// Conntrack after [`spreads_with_snat_for_remote_backends`], the counters,
+/// `kpr ct list` and `kpr status`.
+fn check_conntrack_and_tools(bed: &Bed) {
     // Conntrack: flows to node1's NodePorts, each an orig/reply pair,
     // SNATed exactly when the backend is on node2.
     let entries = bed.ct(1);
@@ -641,4 +657,42 @@ fn external_traffic_policy_local_keeps_the_client_address_and_drops_without_loca
         },
     );
     assert!(r.as_requests().unwrap().failures.is_empty(), "{r:?}");
+}
+
+/// The spread/SNAT checks with XDP in `mode` in front of tc on both nodes;
+/// XDP must have forwarded packets itself.
+fn through_xdp(prefix: &str, mode: &str) {
+    let plan = ClusterPlan {
+        xdp_ready: true,
+        ..ClusterPlan::default()
+    };
+    let bed = Bed::start_with(prefix, &plan, &["--nodeport-acceleration", mode]);
+    spreads_with_snat_for_remote_backends(&bed);
+    check_conntrack_and_tools(&bed);
+    for n in [1u8, 2] {
+        let stats = bed.stats(n);
+        println!("node{n} XDP {mode}: {stats:?}");
+        assert!(
+            stats.xdp_fwd > 0 && stats.xdp_fwd <= stats.packets_fwd + stats.packets_reply,
+            "{stats:?}"
+        );
+    }
+    let log = bed.agents[0].log();
+    assert!(log.contains(&format!("eth-c/{mode}")), "{log}");
+}
+
+#[test]
+fn nodeport_through_generic_xdp_spreads_and_snats_like_tc() {
+    if !root() {
+        return;
+    }
+    through_xdp("npxg", "generic");
+}
+
+#[test]
+fn nodeport_through_native_xdp_on_veth_spreads_and_snats_like_tc() {
+    if !root() {
+        return;
+    }
+    through_xdp("npxn", "native");
 }

@@ -312,8 +312,7 @@ fn a_cluster_routes_client_nodes_and_pods_without_kpr_and_drop_removes_it() {
 
     let names;
     {
-        let cluster =
-            Cluster::build("tbk", &ClusterPlan { pods_per_node: 2 }).expect("cluster builds");
+        let cluster = Cluster::build("tbk", &ClusterPlan::default()).expect("cluster builds");
         names = std::iter::once(cluster.client())
             .chain(cluster.nodes().iter().flat_map(|n| [n.ns(), n.pods()]))
             .map(|ns| ns.name().to_string())

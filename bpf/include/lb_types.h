@@ -182,7 +182,8 @@ enum np_stat {
 	NP_STAT_FIB_FAIL       = 6, /* dropped: no route or neighbour to forward */
 	NP_STAT_CT_FAIL        = 7, /* dropped: a conntrack entry could not be written */
 	NP_STAT_TTL            = 8, /* dropped: TTL exhausted */
-	NP_STAT_MAX            = 9,
+	NP_STAT_XDP_FWD        = 9, /* packets XDP translated and redirected itself */
+	NP_STAT_MAX            = 10,
 };
 
 #endif /* KPR_LB_TYPES_H */

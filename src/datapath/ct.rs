@@ -127,6 +127,9 @@ pub struct NodePortStats {
     pub drop_fib: u64,
     pub drop_ct: u64,
     pub drop_ttl: u64,
+    /// Packets XDP translated and redirected itself (the rest of
+    /// `packets_fwd` and `packets_reply` went through tc).
+    pub xdp_fwd: u64,
 }
 
 impl NodePortStats {
@@ -135,7 +138,7 @@ impl NodePortStats {
         let pin = bpf_root.join(STATS_PIN);
         let map = MapHandle::from_pinned_path(&pin)
             .with_context(|| format!("opening {}", pin.display()))?;
-        let mut v = [0u64; 9];
+        let mut v = [0u64; 10];
         for (i, slot) in v.iter_mut().enumerate() {
             let per_cpu = map
                 .lookup_percpu(&(i as u32).to_ne_bytes(), MapFlags::ANY)
@@ -157,6 +160,7 @@ impl NodePortStats {
             drop_fib: v[6],
             drop_ct: v[7],
             drop_ttl: v[8],
+            xdp_fwd: v[9],
         })
     }
 }

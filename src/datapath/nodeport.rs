@@ -24,6 +24,8 @@ use serde::Serialize;
 use crate::datapath::loader::{self, LoadReport, MapSizes};
 use crate::datapath::maps::MapName;
 use crate::datapath::skel::nodeport::{NodeportSkel, NodeportSkelBuilder};
+use crate::datapath::skel::nodeport_xdp::{NodeportXdpSkel, NodeportXdpSkelBuilder};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd};
 
 /// Pinned name of the conntrack map (its suffix is the layout version).
 pub const CT_PIN: &str = "kpr_ct_v1";
@@ -44,16 +46,36 @@ pub enum NodePortMode {
     Hybrid,
 }
 
-/// Whether NodePort traffic is handled in XDP before the stack.
+/// Whether north-south ingress is handled in XDP before the stack (tc
+/// stays attached for what XDP hands on and for egress).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Acceleration {
     /// tc (tcx) only.
     Disabled,
-    /// XDP in the driver. NOT IMPLEMENTED YET: the agent refuses it.
+    /// XDP in the driver (XDP_FLAGS_DRV_MODE); fails on devices without it.
     Native,
-    /// XDP in generic (skb) mode. NOT IMPLEMENTED YET: the agent refuses it.
+    /// XDP in generic (skb) mode, on any device.
     Generic,
+}
+
+impl Acceleration {
+    /// `native` or `generic`; None when disabled.
+    fn xdp_mode(self) -> Option<&'static str> {
+        match self {
+            Acceleration::Disabled => None,
+            Acceleration::Native => Some("native"),
+            Acceleration::Generic => Some("generic"),
+        }
+    }
+
+    fn xdp_flags(self) -> u32 {
+        match self {
+            Acceleration::Disabled => 0,
+            Acceleration::Native => libbpf_sys::XDP_FLAGS_DRV_MODE,
+            Acceleration::Generic => libbpf_sys::XDP_FLAGS_SKB_MODE,
+        }
+    }
 }
 
 /// Conntrack lifetimes, in seconds.
@@ -141,12 +163,6 @@ impl NodePortConfig {
                 self.mode
             );
         }
-        if self.acceleration != Acceleration::Disabled {
-            bail!(
-                "--nodeport-acceleration {:?} (XDP) is not implemented yet; only disabled (tc) is",
-                self.acceleration
-            );
-        }
         Ok(())
     }
 }
@@ -210,6 +226,8 @@ pub struct NodePortReport {
     pub created_links: Vec<String>,
     /// `device/direction` detached because the device left --devices.
     pub detached_links: Vec<String>,
+    /// `device/mode` of the XDP programs attached or updated.
+    pub xdp_links: Vec<String>,
     /// The conntrack map was pinned already (its flows go on).
     pub reused_ct: bool,
 }
@@ -236,36 +254,7 @@ pub fn load_and_attach(
     let mut open = NodeportSkelBuilder::default()
         .open(&mut storage)
         .context("opening the north-south BPF object")?;
-    let rodata = open
-        .maps
-        .rodata_data
-        .as_deref_mut()
-        .context("the north-south object has no read-only data")?;
-    rodata.snat_port_min = config.snat_ports.min;
-    rodata.snat_port_max = config.snat_ports.max;
-    rodata.ct_timeout_tcp_syn = config.timeouts.tcp_syn;
-    rodata.ct_timeout_tcp = config.timeouts.tcp;
-    rodata.ct_timeout_tcp_closing = config.timeouts.tcp_closing;
-    rodata.ct_timeout_udp = config.timeouts.udp;
-
-    // The load balancer's maps are the socket path's pins, reused.
-    let mut shared = LoadReport::default();
-    let maps = &mut open.maps;
-    for (map, name) in [
-        (&mut maps.kpr_svc_v1, MapName::Services),
-        (&mut maps.kpr_backends_v1, MapName::Backends),
-        (&mut maps.kpr_affinity_v1, MapName::Affinity),
-        (&mut maps.kpr_sockrnat_v1, MapName::SockRevNat),
-    ] {
-        loader::set_map_size(map, bpf_root, name, sizes, &mut shared)?;
-    }
-    loader::size_and_pin(&mut maps.kpr_ct_v1, &bpf_root.join(CT_PIN), sizes.ct)?;
-    let stats_size = maps.kpr_npstats_v1.max_entries();
-    loader::size_and_pin(
-        &mut maps.kpr_npstats_v1,
-        &bpf_root.join(STATS_PIN),
-        stats_size,
-    )?;
+    configure_open!(open, config, sizes, bpf_root);
     let skel: NodeportSkel = open.load().context(
         "loading the north-south BPF programs (a pinned map of an incompatible definition? run `kpr cleanup`)",
     )?;
@@ -288,7 +277,171 @@ pub fn load_and_attach(
         }
     }
     report.detached_links = detach_other_devices(bpf_root, &config.devices)?;
+
+    // XDP last: tc is in place for everything it hands on.
+    let mut xdp_storage = MaybeUninit::uninit();
+    let xdp_skel = match config.acceleration.xdp_mode() {
+        None => None,
+        Some(_) => {
+            let mut open = NodeportXdpSkelBuilder::default()
+                .open(&mut xdp_storage)
+                .context("opening the north-south XDP object")?;
+            configure_open!(open, config, sizes, bpf_root);
+            Some(open.load().context("loading the north-south XDP program")?)
+        }
+    };
+    let keep: Vec<(String, &'static str)> = match (&xdp_skel, config.acceleration.xdp_mode()) {
+        (Some(skel), Some(mode)) => {
+            let skel: &NodeportXdpSkel = skel;
+            for (device, index) in &devices {
+                attach_xdp(
+                    bpf_root,
+                    device,
+                    *index,
+                    config.acceleration,
+                    &skel.progs.kpr_np_xdp,
+                )
+                .with_context(|| format!("attaching XDP ({mode}) to {device}"))?;
+                report.xdp_links.push(format!("{device}/{mode}"));
+            }
+            devices.iter().map(|(d, _)| (d.clone(), mode)).collect()
+        }
+        _ => Vec::new(),
+    };
+    report
+        .detached_links
+        .extend(detach_other_xdp(bpf_root, &keep)?);
     Ok(report)
+}
+
+/// Sets the knobs and map pins shared by the tc and XDP objects on an
+/// open skeleton (their generated types differ, their fields do not).
+macro_rules! configure_open {
+    ($open:ident, $config:ident, $sizes:ident, $bpf_root:ident) => {{
+        let rodata = $open
+            .maps
+            .rodata_data
+            .as_deref_mut()
+            .context("the north-south object has no read-only data")?;
+        rodata.snat_port_min = $config.snat_ports.min;
+        rodata.snat_port_max = $config.snat_ports.max;
+        rodata.ct_timeout_tcp_syn = $config.timeouts.tcp_syn;
+        rodata.ct_timeout_tcp = $config.timeouts.tcp;
+        rodata.ct_timeout_tcp_closing = $config.timeouts.tcp_closing;
+        rodata.ct_timeout_udp = $config.timeouts.udp;
+        // The load balancer's maps are the socket path's pins, reused.
+        let mut shared = LoadReport::default();
+        let maps = &mut $open.maps;
+        for (map, name) in [
+            (&mut maps.kpr_svc_v1, MapName::Services),
+            (&mut maps.kpr_backends_v1, MapName::Backends),
+            (&mut maps.kpr_affinity_v1, MapName::Affinity),
+            (&mut maps.kpr_sockrnat_v1, MapName::SockRevNat),
+        ] {
+            loader::set_map_size(map, $bpf_root, name, $sizes, &mut shared)?;
+        }
+        loader::size_and_pin(&mut maps.kpr_ct_v1, &$bpf_root.join(CT_PIN), $sizes.ct)?;
+        let stats_size = maps.kpr_npstats_v1.max_entries();
+        loader::size_and_pin(
+            &mut maps.kpr_npstats_v1,
+            &$bpf_root.join(STATS_PIN),
+            stats_size,
+        )?;
+    }};
+}
+use configure_open;
+
+/// Prefix of the pinned XDP links: `links/xdp_<device>_<native|generic>`.
+const XDP_LINK_PREFIX: &str = "xdp_";
+
+fn xdp_link_pin(bpf_root: &Path, device: &str, mode: &str) -> PathBuf {
+    bpf_root
+        .join("links")
+        .join(format!("{XDP_LINK_PREFIX}{device}_{mode}"))
+}
+
+/// Attaches the XDP program to `device` in the mode of `accel`, or swaps
+/// it into the pinned link already there.
+fn attach_xdp(
+    bpf_root: &Path,
+    device: &str,
+    index: u32,
+    accel: Acceleration,
+    prog: &ProgramMut<'_>,
+) -> Result<()> {
+    let mode = accel.xdp_mode().context("XDP is disabled")?;
+    let pin = xdp_link_pin(bpf_root, device, mode);
+    if pin.exists() {
+        let mut link =
+            Link::open(&pin).with_context(|| format!("opening pinned link {}", pin.display()))?;
+        let target = match link.info().ok().map(|i| i.info) {
+            Some(LinkTypeInfo::Xdp(x)) => Some(x.ifindex),
+            _ => None,
+        };
+        if target == Some(index) {
+            link.update_prog(prog)
+                .context("replacing the program of the pinned link")?;
+            return Ok(());
+        }
+        // Device re-created or link defunct: only one XDP program fits a
+        // device, so the old link goes first.
+        let _ = link.detach();
+        fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
+    }
+    let index = i32::try_from(index).context("ifindex out of range")?;
+    // SAFETY: an all-zero bpf_link_create_opts is its "no options" value;
+    // only sz and flags are set.
+    let mut opts: libbpf_sys::bpf_link_create_opts = unsafe { std::mem::zeroed() };
+    opts.sz = std::mem::size_of::<libbpf_sys::bpf_link_create_opts>() as libbpf_sys::size_t;
+    opts.flags = accel.xdp_flags();
+    let prog_fd = prog.as_fd().as_raw_fd();
+    // SAFETY: plain syscall wrappers on a loaded program's fd and a valid
+    // opts; the returned fd is owned here and closed after pinning.
+    let fd = unsafe { libbpf_sys::bpf_link_create(prog_fd, index, libbpf_sys::BPF_XDP, &opts) };
+    if fd < 0 {
+        return Err(std::io::Error::from_raw_os_error(-fd)).with_context(|| {
+            format!("creating the XDP link ({mode} mode; native needs driver support)")
+        });
+    }
+    // SAFETY: fd is a fresh link fd we own.
+    let link_fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let path = CString::new(pin.as_os_str().as_encoded_bytes()).context("pin path")?;
+    // SAFETY: a valid fd and NUL-terminated path.
+    let ret = unsafe { libbpf_sys::bpf_obj_pin(link_fd.as_raw_fd(), path.as_ptr()) };
+    if ret != 0 {
+        return Err(std::io::Error::from_raw_os_error(-ret))
+            .with_context(|| format!("pinning the XDP link at {}", pin.display()));
+    }
+    Ok(())
+}
+
+/// Detaches and unpins XDP links other than `keep` (device, mode).
+fn detach_other_xdp(bpf_root: &Path, keep: &[(String, &str)]) -> Result<Vec<String>> {
+    let dir = bpf_root.join("links");
+    let mut detached = Vec::new();
+    if !dir.exists() {
+        return Ok(detached);
+    }
+    for entry in fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(XDP_LINK_PREFIX) else {
+            continue;
+        };
+        if keep
+            .iter()
+            .any(|(d, m)| rest == format!("{d}_{m}").as_str())
+        {
+            continue;
+        }
+        if let Ok(link) = Link::open(entry.path()) {
+            let _ = link.detach();
+        }
+        fs::remove_file(entry.path())
+            .with_context(|| format!("removing {}", entry.path().display()))?;
+        detached.push(format!("xdp:{rest}"));
+    }
+    Ok(detached)
 }
 
 /// The ifindex and direction a pinned tcx link is attached to, if any.
@@ -430,7 +583,8 @@ pub fn attached_devices(bpf_root: &Path) -> Vec<AttachedDevice> {
 /// Turns the north-south datapath off: detaches every tcx link and removes
 /// the conntrack and counter pins (an agent started without --devices).
 pub fn remove(bpf_root: &Path) -> Result<Vec<String>> {
-    let detached = detach_other_devices(bpf_root, &[])?;
+    let mut detached = detach_other_xdp(bpf_root, &[])?;
+    detached.extend(detach_other_devices(bpf_root, &[])?);
     for pin in PINS {
         let path = bpf_root.join(pin);
         if path.exists() {
@@ -496,7 +650,7 @@ mod tests {
             acceleration: Acceleration::Native,
             ..ok
         };
-        assert!(xdp.validate().unwrap_err().to_string().contains("XDP"));
+        assert!(xdp.validate().is_ok());
     }
 
     #[test]

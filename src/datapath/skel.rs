@@ -14,3 +14,7 @@ pub mod sock_lb {
 pub mod nodeport {
     include!(concat!(env!("OUT_DIR"), "/nodeport.skel.rs"));
 }
+
+pub mod nodeport_xdp {
+    include!(concat!(env!("OUT_DIR"), "/nodeport_xdp.skel.rs"));
+}

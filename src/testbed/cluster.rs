@@ -54,11 +54,20 @@ pub const MAX_PODS_PER_NODE: u8 = 50;
 pub struct ClusterPlan {
     /// Pod addresses behind each node, 1..=[`MAX_PODS_PER_NODE`].
     pub pods_per_node: u8,
+    /// Make the senders (client, pods) behave like hosts behind a wire for
+    /// XDP on the nodes: TX checksum offload off, so packets carry full
+    /// checksums as they would from a NIC, and GRO on, so the veths that
+    /// nodes redirect XDP frames into accept them (native XDP on veth
+    /// needs NAPI on the receiving end).
+    pub xdp_ready: bool,
 }
 
 impl Default for ClusterPlan {
     fn default() -> Self {
-        ClusterPlan { pods_per_node: 2 }
+        ClusterPlan {
+            pods_per_node: 2,
+            xdp_ready: false,
+        }
     }
 }
 
@@ -155,6 +164,7 @@ fn mac(link: u8, side: u8) -> String {
 pub struct Cluster {
     client: Netns,
     nodes: [ClusterNode; 2],
+    xdp_ready: bool,
 }
 
 impl Cluster {
@@ -187,7 +197,11 @@ impl Cluster {
             })
         };
         let nodes = [node(1)?, node(2)?];
-        let cluster = Cluster { client, nodes };
+        let cluster = Cluster {
+            client,
+            nodes,
+            xdp_ready: plan.xdp_ready,
+        };
         cluster.configure()?;
         Ok(cluster)
     }
@@ -288,6 +302,18 @@ impl Cluster {
             ])?;
         }
 
+        if self.xdp_ready {
+            for (ns, dev) in [
+                (&self.client, CLIENT_TO_NODE1_IF),
+                (&self.client, CLIENT_TO_NODE2_IF),
+                (&n1.pods, PODS_IF),
+                (&n2.pods, PODS_IF),
+            ] {
+                ethtool_set(ns, dev, ETHTOOL_STXCSUM, false)?;
+                ethtool_set(ns, dev, ETHTOOL_SGRO, true)?;
+            }
+        }
+
         // The client reaches each pod subnet (and the node link) through
         // the node that owns it.
         for node in &self.nodes {
@@ -313,6 +339,62 @@ impl Cluster {
         }
         Ok(())
     }
+}
+
+/// `ethtool -K` by ioctl (no ethtool binary needed): legacy commands
+/// from linux/ethtool.h taking a `struct ethtool_value`.
+const ETHTOOL_STXCSUM: u32 = 0x17;
+const ETHTOOL_SGRO: u32 = 0x2c;
+const SIOCETHTOOL: libc::c_ulong = 0x8946;
+
+#[repr(C)]
+struct EthtoolValue {
+    cmd: u32,
+    data: u32,
+}
+
+/// Sets one offload of `dev` inside `ns`.
+fn ethtool_set(ns: &Netns, dev: &str, cmd: u32, on: bool) -> Result<()> {
+    let name = dev.as_bytes().to_vec();
+    if name.len() >= libc::IFNAMSIZ {
+        return Err(TestbedError::InvalidName {
+            name: dev.to_string(),
+            why: "an interface name is shorter than IFNAMSIZ",
+        });
+    }
+    let outcome = ns.enter_thread(move || -> std::io::Result<()> {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        // SAFETY: socket(2) has no memory preconditions.
+        let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor we own.
+        let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+        let mut value = EthtoolValue {
+            cmd,
+            data: u32::from(on),
+        };
+        // SAFETY: ifreq is plain data; all-zero is a valid (empty) request.
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in ifr.ifr_name.iter_mut().zip(&name) {
+            *dst = *src as libc::c_char;
+        }
+        ifr.ifr_ifru.ifru_data = (&mut value as *mut EthtoolValue).cast();
+        // SAFETY: SIOCETHTOOL with a valid ifreq whose data points at a
+        // live ethtool_value for the duration of the call.
+        let ret = unsafe { libc::ioctl(sock.as_raw_fd(), SIOCETHTOOL as _, &mut ifr) };
+        if ret < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    })?;
+    outcome.map_err(|e| {
+        TestbedError::io(
+            format!("ethtool cmd {cmd:#x} on {dev} in netns {}", ns.name()),
+            e,
+        )
+    })
 }
 
 /// A veth pair between two namespaces with one IPv4 address on each end.
@@ -391,7 +473,10 @@ mod tests {
 
     #[test]
     fn bad_plans_are_refused_before_anything_is_created() {
-        let plan = ClusterPlan { pods_per_node: 0 };
+        let plan = ClusterPlan {
+            pods_per_node: 0,
+            ..ClusterPlan::default()
+        };
         assert!(Cluster::build("ok", &plan).is_err());
         assert!(Cluster::build("Bad", &ClusterPlan::default()).is_err());
     }
