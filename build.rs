@@ -7,7 +7,11 @@ use std::path::PathBuf;
 use libbpf_cargo::SkeletonBuilder;
 
 /// BPF programs, one per hook family: (source, skeleton name).
-const PROGRAMS: &[(&str, &str)] = &[("bpf/sock_lb.bpf.c", "sock_lb")];
+const PROGRAMS: &[(&str, &str)] = &[
+    ("bpf/sock_lb.bpf.c", "sock_lb"),
+    ("bpf/nodeport.bpf.c", "nodeport"),
+    ("bpf/nodeport_xdp.bpf.c", "nodeport_xdp"),
+];
 
 fn main() {
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));

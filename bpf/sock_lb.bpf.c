@@ -31,6 +31,7 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 const volatile enum lb_scope kpr_btf_scope = LB_SCOPE_EXT;
 const volatile enum lb_svc_flags kpr_btf_svc_flags = SVC_F_CLUSTER_IP;
 const volatile enum lb_backend_state kpr_btf_backend_state = BE_STATE_ACTIVE;
+const volatile enum lb_backend_flags kpr_btf_backend_flags = BE_F_LOCAL;
 
 /* Errno a client gets for a frontend with no usable backend. */
 const volatile __u32 no_backend_errno = ECONNREFUSED;
@@ -89,6 +90,7 @@ static __always_inline int sock_translate(struct bpf_sock_addr *ctx,
 	struct lb_backend *backend;
 	struct lb_sock_rnat_key rkey = {};
 	struct lb_sock_rnat_val rval = {};
+	__u32 backend_id;
 
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
 		return 0;
@@ -107,7 +109,7 @@ static __always_inline int sock_translate(struct bpf_sock_addr *ctx,
 			return -no_backend_errno;
 	}
 
-	backend = lb_select_backend(&key, master, bpf_get_netns_cookie(ctx));
+	backend = lb_select_backend(&key, master, bpf_get_netns_cookie(ctx), &backend_id);
 	if (!backend)
 		return -no_backend_errno;
 	/* A v4 socket can only reach an IPv4 backend; the agent never mixes

@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use crate::datapath::kernel::KernelMaps;
 use crate::datapath::loader::{self, MapSizes};
 use crate::datapath::maps::MapName;
+use crate::datapath::nodeport::{self, NodePortConfig};
 use crate::features::{self, KprMode};
 use crate::healthcheck::HealthCheckServer;
 use crate::http::{self, Health};
@@ -73,6 +74,10 @@ pub struct AgentConfig {
     pub node_ips: Vec<IpAddr>,
     /// Address the health check node port listeners bind to.
     pub health_check_bind: IpAddr,
+    /// The north-south datapath (`--devices`); None: off.
+    pub nodeport: Option<NodePortConfig>,
+    /// How often expired conntrack entries are removed.
+    pub ct_gc_interval: Duration,
 }
 
 /// The reconciler with the reporting around it: every sync is timed,
@@ -395,6 +400,9 @@ async fn stop_requested() {
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(config: AgentConfig) -> Result<()> {
+    if let Some(np) = &config.nodeport {
+        np.validate()?;
+    }
     let (skip_hooks, features) = check_features(config.kpr_mode)?;
     let status = StatusHandle::new(AgentStatus {
         source: match &config.source {
@@ -444,6 +452,31 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         created_links = ?report.created_links,
         "datapath attached"
     );
+    match &config.nodeport {
+        Some(np) => {
+            nodeport::check_port_range(np.snat_ports);
+            let report = nodeport::load_and_attach(&config.bpf_root, &config.map_sizes, np)
+                .context("setting up the north-south datapath")?;
+            tracing::info!(
+                devices = ?np.devices,
+                mode = ?np.mode,
+                snat_ports = %np.snat_ports,
+                reused_ct = report.reused_ct,
+                updated_links = ?report.updated_links,
+                created_links = ?report.created_links,
+                detached_links = ?report.detached_links,
+                xdp_links = ?report.xdp_links,
+                "north-south datapath attached"
+            );
+        }
+        None => {
+            let detached = nodeport::remove(&config.bpf_root)
+                .context("turning the north-south datapath off")?;
+            if !detached.is_empty() {
+                tracing::info!(?detached, "no --devices: north-south datapath detached");
+            }
+        }
+    }
 
     let metrics = Arc::new(Metrics::new());
     let health = Health::new();
@@ -467,6 +500,14 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         health.clone(),
         stopped(stop_rx.clone()),
     ));
+    let ct_gc = config.nodeport.as_ref().map(|_| {
+        tokio::spawn(ct_gc_loop(
+            config.bpf_root.clone(),
+            config.ct_gc_interval,
+            metrics.clone(),
+            stopped(stop_rx.clone()),
+        ))
+    });
 
     let syncer = Syncer::new(
         &config.bpf_root,
@@ -490,7 +531,77 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let _ = stop_tx.send(true);
     let _ = metrics_server.await;
     let _ = healthz_server.await;
+    if let Some(gc) = ct_gc {
+        let _ = gc.await;
+    }
     result
+}
+
+/// Removes expired conntrack entries every `interval` and publishes the
+/// conntrack fill and the datapath's counters, until `stop` resolves.
+///
+/// Only expired entries go: a flow's entries share one expiry, so pairs
+/// leave together, and a restarted agent never drops live flows (the
+/// lesson of cilium#29667).
+async fn ct_gc_loop(
+    bpf_root: PathBuf,
+    interval: Duration,
+    metrics: Arc<Metrics>,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    use crate::datapath::ct::{monotonic_ns, CtMap, NodePortStats};
+    use crate::metrics::NodePortEvent;
+    let mut tick = tokio::time::interval(interval.max(Duration::from_millis(100)));
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = &mut stop => return,
+        }
+        let root = bpf_root.clone();
+        let pass = tokio::task::spawn_blocking(move || {
+            let ct = CtMap::open(&root)?;
+            let report = ct.gc(monotonic_ns())?;
+            let stats = NodePortStats::read(&root)?;
+            anyhow::Ok((report, ct.max_entries(), stats))
+        })
+        .await;
+        match pass {
+            Ok(Ok((report, capacity, stats))) => {
+                metrics.record_ct_gc(report.deleted, report.alive);
+                metrics.set_map(MapLabel::Conntrack, report.alive, capacity);
+                for (event, n) in [
+                    (NodePortEvent::FlowNew, stats.flows_new),
+                    (NodePortEvent::FlowSnat, stats.flows_snat),
+                    (NodePortEvent::Forward, stats.packets_fwd),
+                    (NodePortEvent::Reply, stats.packets_reply),
+                    (NodePortEvent::DropNoBackend, stats.drop_no_backend),
+                    (NodePortEvent::DropSnatExhausted, stats.drop_snat_exhausted),
+                    (NodePortEvent::DropFib, stats.drop_fib),
+                    (NodePortEvent::DropConntrack, stats.drop_ct),
+                    (NodePortEvent::DropTtl, stats.drop_ttl),
+                    (NodePortEvent::XdpForward, stats.xdp_fwd),
+                ] {
+                    metrics.set_nodeport_event(event, n);
+                }
+                if report.deleted > 0 {
+                    tracing::debug!(
+                        deleted = report.deleted,
+                        alive = report.alive,
+                        "conntrack GC"
+                    );
+                }
+            }
+            Ok(Err(e)) => {
+                metrics.record_ct_gc_failure();
+                tracing::warn!(error = %format!("{e:#}"), "conntrack GC failed");
+            }
+            Err(e) => {
+                metrics.record_ct_gc_failure();
+                tracing::warn!(error = %e, "conntrack GC task failed");
+            }
+        }
+    }
 }
 
 /// What both source loops share.

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::datapath::loader::DEFAULT_BPF_ROOT;
+use crate::datapath::nodeport::{Acceleration, NodePortMode, PortRange};
 use crate::features::KprMode;
 
 #[derive(Debug, Parser)]
@@ -27,6 +28,11 @@ pub enum Command {
     Svc {
         #[command(subcommand)]
         command: SvcCommand,
+    },
+    /// Inspect north-south connection tracking.
+    Ct {
+        #[command(subcommand)]
+        command: CtCommand,
     },
     /// Show the agent's and the datapath's state (like `cilium status --verbose`).
     Status {
@@ -116,11 +122,63 @@ pub struct AgentArgs {
     /// Wait after a manifest change before syncing, so a burst of edits is one sync (ms).
     #[arg(long, default_value_t = 100)]
     pub debounce_ms: u64,
+    /// Interfaces that carry north-south traffic (NodePort, LoadBalancer and
+    /// externalIP frontends reached from outside the node), comma-separated
+    /// or repeated; kpr attaches to their tc (tcx) ingress and egress.
+    /// Default: none, the north-south datapath is off (socket LB only).
+    #[arg(long, value_delimiter = ',', value_name = "DEV")]
+    pub devices: Vec<String>,
+    /// How north-south traffic reaches a backend on another node. snat:
+    /// source-NAT to this node, replies return through it. dsr and hybrid
+    /// are NOT IMPLEMENTED YET: the agent exits with an error naming them.
+    #[arg(long, value_enum, default_value_t = NodePortMode::Snat)]
+    pub nodeport_mode: NodePortMode,
+    /// XDP acceleration of the north-south datapath. disabled: tc only.
+    /// native and generic are NOT IMPLEMENTED YET: the agent exits with an
+    /// error naming them.
+    #[arg(long, value_enum, default_value_t = Acceleration::Disabled)]
+    pub nodeport_acceleration: Acceleration,
+    /// Source ports of SNATed north-south flows, MIN-MAX; keep them out of
+    /// net.ipv4.ip_local_port_range (the agent warns on overlap).
+    #[arg(long, default_value = "61000-65535", value_name = "MIN-MAX")]
+    pub nodeport_snat_ports: PortRange,
+    /// Capacity of the north-south conntrack map, in entries (two per flow),
+    /// when it is created (a pinned map keeps its own).
+    #[arg(long, default_value_t = 131072)]
+    pub ct_map_max: u32,
+    /// Conntrack lifetime of an established TCP flow since its last packet.
+    #[arg(long, default_value = "6h", value_parser = humantime::parse_duration)]
+    pub ct_tcp_timeout: std::time::Duration,
+    /// Conntrack lifetime of a TCP flow the backend has not answered yet.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub ct_tcp_syn_timeout: std::time::Duration,
+    /// Conntrack lifetime of a TCP flow after FIN or RST.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub ct_tcp_closing_timeout: std::time::Duration,
+    /// Conntrack lifetime of a UDP flow since its last packet.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub ct_udp_timeout: std::time::Duration,
+    /// How often the agent removes expired conntrack entries.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub ct_gc_interval: std::time::Duration,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum SvcCommand {
     /// List frontends and their backends, like `cilium service list`.
+    List {
+        #[command(flatten)]
+        bpf_root: BpfRootArg,
+        /// Output format.
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table)]
+        output: OutputFormat,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CtCommand {
+    /// List conntrack entries (two per flow: orig and reply), like
+    /// `cilium bpf ct list global`.
     List {
         #[command(flatten)]
         bpf_root: BpfRootArg,

@@ -8,9 +8,10 @@ use anyhow::{Context, Result};
 use clap::Parser;
 
 use kpr::agent::{self, AgentConfig, KubeSourceConfig, SourceConfig};
-use kpr::cli::{AgentArgs, Cli, Command, OutputFormat, SvcCommand};
+use kpr::cli::{AgentArgs, Cli, Command, CtCommand, OutputFormat, SvcCommand};
 use kpr::datapath::kernel::KernelMaps;
 use kpr::datapath::loader::{self, MapSizes};
+use kpr::datapath::nodeport::{Acceleration, CtTimeouts, NodePortConfig, NodePortMode};
 use kpr::datapath::LbMaps;
 use kpr::source::kube::ApiConfig;
 use kpr::{host, selftest, status, svc_list, testbed};
@@ -54,6 +55,20 @@ fn run(command: Command) -> Result<ExitCode> {
                     OutputFormat::Json => svc_list::format_json(&rows),
                 }
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ct {
+            command: CtCommand::List { bpf_root, output },
+        } => {
+            let ct = kpr::datapath::ct::CtMap::open(&bpf_root.bpf_root)?;
+            let entries = ct.entries()?;
+            match output {
+                OutputFormat::Table => print!(
+                    "{}",
+                    kpr::datapath::ct::format_table(&entries, kpr::datapath::ct::monotonic_ns())
+                ),
+                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&entries)?),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Cleanup(args) => {
@@ -117,6 +132,25 @@ fn run_agent(args: AgentArgs) -> Result<()> {
     } else {
         SourceConfig::Manifests(args.manifests)
     };
+    let secs = |d: Duration| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX);
+    let nodeport = (!args.devices.is_empty()).then(|| NodePortConfig {
+        devices: args.devices.clone(),
+        mode: args.nodeport_mode,
+        acceleration: args.nodeport_acceleration,
+        snat_ports: args.nodeport_snat_ports,
+        timeouts: CtTimeouts {
+            tcp_syn: secs(args.ct_tcp_syn_timeout),
+            tcp: secs(args.ct_tcp_timeout),
+            tcp_closing: secs(args.ct_tcp_closing_timeout),
+            udp: secs(args.ct_udp_timeout),
+        },
+    });
+    if nodeport.is_none()
+        && (args.nodeport_mode != NodePortMode::Snat
+            || args.nodeport_acceleration != Acceleration::Disabled)
+    {
+        anyhow::bail!("--nodeport-mode and --nodeport-acceleration need --devices");
+    }
     let config = AgentConfig {
         source,
         cgroup,
@@ -126,8 +160,11 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         map_sizes: MapSizes {
             services: args.lb_map_max,
             backends: args.lb_map_max,
+            ct: args.ct_map_max,
             ..MapSizes::default()
         },
+        nodeport,
+        ct_gc_interval: args.ct_gc_interval,
         debounce: Duration::from_millis(args.debounce_ms),
         kpr_mode: args.kube_proxy_replacement,
         node_name,

@@ -77,6 +77,46 @@ label_enum! {
         Affinity => "affinity",
         /// The socket reverse-NAT LRU map (for `getpeername` and UDP replies).
         SockRevNat => "sock_revnat",
+        /// The north-south conntrack LRU map (zero without --devices).
+        Conntrack => "conntrack",
+    }
+}
+
+label_enum! {
+    /// The outcome of a conntrack GC pass, as the `status` label of
+    /// `kpr_ct_gc_runs_total` (Cilium's `datapath_conntrack_gc_runs_total`).
+    pub enum GcStatus {
+        /// The pass walked the whole map.
+        Completed => "completed",
+        /// The map could not be read or an entry not deleted.
+        Failed => "failed",
+    }
+}
+
+label_enum! {
+    /// What the north-south datapath did with a packet or flow, as the
+    /// `event` label of `kpr_nodeport_events_total` (enum np_stat).
+    pub enum NodePortEvent {
+        /// A flow was created.
+        FlowNew => "flow_new",
+        /// A flow was created with SNAT (remote backend).
+        FlowSnat => "flow_snat",
+        /// A packet was translated toward a backend.
+        Forward => "forward",
+        /// A reply was translated back toward the client.
+        Reply => "reply",
+        /// Dropped: the frontend has no usable backend.
+        DropNoBackend => "drop_no_backend",
+        /// Dropped: no free port in the SNAT range.
+        DropSnatExhausted => "drop_snat_exhausted",
+        /// Dropped: no route or neighbour toward the backend or client.
+        DropFib => "drop_fib",
+        /// Dropped: a conntrack entry could not be written.
+        DropConntrack => "drop_conntrack",
+        /// Dropped: TTL exhausted.
+        DropTtl => "drop_ttl",
+        /// A packet XDP translated and redirected itself.
+        XdpForward => "xdp_forward",
     }
 }
 
@@ -172,6 +212,16 @@ struct WatchKindLabels {
     kind: WatchKind,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GcStatusLabels {
+    status: GcStatus,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodePortEventLabels {
+    event: NodePortEvent,
+}
+
 /// The agent's metrics. Cheap to update from any thread; share it as
 /// `Arc<Metrics>` between the syncer and the metrics endpoint.
 ///
@@ -186,6 +236,10 @@ struct WatchKindLabels {
 /// | `kpr_sync_errors_total` | counter | `reason` ([`SyncErrorReason`]) |
 /// | `kpr_skipped_objects_total` | counter | `reason` ([`SkipReason`]) |
 /// | `kpr_syncs_total` | counter | `result` ([`SyncResult`]) |
+/// | `kpr_ct_gc_runs_total` | counter | `status` ([`GcStatus`]) |
+/// | `kpr_ct_gc_deleted_entries_total` | counter | |
+/// | `kpr_ct_entries` | gauge (after the last GC pass) | |
+/// | `kpr_nodeport_events_total` | counter | `event` ([`NodePortEvent`]) |
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -205,6 +259,10 @@ pub struct Metrics {
     no_local_endpoints: Family<TrafficPolicyLabels, Gauge>,
     watch_errors: Family<WatchKindLabels, Counter>,
     relists: Family<WatchKindLabels, Counter>,
+    ct_gc_runs: Family<GcStatusLabels, Counter>,
+    ct_gc_deleted: Counter,
+    ct_entries: Gauge,
+    nodeport_events: Family<NodePortEventLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -241,7 +299,19 @@ impl Metrics {
             no_local_endpoints: Family::default(),
             watch_errors: Family::default(),
             relists: Family::default(),
+            ct_gc_runs: Family::default(),
+            ct_gc_deleted: Counter::default(),
+            ct_entries: Gauge::default(),
+            nodeport_events: Family::default(),
         };
+        for &status in GcStatus::ALL {
+            let _ = metrics.ct_gc_runs.get_or_create(&GcStatusLabels { status });
+        }
+        for &event in NodePortEvent::ALL {
+            let _ = metrics
+                .nodeport_events
+                .get_or_create(&NodePortEventLabels { event });
+        }
         for &traffic_policy in TrafficPolicy::ALL {
             let _ = metrics
                 .no_local_endpoints
@@ -360,7 +430,60 @@ impl Metrics {
             "Relists after the initial list (watch expired or restarted), by kind",
             self.relists.clone(),
         );
+        r.register(
+            "kpr_ct_gc_runs",
+            "Garbage collection passes over the north-south conntrack map, by status",
+            self.ct_gc_runs.clone(),
+        );
+        r.register(
+            "kpr_ct_gc_deleted_entries",
+            "Expired conntrack entries removed by garbage collection",
+            self.ct_gc_deleted.clone(),
+        );
+        r.register(
+            "kpr_ct_entries",
+            "Entries in the north-south conntrack map after the last GC pass",
+            self.ct_entries.clone(),
+        );
+        r.register(
+            "kpr_nodeport_events",
+            "Flows and packets of the north-south datapath, by event (drops by reason)",
+            self.nodeport_events.clone(),
+        );
         self
+    }
+
+    /// Records a completed conntrack GC pass: the entries it deleted and
+    /// the entries left.
+    pub fn record_ct_gc(&self, deleted: usize, alive: usize) {
+        self.ct_gc_runs
+            .get_or_create(&GcStatusLabels {
+                status: GcStatus::Completed,
+            })
+            .inc();
+        self.ct_gc_deleted.inc_by(deleted as u64);
+        self.ct_entries.set(gauge_value(alive));
+    }
+
+    /// Records a conntrack GC pass that failed.
+    pub fn record_ct_gc_failure(&self) {
+        self.ct_gc_runs
+            .get_or_create(&GcStatusLabels {
+                status: GcStatus::Failed,
+            })
+            .inc();
+    }
+
+    /// Sets `kpr_nodeport_events_total{event}` to the datapath's count
+    /// (counters only grow: a smaller value, after `kpr cleanup`, is ignored).
+    pub fn set_nodeport_event(&self, event: NodePortEvent, total: u64) {
+        let c = self
+            .nodeport_events
+            .get_or_create(&NodePortEventLabels { event });
+        let now = c.get();
+        if total > now {
+            c.inc_by(total - now);
+        }
     }
 
     /// Records a network programming latency (`kubeproxy_network_programming_duration_seconds`).
@@ -559,6 +682,10 @@ mod tests {
             "kubeproxy_sync_proxy_rules_no_local_endpoints_total gauge",
             "kpr_watch_errors counter",
             "kpr_relists counter",
+            "kpr_ct_gc_runs counter",
+            "kpr_ct_gc_deleted_entries counter",
+            "kpr_ct_entries gauge",
+            "kpr_nodeport_events counter",
         ]
         .into_iter()
         .collect();

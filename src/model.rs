@@ -138,6 +138,27 @@ pub struct FrontendOptions {
     pub internal_traffic_local: bool,
 }
 
+/// A backend of a frontend, as translation chose it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    pub addr: L4Addr,
+    pub state: BackendState,
+    /// The endpoint runs on this node (its `nodeName` is this node's):
+    /// north-south traffic reaches it without SNAT.
+    pub local: bool,
+}
+
+impl Backend {
+    /// An active backend on another node.
+    pub fn remote(addr: L4Addr) -> Backend {
+        Backend {
+            addr,
+            state: BackendState::Active,
+            local: false,
+        }
+    }
+}
+
 /// Everything the datapath needs for one frontend.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FrontendSpec {
@@ -147,7 +168,7 @@ pub struct FrontendSpec {
     pub svc_type: ServiceType,
     pub options: FrontendOptions,
     /// Backends in slot order; addresses are of the frontend's family.
-    pub backends: Vec<(L4Addr, BackendState)>,
+    pub backends: Vec<Backend>,
 }
 
 /// Names the Service (and port) a frontend belongs to.

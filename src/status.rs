@@ -114,6 +114,10 @@ pub struct Report {
     pub agent: Result<AgentStatus, String>,
     pub bpf_root: String,
     pub attached_hooks: Vec<String>,
+    /// North-south tcx attachments, `device/direction`.
+    pub nodeport_devices: Vec<String>,
+    /// Conntrack entries and capacity, when the north-south datapath is on.
+    pub conntrack: Option<(usize, usize)>,
     pub maps: Vec<MapFill>,
     pub frontends: usize,
     pub backends: usize,
@@ -151,6 +155,13 @@ pub fn gather(agent_addr: SocketAddr, bpf_root: &Path) -> Report {
         agent,
         bpf_root: bpf_root.display().to_string(),
         attached_hooks,
+        nodeport_devices: crate::datapath::nodeport::attached_devices(bpf_root)
+            .iter()
+            .map(|d| format!("{}/{}", d.device, d.direction.as_str()))
+            .collect(),
+        conntrack: crate::datapath::ct::CtMap::open(bpf_root)
+            .ok()
+            .and_then(|ct| Some((ct.entries().ok()?.len(), ct.max_entries()))),
         maps,
         frontends,
         backends,
@@ -228,6 +239,18 @@ pub fn format_text(r: &Report) -> String {
             r.attached_hooks.join(" ")
         }
     );
+    let _ = writeln!(
+        o,
+        "  North-south (tcx):    {}",
+        if r.nodeport_devices.is_empty() {
+            "off (no --devices)".into()
+        } else {
+            r.nodeport_devices.join(" ")
+        }
+    );
+    if let Some((entries, capacity)) = r.conntrack {
+        let _ = writeln!(o, "  Conntrack:            {entries} / {capacity} entries");
+    }
     let _ = writeln!(
         o,
         "  Services:             {} frontends, {} backends",

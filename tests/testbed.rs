@@ -294,3 +294,136 @@ fn sweeping_removes_leftovers_of_dead_runs_but_not_live_test_beds() {
     assert!(netns_names().contains(&live.client().name().to_string()));
     assert!(live_cg.path().exists());
 }
+
+/// Runs `spec` on a thread inside `ns`.
+#[track_caller]
+fn run_in_ns(ns: &kpr::testbed::Netns, spec: ProbeSpec) -> ProbeResult {
+    ns.enter_thread(|| spec.run())
+        .expect("probe thread ran")
+        .expect("probe spec ran")
+}
+
+#[test]
+fn a_cluster_routes_client_nodes_and_pods_without_kpr_and_drop_removes_it() {
+    require_root!();
+    use kpr::testbed::cluster::client_ip;
+    use kpr::testbed::server::split_reply;
+    use kpr::testbed::{Cluster, ClusterPlan};
+
+    let names;
+    {
+        let cluster = Cluster::build("tbk", &ClusterPlan::default()).expect("cluster builds");
+        names = std::iter::once(cluster.client())
+            .chain(cluster.nodes().iter().flat_map(|n| [n.ns(), n.pods()]))
+            .map(|ns| ns.name().to_string())
+            .collect::<Vec<_>>();
+        let listed = netns_names();
+        assert!(
+            names.iter().all(|n| listed.contains(n)),
+            "{names:?} in {listed:?}"
+        );
+
+        let mut servers = Vec::new();
+        for node in cluster.nodes() {
+            for ip in node.pod_ips() {
+                let ip = IpAddr::V4(*ip);
+                servers.push(
+                    Server::tcp_reporting_peer(node.pods(), SocketAddr::new(ip, 8080), None)
+                        .unwrap(),
+                );
+                servers.push(
+                    Server::udp_reporting_peer(node.pods(), SocketAddr::new(ip, 5353), None)
+                        .unwrap(),
+                );
+            }
+        }
+        // client -> every pod, through the node that owns it: forwarded, not NATed.
+        for node in cluster.nodes() {
+            for ip in node.pod_ips() {
+                let target = SocketAddr::new(IpAddr::V4(*ip), 8080);
+                let r = run_in_ns(
+                    cluster.client(),
+                    ProbeSpec::TcpRequests {
+                        target,
+                        count: 3,
+                        timeout_ms: 1000,
+                    },
+                );
+                let r = r.as_requests().unwrap();
+                assert!(r.failures.is_empty(), "{target}: {r:?}");
+                let reply = r.identities.keys().next().unwrap();
+                assert_eq!(
+                    split_reply(reply),
+                    (
+                        target.to_string().as_str(),
+                        Some(IpAddr::V4(client_ip(node.index())))
+                    )
+                );
+                let udp = SocketAddr::new(IpAddr::V4(*ip), 5353);
+                let r = run_in_ns(
+                    cluster.client(),
+                    ProbeSpec::UdpUnconnected {
+                        target: udp,
+                        count: 2,
+                        timeout_ms: 1000,
+                    },
+                );
+                let u = r.as_udp().unwrap();
+                assert_eq!(u.identities.values().sum::<u64>(), 2, "{udp}: {u:?}");
+            }
+        }
+        // node1 -> node2's pods over the node-to-node link, and back.
+        let n1 = cluster.node(1);
+        let n2 = cluster.node(2);
+        let target = SocketAddr::new(IpAddr::V4(n2.pod_ips()[0]), 8080);
+        let r = run_in_ns(
+            n1.ns(),
+            ProbeSpec::TcpRequests {
+                target,
+                count: 2,
+                timeout_ms: 1000,
+            },
+        );
+        let r = r.as_requests().unwrap();
+        assert!(r.failures.is_empty(), "{r:?}");
+        let (_, peer) = split_reply(r.identities.keys().next().unwrap());
+        assert_eq!(peer, Some(IpAddr::V4(n1.peer_ip())));
+        // The client reaches both node addresses on their links.
+        for node in cluster.nodes() {
+            let target = SocketAddr::new(IpAddr::V4(node.ext_ip()), 9);
+            let r = run_in_ns(
+                cluster.client(),
+                ProbeSpec::TcpConnectError {
+                    target,
+                    timeout_ms: 1000,
+                },
+            );
+            assert_eq!(
+                r.as_connect().unwrap().outcome(),
+                "ECONNREFUSED",
+                "{target}"
+            );
+        }
+        // A pod reaches the other node's pods (both nodes forward).
+        let target = SocketAddr::new(IpAddr::V4(n1.pod_ips()[1]), 8080);
+        let r = run_in_ns(
+            n2.pods(),
+            ProbeSpec::TcpRequests {
+                target,
+                count: 1,
+                timeout_ms: 1000,
+            },
+        );
+        let (_, peer) = split_reply(
+            r.as_requests()
+                .unwrap()
+                .identities
+                .keys()
+                .next()
+                .expect("answered"),
+        );
+        assert_eq!(peer, Some(IpAddr::V4(n2.pod_ips()[0])));
+    }
+    let left = netns_names();
+    assert!(names.iter().all(|n| !left.contains(n)), "{left:?}");
+}

@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
  * Frontend lookup and backend selection, shared by the socket-LB hooks and
- * (later) the NodePort programs. Functions return a backend or NULL; callers
+ * the north-south programs. Functions return a backend or NULL; callers
  * decide what a miss means at their hook.
  */
 #ifndef KPR_LB_SELECT_H
@@ -63,7 +63,7 @@ lb_pick_random(struct lb_svc_key *key, const struct lb_svc_val *master)
  * that point at backends it takes out of the frontend. */
 static __always_inline struct lb_backend *
 lb_select_affine(struct lb_svc_key *key, const struct lb_svc_val *master,
-		 __u64 client)
+		 __u64 client, __u32 *backend_id)
 {
 	struct lb_affinity_key akey = { .client = client, .svc_id = master->svc_id };
 	struct lb_affinity_val *aval, nval = {};
@@ -76,11 +76,13 @@ lb_select_affine(struct lb_svc_key *key, const struct lb_svc_val *master,
 		backend = lb_lookup_backend(aval->backend_id);
 		if (backend) {
 			aval->last_used_ns = now;
+			*backend_id = aval->backend_id;
 			return backend;
 		}
 	}
 
 	nval.backend_id = lb_pick_random(key, master);
+	*backend_id = nval.backend_id;
 	backend = lb_lookup_backend(nval.backend_id);
 	if (backend) {
 		nval.last_used_ns = now;
@@ -90,17 +92,19 @@ lb_select_affine(struct lb_svc_key *key, const struct lb_svc_val *master,
 }
 
 /* The backend for a new flow to the frontend of @master, or NULL when the
- * frontend has no usable backend. @client identifies the client for
- * session affinity. */
+ * frontend has no usable backend; its id goes to @backend_id. @client
+ * identifies the client for session affinity. */
 static __always_inline struct lb_backend *
 lb_select_backend(struct lb_svc_key *key, const struct lb_svc_val *master,
-		  __u64 client)
+		  __u64 client, __u32 *backend_id)
 {
+	*backend_id = 0;
 	if (master->count == 0)
 		return NULL;
 	if (master->flags & SVC_F_AFFINITY)
-		return lb_select_affine(key, master, client);
-	return lb_lookup_backend(lb_pick_random(key, master));
+		return lb_select_affine(key, master, client, backend_id);
+	*backend_id = lb_pick_random(key, master);
+	return lb_lookup_backend(*backend_id);
 }
 
 #endif /* KPR_LB_SELECT_H */

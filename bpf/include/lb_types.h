@@ -13,7 +13,9 @@
  *  - backend id 0 and service id 0 are invalid ("none").
  *
  * Any change to a struct here is a layout change: bump KPR_LAYOUT_VERSION
- * and the _vN suffix of every map name in lb_maps.h.
+ * and the _vN suffix of every map name in lb_maps.h. The one exception is
+ * giving meaning to bytes that were padding, when zero (what every older
+ * writer left there) means the old behaviour: struct lb_backend.flags.
  */
 #ifndef KPR_LB_TYPES_H
 #define KPR_LB_TYPES_H
@@ -67,13 +69,22 @@ struct lb_svc_val {
 	__u16 pad;              /* must be zero */
 };
 
+/* Flags of a backend (struct lb_backend.flags). */
+enum lb_backend_flags {
+	BE_F_LOCAL = 1 << 0, /* the endpoint runs on this node: north-south
+			      * traffic reaches it without SNAT */
+};
+
 /* Value of the backends map, keyed by a __u32 backend id (never 0). */
 struct lb_backend {
 	__be32 addr[4];      /* backend address, IPv4-mapped for IPv4 */
 	__be16 port;         /* backend port */
 	__u8   proto;        /* IPPROTO_TCP or IPPROTO_UDP */
 	__u8   state;        /* enum lb_backend_state */
-	__u32  pad;          /* must be zero */
+	__u8   flags;        /* enum lb_backend_flags; was padding in the first
+			      * layout, so an entry written by an older agent
+			      * reads as "not local" (SNAT), which is always safe */
+	__u8   pad[3];       /* must be zero */
 };
 
 /* Session affinity: which backend a client last used for a frontend. */
@@ -103,6 +114,76 @@ struct lb_sock_rnat_val {
 	__be16 port;         /* frontend port to report */
 	__u16  pad;
 	__u32  svc_id;       /* frontend id, for the control plane */
+};
+
+/*
+ * North-south connection tracking (bpf/nodeport.bpf.c, map kpr_ct_v1).
+ *
+ * A flow has two entries, one per direction, each keyed by the packet's
+ * tuple as it arrives and saying how to rewrite that packet:
+ *
+ *   ORIG   client:cport -> frontend:fport   rewrite to  snat:sport -> backend:bport
+ *   REPLY  backend:bport -> snat:sport      rewrite to  frontend:fport -> client:cport
+ *
+ * where snat:sport is a node address and a port of the SNAT range for a
+ * remote backend, and client:cport itself for a local one. The entries
+ * mirror each other: the key of one entry's peer is its own rewrite with
+ * source and destination swapped (ct_peer_key()), which is how the
+ * datapath refreshes both at once and how the agent's GC removes pairs.
+ */
+
+/* Direction of a conntrack entry (struct ct_key.dir). */
+enum ct_dir {
+	CT_DIR_ORIG  = 0, /* client -> frontend, as it enters the node */
+	CT_DIR_REPLY = 1, /* backend -> SNAT address or client, as it arrives */
+};
+
+/* Flags of a conntrack entry (struct ct_entry.flags); both entries of a
+ * flow carry the same flags. */
+enum ct_flags {
+	CT_F_SNAT        = 1 << 0, /* source-NATed to a node address (remote backend) */
+	CT_F_ESTABLISHED = 1 << 1, /* the backend has answered */
+	CT_F_CLOSING     = 1 << 2, /* TCP FIN or RST seen */
+};
+
+/* Key of the conntrack map: the packet's 5-tuple and direction. */
+struct ct_key {
+	__be32 saddr[4];     /* source address, IPv4-mapped for IPv4 */
+	__be32 daddr[4];     /* destination address, IPv4-mapped for IPv4 */
+	__be16 sport;        /* source port */
+	__be16 dport;        /* destination port */
+	__u8   proto;        /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8   dir;          /* enum ct_dir */
+	__u8   pad[2];       /* must be zero */
+};
+
+/* Value of the conntrack map: how to rewrite a packet of this direction. */
+struct ct_entry {
+	__be32 nat_saddr[4]; /* new source address */
+	__be32 nat_daddr[4]; /* new destination address */
+	__be16 nat_sport;    /* new source port */
+	__be16 nat_dport;    /* new destination port */
+	__u32  backend_id;   /* backend of the flow (id in kpr_backends) */
+	__u32  svc_id;       /* frontend of the flow (struct lb_svc_val.svc_id) */
+	__u16  flags;        /* enum ct_flags */
+	__u16  pad;          /* must be zero */
+	__u64  created_ns;   /* bpf_ktime_get_ns() when the flow was created */
+	__u64  expires_ns;   /* bpf_ktime_get_ns() after which the entry is stale */
+};
+
+/* Counters of the north-south datapath (index into kpr_npstats_v1). */
+enum np_stat {
+	NP_STAT_FLOW_NEW       = 0, /* flows created */
+	NP_STAT_FLOW_SNAT      = 1, /* ... of which source-NATed (remote backend) */
+	NP_STAT_FWD            = 2, /* packets translated toward a backend */
+	NP_STAT_REPLY          = 3, /* replies translated back toward the client */
+	NP_STAT_NO_BACKEND     = 4, /* dropped: frontend without a usable backend */
+	NP_STAT_SNAT_EXHAUSTED = 5, /* dropped: no free port in the SNAT range */
+	NP_STAT_FIB_FAIL       = 6, /* dropped: no route or neighbour to forward */
+	NP_STAT_CT_FAIL        = 7, /* dropped: a conntrack entry could not be written */
+	NP_STAT_TTL            = 8, /* dropped: TTL exhausted */
+	NP_STAT_XDP_FWD        = 9, /* packets XDP translated and redirected itself */
+	NP_STAT_MAX            = 10,
 };
 
 #endif /* KPR_LB_TYPES_H */

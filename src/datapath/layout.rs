@@ -6,9 +6,10 @@
 use std::net::{IpAddr, Ipv6Addr};
 
 use crate::datapath::maps::{BackendEntry, BackendId, MasterEntry, ServiceId, SvcValue};
+use crate::datapath::skel::nodeport::types::{ct_entry, ct_key};
 use crate::datapath::skel::sock_lb::types::{
-    lb_affinity_key, lb_affinity_val, lb_backend, lb_backend_state, lb_scope, lb_svc_flags,
-    lb_svc_key, lb_svc_val,
+    lb_affinity_key, lb_affinity_val, lb_backend, lb_backend_flags, lb_backend_state, lb_scope,
+    lb_svc_flags, lb_svc_key, lb_svc_val,
 };
 use crate::model::{BackendState, Frontend, FrontendOptions, L4Addr, Protocol, Scope, ServiceType};
 
@@ -28,6 +29,7 @@ const SVC_F_ETP_LOCAL: u16 = lb_svc_flags::SVC_F_ETP_LOCAL.0 as u16;
 const SVC_F_ITP_LOCAL: u16 = lb_svc_flags::SVC_F_ITP_LOCAL.0 as u16;
 const BE_STATE_ACTIVE: u8 = lb_backend_state::BE_STATE_ACTIVE.0 as u8;
 const BE_STATE_TERMINATING: u8 = lb_backend_state::BE_STATE_TERMINATING.0 as u8;
+const BE_F_LOCAL: u8 = lb_backend_flags::BE_F_LOCAL.0 as u8;
 
 /// Plain-old-data map structs: `repr(C)`, every byte a declared field
 /// (explicit padding; `tests::struct_sizes_match_the_c_layout` pins it).
@@ -38,6 +40,8 @@ impl Pod for lb_backend {}
 impl Pod for lb_affinity_key {}
 impl Pod for lb_affinity_val {}
 impl Pod for u32 {}
+impl Pod for ct_key {}
+impl Pod for ct_entry {}
 
 pub fn as_bytes<T: Pod>(value: &T) -> &[u8] {
     // SAFETY: T is repr(C) with no implicit padding (Pod), so every byte is initialised.
@@ -196,7 +200,8 @@ pub fn backend_value(b: &BackendEntry) -> lb_backend {
             BackendState::Active => BE_STATE_ACTIVE,
             BackendState::Terminating => BE_STATE_TERMINATING,
         },
-        pad: 0,
+        flags: if b.local { BE_F_LOCAL } else { 0 },
+        pad: [0; 3],
     }
 }
 
@@ -213,12 +218,102 @@ pub fn decode_backend(val: &lb_backend) -> Option<BackendEntry> {
             proto: Protocol::from_number(val.proto)?,
         },
         state,
+        local: val.flags & BE_F_LOCAL != 0,
     })
 }
 
 /// Service and backend ids of an affinity entry.
 pub fn decode_affinity(key: &lb_affinity_key, val: &lb_affinity_val) -> (ServiceId, BackendId) {
     (key.svc_id, val.backend_id)
+}
+
+// enum ct_dir
+const CT_DIR_ORIG: u8 = 0;
+const CT_DIR_REPLY: u8 = 1;
+// enum ct_flags
+const CT_F_SNAT: u16 = 1 << 0;
+const CT_F_ESTABLISHED: u16 = 1 << 1;
+const CT_F_CLOSING: u16 = 1 << 2;
+
+/// Which way a conntrack entry's packets go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CtDir {
+    /// Client to frontend.
+    Orig,
+    /// Backend to the SNAT address (or the client).
+    Reply,
+}
+
+/// One conntrack entry in domain terms.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct CtRecord {
+    pub proto: Protocol,
+    pub dir: CtDir,
+    /// The packet's source as it arrives.
+    pub src: std::net::SocketAddr,
+    /// The packet's destination as it arrives.
+    pub dst: std::net::SocketAddr,
+    /// The source it is rewritten to.
+    pub nat_src: std::net::SocketAddr,
+    /// The destination it is rewritten to.
+    pub nat_dst: std::net::SocketAddr,
+    pub backend_id: BackendId,
+    pub svc_id: ServiceId,
+    /// Source-NATed to a node address (remote backend).
+    pub snat: bool,
+    /// The backend has answered.
+    pub established: bool,
+    /// TCP FIN or RST seen.
+    pub closing: bool,
+    /// CLOCK_MONOTONIC ns when the flow was created.
+    pub created_ns: u64,
+    /// CLOCK_MONOTONIC ns after which the entry is stale.
+    pub expires_ns: u64,
+}
+
+fn sock(words: &[u32; 4], port_be: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(decode_ip(words), u16::from_be(port_be))
+}
+
+/// A conntrack entry; None for one kpr never writes.
+pub fn decode_ct(key: &ct_key, val: &ct_entry) -> Option<CtRecord> {
+    let dir = match key.dir {
+        CT_DIR_ORIG => CtDir::Orig,
+        CT_DIR_REPLY => CtDir::Reply,
+        _ => return None,
+    };
+    Some(CtRecord {
+        proto: Protocol::from_number(key.proto)?,
+        dir,
+        src: sock(&key.saddr, key.sport),
+        dst: sock(&key.daddr, key.dport),
+        nat_src: sock(&val.nat_saddr, val.nat_sport),
+        nat_dst: sock(&val.nat_daddr, val.nat_dport),
+        backend_id: val.backend_id,
+        svc_id: val.svc_id,
+        snat: val.flags & CT_F_SNAT != 0,
+        established: val.flags & CT_F_ESTABLISHED != 0,
+        closing: val.flags & CT_F_CLOSING != 0,
+        created_ns: val.created_ns,
+        expires_ns: val.expires_ns,
+    })
+}
+
+/// The conntrack key of a record (its packet tuple and direction).
+pub fn ct_key_of(r: &CtRecord) -> ct_key {
+    ct_key {
+        saddr: encode_ip(r.src.ip()),
+        daddr: encode_ip(r.dst.ip()),
+        sport: r.src.port().to_be(),
+        dport: r.dst.port().to_be(),
+        proto: r.proto.number(),
+        dir: match r.dir {
+            CtDir::Orig => CT_DIR_ORIG,
+            CtDir::Reply => CT_DIR_REPLY,
+        },
+        pad: [0; 2],
+    }
 }
 
 #[cfg(test)]
@@ -242,6 +337,49 @@ mod tests {
         assert_eq!(size_of::<lb_affinity_val>(), 16);
         assert_eq!(size_of::<lb_sock_rnat_key>(), 32);
         assert_eq!(size_of::<lb_sock_rnat_val>(), 24);
+        assert_eq!(size_of::<ct_key>(), 40);
+        assert_eq!(size_of::<ct_entry>(), 64);
+    }
+
+    #[test]
+    fn ct_key_golden_encoding_and_roundtrip() {
+        let r = CtRecord {
+            proto: Protocol::Tcp,
+            dir: CtDir::Reply,
+            src: "10.244.2.11:8080".parse().unwrap(),
+            dst: "198.51.100.1:61000".parse().unwrap(),
+            nat_src: "192.0.2.11:30080".parse().unwrap(),
+            nat_dst: "192.0.2.9:40000".parse().unwrap(),
+            backend_id: 3,
+            svc_id: 2,
+            snat: true,
+            established: true,
+            closing: false,
+            created_ns: 1,
+            expires_ns: 2,
+        };
+        let k = ct_key_of(&r);
+        assert_eq!(
+            hex(&k),
+            //  ::ffff:10.244.2.11                ::ffff:198.51.100.1
+            "00000000000000000000ffff0af4020b".to_string()
+                + "00000000000000000000ffffc6336401"
+                // sport dport  tcp  reply pad
+                + "1f90" + "ee48" + "06" + "01" + "0000"
+        );
+        let v = ct_entry {
+            nat_saddr: encode_ip(r.nat_src.ip()),
+            nat_daddr: encode_ip(r.nat_dst.ip()),
+            nat_sport: 30080u16.to_be(),
+            nat_dport: 40000u16.to_be(),
+            backend_id: 3,
+            svc_id: 2,
+            flags: 0b011,
+            pad: 0,
+            created_ns: 1,
+            expires_ns: 2,
+        };
+        assert_eq!(decode_ct(&k, &v), Some(r));
     }
 
     #[test]
@@ -296,12 +434,17 @@ mod tests {
                 proto: Protocol::Tcp,
             },
             state: BackendState::Terminating,
+            local: true,
         };
         let v = backend_value(&b);
         assert_eq!(
             hex(&v),
-            "00000000000000000000ffff0af4000b".to_string() + "1f90" + "06" + "01" + "00000000"
+            //      ::ffff:10.244.0.11        port  tcp  term  local pad
+            "00000000000000000000ffff0af4000b".to_string() + "1f90" + "06" + "01" + "01" + "000000"
         );
         assert_eq!(decode_backend(&v), Some(b));
+        // An entry of an older agent (flags were padding, zero) is remote.
+        let old = lb_backend { flags: 0, ..v };
+        assert_eq!(decode_backend(&old).map(|b| b.local), Some(false));
     }
 }

@@ -45,6 +45,8 @@ pub struct MapSizes {
     pub backends: u32,
     pub affinity: u32,
     pub sock_revnat: u32,
+    /// North-south conntrack (two entries per flow).
+    pub ct: u32,
 }
 
 impl Default for MapSizes {
@@ -54,6 +56,7 @@ impl Default for MapSizes {
             backends: 65536,
             affinity: 65536,
             sock_revnat: 262144,
+            ct: 131072,
         }
     }
 }
@@ -172,7 +175,9 @@ fn cgroup_id(cgroup: &Path) -> Result<u64> {
         .ino())
 }
 
-fn set_map_size(
+/// Sizes and pins one of the load balancer's maps (keeping the capacity of
+/// an existing pin, so libbpf can reuse it).
+pub(crate) fn set_map_size(
     map: &mut OpenMapMut<'_>,
     bpf_root: &Path,
     name: MapName,
@@ -196,6 +201,28 @@ fn set_map_size(
     map.set_max_entries(size)
         .with_context(|| format!("sizing map {name}"))?;
     map.set_pin_path(&pin)
+        .with_context(|| format!("pin path for map {name}"))?;
+    Ok(())
+}
+
+/// Sizes a map and sets its pin: an existing pin keeps its capacity (and
+/// its content: libbpf reuses it), a new one gets `size`.
+pub(crate) fn size_and_pin(map: &mut OpenMapMut<'_>, pin: &Path, size: u32) -> Result<()> {
+    let name = map.name().to_string_lossy().into_owned();
+    let size = if pin.exists() {
+        let pinned = MapHandle::from_pinned_path(pin)
+            .with_context(|| format!("opening pinned map {}", pin.display()))?;
+        if pinned.max_entries() != size {
+            tracing::warn!(map = %name, pinned = pinned.max_entries(), requested = size,
+                "pinned map keeps its capacity; run `kpr cleanup` to resize");
+        }
+        pinned.max_entries()
+    } else {
+        size
+    };
+    map.set_max_entries(size)
+        .with_context(|| format!("sizing map {name}"))?;
+    map.set_pin_path(pin)
         .with_context(|| format!("pin path for map {name}"))?;
     Ok(())
 }
@@ -406,7 +433,11 @@ fn attach_hook(
 /// Pins of kpr maps from another layout version: unused once the programs
 /// of this version are attached.
 fn remove_old_layout_pins(bpf_root: &Path) -> Result<Vec<PathBuf>> {
-    let current: Vec<&str> = MapName::ALL.iter().map(|m| m.pin_name()).collect();
+    let current: Vec<&str> = MapName::ALL
+        .iter()
+        .map(|m| m.pin_name())
+        .chain(crate::datapath::nodeport::PINS)
+        .collect();
     let mut removed = Vec::new();
     for entry in
         fs::read_dir(bpf_root).with_context(|| format!("reading {}", bpf_root.display()))?

@@ -93,6 +93,8 @@ pub enum SvcValue {
 pub struct BackendEntry {
     pub addr: L4Addr,
     pub state: BackendState,
+    /// The endpoint runs on this node (north-south: no SNAT).
+    pub local: bool,
 }
 
 /// A frontend as the services map holds it.

@@ -3,11 +3,13 @@
 //! and an in-memory implementation, and the loader that pins maps and
 //! attaches programs.
 
+pub mod ct;
 pub mod fake;
 pub mod kernel;
 pub mod layout;
 pub mod loader;
 pub mod maps;
+pub mod nodeport;
 pub mod skel;
 
 pub use maps::{

@@ -10,3 +10,11 @@
 pub mod sock_lb {
     include!(concat!(env!("OUT_DIR"), "/sock_lb.skel.rs"));
 }
+
+pub mod nodeport {
+    include!(concat!(env!("OUT_DIR"), "/nodeport.skel.rs"));
+}
+
+pub mod nodeport_xdp {
+    include!(concat!(env!("OUT_DIR"), "/nodeport_xdp.skel.rs"));
+}

@@ -29,7 +29,7 @@ use crate::datapath::maps::{
     BackendEntry, BackendId, Capacity, FrontendEntries, LbMaps, MapError, MapName, MasterEntry,
     ServiceId, Snapshot, SvcValue,
 };
-use crate::model::{BackendState, Frontend, FrontendSpec, L4Addr};
+use crate::model::{Backend, Frontend, FrontendSpec, L4Addr};
 use ids::IdAllocator;
 
 /// Most backend slots a frontend can have (slot numbers are 16-bit, 0 is
@@ -433,7 +433,7 @@ impl<M: LbMaps> Reconciler<M> {
                 .sum();
             let added_backends: HashSet<L4Addr> = fes
                 .values()
-                .flat_map(|s| s.backends.iter().map(|(a, _)| *a))
+                .flat_map(|s| s.backends.iter().map(|b| b.addr))
                 .filter(|a| !self.backend_by_addr.contains_key(a) && !new_backends.contains(a))
                 .collect();
             let (map, needed, used, capacity) = if svc_used + added_keys > cap.services {
@@ -474,8 +474,8 @@ impl<M: LbMaps> Reconciler<M> {
         touched: &mut HashSet<BackendId>,
     ) -> Option<()> {
         let mut slots = Vec::with_capacity(spec.backends.len());
-        for (addr, state) in &spec.backends {
-            slots.push(self.plan_backend(addr, *state, plan)?);
+        for b in &spec.backends {
+            slots.push(self.plan_backend(b, plan)?);
         }
         let existing = self.actual.frontends.get(fe);
         let svc_id = match existing {
@@ -528,14 +528,14 @@ impl<M: LbMaps> Reconciler<M> {
         Some(())
     }
 
-    /// The id of the backend at `addr`, allocating and writing it if new.
-    fn plan_backend(
-        &mut self,
-        addr: &L4Addr,
-        state: BackendState,
-        plan: &mut Plan,
-    ) -> Option<BackendId> {
-        let entry = BackendEntry { addr: *addr, state };
+    /// The id of the backend at `b.addr`, allocating and writing it if new.
+    fn plan_backend(&mut self, b: &Backend, plan: &mut Plan) -> Option<BackendId> {
+        let addr = &b.addr;
+        let entry = BackendEntry {
+            addr: b.addr,
+            state: b.state,
+            local: b.local,
+        };
         if let Some(id) = self.backend_by_addr.get(addr).copied() {
             if self.actual.backends.get(&id) != Some(&entry) {
                 // A backend shared by several Services takes the state last written.

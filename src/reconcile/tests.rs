@@ -2,31 +2,25 @@ use std::net::IpAddr;
 
 use super::*;
 use crate::datapath::fake::FakeMaps;
-use crate::model::{FrontendOptions, Protocol, ServiceRef, ServiceType};
+use crate::model::{Backend, FrontendOptions, Protocol, ServiceRef, ServiceType};
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-fn be(addr: &str, port: u16) -> (L4Addr, BackendState) {
-    (
-        L4Addr {
-            ip: ip(addr),
-            port,
-            proto: Protocol::Tcp,
-        },
-        BackendState::Active,
-    )
+fn be(addr: &str, port: u16) -> Backend {
+    Backend::remote(L4Addr {
+        ip: ip(addr),
+        port,
+        proto: Protocol::Tcp,
+    })
 }
 
 fn fe(addr: &str, port: u16) -> Frontend {
     Frontend::new(ip(addr), port, Protocol::Tcp)
 }
 
-fn service(
-    name: &str,
-    frontends: &[(Frontend, Vec<(L4Addr, BackendState)>)],
-) -> (String, ServiceFrontends) {
+fn service(name: &str, frontends: &[(Frontend, Vec<Backend>)]) -> (String, ServiceFrontends) {
     let key = format!("default/{name}");
     let fes = frontends
         .iter()
@@ -66,7 +60,7 @@ fn assert_maps_hold(r: &Reconciler<FakeMaps>, d: &DesiredByService) {
         .values()
         .flat_map(|fes| {
             fes.iter()
-                .map(|(f, s)| (*f, s.backends.iter().map(|(a, _)| *a).collect()))
+                .map(|(f, s)| (*f, s.backends.iter().map(|b| b.addr).collect()))
         })
         .collect();
     expected.sort();

@@ -8,7 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt as _;
+
 use super::error::{Result, TestbedError};
+use super::netns::Netns;
 
 /// A running `kpr agent` child process.
 pub struct AgentProcess {
@@ -28,6 +32,9 @@ pub struct AgentProcess {
     extra_args: Vec<String>,
     /// Extra environment of the agent process.
     pub env: Vec<(String, String)>,
+    /// The network namespace the agent runs in (its pinned file); None:
+    /// the test's own. Metrics and health are then reached from inside it.
+    pub netns: Option<PathBuf>,
     log: PathBuf,
 }
 
@@ -49,7 +56,37 @@ impl AgentProcess {
         bpf_root: &Path,
         extra_args: &[&str],
     ) -> Result<AgentProcess> {
-        AgentProcess::launch(exe, Some(manifests), cgroup, bpf_root, extra_args, &[])
+        AgentProcess::launch(
+            exe,
+            Some(manifests),
+            cgroup,
+            bpf_root,
+            extra_args,
+            &[],
+            None,
+        )
+    }
+
+    /// Like [`AgentProcess::start`], with the agent inside network
+    /// namespace `netns` (it joins between fork and exec, so its devices,
+    /// routes and loopback are the namespace's).
+    pub fn start_in_netns(
+        exe: &Path,
+        manifests: &Path,
+        cgroup: &Path,
+        bpf_root: &Path,
+        extra_args: &[&str],
+        netns: &Netns,
+    ) -> Result<AgentProcess> {
+        AgentProcess::launch(
+            exe,
+            Some(manifests),
+            cgroup,
+            bpf_root,
+            extra_args,
+            &[],
+            Some(netns.path()),
+        )
     }
 
     /// Like [`AgentProcess::start`], with extra environment variables.
@@ -61,7 +98,15 @@ impl AgentProcess {
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> Result<AgentProcess> {
-        AgentProcess::launch(exe, Some(manifests), cgroup, bpf_root, extra_args, env)
+        AgentProcess::launch(
+            exe,
+            Some(manifests),
+            cgroup,
+            bpf_root,
+            extra_args,
+            env,
+            None,
+        )
     }
 
     /// Starts `exe agent` against the API server of `kubeconfig` as node
@@ -77,7 +122,7 @@ impl AgentProcess {
         let kubeconfig = kubeconfig.to_string_lossy();
         let mut args = vec!["--kubeconfig", &kubeconfig, "--node-name", node_name];
         args.extend_from_slice(extra_args);
-        AgentProcess::launch(exe, None, cgroup, bpf_root, &args, &[])
+        AgentProcess::launch(exe, None, cgroup, bpf_root, &args, &[], None)
     }
 
     fn launch(
@@ -87,8 +132,10 @@ impl AgentProcess {
         bpf_root: &Path,
         extra_args: &[&str],
         env: &[(&str, &str)],
+        netns: Option<&Path>,
     ) -> Result<AgentProcess> {
         let mut agent = AgentProcess {
+            netns: netns.map(Path::to_path_buf),
             child: None,
             exe: exe.to_path_buf(),
             bpf_root: bpf_root.to_path_buf(),
@@ -130,6 +177,28 @@ impl AgentProcess {
             .open(&self.log)
             .map_err(|e| TestbedError::io(format!("opening {}", self.log.display()), e))?;
         let mut command = Command::new(&self.exe);
+        // Opened before the fork, closed (close-on-exec) by the exec.
+        let netns_fd = self
+            .netns
+            .as_ref()
+            .map(|p| {
+                std::fs::File::open(p)
+                    .map_err(|e| TestbedError::io(format!("opening {}", p.display()), e))
+            })
+            .transpose()?;
+        if let Some(fd) = &netns_fd {
+            let raw = fd.as_raw_fd();
+            // SAFETY: runs in the child between fork and exec and only calls
+            // setns(2) on a descriptor the parent opened.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setns(raw, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         command.arg("agent");
         if let Some(manifests) = &self.manifests {
             command.arg("--manifests").arg(manifests);
@@ -177,7 +246,7 @@ impl AgentProcess {
                     )));
                 }
             }
-            if let Ok((200, _)) = http_get(self.healthz_addr, "/healthz") {
+            if let Ok((200, _)) = self.get(self.healthz_addr, "/healthz") {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -192,7 +261,7 @@ impl AgentProcess {
 
     /// The agent's /metrics text.
     pub fn metrics(&self) -> Result<String> {
-        let (status, body) = http_get(self.metrics_addr, "/metrics")?;
+        let (status, body) = self.get(self.metrics_addr, "/metrics")?;
         if status != 200 {
             return Err(TestbedError::Agent(format!("/metrics answered {status}")));
         }
@@ -207,6 +276,25 @@ impl AgentProcess {
             (head.is_empty() || head.starts_with('{')).then_some(())?;
             head.contains(labels).then(|| value.parse().ok())?
         }))
+    }
+
+    /// A bounded HTTP GET to the agent, from inside its namespace.
+    fn get(&self, addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+        let Some(netns) = &self.netns else {
+            return http_get(addr, path);
+        };
+        let fd = std::fs::File::open(netns)
+            .map_err(|e| TestbedError::io(format!("opening {}", netns.display()), e))?;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+                    TestbedError::io(format!("setns into {}", netns.display()), e.into())
+                })?;
+                http_get(addr, path)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(TestbedError::Agent("HTTP thread panicked".into())))
+        })
     }
 
     /// Kills the agent with SIGKILL, leaving its pins (a crash).

@@ -25,6 +25,7 @@
 pub mod agent;
 pub mod bed;
 pub mod cgroup;
+pub mod cluster;
 pub mod errno;
 pub mod error;
 pub mod launch;
@@ -37,6 +38,7 @@ pub mod topology;
 pub use agent::AgentProcess;
 pub use bed::{BedPlan, SocketLbBed};
 pub use cgroup::{cgroup2_mount, TestCgroup};
+pub use cluster::{Cluster, ClusterNode, ClusterPlan};
 pub use error::{Result, TestbedError};
 pub use launch::run_probe;
 pub use netns::{Netns, NsThread};

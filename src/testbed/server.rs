@@ -4,9 +4,12 @@
 //! client's request line (waiting briefly), replies `identity\n` and closes;
 //! a UDP server replies `identity` to every datagram's sender. Tests decide
 //! which backend a translated connection reached from the identity alone.
+//! Servers started with `*_reporting_peer` append the source address they
+//! saw (`identity <- 192.0.2.9`), so tests can tell SNAT from a preserved
+//! client address; the port is left out to keep the set of replies small.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, RecvTimeoutError};
 use std::sync::Arc;
@@ -26,6 +29,18 @@ const UDP_POLL: Duration = Duration::from_millis(20);
 const BIND_WAIT: Duration = Duration::from_secs(5);
 /// Largest request read; anything longer is cut there.
 const MAX_REQUEST: usize = 512;
+
+/// Separates the identity from the peer address in a reporting server's reply.
+pub const PEER_SEPARATOR: &str = " <- ";
+
+/// Splits a reply into the server's identity and, for a server reporting
+/// its peer, the source address it saw.
+pub fn split_reply(reply: &str) -> (&str, Option<IpAddr>) {
+    match reply.split_once(PEER_SEPARATOR) {
+        Some((identity, peer)) => (identity, peer.trim().parse().ok()),
+        None => (reply, None),
+    }
+}
 
 /// Transport of a [`Server`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,13 +67,31 @@ impl Server {
     /// `addr` as text (`10.244.0.11:80`, `[fd00:10:244::11]:80`).
     /// Returns once the socket is bound and listening.
     pub fn tcp(netns: &Netns, addr: SocketAddr, identity: Option<String>) -> Result<Server> {
-        Server::start(netns, addr, Proto::Tcp, identity)
+        Server::start(netns, addr, Proto::Tcp, identity, false)
+    }
+
+    /// Like [`Server::tcp`], replying `identity <- PEER_IP`.
+    pub fn tcp_reporting_peer(
+        netns: &Netns,
+        addr: SocketAddr,
+        identity: Option<String>,
+    ) -> Result<Server> {
+        Server::start(netns, addr, Proto::Tcp, identity, true)
+    }
+
+    /// Like [`Server::udp`], replying `identity <- PEER_IP`.
+    pub fn udp_reporting_peer(
+        netns: &Netns,
+        addr: SocketAddr,
+        identity: Option<String>,
+    ) -> Result<Server> {
+        Server::start(netns, addr, Proto::Udp, identity, true)
     }
 
     /// Starts a UDP server on `addr` inside `netns`; `identity` as for
     /// [`Server::tcp`]. Returns once the socket is bound.
     pub fn udp(netns: &Netns, addr: SocketAddr, identity: Option<String>) -> Result<Server> {
-        Server::start(netns, addr, Proto::Udp, identity)
+        Server::start(netns, addr, Proto::Udp, identity, false)
     }
 
     fn start(
@@ -66,6 +99,7 @@ impl Server {
         addr: SocketAddr,
         proto: Proto,
         identity: Option<String>,
+        report_peer: bool,
     ) -> Result<Server> {
         let identity = identity.unwrap_or_else(|| addr.to_string());
         let hits = Arc::new(AtomicU64::new(0));
@@ -73,7 +107,10 @@ impl Server {
         let (bound_tx, bound_rx) = sync_channel::<std::result::Result<(), std::io::Error>>(1);
         let (t_identity, t_hits, t_stop) = (identity.clone(), hits.clone(), stop.clone());
         let thread = netns.spawn_thread(move || {
-            let reply = t_identity.into_bytes();
+            let reply = Reply {
+                identity: t_identity,
+                report_peer,
+            };
             match proto {
                 Proto::Tcp => match bind_tcp(addr) {
                     Ok(listener) => {
@@ -164,12 +201,33 @@ fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     Ok(socket)
 }
 
-fn serve_tcp(listener: TcpListener, reply: &[u8], hits: &AtomicU64, stop: &AtomicBool) {
-    let mut line = reply.to_vec();
-    line.push(b'\n');
+/// What a server answers.
+struct Reply {
+    identity: String,
+    report_peer: bool,
+}
+
+impl Reply {
+    fn to(&self, peer: SocketAddr) -> Vec<u8> {
+        if self.report_peer {
+            format!(
+                "{}{PEER_SEPARATOR}{}",
+                self.identity,
+                peer.ip().to_canonical()
+            )
+            .into_bytes()
+        } else {
+            self.identity.as_bytes().to_vec()
+        }
+    }
+}
+
+fn serve_tcp(listener: TcpListener, reply: &Reply, hits: &AtomicU64, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
-            Ok((stream, _peer)) => {
+            Ok((stream, peer)) => {
+                let mut line = reply.to(peer);
+                line.push(b'\n');
                 // Counted before the reply leaves, so a client that has its
                 // reply always sees the hit; taken back if the reply fails.
                 hits.fetch_add(1, Ordering::Relaxed);
@@ -228,13 +286,13 @@ fn answer_tcp(mut stream: TcpStream, line: &[u8]) -> std::io::Result<()> {
     stream.write_all(line)
 }
 
-fn serve_udp(socket: UdpSocket, reply: &[u8], hits: &AtomicU64, stop: &AtomicBool) {
+fn serve_udp(socket: UdpSocket, reply: &Reply, hits: &AtomicU64, stop: &AtomicBool) {
     let mut buf = [0u8; 2048];
     while !stop.load(Ordering::Relaxed) {
         match socket.recv_from(&mut buf) {
             Ok((_, peer)) => {
                 hits.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = socket.send_to(reply, peer) {
+                if let Err(e) = socket.send_to(&reply.to(peer), peer) {
                     hits.fetch_sub(1, Ordering::Relaxed);
                     tracing::debug!(%peer, error = %e, "test server reply failed");
                 }

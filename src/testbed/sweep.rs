@@ -21,7 +21,8 @@ pub struct Swept {
     pub cgroups: Vec<String>,
 }
 
-/// Deletes namespaces `<prefix>{c,b}<pid>[-<n>]` and empty cgroups
+/// Deletes namespaces `<prefix>{c,b}<pid>[-<n>]` (two-namespace
+/// topologies), `<prefix>-<role>-<pid>[-<n>]` (clusters) and empty cgroups
 /// `kpr-test-<prefix>-<pid>[-<n>]` whose pid is not running; call it
 /// before building a test bed so one killed run does not break the next.
 pub fn sweep_stale(prefix: &str) -> Result<Swept> {
@@ -58,9 +59,19 @@ pub fn sweep_stale(prefix: &str) -> Result<Swept> {
 /// has exactly that shape.
 fn stale_netns_pid(prefix: &str, name: &str) -> Option<u32> {
     let rest = name.strip_prefix(prefix)?;
+    if let Some(cluster) = rest.strip_prefix('-') {
+        let (role, pid) = cluster.split_once('-')?;
+        return CLUSTER_ROLES
+            .contains(&role)
+            .then(|| pid_and_suffix(pid))
+            .flatten();
+    }
     let rest = rest.strip_prefix('c').or_else(|| rest.strip_prefix('b'))?;
     pid_and_suffix(rest)
 }
+
+/// The namespace roles of a [`super::cluster::Cluster`].
+const CLUSTER_ROLES: [&str; 5] = ["client", "node1", "node2", "be1", "be2"];
 
 /// The owner pid of a test cgroup name made from `prefix`.
 fn stale_cgroup_pid(prefix: &str, name: &str) -> Option<u32> {
@@ -97,6 +108,11 @@ mod tests {
         assert_eq!(stale_netns_pid("st", "stc12-"), None);
         assert_eq!(stale_netns_pid("s", "stc1234"), None);
         assert_eq!(stale_netns_pid("st", "prod"), None);
+        assert_eq!(stale_netns_pid("np", "np-node1-1234"), Some(1234));
+        assert_eq!(stale_netns_pid("np", "np-client-1234-1"), Some(1234));
+        assert_eq!(stale_netns_pid("np", "np-router-1234"), None);
+        assert_eq!(stale_netns_pid("np", "np-be1-"), None);
+        assert_eq!(stale_netns_pid("np", "npx-be1-12"), None);
         assert_eq!(stale_cgroup_pid("st", "kpr-test-st-99"), Some(99));
         assert_eq!(stale_cgroup_pid("st", "kpr-test-st-99-3"), Some(99));
         assert_eq!(stale_cgroup_pid("st", "kpr-test-stx-99"), None);

@@ -223,7 +223,7 @@ impl Topology {
     }
 }
 
-fn static_neighbour(ns: &Netns, dev: &str, ip: IpAddr, mac: &str) -> Result<()> {
+pub(crate) fn static_neighbour(ns: &Netns, dev: &str, ip: IpAddr, mac: &str) -> Result<()> {
     ns.ip(&[
         "neigh",
         "replace",
@@ -244,7 +244,7 @@ fn static_neighbour(ns: &Netns, dev: &str, ip: IpAddr, mac: &str) -> Result<()> 
 /// packet, for the real one asynchronously, and a SYN lost there costs a
 /// one-second retransmit. So wait for `state UP` and a qdisc other than
 /// `noop` as well.
-fn wait_link_up(ns: &Netns, dev: &str) -> Result<()> {
+pub(crate) fn wait_link_up(ns: &Netns, dev: &str) -> Result<()> {
     let start = Instant::now();
     while start.elapsed() < LINK_WAIT {
         let out = ns.ip_output(&["-o", "link", "show", "dev", dev])?;

@@ -24,11 +24,11 @@ use std::net::IpAddr;
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 
 use super::{object_key, IpFamily, NodeContext, Skipped};
-use crate::model::{BackendState, L4Addr, Protocol};
+use crate::model::{Backend, BackendState, L4Addr, Protocol};
 use crate::skip::SkipReason;
 
-/// Backends in slot order with their state.
-pub(super) type Backends = Vec<(L4Addr, BackendState)>;
+/// Backends in slot order with their state and locality.
+pub(super) type Backends = Vec<Backend>;
 
 /// The backend sets of one service port in one family.
 #[derive(Debug, Default)]
@@ -238,7 +238,11 @@ impl ServiceEndpoints {
         let pick = |keep: &dyn Fn(&EndpointView) -> bool, state: BackendState| -> Backends {
             eps.iter()
                 .filter(|(_, ep)| keep(ep))
-                .map(|(addr, _)| (*addr, state))
+                .map(|(addr, ep)| Backend {
+                    addr: *addr,
+                    state,
+                    local: ep.local,
+                })
                 .collect()
         };
 

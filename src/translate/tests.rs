@@ -65,9 +65,9 @@ fn render(t: &Translation) -> Vec<String> {
             let backends: Vec<String> = spec
                 .backends
                 .iter()
-                .map(|(a, s)| match s {
-                    BackendState::Terminating => format!("{a}~"),
-                    BackendState::Active => a.to_string(),
+                .map(|b| match b.state {
+                    BackendState::Terminating => format!("{}~", b.addr),
+                    BackendState::Active => b.addr.to_string(),
                 })
                 .collect();
             let o = &spec.options;
@@ -1540,4 +1540,54 @@ fn translation_does_not_depend_on_slice_order() {
     let ab = translate(std::slice::from_ref(&svc), &[a.clone(), b.clone()], &node);
     let ba = translate(&[svc], &[b, a], &node);
     assert_eq!(ab, ba);
+}
+
+#[test]
+fn backends_on_this_node_are_marked_local_for_the_north_south_path() {
+    let svc: Service = serde_yaml_ng::from_str(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: np, namespace: demo}
+spec:
+  type: NodePort
+  clusterIP: 10.96.5.1
+  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
+"#,
+    )
+    .unwrap();
+    let slice: EndpointSlice = serde_yaml_ng::from_str(
+        r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: np-1, namespace: demo, labels: {kubernetes.io/service-name: np}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.244.1.11], nodeName: node-a}
+- {addresses: [10.244.2.11], nodeName: node-b}
+- {addresses: [10.244.3.11]}
+"#,
+    )
+    .unwrap();
+    let t = translate(&[svc], &[slice], &NODE_A.context());
+    let fes = t
+        .desired
+        .values()
+        .next()
+        .expect("the service is programmed");
+    let node_port = Frontend::new("192.168.1.10".parse().unwrap(), 30080, Protocol::Tcp);
+    let local: Vec<(String, bool)> = fes[&node_port]
+        .backends
+        .iter()
+        .map(|b| (b.addr.ip.to_string(), b.local))
+        .collect();
+    assert_eq!(
+        local,
+        [
+            ("10.244.1.11".to_string(), true),
+            ("10.244.2.11".to_string(), false),
+            ("10.244.3.11".to_string(), false),
+        ]
+    );
 }

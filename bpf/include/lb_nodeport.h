@@ -1,0 +1,321 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * The north-south decision, shared by the tc programs (bpf/nodeport.bpf.c)
+ * and the XDP program (bpf/nodeport_xdp.bpf.c): for a packet that entered
+ * on a --devices interface, whether it belongs to a frontend or to a
+ * SNATed flow, which backend and which rewrite, and where it goes next.
+ * The callers only parse, rewrite and send, each with its hook's means.
+ *
+ * Conntrack is written here only; a packet that XDP hands on (XDP_PASS)
+ * reaches the tc program, which decides again and finds the same state.
+ */
+#ifndef KPR_LB_NODEPORT_H
+#define KPR_LB_NODEPORT_H
+
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "lb_types.h"
+#include "lb_maps.h"
+#include "lb_select.h"
+#include "lb_ct.h"
+#include "lb_nat.h"
+
+/* The SNAT port range, host order; the agent keeps it out of the node's
+ * ephemeral port range (net.ipv4.ip_local_port_range). */
+const volatile __u16 snat_port_min = 61000;
+const volatile __u16 snat_port_max = 65535;
+
+/* How many ports a new SNATed flow tries before it is dropped. */
+#define SNAT_TRIES 32
+
+/* Frontend types served on the north-south path. */
+#define NP_SVC_TYPES (SVC_F_NODE_PORT | SVC_F_LOADBALANCER | SVC_F_EXTERNAL_IP)
+
+/* counters, enum np_stat */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, NP_STAT_MAX);
+} kpr_npstats_v1 SEC(".maps");
+
+static __always_inline void np_count(__u32 stat)
+{
+	__u64 *n = bpf_map_lookup_elem(&kpr_npstats_v1, &stat);
+
+	if (n)
+		*n += 1;
+}
+
+static __always_inline void ct_key4(struct ct_key *key, const struct pkt4 *p, __u8 dir)
+{
+	__builtin_memset(key, 0, sizeof(*key));
+	lb_addr_set_v4(key->saddr, p->saddr);
+	lb_addr_set_v4(key->daddr, p->daddr);
+	key->sport = p->sport;
+	key->dport = p->dport;
+	key->proto = p->proto;
+	key->dir = dir;
+}
+
+/* State a packet tells about its flow. */
+static __always_inline __u16 pkt_ct_flags(const struct pkt4 *p, __u8 dir)
+{
+	__u16 flags = dir == CT_DIR_REPLY ? CT_F_ESTABLISHED : 0;
+
+	if (p->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST))
+		flags |= CT_F_CLOSING;
+	return flags;
+}
+
+static __always_inline int is_tcp_syn(const struct pkt4 *p)
+{
+	return p->proto == IPPROTO_TCP &&
+	       (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+}
+
+/* Finds a free SNAT port for the REPLY entry @rkey (whose dport it sets)
+ * and inserts @rval there. Prefers the client's own port when it is in
+ * the range. Returns 0, or -1 when SNAT_TRIES ports were all taken. */
+static __always_inline int snat_insert_reply(struct ct_key *rkey, const struct ct_entry *rval,
+					     __be16 client_port, __u64 now)
+{
+	__u32 range = (__u32)snat_port_max - snat_port_min + 1;
+	__u16 port = bpf_ntohs(client_port);
+	struct ct_entry *old;
+	int i;
+
+	if (snat_port_max < snat_port_min)
+		return -1;
+	if (port < snat_port_min || port > snat_port_max)
+		port = snat_port_min + bpf_get_prandom_u32() % range;
+	for (i = 0; i < SNAT_TRIES; i++) {
+		rkey->dport = bpf_htons(port);
+		if (bpf_map_update_elem(&kpr_ct_v1, rkey, rval, BPF_NOEXIST) == 0)
+			return 0;
+		/* Taken; a stale flow's port is as good as a free one. */
+		old = bpf_map_lookup_elem(&kpr_ct_v1, rkey);
+		if (old && ct_expired(old, now) &&
+		    bpf_map_update_elem(&kpr_ct_v1, rkey, rval, BPF_ANY) == 0)
+			return 0;
+		port = snat_port_min + bpf_get_prandom_u32() % range;
+	}
+	return -1;
+}
+
+/* What to do with a packet: np_ingress()'s verdict. */
+enum np_verdict {
+	NP_V_PASS = 0, /* not ours, or left to the stack / the tc program */
+	NP_V_DROP = 1, /* counted in kpr_npstats_v1 */
+	NP_V_FWD  = 2, /* rewrite as struct np_fwd says and send */
+};
+
+/* How to rewrite and where to send a packet (NP_V_FWD). */
+struct np_fwd {
+	__be32 saddr;                /* new source address */
+	__be32 daddr;                /* new destination address */
+	__be16 sport;                /* new source port */
+	__be16 dport;                /* new destination port */
+	long   fib_rc;               /* BPF_FIB_LKUP_RET_SUCCESS or _NO_NEIGH */
+	struct bpf_fib_lookup fib;   /* egress ifindex, MACs / next hop */
+};
+
+/* Caller options of np_ingress(). */
+enum np_opts {
+	NP_O_NEED_NEIGH = 1 << 0, /* no neighbour entry: PASS instead of FWD
+				   * (XDP cannot resolve one; tc can) */
+};
+
+/* Routes @fwd's destination; returns the verdict for a lookup result. */
+static __always_inline int np_route(void *ctx, __u32 ifindex, const struct pkt4 *p,
+				    struct np_fwd *fwd, __u32 fib_flags, __u32 opts)
+{
+	fwd->fib_rc = fib_lookup4(ctx, ifindex, &fwd->fib, p->proto, fwd->saddr,
+				  fwd->daddr, fib_flags);
+	if (fwd->fib_rc == BPF_FIB_LKUP_RET_SUCCESS)
+		return NP_V_FWD;
+	if (fwd->fib_rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return (opts & NP_O_NEED_NEIGH) ? NP_V_PASS : NP_V_FWD;
+	np_count(NP_STAT_FIB_FAIL);
+	return NP_V_DROP;
+}
+
+/* A packet of a tracked flow: rewrite as @e says. */
+static __always_inline int np_tracked(void *ctx, __u32 ifindex, const struct pkt4 *p,
+				      const struct ct_entry *e, struct np_fwd *fwd, __u32 opts)
+{
+	fwd->saddr = e->nat_saddr[3];
+	fwd->daddr = e->nat_daddr[3];
+	fwd->sport = e->nat_sport;
+	fwd->dport = e->nat_dport;
+	return np_route(ctx, ifindex, p, fwd, 0, opts);
+}
+
+/* A new flow from @p to the frontend of @skey/@master: pick a backend,
+ * route to it, write both conntrack entries. */
+static __always_inline int np_new_flow(void *ctx, __u32 ifindex, const struct pkt4 *p,
+				       struct lb_svc_key *skey, const struct lb_svc_val *master,
+				       const struct ct_key *okey, struct np_fwd *fwd, __u32 opts)
+{
+	struct ct_entry oval = {}, rval = {};
+	struct lb_backend *backend;
+	struct ct_key rkey = {};
+	__u64 now = bpf_ktime_get_ns();
+	/* Affinity clients are netns cookies on the socket path; a set top
+	 * bit keeps client addresses apart from them. */
+	__u64 client = (1ULL << 63) | bpf_ntohl(p->saddr);
+	__u32 backend_id;
+	__u16 flags;
+	int snat, v;
+
+	backend = lb_select_backend(skey, master, client, &backend_id);
+	if (!backend || !lb_addr_is_v4(backend->addr)) {
+		np_count(NP_STAT_NO_BACKEND);
+		return NP_V_DROP;
+	}
+	snat = !(backend->flags & BE_F_LOCAL);
+	fwd->saddr = p->saddr;
+	fwd->daddr = backend->addr[3];
+	fwd->dport = backend->port;
+	v = np_route(ctx, ifindex, p, fwd, snat ? BPF_FIB_LOOKUP_SRC : 0, opts);
+	if (v != NP_V_FWD)
+		return v;
+	if (snat)
+		fwd->saddr = fwd->fib.ipv4_src;
+
+	flags = pkt_ct_flags(p, CT_DIR_ORIG);
+	oval.backend_id = rval.backend_id = backend_id;
+	oval.svc_id = rval.svc_id = master->svc_id;
+	oval.created_ns = rval.created_ns = now;
+	oval.expires_ns = rval.expires_ns = now + ct_lifetime_ns(p->proto, flags);
+
+	/* REPLY: backend:bport -> snat:sport, back to frontend -> client. */
+	lb_addr_set_v4(rkey.saddr, fwd->daddr);
+	rkey.sport = fwd->dport;
+	rkey.proto = p->proto;
+	rkey.dir = CT_DIR_REPLY;
+	lb_addr_set_v4(rval.nat_saddr, p->daddr);
+	rval.nat_sport = p->dport;
+	lb_addr_set_v4(rval.nat_daddr, p->saddr);
+	rval.nat_dport = p->sport;
+	if (!snat) {
+		/* A local backend sees the client itself, unless another flow
+		 * (the same client port to another frontend of this backend)
+		 * holds that reply tuple already: then it is SNATed too. */
+		lb_addr_set_v4(rkey.daddr, p->saddr);
+		rkey.dport = p->sport;
+		rval.flags = oval.flags = flags;
+		if (bpf_map_update_elem(&kpr_ct_v1, &rkey, &rval, BPF_NOEXIST) != 0) {
+			snat = 1;
+			v = np_route(ctx, ifindex, p, fwd, BPF_FIB_LOOKUP_SRC, opts);
+			if (v != NP_V_FWD)
+				return v;
+			fwd->saddr = fwd->fib.ipv4_src;
+		}
+	}
+	if (snat) {
+		flags |= CT_F_SNAT;
+		rval.flags = oval.flags = flags;
+		lb_addr_set_v4(rkey.daddr, fwd->saddr);
+		if (snat_insert_reply(&rkey, &rval, p->sport, now) < 0) {
+			np_count(NP_STAT_SNAT_EXHAUSTED);
+			return NP_V_DROP;
+		}
+	}
+	fwd->sport = rkey.dport;
+
+	/* ORIG: client:cport -> frontend, on to snat:sport -> backend:bport. */
+	lb_addr_set_v4(oval.nat_saddr, fwd->saddr);
+	oval.nat_sport = fwd->sport;
+	lb_addr_set_v4(oval.nat_daddr, fwd->daddr);
+	oval.nat_dport = fwd->dport;
+	if (bpf_map_update_elem(&kpr_ct_v1, okey, &oval, BPF_ANY) != 0) {
+		bpf_map_delete_elem(&kpr_ct_v1, &rkey);
+		np_count(NP_STAT_CT_FAIL);
+		return NP_V_DROP;
+	}
+	np_count(NP_STAT_FLOW_NEW);
+	if (snat)
+		np_count(NP_STAT_FLOW_SNAT);
+	return NP_V_FWD;
+}
+
+/* The decision for a packet that entered on @ifindex: a SNATed flow's
+ * reply, a packet to a frontend (tracked or new), or not ours. On NP_V_FWD
+ * the packet is to be rewritten as @fwd says, its TTL decremented, and
+ * sent out of fwd->fib.ifindex. */
+static __always_inline int np_ingress(void *ctx, __u32 ifindex, const struct pkt4 *p,
+				      struct np_fwd *fwd, __u32 opts)
+{
+	struct lb_svc_key skey = {};
+	struct lb_svc_val *master;
+	struct lb_backend *backend;
+	struct ct_entry *e;
+	struct ct_key key;
+	__u16 dport;
+	__u64 now;
+	int v;
+
+	/* A remote backend's reply to a SNATed flow. */
+	dport = bpf_ntohs(p->dport);
+	if (dport >= snat_port_min && dport <= snat_port_max) {
+		ct_key4(&key, p, CT_DIR_REPLY);
+		e = bpf_map_lookup_elem(&kpr_ct_v1, &key);
+		if (e && (e->flags & CT_F_SNAT)) {
+			now = bpf_ktime_get_ns();
+			if (!ct_expired(e, now)) {
+				if (p->ttl <= 1) {
+					np_count(NP_STAT_TTL);
+					return NP_V_DROP;
+				}
+				v = np_tracked(ctx, ifindex, p, e, fwd, opts);
+				if (v == NP_V_FWD) {
+					ct_touch(&key, e, pkt_ct_flags(p, CT_DIR_REPLY), now);
+					np_count(NP_STAT_REPLY);
+				}
+				return v;
+			}
+		}
+	}
+
+	lb_addr_set_v4(skey.addr, p->daddr);
+	skey.port = p->dport;
+	skey.proto = p->proto;
+	skey.scope = LB_SCOPE_EXT;
+	master = lb_lookup_master(&skey);
+	if (!master || !(master->flags & NP_SVC_TYPES))
+		return NP_V_PASS;
+	if (p->ttl <= 1) {
+		np_count(NP_STAT_TTL);
+		return NP_V_DROP;
+	}
+
+	ct_key4(&key, p, CT_DIR_ORIG);
+	e = bpf_map_lookup_elem(&kpr_ct_v1, &key);
+	if (e) {
+		now = bpf_ktime_get_ns();
+		backend = lb_lookup_backend(e->backend_id);
+		/* Kept unless stale, its backend is gone (or the id now names
+		 * another), or a SYN reopens a closing flow's tuple. */
+		if (!ct_expired(e, now) && backend &&
+		    backend->addr[3] == e->nat_daddr[3] && backend->port == e->nat_dport &&
+		    !(is_tcp_syn(p) && (e->flags & CT_F_CLOSING))) {
+			v = np_tracked(ctx, ifindex, p, e, fwd, opts);
+			if (v == NP_V_FWD) {
+				ct_touch(&key, e, pkt_ct_flags(p, CT_DIR_ORIG), now);
+				np_count(NP_STAT_FWD);
+			}
+			return v;
+		}
+		ct_delete_pair(&key, e);
+	}
+	v = np_new_flow(ctx, ifindex, p, &skey, master, &key, fwd, opts);
+	if (v == NP_V_FWD)
+		np_count(NP_STAT_FWD);
+	return v;
+}
+
+#endif /* KPR_LB_NODEPORT_H */

@@ -1,0 +1,84 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * North-south load balancing on tc (tcx) for the agent's --devices:
+ * NodePort, LoadBalancer and externalIP frontends reached from outside the
+ * node, in SNAT mode.
+ *
+ *   ingress, to a frontend    pick a backend (lb_select.h), track the flow
+ *                             (lb_ct.h), DNAT to the backend and, when the
+ *                             backend is on another node, SNAT to this
+ *                             node's address toward it with a port of the
+ *                             SNAT range; forward through the FIB
+ *   ingress, to a SNAT port   a remote backend's reply: back to the client
+ *                             with the frontend as source; forward
+ *   egress                    a local backend's reply (forwarded by the
+ *                             stack, not SNATed): frontend as source
+ *
+ * The decision is lb_nodeport.h's, shared with the XDP program; with XDP
+ * acceleration this ingress program sees what XDP handed on (no neighbour
+ * entry yet, IP options, anything XDP does not rewrite).
+ *
+ * Packets that are none of these go on untouched (TCX_NEXT), at the price
+ * of one hash lookup (two at egress). ClusterIP frontends are not served
+ * here: in-cluster clients reach them through the socket hooks.
+ */
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "lb_nodeport.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+/* Not ours: let the next tcx program or the stack have it. */
+#define NP_PASS TC_ACT_UNSPEC
+
+SEC("tcx/ingress")
+int kpr_np_ingress(struct __sk_buff *skb)
+{
+	struct np_fwd fwd;
+	struct pkt4 p;
+
+	if (pkt4_parse(skb, &p) < 0)
+		return NP_PASS;
+	switch (np_ingress(skb, skb->ingress_ifindex, &p, &fwd, 0)) {
+	case NP_V_FWD:
+		break;
+	case NP_V_DROP:
+		return TC_ACT_SHOT;
+	default:
+		return NP_PASS;
+	}
+	if (nat_rewrite4(skb, &p, fwd.saddr, fwd.sport, fwd.daddr, fwd.dport) < 0 ||
+	    ip4_dec_ttl(skb, p.ttl) < 0)
+		return TC_ACT_SHOT;
+	return fib_redirect(skb, &fwd.fib, fwd.fib_rc);
+}
+
+SEC("tcx/egress")
+int kpr_np_egress(struct __sk_buff *skb)
+{
+	struct ct_entry *e;
+	struct ct_key key;
+	struct pkt4 p;
+	__u64 now;
+
+	if (pkt4_parse(skb, &p) < 0)
+		return NP_PASS;
+	/* A local backend's reply, forwarded by the stack toward the client:
+	 * only the source changes back to the frontend. */
+	ct_key4(&key, &p, CT_DIR_REPLY);
+	e = bpf_map_lookup_elem(&kpr_ct_v1, &key);
+	if (!e || (e->flags & CT_F_SNAT))
+		return NP_PASS;
+	now = bpf_ktime_get_ns();
+	if (ct_expired(e, now))
+		return NP_PASS;
+	ct_touch(&key, e, pkt_ct_flags(&p, CT_DIR_REPLY), now);
+	np_count(NP_STAT_REPLY);
+	if (nat_rewrite4(skb, &p, e->nat_saddr[3], e->nat_sport, p.daddr, p.dport) < 0)
+		return TC_ACT_SHOT;
+	return NP_PASS;
+}

@@ -1,0 +1,144 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * XDP acceleration of the north-south datapath (--nodeport-acceleration
+ * native|generic): the ingress half of bpf/nodeport.bpf.c before any skb
+ * exists. It takes the same decision (lb_nodeport.h, same maps and
+ * conntrack) and rewrites and redirects the packets it can; everything
+ * else goes on to the stack, where the tc ingress program (always attached
+ * too) handles it:
+ *
+ *   - IPv4 with options, fragments, other protocols: XDP_PASS, unchanged
+ *   - no neighbour entry for the next hop: XDP_PASS before any state is
+ *     written (bpf_redirect_neigh exists for tc only)
+ *   - replies from local backends: they never cross a device's ingress;
+ *     the tc egress program rewrites them
+ *
+ * Checksums are updated incrementally and assume the checksum fields hold
+ * full checksums, which is what arrives from a wire (a NIC's RX). Packets
+ * built by a local stack with checksum offload (CHECKSUM_PARTIAL, e.g. over
+ * a veth from a namespace of the same host) do not; the test bed turns TX
+ * checksum offload off on its senders for that reason.
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "lb_nodeport.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+static __always_inline __u32 csum_add32(__u32 a, __u32 b)
+{
+	__u32 r = a + b;
+
+	return r + (r < a);
+}
+
+/* One's complement fold of a 32-bit sum, complemented: the checksum field. */
+static __always_inline __u16 csum_fold32(__u32 c)
+{
+	c = (c & 0xffff) + (c >> 16);
+	c = (c & 0xffff) + (c >> 16);
+	return (__u16)~c;
+}
+
+/* The fields a NAT rewrite changes, laid out for bpf_csum_diff. */
+struct nat_words {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+};
+
+SEC("xdp")
+int kpr_np_xdp(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct nat_words old, new;
+	struct ethhdr *eth = data;
+	struct np_fwd fwd;
+	struct iphdr *ip;
+	__be16 *ports;
+	__sum16 *l4_check;
+	struct pkt4 p;
+	__s64 diff;
+	__u16 check;
+
+	if ((void *)(eth + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
+		return XDP_PASS;
+	ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > data_end)
+		return XDP_PASS;
+	if (ip->version != 4 || ip->ihl != 5 ||
+	    (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET)))
+		return XDP_PASS;
+	p.tcp_flags = 0;
+	if (ip->protocol == IPPROTO_TCP) {
+		struct tcphdr *th = (void *)(ip + 1);
+
+		if ((void *)(th + 1) > data_end)
+			return XDP_PASS;
+		ports = (__be16 *)th;
+		l4_check = &th->check;
+		p.tcp_flags = ((__u8 *)th)[13];
+	} else if (ip->protocol == IPPROTO_UDP) {
+		struct udphdr *uh = (void *)(ip + 1);
+
+		if ((void *)(uh + 1) > data_end)
+			return XDP_PASS;
+		ports = (__be16 *)uh;
+		l4_check = &uh->check;
+	} else {
+		return XDP_PASS;
+	}
+	p.saddr = ip->saddr;
+	p.daddr = ip->daddr;
+	p.sport = ports[0];
+	p.dport = ports[1];
+	p.proto = ip->protocol;
+	p.ttl = ip->ttl;
+	p.l4_off = ETH_HLEN + sizeof(*ip);
+
+	switch (np_ingress(ctx, ctx->ingress_ifindex, &p, &fwd, NP_O_NEED_NEIGH)) {
+	case NP_V_FWD:
+		break;
+	case NP_V_DROP:
+		return XDP_DROP;
+	default:
+		return XDP_PASS;
+	}
+
+	old.saddr = p.saddr;
+	old.daddr = p.daddr;
+	old.sport = p.sport;
+	old.dport = p.dport;
+	new.saddr = fwd.saddr;
+	new.daddr = fwd.daddr;
+	new.sport = fwd.sport;
+	new.dport = fwd.dport;
+	/* A UDP datagram without checksum (0) keeps none. */
+	if (!(p.proto == IPPROTO_UDP && *l4_check == 0)) {
+		diff = bpf_csum_diff((__be32 *)&old, sizeof(old), (__be32 *)&new, sizeof(new), 0);
+		check = csum_fold32(csum_add32((__u32)diff, ~(__u32)(__u16)*l4_check));
+		if (p.proto == IPPROTO_UDP && check == 0)
+			check = 0xffff;
+		*l4_check = check;
+	}
+	ip->saddr = fwd.saddr;
+	ip->daddr = fwd.daddr;
+	ports[0] = fwd.sport;
+	ports[1] = fwd.dport;
+	ip->ttl--;
+	ip->check = 0;
+	ip->check = csum_fold32((__u32)bpf_csum_diff(0, 0, (__be32 *)ip, sizeof(*ip), 0));
+	__builtin_memcpy(eth->h_dest, fwd.fib.dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, fwd.fib.smac, ETH_ALEN);
+	np_count(NP_STAT_XDP_FWD);
+	return bpf_redirect(fwd.fib.ifindex, 0);
+}

@@ -1,0 +1,698 @@
+//! North-south datapath end to end on a multi-node network: an external
+//! client, two nodes each running its own kpr agent (own bpf root, own
+//! devices, inside the node's namespace), pods behind each node, and a
+//! NodePort Service whose endpoints are on both nodes.
+//!
+//! Needs root (namespaces, BPF, tcx); without it every test says so and
+//! passes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kpr::datapath::ct::{CtMap, NodePortStats};
+use kpr::datapath::layout::{CtDir, CtRecord};
+use kpr::datapath::nodeport::attached_devices;
+use kpr::model::Protocol;
+use kpr::testbed::cluster::client_ip;
+use kpr::testbed::probe::RequestsReport;
+use kpr::testbed::server::split_reply;
+use kpr::testbed::{
+    sweep_stale, AgentProcess, Cluster, ClusterNode, ClusterPlan, Netns, ProbeResult, ProbeSpec,
+    Server, TestCgroup,
+};
+
+const KPR: &str = env!("CARGO_BIN_EXE_kpr");
+const NODE_PORT_TCP: u16 = 30080;
+const NODE_PORT_UDP: u16 = 30053;
+const POD_TCP: u16 = 8080;
+const POD_UDP: u16 = 5353;
+
+fn root() -> bool {
+    let root = nix::unistd::Uid::effective().is_root();
+    if !root {
+        eprintln!("!!! SKIPPED: NodePort tests need root (namespaces, BPF, tcx)");
+    }
+    root
+}
+
+/// NodePort of `web-local` (externalTrafficPolicy Local, pods on both nodes).
+const NODE_PORT_LOCAL: u16 = 30081;
+/// NodePort of `one-local` (externalTrafficPolicy Local, pods on node1 only).
+const NODE_PORT_ONE_LOCAL: u16 = 30082;
+/// NodePort of `empty` (no endpoints).
+const NODE_PORT_EMPTY: u16 = 30083;
+
+/// The NodePort Service `web` (TCP and UDP) with every pod of both nodes as
+/// endpoints, plus the Local-policy and endpoint-less Services above.
+fn manifest(cluster: &Cluster) -> String {
+    let mut endpoints = String::new();
+    let mut node1_endpoints = String::new();
+    for node in cluster.nodes() {
+        for ip in node.pod_ips() {
+            let line = format!("- {{addresses: [{ip}], nodeName: node{}}}\n", node.index());
+            if node.index() == 1 {
+                node1_endpoints += &line;
+            }
+            endpoints += &line;
+        }
+    }
+    let web = format!(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: np}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.10
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: {POD_TCP}, nodePort: {NODE_PORT_TCP}}}
+  - {{name: dns, protocol: UDP, port: 53, targetPort: {POD_UDP}, nodePort: {NODE_PORT_UDP}}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-1, namespace: np, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports:
+- {{name: http, protocol: TCP, port: {POD_TCP}}}
+- {{name: dns, protocol: UDP, port: {POD_UDP}}}
+endpoints:
+{endpoints}"#
+    );
+    let local = |name: &str, cluster_ip: &str, node_port: u16, endpoints: &str| {
+        format!(
+            r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: np}}
+spec:
+  type: NodePort
+  clusterIP: {cluster_ip}
+  externalTrafficPolicy: Local
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: {POD_TCP}, nodePort: {node_port}}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}-1, namespace: np, labels: {{kubernetes.io/service-name: {name}}}}}
+addressType: IPv4
+ports:
+- {{name: http, protocol: TCP, port: {POD_TCP}}}
+endpoints:
+{endpoints}"#
+        )
+    };
+    let empty = format!(
+        r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: empty, namespace: np}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.13
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: {POD_TCP}, nodePort: {NODE_PORT_EMPTY}}}
+"#
+    );
+    web + &local("web-local", "10.96.0.11", NODE_PORT_LOCAL, &endpoints)
+        + &local(
+            "one-local",
+            "10.96.0.12",
+            NODE_PORT_ONE_LOCAL,
+            &node1_endpoints,
+        )
+        + &empty
+}
+
+/// The cluster with identity servers on every pod and a kpr agent per node.
+/// Fields drop in order: agents (and their pins) first, then servers,
+/// cgroups, the network and the directory.
+struct Bed {
+    agents: Vec<AgentProcess>,
+    _servers: Vec<Server>,
+    _cgroups: Vec<TestCgroup>,
+    cluster: Cluster,
+    dir: tempfile::TempDir,
+}
+
+impl Bed {
+    /// Builds the bed; `extra_args` go to every agent.
+    fn start(prefix: &str, extra_args: &[&str]) -> Bed {
+        Bed::start_with(prefix, &ClusterPlan::default(), extra_args)
+    }
+
+    fn start_with(prefix: &str, plan: &ClusterPlan, extra_args: &[&str]) -> Bed {
+        sweep_stale(prefix).expect("sweeping leftovers");
+        let cluster = Cluster::build(prefix, plan).expect("cluster");
+        let mut servers = Vec::new();
+        for node in cluster.nodes() {
+            for ip in node.pod_ips() {
+                let ip = IpAddr::V4(*ip);
+                servers.push(
+                    Server::tcp_reporting_peer(node.pods(), SocketAddr::new(ip, POD_TCP), None)
+                        .unwrap(),
+                );
+                servers.push(
+                    Server::udp_reporting_peer(node.pods(), SocketAddr::new(ip, POD_UDP), None)
+                        .unwrap(),
+                );
+            }
+        }
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("kpr-{prefix}-"))
+            .tempdir()
+            .unwrap();
+        let manifests = dir.path().join("manifests");
+        std::fs::create_dir(&manifests).unwrap();
+        std::fs::write(manifests.join("web.yaml"), manifest(&cluster)).unwrap();
+        let mut cgroups = Vec::new();
+        let mut agents = Vec::new();
+        for node in cluster.nodes() {
+            // Socket LB needs a cgroup; an empty one of its own per node.
+            let cgroup = TestCgroup::create(&format!("{prefix}{}", node.index())).unwrap();
+            let bpf_root = dir.path().join(format!("bpf-node{}", node.index()));
+            let name = format!("node{}", node.index());
+            let ip = node.ext_ip().to_string();
+            let devices = node.devices().join(",");
+            let mut args = vec![
+                "--node-name",
+                &name,
+                "--node-ip",
+                &ip,
+                "--devices",
+                &devices,
+                "--ct-gc-interval",
+                "1s",
+            ];
+            args.extend_from_slice(extra_args);
+            let agent = AgentProcess::start_in_netns(
+                Path::new(KPR),
+                &manifests,
+                cgroup.path(),
+                &bpf_root,
+                &args,
+                node.ns(),
+            )
+            .unwrap();
+            cgroups.push(cgroup);
+            agents.push(agent);
+        }
+        for agent in &mut agents {
+            agent.wait_healthy(Duration::from_secs(30)).unwrap();
+        }
+        Bed {
+            agents,
+            _servers: servers,
+            _cgroups: cgroups,
+            cluster,
+            dir,
+        }
+    }
+
+    fn node(&self, n: u8) -> &ClusterNode {
+        self.cluster.node(n)
+    }
+
+    fn agent(&mut self, n: u8) -> &mut AgentProcess {
+        &mut self.agents[usize::from(n - 1)]
+    }
+
+    fn bpf_root(&self, n: u8) -> std::path::PathBuf {
+        self.dir.path().join(format!("bpf-node{n}"))
+    }
+
+    fn ct(&self, n: u8) -> Vec<CtRecord> {
+        CtMap::open(&self.bpf_root(n)).unwrap().entries().unwrap()
+    }
+
+    fn stats(&self, n: u8) -> NodePortStats {
+        NodePortStats::read(&self.bpf_root(n)).unwrap()
+    }
+
+    fn kpr(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new(KPR).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "kpr {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+#[track_caller]
+fn run_in(ns: &Netns, spec: ProbeSpec) -> ProbeResult {
+    ns.enter_thread(|| spec.run())
+        .expect("probe thread ran")
+        .expect("probe spec ran")
+}
+
+fn node_port(node: &ClusterNode, port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(node.ext_ip()), port)
+}
+
+/// Which node a pod address is behind.
+fn node_of(ip: IpAddr) -> u8 {
+    match ip {
+        IpAddr::V4(v4) => v4.octets()[2],
+        IpAddr::V6(_) => 0,
+    }
+}
+
+/// Checks one reply of a backend reached through `node`: the backend must
+/// have seen the client itself when it is local to `node`, else one of
+/// `node`'s addresses (SNAT). Returns the backend's pod address.
+#[track_caller]
+fn check_source(node: &ClusterNode, reply: &str) -> IpAddr {
+    let (identity, seen) = split_reply(reply);
+    let backend: SocketAddr = identity.parse().expect("identity is ip:port");
+    let seen = seen.expect("the server reports its peer");
+    if node_of(backend.ip()) == node.index() {
+        assert_eq!(
+            seen,
+            IpAddr::V4(client_ip(node.index())),
+            "a local backend sees the client: {reply}"
+        );
+    } else {
+        let ours: Vec<IpAddr> = node.addresses().into_iter().map(IpAddr::V4).collect();
+        assert!(
+            ours.contains(&seen),
+            "a remote backend sees node{}'s address, not {seen}: {reply}",
+            node.index()
+        );
+    }
+    backend.ip()
+}
+
+fn all_pods(bed: &Bed) -> BTreeSet<IpAddr> {
+    bed.cluster
+        .nodes()
+        .iter()
+        .flat_map(|n| n.pod_ips().iter().map(|ip| IpAddr::V4(*ip)))
+        .collect()
+}
+
+#[test]
+fn nodeport_on_both_nodes_spreads_over_backends_on_both_nodes_with_snat_for_remote_ones() {
+    if !root() {
+        return;
+    }
+    let bed = Bed::start("npsp", &[]);
+    spreads_with_snat_for_remote_backends(&bed);
+    check_conntrack_and_tools(&bed);
+}
+
+/// TCP and UDP to both nodes' NodePorts reach every pod of both nodes; a
+/// local pod sees the client, a remote one the node; one UDP socket is one
+/// flow on one backend, answered from the NodePort address.
+fn spreads_with_snat_for_remote_backends(bed: &Bed) {
+    let client = bed.cluster.client();
+    for n in [1u8, 2] {
+        let node = bed.node(n);
+        // TCP: every connection a new flow, spread over all four pods.
+        let target = node_port(node, NODE_PORT_TCP);
+        let r = run_in(
+            client,
+            ProbeSpec::TcpRequests {
+                target,
+                count: 60,
+                timeout_ms: 2000,
+            },
+        );
+        let r = r.as_requests().unwrap();
+        assert!(r.failures.is_empty(), "{target}: {r:?}");
+        let mut seen: BTreeMap<IpAddr, u64> = BTreeMap::new();
+        for (reply, count) in &r.identities {
+            *seen.entry(check_source(node, reply)).or_default() += count;
+        }
+        println!("node{n} TCP {target}: {seen:?}");
+        assert_eq!(
+            seen.keys().copied().collect::<BTreeSet<_>>(),
+            all_pods(&bed),
+            "TCP through node{n} reaches every pod on both nodes"
+        );
+
+        // UDP, a new socket (flow) each time: spread too, and the reply
+        // comes from the NodePort (a connected socket accepts nothing else).
+        let target = node_port(node, NODE_PORT_UDP);
+        let r = run_in(
+            client,
+            ProbeSpec::UdpConnected {
+                target,
+                count: 60,
+                timeout_ms: 2000,
+            },
+        );
+        let u = r.as_udp().unwrap();
+        assert!(u.failures.is_empty(), "{target}: {u:?}");
+        let mut seen: BTreeMap<IpAddr, u64> = BTreeMap::new();
+        for (reply, count) in &u.identities {
+            *seen.entry(check_source(node, reply)).or_default() += count;
+        }
+        println!("node{n} UDP {target}: {seen:?}");
+        assert_eq!(
+            seen.keys().copied().collect::<BTreeSet<_>>(),
+            all_pods(&bed)
+        );
+
+        // One unconnected UDP socket is one flow: conntrack keeps it on one
+        // backend, and replies come from the NodePort address.
+        let r = run_in(
+            client,
+            ProbeSpec::UdpUnconnected {
+                target,
+                count: 20,
+                timeout_ms: 2000,
+            },
+        );
+        let u = r.as_udp().unwrap();
+        assert!(u.failures.is_empty(), "{u:?}");
+        assert_eq!(u.identities.len(), 1, "one flow, one backend: {u:?}");
+        assert_eq!(
+            u.reply_sources.iter().collect::<Vec<_>>(),
+            [&target.to_string()]
+        );
+    }
+}
+
+/// Conntrack after [`spreads_with_snat_for_remote_backends`], the counters,
+/// `kpr ct list` and `kpr status`.
+fn check_conntrack_and_tools(bed: &Bed) {
+    // Conntrack: flows to node1's NodePorts, each an orig/reply pair,
+    // SNATed exactly when the backend is on node2.
+    let entries = bed.ct(1);
+    let orig: Vec<&CtRecord> = entries.iter().filter(|e| e.dir == CtDir::Orig).collect();
+    assert!(orig.len() >= 60, "{} orig entries", orig.len());
+    for e in &orig {
+        assert_eq!(e.dst.ip(), IpAddr::V4(bed.node(1).ext_ip()), "{e:?}");
+        let remote = node_of(e.nat_dst.ip()) == 2;
+        assert_eq!(e.snat, remote, "{e:?}");
+        if remote {
+            assert_eq!(e.nat_src.ip(), IpAddr::V4(bed.node(1).peer_ip()), "{e:?}");
+            assert!((61000..=65535).contains(&e.nat_src.port()), "{e:?}");
+        } else {
+            assert_eq!(e.nat_src, e.src, "no SNAT to a local backend: {e:?}");
+        }
+        let peer = entries.iter().find(|r| {
+            r.dir == CtDir::Reply && r.src == e.nat_dst && r.dst == e.nat_src && r.proto == e.proto
+        });
+        let peer = peer.unwrap_or_else(|| panic!("no reply entry for {e:?}"));
+        assert_eq!((peer.nat_src, peer.nat_dst), (e.dst, e.src), "{peer:?}");
+        assert!(peer.established, "the backend answered: {peer:?}");
+    }
+    assert!(orig.iter().any(|e| e.proto == Protocol::Udp));
+    let stats = bed.stats(1);
+    println!("node1 counters: {stats:?}");
+    assert!(stats.flows_new >= 60 && stats.flows_snat > 0 && stats.packets_reply > 0);
+    assert_eq!(
+        (stats.drop_no_backend, stats.drop_fib, stats.drop_ct),
+        (0, 0, 0)
+    );
+    let table = bed.kpr(&[
+        "ct",
+        "list",
+        "--bpf-root",
+        bed.bpf_root(1).to_str().unwrap(),
+    ]);
+    println!("{}", table.lines().take(5).collect::<Vec<_>>().join("\n"));
+    assert!(table.contains("192.0.2.11:30080") && table.contains("snat"));
+    let status = bed.kpr(&["status", "--bpf-root", bed.bpf_root(1).to_str().unwrap()]);
+    assert!(
+        status.contains(
+            "North-south (tcx):    eth-c/egress eth-c/ingress eth-n/egress eth-n/ingress"
+        ),
+        "{status}"
+    );
+}
+
+#[test]
+fn an_agent_restart_under_load_keeps_programs_and_conntrack_without_failed_connections() {
+    if !root() {
+        return;
+    }
+    let mut bed = Bed::start("nprs", &[]);
+    let target = node_port(bed.node(1), NODE_PORT_TCP);
+
+    // Long-lived UDP flows: each keeps its backend only if conntrack survives.
+    let flows = 8;
+    let first = udp_flows_answers(bed.cluster.client(), bed.node(1), flows, None);
+
+    // Steady load through node1, in batches until both restarts are done.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load_stop = stop.clone();
+    let load = bed
+        .cluster
+        .client()
+        .spawn_thread(move || {
+            let mut total = RequestsReport::default();
+            let mut batches = 0;
+            while batches < 1000 && (!load_stop.load(Ordering::Relaxed) || batches < 5) {
+                let r = ProbeSpec::TcpRequests {
+                    target,
+                    count: 20,
+                    timeout_ms: 3000,
+                }
+                .run()
+                .expect("probe runs");
+                let r = r.as_requests().expect("requests report").clone();
+                for (k, v) in r.identities {
+                    *total.identities.entry(k).or_default() += v;
+                }
+                for (k, v) in r.failures {
+                    *total.failures.entry(k).or_default() += v;
+                }
+                batches += 1;
+            }
+            total
+        })
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    for crash in [true, false] {
+        let agent = bed.agent(1);
+        if crash {
+            agent.kill().unwrap();
+        } else {
+            agent.stop().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        agent.restart().unwrap();
+        agent.wait_healthy(Duration::from_secs(30)).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Relaxed);
+    let r = load.join().unwrap();
+    let answered: u64 = r.identities.values().sum();
+    let failed: u64 = r.failures.values().sum();
+    println!(
+        "NodePort restart under load (kill + restart, stop + restart): {answered} requests answered, {failed} failed ({:?})",
+        r.failures
+    );
+    assert_eq!(failed, 0, "{:?}", r.failures);
+    assert!(answered >= 100, "{answered}");
+    let log = bed.agent(1).log();
+    assert!(
+        log.matches(
+            r#"updated_links=["eth-c/ingress", "eth-c/egress", "eth-n/ingress", "eth-n/egress"]"#
+        )
+        .count()
+            >= 2,
+        "both restarts swapped the programs behind the pinned tcx links:\n{log}"
+    );
+    assert!(log.matches("reused_ct=true").count() >= 2, "{log}");
+
+    let again = udp_flows_answers(bed.cluster.client(), bed.node(1), flows, Some(&first));
+    assert_eq!(
+        first, again,
+        "every UDP flow kept its backend across restarts"
+    );
+    let log = bed.agent(1).log();
+    assert!(log.contains("reused_ct=true"), "{log}");
+}
+
+/// Opens `flows` UDP sockets in the client namespace on fixed ports (or the
+/// ports of `previous`), one exchange each with node's UDP NodePort;
+/// returns client port -> backend that answered.
+fn udp_flows_answers(
+    client: &Netns,
+    node: &ClusterNode,
+    flows: u16,
+    previous: Option<&BTreeMap<u16, String>>,
+) -> BTreeMap<u16, String> {
+    let target = node_port(node, NODE_PORT_UDP);
+    let local = client_ip(node.index());
+    let ports: Vec<u16> = match previous {
+        Some(p) => p.keys().copied().collect(),
+        None => (0..flows).map(|i| 40100 + i).collect(),
+    };
+    client
+        .enter_thread(move || {
+            let mut out = BTreeMap::new();
+            for port in ports {
+                let sock = UdpSocket::bind(SocketAddr::new(IpAddr::V4(local), port)).unwrap();
+                sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                sock.send_to(b"hi", target).unwrap();
+                let mut buf = [0u8; 256];
+                let (n, from) = sock.recv_from(&mut buf).unwrap();
+                assert_eq!(from, target);
+                let reply = String::from_utf8_lossy(&buf[..n]).into_owned();
+                out.insert(port, split_reply(&reply).0.to_string());
+            }
+            out
+        })
+        .unwrap()
+}
+
+#[test]
+fn conntrack_entries_expire_and_are_collected_and_cleanup_detaches_tcx() {
+    if !root() {
+        return;
+    }
+    // A short UDP lifetime, so entries expire within the test.
+    let mut bed = Bed::start("npgc", &["--ct-udp-timeout", "2s"]);
+    let target = node_port(bed.node(2), NODE_PORT_UDP);
+    let r = run_in(
+        bed.cluster.client(),
+        ProbeSpec::UdpConnected {
+            target,
+            count: 5,
+            timeout_ms: 2000,
+        },
+    );
+    assert!(r.as_udp().unwrap().failures.is_empty(), "{r:?}");
+    let udp = |bed: &Bed| {
+        bed.ct(2)
+            .into_iter()
+            .filter(|e| e.proto == Protocol::Udp)
+            .count()
+    };
+    assert_eq!(udp(&bed), 10, "five flows, two entries each");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while udp(&bed) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(udp(&bed), 0, "expired flows are collected by the agent");
+    let gc = bed
+        .agent(2)
+        .metric_value("kpr_ct_gc_deleted_entries_total", "")
+        .unwrap();
+    assert!(gc.unwrap_or(0.0) >= 10.0, "{gc:?}");
+
+    // cleanup: no tcx link left, NodePorts no longer translated.
+    let root2 = bed.bpf_root(2);
+    assert_eq!(attached_devices(&root2).len(), 4);
+    bed.agent(2).stop().unwrap();
+    bed.kpr(&["cleanup", "--bpf-root", root2.to_str().unwrap()]);
+    assert!(attached_devices(&root2).is_empty());
+    let r = run_in(
+        bed.cluster.client(),
+        ProbeSpec::TcpConnectError {
+            target: node_port(bed.node(2), NODE_PORT_TCP),
+            timeout_ms: 1000,
+        },
+    );
+    assert_eq!(
+        r.as_connect().unwrap().outcome(),
+        "ECONNREFUSED",
+        "node2's own stack answers: nothing translates any more"
+    );
+}
+
+#[test]
+fn external_traffic_policy_local_keeps_the_client_address_and_drops_without_local_backends() {
+    if !root() {
+        return;
+    }
+    let bed = Bed::start("npetp", &[]);
+    let client = bed.cluster.client();
+    for n in [1u8, 2] {
+        let node = bed.node(n);
+        let target = node_port(node, NODE_PORT_LOCAL);
+        let r = run_in(
+            client,
+            ProbeSpec::TcpRequests {
+                target,
+                count: 30,
+                timeout_ms: 2000,
+            },
+        );
+        let r = r.as_requests().unwrap();
+        assert!(r.failures.is_empty(), "{target}: {r:?}");
+        let seen: BTreeSet<IpAddr> = r
+            .identities
+            .keys()
+            .map(|reply| check_source(node, reply))
+            .collect();
+        let local: BTreeSet<IpAddr> = node.pod_ips().iter().map(|ip| IpAddr::V4(*ip)).collect();
+        assert_eq!(seen, local, "only node{n}'s pods, which see the client");
+    }
+    // node2 has no endpoint of one-local, and `empty` has none anywhere:
+    // both are dropped (kube-proxy drops the first and rejects the second;
+    // kpr has no --service-no-backend-response yet).
+    for (node, port) in [(2u8, NODE_PORT_ONE_LOCAL), (1, NODE_PORT_EMPTY)] {
+        let target = node_port(bed.node(node), port);
+        let r = run_in(
+            client,
+            ProbeSpec::TcpConnectError {
+                target,
+                timeout_ms: 300,
+            },
+        );
+        assert_eq!(r.as_connect().unwrap().outcome(), "TIMEOUT", "{target}");
+    }
+    assert!(bed.stats(2).drop_no_backend > 0);
+    assert!(bed.stats(1).drop_no_backend > 0);
+    // ... while node1 serves one-local from its own pods.
+    let target = node_port(bed.node(1), NODE_PORT_ONE_LOCAL);
+    let r = run_in(
+        client,
+        ProbeSpec::TcpRequests {
+            target,
+            count: 5,
+            timeout_ms: 2000,
+        },
+    );
+    assert!(r.as_requests().unwrap().failures.is_empty(), "{r:?}");
+}
+
+/// The spread/SNAT checks with XDP in `mode` in front of tc on both nodes;
+/// XDP must have forwarded packets itself.
+fn through_xdp(prefix: &str, mode: &str) {
+    let plan = ClusterPlan {
+        xdp_ready: true,
+        ..ClusterPlan::default()
+    };
+    let bed = Bed::start_with(prefix, &plan, &["--nodeport-acceleration", mode]);
+    spreads_with_snat_for_remote_backends(&bed);
+    check_conntrack_and_tools(&bed);
+    for n in [1u8, 2] {
+        let stats = bed.stats(n);
+        println!("node{n} XDP {mode}: {stats:?}");
+        assert!(
+            stats.xdp_fwd > 0 && stats.xdp_fwd <= stats.packets_fwd + stats.packets_reply,
+            "{stats:?}"
+        );
+    }
+    let log = bed.agents[0].log();
+    assert!(log.contains(&format!("eth-c/{mode}")), "{log}");
+}
+
+#[test]
+fn nodeport_through_generic_xdp_spreads_and_snats_like_tc() {
+    if !root() {
+        return;
+    }
+    through_xdp("npxg", "generic");
+}
+
+#[test]
+fn nodeport_through_native_xdp_on_veth_spreads_and_snats_like_tc() {
+    if !root() {
+        return;
+    }
+    through_xdp("npxn", "native");
+}
