@@ -333,7 +333,7 @@ fn spreads_with_snat_for_remote_backends(bed: &Bed) {
         println!("node{n} TCP {target}: {seen:?}");
         assert_eq!(
             seen.keys().copied().collect::<BTreeSet<_>>(),
-            all_pods(&bed),
+            all_pods(bed),
             "TCP through node{n} reaches every pod on both nodes"
         );
 
@@ -355,10 +355,7 @@ fn spreads_with_snat_for_remote_backends(bed: &Bed) {
             *seen.entry(check_source(node, reply)).or_default() += count;
         }
         println!("node{n} UDP {target}: {seen:?}");
-        assert_eq!(
-            seen.keys().copied().collect::<BTreeSet<_>>(),
-            all_pods(&bed)
-        );
+        assert_eq!(seen.keys().copied().collect::<BTreeSet<_>>(), all_pods(bed));
 
         // One unconnected UDP socket is one flow: conntrack keeps it on one
         // backend, and replies come from the NodePort address.
@@ -695,4 +692,115 @@ fn nodeport_through_native_xdp_on_veth_spreads_and_snats_like_tc() {
         return;
     }
     through_xdp("npxn", "native");
+}
+
+/// A TCP request from `local` (a fixed source port, SO_REUSEADDR so a
+/// TIME_WAIT socket of the previous use does not block the bind) to
+/// `target`; the reply line.
+fn request_from(local: SocketAddr, target: SocketAddr) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    use std::os::fd::FromRawFd;
+    let (SocketAddr::V4(local), SocketAddr::V4(target)) = (local, target) else {
+        return Err(std::io::Error::other("IPv4 only"));
+    };
+    let sockaddr = |a: std::net::SocketAddrV4| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(a.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: plain socket syscalls on a descriptor owned by the TcpStream
+    // built from it (closed on every path).
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stream = std::net::TcpStream::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        // connect(2) gives up after SO_SNDTIMEO: a regression fails in
+        // seconds, not after TCP's two-minute SYN retries.
+        let limit = libc::timeval {
+            tv_sec: 2,
+            tv_usec: 0,
+        };
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            (&limit as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        );
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let l = sockaddr(local);
+        if libc::bind(fd, (&l as *const libc::sockaddr_in).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let t = sockaddr(target);
+        if libc::connect(fd, (&t as *const libc::sockaddr_in).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut stream = stream;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        stream.write_all(b"hello\n")?;
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply)?;
+        Ok(reply.trim().to_string())
+    }
+}
+
+/// Regression: a client reusing its source port toward a second frontend
+/// of the same local backend used to get the SNAT fallback, whose reply
+/// came in on the pod interface (no kpr program) and was answered by RST.
+/// A closing flow's reply tuple now gives way to the new flow.
+#[test]
+fn a_client_port_reused_across_frontends_of_one_local_backend_still_connects() {
+    if !root() {
+        return;
+    }
+    let bed = Bed::start("npreuse", &[]);
+    let node = bed.node(1);
+    let (first, second) = (
+        node_port(node, NODE_PORT_LOCAL),
+        node_port(node, NODE_PORT_ONE_LOCAL),
+    );
+    let client = IpAddr::V4(client_ip(1));
+    let outcome = bed
+        .cluster
+        .client()
+        .enter_thread(move || {
+            (0..8u16)
+                .map(|i| {
+                    let local = SocketAddr::new(client, 45000 + i);
+                    let a = request_from(local, first);
+                    let b = request_from(local, second);
+                    (
+                        local.port(),
+                        a.map_err(|e| e.to_string()),
+                        b.map_err(|e| e.to_string()),
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+        .unwrap();
+    let mut same_backend = 0;
+    for (port, a, b) in &outcome {
+        let (a, b) = match (a, b) {
+            (Ok(a), Ok(b)) => (a, b),
+            _ => panic!("source port {port}: {a:?} then {b:?}"),
+        };
+        if split_reply(a).0 == split_reply(b).0 {
+            same_backend += 1;
+        }
+    }
+    println!("{same_backend} of 8 source ports met the same backend twice");
 }

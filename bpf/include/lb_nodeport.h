@@ -202,18 +202,28 @@ static __always_inline int np_new_flow(void *ctx, __u32 ifindex, const struct pk
 	lb_addr_set_v4(rval.nat_daddr, p->saddr);
 	rval.nat_dport = p->sport;
 	if (!snat) {
-		/* A local backend sees the client itself, unless another flow
-		 * (the same client port to another frontend of this backend)
-		 * holds that reply tuple already: then it is SNATed too. */
+		/* A local backend sees the client itself. Its reply tuple is
+		 * taken when the client reuses a source port toward another
+		 * frontend of this backend: a closing or stale holder gives way;
+		 * a live one cannot (SNAT would not help: the reply to a SNAT
+		 * address would come in on the pod's interface, where no kpr
+		 * program sees it), so the new flow is dropped and counted. */
 		lb_addr_set_v4(rkey.daddr, p->saddr);
 		rkey.dport = p->sport;
 		rval.flags = oval.flags = flags;
 		if (bpf_map_update_elem(&kpr_ct_v1, &rkey, &rval, BPF_NOEXIST) != 0) {
-			snat = 1;
-			v = np_route(ctx, ifindex, p, fwd, BPF_FIB_LOOKUP_SRC, opts);
-			if (v != NP_V_FWD)
-				return v;
-			fwd->saddr = fwd->fib.ipv4_src;
+			struct ct_entry *held = bpf_map_lookup_elem(&kpr_ct_v1, &rkey);
+
+			if (held && !ct_expired(held, now) && !(held->flags & CT_F_CLOSING)) {
+				np_count(NP_STAT_CT_FAIL);
+				return NP_V_DROP;
+			}
+			if (held)
+				ct_delete_pair(&rkey, held);
+			if (bpf_map_update_elem(&kpr_ct_v1, &rkey, &rval, BPF_ANY) != 0) {
+				np_count(NP_STAT_CT_FAIL);
+				return NP_V_DROP;
+			}
 		}
 	}
 	if (snat) {
