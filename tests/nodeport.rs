@@ -676,6 +676,40 @@ fn through_xdp(prefix: &str, mode: &str) {
     }
     let log = bed.agents[0].log();
     assert!(log.contains(&format!("eth-c/{mode}")), "{log}");
+
+    // A restart swaps the program behind the pinned XDP links; XDP keeps
+    // forwarding, on the same conntrack.
+    let mut bed = bed;
+    let before = bed.stats(1).xdp_fwd;
+    bed.agent(1).restart().unwrap();
+    bed.agent(1).wait_healthy(Duration::from_secs(30)).unwrap();
+    let xdp_on = |bed: &Bed| {
+        bed.node(1)
+            .ns()
+            .ip_output(&["-d", "link", "show", "dev", "eth-c"])
+            .unwrap()
+    };
+    assert!(xdp_on(&bed).contains("prog/xdp"), "{}", xdp_on(&bed));
+    let target = node_port(bed.node(1), NODE_PORT_TCP);
+    let r = run_in(
+        bed.cluster.client(),
+        ProbeSpec::TcpRequests {
+            target,
+            count: 10,
+            timeout_ms: 2000,
+        },
+    );
+    assert!(r.as_requests().unwrap().failures.is_empty(), "{r:?}");
+    assert!(bed.stats(1).xdp_fwd > before);
+
+    // cleanup detaches XDP as well.
+    bed.agent(1).stop().unwrap();
+    bed.kpr(&["cleanup", "--bpf-root", bed.bpf_root(1).to_str().unwrap()]);
+    let link = xdp_on(&bed);
+    assert!(
+        !link.contains("prog/xdp") && !link.contains("xdpgeneric"),
+        "{link}"
+    );
 }
 
 #[test]
