@@ -421,7 +421,7 @@ fn check_conntrack_and_tools(bed: &Bed) {
     let status = bed.kpr(&["status", "--bpf-root", bed.bpf_root(1).to_str().unwrap()]);
     assert!(
         status.contains(
-            "North-south (tcx):    eth-c/egress eth-c/ingress eth-n/egress eth-n/ingress"
+            "North-south:          eth-c/egress eth-c/ingress eth-n/egress eth-n/ingress"
         ),
         "{status}"
     );

@@ -580,6 +580,24 @@ pub fn attached_devices(bpf_root: &Path) -> Vec<AttachedDevice> {
         .collect()
 }
 
+/// The XDP attachments pinned under `bpf_root`, as `device/xdp-<mode>`.
+pub fn attached_xdp(bpf_root: &Path) -> Vec<String> {
+    let Ok(entries) = fs::read_dir(bpf_root.join("links")) else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let rest = name.strip_prefix(XDP_LINK_PREFIX)?;
+            let (device, mode) = rest.rsplit_once('_')?;
+            Some(format!("{device}/xdp-{mode}"))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 /// Turns the north-south datapath off: detaches every tcx link and removes
 /// the conntrack and counter pins (an agent started without --devices).
 pub fn remove(bpf_root: &Path) -> Result<Vec<String>> {
