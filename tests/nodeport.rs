@@ -13,23 +13,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kpr::datapath::ct::{CtMap, NodePortStats};
 use kpr::datapath::layout::{CtDir, CtRecord};
 use kpr::datapath::nodeport::attached_devices;
 use kpr::model::Protocol;
 use kpr::testbed::cluster::client_ip;
+use kpr::testbed::nodeport_bed::{POD_TCP, POD_UDP};
 use kpr::testbed::probe::RequestsReport;
 use kpr::testbed::server::split_reply;
-use kpr::testbed::{
-    sweep_stale, AgentProcess, Cluster, ClusterNode, ClusterPlan, Netns, ProbeResult, ProbeSpec,
-    Server, TestCgroup,
-};
+use kpr::testbed::{Cluster, ClusterNode, ClusterPlan, Netns, NodePortBed, ProbeResult, ProbeSpec};
 
 const KPR: &str = env!("CARGO_BIN_EXE_kpr");
 const NODE_PORT_TCP: u16 = 30080;
 const NODE_PORT_UDP: u16 = 30053;
-const POD_TCP: u16 = 8080;
-const POD_UDP: u16 = 5353;
 
 fn root() -> bool {
     let root = nix::unistd::Uid::effective().is_root();
@@ -129,119 +124,17 @@ spec:
         + &empty
 }
 
-/// The cluster with identity servers on every pod and a kpr agent per node.
-/// Fields drop in order: agents (and their pins) first, then servers,
-/// cgroups, the network and the directory.
-struct Bed {
-    agents: Vec<AgentProcess>,
-    _servers: Vec<Server>,
-    _cgroups: Vec<TestCgroup>,
-    cluster: Cluster,
-    dir: tempfile::TempDir,
-}
+/// The bed with this file's manifest; `extra_args` go to every agent.
+struct Bed;
 
 impl Bed {
-    /// Builds the bed; `extra_args` go to every agent.
-    fn start(prefix: &str, extra_args: &[&str]) -> Bed {
+    fn start(prefix: &str, extra_args: &[&str]) -> NodePortBed {
         Bed::start_with(prefix, &ClusterPlan::default(), extra_args)
     }
 
-    fn start_with(prefix: &str, plan: &ClusterPlan, extra_args: &[&str]) -> Bed {
-        sweep_stale(prefix).expect("sweeping leftovers");
-        let cluster = Cluster::build(prefix, plan).expect("cluster");
-        let mut servers = Vec::new();
-        for node in cluster.nodes() {
-            for ip in node.pod_ips() {
-                let ip = IpAddr::V4(*ip);
-                servers.push(
-                    Server::tcp_reporting_peer(node.pods(), SocketAddr::new(ip, POD_TCP), None)
-                        .unwrap(),
-                );
-                servers.push(
-                    Server::udp_reporting_peer(node.pods(), SocketAddr::new(ip, POD_UDP), None)
-                        .unwrap(),
-                );
-            }
-        }
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("kpr-{prefix}-"))
-            .tempdir()
-            .unwrap();
-        let manifests = dir.path().join("manifests");
-        std::fs::create_dir(&manifests).unwrap();
-        std::fs::write(manifests.join("web.yaml"), manifest(&cluster)).unwrap();
-        let mut cgroups = Vec::new();
-        let mut agents = Vec::new();
-        for node in cluster.nodes() {
-            // Socket LB needs a cgroup; an empty one of its own per node.
-            let cgroup = TestCgroup::create(&format!("{prefix}{}", node.index())).unwrap();
-            let bpf_root = dir.path().join(format!("bpf-node{}", node.index()));
-            let name = format!("node{}", node.index());
-            let ip = node.ext_ip().to_string();
-            let devices = node.devices().join(",");
-            let mut args = vec![
-                "--node-name",
-                &name,
-                "--node-ip",
-                &ip,
-                "--devices",
-                &devices,
-                "--ct-gc-interval",
-                "1s",
-            ];
-            args.extend_from_slice(extra_args);
-            let agent = AgentProcess::start_in_netns(
-                Path::new(KPR),
-                &manifests,
-                cgroup.path(),
-                &bpf_root,
-                &args,
-                node.ns(),
-            )
-            .unwrap();
-            cgroups.push(cgroup);
-            agents.push(agent);
-        }
-        for agent in &mut agents {
-            agent.wait_healthy(Duration::from_secs(30)).unwrap();
-        }
-        Bed {
-            agents,
-            _servers: servers,
-            _cgroups: cgroups,
-            cluster,
-            dir,
-        }
-    }
-
-    fn node(&self, n: u8) -> &ClusterNode {
-        self.cluster.node(n)
-    }
-
-    fn agent(&mut self, n: u8) -> &mut AgentProcess {
-        &mut self.agents[usize::from(n - 1)]
-    }
-
-    fn bpf_root(&self, n: u8) -> std::path::PathBuf {
-        self.dir.path().join(format!("bpf-node{n}"))
-    }
-
-    fn ct(&self, n: u8) -> Vec<CtRecord> {
-        CtMap::open(&self.bpf_root(n)).unwrap().entries().unwrap()
-    }
-
-    fn stats(&self, n: u8) -> NodePortStats {
-        NodePortStats::read(&self.bpf_root(n)).unwrap()
-    }
-
-    fn kpr(&self, args: &[&str]) -> String {
-        let out = std::process::Command::new(KPR).args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "kpr {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+    fn start_with(prefix: &str, plan: &ClusterPlan, extra_args: &[&str]) -> NodePortBed {
+        NodePortBed::start(prefix, Path::new(KPR), plan, manifest, extra_args)
+            .expect("the NodePort bed starts")
     }
 }
 
@@ -289,7 +182,7 @@ fn check_source(node: &ClusterNode, reply: &str) -> IpAddr {
     backend.ip()
 }
 
-fn all_pods(bed: &Bed) -> BTreeSet<IpAddr> {
+fn all_pods(bed: &NodePortBed) -> BTreeSet<IpAddr> {
     bed.cluster
         .nodes()
         .iter()
@@ -310,7 +203,7 @@ fn nodeport_on_both_nodes_spreads_over_backends_on_both_nodes_with_snat_for_remo
 /// TCP and UDP to both nodes' NodePorts reach every pod of both nodes; a
 /// local pod sees the client, a remote one the node; one UDP socket is one
 /// flow on one backend, answered from the NodePort address.
-fn spreads_with_snat_for_remote_backends(bed: &Bed) {
+fn spreads_with_snat_for_remote_backends(bed: &NodePortBed) {
     let client = bed.cluster.client();
     for n in [1u8, 2] {
         let node = bed.node(n);
@@ -379,10 +272,10 @@ fn spreads_with_snat_for_remote_backends(bed: &Bed) {
 
 /// Conntrack after [`spreads_with_snat_for_remote_backends`], the counters,
 /// `kpr ct list` and `kpr status`.
-fn check_conntrack_and_tools(bed: &Bed) {
+fn check_conntrack_and_tools(bed: &NodePortBed) {
     // Conntrack: flows to node1's NodePorts, each an orig/reply pair,
     // SNATed exactly when the backend is on node2.
-    let entries = bed.ct(1);
+    let entries = bed.ct(1).unwrap();
     let orig: Vec<&CtRecord> = entries.iter().filter(|e| e.dir == CtDir::Orig).collect();
     assert!(orig.len() >= 60, "{} orig entries", orig.len());
     for e in &orig {
@@ -403,22 +296,26 @@ fn check_conntrack_and_tools(bed: &Bed) {
         assert!(peer.established, "the backend answered: {peer:?}");
     }
     assert!(orig.iter().any(|e| e.proto == Protocol::Udp));
-    let stats = bed.stats(1);
+    let stats = bed.stats(1).unwrap();
     println!("node1 counters: {stats:?}");
     assert!(stats.flows_new >= 60 && stats.flows_snat > 0 && stats.packets_reply > 0);
     assert_eq!(
         (stats.drop_no_backend, stats.drop_fib, stats.drop_ct),
         (0, 0, 0)
     );
-    let table = bed.kpr(&[
-        "ct",
-        "list",
-        "--bpf-root",
-        bed.bpf_root(1).to_str().unwrap(),
-    ]);
+    let table = bed
+        .kpr(&[
+            "ct",
+            "list",
+            "--bpf-root",
+            bed.bpf_root(1).to_str().unwrap(),
+        ])
+        .unwrap();
     println!("{}", table.lines().take(5).collect::<Vec<_>>().join("\n"));
     assert!(table.contains("192.0.2.11:30080") && table.contains("snat"));
-    let status = bed.kpr(&["status", "--bpf-root", bed.bpf_root(1).to_str().unwrap()]);
+    let status = bed
+        .kpr(&["status", "--bpf-root", bed.bpf_root(1).to_str().unwrap()])
+        .unwrap();
     assert!(
         status.contains(
             "North-south:          eth-c/egress eth-c/ingress eth-n/egress eth-n/ingress"
@@ -561,8 +458,9 @@ fn conntrack_entries_expire_and_are_collected_and_cleanup_detaches_tcx() {
         },
     );
     assert!(r.as_udp().unwrap().failures.is_empty(), "{r:?}");
-    let udp = |bed: &Bed| {
+    let udp = |bed: &NodePortBed| {
         bed.ct(2)
+            .unwrap()
             .into_iter()
             .filter(|e| e.proto == Protocol::Udp)
             .count()
@@ -583,7 +481,8 @@ fn conntrack_entries_expire_and_are_collected_and_cleanup_detaches_tcx() {
     let root2 = bed.bpf_root(2);
     assert_eq!(attached_devices(&root2).len(), 4);
     bed.agent(2).stop().unwrap();
-    bed.kpr(&["cleanup", "--bpf-root", root2.to_str().unwrap()]);
+    bed.kpr(&["cleanup", "--bpf-root", root2.to_str().unwrap()])
+        .unwrap();
     assert!(attached_devices(&root2).is_empty());
     let r = run_in(
         bed.cluster.client(),
@@ -641,8 +540,8 @@ fn external_traffic_policy_local_keeps_the_client_address_and_drops_without_loca
         );
         assert_eq!(r.as_connect().unwrap().outcome(), "TIMEOUT", "{target}");
     }
-    assert!(bed.stats(2).drop_no_backend > 0);
-    assert!(bed.stats(1).drop_no_backend > 0);
+    assert!(bed.stats(2).unwrap().drop_no_backend > 0);
+    assert!(bed.stats(1).unwrap().drop_no_backend > 0);
     // ... while node1 serves one-local from its own pods.
     let target = node_port(bed.node(1), NODE_PORT_ONE_LOCAL);
     let r = run_in(
@@ -667,7 +566,7 @@ fn through_xdp(prefix: &str, mode: &str) {
     spreads_with_snat_for_remote_backends(&bed);
     check_conntrack_and_tools(&bed);
     for n in [1u8, 2] {
-        let stats = bed.stats(n);
+        let stats = bed.stats(n).unwrap();
         println!("node{n} XDP {mode}: {stats:?}");
         assert!(
             stats.xdp_fwd > 0 && stats.xdp_fwd <= stats.packets_fwd + stats.packets_reply,
@@ -680,10 +579,10 @@ fn through_xdp(prefix: &str, mode: &str) {
     // A restart swaps the program behind the pinned XDP links; XDP keeps
     // forwarding, on the same conntrack.
     let mut bed = bed;
-    let before = bed.stats(1).xdp_fwd;
+    let before = bed.stats(1).unwrap().xdp_fwd;
     bed.agent(1).restart().unwrap();
     bed.agent(1).wait_healthy(Duration::from_secs(30)).unwrap();
-    let xdp_on = |bed: &Bed| {
+    let xdp_on = |bed: &NodePortBed| {
         bed.node(1)
             .ns()
             .ip_output(&["-d", "link", "show", "dev", "eth-c"])
@@ -700,11 +599,12 @@ fn through_xdp(prefix: &str, mode: &str) {
         },
     );
     assert!(r.as_requests().unwrap().failures.is_empty(), "{r:?}");
-    assert!(bed.stats(1).xdp_fwd > before);
+    assert!(bed.stats(1).unwrap().xdp_fwd > before);
 
     // cleanup detaches XDP as well.
     bed.agent(1).stop().unwrap();
-    bed.kpr(&["cleanup", "--bpf-root", bed.bpf_root(1).to_str().unwrap()]);
+    bed.kpr(&["cleanup", "--bpf-root", bed.bpf_root(1).to_str().unwrap()])
+        .unwrap();
     let link = xdp_on(&bed);
     assert!(
         !link.contains("prog/xdp") && !link.contains("xdpgeneric"),
