@@ -738,3 +738,44 @@ fn a_client_port_reused_across_frontends_of_one_local_backend_still_connects() {
     }
     println!("{same_backend} of 8 source ports met the same backend twice");
 }
+
+/// Regression (found by benches/nodeport.rs): a client reusing the source
+/// port of a finished NodePort flow to reach the same local backend
+/// directly got its SYN-ACK rewritten to come from the NodePort by the
+/// egress program, and never connected. A direct SYN now retires the
+/// translated flow's entries.
+#[test]
+fn a_client_port_reused_to_reach_a_local_backend_directly_still_connects() {
+    if !root() {
+        return;
+    }
+    let bed = Bed::start("npdir", &[]);
+    let via = node_port(bed.node(1), NODE_PORT_LOCAL);
+    let client = IpAddr::V4(client_ip(1));
+    let outcome = bed
+        .cluster
+        .client()
+        .enter_thread(move || {
+            (0..4u16)
+                .map(|i| {
+                    let local = SocketAddr::new(client, 46000 + i);
+                    let first = request_from(local, via).map_err(|e| e.to_string())?;
+                    let backend: SocketAddr = split_reply(&first)
+                        .0
+                        .parse()
+                        .map_err(|e| format!("{first}: {e}"))?;
+                    let direct = request_from(local, backend).map_err(|e| e.to_string())?;
+                    Ok::<_, String>((first, direct))
+                })
+                .collect::<Vec<_>>()
+        })
+        .unwrap();
+    for r in outcome {
+        let (first, direct) = r.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            split_reply(&first),
+            split_reply(&direct),
+            "same backend, client seen both times"
+        );
+    }
+}

@@ -253,6 +253,30 @@ static __always_inline int np_new_flow(void *ctx, __u32 ifindex, const struct pk
 	return NP_V_FWD;
 }
 
+/* A TCP SYN to no frontend may open the very tuple a local backend's reply
+ * entry waits on: the client reused a source port of a translated flow to
+ * reach the backend directly. Left alone, the backend's replies would get
+ * the frontend as source at egress and the client would never see its
+ * SYN-ACK; the client's SYN is the fresher truth, so the translated flow's
+ * entries go. (UDP has no such marker; that case stays ambiguous, as it is
+ * for netfilter.) One lookup per SYN that is not for a frontend. */
+static __always_inline void np_direct_syn(const struct pkt4 *p)
+{
+	struct ct_entry *e;
+	struct ct_key key;
+
+	__builtin_memset(&key, 0, sizeof(key));
+	lb_addr_set_v4(key.saddr, p->daddr);
+	lb_addr_set_v4(key.daddr, p->saddr);
+	key.sport = p->dport;
+	key.dport = p->sport;
+	key.proto = p->proto;
+	key.dir = CT_DIR_REPLY;
+	e = bpf_map_lookup_elem(&kpr_ct_v1, &key);
+	if (e && !(e->flags & CT_F_SNAT))
+		ct_delete_pair(&key, e);
+}
+
 /* The decision for a packet that entered on @ifindex: a SNATed flow's
  * reply, a packet to a frontend (tracked or new), or not ours. On NP_V_FWD
  * the packet is to be rewritten as @fwd says, its TTL decremented, and
@@ -296,8 +320,11 @@ static __always_inline int np_ingress(void *ctx, __u32 ifindex, const struct pkt
 	skey.proto = p->proto;
 	skey.scope = LB_SCOPE_EXT;
 	master = lb_lookup_master(&skey);
-	if (!master || !(master->flags & NP_SVC_TYPES))
+	if (!master || !(master->flags & NP_SVC_TYPES)) {
+		if (is_tcp_syn(p))
+			np_direct_syn(p);
 		return NP_V_PASS;
+	}
 	if (p->ttl <= 1) {
 		np_count(NP_STAT_TTL);
 		return NP_V_DROP;

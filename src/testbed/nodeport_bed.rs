@@ -39,7 +39,8 @@ pub struct NodePortBed {
 }
 
 impl NodePortBed {
-    /// Builds the cluster of `plan` (after sweeping leftovers of `prefix`),
+    /// Builds the cluster of `plan` (after sweeping leftovers of `prefix`,
+    /// 1..=7 of `[a-z0-9]`),
     /// writes `manifest(&cluster)` and starts `exe agent` on every node
     /// with `--node-name nodeN --node-ip <ext ip> --devices eth-c,eth-n`
     /// and `extra_args`; returns once every agent is healthy.
@@ -50,6 +51,13 @@ impl NodePortBed {
         manifest: impl Fn(&Cluster) -> String,
         extra_args: &[&str],
     ) -> Result<NodePortBed> {
+        // The node cgroups are `<prefix>1` and `<prefix>2`.
+        if prefix.len() >= super::MAX_PREFIX_LEN {
+            return Err(TestbedError::InvalidName {
+                name: prefix.to_string(),
+                why: "a NodePort bed prefix is 1 to 7 characters of [a-z0-9]",
+            });
+        }
         sweep_stale(prefix)?;
         let cluster = Cluster::build(prefix, plan)?;
         let mut servers = Vec::new();
@@ -169,8 +177,8 @@ impl NodePortBed {
         self.dir.path()
     }
 
-    /// How many identity servers run (two per pod).
-    pub fn server_count(&self) -> usize {
-        self.servers.len()
+    /// The identity servers, TCP and UDP per pod, in pod order.
+    pub fn servers(&self) -> &[Server] {
+        &self.servers
     }
 }
