@@ -157,13 +157,12 @@ pub struct NodePortConfig {
 impl NodePortConfig {
     /// Refuses what is not implemented yet, naming it.
     pub fn validate(&self) -> Result<()> {
-        if self.mode != NodePortMode::Snat {
-            bail!(
-                "--nodeport-mode {:?} is not implemented yet; only snat is",
-                self.mode
-            );
-        }
-        Ok(())
+        let mode = match self.mode {
+            NodePortMode::Snat => return Ok(()),
+            NodePortMode::Dsr => "dsr",
+            NodePortMode::Hybrid => "hybrid",
+        };
+        bail!("--nodeport-mode {mode} is not implemented yet; only snat is")
     }
 }
 
@@ -663,7 +662,10 @@ mod tests {
             ..ok.clone()
         };
         let err = dsr.validate().unwrap_err().to_string();
-        assert!(err.contains("not implemented yet"), "{err}");
+        assert!(
+            err.contains("--nodeport-mode dsr is not implemented yet"),
+            "{err}"
+        );
         let xdp = NodePortConfig {
             acceleration: Acceleration::Native,
             ..ok
