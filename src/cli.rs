@@ -133,9 +133,10 @@ pub struct AgentArgs {
     /// are NOT IMPLEMENTED YET: the agent exits with an error naming them.
     #[arg(long, value_enum, default_value_t = NodePortMode::Snat)]
     pub nodeport_mode: NodePortMode,
-    /// XDP acceleration of the north-south datapath. disabled: tc only.
-    /// native and generic are NOT IMPLEMENTED YET: the agent exits with an
-    /// error naming them.
+    /// XDP in front of the tc ingress program on every --devices interface.
+    /// disabled: tc only. native: XDP in the driver (the agent fails on a
+    /// device without driver support). generic: XDP in the stack, any
+    /// device. XDP assumes packets carry full checksums, as from a wire.
     #[arg(long, value_enum, default_value_t = Acceleration::Disabled)]
     pub nodeport_acceleration: Acceleration,
     /// Source ports of SNATed north-south flows, MIN-MAX; keep them out of

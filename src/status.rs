@@ -158,6 +158,7 @@ pub fn gather(agent_addr: SocketAddr, bpf_root: &Path) -> Report {
         nodeport_devices: crate::datapath::nodeport::attached_devices(bpf_root)
             .iter()
             .map(|d| format!("{}/{}", d.device, d.direction.as_str()))
+            .chain(crate::datapath::nodeport::attached_xdp(bpf_root))
             .collect(),
         conntrack: crate::datapath::ct::CtMap::open(bpf_root)
             .ok()
@@ -241,7 +242,7 @@ pub fn format_text(r: &Report) -> String {
     );
     let _ = writeln!(
         o,
-        "  North-south (tcx):    {}",
+        "  North-south:          {}",
         if r.nodeport_devices.is_empty() {
             "off (no --devices)".into()
         } else {

@@ -202,18 +202,28 @@ static __always_inline int np_new_flow(void *ctx, __u32 ifindex, const struct pk
 	lb_addr_set_v4(rval.nat_daddr, p->saddr);
 	rval.nat_dport = p->sport;
 	if (!snat) {
-		/* A local backend sees the client itself, unless another flow
-		 * (the same client port to another frontend of this backend)
-		 * holds that reply tuple already: then it is SNATed too. */
+		/* A local backend sees the client itself. Its reply tuple is
+		 * taken when the client reuses a source port toward another
+		 * frontend of this backend: a closing or stale holder gives way;
+		 * a live one cannot (SNAT would not help: the reply to a SNAT
+		 * address would come in on the pod's interface, where no kpr
+		 * program sees it), so the new flow is dropped and counted. */
 		lb_addr_set_v4(rkey.daddr, p->saddr);
 		rkey.dport = p->sport;
 		rval.flags = oval.flags = flags;
 		if (bpf_map_update_elem(&kpr_ct_v1, &rkey, &rval, BPF_NOEXIST) != 0) {
-			snat = 1;
-			v = np_route(ctx, ifindex, p, fwd, BPF_FIB_LOOKUP_SRC, opts);
-			if (v != NP_V_FWD)
-				return v;
-			fwd->saddr = fwd->fib.ipv4_src;
+			struct ct_entry *held = bpf_map_lookup_elem(&kpr_ct_v1, &rkey);
+
+			if (held && !ct_expired(held, now) && !(held->flags & CT_F_CLOSING)) {
+				np_count(NP_STAT_CT_FAIL);
+				return NP_V_DROP;
+			}
+			if (held)
+				ct_delete_pair(&rkey, held);
+			if (bpf_map_update_elem(&kpr_ct_v1, &rkey, &rval, BPF_ANY) != 0) {
+				np_count(NP_STAT_CT_FAIL);
+				return NP_V_DROP;
+			}
 		}
 	}
 	if (snat) {
@@ -241,6 +251,30 @@ static __always_inline int np_new_flow(void *ctx, __u32 ifindex, const struct pk
 	if (snat)
 		np_count(NP_STAT_FLOW_SNAT);
 	return NP_V_FWD;
+}
+
+/* A TCP SYN to no frontend may open the very tuple a local backend's reply
+ * entry waits on: the client reused a source port of a translated flow to
+ * reach the backend directly. Left alone, the backend's replies would get
+ * the frontend as source at egress and the client would never see its
+ * SYN-ACK; the client's SYN is the fresher truth, so the translated flow's
+ * entries go. (UDP has no such marker; that case stays ambiguous, as it is
+ * for netfilter.) One lookup per SYN that is not for a frontend. */
+static __always_inline void np_direct_syn(const struct pkt4 *p)
+{
+	struct ct_entry *e;
+	struct ct_key key;
+
+	__builtin_memset(&key, 0, sizeof(key));
+	lb_addr_set_v4(key.saddr, p->daddr);
+	lb_addr_set_v4(key.daddr, p->saddr);
+	key.sport = p->dport;
+	key.dport = p->sport;
+	key.proto = p->proto;
+	key.dir = CT_DIR_REPLY;
+	e = bpf_map_lookup_elem(&kpr_ct_v1, &key);
+	if (e && !(e->flags & CT_F_SNAT))
+		ct_delete_pair(&key, e);
 }
 
 /* The decision for a packet that entered on @ifindex: a SNATed flow's
@@ -286,8 +320,11 @@ static __always_inline int np_ingress(void *ctx, __u32 ifindex, const struct pkt
 	skey.proto = p->proto;
 	skey.scope = LB_SCOPE_EXT;
 	master = lb_lookup_master(&skey);
-	if (!master || !(master->flags & NP_SVC_TYPES))
+	if (!master || !(master->flags & NP_SVC_TYPES)) {
+		if (is_tcp_syn(p))
+			np_direct_syn(p);
 		return NP_V_PASS;
+	}
 	if (p->ttl <= 1) {
 		np_count(NP_STAT_TTL);
 		return NP_V_DROP;

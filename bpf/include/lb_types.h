@@ -180,7 +180,9 @@ enum np_stat {
 	NP_STAT_NO_BACKEND     = 4, /* dropped: frontend without a usable backend */
 	NP_STAT_SNAT_EXHAUSTED = 5, /* dropped: no free port in the SNAT range */
 	NP_STAT_FIB_FAIL       = 6, /* dropped: no route or neighbour to forward */
-	NP_STAT_CT_FAIL        = 7, /* dropped: a conntrack entry could not be written */
+	NP_STAT_CT_FAIL        = 7, /* dropped: a conntrack entry could not be written,
+				     * or a local backend's reply tuple is held by a
+				     * live flow (client port reused across frontends) */
 	NP_STAT_TTL            = 8, /* dropped: TTL exhausted */
 	NP_STAT_XDP_FWD        = 9, /* packets XDP translated and redirected itself */
 	NP_STAT_MAX            = 10,

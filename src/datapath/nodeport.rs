@@ -157,13 +157,12 @@ pub struct NodePortConfig {
 impl NodePortConfig {
     /// Refuses what is not implemented yet, naming it.
     pub fn validate(&self) -> Result<()> {
-        if self.mode != NodePortMode::Snat {
-            bail!(
-                "--nodeport-mode {:?} is not implemented yet; only snat is",
-                self.mode
-            );
-        }
-        Ok(())
+        let mode = match self.mode {
+            NodePortMode::Snat => return Ok(()),
+            NodePortMode::Dsr => "dsr",
+            NodePortMode::Hybrid => "hybrid",
+        };
+        bail!("--nodeport-mode {mode} is not implemented yet; only snat is")
     }
 }
 
@@ -580,6 +579,24 @@ pub fn attached_devices(bpf_root: &Path) -> Vec<AttachedDevice> {
         .collect()
 }
 
+/// The XDP attachments pinned under `bpf_root`, as `device/xdp-<mode>`.
+pub fn attached_xdp(bpf_root: &Path) -> Vec<String> {
+    let Ok(entries) = fs::read_dir(bpf_root.join("links")) else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let rest = name.strip_prefix(XDP_LINK_PREFIX)?;
+            let (device, mode) = rest.rsplit_once('_')?;
+            Some(format!("{device}/xdp-{mode}"))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 /// Turns the north-south datapath off: detaches every tcx link and removes
 /// the conntrack and counter pins (an agent started without --devices).
 pub fn remove(bpf_root: &Path) -> Result<Vec<String>> {
@@ -645,7 +662,10 @@ mod tests {
             ..ok.clone()
         };
         let err = dsr.validate().unwrap_err().to_string();
-        assert!(err.contains("not implemented yet"), "{err}");
+        assert!(
+            err.contains("--nodeport-mode dsr is not implemented yet"),
+            "{err}"
+        );
         let xdp = NodePortConfig {
             acceleration: Acceleration::Native,
             ..ok

@@ -1,0 +1,185 @@
+//! North-south datapath cost, one run each, figures printed:
+//!
+//! 1. connect + request + close through node2's NodePort (backend on node2:
+//!    DNAT on the way in, source rewrite on the way out) against the same
+//!    requests routed straight to the backend through node2, interleaved per
+//!    request; p50/p90 and their ratio (target p50 ratio <= 1.05). Once with
+//!    tc only and once with generic XDP in front.
+//! 2. a bounded UDP flood from the client to node2's NodePort, counted at
+//!    the backend, with tc only, generic XDP and native XDP on veth.
+//!
+//! Needs root; without it, it says so and measures nothing.
+//! `cargo bench --bench nodeport` (KPR_BENCH_REQUESTS, KPR_BENCH_DATAGRAMS).
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use kpr::testbed::cluster::client_ip;
+use kpr::testbed::nodeport_bed::{POD_TCP, POD_UDP};
+use kpr::testbed::{Cluster, ClusterPlan, NodePortBed, ProbeSpec};
+
+const NODE_PORT_TCP: u16 = 30080;
+const NODE_PORT_UDP: u16 = 30053;
+
+/// One Service whose only endpoint is node2's first pod.
+fn manifest(cluster: &Cluster) -> String {
+    let pod = cluster.node(2).pod_ips()[0];
+    format!(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: bench, namespace: bench}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.10
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: {POD_TCP}, nodePort: {NODE_PORT_TCP}}}
+  - {{name: dns, protocol: UDP, port: 53, targetPort: {POD_UDP}, nodePort: {NODE_PORT_UDP}}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: bench-1, namespace: bench, labels: {{kubernetes.io/service-name: bench}}}}
+addressType: IPv4
+ports:
+- {{name: http, protocol: TCP, port: {POD_TCP}}}
+- {{name: dns, protocol: UDP, port: {POD_UDP}}}
+endpoints:
+- {{addresses: [{pod}], nodeName: node2}}
+"#
+    )
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn bed(prefix: &str, accel: &str) -> NodePortBed {
+    let plan = ClusterPlan {
+        xdp_ready: true,
+        ..ClusterPlan::default()
+    };
+    NodePortBed::start(
+        prefix,
+        Path::new(env!("CARGO_BIN_EXE_kpr")),
+        &plan,
+        manifest,
+        &["--nodeport-acceleration", accel],
+    )
+    .expect("bed")
+}
+
+/// p50/p90 (us) via the NodePort and direct, interleaved per request.
+fn latency(bed: &NodePortBed, rounds: u32) -> ((f64, f64), (f64, f64)) {
+    let via = SocketAddr::new(IpAddr::V4(bed.node(2).ext_ip()), NODE_PORT_TCP);
+    let direct = SocketAddr::new(IpAddr::V4(bed.node(2).pod_ips()[0]), POD_TCP);
+    let run = |count| {
+        let spec = ProbeSpec::TcpInterleaved {
+            targets: vec![via, direct],
+            count,
+            timeout_ms: 2000,
+        };
+        bed.cluster
+            .client()
+            .enter_thread(|| spec.run())
+            .expect("probe thread")
+            .expect("probe")
+    };
+    run(50); // warm-up
+    let r = run(rounds);
+    let by = r.as_interleaved().expect("interleaved report");
+    let sorted = |t: &SocketAddr| {
+        let rep = &by[&t.to_string()];
+        assert!(rep.failures.is_empty(), "{t}: {:?}", rep.failures);
+        let mut d = rep.durations_ns.clone();
+        d.sort_unstable();
+        let us = |ns: u64| ns as f64 / 1000.0;
+        (us(percentile(&d, 0.5)), us(percentile(&d, 0.9)))
+    };
+    (sorted(&via), sorted(&direct))
+}
+
+/// Sends `n` datagrams as fast as one socket can to node2's UDP NodePort;
+/// returns (sent per second, delivered per second at the backend).
+fn flood(bed: &NodePortBed, n: u64) -> (f64, f64) {
+    let target = SocketAddr::new(IpAddr::V4(bed.node(2).ext_ip()), NODE_PORT_UDP);
+    let server = bed
+        .servers()
+        .iter()
+        .find(|s| s.addr() == SocketAddr::new(IpAddr::V4(bed.node(2).pod_ips()[0]), POD_UDP))
+        .expect("the backend's UDP server");
+    let before = server.hits();
+    let local = IpAddr::V4(client_ip(2));
+    let elapsed = bed
+        .cluster
+        .client()
+        .enter_thread(move || {
+            let sock = UdpSocket::bind(SocketAddr::new(local, 0)).expect("bind");
+            let start = Instant::now();
+            for _ in 0..n {
+                // A full socket buffer is the flood's own back-pressure.
+                let _ = sock.send_to(b"flood", target);
+            }
+            start.elapsed()
+        })
+        .expect("flood thread");
+    std::thread::sleep(Duration::from_millis(500));
+    let delivered = server.hits() - before;
+    let secs = elapsed.as_secs_f64();
+    (n as f64 / secs, delivered as f64 / secs)
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("!!! benches/nodeport needs root (namespaces, BPF, tcx, XDP): NOT MEASURED");
+        return;
+    }
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let rounds = env("KPR_BENCH_REQUESTS", 3000) as u32;
+    let datagrams = env("KPR_BENCH_DATAGRAMS", 200_000);
+
+    println!("NodePort (node2, local backend) vs direct to the backend through node2: connect + request + close, {rounds} requests each, interleaved");
+    println!(
+        "{:<26}{:>12}{:>12}{:>12}{:>12}{:>10}{:>10}",
+        "", "NP p50 us", "NP p90 us", "dir p50 us", "dir p90 us", "p50 x", "p90 x"
+    );
+    for (prefix, accel) in [("npbt", "disabled"), ("npbg", "generic")] {
+        let bed = bed(prefix, accel);
+        let ((v50, v90), (d50, d90)) = latency(&bed, rounds);
+        println!(
+            "{:<26}{v50:>12.1}{v90:>12.1}{d50:>12.1}{d90:>12.1}{:>10.3}{:>10.3}",
+            format!("tc + XDP {accel}"),
+            v50 / d50,
+            v90 / d90
+        );
+    }
+
+    println!("\nUDP flood to node2's NodePort, {datagrams} datagrams from one socket, counted at the backend");
+    println!(
+        "{:<26}{:>14}{:>16}{:>10}",
+        "", "sent/s", "delivered/s", "share"
+    );
+    for (prefix, accel) in [
+        ("npbt", "disabled"),
+        ("npbg", "generic"),
+        ("npbn", "native"),
+    ] {
+        let bed = bed(prefix, accel);
+        let (sent, delivered) = flood(&bed, datagrams);
+        let stats = bed.stats(2).expect("counters");
+        println!(
+            "{:<26}{sent:>14.0}{delivered:>16.0}{:>10.3}   (node2 XDP-forwarded {})",
+            format!("XDP {accel}"),
+            delivered / sent,
+            stats.xdp_fwd
+        );
+    }
+}

@@ -1,0 +1,184 @@
+//! A complete north-south bed: the multi-node [`Cluster`], identity servers
+//! (reporting the peer they saw) on every pod, the caller's manifest, and
+//! a kpr agent per node running inside the node's namespace with its own
+//! bpf root, cgroup and `--devices`. Shared by `tests/nodeport.rs` and
+//! `benches/nodeport.rs`.
+//!
+//! Fields drop in declaration order: the agents (and their pins and
+//! attachments) first, then the servers, the cgroups, the network and the
+//! directory.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::agent::AgentProcess;
+use super::cgroup::TestCgroup;
+use super::cluster::{Cluster, ClusterNode, ClusterPlan};
+use super::error::{Result, TestbedError};
+use super::server::Server;
+use super::sweep::sweep_stale;
+use crate::datapath::ct::{CtMap, NodePortStats};
+use crate::datapath::layout::CtRecord;
+
+/// Port of the TCP identity servers on every pod.
+pub const POD_TCP: u16 = 8080;
+/// Port of the UDP identity servers on every pod.
+pub const POD_UDP: u16 = 5353;
+
+/// A running bed; everything is removed on Drop.
+pub struct NodePortBed {
+    /// The agents, node1's first.
+    pub agents: Vec<AgentProcess>,
+    servers: Vec<Server>,
+    cgroups: Vec<TestCgroup>,
+    /// The network.
+    pub cluster: Cluster,
+    dir: tempfile::TempDir,
+    exe: PathBuf,
+}
+
+impl NodePortBed {
+    /// Builds the cluster of `plan` (after sweeping leftovers of `prefix`,
+    /// 1..=7 of `[a-z0-9]`),
+    /// writes `manifest(&cluster)` and starts `exe agent` on every node
+    /// with `--node-name nodeN --node-ip <ext ip> --devices eth-c,eth-n`
+    /// and `extra_args`; returns once every agent is healthy.
+    pub fn start(
+        prefix: &str,
+        exe: &Path,
+        plan: &ClusterPlan,
+        manifest: impl Fn(&Cluster) -> String,
+        extra_args: &[&str],
+    ) -> Result<NodePortBed> {
+        // The node cgroups are `<prefix>1` and `<prefix>2`.
+        if prefix.len() >= super::MAX_PREFIX_LEN {
+            return Err(TestbedError::InvalidName {
+                name: prefix.to_string(),
+                why: "a NodePort bed prefix is 1 to 7 characters of [a-z0-9]",
+            });
+        }
+        sweep_stale(prefix)?;
+        let cluster = Cluster::build(prefix, plan)?;
+        let mut servers = Vec::new();
+        for node in cluster.nodes() {
+            for ip in node.pod_ips() {
+                let ip = IpAddr::V4(*ip);
+                servers.push(Server::tcp_reporting_peer(
+                    node.pods(),
+                    SocketAddr::new(ip, POD_TCP),
+                    None,
+                )?);
+                servers.push(Server::udp_reporting_peer(
+                    node.pods(),
+                    SocketAddr::new(ip, POD_UDP),
+                    None,
+                )?);
+            }
+        }
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("kpr-{prefix}-"))
+            .tempdir()
+            .map_err(|e| TestbedError::io("creating a temporary directory", e))?;
+        let manifests = dir.path().join("manifests");
+        std::fs::create_dir(&manifests)
+            .map_err(|e| TestbedError::io("creating the manifests directory", e))?;
+        std::fs::write(manifests.join("services.yaml"), manifest(&cluster))
+            .map_err(|e| TestbedError::io("writing the manifest", e))?;
+        let mut bed = NodePortBed {
+            agents: Vec::new(),
+            servers,
+            cgroups: Vec::new(),
+            cluster,
+            dir,
+            exe: exe.to_path_buf(),
+        };
+        for n in [1u8, 2] {
+            let node = bed.cluster.node(n);
+            // Socket LB needs a cgroup: an empty one of its own per node.
+            let cgroup = TestCgroup::create(&format!("{prefix}{n}"))?;
+            let name = format!("node{n}");
+            let ip = node.ext_ip().to_string();
+            let devices = node.devices().join(",");
+            let mut args = vec![
+                "--node-name",
+                &name,
+                "--node-ip",
+                &ip,
+                "--devices",
+                &devices,
+                "--ct-gc-interval",
+                "1s",
+            ];
+            args.extend_from_slice(extra_args);
+            let agent = AgentProcess::start_in_netns(
+                exe,
+                &manifests,
+                cgroup.path(),
+                &bed.bpf_root(n),
+                &args,
+                node.ns(),
+            )?;
+            bed.cgroups.push(cgroup);
+            bed.agents.push(agent);
+        }
+        for agent in &mut bed.agents {
+            agent.wait_healthy(Duration::from_secs(30))?;
+        }
+        Ok(bed)
+    }
+
+    /// Node 1 or 2 (panics otherwise, see [`Cluster::node`]).
+    pub fn node(&self, n: u8) -> &ClusterNode {
+        self.cluster.node(n)
+    }
+
+    /// Node `n`'s agent.
+    pub fn agent(&mut self, n: u8) -> &mut AgentProcess {
+        &mut self.agents[usize::from(n - 1)]
+    }
+
+    /// Node `n`'s agent's --bpf-root.
+    pub fn bpf_root(&self, n: u8) -> PathBuf {
+        self.dir.path().join(format!("bpf-node{n}"))
+    }
+
+    /// Node `n`'s conntrack entries.
+    pub fn ct(&self, n: u8) -> Result<Vec<CtRecord>> {
+        CtMap::open(&self.bpf_root(n))
+            .and_then(|ct| ct.entries())
+            .map_err(|e| TestbedError::Agent(format!("reading node{n}'s conntrack: {e:#}")))
+    }
+
+    /// Node `n`'s north-south counters.
+    pub fn stats(&self, n: u8) -> Result<NodePortStats> {
+        NodePortStats::read(&self.bpf_root(n))
+            .map_err(|e| TestbedError::Agent(format!("reading node{n}'s counters: {e:#}")))
+    }
+
+    /// Runs `kpr ARGS...` and returns its stdout.
+    pub fn kpr(&self, args: &[&str]) -> Result<String> {
+        let out = std::process::Command::new(&self.exe)
+            .args(args)
+            .output()
+            .map_err(|e| TestbedError::io("running kpr", e))?;
+        if !out.status.success() {
+            return Err(TestbedError::Agent(format!(
+                "kpr {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The directory holding the manifests and bpf roots.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The identity servers, TCP and UDP per pod, in pod order.
+    pub fn servers(&self) -> &[Server] {
+        &self.servers
+    }
+}
