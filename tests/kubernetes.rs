@@ -62,8 +62,12 @@ fn start(prefix: &str, api: &ApiServer, v4_backends: u16) -> SocketLbBed {
         kubernetes: Some((kubeconfig, NODE.to_string())),
         ..BedPlan::default()
     };
-    SocketLbBed::start(prefix, Path::new(KPR), "", &plan)
-        .unwrap_or_else(|e| panic!("bed {prefix}: {e}"))
+    let bed = SocketLbBed::start(prefix, Path::new(KPR), "", &plan);
+    // The bed keeps its own copy of the kubeconfig.
+    if let Some((kubeconfig, _)) = &plan.kubernetes {
+        let _ = std::fs::remove_file(kubeconfig);
+    }
+    bed.unwrap_or_else(|e| panic!("bed {prefix}: {e}"))
 }
 
 fn addr(s: &str) -> SocketAddr {

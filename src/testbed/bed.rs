@@ -108,14 +108,14 @@ impl SocketLbBed {
         let args: Vec<&str> = plan.agent_args.iter().map(String::as_str).collect();
         let bpf_root = dir.path().join("bpf");
         let mut agent = match &plan.kubernetes {
-            Some((kubeconfig, node)) => AgentProcess::start_kubernetes(
-                exe,
-                kubeconfig,
-                node,
-                cgroup.path(),
-                &bpf_root,
-                &args,
-            )?,
+            Some((kubeconfig, node)) => {
+                // The bed's own copy: it lives as long as the bed (restarts
+                // read it again) and goes with it.
+                let own = dir.path().join("kubeconfig");
+                std::fs::copy(kubeconfig, &own)
+                    .map_err(|e| TestbedError::io("copying the kubeconfig", e))?;
+                AgentProcess::start_kubernetes(exe, &own, node, cgroup.path(), &bpf_root, &args)?
+            }
             None => AgentProcess::start(exe, &manifests, cgroup.path(), &bpf_root, &args)?,
         };
         agent.wait_healthy(Duration::from_secs(30))?;
