@@ -16,7 +16,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use kpr::testbed::cluster::client_ip;
-use kpr::testbed::nodeport_bed::{POD_TCP, POD_UDP};
+use kpr::testbed::nodeport_bed::{nodeport_manifest, POD_TCP, POD_UDP};
 use kpr::testbed::{Cluster, ClusterPlan, NodePortBed, ProbeSpec};
 
 const NODE_PORT_TCP: u16 = 30080;
@@ -25,29 +25,8 @@ const NODE_PORT_UDP: u16 = 30053;
 /// One Service whose only endpoint is node2's first pod.
 fn manifest(cluster: &Cluster) -> String {
     let pod = cluster.node(2).pod_ips()[0];
-    format!(
-        r#"
-apiVersion: v1
-kind: Service
-metadata: {{name: bench, namespace: bench}}
-spec:
-  type: NodePort
-  clusterIP: 10.96.0.10
-  ports:
-  - {{name: http, protocol: TCP, port: 80, targetPort: {POD_TCP}, nodePort: {NODE_PORT_TCP}}}
-  - {{name: dns, protocol: UDP, port: 53, targetPort: {POD_UDP}, nodePort: {NODE_PORT_UDP}}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: bench-1, namespace: bench, labels: {{kubernetes.io/service-name: bench}}}}
-addressType: IPv4
-ports:
-- {{name: http, protocol: TCP, port: {POD_TCP}}}
-- {{name: dns, protocol: UDP, port: {POD_UDP}}}
-endpoints:
-- {{addresses: [{pod}], nodeName: node2}}
-"#
-    )
+    let endpoints = format!("- {{addresses: [{pod}], nodeName: node2}}\n");
+    nodeport_manifest("bench", "bench", NODE_PORT_TCP, NODE_PORT_UDP, &endpoints)
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {

@@ -17,7 +17,7 @@ use kpr::datapath::layout::{CtDir, CtRecord};
 use kpr::datapath::nodeport::attached_devices;
 use kpr::model::Protocol;
 use kpr::testbed::cluster::client_ip;
-use kpr::testbed::nodeport_bed::{POD_TCP, POD_UDP};
+use kpr::testbed::nodeport_bed::{nodeport_manifest, POD_TCP};
 use kpr::testbed::probe::RequestsReport;
 use kpr::testbed::server::split_reply;
 use kpr::testbed::{Cluster, ClusterNode, ClusterPlan, Netns, NodePortBed, ProbeResult, ProbeSpec};
@@ -55,28 +55,7 @@ fn manifest(cluster: &Cluster) -> String {
             endpoints += &line;
         }
     }
-    let web = format!(
-        r#"
-apiVersion: v1
-kind: Service
-metadata: {{name: web, namespace: np}}
-spec:
-  type: NodePort
-  clusterIP: 10.96.0.10
-  ports:
-  - {{name: http, protocol: TCP, port: 80, targetPort: {POD_TCP}, nodePort: {NODE_PORT_TCP}}}
-  - {{name: dns, protocol: UDP, port: 53, targetPort: {POD_UDP}, nodePort: {NODE_PORT_UDP}}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: web-1, namespace: np, labels: {{kubernetes.io/service-name: web}}}}
-addressType: IPv4
-ports:
-- {{name: http, protocol: TCP, port: {POD_TCP}}}
-- {{name: dns, protocol: UDP, port: {POD_UDP}}}
-endpoints:
-{endpoints}"#
-    );
+    let web = nodeport_manifest("np", "web", NODE_PORT_TCP, NODE_PORT_UDP, &endpoints);
     let local = |name: &str, cluster_ip: &str, node_port: u16, endpoints: &str| {
         format!(
             r#"

@@ -26,6 +26,41 @@ pub const POD_TCP: u16 = 8080;
 /// Port of the UDP identity servers on every pod.
 pub const POD_UDP: u16 = 5353;
 
+/// A NodePort Service `namespace/name` (clusterIP 10.96.0.10; TCP 80 on
+/// node port `tcp_node_port` to pods' [`POD_TCP`], UDP 53 on `udp_node_port`
+/// to [`POD_UDP`]) and one EndpointSlice with `endpoints` (YAML list items,
+/// one `- {addresses: [...], nodeName: ...}` per line).
+pub fn nodeport_manifest(
+    namespace: &str,
+    name: &str,
+    tcp_node_port: u16,
+    udp_node_port: u16,
+    endpoints: &str,
+) -> String {
+    format!(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: {namespace}}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.10
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: {POD_TCP}, nodePort: {tcp_node_port}}}
+  - {{name: dns, protocol: UDP, port: 53, targetPort: {POD_UDP}, nodePort: {udp_node_port}}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}-1, namespace: {namespace}, labels: {{kubernetes.io/service-name: {name}}}}}
+addressType: IPv4
+ports:
+- {{name: http, protocol: TCP, port: {POD_TCP}}}
+- {{name: dns, protocol: UDP, port: {POD_UDP}}}
+endpoints:
+{endpoints}"#
+    )
+}
+
 /// A running bed; everything is removed on Drop.
 pub struct NodePortBed {
     /// The agents, node1's first.
