@@ -2,7 +2,7 @@
 /*
  * North-south load balancing on tc (tcx) for the agent's --devices:
  * NodePort, LoadBalancer and externalIP frontends reached from outside the
- * node, in SNAT mode.
+ * node, in SNAT, DSR or hybrid mode.
  *
  *   ingress, to a frontend    pick a backend (lb_select.h), track the flow
  *                             (lb_ct.h), DNAT to the backend and, when the
@@ -13,6 +13,13 @@
  *                             with the frontend as source; forward
  *   egress                    a local backend's reply (forwarded by the
  *                             stack, not SNATed): frontend as source
+ *
+ * DSR (lb_dsr.h): a new flow to a remote backend is encapsulated (IPIP)
+ * toward it instead of SNATed; on the backend's node, ingress takes in
+ * IPIP packets for a local backend (decapsulate, DNAT, forward) and
+ * egress gives the reply the frontend as source, like any local
+ * backend's, and clamps the TCP MSS of its SYN-ACK. A packet too big to
+ * encapsulate is answered with ICMP fragmentation-needed.
  *
  * The decision is lb_nodeport.h's, shared with the XDP program; with XDP
  * acceleration this ingress program sees what XDP handed on (no neighbour
@@ -35,15 +42,42 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 /* Not ours: let the next tcx program or the stack have it. */
 #define NP_PASS TC_ACT_UNSPEC
 
+/* Sends a DSR flow's packet on, encapsulated as @fwd says; a packet too
+ * big for the encapsulation gets an ICMP fragmentation-needed instead. */
+static __always_inline int np_send_encap(struct __sk_buff *skb, const struct pkt4 *p,
+					 struct np_fwd *fwd)
+{
+	__u32 mtu;
+
+	if (!dsr_fits(skb, fwd->fib.ifindex, IPIP_HLEN, &mtu)) {
+		np_count(NP_STAT_DSR_TOO_BIG);
+		if (mtu > IPIP_HLEN && dsr_icmp_too_big(skb, p->daddr, mtu - IPIP_HLEN) == 0)
+			return bpf_redirect(skb->ingress_ifindex, 0);
+		return TC_ACT_SHOT;
+	}
+	if (ip4_dec_ttl(skb, p->ttl) < 0 || dsr_encap4(skb, fwd->saddr, fwd->daddr) < 0)
+		return TC_ACT_SHOT;
+	return fib_redirect(skb, &fwd->fib, fwd->fib_rc);
+}
+
 SEC("tcx/ingress")
 int kpr_np_ingress(struct __sk_buff *skb)
 {
+	__be32 outer_daddr;
 	struct np_fwd fwd;
 	struct pkt4 p;
+	int decap = 0;
+	int v;
 
-	if (pkt4_parse(skb, &p) < 0)
+	if (pkt4_parse(skb, &p) == 0) {
+		v = np_ingress(skb, skb->ingress_ifindex, &p, &fwd, 0);
+	} else if (dsr_parse_ipip(skb, &p, &outer_daddr) == 0) {
+		v = np_dsr_ingress(skb, skb->ingress_ifindex, &p, outer_daddr, &fwd, 0);
+		decap = 1;
+	} else {
 		return NP_PASS;
-	switch (np_ingress(skb, skb->ingress_ifindex, &p, &fwd, 0)) {
+	}
+	switch (v) {
 	case NP_V_FWD:
 		break;
 	case NP_V_DROP:
@@ -51,6 +85,10 @@ int kpr_np_ingress(struct __sk_buff *skb)
 	default:
 		return NP_PASS;
 	}
+	if (fwd.encap)
+		return np_send_encap(skb, &p, &fwd);
+	if (decap && dsr_decap4(skb) < 0)
+		return TC_ACT_SHOT;
 	if (nat_rewrite4(skb, &p, fwd.saddr, fwd.sport, fwd.daddr, fwd.dport) < 0 ||
 	    ip4_dec_ttl(skb, p.ttl) < 0)
 		return TC_ACT_SHOT;
@@ -78,6 +116,11 @@ int kpr_np_egress(struct __sk_buff *skb)
 		return NP_PASS;
 	ct_touch(&key, e, pkt_ct_flags(&p, CT_DIR_REPLY), now);
 	np_count(NP_STAT_REPLY);
+	/* A DSR flow's client sends through another node, which adds 20
+	 * bytes: the SYN-ACK tells it to send segments that still fit. */
+	if ((e->flags & CT_F_DSR_DECAP) && (p.tcp_flags & TCP_FLAG_SYN) &&
+	    dsr_clamp_mss(skb, &p))
+		np_count(NP_STAT_MSS_CLAMP);
 	if (nat_rewrite4(skb, &p, e->nat_saddr[3], e->nat_sport, p.daddr, p.dport) < 0)
 		return TC_ACT_SHOT;
 	return NP_PASS;

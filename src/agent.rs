@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, Result};
 use tokio::sync::watch;
 
+use crate::datapath::dsr::{self, DsrTable};
 use crate::datapath::kernel::KernelMaps;
 use crate::datapath::loader::{self, MapSizes};
 use crate::datapath::maps::MapName;
@@ -89,6 +90,9 @@ pub struct Syncer {
     status: StatusHandle,
     /// Refusals of the last sync, to log each only when it first appears.
     refused: BTreeSet<String>,
+    /// The DSR map, kept in step with the services map after every sync
+    /// (north-south datapath only).
+    dsr: Option<DsrTable>,
 }
 
 /// How a sync ended.
@@ -137,7 +141,44 @@ impl Syncer {
             health,
             status,
             refused: BTreeSet::new(),
+            dsr: None,
         })
+    }
+
+    /// Also keeps the DSR map pinned under `bpf_root` (created by the
+    /// north-south datapath's load) in step with every sync.
+    pub fn with_dsr(mut self, bpf_root: &Path) -> Result<Syncer> {
+        self.dsr = Some(DsrTable::open(bpf_root)?);
+        Ok(self)
+    }
+
+    /// Brings the DSR map to what the services map now holds. False when a
+    /// write failed (logged and counted; the next sync retries).
+    fn sync_dsr(&mut self) -> bool {
+        let Some(table) = self.dsr.as_mut() else {
+            return true;
+        };
+        let desired = dsr::desired(self.reconciler.snapshot());
+        let ok = match table.sync(&desired) {
+            Ok(done) => {
+                if done.written + done.deleted > 0 {
+                    tracing::debug!(
+                        written = done.written,
+                        deleted = done.deleted,
+                        "DSR map synced"
+                    );
+                }
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "DSR map not synced; will retry");
+                self.metrics.inc_sync_error(SyncErrorReason::MapUpdate);
+                false
+            }
+        };
+        self.metrics
+            .set_map(MapLabel::Dsr, table.len(), table.capacity());
+        ok
     }
 
     /// Syncs the maps to `desired`; `complete` says the source delivered
@@ -204,6 +245,13 @@ impl Syncer {
                 self.metrics.inc_sync_error(SyncErrorReason::MapUpdate);
                 Synced::Failed
             }
+        };
+        // A DSR map that lags only affects flows other nodes send here by
+        // DSR: retried like a refusal, without failing health.
+        let synced = if !self.sync_dsr() && synced == Synced::Clean {
+            Synced::Refused
+        } else {
+            synced
         };
         // Health follows the maps, not single Services: a Service the maps
         // refuse (too big, conflicting) must not make load balancers drain
@@ -461,6 +509,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                 devices = ?np.devices,
                 mode = ?np.mode,
                 snat_ports = %np.snat_ports,
+                dsr_mss = report.dsr_mss,
                 reused_ct = report.reused_ct,
                 updated_links = ?report.updated_links,
                 created_links = ?report.created_links,
@@ -509,12 +558,17 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         ))
     });
 
-    let syncer = Syncer::new(
+    let mut syncer = Syncer::new(
         &config.bpf_root,
         metrics.clone(),
         health.clone(),
         status.clone(),
     )?;
+    if config.nodeport.is_some() {
+        syncer = syncer
+            .with_dsr(&config.bpf_root)
+            .context("opening the DSR map")?;
+    }
     let health_checks =
         HealthCheckServer::new(config.health_check_bind).with_proxy_health(health.clone());
     let ctx = LoopContext {
@@ -581,6 +635,11 @@ async fn ct_gc_loop(
                     (NodePortEvent::DropConntrack, stats.drop_ct),
                     (NodePortEvent::DropTtl, stats.drop_ttl),
                     (NodePortEvent::XdpForward, stats.xdp_fwd),
+                    (NodePortEvent::FlowDsr, stats.flows_dsr),
+                    (NodePortEvent::DsrDecap, stats.dsr_decap),
+                    (NodePortEvent::DsrMiss, stats.dsr_miss),
+                    (NodePortEvent::DropDsrTooBig, stats.drop_dsr_too_big),
+                    (NodePortEvent::MssClamp, stats.mss_clamped),
                 ] {
                     metrics.set_nodeport_event(event, n);
                 }

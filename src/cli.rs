@@ -129,8 +129,12 @@ pub struct AgentArgs {
     #[arg(long, value_delimiter = ',', value_name = "DEV")]
     pub devices: Vec<String>,
     /// How north-south traffic reaches a backend on another node. snat:
-    /// source-NAT to this node, replies return through it. dsr and hybrid
-    /// are NOT IMPLEMENTED YET: the agent exits with an error naming them.
+    /// source-NAT to this node, replies return through it. dsr: the packet
+    /// goes IPIP-encapsulated to the backend's node, which must run kpr
+    /// too; the backend sees the client's address and replies straight to
+    /// the client (pod addresses routed between nodes, and a route from
+    /// every node to the clients, are needed). hybrid: dsr for TCP, snat
+    /// for UDP. Default: snat.
     #[arg(long, value_enum, default_value_t = NodePortMode::Snat)]
     pub nodeport_mode: NodePortMode,
     /// XDP in front of the tc ingress program on every --devices interface.

@@ -79,6 +79,9 @@ label_enum! {
         SockRevNat => "sock_revnat",
         /// The north-south conntrack LRU map (zero without --devices).
         Conntrack => "conntrack",
+        /// The DSR map: north-south frontends' local backends (zero
+        /// without --devices).
+        Dsr => "dsr",
     }
 }
 
@@ -117,6 +120,16 @@ label_enum! {
         DropTtl => "drop_ttl",
         /// A packet XDP translated and redirected itself.
         XdpForward => "xdp_forward",
+        /// A flow was created with DSR (remote backend, IPIP to its node).
+        FlowDsr => "flow_dsr",
+        /// A packet another node encapsulated for DSR reached a local backend.
+        DsrDecap => "dsr_decap",
+        /// An IPIP packet matched no local backend of a frontend (left alone).
+        DsrMiss => "dsr_miss",
+        /// Dropped: too big to encapsulate for DSR (ICMP fragmentation-needed sent).
+        DropDsrTooBig => "drop_dsr_too_big",
+        /// A DSR SYN-ACK's TCP MSS was lowered to leave room for the encapsulation.
+        MssClamp => "mss_clamp",
     }
 }
 

@@ -16,11 +16,13 @@ use std::time::{Duration, Instant};
 use kpr::datapath::layout::{CtDir, CtRecord};
 use kpr::datapath::nodeport::attached_devices;
 use kpr::model::Protocol;
-use kpr::testbed::cluster::client_ip;
-use kpr::testbed::nodeport_bed::{nodeport_manifest, POD_TCP};
+use kpr::testbed::cluster::{client_ip, NODE_PEER_IF};
+use kpr::testbed::nodeport_bed::{nodeport_manifest, POD_TCP, POD_UDP};
 use kpr::testbed::probe::RequestsReport;
 use kpr::testbed::server::split_reply;
-use kpr::testbed::{Cluster, ClusterNode, ClusterPlan, Netns, NodePortBed, ProbeResult, ProbeSpec};
+use kpr::testbed::{
+    Cluster, ClusterNode, ClusterPlan, Netns, NodePortBed, NsThread, ProbeResult, ProbeSpec,
+};
 
 const KPR: &str = env!("CARGO_BIN_EXE_kpr");
 const NODE_PORT_TCP: u16 = 30080;
@@ -757,4 +759,509 @@ fn a_client_port_reused_to_reach_a_local_backend_directly_still_connects() {
             "same backend, client seen both times"
         );
     }
+}
+
+// --- direct server return ---------------------------------------------------
+
+/// NodePort of `bulk` (TCP to [`BULK_PORT`] on node2's pods only: through
+/// node1 every flow has a remote backend).
+const NODE_PORT_BULK_TCP: u16 = 30090;
+/// NodePort of `bulk`'s UDP port (to node2's UDP identity servers).
+const NODE_PORT_BULK_UDP: u16 = 30091;
+/// Port of the sinks the bulk tests start on node2's pods.
+const BULK_PORT: u16 = 9000;
+/// Bytes one bulk upload sends.
+const BULK_BYTES: usize = 256 * 1024;
+/// The smallest MTU of the bed's devices (veth default).
+const BED_MTU: u32 = 1500;
+
+/// This file's manifest plus `bulk`: NodePorts whose endpoints are node2's
+/// pods only.
+fn dsr_manifest(cluster: &Cluster) -> String {
+    let endpoints: String = cluster
+        .node(2)
+        .pod_ips()
+        .iter()
+        .map(|ip| format!("- {{addresses: [{ip}], nodeName: node2}}\n"))
+        .collect();
+    manifest(cluster)
+        + &format!(
+            r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: bulk, namespace: np}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.14
+  ports:
+  - {{name: sink, protocol: TCP, port: 90, targetPort: {BULK_PORT}, nodePort: {NODE_PORT_BULK_TCP}}}
+  - {{name: dns, protocol: UDP, port: 53, targetPort: {POD_UDP}, nodePort: {NODE_PORT_BULK_UDP}}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: bulk-1, namespace: np, labels: {{kubernetes.io/service-name: bulk}}}}
+addressType: IPv4
+ports:
+- {{name: sink, protocol: TCP, port: {BULK_PORT}}}
+- {{name: dns, protocol: UDP, port: {POD_UDP}}}
+endpoints:
+{endpoints}"#
+        )
+}
+
+/// A bed whose nodes reach the client directly, in `mode`.
+fn start_dsr_bed(prefix: &str, xdp: Option<&str>, mode: &str) -> NodePortBed {
+    let plan = ClusterPlan {
+        xdp_ready: xdp.is_some(),
+        direct_return: true,
+        ..ClusterPlan::default()
+    };
+    let mut args = vec!["--nodeport-mode", mode];
+    if let Some(xdp) = xdp {
+        args.extend(["--nodeport-acceleration", xdp]);
+    }
+    let bed = NodePortBed::start(prefix, Path::new(KPR), &plan, dsr_manifest, &args)
+        .expect("the NodePort bed starts");
+    // The node-to-node links' packet counters tell whether replies come
+    // back through a node: keep IPv6 autoconfiguration (router
+    // solicitations, MLD reports of fresh links) out of them.
+    for node in bed.cluster.nodes() {
+        node.ns()
+            .sysctl(&format!("net/ipv6/conf/{NODE_PEER_IF}/disable_ipv6"), "1")
+            .unwrap();
+    }
+    bed
+}
+
+/// Packets `dev` of `ns` has received (`ip -s -j link`).
+fn rx_packets(ns: &Netns, dev: &str) -> u64 {
+    let out = ns
+        .ip_output(&["-s", "-j", "link", "show", "dev", dev])
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v[0]["stats64"]["rx"]["packets"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no rx counter in {out}"))
+}
+
+/// Where a reply came from as the backend saw it.
+fn seen_source(reply: &str) -> (IpAddr, IpAddr) {
+    let (identity, seen) = split_reply(reply);
+    let backend: SocketAddr = identity.parse().expect("identity is ip:port");
+    (backend.ip(), seen.expect("the server reports its peer"))
+}
+
+/// TCP and UDP through both nodes' NodePorts with DSR for TCP and, when
+/// `udp_dsr`, UDP (hybrid: UDP is SNATed): every pod of both nodes answers,
+/// each sees the client itself (SNATed UDP: the node), replies come from
+/// the frontend, and replies of remote backends never enter the node the
+/// client addressed (its node-to-node interface receives nothing).
+fn dsr_spreads_with_the_client_address(bed: &NodePortBed, udp_dsr: bool) {
+    let client = bed.cluster.client();
+    for n in [1u8, 2] {
+        let node = bed.node(n);
+        let other = bed.node(3 - n);
+        let client_addr = IpAddr::V4(client_ip(n));
+
+        let target = node_port(node, NODE_PORT_TCP);
+        let rx_before = rx_packets(node.ns(), NODE_PEER_IF);
+        let r = run_in(
+            client,
+            ProbeSpec::TcpRequests {
+                target,
+                count: 60,
+                timeout_ms: 2000,
+            },
+        );
+        let rx_after = rx_packets(node.ns(), NODE_PEER_IF);
+        let r = r.as_requests().unwrap();
+        assert!(r.failures.is_empty(), "{target}: {r:?}");
+        let mut seen: BTreeMap<IpAddr, u64> = BTreeMap::new();
+        for (reply, count) in &r.identities {
+            let (backend, source) = seen_source(reply);
+            assert_eq!(
+                source, client_addr,
+                "every backend sees the client: {reply}"
+            );
+            *seen.entry(backend).or_default() += count;
+        }
+        println!(
+            "node{n} TCP {target} (dsr): {seen:?}; node{n} {NODE_PEER_IF} received {} packets meanwhile",
+            rx_after - rx_before
+        );
+        assert_eq!(seen.keys().copied().collect::<BTreeSet<_>>(), all_pods(bed));
+        let remote: u64 = seen
+            .iter()
+            .filter(|(ip, _)| node_of(**ip) == other.index())
+            .map(|(_, c)| c)
+            .sum();
+        assert!(remote > 0);
+        // SNAT would bring at least three packets per remote request back
+        // (SYN-ACK, reply data, FIN) over this link; DSR brings none.
+        assert_eq!(
+            rx_after - rx_before,
+            0,
+            "replies of node{}'s backends do not pass back through node{n}",
+            other.index()
+        );
+
+        let target = node_port(node, NODE_PORT_UDP);
+        let r = run_in(
+            client,
+            ProbeSpec::UdpConnected {
+                target,
+                count: 60,
+                timeout_ms: 2000,
+            },
+        );
+        let u = r.as_udp().unwrap();
+        assert!(u.failures.is_empty(), "{target}: {u:?}");
+        let mut seen: BTreeMap<IpAddr, u64> = BTreeMap::new();
+        for (reply, count) in &u.identities {
+            let backend = if udp_dsr || node_of(seen_source(reply).0) == n {
+                let (backend, source) = seen_source(reply);
+                assert_eq!(source, client_addr, "{reply}");
+                backend
+            } else {
+                check_source(node, reply)
+            };
+            *seen.entry(backend).or_default() += count;
+        }
+        println!("node{n} UDP {target}: {seen:?}");
+        assert_eq!(seen.keys().copied().collect::<BTreeSet<_>>(), all_pods(bed));
+
+        // One unconnected socket is one flow: one backend, and every reply
+        // from the NodePort address.
+        let r = run_in(
+            client,
+            ProbeSpec::UdpUnconnected {
+                target,
+                count: 20,
+                timeout_ms: 2000,
+            },
+        );
+        let u = r.as_udp().unwrap();
+        assert!(u.failures.is_empty(), "{u:?}");
+        assert_eq!(u.identities.len(), 1, "one flow, one backend: {u:?}");
+        assert_eq!(
+            u.reply_sources.iter().collect::<Vec<_>>(),
+            [&target.to_string()]
+        );
+    }
+}
+
+/// Conntrack and counters after [`dsr_spreads_with_the_client_address`]:
+/// node1 holds one entry per DSR flow (no reply entry: replies never come
+/// back), node2 a local backend's pair per flow it took in.
+fn check_dsr_conntrack(bed: &NodePortBed, udp_dsr: bool) {
+    let (n1, n2) = (bed.node(1), bed.node(2));
+    let entries = bed.ct(1).unwrap();
+    let dsr: Vec<&CtRecord> = entries.iter().filter(|e| e.dsr_encap).collect();
+    assert!(!dsr.is_empty(), "node1 has DSR flows");
+    for e in &dsr {
+        assert_eq!(e.dir, CtDir::Orig, "{e:?}");
+        assert!(!e.snat, "{e:?}");
+        assert_eq!(e.dst.ip(), IpAddr::V4(n1.ext_ip()), "{e:?}");
+        assert_eq!(node_of(e.nat_dst.ip()), 2, "{e:?}");
+        assert_eq!(
+            e.nat_src.ip(),
+            IpAddr::V4(n1.peer_ip()),
+            "outer source: {e:?}"
+        );
+        assert!(udp_dsr || e.proto == Protocol::Tcp, "{e:?}");
+        assert!(
+            !entries.iter().any(|r| r.dir == CtDir::Reply
+                && r.src == e.nat_dst
+                && r.proto == e.proto
+                && r.dst.port() == e.src.port()),
+            "no reply entry on node1 for {e:?}"
+        );
+    }
+    assert!(dsr
+        .iter()
+        .any(|e| e.proto == Protocol::Tcp && e.established));
+    // What node2 took in from node1: a local backend's pair, the client
+    // preserved, the frontend node1's.
+    let entries = bed.ct(2).unwrap();
+    let taken: Vec<&CtRecord> = entries
+        .iter()
+        .filter(|e| e.dsr_decap && e.dir == CtDir::Orig)
+        .collect();
+    assert!(!taken.is_empty(), "node2 took DSR flows in");
+    for e in &taken {
+        assert_eq!(e.dst.ip(), IpAddr::V4(n1.ext_ip()), "{e:?}");
+        assert_eq!(e.nat_src, e.src, "{e:?}");
+        assert_eq!(node_of(e.nat_dst.ip()), 2, "{e:?}");
+        let peer = entries
+            .iter()
+            .find(|r| r.dir == CtDir::Reply && r.src == e.nat_dst && r.dst == e.src)
+            .unwrap_or_else(|| panic!("no reply entry on node2 for {e:?}"));
+        assert_eq!((peer.nat_src, peer.nat_dst), (e.dst, e.src), "{peer:?}");
+        assert!(peer.dsr_decap && peer.established, "{peer:?}");
+    }
+    let (s1, s2) = (bed.stats(1).unwrap(), bed.stats(2).unwrap());
+    println!("node1 counters: {s1:?}\nnode2 counters: {s2:?}");
+    for s in [&s1, &s2] {
+        assert!(
+            s.flows_dsr > 0 && s.dsr_decap > 0 && s.mss_clamped > 0,
+            "{s:?}"
+        );
+        assert_eq!(
+            (s.drop_no_backend, s.drop_fib, s.drop_ct),
+            (0, 0, 0),
+            "{s:?}"
+        );
+        assert_eq!(s.dsr_miss, 0, "{s:?}");
+        if udp_dsr {
+            assert_eq!(s.flows_snat, 0, "{s:?}");
+        } else {
+            assert!(s.flows_snat > 0, "hybrid SNATs UDP: {s:?}");
+        }
+    }
+    let table = bed
+        .kpr(&[
+            "ct",
+            "list",
+            "--bpf-root",
+            bed.bpf_root(1).to_str().unwrap(),
+        ])
+        .unwrap();
+    assert!(
+        table.contains(&format!("ipip {} -> 10.244.2.", n1.peer_ip()))
+            && table.contains("dsr-encap"),
+        "{table}"
+    );
+    let _ = n2;
+}
+
+/// Sinks on node2's pods at [`BULK_PORT`]: each connection is read to its
+/// end and answered `BYTES <- PEER_IP`. They stop when `stop` is set (or
+/// after a minute).
+fn start_bulk_sinks(bed: &NodePortBed, stop: &Arc<AtomicBool>) -> Vec<NsThread<()>> {
+    use std::io::{Read, Write};
+    bed.node(2)
+        .pod_ips()
+        .iter()
+        .map(|ip| {
+            let addr = SocketAddr::new(IpAddr::V4(*ip), BULK_PORT);
+            let stop = stop.clone();
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            let thread = bed
+                .node(2)
+                .pods()
+                .spawn_thread(move || {
+                    let listener = std::net::TcpListener::bind(addr).unwrap();
+                    listener.set_nonblocking(true).unwrap();
+                    tx.send(()).unwrap();
+                    let deadline = Instant::now() + Duration::from_secs(60);
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        let (mut conn, peer) = match listener.accept() {
+                            Ok(c) => c,
+                            Err(_) => {
+                                std::thread::sleep(Duration::from_millis(5));
+                                continue;
+                            }
+                        };
+                        conn.set_nonblocking(false).unwrap();
+                        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                        let mut buf = vec![0u8; 65536];
+                        let mut total = 0usize;
+                        loop {
+                            match conn.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => total += n,
+                            }
+                        }
+                        let _ = conn.write_all(format!("{total} <- {}\n", peer.ip()).as_bytes());
+                    }
+                })
+                .unwrap();
+            rx.recv_timeout(Duration::from_secs(5)).expect("sink bound");
+            thread
+        })
+        .collect()
+}
+
+/// One upload of [`BULK_BYTES`] through node1's `bulk` NodePort (backends
+/// on node2 only, so DSR): the TCP MSS the client learns leaves room for
+/// the encapsulation, every byte reaches one backend (one connection's
+/// packets all go to the same backend: a second one would reset it), which
+/// saw the client itself.
+fn bulk_upload_through_node1(bed: &NodePortBed) {
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    let target = node_port(bed.node(1), NODE_PORT_BULK_TCP);
+    let (mss, reply) = bed
+        .cluster
+        .client()
+        .enter_thread(move || {
+            let mut s =
+                std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut mss: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: getsockopt writes an int into mss, len says its size.
+            let rc = unsafe {
+                libc::getsockopt(
+                    s.as_raw_fd(),
+                    libc::IPPROTO_TCP,
+                    libc::TCP_MAXSEG,
+                    (&mut mss as *mut libc::c_int).cast(),
+                    &mut len,
+                )
+            };
+            assert_eq!(rc, 0);
+            let data = vec![0x5a_u8; BULK_BYTES];
+            s.write_all(&data).unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut reply = String::new();
+            s.read_to_string(&mut reply).unwrap();
+            (mss as u32, reply.trim().to_string())
+        })
+        .unwrap();
+    println!("bulk upload through node1: MSS {mss}, reply {reply:?}");
+    assert!(
+        mss <= BED_MTU - 60,
+        "the SYN-ACK's MSS leaves room for the outer header: {mss}"
+    );
+    assert_eq!(
+        reply,
+        format!("{BULK_BYTES} <- {}", client_ip(1)),
+        "every byte reached one backend, which saw the client"
+    );
+}
+
+/// A UDP datagram too big to encapsulate is answered with ICMP
+/// fragmentation-needed: the client's path MTU toward the NodePort drops
+/// by the 20 bytes of the outer header, and a datagram that fits then
+/// gets its answer.
+fn oversized_udp_gets_fragmentation_needed(bed: &NodePortBed) {
+    let target = node_port(bed.node(1), NODE_PORT_BULK_UDP);
+    let before = bed.stats(1).unwrap().drop_dsr_too_big;
+    let (first, mtu, small) = bed
+        .cluster
+        .client()
+        .enter_thread(move || {
+            use std::os::fd::AsRawFd;
+            let sock = UdpSocket::bind((client_ip(1), 0)).unwrap();
+            sock.connect(target).unwrap();
+            let on: libc::c_int = libc::IP_PMTUDISC_DO;
+            // SAFETY: setsockopt reads an int.
+            unsafe {
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    libc::IPPROTO_IP,
+                    libc::IP_MTU_DISCOVER,
+                    (&on as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                );
+            }
+            sock.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            let big = vec![b'x'; BED_MTU as usize - 28];
+            let _ = sock.send(&big);
+            let mut buf = [0u8; 2048];
+            let first = sock
+                .recv(&mut buf)
+                .map(|_| ())
+                .map_err(|e| e.raw_os_error());
+            let mut mtu: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: getsockopt writes an int into mtu, len says its size.
+            unsafe {
+                libc::getsockopt(
+                    sock.as_raw_fd(),
+                    libc::IPPROTO_IP,
+                    libc::IP_MTU,
+                    (&mut mtu as *mut libc::c_int).cast(),
+                    &mut len,
+                );
+            }
+            let fits = vec![b'y'; mtu.max(100) as usize - 28];
+            sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let small = sock
+                .send(&fits)
+                .and_then(|_| sock.recv(&mut buf))
+                .map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
+                .map_err(|e| e.to_string());
+            (first, mtu as u32, small)
+        })
+        .unwrap();
+    println!("oversized UDP through node1: first {first:?}, IP_MTU {mtu}, then {small:?}");
+    assert_eq!(
+        first,
+        Err(Some(libc::EMSGSIZE)),
+        "the ICMP error reaches the socket"
+    );
+    assert_eq!(mtu, BED_MTU - 20, "path MTU lowered by the outer header");
+    let small = small.expect("a datagram that fits is answered");
+    assert_eq!(node_of(seen_source(&small).0), 2, "{small}");
+    assert!(bed.stats(1).unwrap().drop_dsr_too_big > before);
+}
+
+/// Everything DSR is checked for, on a bed in `mode` with `xdp` in front.
+fn dsr_end_to_end(prefix: &str, xdp: Option<&str>) {
+    let bed = start_dsr_bed(prefix, xdp, "dsr");
+    dsr_spreads_with_the_client_address(&bed, true);
+    check_dsr_conntrack(&bed, true);
+    let stop = Arc::new(AtomicBool::new(false));
+    let sinks = start_bulk_sinks(&bed, &stop);
+    bulk_upload_through_node1(&bed);
+    stop.store(true, Ordering::Relaxed);
+    for s in sinks {
+        s.join().unwrap();
+    }
+    oversized_udp_gets_fragmentation_needed(&bed);
+    if let Some(mode) = xdp {
+        for n in [1u8, 2] {
+            let s = bed.stats(n).unwrap();
+            println!("node{n} XDP {mode}: {s:?}");
+            assert!(s.xdp_fwd > 0, "{s:?}");
+        }
+    }
+}
+
+#[test]
+fn dsr_nodeport_reaches_backends_on_both_nodes_which_see_the_client_and_answer_it_directly() {
+    if !root() {
+        return;
+    }
+    dsr_end_to_end("npdsr", None);
+}
+
+#[test]
+fn dsr_through_generic_xdp_encapsulates_and_decapsulates_in_xdp() {
+    if !root() {
+        return;
+    }
+    dsr_end_to_end("npdsrg", Some("generic"));
+}
+
+#[test]
+fn dsr_through_native_xdp_on_veth_encapsulates_and_decapsulates_in_xdp() {
+    if !root() {
+        return;
+    }
+    dsr_end_to_end("npdsrn", Some("native"));
+}
+
+#[test]
+fn hybrid_mode_returns_tcp_directly_and_snats_udp() {
+    if !root() {
+        return;
+    }
+    let bed = start_dsr_bed("nphyb", None, "hybrid");
+    dsr_spreads_with_the_client_address(&bed, false);
+    check_dsr_conntrack(&bed, false);
+    // A UDP flow to node2's pods through node1 is SNATed: the backend sees
+    // node1, and node1 tracks its reply.
+    let entries = bed.ct(1).unwrap();
+    assert!(entries
+        .iter()
+        .any(|e| e.proto == Protocol::Udp && e.snat && node_of(e.nat_dst.ip()) == 2));
+    assert!(!entries
+        .iter()
+        .any(|e| e.proto == Protocol::Udp && e.dsr_encap));
 }

@@ -6,6 +6,7 @@
  * only when the north-south datapath is loaded.
  *
  * Lifetimes are per protocol and state, set by the agent before load.
+ * A DSR flow on the node that encapsulates it has one entry (ORIG) only.
  * Both entries of a flow always carry the same flags and expiry: a hit on
  * either refreshes both (at most once a second per flow, to keep writes to
  * shared cache lines rare). A stale entry is ignored by the datapath and
@@ -76,14 +77,23 @@ static __always_inline void ct_peer_key(const struct ct_key *key,
 	peer->pad[1] = 0;
 }
 
+/* Whether the flow of @e has a second entry (a DSR flow has none on the
+ * node that encapsulates it). */
+static __always_inline int ct_has_peer(const struct ct_entry *e)
+{
+	return !(e->flags & CT_F_DSR_ENCAP);
+}
+
 /* Removes both entries of the flow of (@key, @e). */
 static __always_inline void ct_delete_pair(const struct ct_key *key,
 					   const struct ct_entry *e)
 {
 	struct ct_key peer;
 
-	ct_peer_key(key, e, &peer);
-	bpf_map_delete_elem(&kpr_ct_v1, &peer);
+	if (ct_has_peer(e)) {
+		ct_peer_key(key, e, &peer);
+		bpf_map_delete_elem(&kpr_ct_v1, &peer);
+	}
 	bpf_map_delete_elem(&kpr_ct_v1, key);
 }
 
@@ -102,6 +112,8 @@ static __always_inline void ct_touch(const struct ct_key *key,
 		return;
 	e->flags = flags;
 	e->expires_ns = expires;
+	if (!ct_has_peer(e))
+		return;
 	ct_peer_key(key, e, &pkey);
 	peer = bpf_map_lookup_elem(&kpr_ct_v1, &pkey);
 	if (peer) {

@@ -54,17 +54,15 @@ struct pkt4 {
 	__u8   pad;
 };
 
-/* Fills @p from an Ethernet frame. Returns 0 for an unfragmented IPv4
- * TCP or UDP packet, -1 for anything else (left alone by the caller). */
-static __always_inline int pkt4_parse(struct __sk_buff *skb, struct pkt4 *p)
+/* Fills @p from the IPv4 header at offset @off. Returns 0 for an
+ * unfragmented TCP or UDP packet, -1 for anything else. */
+static __always_inline int pkt4_parse_at(struct __sk_buff *skb, __u32 off, struct pkt4 *p)
 {
 	struct iphdr ip;
 	__be16 ports[2];
 	__u8 ihl;
 
-	if (skb->protocol != bpf_htons(ETH_P_IP))
-		return -1;
-	if (bpf_skb_load_bytes(skb, IP_OFF, &ip, sizeof(ip)) < 0)
+	if (bpf_skb_load_bytes(skb, off, &ip, sizeof(ip)) < 0)
 		return -1;
 	if (ip.version != 4 || (ip.protocol != IPPROTO_TCP && ip.protocol != IPPROTO_UDP))
 		return -1;
@@ -74,7 +72,7 @@ static __always_inline int pkt4_parse(struct __sk_buff *skb, struct pkt4 *p)
 	ihl = ip.ihl;
 	if (ihl < 5)
 		return -1;
-	p->l4_off = IP_OFF + (__u32)ihl * 4;
+	p->l4_off = off + (__u32)ihl * 4;
 	if (bpf_skb_load_bytes(skb, p->l4_off, ports, sizeof(ports)) < 0)
 		return -1;
 	p->tcp_flags = 0;
@@ -88,6 +86,15 @@ static __always_inline int pkt4_parse(struct __sk_buff *skb, struct pkt4 *p)
 	p->proto = ip.protocol;
 	p->ttl = ip.ttl;
 	return 0;
+}
+
+/* Fills @p from an Ethernet frame. Returns 0 for an unfragmented IPv4
+ * TCP or UDP packet, -1 for anything else (left alone by the caller). */
+static __always_inline int pkt4_parse(struct __sk_buff *skb, struct pkt4 *p)
+{
+	if (skb->protocol != bpf_htons(ETH_P_IP))
+		return -1;
+	return pkt4_parse_at(skb, IP_OFF, p);
 }
 
 static __always_inline __u32 l4_csum_off(const struct pkt4 *p)

@@ -8,6 +8,11 @@
  *
  * Conntrack is written here only; a packet that XDP hands on (XDP_PASS)
  * reaches the tc program, which decides again and finds the same state.
+ *
+ * With --nodeport-mode dsr|hybrid, a new flow to a backend on another node
+ * is sent there IPIP-encapsulated instead of SNATed (np_open_flow), and a
+ * packet another node encapsulated is taken in by np_dsr_ingress(); the
+ * carrier and its packet work are lb_dsr.h's.
  */
 #ifndef KPR_LB_NODEPORT_H
 #define KPR_LB_NODEPORT_H
@@ -22,6 +27,7 @@
 #include "lb_select.h"
 #include "lb_ct.h"
 #include "lb_nat.h"
+#include "lb_dsr.h"
 
 /* The SNAT port range, host order; the agent keeps it out of the node's
  * ephemeral port range (net.ipv4.ip_local_port_range). */
@@ -40,11 +46,11 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 	__uint(max_entries, NP_STAT_MAX);
-} kpr_npstats_v1 SEC(".maps");
+} kpr_npstats_v2 SEC(".maps");
 
 static __always_inline void np_count(__u32 stat)
 {
-	__u64 *n = bpf_map_lookup_elem(&kpr_npstats_v1, &stat);
+	__u64 *n = bpf_map_lookup_elem(&kpr_npstats_v2, &stat);
 
 	if (n)
 		*n += 1;
@@ -68,6 +74,20 @@ static __always_inline __u16 pkt_ct_flags(const struct pkt4 *p, __u8 dir)
 
 	if (p->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST))
 		flags |= CT_F_CLOSING;
+	return flags;
+}
+
+/* State a client's packet tells about a flow whose entry has @eflags: a
+ * DSR flow's replies never pass here, so the client's first ACK (its
+ * answer to the SYN-ACK) is what says the backend answered. */
+static __always_inline __u16 pkt_orig_flags(const struct pkt4 *p, __u16 eflags)
+{
+	__u16 flags = pkt_ct_flags(p, CT_DIR_ORIG);
+
+	if ((eflags & CT_F_DSR_ENCAP) &&
+	    (p->proto != IPPROTO_TCP ||
+	     (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_ACK))
+		flags |= CT_F_ESTABLISHED;
 	return flags;
 }
 
@@ -109,16 +129,19 @@ static __always_inline int snat_insert_reply(struct ct_key *rkey, const struct c
 /* What to do with a packet: np_ingress()'s verdict. */
 enum np_verdict {
 	NP_V_PASS = 0, /* not ours, or left to the stack / the tc program */
-	NP_V_DROP = 1, /* counted in kpr_npstats_v1 */
+	NP_V_DROP = 1, /* counted in kpr_npstats_v2 */
 	NP_V_FWD  = 2, /* rewrite as struct np_fwd says and send */
 };
 
 /* How to rewrite and where to send a packet (NP_V_FWD). */
 struct np_fwd {
-	__be32 saddr;                /* new source address */
-	__be32 daddr;                /* new destination address */
-	__be16 sport;                /* new source port */
-	__be16 dport;                /* new destination port */
+	__be32 saddr;                /* new source address; encap: outer source */
+	__be32 daddr;                /* new destination address; encap: outer
+				      * destination (the backend) */
+	__be16 sport;                /* new source port (not with encap) */
+	__be16 dport;                /* new destination port (not with encap) */
+	__u32  encap;                /* 1: DSR, leave the packet as it is and put
+				      * an IPIP header saddr -> daddr in front */
 	long   fib_rc;               /* BPF_FIB_LKUP_RET_SUCCESS or _NO_NEIGH */
 	struct bpf_fib_lookup fib;   /* egress ifindex, MACs / next hop */
 };
@@ -151,44 +174,71 @@ static __always_inline int np_tracked(void *ctx, __u32 ifindex, const struct pkt
 	fwd->daddr = e->nat_daddr[3];
 	fwd->sport = e->nat_sport;
 	fwd->dport = e->nat_dport;
+	fwd->encap = !!(e->flags & CT_F_DSR_ENCAP);
 	return np_route(ctx, ifindex, p, fwd, 0, opts);
 }
 
-/* A new flow from @p to the frontend of @skey/@master: pick a backend,
- * route to it, write both conntrack entries. */
-static __always_inline int np_new_flow(void *ctx, __u32 ifindex, const struct pkt4 *p,
-				       struct lb_svc_key *skey, const struct lb_svc_val *master,
-				       const struct ct_key *okey, struct np_fwd *fwd, __u32 opts)
+/* A new DSR flow (routed by np_open_flow): one ORIG entry saying where
+ * to encapsulate the client's packets to. */
+static __always_inline int np_open_dsr(const struct pkt4 *p, const struct lb_backend *backend,
+				       __u32 backend_id, __u32 svc_id,
+				       const struct ct_key *okey, struct np_fwd *fwd, __u64 now)
+{
+	struct ct_entry oval = {};
+	__u16 flags = CT_F_DSR_ENCAP;
+
+	flags |= pkt_orig_flags(p, flags);
+	fwd->saddr = fwd->fib.ipv4_src;
+	fwd->sport = p->sport;
+	fwd->encap = 1;
+	lb_addr_set_v4(oval.nat_saddr, fwd->saddr);
+	oval.nat_sport = p->sport;
+	lb_addr_set_v4(oval.nat_daddr, fwd->daddr);
+	oval.nat_dport = backend->port;
+	oval.backend_id = backend_id;
+	oval.svc_id = svc_id;
+	oval.flags = flags;
+	oval.created_ns = now;
+	oval.expires_ns = now + ct_lifetime_ns(p->proto, flags);
+	if (bpf_map_update_elem(&kpr_ct_v1, okey, &oval, BPF_ANY) != 0) {
+		np_count(NP_STAT_CT_FAIL);
+		return NP_V_DROP;
+	}
+	np_count(NP_STAT_FLOW_NEW);
+	np_count(NP_STAT_FLOW_DSR);
+	return NP_V_FWD;
+}
+
+/* A new flow from @p to @backend (id @backend_id) of frontend @svc_id:
+ * route to it and write the flow's conntrack entries: a local backend's
+ * pair, a SNATed pair, or one DSR entry. @add_flags go to both entries. */
+static __always_inline int np_open_flow(void *ctx, __u32 ifindex, const struct pkt4 *p,
+					const struct lb_backend *backend, __u32 backend_id,
+					__u32 svc_id, const struct ct_key *okey,
+					struct np_fwd *fwd, __u32 opts, __u16 add_flags)
 {
 	struct ct_entry oval = {}, rval = {};
-	struct lb_backend *backend;
 	struct ct_key rkey = {};
 	__u64 now = bpf_ktime_get_ns();
-	/* Affinity clients are netns cookies on the socket path; a set top
-	 * bit keeps client addresses apart from them. */
-	__u64 client = (1ULL << 63) | bpf_ntohl(p->saddr);
-	__u32 backend_id;
 	__u16 flags;
 	int snat, v;
 
-	backend = lb_select_backend(skey, master, client, &backend_id);
-	if (!backend || !lb_addr_is_v4(backend->addr)) {
-		np_count(NP_STAT_NO_BACKEND);
-		return NP_V_DROP;
-	}
 	snat = !(backend->flags & BE_F_LOCAL);
 	fwd->saddr = p->saddr;
 	fwd->daddr = backend->addr[3];
 	fwd->dport = backend->port;
+	fwd->encap = 0;
 	v = np_route(ctx, ifindex, p, fwd, snat ? BPF_FIB_LOOKUP_SRC : 0, opts);
 	if (v != NP_V_FWD)
 		return v;
+	if (snat && dsr_for_proto(p->proto))
+		return np_open_dsr(p, backend, backend_id, svc_id, okey, fwd, now);
 	if (snat)
 		fwd->saddr = fwd->fib.ipv4_src;
 
-	flags = pkt_ct_flags(p, CT_DIR_ORIG);
+	flags = pkt_ct_flags(p, CT_DIR_ORIG) | add_flags;
 	oval.backend_id = rval.backend_id = backend_id;
-	oval.svc_id = rval.svc_id = master->svc_id;
+	oval.svc_id = rval.svc_id = svc_id;
 	oval.created_ns = rval.created_ns = now;
 	oval.expires_ns = rval.expires_ns = now + ct_lifetime_ns(p->proto, flags);
 
@@ -251,6 +301,27 @@ static __always_inline int np_new_flow(void *ctx, __u32 ifindex, const struct pk
 	if (snat)
 		np_count(NP_STAT_FLOW_SNAT);
 	return NP_V_FWD;
+}
+
+/* A new flow from @p to the frontend of @skey/@master: pick a backend and
+ * open the flow to it. */
+static __always_inline int np_new_flow(void *ctx, __u32 ifindex, const struct pkt4 *p,
+				       struct lb_svc_key *skey, const struct lb_svc_val *master,
+				       const struct ct_key *okey, struct np_fwd *fwd, __u32 opts)
+{
+	struct lb_backend *backend;
+	/* Affinity clients are netns cookies on the socket path; a set top
+	 * bit keeps client addresses apart from them. */
+	__u64 client = (1ULL << 63) | bpf_ntohl(p->saddr);
+	__u32 backend_id;
+
+	backend = lb_select_backend(skey, master, client, &backend_id);
+	if (!backend || !lb_addr_is_v4(backend->addr)) {
+		np_count(NP_STAT_NO_BACKEND);
+		return NP_V_DROP;
+	}
+	return np_open_flow(ctx, ifindex, p, backend, backend_id, master->svc_id, okey, fwd,
+			    opts, 0);
 }
 
 /* A TCP SYN to no frontend may open the very tuple a local backend's reply
@@ -342,7 +413,7 @@ static __always_inline int np_ingress(void *ctx, __u32 ifindex, const struct pkt
 		    !(is_tcp_syn(p) && (e->flags & CT_F_CLOSING))) {
 			v = np_tracked(ctx, ifindex, p, e, fwd, opts);
 			if (v == NP_V_FWD) {
-				ct_touch(&key, e, pkt_ct_flags(p, CT_DIR_ORIG), now);
+				ct_touch(&key, e, pkt_orig_flags(p, e->flags), now);
 				np_count(NP_STAT_FWD);
 			}
 			return v;
@@ -352,6 +423,62 @@ static __always_inline int np_ingress(void *ctx, __u32 ifindex, const struct pkt
 	v = np_new_flow(ctx, ifindex, p, &skey, master, &key, fwd, opts);
 	if (v == NP_V_FWD)
 		np_count(NP_STAT_FWD);
+	return v;
+}
+
+/* The decision for a packet another node encapsulated for DSR (inner
+ * packet @p, outer destination @backend_addr): the local backend it is
+ * for, tracked like any local backend's flow (CT_F_DSR_DECAP), so that
+ * the reply gets the frontend as source at egress. NP_V_PASS when no
+ * local backend of a frontend matches: the packet is not ours (or its
+ * backend is not programmed here yet) and goes on unchanged. On NP_V_FWD
+ * the caller removes the outer header, then rewrites as for np_ingress(). */
+static __always_inline int np_dsr_ingress(void *ctx, __u32 ifindex, const struct pkt4 *p,
+					  __be32 backend_addr, struct np_fwd *fwd, __u32 opts)
+{
+	struct lb_backend *backend;
+	struct ct_entry *e;
+	struct ct_key key;
+	__u32 backend_id;
+	__u64 now;
+	int v;
+
+	backend_id = dsr_lookup(p->daddr, p->dport, p->proto, backend_addr);
+	backend = lb_lookup_backend(backend_id);
+	if (!backend || !(backend->flags & BE_F_LOCAL) || !lb_addr_is_v4(backend->addr) ||
+	    backend->addr[3] != backend_addr || backend->proto != p->proto) {
+		np_count(NP_STAT_DSR_MISS);
+		return NP_V_PASS;
+	}
+	if (p->ttl <= 1) {
+		np_count(NP_STAT_TTL);
+		return NP_V_DROP;
+	}
+	ct_key4(&key, p, CT_DIR_ORIG);
+	e = bpf_map_lookup_elem(&kpr_ct_v1, &key);
+	if (e) {
+		now = bpf_ktime_get_ns();
+		/* Kept while it leads to the backend the other node chose. */
+		if (!ct_expired(e, now) && !(e->flags & (CT_F_SNAT | CT_F_DSR_ENCAP)) &&
+		    e->nat_daddr[3] == backend_addr && e->nat_dport == backend->port &&
+		    !(is_tcp_syn(p) && (e->flags & CT_F_CLOSING))) {
+			v = np_tracked(ctx, ifindex, p, e, fwd, opts);
+			if (v == NP_V_FWD) {
+				ct_touch(&key, e, pkt_ct_flags(p, CT_DIR_ORIG), now);
+				np_count(NP_STAT_FWD);
+				np_count(NP_STAT_DSR_DECAP);
+			}
+			return v;
+		}
+		ct_delete_pair(&key, e);
+	}
+	/* The frontend is another node's (its id is not known here): 0. */
+	v = np_open_flow(ctx, ifindex, p, backend, backend_id, 0, &key, fwd, opts,
+			 CT_F_DSR_DECAP);
+	if (v == NP_V_FWD) {
+		np_count(NP_STAT_FWD);
+		np_count(NP_STAT_DSR_DECAP);
+	}
 	return v;
 }
 

@@ -144,6 +144,17 @@ enum ct_flags {
 	CT_F_SNAT        = 1 << 0, /* source-NATed to a node address (remote backend) */
 	CT_F_ESTABLISHED = 1 << 1, /* the backend has answered */
 	CT_F_CLOSING     = 1 << 2, /* TCP FIN or RST seen */
+	CT_F_DSR_ENCAP   = 1 << 3, /* DSR, on the node the client reached: the
+				    * flow's packets are sent IPIP-encapsulated
+				    * to the backend's node (nat_saddr = outer
+				    * source, nat_daddr:nat_dport = the backend);
+				    * an ORIG entry without REPLY peer, as the
+				    * replies never come back through this node;
+				    * ESTABLISHED once the client ACKs */
+	CT_F_DSR_DECAP   = 1 << 4, /* DSR, on the backend's node: the flow came
+				    * encapsulated from another node; a local
+				    * backend's pair whose SYN-ACK gets its TCP
+				    * MSS clamped (lb_dsr.h) */
 };
 
 /* Key of the conntrack map: the packet's 5-tuple and direction. */
@@ -171,7 +182,8 @@ struct ct_entry {
 	__u64  expires_ns;   /* bpf_ktime_get_ns() after which the entry is stale */
 };
 
-/* Counters of the north-south datapath (index into kpr_npstats_v1). */
+/* Counters of the north-south datapath (index into kpr_npstats_v2; v1 had
+ * the first ten: more counters are a new map, see src/datapath/nodeport.rs). */
 enum np_stat {
 	NP_STAT_FLOW_NEW       = 0, /* flows created */
 	NP_STAT_FLOW_SNAT      = 1, /* ... of which source-NATed (remote backend) */
@@ -185,7 +197,42 @@ enum np_stat {
 				     * live flow (client port reused across frontends) */
 	NP_STAT_TTL            = 8, /* dropped: TTL exhausted */
 	NP_STAT_XDP_FWD        = 9, /* packets XDP translated and redirected itself */
-	NP_STAT_MAX            = 10,
+	NP_STAT_FLOW_DSR       = 10, /* flows created with DSR (remote backend, IPIP) */
+	NP_STAT_DSR_DECAP      = 11, /* encapsulated DSR packets delivered to a local backend */
+	NP_STAT_DSR_MISS       = 12, /* IPIP packets for no local backend of a frontend
+				      * (left alone: not ours, or not programmed yet) */
+	NP_STAT_DSR_TOO_BIG    = 13, /* dropped: too big for the encapsulation (an ICMP
+				      * fragmentation-needed goes to the client) */
+	NP_STAT_MSS_CLAMP      = 14, /* DSR SYN-ACKs whose TCP MSS was lowered */
+	NP_STAT_MAX            = 15,
+};
+
+/* How north-south flows reach a backend on another node (the agent's
+ * --nodeport-mode, const volatile nodeport_mode in lb_dsr.h). */
+enum np_mode {
+	NP_MODE_SNAT   = 0, /* source-NAT to this node; replies come back here */
+	NP_MODE_DSR    = 1, /* direct server return for TCP and UDP */
+	NP_MODE_HYBRID = 2, /* DSR for TCP, SNAT for UDP */
+};
+
+/*
+ * Key of the DSR map (kpr_dsr_v1, lb_dsr.h): on a backend's node, which
+ * local backend a packet that another node encapsulated for DSR is for.
+ * The agent writes it from the services and backends maps: one entry per
+ * north-south frontend and local backend. The value is the backend id.
+ *
+ * A NodePort frontend is keyed with the family's unspecified address
+ * (::ffff:0.0.0.0): the client addressed the other node's IP, which is no
+ * frontend here, but a nodePort is the same Service on every node.
+ * LoadBalancer and externalIP frontends are keyed with their address.
+ */
+struct dsr_key {
+	__be32 frontend[4];  /* frontend address (IPv4-mapped), or ::ffff:0.0.0.0
+			      * for NodePorts */
+	__be32 backend[4];   /* local backend address: the outer destination */
+	__be16 port;         /* frontend port */
+	__u8   proto;        /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8   pad;          /* must be zero */
 };
 
 #endif /* KPR_LB_TYPES_H */

@@ -130,6 +130,16 @@ pub struct NodePortStats {
     /// Packets XDP translated and redirected itself (the rest of
     /// `packets_fwd` and `packets_reply` went through tc).
     pub xdp_fwd: u64,
+    /// Flows created with DSR (remote backend, IPIP to its node).
+    pub flows_dsr: u64,
+    /// Packets other nodes encapsulated for DSR, delivered to a local backend.
+    pub dsr_decap: u64,
+    /// IPIP packets for no local backend of a frontend (left alone).
+    pub dsr_miss: u64,
+    /// Dropped: too big to encapsulate (ICMP fragmentation-needed sent).
+    pub drop_dsr_too_big: u64,
+    /// DSR SYN-ACKs whose TCP MSS was lowered.
+    pub mss_clamped: u64,
 }
 
 impl NodePortStats {
@@ -138,7 +148,7 @@ impl NodePortStats {
         let pin = bpf_root.join(STATS_PIN);
         let map = MapHandle::from_pinned_path(&pin)
             .with_context(|| format!("opening {}", pin.display()))?;
-        let mut v = [0u64; 10];
+        let mut v = [0u64; 15];
         for (i, slot) in v.iter_mut().enumerate() {
             let per_cpu = map
                 .lookup_percpu(&(i as u32).to_ne_bytes(), MapFlags::ANY)
@@ -161,11 +171,18 @@ impl NodePortStats {
             drop_ct: v[7],
             drop_ttl: v[8],
             xdp_fwd: v[9],
+            flows_dsr: v[10],
+            dsr_decap: v[11],
+            dsr_miss: v[12],
+            drop_dsr_too_big: v[13],
+            mss_clamped: v[14],
         })
     }
 }
 
 /// `kpr ct list` as a table, in the spirit of `cilium bpf ct list global`.
+/// A DSR flow's entry on the node that encapsulates it shows the outer
+/// header (`ipip SOURCE -> BACKEND`) where others show their rewrite.
 pub fn format_table(entries: &[CtRecord], now_ns: u64) -> String {
     let mut o = String::new();
     let _ = writeln!(
@@ -184,6 +201,12 @@ pub fn format_table(entries: &[CtRecord], now_ns: u64) -> String {
         if e.closing {
             flags.push("closing");
         }
+        if e.dsr_encap {
+            flags.push("dsr-encap");
+        }
+        if e.dsr_decap {
+            flags.push("dsr-decap");
+        }
         let expires = if e.expires_ns >= now_ns {
             format!("{}s", (e.expires_ns - now_ns) / 1_000_000_000)
         } else {
@@ -198,7 +221,12 @@ pub fn format_table(entries: &[CtRecord], now_ns: u64) -> String {
                 CtDir::Reply => "reply",
             },
             format!("{} -> {}", e.src, e.dst),
-            format!("{} -> {}", e.nat_src, e.nat_dst),
+            if e.dsr_encap {
+                // Not rewritten: sent inside IPIP toward the backend.
+                format!("ipip {} -> {}", e.nat_src.ip(), e.nat_dst)
+            } else {
+                format!("{} -> {}", e.nat_src, e.nat_dst)
+            },
             if flags.is_empty() {
                 "-".into()
             } else {

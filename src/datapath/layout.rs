@@ -5,8 +5,9 @@
 
 use std::net::{IpAddr, Ipv6Addr};
 
+use crate::datapath::dsr::DsrKey;
 use crate::datapath::maps::{BackendEntry, BackendId, MasterEntry, ServiceId, SvcValue};
-use crate::datapath::skel::nodeport::types::{ct_entry, ct_key};
+use crate::datapath::skel::nodeport::types::{ct_entry, ct_key, dsr_key};
 use crate::datapath::skel::sock_lb::types::{
     lb_affinity_key, lb_affinity_val, lb_backend, lb_backend_flags, lb_backend_state, lb_scope,
     lb_svc_flags, lb_svc_key, lb_svc_val,
@@ -42,6 +43,7 @@ impl Pod for lb_affinity_val {}
 impl Pod for u32 {}
 impl Pod for ct_key {}
 impl Pod for ct_entry {}
+impl Pod for dsr_key {}
 
 pub fn as_bytes<T: Pod>(value: &T) -> &[u8] {
     // SAFETY: T is repr(C) with no implicit padding (Pod), so every byte is initialised.
@@ -230,10 +232,13 @@ pub fn decode_affinity(key: &lb_affinity_key, val: &lb_affinity_val) -> (Service
 // enum ct_dir
 const CT_DIR_ORIG: u8 = 0;
 const CT_DIR_REPLY: u8 = 1;
-// enum ct_flags
+// enum ct_flags (no variable has that type, so it is not in the BTF the
+// skeleton is generated from; tests::ct_flags_golden_encoding pins them)
 const CT_F_SNAT: u16 = 1 << 0;
 const CT_F_ESTABLISHED: u16 = 1 << 1;
 const CT_F_CLOSING: u16 = 1 << 2;
+const CT_F_DSR_ENCAP: u16 = 1 << 3;
+const CT_F_DSR_DECAP: u16 = 1 << 4;
 
 /// Which way a conntrack entry's packets go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
@@ -266,6 +271,12 @@ pub struct CtRecord {
     pub established: bool,
     /// TCP FIN or RST seen.
     pub closing: bool,
+    /// DSR, on the node the client reached: packets go IPIP-encapsulated to
+    /// `nat_dst`'s node (`nat_src` is the outer source); no reply entry.
+    pub dsr_encap: bool,
+    /// DSR, on the backend's node: the flow came encapsulated from another
+    /// node; replies leave from here with the frontend as source.
+    pub dsr_decap: bool,
     /// CLOCK_MONOTONIC ns when the flow was created.
     pub created_ns: u64,
     /// CLOCK_MONOTONIC ns after which the entry is stale.
@@ -295,6 +306,8 @@ pub fn decode_ct(key: &ct_key, val: &ct_entry) -> Option<CtRecord> {
         snat: val.flags & CT_F_SNAT != 0,
         established: val.flags & CT_F_ESTABLISHED != 0,
         closing: val.flags & CT_F_CLOSING != 0,
+        dsr_encap: val.flags & CT_F_DSR_ENCAP != 0,
+        dsr_decap: val.flags & CT_F_DSR_DECAP != 0,
         created_ns: val.created_ns,
         expires_ns: val.expires_ns,
     })
@@ -314,6 +327,27 @@ pub fn ct_key_of(r: &CtRecord) -> ct_key {
         },
         pad: [0; 2],
     }
+}
+
+/// The DSR map key of `k`.
+pub fn dsr_key(k: &DsrKey) -> dsr_key {
+    dsr_key {
+        frontend: encode_ip(k.frontend),
+        backend: encode_ip(k.backend),
+        port: k.port.to_be(),
+        proto: k.proto.number(),
+        pad: 0,
+    }
+}
+
+/// A DSR map key; None for one kpr never writes.
+pub fn decode_dsr_key(k: &dsr_key) -> Option<DsrKey> {
+    Some(DsrKey {
+        frontend: decode_ip(&k.frontend),
+        backend: decode_ip(&k.backend),
+        port: u16::from_be(k.port),
+        proto: Protocol::from_number(k.proto)?,
+    })
 }
 
 #[cfg(test)]
@@ -339,6 +373,46 @@ mod tests {
         assert_eq!(size_of::<lb_sock_rnat_val>(), 24);
         assert_eq!(size_of::<ct_key>(), 40);
         assert_eq!(size_of::<ct_entry>(), 64);
+        assert_eq!(size_of::<dsr_key>(), 36);
+    }
+
+    #[test]
+    fn dsr_key_golden_encoding_and_roundtrip() {
+        let k = DsrKey {
+            frontend: "0.0.0.0".parse().unwrap(),
+            backend: "10.244.2.11".parse().unwrap(),
+            port: 30080,
+            proto: Protocol::Udp,
+        };
+        assert_eq!(
+            hex(&dsr_key(&k)),
+            //  ::ffff:0.0.0.0 (any node address)  ::ffff:10.244.2.11
+            "00000000000000000000ffff00000000".to_string()
+                + "00000000000000000000ffff0af4020b"
+                // port  udp  pad
+                + "7580" + "11" + "00"
+        );
+        assert_eq!(decode_dsr_key(&dsr_key(&k)), Some(k));
+    }
+
+    #[test]
+    fn ct_flags_golden_encoding() {
+        let r = |flags: u16| {
+            let k = ct_key {
+                proto: 6,
+                ..Default::default()
+            };
+            let v = ct_entry {
+                flags,
+                ..Default::default()
+            };
+            decode_ct(&k, &v).unwrap()
+        };
+        assert!(r(0b1).snat && !r(0b1).established);
+        assert!(r(0b10).established);
+        assert!(r(0b100).closing);
+        assert!(r(0b1000).dsr_encap && !r(0b1000).dsr_decap);
+        assert!(r(0b10000).dsr_decap && !r(0b10000).dsr_encap);
     }
 
     #[test]
@@ -355,6 +429,8 @@ mod tests {
             snat: true,
             established: true,
             closing: false,
+            dsr_encap: false,
+            dsr_decap: false,
             created_ns: 1,
             expires_ns: 2,
         };

@@ -1,7 +1,7 @@
 //! The north-south datapath's lifecycle: loading bpf/nodeport.bpf.c with
 //! its knobs, sharing the load balancer's pinned maps, pinning the
-//! conntrack and counter maps, and attaching to `--devices` on tcx ingress
-//! and egress with pinned links.
+//! conntrack, DSR and counter maps, and attaching to `--devices` on tcx
+//! ingress and egress with pinned links.
 //!
 //! Restart safety is the socket path's: a restarted agent swaps the
 //! program behind each pinned tcx link (BPF_LINK_UPDATE), so packets are
@@ -29,10 +29,14 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd};
 
 /// Pinned name of the conntrack map (its suffix is the layout version).
 pub const CT_PIN: &str = "kpr_ct_v1";
-/// Pinned name of the north-south counters.
-pub const STATS_PIN: &str = "kpr_npstats_v1";
+/// Pinned name of the north-south counters (v2: fifteen counters, the
+/// DSR ones added; a v1 pin is removed as one of an older layout).
+pub const STATS_PIN: &str = "kpr_npstats_v2";
+/// Pinned name of the DSR map (frontend, local backend -> backend id),
+/// which `datapath::dsr` keeps in step with the services map.
+pub const DSR_PIN: &str = "kpr_dsr_v1";
 /// The pins only the north-south datapath creates.
-pub const PINS: [&str; 2] = [CT_PIN, STATS_PIN];
+pub const PINS: [&str; 3] = [CT_PIN, STATS_PIN, DSR_PIN];
 
 /// How NodePort traffic reaches a backend on another node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -40,10 +44,37 @@ pub const PINS: [&str; 2] = [CT_PIN, STATS_PIN];
 pub enum NodePortMode {
     /// Source-NAT to the node: replies come back through this node.
     Snat,
-    /// Direct server return. NOT IMPLEMENTED YET: the agent refuses it.
+    /// Direct server return: the packet goes IPIP-encapsulated to the
+    /// backend's node (which needs kpr too), the backend sees the client's
+    /// address and its reply goes straight to the client.
     Dsr,
-    /// DSR for TCP, SNAT for UDP. NOT IMPLEMENTED YET: the agent refuses it.
+    /// DSR for TCP, SNAT for UDP.
     Hybrid,
+}
+
+impl NodePortMode {
+    /// The datapath's `enum np_mode` value.
+    fn bpf_value(self) -> u32 {
+        use crate::datapath::skel::nodeport::types::np_mode;
+        match self {
+            NodePortMode::Snat => np_mode::NP_MODE_SNAT.0,
+            NodePortMode::Dsr => np_mode::NP_MODE_DSR.0,
+            NodePortMode::Hybrid => np_mode::NP_MODE_HYBRID.0,
+        }
+    }
+}
+
+/// Bytes a DSR packet needs besides its TCP payload: outer and inner IPv4
+/// headers and the TCP header (20 each).
+const DSR_MSS_OVERHEAD: u32 = 60;
+
+/// The MSS DSR SYN-ACKs are clamped to: the smallest MTU of `mtus` minus
+/// [`DSR_MSS_OVERHEAD`]; 0 (no clamp) without any MTU.
+pub fn dsr_mss(mtus: &[u32]) -> u16 {
+    mtus.iter()
+        .min()
+        .map(|m| m.saturating_sub(DSR_MSS_OVERHEAD).min(u32::from(u16::MAX)) as u16)
+        .unwrap_or(0)
 }
 
 /// Whether north-south ingress is handled in XDP before the stack (tc
@@ -155,14 +186,12 @@ pub struct NodePortConfig {
 }
 
 impl NodePortConfig {
-    /// Refuses what is not implemented yet, naming it.
+    /// Refuses a configuration the datapath cannot run.
     pub fn validate(&self) -> Result<()> {
-        let mode = match self.mode {
-            NodePortMode::Snat => return Ok(()),
-            NodePortMode::Dsr => "dsr",
-            NodePortMode::Hybrid => "hybrid",
-        };
-        bail!("--nodeport-mode {mode} is not implemented yet; only snat is")
+        if self.devices.is_empty() {
+            bail!("the north-south datapath needs at least one device (--devices)");
+        }
+        Ok(())
     }
 }
 
@@ -216,6 +245,36 @@ pub fn ifindex(device: &str) -> Result<u32> {
     Ok(index)
 }
 
+/// The MTU of `device` in this network namespace (SIOCGIFMTU).
+pub fn device_mtu(device: &str) -> Result<u32> {
+    use std::os::fd::OwnedFd;
+    let name = device.as_bytes();
+    if name.len() >= libc::IFNAMSIZ {
+        bail!("device name {device:?} is too long");
+    }
+    // SAFETY: socket(2) has no memory preconditions.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error()).context("socket for SIOCGIFMTU");
+    }
+    // SAFETY: a fresh descriptor we own.
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: ifreq is plain data; all-zero is a valid (empty) request.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(name) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFMTU reads the name and writes ifru_mtu of a valid ifreq.
+    let ret = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFMTU as _, &mut ifr) };
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("reading the MTU of {device}"));
+    }
+    // SAFETY: SIOCGIFMTU filled the ifru_mtu member.
+    let mtu = unsafe { ifr.ifr_ifru.ifru_mtu };
+    u32::try_from(mtu).with_context(|| format!("MTU {mtu} of {device}"))
+}
+
 /// What attaching did, for logs and `kpr status`.
 #[derive(Debug, Default, Serialize)]
 pub struct NodePortReport {
@@ -229,6 +288,8 @@ pub struct NodePortReport {
     pub xdp_links: Vec<String>,
     /// The conntrack map was pinned already (its flows go on).
     pub reused_ct: bool,
+    /// The TCP MSS DSR SYN-ACKs are clamped to (0: no clamp).
+    pub dsr_mss: u16,
 }
 
 /// Loads the north-south programs (maps shared with the socket path and
@@ -245,15 +306,24 @@ pub fn load_and_attach(
         .iter()
         .map(|d| Ok((d.clone(), ifindex(d)?)))
         .collect::<Result<_>>()?;
+    let mtus: Vec<u32> = config
+        .devices
+        .iter()
+        .map(|d| device_mtu(d))
+        .collect::<Result<_>>()?;
+    // Set whatever the mode: a node takes DSR flows in from nodes in dsr
+    // or hybrid mode also while it runs in snat mode itself.
+    let mss = dsr_mss(&mtus);
     let mut report = NodePortReport {
         reused_ct: bpf_root.join(CT_PIN).exists(),
+        dsr_mss: mss,
         ..NodePortReport::default()
     };
     let mut storage = MaybeUninit::uninit();
     let mut open = NodeportSkelBuilder::default()
         .open(&mut storage)
         .context("opening the north-south BPF object")?;
-    configure_open!(open, config, sizes, bpf_root);
+    configure_open!(open, config, sizes, bpf_root, mss);
     let skel: NodeportSkel = open.load().context(
         "loading the north-south BPF programs (a pinned map of an incompatible definition? run `kpr cleanup`)",
     )?;
@@ -285,7 +355,7 @@ pub fn load_and_attach(
             let mut open = NodeportXdpSkelBuilder::default()
                 .open(&mut xdp_storage)
                 .context("opening the north-south XDP object")?;
-            configure_open!(open, config, sizes, bpf_root);
+            configure_open!(open, config, sizes, bpf_root, mss);
             Some(open.load().context("loading the north-south XDP program")?)
         }
     };
@@ -316,7 +386,7 @@ pub fn load_and_attach(
 /// Sets the knobs and map pins shared by the tc and XDP objects on an
 /// open skeleton (their generated types differ, their fields do not).
 macro_rules! configure_open {
-    ($open:ident, $config:ident, $sizes:ident, $bpf_root:ident) => {{
+    ($open:ident, $config:ident, $sizes:ident, $bpf_root:ident, $mss:ident) => {{
         let rodata = $open
             .maps
             .rodata_data
@@ -328,6 +398,8 @@ macro_rules! configure_open {
         rodata.ct_timeout_tcp = $config.timeouts.tcp;
         rodata.ct_timeout_tcp_closing = $config.timeouts.tcp_closing;
         rodata.ct_timeout_udp = $config.timeouts.udp;
+        rodata.nodeport_mode.0 = $config.mode.bpf_value();
+        rodata.dsr_mss_max = $mss;
         // The load balancer's maps are the socket path's pins, reused.
         let mut shared = LoadReport::default();
         let maps = &mut $open.maps;
@@ -340,9 +412,16 @@ macro_rules! configure_open {
             loader::set_map_size(map, $bpf_root, name, $sizes, &mut shared)?;
         }
         loader::size_and_pin(&mut maps.kpr_ct_v1, &$bpf_root.join(CT_PIN), $sizes.ct)?;
-        let stats_size = maps.kpr_npstats_v1.max_entries();
+        // One entry per north-south frontend and local backend: never more
+        // than the services map has slots.
         loader::size_and_pin(
-            &mut maps.kpr_npstats_v1,
+            &mut maps.kpr_dsr_v1,
+            &$bpf_root.join(DSR_PIN),
+            $sizes.services,
+        )?;
+        let stats_size = maps.kpr_npstats_v2.max_entries();
+        loader::size_and_pin(
+            &mut maps.kpr_npstats_v2,
             &$bpf_root.join(STATS_PIN),
             stats_size,
         )?;
@@ -648,7 +727,7 @@ mod tests {
     }
 
     #[test]
-    fn modes_and_acceleration_not_implemented_are_refused_by_name() {
+    fn every_mode_and_acceleration_is_accepted_with_devices() {
         let ok = NodePortConfig {
             devices: vec!["eth0".into()],
             mode: NodePortMode::Snat,
@@ -656,21 +735,40 @@ mod tests {
             snat_ports: DEFAULT_SNAT_PORTS,
             timeouts: CtTimeouts::default(),
         };
-        assert!(ok.validate().is_ok());
-        let dsr = NodePortConfig {
-            mode: NodePortMode::Dsr,
-            ..ok.clone()
-        };
-        let err = dsr.validate().unwrap_err().to_string();
-        assert!(
-            err.contains("--nodeport-mode dsr is not implemented yet"),
-            "{err}"
-        );
-        let xdp = NodePortConfig {
-            acceleration: Acceleration::Native,
+        for mode in [NodePortMode::Snat, NodePortMode::Dsr, NodePortMode::Hybrid] {
+            for acceleration in [
+                Acceleration::Disabled,
+                Acceleration::Native,
+                Acceleration::Generic,
+            ] {
+                let c = NodePortConfig {
+                    mode,
+                    acceleration,
+                    ..ok.clone()
+                };
+                assert!(c.validate().is_ok(), "{c:?}");
+            }
+        }
+        let none = NodePortConfig {
+            devices: Vec::new(),
             ..ok
         };
-        assert!(xdp.validate().is_ok());
+        assert!(none.validate().is_err());
+    }
+
+    #[test]
+    fn the_dsr_mss_leaves_room_for_both_ip_headers_and_tcp() {
+        assert_eq!(dsr_mss(&[1500, 9000]), 1440);
+        assert_eq!(dsr_mss(&[9000]), 8940);
+        assert_eq!(dsr_mss(&[]), 0);
+        assert_eq!(dsr_mss(&[40]), 0);
+    }
+
+    #[test]
+    fn modes_map_to_the_datapath_enum() {
+        assert_eq!(NodePortMode::Snat.bpf_value(), 0);
+        assert_eq!(NodePortMode::Dsr.bpf_value(), 1);
+        assert_eq!(NodePortMode::Hybrid.bpf_value(), 2);
     }
 
     #[test]

@@ -23,6 +23,11 @@
 //! namespace has rp_filter off (SNAT and test routes are asymmetric), and
 //! all neighbours are static so no first packet waits for ARP.
 //!
+//! With [`ClusterPlan::direct_return`] each node reaches the other node's
+//! client link through its own client link instead (the client answers
+//! on either), as DSR needs: a backend's node then sends replies straight
+//! to the client, never through the node the client addressed.
+//!
 //! Dropping the cluster deletes all five namespaces and with them every
 //! interface, address and route.
 
@@ -60,6 +65,12 @@ pub struct ClusterPlan {
     /// nodes redirect XDP frames into accept them (native XDP on veth
     /// needs NAPI on the receiving end).
     pub xdp_ready: bool,
+    /// Route each node's traffic to the other node's client link (client
+    /// addresses included) out of its own client link, so a backend's node
+    /// reaches any client directly, as direct server return needs. Off:
+    /// over the node-to-node link (replies to a client that addressed the
+    /// other node pass through that node).
+    pub direct_return: bool,
 }
 
 impl Default for ClusterPlan {
@@ -67,6 +78,7 @@ impl Default for ClusterPlan {
         ClusterPlan {
             pods_per_node: 2,
             xdp_ready: false,
+            direct_return: false,
         }
     }
 }
@@ -165,6 +177,7 @@ pub struct Cluster {
     client: Netns,
     nodes: [ClusterNode; 2],
     xdp_ready: bool,
+    direct_return: bool,
 }
 
 impl Cluster {
@@ -201,6 +214,7 @@ impl Cluster {
             client,
             nodes,
             xdp_ready: plan.xdp_ready,
+            direct_return: plan.direct_return,
         };
         cluster.configure()?;
         Ok(cluster)
@@ -328,13 +342,42 @@ impl Cluster {
             "via",
             &n1.ext_ip().to_string(),
         ])?;
-        // Each node reaches the other's pods and client link over the
-        // node-to-node link.
+        // Each node reaches the other's pods over the node-to-node link,
+        // and the other's client link over it too or, for direct return,
+        // through the client on its own client link.
         for (node, other) in [(n1, n2), (n2, n1)] {
             let via = other.peer_ip().to_string();
-            for net in [pod_subnet(other.index), client_subnet(other.index)] {
-                node.ns
-                    .ip(&["route", "add", &net, "via", &via, "dev", NODE_PEER_IF])?;
+            node.ns.ip(&[
+                "route",
+                "add",
+                &pod_subnet(other.index),
+                "via",
+                &via,
+                "dev",
+                NODE_PEER_IF,
+            ])?;
+            let client_net = client_subnet(other.index);
+            if self.direct_return {
+                let client = client_ip(node.index).to_string();
+                node.ns.ip(&[
+                    "route",
+                    "add",
+                    &client_net,
+                    "via",
+                    &client,
+                    "dev",
+                    NODE_CLIENT_IF,
+                ])?;
+            } else {
+                node.ns.ip(&[
+                    "route",
+                    "add",
+                    &client_net,
+                    "via",
+                    &via,
+                    "dev",
+                    NODE_PEER_IF,
+                ])?;
             }
         }
         Ok(())
