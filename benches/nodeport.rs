@@ -7,6 +7,9 @@
 //!    tc only and once with generic XDP in front.
 //! 2. a bounded UDP flood from the client to node2's NodePort, counted at
 //!    the backend, with tc only, generic XDP and native XDP on veth.
+//! 3. the same requests through node1's NodePort to the backend on node2
+//!    (remote backend), in snat and in dsr mode (tc only), each against
+//!    the requests routed straight to the backend.
 //!
 //! Needs root; without it, it says so and measures nothing.
 //! `cargo bench --bench nodeport` (KPR_BENCH_REQUESTS, KPR_BENCH_DATAGRAMS).
@@ -34,8 +37,14 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 }
 
 fn bed(prefix: &str, accel: &str) -> NodePortBed {
+    bed_in_mode(prefix, accel, "snat")
+}
+
+/// A bed in `mode` whose nodes reach the client directly (as DSR needs).
+fn bed_in_mode(prefix: &str, accel: &str, mode: &str) -> NodePortBed {
     let plan = ClusterPlan {
         xdp_ready: true,
+        direct_return: true,
         ..ClusterPlan::default()
     };
     NodePortBed::start(
@@ -43,14 +52,15 @@ fn bed(prefix: &str, accel: &str) -> NodePortBed {
         Path::new(env!("CARGO_BIN_EXE_kpr")),
         &plan,
         manifest,
-        &["--nodeport-acceleration", accel],
+        &["--nodeport-acceleration", accel, "--nodeport-mode", mode],
     )
     .expect("bed")
 }
 
-/// p50/p90 (us) via the NodePort and direct, interleaved per request.
-fn latency(bed: &NodePortBed, rounds: u32) -> ((f64, f64), (f64, f64)) {
-    let via = SocketAddr::new(IpAddr::V4(bed.node(2).ext_ip()), NODE_PORT_TCP);
+/// p50/p90 (us) via node `via_node`'s NodePort and direct, interleaved per
+/// request.
+fn latency(bed: &NodePortBed, via_node: u8, rounds: u32) -> ((f64, f64), (f64, f64)) {
+    let via = SocketAddr::new(IpAddr::V4(bed.node(via_node).ext_ip()), NODE_PORT_TCP);
     let direct = SocketAddr::new(IpAddr::V4(bed.node(2).pod_ips()[0]), POD_TCP);
     let run = |count| {
         let spec = ProbeSpec::TcpInterleaved {
@@ -132,7 +142,7 @@ fn main() {
     );
     for (prefix, accel) in [("npbt", "disabled"), ("npbg", "generic")] {
         let bed = bed(prefix, accel);
-        let ((v50, v90), (d50, d90)) = latency(&bed, rounds);
+        let ((v50, v90), (d50, d90)) = latency(&bed, 2, rounds);
         println!(
             "{:<26}{v50:>12.1}{v90:>12.1}{d50:>12.1}{d90:>12.1}{:>10.3}{:>10.3}",
             format!("tc + XDP {accel}"),
@@ -159,6 +169,22 @@ fn main() {
             format!("XDP {accel}"),
             delivered / sent,
             stats.xdp_fwd
+        );
+    }
+
+    println!("\nNodePort on node1 to the backend on node2 vs direct to the backend: connect + request + close, {rounds} requests each, interleaved");
+    println!(
+        "{:<26}{:>12}{:>12}{:>12}{:>12}{:>10}{:>10}",
+        "", "NP p50 us", "NP p90 us", "dir p50 us", "dir p90 us", "p50 x", "p90 x"
+    );
+    for (prefix, mode) in [("npbrs", "snat"), ("npbrd", "dsr")] {
+        let bed = bed_in_mode(prefix, "disabled", mode);
+        let ((v50, v90), (d50, d90)) = latency(&bed, 1, rounds);
+        println!(
+            "{:<26}{v50:>12.1}{v90:>12.1}{d50:>12.1}{d90:>12.1}{:>10.3}{:>10.3}",
+            format!("tc, {mode}"),
+            v50 / d50,
+            v90 / d90
         );
     }
 }

@@ -195,7 +195,8 @@ static __always_inline int xdp_dsr_decap(struct xdp_md *ctx, struct iphdr *outer
 		return XDP_PASS;
 	if (xdp_parse_l4((void *)(outer + 1), data_end, &p, &ports, &l4_check) < 0)
 		return XDP_PASS;
-	v = np_dsr_ingress(ctx, ctx->ingress_ifindex, &p, outer->daddr, &fwd, NP_O_NEED_NEIGH);
+	v = np_dsr_ingress(ctx, ctx->ingress_ifindex, &p, outer->daddr, &fwd,
+			   NP_O_NEED_NEIGH | NP_O_TC_FOLLOWS);
 	if (v == NP_V_DROP)
 		return XDP_DROP;
 	if (v != NP_V_FWD)

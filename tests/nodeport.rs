@@ -1265,3 +1265,73 @@ fn hybrid_mode_returns_tcp_directly_and_snats_udp() {
         .iter()
         .any(|e| e.proto == Protocol::Udp && e.dsr_encap));
 }
+
+/// Restart safety with DSR: both agents killed and restarted (the
+/// backend's node first) under steady load through node1, whose flows go
+/// half by DSR to node2. The DSR map, conntrack and the programs behind
+/// the pinned links carry every connection over, and long-lived UDP flows
+/// keep their backend.
+#[test]
+fn dsr_agents_restarted_under_load_fail_no_connection_and_keep_udp_flows() {
+    if !root() {
+        return;
+    }
+    let mut bed = start_dsr_bed("npdsrr", None, "dsr");
+    let target = node_port(bed.node(1), NODE_PORT_TCP);
+    let first = udp_flows_answers(bed.cluster.client(), bed.node(1), 8, None);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let load_stop = stop.clone();
+    let load = bed
+        .cluster
+        .client()
+        .spawn_thread(move || {
+            let (mut answered, mut failed) = (0u64, BTreeMap::<String, u64>::new());
+            let mut batches = 0;
+            while batches < 1000 && (!load_stop.load(Ordering::Relaxed) || batches < 5) {
+                let r = ProbeSpec::TcpRequests {
+                    target,
+                    count: 20,
+                    timeout_ms: 3000,
+                }
+                .run()
+                .expect("probe runs");
+                let r = r.as_requests().expect("requests report").clone();
+                answered += r.identities.values().sum::<u64>();
+                for (k, v) in r.failures {
+                    *failed.entry(k).or_default() += v;
+                }
+                batches += 1;
+            }
+            (answered, failed)
+        })
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let decap_before = bed.stats(2).unwrap().dsr_decap;
+    for n in [2u8, 1] {
+        let agent = bed.agent(n);
+        agent.kill().unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        agent.restart().unwrap();
+        agent.wait_healthy(Duration::from_secs(30)).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Relaxed);
+    let (answered, failed) = load.join().unwrap();
+    let failures: u64 = failed.values().sum();
+    println!(
+        "DSR restart under load (node2 then node1 killed and restarted): {answered} requests answered, {failures} failed ({failed:?})"
+    );
+    assert_eq!(failures, 0, "{failed:?}");
+    assert!(answered >= 100, "{answered}");
+    assert!(bed.stats(2).unwrap().dsr_decap > decap_before);
+    for n in [1u8, 2] {
+        let log = bed.agent(n).log();
+        assert!(log.matches("reused_ct=true").count() >= 1, "{log}");
+    }
+    let again = udp_flows_answers(bed.cluster.client(), bed.node(1), 8, Some(&first));
+    assert_eq!(
+        first, again,
+        "every UDP flow kept its backend across restarts"
+    );
+}

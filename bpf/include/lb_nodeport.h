@@ -150,6 +150,8 @@ struct np_fwd {
 enum np_opts {
 	NP_O_NEED_NEIGH = 1 << 0, /* no neighbour entry: PASS instead of FWD
 				   * (XDP cannot resolve one; tc can) */
+	NP_O_TC_FOLLOWS = 1 << 1, /* what is passed on is decided again by the
+				   * tc program: not counted here (XDP) */
 };
 
 /* Routes @fwd's destination; returns the verdict for a lookup result. */
@@ -447,7 +449,8 @@ static __always_inline int np_dsr_ingress(void *ctx, __u32 ifindex, const struct
 	backend = lb_lookup_backend(backend_id);
 	if (!backend || !(backend->flags & BE_F_LOCAL) || !lb_addr_is_v4(backend->addr) ||
 	    backend->addr[3] != backend_addr || backend->proto != p->proto) {
-		np_count(NP_STAT_DSR_MISS);
+		if (!(opts & NP_O_TC_FOLLOWS))
+			np_count(NP_STAT_DSR_MISS);
 		return NP_V_PASS;
 	}
 	if (p->ttl <= 1) {

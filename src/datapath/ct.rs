@@ -4,7 +4,8 @@
 //!
 //! Both entries of a flow share one expiry (lb_ct.h refreshes them
 //! together), so a GC pass that removes expired entries removes flows as
-//! pairs. Times are CLOCK_MONOTONIC nanoseconds, bpf_ktime_get_ns()'s clock.
+//! pairs; a DSR flow on the node that encapsulates it has a single entry.
+//! Times are CLOCK_MONOTONIC nanoseconds, bpf_ktime_get_ns()'s clock.
 
 use std::fmt::Write as _;
 use std::path::Path;
