@@ -91,8 +91,11 @@ pub struct Syncer {
     /// Refusals of the last sync, to log each only when it first appears.
     refused: BTreeSet<String>,
     /// The DSR map, kept in step with the services map after every sync
-    /// (north-south datapath only).
+    /// that wrote to it (north-south datapath only).
     dsr: Option<DsrTable>,
+    /// The DSR map may differ from the services map: just opened, or its
+    /// last sync failed.
+    dsr_stale: bool,
 }
 
 /// How a sync ended.
@@ -142,6 +145,7 @@ impl Syncer {
             status,
             refused: BTreeSet::new(),
             dsr: None,
+            dsr_stale: true,
         })
     }
 
@@ -152,12 +156,16 @@ impl Syncer {
         Ok(self)
     }
 
-    /// Brings the DSR map to what the services map now holds. False when a
-    /// write failed (logged and counted; the next sync retries).
-    fn sync_dsr(&mut self) -> bool {
+    /// Brings the DSR map to what the services map now holds, when the
+    /// services map `changed` or the DSR map is stale. False when a write
+    /// failed (logged and counted; the next sync retries).
+    fn sync_dsr(&mut self, changed: bool) -> bool {
         let Some(table) = self.dsr.as_mut() else {
             return true;
         };
+        if !changed && !self.dsr_stale {
+            return true;
+        }
         let desired = dsr::desired(self.reconciler.snapshot());
         let ok = match table.sync(&desired) {
             Ok(done) => {
@@ -178,6 +186,7 @@ impl Syncer {
         };
         self.metrics
             .set_map(MapLabel::Dsr, table.len(), table.capacity());
+        self.dsr_stale = !ok;
         ok
     }
 
@@ -203,6 +212,10 @@ impl Syncer {
     ) -> Synced {
         let elapsed = started.elapsed();
         self.metrics.observe_sync(elapsed);
+        // A failed sync re-read the maps: what they hold may have moved.
+        let changed = result
+            .as_ref()
+            .map_or(true, |o| o.writes > 0 || o.pruned_frontends > 0);
         let synced = match result {
             Ok(outcome) => {
                 let refused: BTreeSet<String> =
@@ -248,7 +261,7 @@ impl Syncer {
         };
         // A DSR map that lags only affects flows other nodes send here by
         // DSR: retried like a refusal, without failing health.
-        let synced = if !self.sync_dsr() && synced == Synced::Clean {
+        let synced = if !self.sync_dsr(changed) && synced == Synced::Clean {
             Synced::Refused
         } else {
             synced

@@ -24,7 +24,8 @@
  *    inner packet is the client's own, untouched;
  *  - it needs no tunnel device and no UDP port on either node, and the
  *    kernel segments GSO packets with an IPIP header (SKB_GSO_IPXIP4)
- *    itself; Geneve would cost 36 bytes more (UDP + Geneve + option).
+ *    itself; Geneve adds a UDP and a Geneve header and its option on top
+ *    of the outer IP header.
  * It needs what any DSR needs: pod (backend) addresses routed between
  * nodes, no source-address check on the client's address at the backend's
  * node (cloud src/dst checks), and a route from the backend's node to
