@@ -1201,8 +1201,55 @@ fn oversized_udp_gets_fragmentation_needed(bed: &NodePortBed) {
     assert!(bed.stats(1).unwrap().drop_dsr_too_big > before);
 }
 
-/// Everything DSR is checked for, on a bed in `mode` with `xdp` in front.
-fn dsr_end_to_end(prefix: &str, xdp: Option<&str>) {
+/// Entries of node `n`'s DSR map, as its agent reports them.
+fn dsr_entries(bed: &NodePortBed, n: u8) -> Option<f64> {
+    bed.agents[usize::from(n - 1)]
+        .metric_value("kpr_bpf_map_entries", r#"map="dsr""#)
+        .unwrap()
+}
+
+/// The DSR map holds one entry per north-south frontend (NodePorts once,
+/// whatever the node address) and local backend, and follows endpoint
+/// changes: a node2 pod taken out of `bulk` is no longer reached by DSR.
+fn dsr_map_follows_endpoints(bed: &NodePortBed) {
+    // node1: web TCP+UDP x 2 pods, web-local x 2, one-local x 2; node2:
+    // web x 2 x 2, web-local x 2, bulk TCP+UDP x 2.
+    assert_eq!(dsr_entries(bed, 1), Some(8.0));
+    assert_eq!(dsr_entries(bed, 2), Some(10.0));
+    let gone = bed.node(2).pod_ips()[1];
+    let kept = bed.node(2).pod_ips()[0];
+    let path = bed.dir().join("manifests").join("services.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let line = format!("- {{addresses: [{gone}], nodeName: node2}}\n");
+    let at = text.rfind(&line).expect("bulk lists the pod last");
+    let text = format!("{}{}", &text[..at], &text[at + line.len()..]);
+    std::fs::write(&path, text).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dsr_entries(bed, 2) != Some(8.0) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        dsr_entries(bed, 2),
+        Some(8.0),
+        "two bulk entries of {gone} gone"
+    );
+    let r = run_in(
+        bed.cluster.client(),
+        ProbeSpec::UdpConnected {
+            target: node_port(bed.node(1), NODE_PORT_BULK_UDP),
+            count: 20,
+            timeout_ms: 2000,
+        },
+    );
+    let u = r.as_udp().unwrap();
+    assert!(u.failures.is_empty(), "{u:?}");
+    let seen: BTreeSet<IpAddr> = u.identities.keys().map(|r| seen_source(r).0).collect();
+    assert_eq!(seen, BTreeSet::from([IpAddr::V4(kept)]), "{u:?}");
+}
+
+/// Everything DSR is checked for, on a dsr bed with `xdp` in front; the
+/// bed, for more.
+fn dsr_end_to_end(prefix: &str, xdp: Option<&str>) -> NodePortBed {
     let bed = start_dsr_bed(prefix, xdp, "dsr");
     dsr_spreads_with_the_client_address(&bed, true);
     check_dsr_conntrack(&bed, true);
@@ -1221,6 +1268,7 @@ fn dsr_end_to_end(prefix: &str, xdp: Option<&str>) {
             assert!(s.xdp_fwd > 0, "{s:?}");
         }
     }
+    bed
 }
 
 #[test]
@@ -1228,7 +1276,8 @@ fn dsr_nodeport_reaches_backends_on_both_nodes_which_see_the_client_and_answer_i
     if !root() {
         return;
     }
-    dsr_end_to_end("npdsr", None);
+    let bed = dsr_end_to_end("npdsr", None);
+    dsr_map_follows_endpoints(&bed);
 }
 
 #[test]

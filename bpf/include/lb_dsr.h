@@ -29,7 +29,8 @@
  * It needs what any DSR needs: pod (backend) addresses routed between
  * nodes, no source-address check on the client's address at the backend's
  * node (cloud src/dst checks), and a route from the backend's node to
- * the client.
+ * the client through one of its --devices (whose egress rewrites the
+ * reply's source).
  *
  * The 20-byte overhead: a full-size packet from the client does not fit
  * the path once encapsulated. For TCP, the backend's node lowers the MSS
