@@ -139,7 +139,9 @@ enum ct_dir {
 };
 
 /* Flags of a conntrack entry (struct ct_entry.flags); both entries of a
- * flow carry the same flags. */
+ * flow carry the same flags. The DSR flags were added without a new map
+ * version: entries without them mean what they always meant, so a
+ * restarted agent keeps every flow of kpr_ct_v1. */
 enum ct_flags {
 	CT_F_SNAT        = 1 << 0, /* source-NATed to a node address (remote backend) */
 	CT_F_ESTABLISHED = 1 << 1, /* the backend has answered */
