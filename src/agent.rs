@@ -346,7 +346,8 @@ const LRU_GAUGE_PERIOD: Duration = Duration::from_secs(10);
 
 /// Probes the kernel. Strict: any missing feature is an error naming it and
 /// its kernel option. Partial: logs what is missing and returns the socket
-/// hooks to leave out.
+/// hooks to leave out (bind protection goes whole when any part of it is
+/// missing: it is reported, never fatal).
 fn check_features(mode: KprMode) -> Result<(Vec<&'static str>, Vec<features::Feature>)> {
     let probed = features::probe();
     let missing = features::missing(&probed);
@@ -366,21 +367,23 @@ fn check_features(mode: KprMode) -> Result<(Vec<&'static str>, Vec<features::Fea
     for m in &missing {
         tracing::warn!(feature = %m, "--kube-proxy-replacement partial: running without");
     }
-    let skip = features::HOOK_ATTACH_TYPES
+    let lacks = |name: &str| probed.iter().any(|f| f.name == name && !f.available);
+    let mut skip = features::HOOK_ATTACH_TYPES
         .iter()
         .map(|(hook, _)| *hook)
-        .filter(|hook| {
-            probed
-                .iter()
-                .any(|f| f.name == features::hook_feature_name(hook) && !f.available)
-        })
+        .filter(|hook| lacks(features::hook_feature_name(hook)))
         .collect::<Vec<_>>();
-    if skip.len() == features::HOOK_ATTACH_TYPES.len()
-        || probed
-            .iter()
-            .any(|f| f.name == "cgroup_sock_addr" && !f.available)
-    {
+    if skip.len() == features::HOOK_ATTACH_TYPES.len() || lacks("cgroup_sock_addr") {
         anyhow::bail!("no socket-LB hook is available: {}", missing.join("; "));
+    }
+    let bind_hooks = features::BIND_HOOK_ATTACH_TYPES.map(|(hook, _)| hook);
+    if lacks(features::NETNS_COOKIE_SOCKOPT)
+        || bind_hooks
+            .iter()
+            .any(|hook| lacks(features::hook_feature_name(hook)))
+    {
+        tracing::warn!("--kube-proxy-replacement partial: NodePort bind protection is off (host sockets may bind NodePorts)");
+        skip.extend(bind_hooks);
     }
     Ok((skip, probed))
 }
@@ -433,9 +436,13 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let use_set_retval = features
         .iter()
         .any(|f| f.name == "helper_set_retval" && f.available);
+    // Bind protection is for the node's own sockets: those of the agent's
+    // network namespace.
+    let host_netns_cookie = features::own_netns_cookie().unwrap_or(0);
     let options = loader::DatapathOptions {
         skip_hooks,
         use_set_retval,
+        host_netns_cookie,
     };
     let report = loader::load_and_attach(
         &config.bpf_root,

@@ -44,6 +44,12 @@ const NODE_PORT_EMPTY: u16 = 30083;
 /// The NodePort Service `web` (TCP and UDP) with every pod of both nodes as
 /// endpoints, plus the Local-policy and endpoint-less Services above.
 fn manifest(cluster: &Cluster) -> String {
+    let (web, others) = manifest_parts(cluster);
+    web + &others
+}
+
+/// [`manifest`] as `web` and the other Services.
+fn manifest_parts(cluster: &Cluster) -> (String, String) {
     let mut endpoints = String::new();
     let mut node1_endpoints = String::new();
     for node in cluster.nodes() {
@@ -93,14 +99,15 @@ spec:
   - {{name: http, protocol: TCP, port: 80, targetPort: {POD_TCP}, nodePort: {NODE_PORT_EMPTY}}}
 "#
     );
-    web + &local("web-local", "10.96.0.11", NODE_PORT_LOCAL, &endpoints)
+    let others = local("web-local", "10.96.0.11", NODE_PORT_LOCAL, &endpoints)
         + &local(
             "one-local",
             "10.96.0.12",
             NODE_PORT_ONE_LOCAL,
             &node1_endpoints,
         )
-        + &empty
+        + &empty;
+    (web, others)
 }
 
 /// The bed with this file's manifest; `extra_args` go to every agent.
@@ -757,4 +764,100 @@ fn a_client_port_reused_to_reach_a_local_backend_directly_still_connects() {
             "same backend, client seen both times"
         );
     }
+}
+
+/// NodePort bind protection (cgroup post_bind4/6): a process of the node
+/// (its namespace, the agent's cgroup) cannot bind a NodePort a Service
+/// uses, on the node IP, loopback or a wildcard, and gets EADDRINUSE as
+/// with Cilium; other ports, other protocols, addresses that are no node IP
+/// and pods' own namespaces are left alone; the port is free again once
+/// its Service is gone.
+#[test]
+fn host_sockets_cannot_bind_a_nodeport_in_use_until_its_service_is_deleted() {
+    if !root() {
+        return;
+    }
+    let bed = Bed::start("npbind", &[]);
+    let node = bed.node(1);
+    let bind = |ns: &Netns, addrs: &[&str], udp: bool| -> BTreeMap<String, String> {
+        let addrs = addrs.iter().map(|a| a.parse().unwrap()).collect();
+        bed.probe_in_cgroup(1, ns, &ProbeSpec::Bind { addrs, udp })
+            .unwrap()
+            .as_bind()
+            .unwrap()
+            .clone()
+    };
+    let outcomes = |addrs: &[&str], outcome: &str| -> BTreeMap<String, String> {
+        addrs
+            .iter()
+            .map(|a| {
+                (
+                    a.parse::<SocketAddr>().unwrap().to_string(),
+                    outcome.to_string(),
+                )
+            })
+            .collect()
+    };
+    let node_ip = format!("{}:{NODE_PORT_TCP}", node.ext_ip());
+    let taken = [
+        "0.0.0.0:30080",
+        node_ip.as_str(),
+        "127.0.0.1:30080",
+        "[::]:30080",
+        "[::ffff:0.0.0.0]:30080",
+    ];
+    let got = bind(node.ns(), &taken, false);
+    println!("node1, TCP: {got:?}");
+    assert_eq!(got, outcomes(&taken, "EADDRINUSE"));
+
+    // Not a NodePort, or not on a node IP (the node-to-node address is no
+    // --node-ip), or another protocol: free.
+    let peer_ip = format!("{}:{NODE_PORT_TCP}", node.peer_ip());
+    let free = ["0.0.0.0:30999", peer_ip.as_str(), "[::]:30999"];
+    assert_eq!(bind(node.ns(), &free, false), outcomes(&free, "OK"));
+    assert_eq!(
+        bind(node.ns(), &["0.0.0.0:30080"], true),
+        outcomes(&["0.0.0.0:30080"], "OK"),
+        "no UDP NodePort 30080"
+    );
+    let udp_taken = ["0.0.0.0:30053", "127.0.0.1:30053"];
+    assert_eq!(
+        bind(node.ns(), &udp_taken, true),
+        outcomes(&udp_taken, "EADDRINUSE")
+    );
+    // A pod in the same cgroup binds the NodePort in its own namespace.
+    assert_eq!(
+        bind(node.pods(), &["0.0.0.0:30080"], false),
+        outcomes(&["0.0.0.0:30080"], "OK")
+    );
+    // Endpoint-less and Local-policy NodePorts are protected too.
+    let others = ["0.0.0.0:30081", "0.0.0.0:30083"];
+    assert_eq!(
+        bind(node.ns(), &others, false),
+        outcomes(&others, "EADDRINUSE")
+    );
+
+    // Without `web`, its NodePorts are free again (after the next sync).
+    let (_, without_web) = manifest_parts(&bed.cluster);
+    std::fs::write(bed.dir().join("manifests/services.yaml"), without_web).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut got = bind(node.ns(), &taken, false);
+    while got != outcomes(&taken, "OK") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        got = bind(node.ns(), &taken, false);
+    }
+    assert_eq!(got, outcomes(&taken, "OK"), "web deleted");
+    assert_eq!(
+        bind(node.ns(), &udp_taken, true),
+        outcomes(&udp_taken, "OK")
+    );
+    assert_eq!(
+        bind(node.ns(), &others, false),
+        outcomes(&others, "EADDRINUSE"),
+        "the other Services keep theirs"
+    );
+    let status = bed
+        .kpr(&["status", "--bpf-root", bed.bpf_root(1).to_str().unwrap()])
+        .unwrap();
+    assert!(status.contains("post_bind4 post_bind6"), "{status}");
 }
