@@ -861,3 +861,178 @@ fn host_sockets_cannot_bind_a_nodeport_in_use_until_its_service_is_deleted() {
         .unwrap();
     assert!(status.contains("post_bind4 post_bind6"), "{status}");
 }
+
+/// Polls `ready` every 200 ms for at most `limit`; whether it became true.
+fn wait_for(limit: Duration, mut ready: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if ready() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The devices node1's agent reports in /status: (attached, missing).
+fn agent_devices(bed: &mut NodePortBed) -> (Vec<String>, Vec<String>) {
+    let status = bed.agent(1).status_json().unwrap();
+    let list = |key: &str| -> Vec<String> {
+        status["devices"][key]
+            .as_array()
+            .unwrap_or_else(|| panic!("no devices.{key} in {status:#}"))
+            .iter()
+            .map(|d| d.as_str().unwrap().to_string())
+            .collect()
+    };
+    (list("attached"), list("missing"))
+}
+
+/// `kpr status` as text, run inside node `n`'s namespace (where its
+/// agent's /status is).
+fn status_text(bed: &NodePortBed, n: u8) -> String {
+    let root = bed.bpf_root(n).to_str().unwrap().to_string();
+    let addr = bed.agents[usize::from(n - 1)].metrics_addr.to_string();
+    let out = bed
+        .node(n)
+        .ns()
+        .enter_thread(move || {
+            std::process::Command::new(KPR)
+                .args(["status", "--bpf-root", &root, "--metrics-addr", &addr])
+                .output()
+        })
+        .unwrap()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A `--devices` interface that does not exist when the agent starts is
+/// not an error: the agent waits for it, attaches tcx as soon as it
+/// appears (netlink link notification), NodePort traffic entering through
+/// it is load-balanced, and when it goes its links are forgotten.
+#[test]
+fn a_device_that_appears_later_is_attached_and_serves_nodeport_traffic() {
+    if !root() {
+        return;
+    }
+    let mut bed = Bed::start("nplate", &["--devices", "eth-late"]);
+    let root1 = bed.bpf_root(1);
+    let late_attached = |root: &Path| {
+        attached_devices(root)
+            .iter()
+            .filter(|d| d.device == "eth-late" && d.ifindex.is_some())
+            .count()
+    };
+    assert_eq!(late_attached(&root1), 0);
+    let (attached, missing) = agent_devices(&mut bed);
+    assert_eq!((attached.len(), missing), (2, vec!["eth-late".to_string()]));
+    let text = status_text(&bed, 1);
+    assert!(
+        text.contains("Devices:              eth-c eth-n (waiting for eth-late) [--devices eth-c,eth-n,eth-late]"),
+        "{text}"
+    );
+
+    let client_addr = bed.cluster.add_late_link(1, "eth-late", "eth-l1").unwrap();
+    let started = Instant::now();
+    assert!(
+        wait_for(Duration::from_secs(30), || late_attached(&root1) == 2),
+        "eth-late not attached: {:?}\n{}",
+        attached_devices(&root1),
+        bed.agent(1).log()
+    );
+    println!(
+        "eth-late attached {:?} after it appeared",
+        started.elapsed()
+    );
+    let (attached, missing) = agent_devices(&mut bed);
+    assert_eq!(attached, ["eth-c", "eth-late", "eth-n"]);
+    assert!(missing.is_empty(), "{missing:?}");
+
+    // NodePort traffic now enters node1 through eth-late, from the new
+    // client address: spread over every pod, local ones see the client.
+    let node = bed.node(1);
+    let target = node_port(node, NODE_PORT_TCP);
+    let r = run_in(
+        bed.cluster.client(),
+        ProbeSpec::TcpRequests {
+            target,
+            count: 40,
+            timeout_ms: 2000,
+        },
+    );
+    let r = r.as_requests().unwrap();
+    assert!(r.failures.is_empty(), "{r:?}");
+    let mut seen = BTreeSet::new();
+    for reply in r.identities.keys() {
+        let (identity, peer) = split_reply(reply);
+        let backend: SocketAddr = identity.parse().unwrap();
+        let peer = peer.unwrap();
+        if node_of(backend.ip()) == 1 {
+            assert_eq!(peer, IpAddr::V4(client_addr), "{reply}");
+        } else {
+            assert!(
+                node.addresses().contains(&match peer {
+                    IpAddr::V4(v4) => v4,
+                    IpAddr::V6(_) => panic!("{reply}"),
+                }),
+                "{reply}"
+            );
+        }
+        seen.insert(backend.ip());
+    }
+    assert_eq!(seen, all_pods(&bed), "every pod through eth-late");
+    // Only eth-late's ingress program saw these flows (eth-c never did).
+    let via_late = bed
+        .ct(1)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.dir == CtDir::Orig && e.src.ip() == IpAddr::V4(client_addr))
+        .count();
+    assert!(via_late >= 40, "{via_late} flows from {client_addr}");
+    assert_eq!(
+        bed.agent(1)
+            .metric_value("kpr_nodeport_devices", "")
+            .unwrap(),
+        Some(3.0)
+    );
+    assert!(
+        bed.agent(1)
+            .metric_value("kpr_nodeport_device_syncs_total", "result=\"success\"")
+            .unwrap()
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+    let text = status_text(&bed, 1);
+    assert!(
+        text.contains("Devices:              eth-c eth-late eth-n [--devices")
+            && text.contains("eth-late/ingress"),
+        "{text}"
+    );
+
+    // Gone again: its links are detached and unpinned, the agent waits for
+    // it anew, and traffic takes the old path through eth-c.
+    bed.cluster.remove_late_link(1, "eth-late").unwrap();
+    assert!(
+        wait_for(Duration::from_secs(30), || attached_devices(&root1)
+            .iter()
+            .all(|d| d.device != "eth-late")),
+        "{:?}",
+        attached_devices(&root1)
+    );
+    let (attached, missing) = agent_devices(&mut bed);
+    assert_eq!(attached, ["eth-c", "eth-n"]);
+    assert_eq!(missing, ["eth-late"]);
+    let r = run_in(
+        bed.cluster.client(),
+        ProbeSpec::TcpRequests {
+            target,
+            count: 10,
+            timeout_ms: 2000,
+        },
+    );
+    assert!(r.as_requests().unwrap().failures.is_empty(), "{r:?}");
+    assert!(bed.agent(1).log().contains("re-attached"));
+}
