@@ -1036,3 +1036,231 @@ fn a_device_that_appears_later_is_attached_and_serves_nodeport_traffic() {
     assert!(r.as_requests().unwrap().failures.is_empty(), "{r:?}");
     assert!(bed.agent(1).log().contains("re-attached"));
 }
+
+/// LoadBalancer ingress IP of `lb` (routed by the client through node1).
+const LB_IP: &str = "203.0.113.10";
+/// externalIP of `ext` (routed by the client through node2).
+const EXTERNAL_IP: &str = "203.0.113.20";
+
+/// [`manifest`] plus a LoadBalancer Service `lb` (TCP 80 and UDP 53, node
+/// ports 30090 and 30091, ingress IP [`LB_IP`]) and a ClusterIP Service
+/// `ext` with externalIP [`EXTERNAL_IP`] (TCP 8080), both with every pod.
+fn external_manifest(cluster: &Cluster) -> String {
+    let mut endpoints = String::new();
+    for node in cluster.nodes() {
+        for ip in node.pod_ips() {
+            endpoints += &format!("- {{addresses: [{ip}], nodeName: node{}}}\n", node.index());
+        }
+    }
+    let slice = |name: &str, ports: &str| {
+        format!(
+            r#"
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}-1, namespace: np, labels: {{kubernetes.io/service-name: {name}}}}}
+addressType: IPv4
+ports: {ports}
+endpoints:
+{endpoints}"#
+        )
+    };
+    let pod_udp = kpr::testbed::nodeport_bed::POD_UDP;
+    manifest(cluster)
+        + &format!(
+            r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: lb, namespace: np}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.20
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: {POD_TCP}, nodePort: 30090}}
+  - {{name: dns, protocol: UDP, port: 53, targetPort: {pod_udp}, nodePort: 30091}}
+status:
+  loadBalancer:
+    ingress: [{{ip: {LB_IP}}}]
+"#
+        )
+        + &slice(
+            "lb",
+            &format!(
+                "[{{name: http, protocol: TCP, port: {POD_TCP}}}, {{name: dns, protocol: UDP, port: {pod_udp}}}]"
+            ),
+        )
+        + &format!(
+            r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: ext, namespace: np}}
+spec:
+  clusterIP: 10.96.0.21
+  externalIPs: [{EXTERNAL_IP}]
+  ports:
+  - {{name: http, protocol: TCP, port: 8080, targetPort: {POD_TCP}}}
+"#
+        )
+        + &slice("ext", &format!("[{{name: http, protocol: TCP, port: {POD_TCP}}}]"))
+}
+
+/// `kpr svc list` rows: frontend -> (Service Type, number of backends).
+fn svc_list_rows(table: &str) -> BTreeMap<String, (String, usize)> {
+    let mut rows: BTreeMap<String, (String, usize)> = BTreeMap::new();
+    let mut last: Option<String> = None;
+    for line in table.lines().skip(1) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words[..] {
+            // a continuation line: N => backend (state)
+            [_, "=>", _, _] => {
+                let fe = last.as_ref().expect("a continuation after a row");
+                rows.get_mut(fe).unwrap().1 += 1;
+            }
+            // ID Frontend Type [N => backend (state)]
+            [_, frontend, svc_type, ref backend @ ..] => {
+                let n = usize::from(!backend.is_empty());
+                rows.insert(frontend.to_string(), (svc_type.to_string(), n));
+                last = Some(frontend.to_string());
+            }
+            _ => panic!("unexpected svc list line {line:?}"),
+        }
+    }
+    rows
+}
+
+/// LoadBalancer ingress IPs and externalIPs reached from the external
+/// client, routed through a node as a load balancer or router would: TCP
+/// and UDP spread over the pods of both nodes with SNAT for remote ones,
+/// replies from the frontend address; `kpr svc list` shows the NodePort,
+/// LoadBalancer and ExternalIPs frontends as `cilium service list` does.
+#[test]
+fn loadbalancer_ips_and_external_ips_are_served_from_outside_and_listed() {
+    if !root() {
+        return;
+    }
+    let bed = NodePortBed::start(
+        "nplbx",
+        Path::new(KPR),
+        &ClusterPlan::default(),
+        external_manifest,
+        &[],
+    )
+    .expect("the NodePort bed starts");
+    let client = bed.cluster.client();
+    for (ip, n) in [(LB_IP, 1u8), (EXTERNAL_IP, 2)] {
+        let via = bed.node(n).ext_ip().to_string();
+        client
+            .ip(&["route", "add", &format!("{ip}/32"), "via", &via])
+            .unwrap();
+    }
+    let frontends = [
+        (SocketAddr::new(LB_IP.parse().unwrap(), 80), 1u8),
+        (SocketAddr::new(EXTERNAL_IP.parse().unwrap(), 8080), 2),
+    ];
+    for (target, n) in frontends {
+        let node = bed.node(n);
+        let r = run_in(
+            client,
+            ProbeSpec::TcpRequests {
+                target,
+                count: 40,
+                timeout_ms: 2000,
+            },
+        );
+        let r = r.as_requests().unwrap();
+        assert!(r.failures.is_empty(), "{target}: {r:?}");
+        let seen: BTreeSet<IpAddr> = r
+            .identities
+            .keys()
+            .map(|reply| check_source(node, reply))
+            .collect();
+        println!("{target} through node{n}: {:?}", r.identities);
+        assert_eq!(seen, all_pods(&bed), "{target} reaches every pod");
+    }
+    // UDP to the LB IP: one flow per socket, spread, answered from the LB IP.
+    let target = SocketAddr::new(LB_IP.parse().unwrap(), 53);
+    let r = run_in(
+        client,
+        ProbeSpec::UdpConnected {
+            target,
+            count: 40,
+            timeout_ms: 2000,
+        },
+    );
+    let u = r.as_udp().unwrap();
+    assert!(u.failures.is_empty(), "{u:?}");
+    let seen: BTreeSet<IpAddr> = u
+        .identities
+        .keys()
+        .map(|reply| check_source(bed.node(1), reply))
+        .collect();
+    assert_eq!(seen, all_pods(&bed));
+    let r = run_in(
+        client,
+        ProbeSpec::UdpUnconnected {
+            target,
+            count: 5,
+            timeout_ms: 2000,
+        },
+    );
+    let u = r.as_udp().unwrap();
+    assert!(u.failures.is_empty(), "{u:?}");
+    assert_eq!(
+        u.reply_sources.iter().collect::<Vec<_>>(),
+        [&target.to_string()]
+    );
+    // Conntrack saw the frontends as the client addressed them.
+    for (target, n) in frontends {
+        let flows = bed
+            .ct(n)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.dir == CtDir::Orig && e.dst == target)
+            .count();
+        assert!(flows >= 40, "node{n}: {flows} flows to {target}");
+    }
+
+    let table = bed
+        .kpr(&[
+            "svc",
+            "list",
+            "--bpf-root",
+            bed.bpf_root(1).to_str().unwrap(),
+        ])
+        .unwrap();
+    println!("{table}");
+    assert!(
+        table.starts_with("ID   Frontend ")
+            && table
+                .lines()
+                .next()
+                .unwrap()
+                .ends_with("Service Type   Backend"),
+        "{table}"
+    );
+    let rows = svc_list_rows(&table);
+    let want = |fe: &str, t: &str| (fe.to_string(), (t.to_string(), 4));
+    for (fe, (t, n)) in [
+        want("203.0.113.10:80/TCP", "LoadBalancer"),
+        want("203.0.113.10:53/UDP", "LoadBalancer"),
+        want("203.0.113.20:8080/TCP", "ExternalIPs"),
+        want("192.0.2.11:30090/TCP", "NodePort"),
+        want("192.0.2.11:30091/UDP", "NodePort"),
+        want("127.0.0.1:30090/TCP", "NodePort"),
+        want("192.0.2.11:30080/TCP", "NodePort"),
+        want("10.96.0.20:80/TCP", "ClusterIP"),
+        want("10.96.0.21:8080/TCP", "ClusterIP"),
+    ] {
+        assert_eq!(rows.get(&fe), Some(&(t.clone(), n)), "{fe} in\n{table}");
+    }
+    // Every backend line reads like Cilium's: `N => ip:port/PROTO (active)`.
+    for line in table.lines().filter(|l| l.contains("=>")) {
+        assert!(line.ends_with("(active)"), "{line}");
+        assert!(
+            line.contains(":8080/TCP") || line.contains(":5353/UDP"),
+            "{line}"
+        );
+    }
+}
