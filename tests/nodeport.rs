@@ -777,16 +777,19 @@ fn host_sockets_cannot_bind_a_nodeport_in_use_until_its_service_is_deleted() {
     if !root() {
         return;
     }
-    let bed = Bed::start("npbind", &[]);
-    let node = bed.node(1);
-    let bind = |ns: &Netns, addrs: &[&str], udp: bool| -> BTreeMap<String, String> {
-        let addrs = addrs.iter().map(|a| a.parse().unwrap()).collect();
-        bed.probe_in_cgroup(1, ns, &ProbeSpec::Bind { addrs, udp })
-            .unwrap()
-            .as_bind()
-            .unwrap()
-            .clone()
-    };
+    let mut bed = Bed::start("npbind", &[]);
+    // In node1's namespace, or (pods) its pods', always in its agent's cgroup.
+    let bind =
+        |bed: &NodePortBed, pods: bool, addrs: &[&str], udp: bool| -> BTreeMap<String, String> {
+            let addrs = addrs.iter().map(|a| a.parse().unwrap()).collect();
+            let node = bed.node(1);
+            let ns = if pods { node.pods() } else { node.ns() };
+            bed.probe_in_cgroup(1, ns, &ProbeSpec::Bind { addrs, udp })
+                .unwrap()
+                .as_bind()
+                .unwrap()
+                .clone()
+        };
     let outcomes = |addrs: &[&str], outcome: &str| -> BTreeMap<String, String> {
         addrs
             .iter()
@@ -798,7 +801,7 @@ fn host_sockets_cannot_bind_a_nodeport_in_use_until_its_service_is_deleted() {
             })
             .collect()
     };
-    let node_ip = format!("{}:{NODE_PORT_TCP}", node.ext_ip());
+    let node_ip = format!("{}:{NODE_PORT_TCP}", bed.node(1).ext_ip());
     let taken = [
         "0.0.0.0:30080",
         node_ip.as_str(),
@@ -806,53 +809,67 @@ fn host_sockets_cannot_bind_a_nodeport_in_use_until_its_service_is_deleted() {
         "[::]:30080",
         "[::ffff:0.0.0.0]:30080",
     ];
-    let got = bind(node.ns(), &taken, false);
+    let got = bind(&bed, false, &taken, false);
     println!("node1, TCP: {got:?}");
     assert_eq!(got, outcomes(&taken, "EADDRINUSE"));
 
     // Not a NodePort, or not on a node IP (the node-to-node address is no
     // --node-ip), or another protocol: free.
-    let peer_ip = format!("{}:{NODE_PORT_TCP}", node.peer_ip());
+    let peer_ip = format!("{}:{NODE_PORT_TCP}", bed.node(1).peer_ip());
     let free = ["0.0.0.0:30999", peer_ip.as_str(), "[::]:30999"];
-    assert_eq!(bind(node.ns(), &free, false), outcomes(&free, "OK"));
+    assert_eq!(bind(&bed, false, &free, false), outcomes(&free, "OK"));
     assert_eq!(
-        bind(node.ns(), &["0.0.0.0:30080"], true),
+        bind(&bed, false, &["0.0.0.0:30080"], true),
         outcomes(&["0.0.0.0:30080"], "OK"),
         "no UDP NodePort 30080"
     );
     let udp_taken = ["0.0.0.0:30053", "127.0.0.1:30053"];
     assert_eq!(
-        bind(node.ns(), &udp_taken, true),
+        bind(&bed, false, &udp_taken, true),
         outcomes(&udp_taken, "EADDRINUSE")
     );
     // A pod in the same cgroup binds the NodePort in its own namespace.
     assert_eq!(
-        bind(node.pods(), &["0.0.0.0:30080"], false),
+        bind(&bed, true, &["0.0.0.0:30080"], false),
         outcomes(&["0.0.0.0:30080"], "OK")
     );
     // Endpoint-less and Local-policy NodePorts are protected too.
     let others = ["0.0.0.0:30081", "0.0.0.0:30083"];
     assert_eq!(
-        bind(node.ns(), &others, false),
+        bind(&bed, false, &others, false),
         outcomes(&others, "EADDRINUSE")
+    );
+
+    // A restart swaps the programs behind the pinned post_bind links:
+    // still protected, nothing re-attached.
+    bed.agent(1).restart().unwrap();
+    bed.agent(1).wait_healthy(Duration::from_secs(30)).unwrap();
+    let log = bed.agent(1).log();
+    assert!(
+        log.contains(r#""getpeername6", "post_bind4", "post_bind6"] created_links=[]"#),
+        "{log}"
+    );
+    assert_eq!(
+        bind(&bed, false, &taken, false),
+        outcomes(&taken, "EADDRINUSE")
     );
 
     // Without `web`, its NodePorts are free again (after the next sync).
     let (_, without_web) = manifest_parts(&bed.cluster);
     std::fs::write(bed.dir().join("manifests/services.yaml"), without_web).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
-    let mut got = bind(node.ns(), &taken, false);
+    let mut got = bind(&bed, false, &taken, false);
     while got != outcomes(&taken, "OK") && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
-        got = bind(node.ns(), &taken, false);
+        got = bind(&bed, false, &taken, false);
     }
     assert_eq!(got, outcomes(&taken, "OK"), "web deleted");
     assert_eq!(
-        bind(node.ns(), &udp_taken, true),
+        bind(&bed, false, &udp_taken, true),
         outcomes(&udp_taken, "OK")
     );
     assert_eq!(
-        bind(node.ns(), &others, false),
+        bind(&bed, false, &others, false),
         outcomes(&others, "EADDRINUSE"),
         "the other Services keep theirs"
     );
