@@ -8,7 +8,10 @@
  *
  * Hook entry points are thin: they never fail a syscall except when the
  * destination is a frontend without a usable backend, which fails with
- * ECONNREFUSED at once (what kube-proxy's REJECT rule gives a client).
+ * ECONNREFUSED at once (what kube-proxy's REJECT rule gives a client), and
+ * when a socket of the node itself binds the address of a NodePort,
+ * LoadBalancer or externalIP frontend (post_bind4/6: EADDRINUSE, as
+ * Cilium's bind protection).
  */
 #include <linux/bpf.h>
 #include <linux/in.h>
@@ -39,6 +42,10 @@ const volatile __u32 no_backend_errno = ECONNREFUSED;
  * older kernel) the reject is the kernel's default EPERM. The agent sets
  * this before load; the verifier drops the dead branch. */
 const volatile __u8 use_set_retval = 1;
+/* Network namespace cookie of the node itself (the agent's namespace):
+ * bind protection applies to its sockets only, pods bind what they like in
+ * their own namespaces. 0 (never a cookie) protects nothing. */
+const volatile __u64 host_netns_cookie = 0;
 
 enum sock_family { FAM_V4, FAM_V6 };
 
@@ -209,4 +216,70 @@ int kpr_getpeername6(struct bpf_sock_addr *ctx)
 {
 	sock_rev_translate(ctx, FAM_V6);
 	return SYS_PROCEED;
+}
+
+/* Whether a socket bound to @addr:@port would take the traffic of a
+ * NodePort, LoadBalancer or externalIP frontend: the exact frontend, or,
+ * for a wildcard address, a NodePort of the family. NodePorts of IPv4 are
+ * always programmed on 127.0.0.1 as well (src/translate), so that entry
+ * says whether @port is an IPv4 NodePort without knowing the node's
+ * addresses. An IPv6 wildcard socket is dual-stack (bpf_sock does not say
+ * whether IPV6_V6ONLY is set), so it is checked against IPv4 NodePorts too;
+ * IPv6 NodePorts have no such surrogate, so only their exact node
+ * addresses are protected. */
+static __always_inline int bind_takes_frontend(__be32 addr[4], __be16 port,
+					       __u8 proto, int v6_any)
+{
+	struct lb_svc_key key = { .port = port, .proto = proto, .scope = LB_SCOPE_EXT };
+	struct lb_svc_val *master;
+
+	__builtin_memcpy(key.addr, addr, sizeof(key.addr));
+	master = lb_lookup_master(&key);
+	if (master && (master->flags & (SVC_F_NODE_PORT | SVC_F_LOADBALANCER |
+					SVC_F_EXTERNAL_IP)))
+		return 1;
+	if (!v6_any && !(lb_addr_is_v4(addr) && addr[3] == 0))
+		return 0;
+	lb_addr_set_v4(key.addr, bpf_htonl(0x7f000001));
+	master = lb_lookup_master(&key);
+	return master && (master->flags & SVC_F_NODE_PORT) != 0;
+}
+
+static __always_inline int sock_post_bind(struct bpf_sock *ctx, enum sock_family fam)
+{
+	__u8 proto = ctx->protocol;
+	__be32 addr[4];
+	int v6_any;
+
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+		return SYS_PROCEED;
+	if (bpf_get_netns_cookie(ctx) != host_netns_cookie)
+		return SYS_PROCEED;
+	if (fam == FAM_V4) {
+		lb_addr_set_v4(addr, ctx->src_ip4);
+	} else {
+		addr[0] = ctx->src_ip6[0];
+		addr[1] = ctx->src_ip6[1];
+		addr[2] = ctx->src_ip6[2];
+		addr[3] = ctx->src_ip6[3];
+	}
+	v6_any = !(addr[0] | addr[1] | addr[2] | addr[3]);
+	/* src_port is in host byte order in struct bpf_sock. */
+	if (!bind_takes_frontend(addr, bpf_htons((__u16)ctx->src_port), proto, v6_any))
+		return SYS_PROCEED;
+	if (use_set_retval)
+		bpf_set_retval(-EADDRINUSE);
+	return SYS_REJECT;
+}
+
+SEC("cgroup/post_bind4")
+int kpr_post_bind4(struct bpf_sock *ctx)
+{
+	return sock_post_bind(ctx, FAM_V4);
+}
+
+SEC("cgroup/post_bind6")
+int kpr_post_bind6(struct bpf_sock *ctx)
+{
+	return sock_post_bind(ctx, FAM_V6);
 }

@@ -124,8 +124,12 @@ pub struct AgentArgs {
     pub debounce_ms: u64,
     /// Interfaces that carry north-south traffic (NodePort, LoadBalancer and
     /// externalIP frontends reached from outside the node), comma-separated
-    /// or repeated; kpr attaches to their tc (tcx) ingress and egress.
-    /// Default: none, the north-south datapath is off (socket LB only).
+    /// or repeated; kpr attaches to their tc (tcx) ingress and egress. A
+    /// trailing `+` or `*` matches by prefix (`eth+`, as Cilium). Interfaces
+    /// are followed as they come and go: one that appears later is attached
+    /// then, one that goes is forgotten (a named one missing at start is
+    /// waited for, not an error). Default: none, the north-south datapath
+    /// is off (socket LB only).
     #[arg(long, value_delimiter = ',', value_name = "DEV")]
     pub devices: Vec<String>,
     /// How north-south traffic reaches a backend on another node. snat:

@@ -95,6 +95,17 @@ fn backend_label(b: &BackendRow) -> String {
     format!("{addr}:{}/{} ({})", b.port, b.protocol, b.state.as_str())
 }
 
+/// The Service Type column as `cilium service list` spells it (Cilium's
+/// `SVCType`: `ExternalIPs` in the plural); the JSON keeps kpr's names.
+fn cilium_type(t: ServiceType) -> &'static str {
+    match t {
+        ServiceType::ClusterIP => "ClusterIP",
+        ServiceType::NodePort => "NodePort",
+        ServiceType::LoadBalancer => "LoadBalancer",
+        ServiceType::ExternalIP => "ExternalIPs",
+    }
+}
+
 /// The table: columns padded like Go's tabwriter (min width 5, padding 3).
 pub fn format_table(rows: &[ServiceRow]) -> String {
     let header = ["ID", "Frontend", "Service Type", "Backend"];
@@ -108,7 +119,7 @@ pub fn format_table(rows: &[ServiceRow]) -> String {
         lines.push([
             row.id.to_string(),
             row.frontend.clone(),
-            row.svc_type.to_string(),
+            cilium_type(row.svc_type).to_string(),
             backends.next().unwrap_or_default(),
         ]);
         for more in backends {

@@ -44,6 +44,12 @@ const NODE_PORT_EMPTY: u16 = 30083;
 /// The NodePort Service `web` (TCP and UDP) with every pod of both nodes as
 /// endpoints, plus the Local-policy and endpoint-less Services above.
 fn manifest(cluster: &Cluster) -> String {
+    let (web, others) = manifest_parts(cluster);
+    web + &others
+}
+
+/// [`manifest`] as `web` and the other Services.
+fn manifest_parts(cluster: &Cluster) -> (String, String) {
     let mut endpoints = String::new();
     let mut node1_endpoints = String::new();
     for node in cluster.nodes() {
@@ -93,14 +99,15 @@ spec:
   - {{name: http, protocol: TCP, port: 80, targetPort: {POD_TCP}, nodePort: {NODE_PORT_EMPTY}}}
 "#
     );
-    web + &local("web-local", "10.96.0.11", NODE_PORT_LOCAL, &endpoints)
+    let others = local("web-local", "10.96.0.11", NODE_PORT_LOCAL, &endpoints)
         + &local(
             "one-local",
             "10.96.0.12",
             NODE_PORT_ONE_LOCAL,
             &node1_endpoints,
         )
-        + &empty
+        + &empty;
+    (web, others)
 }
 
 /// The bed with this file's manifest; `extra_args` go to every agent.
@@ -755,6 +762,522 @@ fn a_client_port_reused_to_reach_a_local_backend_directly_still_connects() {
             split_reply(&first),
             split_reply(&direct),
             "same backend, client seen both times"
+        );
+    }
+}
+
+/// NodePort bind protection (cgroup post_bind4/6): a process of the node
+/// (its namespace, the agent's cgroup) cannot bind a NodePort a Service
+/// uses, on the node IP, loopback or a wildcard, and gets EADDRINUSE as
+/// with Cilium; other ports, other protocols, addresses that are no node IP
+/// and pods' own namespaces are left alone; the port is free again once
+/// its Service is gone.
+#[test]
+fn host_sockets_cannot_bind_a_nodeport_in_use_until_its_service_is_deleted() {
+    if !root() {
+        return;
+    }
+    let mut bed = Bed::start("npbind", &[]);
+    // In node1's namespace, or (pods) its pods', always in its agent's cgroup.
+    let bind =
+        |bed: &NodePortBed, pods: bool, addrs: &[&str], udp: bool| -> BTreeMap<String, String> {
+            let addrs = addrs.iter().map(|a| a.parse().unwrap()).collect();
+            let node = bed.node(1);
+            let ns = if pods { node.pods() } else { node.ns() };
+            bed.probe_in_cgroup(1, ns, &ProbeSpec::Bind { addrs, udp })
+                .unwrap()
+                .as_bind()
+                .unwrap()
+                .clone()
+        };
+    let outcomes = |addrs: &[&str], outcome: &str| -> BTreeMap<String, String> {
+        addrs
+            .iter()
+            .map(|a| {
+                (
+                    a.parse::<SocketAddr>().unwrap().to_string(),
+                    outcome.to_string(),
+                )
+            })
+            .collect()
+    };
+    let node_ip = format!("{}:{NODE_PORT_TCP}", bed.node(1).ext_ip());
+    let taken = [
+        "0.0.0.0:30080",
+        node_ip.as_str(),
+        "127.0.0.1:30080",
+        "[::]:30080",
+        "[::ffff:0.0.0.0]:30080",
+    ];
+    let got = bind(&bed, false, &taken, false);
+    println!("node1, TCP: {got:?}");
+    assert_eq!(got, outcomes(&taken, "EADDRINUSE"));
+
+    // Not a NodePort, or not on a node IP (the node-to-node address is no
+    // --node-ip), or another protocol: free.
+    let peer_ip = format!("{}:{NODE_PORT_TCP}", bed.node(1).peer_ip());
+    let free = ["0.0.0.0:30999", peer_ip.as_str(), "[::]:30999"];
+    assert_eq!(bind(&bed, false, &free, false), outcomes(&free, "OK"));
+    assert_eq!(
+        bind(&bed, false, &["0.0.0.0:30080"], true),
+        outcomes(&["0.0.0.0:30080"], "OK"),
+        "no UDP NodePort 30080"
+    );
+    let udp_taken = ["0.0.0.0:30053", "127.0.0.1:30053"];
+    assert_eq!(
+        bind(&bed, false, &udp_taken, true),
+        outcomes(&udp_taken, "EADDRINUSE")
+    );
+    // A pod in the same cgroup binds the NodePort in its own namespace.
+    assert_eq!(
+        bind(&bed, true, &["0.0.0.0:30080"], false),
+        outcomes(&["0.0.0.0:30080"], "OK")
+    );
+    // Endpoint-less and Local-policy NodePorts are protected too.
+    let others = ["0.0.0.0:30081", "0.0.0.0:30083"];
+    assert_eq!(
+        bind(&bed, false, &others, false),
+        outcomes(&others, "EADDRINUSE")
+    );
+
+    // A restart swaps the programs behind the pinned post_bind links:
+    // still protected, nothing re-attached.
+    bed.agent(1).restart().unwrap();
+    bed.agent(1).wait_healthy(Duration::from_secs(30)).unwrap();
+    let log = bed.agent(1).log();
+    assert!(
+        log.contains(r#""getpeername6", "post_bind4", "post_bind6"] created_links=[]"#),
+        "{log}"
+    );
+    assert_eq!(
+        bind(&bed, false, &taken, false),
+        outcomes(&taken, "EADDRINUSE")
+    );
+
+    // Without `web`, its NodePorts are free again (after the next sync).
+    let (_, without_web) = manifest_parts(&bed.cluster);
+    std::fs::write(bed.dir().join("manifests/services.yaml"), without_web).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut got = bind(&bed, false, &taken, false);
+    while got != outcomes(&taken, "OK") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        got = bind(&bed, false, &taken, false);
+    }
+    assert_eq!(got, outcomes(&taken, "OK"), "web deleted");
+    assert_eq!(
+        bind(&bed, false, &udp_taken, true),
+        outcomes(&udp_taken, "OK")
+    );
+    assert_eq!(
+        bind(&bed, false, &others, false),
+        outcomes(&others, "EADDRINUSE"),
+        "the other Services keep theirs"
+    );
+    let status = bed
+        .kpr(&["status", "--bpf-root", bed.bpf_root(1).to_str().unwrap()])
+        .unwrap();
+    assert!(status.contains("post_bind4 post_bind6"), "{status}");
+}
+
+/// Polls `ready` every 200 ms for at most `limit`; whether it became true.
+fn wait_for(limit: Duration, mut ready: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if ready() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The devices node1's agent reports in /status: (attached, missing).
+fn agent_devices(bed: &mut NodePortBed) -> (Vec<String>, Vec<String>) {
+    let status = bed.agent(1).status_json().unwrap();
+    let list = |key: &str| -> Vec<String> {
+        status["devices"][key]
+            .as_array()
+            .unwrap_or_else(|| panic!("no devices.{key} in {status:#}"))
+            .iter()
+            .map(|d| d.as_str().unwrap().to_string())
+            .collect()
+    };
+    (list("attached"), list("missing"))
+}
+
+/// `kpr status` as text, run inside node `n`'s namespace (where its
+/// agent's /status is).
+fn status_text(bed: &NodePortBed, n: u8) -> String {
+    let root = bed.bpf_root(n).to_str().unwrap().to_string();
+    let addr = bed.agents[usize::from(n - 1)].metrics_addr.to_string();
+    let out = bed
+        .node(n)
+        .ns()
+        .enter_thread(move || {
+            std::process::Command::new(KPR)
+                .args(["status", "--bpf-root", &root, "--metrics-addr", &addr])
+                .output()
+        })
+        .unwrap()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A `--devices` interface that does not exist when the agent starts is
+/// not an error: the agent waits for it, attaches tcx as soon as it
+/// appears (netlink link notification), NodePort traffic entering through
+/// it is load-balanced, and when it goes its links are forgotten.
+#[test]
+fn a_device_that_appears_later_is_attached_and_serves_nodeport_traffic() {
+    if !root() {
+        return;
+    }
+    let mut bed = Bed::start("nplate", &["--devices", "eth-late"]);
+    let root1 = bed.bpf_root(1);
+    let late_attached = |root: &Path| {
+        attached_devices(root)
+            .iter()
+            .filter(|d| d.device == "eth-late" && d.ifindex.is_some())
+            .count()
+    };
+    assert_eq!(late_attached(&root1), 0);
+    let (attached, missing) = agent_devices(&mut bed);
+    assert_eq!((attached.len(), missing), (2, vec!["eth-late".to_string()]));
+    let text = status_text(&bed, 1);
+    assert!(
+        text.contains("Devices:              eth-c eth-n (waiting for eth-late) [--devices eth-c,eth-n,eth-late]"),
+        "{text}"
+    );
+
+    let client_addr = bed.cluster.add_late_link(1, "eth-late", "eth-l1").unwrap();
+    let started = Instant::now();
+    assert!(
+        wait_for(Duration::from_secs(30), || late_attached(&root1) == 2),
+        "eth-late not attached: {:?}\n{}",
+        attached_devices(&root1),
+        bed.agent(1).log()
+    );
+    println!(
+        "eth-late attached {:?} after it appeared",
+        started.elapsed()
+    );
+    let (attached, missing) = agent_devices(&mut bed);
+    assert_eq!(attached, ["eth-c", "eth-late", "eth-n"]);
+    assert!(missing.is_empty(), "{missing:?}");
+
+    // NodePort traffic now enters node1 through eth-late, from the new
+    // client address: spread over every pod, local ones see the client.
+    let node = bed.node(1);
+    let target = node_port(node, NODE_PORT_TCP);
+    let r = run_in(
+        bed.cluster.client(),
+        ProbeSpec::TcpRequests {
+            target,
+            count: 40,
+            timeout_ms: 2000,
+        },
+    );
+    let r = r.as_requests().unwrap();
+    assert!(r.failures.is_empty(), "{r:?}");
+    let mut seen = BTreeSet::new();
+    for reply in r.identities.keys() {
+        let (identity, peer) = split_reply(reply);
+        let backend: SocketAddr = identity.parse().unwrap();
+        let peer = peer.unwrap();
+        if node_of(backend.ip()) == 1 {
+            assert_eq!(peer, IpAddr::V4(client_addr), "{reply}");
+        } else {
+            assert!(
+                node.addresses().contains(&match peer {
+                    IpAddr::V4(v4) => v4,
+                    IpAddr::V6(_) => panic!("{reply}"),
+                }),
+                "{reply}"
+            );
+        }
+        seen.insert(backend.ip());
+    }
+    assert_eq!(seen, all_pods(&bed), "every pod through eth-late");
+    // Only eth-late's ingress program saw these flows (eth-c never did).
+    let via_late = bed
+        .ct(1)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.dir == CtDir::Orig && e.src.ip() == IpAddr::V4(client_addr))
+        .count();
+    assert!(via_late >= 40, "{via_late} flows from {client_addr}");
+    assert_eq!(
+        bed.agent(1)
+            .metric_value("kpr_nodeport_devices", "")
+            .unwrap(),
+        Some(3.0)
+    );
+    assert!(
+        bed.agent(1)
+            .metric_value("kpr_nodeport_device_syncs_total", "result=\"success\"")
+            .unwrap()
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+    let text = status_text(&bed, 1);
+    assert!(
+        text.contains("Devices:              eth-c eth-late eth-n [--devices")
+            && text.contains("eth-late/ingress"),
+        "{text}"
+    );
+
+    // Gone again: its links are detached and unpinned, the agent waits for
+    // it anew, and traffic takes the old path through eth-c.
+    bed.cluster.remove_late_link(1, "eth-late").unwrap();
+    assert!(
+        wait_for(Duration::from_secs(30), || attached_devices(&root1)
+            .iter()
+            .all(|d| d.device != "eth-late")),
+        "{:?}",
+        attached_devices(&root1)
+    );
+    let (attached, missing) = agent_devices(&mut bed);
+    assert_eq!(attached, ["eth-c", "eth-n"]);
+    assert_eq!(missing, ["eth-late"]);
+    let r = run_in(
+        bed.cluster.client(),
+        ProbeSpec::TcpRequests {
+            target,
+            count: 10,
+            timeout_ms: 2000,
+        },
+    );
+    assert!(r.as_requests().unwrap().failures.is_empty(), "{r:?}");
+    assert!(bed.agent(1).log().contains("re-attached"));
+}
+
+/// LoadBalancer ingress IP of `lb` (routed by the client through node1).
+const LB_IP: &str = "203.0.113.10";
+/// externalIP of `ext` (routed by the client through node2).
+const EXTERNAL_IP: &str = "203.0.113.20";
+
+/// [`manifest`] plus a LoadBalancer Service `lb` (TCP 80 and UDP 53, node
+/// ports 30090 and 30091, ingress IP [`LB_IP`]) and a ClusterIP Service
+/// `ext` with externalIP [`EXTERNAL_IP`] (TCP 8080), both with every pod.
+fn external_manifest(cluster: &Cluster) -> String {
+    let mut endpoints = String::new();
+    for node in cluster.nodes() {
+        for ip in node.pod_ips() {
+            endpoints += &format!("- {{addresses: [{ip}], nodeName: node{}}}\n", node.index());
+        }
+    }
+    let slice = |name: &str, ports: &str| {
+        format!(
+            r#"
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}-1, namespace: np, labels: {{kubernetes.io/service-name: {name}}}}}
+addressType: IPv4
+ports: {ports}
+endpoints:
+{endpoints}"#
+        )
+    };
+    let pod_udp = kpr::testbed::nodeport_bed::POD_UDP;
+    manifest(cluster)
+        + &format!(
+            r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: lb, namespace: np}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.20
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: {POD_TCP}, nodePort: 30090}}
+  - {{name: dns, protocol: UDP, port: 53, targetPort: {pod_udp}, nodePort: 30091}}
+status:
+  loadBalancer:
+    ingress: [{{ip: {LB_IP}}}]
+"#
+        )
+        + &slice(
+            "lb",
+            &format!(
+                "[{{name: http, protocol: TCP, port: {POD_TCP}}}, {{name: dns, protocol: UDP, port: {pod_udp}}}]"
+            ),
+        )
+        + &format!(
+            r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: ext, namespace: np}}
+spec:
+  clusterIP: 10.96.0.21
+  externalIPs: [{EXTERNAL_IP}]
+  ports:
+  - {{name: http, protocol: TCP, port: 8080, targetPort: {POD_TCP}}}
+"#
+        )
+        + &slice("ext", &format!("[{{name: http, protocol: TCP, port: {POD_TCP}}}]"))
+}
+
+/// `kpr svc list` rows: frontend -> (Service Type, number of backends).
+fn svc_list_rows(table: &str) -> BTreeMap<String, (String, usize)> {
+    let mut rows: BTreeMap<String, (String, usize)> = BTreeMap::new();
+    let mut last: Option<String> = None;
+    for line in table.lines().skip(1) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words[..] {
+            // a continuation line: N => backend (state)
+            [_, "=>", _, _] => {
+                let fe = last.as_ref().expect("a continuation after a row");
+                rows.get_mut(fe).unwrap().1 += 1;
+            }
+            // ID Frontend Type [N => backend (state)]
+            [_, frontend, svc_type, ref backend @ ..] => {
+                let n = usize::from(!backend.is_empty());
+                rows.insert(frontend.to_string(), (svc_type.to_string(), n));
+                last = Some(frontend.to_string());
+            }
+            _ => panic!("unexpected svc list line {line:?}"),
+        }
+    }
+    rows
+}
+
+/// LoadBalancer ingress IPs and externalIPs reached from the external
+/// client, routed through a node as a load balancer or router would: TCP
+/// and UDP spread over the pods of both nodes with SNAT for remote ones,
+/// replies from the frontend address; `kpr svc list` shows the NodePort,
+/// LoadBalancer and ExternalIPs frontends as `cilium service list` does.
+#[test]
+fn loadbalancer_ips_and_external_ips_are_served_from_outside_and_listed() {
+    if !root() {
+        return;
+    }
+    let bed = NodePortBed::start(
+        "nplbx",
+        Path::new(KPR),
+        &ClusterPlan::default(),
+        external_manifest,
+        &[],
+    )
+    .expect("the NodePort bed starts");
+    let client = bed.cluster.client();
+    for (ip, n) in [(LB_IP, 1u8), (EXTERNAL_IP, 2)] {
+        let via = bed.node(n).ext_ip().to_string();
+        client
+            .ip(&["route", "add", &format!("{ip}/32"), "via", &via])
+            .unwrap();
+    }
+    let frontends = [
+        (SocketAddr::new(LB_IP.parse().unwrap(), 80), 1u8),
+        (SocketAddr::new(EXTERNAL_IP.parse().unwrap(), 8080), 2),
+    ];
+    for (target, n) in frontends {
+        let node = bed.node(n);
+        let r = run_in(
+            client,
+            ProbeSpec::TcpRequests {
+                target,
+                count: 40,
+                timeout_ms: 2000,
+            },
+        );
+        let r = r.as_requests().unwrap();
+        assert!(r.failures.is_empty(), "{target}: {r:?}");
+        let seen: BTreeSet<IpAddr> = r
+            .identities
+            .keys()
+            .map(|reply| check_source(node, reply))
+            .collect();
+        println!("{target} through node{n}: {:?}", r.identities);
+        assert_eq!(seen, all_pods(&bed), "{target} reaches every pod");
+    }
+    // UDP to the LB IP: one flow per socket, spread, answered from the LB IP.
+    let target = SocketAddr::new(LB_IP.parse().unwrap(), 53);
+    let r = run_in(
+        client,
+        ProbeSpec::UdpConnected {
+            target,
+            count: 40,
+            timeout_ms: 2000,
+        },
+    );
+    let u = r.as_udp().unwrap();
+    assert!(u.failures.is_empty(), "{u:?}");
+    let seen: BTreeSet<IpAddr> = u
+        .identities
+        .keys()
+        .map(|reply| check_source(bed.node(1), reply))
+        .collect();
+    assert_eq!(seen, all_pods(&bed));
+    let r = run_in(
+        client,
+        ProbeSpec::UdpUnconnected {
+            target,
+            count: 5,
+            timeout_ms: 2000,
+        },
+    );
+    let u = r.as_udp().unwrap();
+    assert!(u.failures.is_empty(), "{u:?}");
+    assert_eq!(
+        u.reply_sources.iter().collect::<Vec<_>>(),
+        [&target.to_string()]
+    );
+    // Conntrack saw the frontends as the client addressed them.
+    for (target, n) in frontends {
+        let flows = bed
+            .ct(n)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.dir == CtDir::Orig && e.dst == target)
+            .count();
+        assert!(flows >= 40, "node{n}: {flows} flows to {target}");
+    }
+
+    let table = bed
+        .kpr(&[
+            "svc",
+            "list",
+            "--bpf-root",
+            bed.bpf_root(1).to_str().unwrap(),
+        ])
+        .unwrap();
+    println!("{table}");
+    assert!(
+        table.starts_with("ID   Frontend ")
+            && table
+                .lines()
+                .next()
+                .unwrap()
+                .ends_with("Service Type   Backend"),
+        "{table}"
+    );
+    let rows = svc_list_rows(&table);
+    let want = |fe: &str, t: &str| (fe.to_string(), (t.to_string(), 4));
+    for (fe, (t, n)) in [
+        want("203.0.113.10:80/TCP", "LoadBalancer"),
+        want("203.0.113.10:53/UDP", "LoadBalancer"),
+        want("203.0.113.20:8080/TCP", "ExternalIPs"),
+        want("192.0.2.11:30090/TCP", "NodePort"),
+        want("192.0.2.11:30091/UDP", "NodePort"),
+        want("127.0.0.1:30090/TCP", "NodePort"),
+        want("192.0.2.11:30080/TCP", "NodePort"),
+        want("10.96.0.20:80/TCP", "ClusterIP"),
+        want("10.96.0.21:8080/TCP", "ClusterIP"),
+    ] {
+        assert_eq!(rows.get(&fe), Some(&(t.clone(), n)), "{fe} in\n{table}");
+    }
+    // Every backend line reads like Cilium's: `N => ip:port/PROTO (active)`.
+    for line in table.lines().filter(|l| l.contains("=>")) {
+        assert!(line.ends_with("(active)"), "{line}");
+        assert!(
+            line.contains(":8080/TCP") || line.contains(":5353/UDP"),
+            "{line}"
         );
     }
 }

@@ -6,8 +6,12 @@
 //! Restart safety is the socket path's: a restarted agent swaps the
 //! program behind each pinned tcx link (BPF_LINK_UPDATE), so packets are
 //! never seen by no program, and conntrack survives in its pinned map.
-//! A device no longer in `--devices` is detached; `kpr cleanup` detaches
-//! every link under the bpf root, tcx ones included.
+//! `--devices` names or patterns are resolved against the links present
+//! ([`super::devices`]): a device no longer meant by them, or gone, is
+//! detached and its pins removed; one that does not exist yet is reported
+//! and attached when it appears (the agent calls [`load_and_attach`] again
+//! on link changes). `kpr cleanup` detaches every link under the bpf root,
+//! tcx ones included.
 
 use std::ffi::CString;
 use std::fs;
@@ -21,6 +25,7 @@ use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{AsRawLibbpf, Link, ProgramMut};
 use serde::Serialize;
 
+use crate::datapath::devices;
 use crate::datapath::loader::{self, LoadReport, MapSizes};
 use crate::datapath::maps::MapName;
 use crate::datapath::skel::nodeport::{NodeportSkel, NodeportSkelBuilder};
@@ -146,7 +151,8 @@ pub const DEFAULT_SNAT_PORTS: PortRange = PortRange {
 /// Everything the north-south datapath needs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct NodePortConfig {
-    /// Interfaces to attach to (tcx ingress and egress).
+    /// Interfaces to attach to (tcx ingress and egress): names, or prefix
+    /// patterns with a trailing `+` or `*` (see [`super::devices`]).
     pub devices: Vec<String>,
     pub mode: NodePortMode,
     pub acceleration: Acceleration,
@@ -155,8 +161,10 @@ pub struct NodePortConfig {
 }
 
 impl NodePortConfig {
-    /// Refuses what is not implemented yet, naming it.
+    /// Refuses malformed `--devices` entries and what is not implemented
+    /// yet, naming them.
     pub fn validate(&self) -> Result<()> {
+        devices::validate(&self.devices)?;
         let mode = match self.mode {
             NodePortMode::Snat => return Ok(()),
             NodePortMode::Dsr => "dsr",
@@ -229,26 +237,31 @@ pub struct NodePortReport {
     pub xdp_links: Vec<String>,
     /// The conntrack map was pinned already (its flows go on).
     pub reused_ct: bool,
+    /// The devices attached to, name -> ifindex: every one present that
+    /// `--devices` means.
+    pub devices: std::collections::BTreeMap<String, u32>,
+    /// `--devices` names no interface has yet: attached when they appear.
+    pub missing_devices: Vec<String>,
 }
 
 /// Loads the north-south programs (maps shared with the socket path and
 /// pinned under `bpf_root`, which `loader::load_and_attach` set up) and
-/// attaches them to every device of `config`.
+/// attaches them to every device present that `config` means; detaches
+/// from every other device (gone, or no longer meant).
 pub fn load_and_attach(
     bpf_root: &Path,
     sizes: &MapSizes,
     config: &NodePortConfig,
 ) -> Result<NodePortReport> {
     config.validate()?;
-    let devices: Vec<(String, u32)> = config
-        .devices
-        .iter()
-        .map(|d| Ok((d.clone(), ifindex(d)?)))
-        .collect::<Result<_>>()?;
+    let present = devices::matching(&config.devices).context("listing the network interfaces")?;
     let mut report = NodePortReport {
         reused_ct: bpf_root.join(CT_PIN).exists(),
+        missing_devices: devices::missing(&config.devices, &present),
+        devices: present.clone(),
         ..NodePortReport::default()
     };
+    let devices: Vec<(String, u32)> = present.into_iter().collect();
     let mut storage = MaybeUninit::uninit();
     let mut open = NodeportSkelBuilder::default()
         .open(&mut storage)
@@ -275,7 +288,8 @@ pub fn load_and_attach(
             }
         }
     }
-    report.detached_links = detach_other_devices(bpf_root, &config.devices)?;
+    let names: Vec<String> = report.devices.keys().cloned().collect();
+    report.detached_links = detach_other_devices(bpf_root, &names)?;
 
     // XDP last: tc is in place for everything it hands on.
     let mut xdp_storage = MaybeUninit::uninit();
