@@ -581,6 +581,8 @@ async fn ct_gc_loop(
                     (NodePortEvent::DropConntrack, stats.drop_ct),
                     (NodePortEvent::DropTtl, stats.drop_ttl),
                     (NodePortEvent::XdpForward, stats.xdp_fwd),
+                    (NodePortEvent::RejectNoBackend, stats.reject_no_backend),
+                    (NodePortEvent::DropSourceRange, stats.drop_source_range),
                 ] {
                     metrics.set_nodeport_event(event, n);
                 }

@@ -36,6 +36,7 @@ fn service(name: &str, frontends: &[(Frontend, Vec<Backend>)]) -> (String, Servi
                     svc_type: ServiceType::ClusterIP,
                     options: FrontendOptions::default(),
                     backends: backends.clone(),
+                    source_ranges: Vec::new(),
                 },
             )
         })
@@ -208,6 +209,7 @@ fn a_service_that_does_not_fit_is_refused_and_the_others_are_untouched() {
     let cap = Capacity {
         services: 10,
         backends: 10,
+        source_ranges: 10,
     };
     let mut r = Reconciler::new(FakeMaps::with_capacity(cap)).unwrap();
     let small = desired(vec![web3()]);
