@@ -173,6 +173,12 @@ impl NodePortBed {
         &mut self.agents[usize::from(n - 1)]
     }
 
+    /// Node `n`'s agent's --cgroup: processes placed there (in the node's
+    /// namespace) are node-local clients, served by the socket hooks.
+    pub fn cgroup(&self, n: u8) -> &TestCgroup {
+        &self.cgroups[usize::from(n - 1)]
+    }
+
     /// Node `n`'s agent's --bpf-root.
     pub fn bpf_root(&self, n: u8) -> PathBuf {
         self.dir.path().join(format!("bpf-node{n}"))
