@@ -230,6 +230,11 @@ impl Syncer {
             r.snapshot().backends.len(),
             cap.backends,
         );
+        self.metrics.set_map(
+            MapLabel::SourceRanges,
+            r.snapshot().source_range_entries(),
+            cap.source_ranges,
+        );
     }
 
     /// Refreshes the fill of the LRU maps (a key walk, so not on every sync).

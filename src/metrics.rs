@@ -79,6 +79,8 @@ label_enum! {
         SockRevNat => "sock_revnat",
         /// The north-south conntrack LRU map (zero without --devices).
         Conntrack => "conntrack",
+        /// The loadBalancerSourceRanges LPM trie.
+        SourceRanges => "source_ranges",
     }
 }
 

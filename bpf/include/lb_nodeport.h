@@ -118,7 +118,7 @@ static __always_inline int snat_insert_reply(struct ct_key *rkey, const struct c
 /* What to do with a packet: np_ingress()'s verdict. */
 enum np_verdict {
 	NP_V_PASS = 0, /* not ours, or left to the stack / the tc program */
-	NP_V_DROP = 1, /* counted in kpr_npstats_v1 */
+	NP_V_DROP = 1, /* counted in kpr_npstats_v2 */
 	NP_V_FWD  = 2, /* rewrite as struct np_fwd says and send */
 	NP_V_REJECT = 3, /* no backend, reject mode: answer with ICMP port
 			  * unreachable (tc builds it; XDP hands it on);

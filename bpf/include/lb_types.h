@@ -185,7 +185,7 @@ struct ct_entry {
 	__u64  expires_ns;   /* bpf_ktime_get_ns() after which the entry is stale */
 };
 
-/* Counters of the north-south datapath (index into kpr_npstats_v1). */
+/* Counters of the north-south datapath (index into kpr_npstats_v2). */
 enum np_stat {
 	NP_STAT_FLOW_NEW       = 0, /* flows created */
 	NP_STAT_FLOW_SNAT      = 1, /* ... of which source-NATed (remote backend) */

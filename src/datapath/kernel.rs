@@ -2,7 +2,7 @@
 //! per ordered step of a plan, so a full sync of 100k entries costs a few
 //! syscalls per thousand entries instead of one per entry.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::io;
 use std::path::Path;
 
@@ -179,7 +179,7 @@ impl LbMaps for KernelMaps {
                 snapshot
                     .source_ranges
                     .entry(svc_id)
-                    .or_insert_with(BTreeSet::new)
+                    .or_default()
                     .insert(net);
             }
         }
