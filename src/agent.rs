@@ -231,6 +231,11 @@ impl Syncer {
             r.snapshot().backends.len(),
             cap.backends,
         );
+        self.metrics.set_map(
+            MapLabel::SourceRanges,
+            r.snapshot().source_range_entries(),
+            cap.source_ranges,
+        );
     }
 
     /// Refreshes the fill of the LRU maps (a key walk, so not on every sync).
@@ -737,6 +742,8 @@ async fn ct_gc_loop(
                     (NodePortEvent::DropConntrack, stats.drop_ct),
                     (NodePortEvent::DropTtl, stats.drop_ttl),
                     (NodePortEvent::XdpForward, stats.xdp_fwd),
+                    (NodePortEvent::RejectNoBackend, stats.reject_no_backend),
+                    (NodePortEvent::DropSourceRange, stats.drop_source_range),
                 ] {
                     metrics.set_nodeport_event(event, n);
                 }

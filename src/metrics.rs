@@ -79,6 +79,8 @@ label_enum! {
         SockRevNat => "sock_revnat",
         /// The north-south conntrack LRU map (zero without --devices).
         Conntrack => "conntrack",
+        /// The loadBalancerSourceRanges LPM trie.
+        SourceRanges => "source_ranges",
     }
 }
 
@@ -105,7 +107,9 @@ label_enum! {
         Forward => "forward",
         /// A reply was translated back toward the client.
         Reply => "reply",
-        /// Dropped: the frontend has no usable backend.
+        /// Dropped: the frontend has no usable backend (drop mode, a Local
+        /// external policy without local backend, or a reject that could
+        /// not be built).
         DropNoBackend => "drop_no_backend",
         /// Dropped: no free port in the SNAT range.
         DropSnatExhausted => "drop_snat_exhausted",
@@ -117,6 +121,11 @@ label_enum! {
         DropTtl => "drop_ttl",
         /// A packet XDP translated and redirected itself.
         XdpForward => "xdp_forward",
+        /// A new flow to a frontend without backend was answered with ICMP
+        /// port unreachable (--service-no-backend-response reject).
+        RejectNoBackend => "reject_no_backend",
+        /// Dropped: the source is outside the frontend's loadBalancerSourceRanges.
+        DropSourceRange => "drop_source_range",
     }
 }
 

@@ -45,6 +45,7 @@ k8sServicePort: 8443
 kubeProxyReplacement: partial
 devices: [eth0, bond0]
 nodePort: {mode: dsr, acceleration: native}
+serviceNoBackendResponse: drop
 metrics: {port: 9963}
 healthz: {port: 9876}
 extraArgs: ["--lb-map-max=131072", "--debounce-ms=50"]
@@ -414,6 +415,7 @@ fn the_schema_rejects_wrong_values_and_unknown_keys() {
         "kubeProxyReplacement: true",
         "nodePort: {mode: dnat}",
         "nodePort: {acceleration: best-effort}",
+        "serviceNoBackendResponse: icmp",
         "metrics: {port: 0}",
         "healthz: {port: 70000}",
         "k8sServicePort: '6443'",
@@ -674,6 +676,7 @@ fn every_value_reaches_its_flag_in_order_with_extra_args_last() {
             "--devices=eth0,bond0",
             "--nodeport-mode=dsr",
             "--nodeport-acceleration=native",
+            "--service-no-backend-response=drop",
             "--metrics-addr=0.0.0.0:9963",
             "--healthz-addr=0.0.0.0:9876",
             "--bpf-root=/sys/fs/bpf/kpr",
@@ -700,6 +703,9 @@ fn one_nodeport_value_alone_passes_only_its_own_flag() {
     assert!(a.contains(&"--nodeport-acceleration=generic"));
     assert!(!a.iter().any(|x| x.starts_with("--nodeport-mode")));
     assert!(!a.iter().any(|x| x.starts_with("--devices")));
+    assert!(!a
+        .iter()
+        .any(|x| x.starts_with("--service-no-backend-response")));
 }
 
 #[test]

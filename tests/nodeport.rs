@@ -16,11 +16,14 @@ use std::time::{Duration, Instant};
 use kpr::datapath::layout::{CtDir, CtRecord};
 use kpr::datapath::nodeport::attached_devices;
 use kpr::model::Protocol;
-use kpr::testbed::cluster::client_ip;
+use kpr::testbed::cluster::{client_ip, CLIENT_TO_NODE1_IF};
+use kpr::testbed::errno::error_name;
 use kpr::testbed::nodeport_bed::{nodeport_manifest, POD_TCP};
 use kpr::testbed::probe::RequestsReport;
 use kpr::testbed::server::split_reply;
-use kpr::testbed::{Cluster, ClusterNode, ClusterPlan, Netns, NodePortBed, ProbeResult, ProbeSpec};
+use kpr::testbed::{
+    run_probe, Cluster, ClusterNode, ClusterPlan, Netns, NodePortBed, ProbeResult, ProbeSpec,
+};
 
 const KPR: &str = env!("CARGO_BIN_EXE_kpr");
 const NODE_PORT_TCP: u16 = 30080;
@@ -38,11 +41,23 @@ fn root() -> bool {
 const NODE_PORT_LOCAL: u16 = 30081;
 /// NodePort of `one-local` (externalTrafficPolicy Local, pods on node1 only).
 const NODE_PORT_ONE_LOCAL: u16 = 30082;
-/// NodePort of `empty` (no endpoints).
+/// NodePort of `empty` (no endpoints), TCP.
 const NODE_PORT_EMPTY: u16 = 30083;
+/// NodePort of `empty`, UDP.
+const NODE_PORT_EMPTY_UDP: u16 = 30085;
+/// NodePort of `guarded` (LoadBalancer with loadBalancerSourceRanges).
+const NODE_PORT_GUARDED: u16 = 30084;
+/// The load balancer ingress IP of `guarded` (routed to node1).
+const GUARDED_LB_IP: &str = "203.0.113.10";
+/// The one client address `guarded` admits: the client's address on its
+/// link to node1 (192.0.2.9).
+const GUARDED_RANGE: &str = "192.0.2.9/32";
+/// A second client address on the same link, outside the range.
+const OUTSIDER: &str = "192.0.2.10";
 
 /// The NodePort Service `web` (TCP and UDP) with every pod of both nodes as
-/// endpoints, plus the Local-policy and endpoint-less Services above.
+/// endpoints, plus the Local-policy, endpoint-less and source-range
+/// guarded Services above.
 fn manifest(cluster: &Cluster) -> String {
     let (web, others) = manifest_parts(cluster);
     web + &others
@@ -97,7 +112,34 @@ spec:
   clusterIP: 10.96.0.13
   ports:
   - {{name: http, protocol: TCP, port: 80, targetPort: {POD_TCP}, nodePort: {NODE_PORT_EMPTY}}}
+  - {{name: dns, protocol: UDP, port: 53, targetPort: 5353, nodePort: {NODE_PORT_EMPTY_UDP}}}
 "#
+    );
+    // The invalid and IPv6 entries must change nothing for IPv4 clients.
+    let guarded = format!(
+        r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: guarded, namespace: np}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.14
+  loadBalancerSourceRanges: ["{GUARDED_RANGE}", "not-a-cidr", "2001:db8::/64"]
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: {POD_TCP}, nodePort: {NODE_PORT_GUARDED}}}
+status:
+  loadBalancer:
+    ingress: [{{ip: {GUARDED_LB_IP}}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: guarded-1, namespace: np, labels: {{kubernetes.io/service-name: guarded}}}}
+addressType: IPv4
+ports:
+- {{name: http, protocol: TCP, port: {POD_TCP}}}
+endpoints:
+{endpoints}"#
     );
     let others = local("web-local", "10.96.0.11", NODE_PORT_LOCAL, &endpoints)
         + &local(
@@ -106,7 +148,8 @@ spec:
             NODE_PORT_ONE_LOCAL,
             &node1_endpoints,
         )
-        + &empty;
+        + &empty
+        + &guarded;
     (web, others)
 }
 
@@ -512,10 +555,14 @@ fn external_traffic_policy_local_keeps_the_client_address_and_drops_without_loca
         let local: BTreeSet<IpAddr> = node.pod_ips().iter().map(|ip| IpAddr::V4(*ip)).collect();
         assert_eq!(seen, local, "only node{n}'s pods, which see the client");
     }
-    // node2 has no endpoint of one-local, and `empty` has none anywhere:
-    // both are dropped (kube-proxy drops the first and rejects the second;
-    // kpr has no --service-no-backend-response yet).
-    for (node, port) in [(2u8, NODE_PORT_ONE_LOCAL), (1, NODE_PORT_EMPTY)] {
+    // node2 has no endpoint of one-local: dropped, as kube-proxy drops
+    // (the load balancer finds node1 through the health check node port),
+    // also under the default --service-no-backend-response reject. `empty`
+    // has no endpoint anywhere: rejected, as kube-proxy does.
+    for (node, port, outcome) in [
+        (2u8, NODE_PORT_ONE_LOCAL, "TIMEOUT"),
+        (1, NODE_PORT_EMPTY, "ECONNREFUSED"),
+    ] {
         let target = node_port(bed.node(node), port);
         let r = run_in(
             client,
@@ -524,10 +571,14 @@ fn external_traffic_policy_local_keeps_the_client_address_and_drops_without_loca
                 timeout_ms: 300,
             },
         );
-        assert_eq!(r.as_connect().unwrap().outcome(), "TIMEOUT", "{target}");
+        assert_eq!(r.as_connect().unwrap().outcome(), outcome, "{target}");
     }
-    assert!(bed.stats(2).unwrap().drop_no_backend > 0);
-    assert!(bed.stats(1).unwrap().drop_no_backend > 0);
+    let (s1, s2) = (bed.stats(1).unwrap(), bed.stats(2).unwrap());
+    assert!(
+        s2.drop_no_backend > 0 && s2.reject_no_backend == 0,
+        "{s2:?}"
+    );
+    assert!(s1.reject_no_backend > 0, "{s1:?}");
     // ... while node1 serves one-local from its own pods.
     let target = node_port(bed.node(1), NODE_PORT_ONE_LOCAL);
     let r = run_in(
@@ -561,6 +612,17 @@ fn through_xdp(prefix: &str, mode: &str) {
     }
     let log = bed.agents[0].log();
     assert!(log.contains(&format!("eth-c/{mode}")), "{log}");
+    // XDP hands a frontend without backend to tc, which rejects it.
+    let target = node_port(bed.node(1), NODE_PORT_EMPTY);
+    let r = run_in(
+        bed.cluster.client(),
+        ProbeSpec::TcpConnectError {
+            target,
+            timeout_ms: 3000,
+        },
+    );
+    assert_eq!(r.as_connect().unwrap().outcome(), "ECONNREFUSED", "{r:?}");
+    assert!(bed.stats(1).unwrap().reject_no_backend > 0);
 
     // A restart swaps the program behind the pinned XDP links; XDP keeps
     // forwarding, on the same conntrack.
@@ -1280,4 +1342,226 @@ fn loadbalancer_ips_and_external_ips_are_served_from_outside_and_listed() {
             "{line}"
         );
     }
+}
+
+/// One datagram over a connected UDP socket to `target` and its answer; a
+/// rejected datagram's ICMP error fails the receive with ECONNREFUSED.
+fn udp_exchange(target: SocketAddr, timeout: Duration) -> std::io::Result<String> {
+    let sock = UdpSocket::bind("0.0.0.0:0")?;
+    sock.connect(target)?;
+    sock.set_read_timeout(Some(timeout))?;
+    sock.send(b"hi")?;
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// Polls node `n`'s agent until `kpr_nodeport_events_total{event}` reaches
+/// `at_least` (the agent refreshes it every --ct-gc-interval, 1 s here).
+#[track_caller]
+fn wait_event_metric(bed: &NodePortBed, n: u8, event: &str, at_least: u64) -> f64 {
+    let labels = format!("event=\"{event}\"");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let v = bed.agents[usize::from(n - 1)]
+            .metric_value("kpr_nodeport_events_total", &labels)
+            .unwrap()
+            .unwrap_or(0.0);
+        if v >= at_least as f64 || Instant::now() > deadline {
+            assert!(v >= at_least as f64, "{event}: {v} < {at_least}");
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// kube-proxy's semantics: the ranges guard the load balancer IP only; a
+/// client outside them gets no answer (dropped), the NodePort of the same
+/// Service stays open to it, and node-local clients are checked too.
+#[test]
+fn load_balancer_source_ranges_admit_listed_clients_only_and_leave_the_node_port_open() {
+    if !root() {
+        return;
+    }
+    let bed = Bed::start("npsrc", &[]);
+    let client = bed.cluster.client();
+    let node1 = bed.node(1);
+    // A second client address on the link to node1 (secondary: connections
+    // keep 192.0.2.9 as their default source), and the LB IP via node1.
+    client
+        .ip(&[
+            "addr",
+            "add",
+            &format!("{OUTSIDER}/29"),
+            "dev",
+            CLIENT_TO_NODE1_IF,
+        ])
+        .unwrap();
+    client
+        .ip(&[
+            "route",
+            "add",
+            &format!("{GUARDED_LB_IP}/32"),
+            "via",
+            &node1.ext_ip().to_string(),
+        ])
+        .unwrap();
+    let lb: SocketAddr = format!("{GUARDED_LB_IP}:80").parse().unwrap();
+
+    // Inside the range: served like any LoadBalancer frontend.
+    let r = run_in(
+        client,
+        ProbeSpec::TcpRequests {
+            target: lb,
+            count: 40,
+            timeout_ms: 2000,
+        },
+    );
+    let r = r.as_requests().unwrap();
+    assert!(r.failures.is_empty(), "{lb} from {GUARDED_RANGE}: {r:?}");
+    let seen: BTreeSet<IpAddr> = r
+        .identities
+        .keys()
+        .map(|reply| check_source(node1, reply))
+        .collect();
+    assert_eq!(seen, all_pods(&bed));
+    assert_eq!(bed.stats(1).unwrap().drop_source_range, 0);
+
+    // Outside it: dropped, so the connect times out (not refused).
+    let outsider = SocketAddr::new(OUTSIDER.parse().unwrap(), 0);
+    let denied = client
+        .enter_thread(move || request_from(outsider, lb))
+        .unwrap()
+        .expect_err("a client outside the ranges must not connect");
+    let name = error_name(&denied);
+    assert!(
+        matches!(name.as_str(), "EINPROGRESS" | "TIMEOUT"),
+        "dropped, so the connect times out: {denied} ({name})"
+    );
+    let dropped = bed.stats(1).unwrap().drop_source_range;
+    assert!(dropped > 0, "every SYN of the attempt is counted");
+    wait_event_metric(&bed, 1, "drop_source_range", dropped);
+
+    // The NodePort of the same Service does not look at the ranges.
+    let np = node_port(node1, NODE_PORT_GUARDED);
+    let reply = client
+        .enter_thread(move || request_from(outsider, np))
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{np} from {OUTSIDER}: {e}"));
+    let (identity, _) = split_reply(&reply);
+    assert!(identity.parse::<SocketAddr>().is_ok(), "{reply}");
+
+    // Node-local clients (socket LB, unbound socket: source unknown at
+    // connect(), so the node's own address counts, and 192.0.2.11 is not
+    // in the range): refused at once; the NodePort serves them.
+    let local = |spec: ProbeSpec| {
+        run_probe(
+            Path::new(KPR),
+            &["probe", "--spec"],
+            node1.ns(),
+            Some(bed.cgroup(1)),
+            &spec,
+            Duration::from_secs(30),
+        )
+        .expect("node-local probe runs")
+    };
+    let r = local(ProbeSpec::TcpConnectError {
+        target: lb,
+        timeout_ms: 2000,
+    });
+    assert_eq!(r.as_connect().unwrap().outcome(), "EPERM", "{r:?}");
+    let r = local(ProbeSpec::TcpRequests {
+        target: np,
+        count: 4,
+        timeout_ms: 2000,
+    });
+    assert!(r.as_requests().unwrap().failures.is_empty(), "{r:?}");
+
+    // "not-a-cidr" was logged and counted, the rest applied.
+    let skipped = bed.agents[0]
+        .metric_value("kpr_skipped_objects_total", "reason=\"invalid_address\"")
+        .unwrap();
+    assert!(skipped.unwrap_or(0.0) >= 1.0, "{skipped:?}");
+}
+
+/// --service-no-backend-response reject (the default): TCP and UDP clients
+/// of a frontend without any backend learn it at once from an ICMP port
+/// unreachable, on both nodes; the rejects are counted.
+#[test]
+fn a_frontend_without_backends_rejects_tcp_and_udp_with_icmp_by_default() {
+    if !root() {
+        return;
+    }
+    let bed = Bed::start("nprej", &[]);
+    let client = bed.cluster.client();
+    for n in [1u8, 2] {
+        let target = node_port(bed.node(n), NODE_PORT_EMPTY);
+        let r = run_in(
+            client,
+            ProbeSpec::TcpConnectError {
+                target,
+                timeout_ms: 5000,
+            },
+        );
+        let c = r.as_connect().unwrap();
+        assert_eq!(c.outcome(), "ECONNREFUSED", "{target}: {c:?}");
+        println!("TCP {target}: refused after {} us", c.elapsed_us);
+
+        let target = node_port(bed.node(n), NODE_PORT_EMPTY_UDP);
+        let err = client
+            .enter_thread(move || udp_exchange(target, Duration::from_secs(5)))
+            .unwrap()
+            .expect_err("nothing answers a frontend without backend");
+        assert_eq!(error_name(&err), "ECONNREFUSED", "UDP {target}: {err}");
+
+        let stats = bed.stats(n).unwrap();
+        assert!(
+            stats.reject_no_backend >= 2 && stats.drop_no_backend == 0,
+            "node{n}: {stats:?}"
+        );
+        wait_event_metric(&bed, n, "reject_no_backend", stats.reject_no_backend);
+    }
+    // Rejecting changed nothing for the Services that have backends.
+    let target = node_port(bed.node(1), NODE_PORT_TCP);
+    let r = run_in(
+        client,
+        ProbeSpec::TcpRequests {
+            target,
+            count: 5,
+            timeout_ms: 2000,
+        },
+    );
+    assert!(r.as_requests().unwrap().failures.is_empty(), "{r:?}");
+}
+
+/// --service-no-backend-response drop: no answer at all, so clients time
+/// out (bounded here); the drops are counted.
+#[test]
+fn with_no_backend_response_drop_a_frontend_without_backends_stays_silent() {
+    if !root() {
+        return;
+    }
+    let bed = Bed::start("npdrop", &["--service-no-backend-response", "drop"]);
+    let client = bed.cluster.client();
+    let target = node_port(bed.node(1), NODE_PORT_EMPTY);
+    let r = run_in(
+        client,
+        ProbeSpec::TcpConnectError {
+            target,
+            timeout_ms: 500,
+        },
+    );
+    assert_eq!(r.as_connect().unwrap().outcome(), "TIMEOUT", "{r:?}");
+    let target = node_port(bed.node(1), NODE_PORT_EMPTY_UDP);
+    let err = client
+        .enter_thread(move || udp_exchange(target, Duration::from_millis(500)))
+        .unwrap()
+        .expect_err("nothing answers a frontend without backend");
+    assert_eq!(error_name(&err), "TIMEOUT", "UDP {target}: {err}");
+    let stats = bed.stats(1).unwrap();
+    assert!(
+        stats.drop_no_backend >= 2 && stats.reject_no_backend == 0,
+        "{stats:?}"
+    );
+    wait_event_metric(&bed, 1, "drop_no_backend", stats.drop_no_backend);
 }

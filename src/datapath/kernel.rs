@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::path::Path;
 
+use ipnet::IpNet;
 use libbpf_rs::{ErrorKind, MapCore, MapFlags, MapHandle};
 
 use crate::datapath::layout::{self, as_bytes, from_bytes, Pod};
@@ -13,7 +14,7 @@ use crate::datapath::maps::{
     BackendEntry, BackendId, Capacity, LbMaps, MapError, MapName, ServiceId, Snapshot, SvcValue,
 };
 use crate::datapath::skel::sock_lb::types::{
-    lb_affinity_key, lb_affinity_val, lb_backend, lb_svc_key, lb_svc_val,
+    lb_affinity_key, lb_affinity_val, lb_backend, lb_srcrange_key, lb_svc_key, lb_svc_val,
 };
 use crate::model::Frontend;
 
@@ -23,6 +24,7 @@ pub struct KernelMaps {
     backends: MapHandle,
     affinity: MapHandle,
     sock_revnat: MapHandle,
+    source_ranges: MapHandle,
 }
 
 /// libbpf-rs errors carry an errno-like kind; keep the errno where it matters.
@@ -57,6 +59,7 @@ impl KernelMaps {
             backends: open(MapName::Backends)?,
             affinity: open(MapName::Affinity)?,
             sock_revnat: open(MapName::SockRevNat)?,
+            source_ranges: open(MapName::SourceRanges)?,
         })
     }
 
@@ -66,6 +69,7 @@ impl KernelMaps {
             MapName::Backends => &self.backends,
             MapName::Affinity => &self.affinity,
             MapName::SockRevNat => &self.sock_revnat,
+            MapName::SourceRanges => &self.source_ranges,
         }
     }
 
@@ -151,6 +155,7 @@ impl LbMaps for KernelMaps {
         Capacity {
             services: self.max_entries(MapName::Services),
             backends: self.max_entries(MapName::Backends),
+            source_ranges: self.max_entries(MapName::SourceRanges),
         }
     }
 
@@ -165,7 +170,20 @@ impl LbMaps for KernelMaps {
             .iter()
             .filter_map(|(id, v)| Some((*id, layout::decode_backend(v)?)))
             .collect();
-        Ok(Snapshot::from_entries(svc, backends))
+        let mut snapshot = Snapshot::from_entries(svc, backends);
+        // An LPM trie's lookup matches prefixes, not keys: walk the keys.
+        for key in self.source_ranges.keys() {
+            if let Some((svc_id, net)) =
+                from_bytes::<lb_srcrange_key>(&key).and_then(|k| layout::decode_srcrange_key(&k))
+            {
+                snapshot
+                    .source_ranges
+                    .entry(svc_id)
+                    .or_default()
+                    .insert(net);
+            }
+        }
+        Ok(snapshot)
     }
 
     fn put_backends(&mut self, entries: &[(BackendId, BackendEntry)]) -> Result<(), MapError> {
@@ -197,6 +215,30 @@ impl LbMaps for KernelMaps {
             .map(|(fe, slot)| layout::svc_key(fe, *slot))
             .collect();
         self.delete_batch(MapName::Services, &raw)
+    }
+
+    // One syscall per entry: an LPM trie has no batch operations on every
+    // kernel kpr supports, and a Service has a handful of ranges.
+    fn put_source_ranges(&mut self, entries: &[(ServiceId, IpNet)]) -> Result<(), MapError> {
+        for (svc_id, net) in entries {
+            let key = layout::srcrange_key(*svc_id, net);
+            self.source_ranges
+                .update(as_bytes(&key), &[1u8], MapFlags::ANY)
+                .map_err(|e| MapError::new("update", MapName::SourceRanges, to_io(e)))?;
+        }
+        Ok(())
+    }
+
+    fn delete_source_ranges(&mut self, entries: &[(ServiceId, IpNet)]) -> Result<(), MapError> {
+        for (svc_id, net) in entries {
+            let key = layout::srcrange_key(*svc_id, net);
+            match self.source_ranges.delete(as_bytes(&key)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(MapError::new("delete", MapName::SourceRanges, to_io(e))),
+            }
+        }
+        Ok(())
     }
 
     fn prune_affinity(

@@ -45,6 +45,8 @@ pub struct MapSizes {
     pub backends: u32,
     pub affinity: u32,
     pub sock_revnat: u32,
+    /// loadBalancerSourceRanges: one entry per (frontend, prefix).
+    pub source_ranges: u32,
     /// North-south conntrack (two entries per flow).
     pub ct: u32,
 }
@@ -56,6 +58,7 @@ impl Default for MapSizes {
             backends: 65536,
             affinity: 65536,
             sock_revnat: 262144,
+            source_ranges: 65536,
             ct: 131072,
         }
     }
@@ -68,6 +71,7 @@ impl MapSizes {
             MapName::Backends => self.backends,
             MapName::Affinity => self.affinity,
             MapName::SockRevNat => self.sock_revnat,
+            MapName::SourceRanges => self.source_ranges,
         }
     }
 }
@@ -291,6 +295,13 @@ fn with_loaded<R>(
         &mut maps.kpr_sockrnat_v1,
         bpf_root,
         MapName::SockRevNat,
+        sizes,
+        report,
+    )?;
+    set_map_size(
+        &mut maps.kpr_srcrange_v1,
+        bpf_root,
+        MapName::SourceRanges,
         sizes,
         report,
     )?;

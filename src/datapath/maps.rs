@@ -3,9 +3,10 @@
 //! performs on them. `kernel::KernelMaps` implements it on pinned BPF maps,
 //! `fake::FakeMaps` in memory (with fault injection) for tests.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
+use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::model::{BackendState, Frontend, FrontendOptions, L4Addr, ServiceType};
@@ -23,14 +24,17 @@ pub enum MapName {
     Backends,
     Affinity,
     SockRevNat,
+    /// loadBalancerSourceRanges: (frontend id, prefix), an LPM trie.
+    SourceRanges,
 }
 
 impl MapName {
-    pub const ALL: [MapName; 4] = [
+    pub const ALL: [MapName; 5] = [
         MapName::Services,
         MapName::Backends,
         MapName::Affinity,
         MapName::SockRevNat,
+        MapName::SourceRanges,
     ];
 
     /// The map's pinned name; the suffix is the layout version.
@@ -40,6 +44,7 @@ impl MapName {
             MapName::Backends => "kpr_backends_v1",
             MapName::Affinity => "kpr_affinity_v1",
             MapName::SockRevNat => "kpr_sockrnat_v1",
+            MapName::SourceRanges => "kpr_srcrange_v1",
         }
     }
 
@@ -49,6 +54,7 @@ impl MapName {
             MapName::Backends => "backends",
             MapName::Affinity => "affinity",
             MapName::SockRevNat => "sock_revnat",
+            MapName::SourceRanges => "source_ranges",
         }
     }
 }
@@ -66,6 +72,8 @@ pub struct Capacity {
     pub services: usize,
     /// Entries of the backends map.
     pub backends: usize,
+    /// Entries of the source-range map: one per (frontend, prefix).
+    pub source_ranges: usize,
 }
 
 /// Slot 0 of a frontend.
@@ -76,6 +84,9 @@ pub struct MasterEntry {
     pub count: u32,
     pub svc_type: ServiceType,
     pub options: FrontendOptions,
+    /// The source-range map holds this frontend's loadBalancerSourceRanges
+    /// (keyed by `svc_id`) and the datapath enforces them.
+    pub source_ranges: bool,
 }
 
 /// A value of the services map.
@@ -105,11 +116,14 @@ pub struct FrontendEntries {
     pub slots: Vec<BackendId>,
 }
 
-/// The content of the services and backends maps.
+/// The content of the services, backends and source-range maps.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
     pub frontends: BTreeMap<Frontend, FrontendEntries>,
     pub backends: BTreeMap<BackendId, BackendEntry>,
+    /// Allowed client prefixes per frontend id (IPv4 ones as IPv4).
+    /// Entries of an id no frontend has are strays, removed on prune.
+    pub source_ranges: BTreeMap<ServiceId, BTreeSet<IpNet>>,
     /// Service-map entries that belong to no consistent frontend: slots
     /// without a master or beyond its count, left by an interrupted apply.
     /// They are never selected by the datapath and are removed on prune.
@@ -164,8 +178,14 @@ impl Snapshot {
         Snapshot {
             frontends,
             backends,
+            source_ranges: BTreeMap::new(),
             stray_entries: stray,
         }
+    }
+
+    /// Entries the source-range map holds.
+    pub fn source_range_entries(&self) -> usize {
+        self.source_ranges.values().map(BTreeSet::len).sum()
     }
 }
 
@@ -206,6 +226,9 @@ pub trait LbMaps {
         entries: &[(Frontend, u16, SvcValue)],
     ) -> Result<(), MapError>;
     fn delete_service_entries(&mut self, keys: &[(Frontend, u16)]) -> Result<(), MapError>;
+    /// Adds allowed (frontend id, prefix) pairs to the source-range map.
+    fn put_source_ranges(&mut self, entries: &[(ServiceId, IpNet)]) -> Result<(), MapError>;
+    fn delete_source_ranges(&mut self, entries: &[(ServiceId, IpNet)]) -> Result<(), MapError>;
     /// Removes affinity entries for which `keep(svc_id, backend_id)` is false;
     /// returns how many were removed.
     fn prune_affinity(

@@ -34,8 +34,9 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd};
 
 /// Pinned name of the conntrack map (its suffix is the layout version).
 pub const CT_PIN: &str = "kpr_ct_v1";
-/// Pinned name of the north-south counters.
-pub const STATS_PIN: &str = "kpr_npstats_v1";
+/// Pinned name of the north-south counters (v2: room for 32 counters, so
+/// a new one is no layout change).
+pub const STATS_PIN: &str = "kpr_npstats_v2";
 /// The pins only the north-south datapath creates.
 pub const PINS: [&str; 2] = [CT_PIN, STATS_PIN];
 
@@ -81,6 +82,18 @@ impl Acceleration {
             Acceleration::Generic => libbpf_sys::XDP_FLAGS_SKB_MODE,
         }
     }
+}
+
+/// What a north-south client opening a flow to a frontend without any
+/// backend gets (Cilium's --service-no-backend-response).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum NoBackendResponse {
+    /// ICMP destination unreachable (port unreachable), for TCP and UDP
+    /// alike: what kube-proxy's REJECT sends.
+    Reject,
+    /// Nothing: the packet is dropped.
+    Drop,
 }
 
 /// Conntrack lifetimes, in seconds.
@@ -157,6 +170,8 @@ pub struct NodePortConfig {
     pub mode: NodePortMode,
     pub acceleration: Acceleration,
     pub snat_ports: PortRange,
+    /// Answer to new flows to frontends without backend.
+    pub no_backend: NoBackendResponse,
     pub timeouts: CtTimeouts,
 }
 
@@ -342,6 +357,7 @@ macro_rules! configure_open {
         rodata.ct_timeout_tcp = $config.timeouts.tcp;
         rodata.ct_timeout_tcp_closing = $config.timeouts.tcp_closing;
         rodata.ct_timeout_udp = $config.timeouts.udp;
+        rodata.no_backend_reject = u8::from($config.no_backend == NoBackendResponse::Reject);
         // The load balancer's maps are the socket path's pins, reused.
         let mut shared = LoadReport::default();
         let maps = &mut $open.maps;
@@ -350,13 +366,14 @@ macro_rules! configure_open {
             (&mut maps.kpr_backends_v1, MapName::Backends),
             (&mut maps.kpr_affinity_v1, MapName::Affinity),
             (&mut maps.kpr_sockrnat_v1, MapName::SockRevNat),
+            (&mut maps.kpr_srcrange_v1, MapName::SourceRanges),
         ] {
             loader::set_map_size(map, $bpf_root, name, $sizes, &mut shared)?;
         }
         loader::size_and_pin(&mut maps.kpr_ct_v1, &$bpf_root.join(CT_PIN), $sizes.ct)?;
-        let stats_size = maps.kpr_npstats_v1.max_entries();
+        let stats_size = maps.kpr_npstats_v2.max_entries();
         loader::size_and_pin(
-            &mut maps.kpr_npstats_v1,
+            &mut maps.kpr_npstats_v2,
             &$bpf_root.join(STATS_PIN),
             stats_size,
         )?;
@@ -668,6 +685,7 @@ mod tests {
             mode: NodePortMode::Snat,
             acceleration: Acceleration::Disabled,
             snat_ports: DEFAULT_SNAT_PORTS,
+            no_backend: NoBackendResponse::Reject,
             timeouts: CtTimeouts::default(),
         };
         assert!(ok.validate().is_ok());
