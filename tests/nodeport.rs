@@ -1565,3 +1565,113 @@ fn with_no_backend_response_drop_a_frontend_without_backends_stays_silent() {
     );
     wait_event_metric(&bed, 1, "drop_no_backend", stats.drop_no_backend);
 }
+
+/// kube-proxy's worst UDP bugs are stale conntrack: a flow that met a
+/// Service without endpoints stays blackholed after endpoints appear, and
+/// a flow stays on a removed endpoint (kubernetes#48370, #19029). Here one
+/// client socket, never reopened, keeps talking to a UDP NodePort while
+/// its endpoints go from none to a remote pod to a local one: it is
+/// rejected first, then answered by the remote pod, then by the local pod
+/// as soon as the agents have synced, and conntrack holds the new backend.
+#[test]
+fn one_udp_flow_follows_endpoints_from_none_to_a_remote_pod_to_a_local_one() {
+    if !root() {
+        return;
+    }
+    const TCP: u16 = 30180;
+    const UDP: u16 = 30153;
+    let endpoints_of = |pod: Option<(IpAddr, u8)>| match pod {
+        Some((ip, node)) => format!("- {{addresses: [{ip}], nodeName: node{node}}}\n"),
+        None => "  []\n".to_string(),
+    };
+    let bed = NodePortBed::start(
+        "npflow",
+        Path::new(KPR),
+        &ClusterPlan::default(),
+        |_| nodeport_manifest("flows", "flow", TCP, UDP, &endpoints_of(None)),
+        &[],
+    )
+    .expect("the NodePort bed starts");
+    let remote = IpAddr::V4(bed.node(2).pod_ips()[0]);
+    let local = IpAddr::V4(bed.node(1).pod_ips()[0]);
+    let write_endpoints = |pod: (IpAddr, u8)| {
+        let manifest = nodeport_manifest("flows", "flow", TCP, UDP, &endpoints_of(Some(pod)));
+        std::fs::write(bed.dir().join("manifests/services.yaml"), manifest).unwrap();
+    };
+    let client_port = 40500;
+    let source = SocketAddr::new(IpAddr::V4(client_ip(1)), client_port);
+    let target = node_port(bed.node(1), UDP);
+    let sock = bed
+        .cluster
+        .client()
+        .enter_thread(move || {
+            let sock = UdpSocket::bind(source)?;
+            sock.connect(target)?;
+            sock.set_read_timeout(Some(Duration::from_millis(500)))?;
+            Ok::<_, std::io::Error>(sock)
+        })
+        .unwrap()
+        .unwrap();
+    // One datagram and its answer: the backend's address, or the error.
+    let exchange = || -> Result<IpAddr, std::io::ErrorKind> {
+        sock.send(b"hi").map_err(|e| e.kind())?;
+        let mut buf = [0u8; 256];
+        let n = sock.recv(&mut buf).map_err(|e| e.kind())?;
+        let reply = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let backend: SocketAddr = split_reply(&reply).0.parse().unwrap();
+        Ok(backend.ip())
+    };
+    // Exchanges until `want` answers (at most 40, 20 s); the outcomes seen
+    // on the way.
+    let until = |want: IpAddr| -> Vec<Result<IpAddr, std::io::ErrorKind>> {
+        let mut seen = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while seen.len() < 40 && Instant::now() < deadline {
+            let r = exchange();
+            seen.push(r);
+            if r == Ok(want) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        seen
+    };
+
+    assert_eq!(
+        exchange(),
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "no endpoints: rejected"
+    );
+    write_endpoints((remote, 2));
+    let seen = until(remote);
+    println!("none -> remote pod: {seen:?}");
+    assert_eq!(
+        seen.last(),
+        Some(&Ok(remote)),
+        "the flow reaches the new endpoint"
+    );
+    write_endpoints((local, 1));
+    let seen = until(local);
+    println!("remote pod -> local pod: {seen:?}");
+    assert_eq!(
+        seen.last(),
+        Some(&Ok(local)),
+        "the flow leaves the removed endpoint"
+    );
+    for _ in 0..5 {
+        assert_eq!(exchange(), Ok(local), "and stays on the new one");
+    }
+    let flow: Vec<_> = bed
+        .ct(1)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.dir == CtDir::Orig && e.src == source)
+        .collect();
+    assert_eq!(flow.len(), 1, "{flow:?}");
+    assert_eq!(
+        flow[0].nat_dst,
+        SocketAddr::new(local, kpr::testbed::nodeport_bed::POD_UDP),
+        "{flow:?}"
+    );
+    assert!(!flow[0].snat, "a local backend sees the client: {flow:?}");
+}
