@@ -8,6 +8,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::datapath::loader::DEFAULT_BPF_ROOT;
 use crate::datapath::nodeport::{Acceleration, NodePortMode, PortRange};
 use crate::features::KprMode;
+use crate::maglev;
+use crate::model::LbAlgorithm;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -162,6 +164,26 @@ pub struct AgentArgs {
     /// How often the agent removes expired conntrack entries.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub ct_gc_interval: std::time::Duration,
+    /// How the north-south datapath picks the backend of a new flow
+    /// (needs --devices). random: uniformly. maglev: Maglev consistent
+    /// hashing of the client's address and port, so every node picks the
+    /// same backend for the same client and removing a backend moves few
+    /// other flows. The annotation service.kpr.io/lb-algorithm: random|maglev
+    /// overrides it per Service. Node-local clients (socket LB) always get
+    /// a random backend.
+    #[arg(long, value_enum, default_value_t = LbAlgorithm::Random)]
+    pub lb_algorithm: LbAlgorithm,
+    /// Slots of every Maglev table: one of the primes 251, 509, 1021, 2039,
+    /// 4093, 8191, 16381, 32749, 65521, 131071. At least 100 x a Service's
+    /// backends keeps their shares within 1 %; a Service with more backends
+    /// than slots is refused. Each table takes 4 bytes a slot (16381: 64 KiB)
+    /// per north-south frontend with Maglev. Must be equal on every node.
+    #[arg(long, default_value_t = maglev::DEFAULT_TABLE_SIZE, value_parser = maglev::parse_table_size)]
+    pub maglev_table_size: u32,
+    /// Seed of the Maglev tables and of the flow hash, any 64-bit number.
+    /// Must be equal on every node.
+    #[arg(long, default_value_t = maglev::DEFAULT_HASH_SEED)]
+    pub maglev_hash_seed: u64,
 }
 
 #[derive(Debug, Subcommand)]

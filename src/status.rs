@@ -51,6 +51,12 @@ pub struct AgentStatus {
     pub refused: Vec<String>,
     /// Kernel features: name -> available.
     pub features: BTreeMap<String, bool>,
+    /// North-south backend selection without annotation (`--lb-algorithm`).
+    #[serde(default)]
+    pub lb_algorithm: Option<String>,
+    /// Slots of a Maglev table (`--maglev-table-size`).
+    #[serde(default)]
+    pub maglev_table_size: Option<u32>,
 }
 
 /// Shared, updatable agent status.
@@ -226,6 +232,13 @@ pub fn format_text(r: &Report) -> String {
                 }
             );
             let _ = writeln!(o, "  Socket LB cgroup:     {}", a.cgroup);
+            if let Some(alg) = &a.lb_algorithm {
+                let size = a
+                    .maglev_table_size
+                    .map(|n| format!(" (Maglev table size {n})"))
+                    .unwrap_or_default();
+                let _ = writeln!(o, "  Backend selection:    {alg}{size}");
+            }
         }
         Err(e) => {
             let _ = writeln!(o, "  Agent:                {e}");

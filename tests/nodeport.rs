@@ -758,3 +758,297 @@ fn a_client_port_reused_to_reach_a_local_backend_directly_still_connects() {
         );
     }
 }
+
+/// A second address of the client, on its loopback, that both nodes route
+/// back to it: one client (address and port) whichever node it enters, as
+/// behind ECMP or a DNS round robin over node addresses.
+const SHARED_CLIENT: std::net::Ipv4Addr = std::net::Ipv4Addr::new(203, 0, 113, 9);
+
+fn add_shared_client_address(bed: &NodePortBed) {
+    bed.cluster
+        .client()
+        .ip(&["addr", "add", &format!("{SHARED_CLIENT}/32"), "dev", "lo"])
+        .unwrap();
+    for n in [1u8, 2] {
+        let via = client_ip(n).to_string();
+        bed.node(n)
+            .ns()
+            .ip(&[
+                "route",
+                "add",
+                &format!("{SHARED_CLIENT}/32"),
+                "via",
+                &via,
+                "dev",
+                kpr::testbed::cluster::NODE_CLIENT_IF,
+            ])
+            .unwrap();
+    }
+}
+
+/// For every source port in `ports`: the pod that answered a TCP request
+/// from [`SHARED_CLIENT`]:port to node1's and to node2's `node_port`.
+fn backends_by_port(
+    bed: &NodePortBed,
+    ports: std::ops::Range<u16>,
+    node_port_number: u16,
+) -> BTreeMap<u16, [IpAddr; 2]> {
+    let targets = [
+        node_port(bed.node(1), node_port_number),
+        node_port(bed.node(2), node_port_number),
+    ];
+    let answers = bed
+        .cluster
+        .client()
+        .enter_thread(move || {
+            ports
+                .map(|port| {
+                    let local = SocketAddr::new(IpAddr::V4(SHARED_CLIENT), port);
+                    let mut pods = [IpAddr::V4(SHARED_CLIENT); 2];
+                    for (pod, target) in pods.iter_mut().zip(targets) {
+                        let reply = request_from(local, target)
+                            .map_err(|e| format!("{local} -> {target}: {e}"))?;
+                        let identity: SocketAddr = split_reply(&reply)
+                            .0
+                            .parse()
+                            .map_err(|e| format!("{reply:?}: {e}"))?;
+                        *pod = identity.ip();
+                    }
+                    Ok::<_, String>((port, pods))
+                })
+                .collect::<Vec<_>>()
+        })
+        .unwrap();
+    answers
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|e| panic!("{e}")))
+        .collect()
+}
+
+/// Source ports whose two requests (through node1, through node2) met
+/// different backends.
+fn disagreeing(by_port: &BTreeMap<u16, [IpAddr; 2]>) -> Vec<(u16, [IpAddr; 2])> {
+    by_port
+        .iter()
+        .filter(|(_, [a, b])| a != b)
+        .map(|(p, pods)| (*p, *pods))
+        .collect()
+}
+
+/// Polls `kpr svc list -o json` on both nodes until `done` holds for
+/// both (bounded: 20 s).
+#[track_caller]
+fn wait_for_svc_list(bed: &NodePortBed, what: &str, done: impl Fn(&str) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let lists: Vec<String> = [1u8, 2]
+            .iter()
+            .map(|n| {
+                let root = bed.bpf_root(*n);
+                bed.kpr(&[
+                    "svc",
+                    "list",
+                    "-o",
+                    "json",
+                    "--bpf-root",
+                    root.to_str().unwrap(),
+                ])
+                .unwrap()
+            })
+            .collect();
+        if lists.iter().all(|l| done(l)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "both agents did not get to {what}:\n{}",
+            lists.join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn maglev_sends_a_client_to_the_same_backend_through_either_node_and_keeps_flows_when_a_backend_goes(
+) {
+    if !root() {
+        return;
+    }
+    let plan = ClusterPlan {
+        pods_per_node: 3,
+        ..ClusterPlan::default()
+    };
+    let bed = Bed::start_with("npmg", &plan, &["--lb-algorithm", "maglev"]);
+    add_shared_client_address(&bed);
+    let ports = 47000..47120;
+    let flows = ports.len();
+
+    let first = backends_by_port(&bed, ports.clone(), NODE_PORT_TCP);
+    assert_eq!(
+        disagreeing(&first),
+        vec![],
+        "through node1 and node2, each client port reaches one backend"
+    );
+    let mut shares: BTreeMap<IpAddr, usize> = BTreeMap::new();
+    for [pod, _] in first.values() {
+        *shares.entry(*pod).or_default() += 1;
+    }
+    println!("maglev: {flows} client ports over 6 pods: {shares:?}");
+    assert_eq!(
+        shares.keys().copied().collect::<BTreeSet<_>>(),
+        all_pods(&bed),
+        "every pod gets flows"
+    );
+    // 20 expected each; a sound hash keeps every pod well above a third.
+    assert!(shares.values().all(|n| *n >= 7 && *n <= 40), "{shares:?}");
+
+    // The datapath uses Maglev for the NodePorts, not for the ClusterIP.
+    let root1 = bed.bpf_root(1);
+    let list = bed
+        .kpr(&["svc", "list", "--bpf-root", root1.to_str().unwrap()])
+        .unwrap();
+    let row = |frontend: &str| {
+        list.lines()
+            .find(|l| l.contains(frontend))
+            .unwrap_or_else(|| panic!("no {frontend} in\n{list}"))
+            .to_string()
+    };
+    assert!(
+        row("192.0.2.11:30080/TCP").contains("NodePort (maglev)"),
+        "{list}"
+    );
+    assert!(!row("10.96.0.10:80/TCP").contains("maglev"), "{list}");
+
+    // One pod of node2 goes.
+    let removed = IpAddr::V4(bed.node(2).pod_ips()[0]);
+    let manifest_path = bed.dir().join("manifests").join("services.yaml");
+    let text = std::fs::read_to_string(&manifest_path).unwrap();
+    let line = format!("- {{addresses: [{removed}], nodeName: node2}}\n");
+    assert!(text.contains(&line), "{text}");
+    std::fs::write(&manifest_path, text.replace(&line, "")).unwrap();
+    let gone = format!("\"{removed}\"");
+    wait_for_svc_list(&bed, "the removal", |l| !l.contains(&gone));
+
+    let second = backends_by_port(&bed, ports.clone(), NODE_PORT_TCP);
+    assert_eq!(disagreeing(&second), vec![], "both nodes agree again");
+    assert!(second.values().all(|[pod, _]| *pod != removed));
+    let on_others: Vec<u16> = ports.filter(|p| first[p][0] != removed).collect();
+    let kept = on_others
+        .iter()
+        .filter(|p| first[*p][0] == second[*p][0])
+        .count();
+    println!(
+        "maglev: after removing {removed}, {kept} of {} flows on other pods kept their pod",
+        on_others.len()
+    );
+    // Maglev moves only a few percent of them; a rehash would move ~80 %.
+    assert!(
+        kept * 10 >= on_others.len() * 8,
+        "{kept} of {} kept",
+        on_others.len()
+    );
+}
+
+/// NodePort Services for the annotation test: `hashed` (annotated maglev),
+/// `plain` (no annotation) and `bad` (an unknown algorithm), every pod
+/// behind each.
+fn annotated_manifest(cluster: &Cluster) -> String {
+    let mut endpoints = String::new();
+    for node in cluster.nodes() {
+        for ip in node.pod_ips() {
+            endpoints += &format!("- {{addresses: [{ip}], nodeName: node{}}}\n", node.index());
+        }
+    }
+    let service = |name: &str, cluster_ip: &str, node_port: u16, annotation: &str| {
+        let annotations = match annotation {
+            "" => String::new(),
+            a => format!("\n  annotations: {{service.kpr.io/lb-algorithm: {a}}}"),
+        };
+        format!(
+            r#"
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: {name}
+  namespace: np{annotations}
+spec:
+  type: NodePort
+  clusterIP: {cluster_ip}
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: {POD_TCP}, nodePort: {node_port}}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}-1, namespace: np, labels: {{kubernetes.io/service-name: {name}}}}}
+addressType: IPv4
+ports:
+- {{name: http, protocol: TCP, port: {POD_TCP}}}
+endpoints:
+{endpoints}"#
+        )
+    };
+    service("hashed", "10.96.0.20", 30090, "maglev")
+        + &service("plain", "10.96.0.21", 30091, "")
+        + &service("bad", "10.96.0.22", 30092, "ring-hash")
+}
+
+#[test]
+fn the_lb_algorithm_annotation_switches_one_service_to_maglev_while_another_stays_random() {
+    if !root() {
+        return;
+    }
+    // Agents with the default --lb-algorithm random.
+    let bed = NodePortBed::start(
+        "npann",
+        Path::new(KPR),
+        &ClusterPlan::default(),
+        annotated_manifest,
+        &[],
+    )
+    .expect("the NodePort bed starts");
+    add_shared_client_address(&bed);
+    let ports = 47200..47240;
+
+    let hashed = backends_by_port(&bed, ports.clone(), 30090);
+    assert_eq!(disagreeing(&hashed), vec![], "maglev: both nodes agree");
+    let distinct: BTreeSet<IpAddr> = hashed.values().map(|[p, _]| *p).collect();
+    assert!(distinct.len() >= 3, "spread over the pods: {hashed:?}");
+
+    // Random: with 4 pods, a client port meets the same pod through both
+    // nodes about one time in four; all 40 agreeing has odds of 4^-40.
+    for (name, port) in [("plain", 30091), ("bad", 30092)] {
+        let by_port = backends_by_port(&bed, ports.clone(), port);
+        let agree = by_port.len() - disagreeing(&by_port).len();
+        println!(
+            "{name}: {agree} of {} client ports met the same pod",
+            by_port.len()
+        );
+        assert!(
+            agree * 4 < by_port.len() * 3,
+            "{name} is random: {by_port:?}"
+        );
+    }
+
+    // The maps say so too, and the bad annotation was counted, not fatal.
+    let root1 = bed.bpf_root(1);
+    let list = bed
+        .kpr(&["svc", "list", "--bpf-root", root1.to_str().unwrap()])
+        .unwrap();
+    for line in list.lines().filter(|l| l.contains("192.0.2.11:")) {
+        assert_eq!(
+            line.contains("(maglev)"),
+            line.contains(":30090/"),
+            "{line}\n{list}"
+        );
+    }
+    let skipped = bed.agents[0]
+        .metric_value("kpr_skipped_objects_total", "reason=\"invalid_annotation\"")
+        .unwrap();
+    assert!(skipped.unwrap_or(0.0) >= 1.0, "{skipped:?}");
+    let log = bed.agents[0].log();
+    assert!(
+        log.contains("ring-hash") && log.contains("service.kpr.io/lb-algorithm"),
+        "the bad annotation is logged with its value:\n{log}"
+    );
+}

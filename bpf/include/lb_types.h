@@ -14,8 +14,9 @@
  *
  * Any change to a struct here is a layout change: bump KPR_LAYOUT_VERSION
  * and the _vN suffix of every map name in lb_maps.h. The one exception is
- * giving meaning to bytes that were padding, when zero (what every older
- * writer left there) means the old behaviour: struct lb_backend.flags.
+ * giving meaning to bits or bytes that were always zero, when zero (what
+ * every older writer left there) means the old behaviour:
+ * struct lb_backend.flags, SVC_F_MAGLEV.
  */
 #ifndef KPR_LB_TYPES_H
 #define KPR_LB_TYPES_H
@@ -40,6 +41,9 @@ enum lb_svc_flags {
 	SVC_F_HAS_INT_SCOPE = 1 << 5, /* node-local traffic uses the LB_SCOPE_INT entries */
 	SVC_F_ETP_LOCAL     = 1 << 6, /* externalTrafficPolicy Local */
 	SVC_F_ITP_LOCAL     = 1 << 7, /* internalTrafficPolicy Local */
+	SVC_F_MAGLEV        = 1 << 8, /* north-south new flows pick from the
+					 * frontend's Maglev table (kpr_maglev_v1[svc_id]);
+					 * zero, as every older writer left it, is random */
 };
 
 /* Backend states (struct lb_backend.state). */

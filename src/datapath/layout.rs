@@ -27,6 +27,7 @@ const SVC_F_AFFINITY: u16 = lb_svc_flags::SVC_F_AFFINITY.0 as u16;
 const SVC_F_HAS_INT_SCOPE: u16 = lb_svc_flags::SVC_F_HAS_INT_SCOPE.0 as u16;
 const SVC_F_ETP_LOCAL: u16 = lb_svc_flags::SVC_F_ETP_LOCAL.0 as u16;
 const SVC_F_ITP_LOCAL: u16 = lb_svc_flags::SVC_F_ITP_LOCAL.0 as u16;
+const SVC_F_MAGLEV: u16 = lb_svc_flags::SVC_F_MAGLEV.0 as u16;
 const BE_STATE_ACTIVE: u8 = lb_backend_state::BE_STATE_ACTIVE.0 as u8;
 const BE_STATE_TERMINATING: u8 = lb_backend_state::BE_STATE_TERMINATING.0 as u8;
 const BE_F_LOCAL: u8 = lb_backend_flags::BE_F_LOCAL.0 as u8;
@@ -154,6 +155,9 @@ fn master_flags(m: &MasterEntry) -> u16 {
     if o.internal_traffic_local {
         flags |= SVC_F_ITP_LOCAL;
     }
+    if o.maglev {
+        flags |= SVC_F_MAGLEV;
+    }
     flags
 }
 
@@ -182,6 +186,7 @@ pub fn decode_svc_value(slot: u16, val: &lb_svc_val) -> Option<SvcValue> {
         has_internal_scope: f & SVC_F_HAS_INT_SCOPE != 0,
         external_traffic_local: f & SVC_F_ETP_LOCAL != 0,
         internal_traffic_local: f & SVC_F_ITP_LOCAL != 0,
+        maglev: f & SVC_F_MAGLEV != 0,
     };
     Some(SvcValue::Master(MasterEntry {
         svc_id: val.svc_id,
@@ -421,6 +426,26 @@ mod tests {
         assert_eq!(
             hex(&v),
             "00000000".to_string() + "03000000" + "07000000" + "302a0000" + "1100" + "0000"
+        );
+        assert_eq!(decode_svc_value(0, &v), Some(SvcValue::Master(m)));
+    }
+
+    #[test]
+    fn maglev_master_golden_encoding() {
+        let m = MasterEntry {
+            svc_id: 2,
+            count: 4,
+            svc_type: ServiceType::NodePort,
+            options: FrontendOptions {
+                maglev: true,
+                ..Default::default()
+            },
+        };
+        let v = svc_value(&SvcValue::Master(m));
+        //            backend_id count    svc_id   timeout  flags (NODE_PORT | MAGLEV) pad
+        assert_eq!(
+            hex(&v),
+            "00000000".to_string() + "04000000" + "02000000" + "00000000" + "0201" + "0000"
         );
         assert_eq!(decode_svc_value(0, &v), Some(SvcValue::Master(m)));
     }

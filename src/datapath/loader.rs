@@ -47,6 +47,9 @@ pub struct MapSizes {
     pub sock_revnat: u32,
     /// North-south conntrack (two entries per flow).
     pub ct: u32,
+    /// Maglev tables (one per north-south frontend with Maglev); each
+    /// table's memory is its own, `4 x --maglev-table-size` bytes.
+    pub maglev: u32,
 }
 
 impl Default for MapSizes {
@@ -57,6 +60,7 @@ impl Default for MapSizes {
             affinity: 65536,
             sock_revnat: 262144,
             ct: 131072,
+            maglev: 65536,
         }
     }
 }
@@ -68,6 +72,7 @@ impl MapSizes {
             MapName::Backends => self.backends,
             MapName::Affinity => self.affinity,
             MapName::SockRevNat => self.sock_revnat,
+            MapName::Maglev => self.maglev,
         }
     }
 }
@@ -280,6 +285,13 @@ fn with_loaded<R>(
         &mut maps.kpr_sockrnat_v1,
         bpf_root,
         MapName::SockRevNat,
+        sizes,
+        report,
+    )?;
+    set_map_size(
+        &mut maps.kpr_maglev_v1,
+        bpf_root,
+        MapName::Maglev,
         sizes,
         report,
     )?;

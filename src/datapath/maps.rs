@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -23,14 +24,17 @@ pub enum MapName {
     Backends,
     Affinity,
     SockRevNat,
+    /// Frontend id -> Maglev table (north-south).
+    Maglev,
 }
 
 impl MapName {
-    pub const ALL: [MapName; 4] = [
+    pub const ALL: [MapName; 5] = [
         MapName::Services,
         MapName::Backends,
         MapName::Affinity,
         MapName::SockRevNat,
+        MapName::Maglev,
     ];
 
     /// The map's pinned name; the suffix is the layout version.
@@ -40,6 +44,7 @@ impl MapName {
             MapName::Backends => "kpr_backends_v1",
             MapName::Affinity => "kpr_affinity_v1",
             MapName::SockRevNat => "kpr_sockrnat_v1",
+            MapName::Maglev => "kpr_maglev_v1",
         }
     }
 
@@ -49,6 +54,7 @@ impl MapName {
             MapName::Backends => "backends",
             MapName::Affinity => "affinity",
             MapName::SockRevNat => "sock_revnat",
+            MapName::Maglev => "maglev",
         }
     }
 }
@@ -66,6 +72,8 @@ pub struct Capacity {
     pub services: usize,
     /// Entries of the backends map.
     pub backends: usize,
+    /// Maglev tables: one per frontend with Maglev and backends.
+    pub maglev: usize,
 }
 
 /// Slot 0 of a frontend.
@@ -105,11 +113,39 @@ pub struct FrontendEntries {
     pub slots: Vec<BackendId>,
 }
 
-/// The content of the services and backends maps.
+/// A Maglev table: the backend id of every slot.
+pub type MaglevTable = Arc<[BackendId]>;
+
+/// What the reconciler keeps of a Maglev table in the maps: enough to tell
+/// whether it is the one it would write, without holding every slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MaglevTableInfo {
+    /// Slots of the table.
+    pub size: u32,
+    /// A hash of its content (only compared within one process).
+    pub digest: u64,
+}
+
+impl MaglevTableInfo {
+    pub fn of(table: &[BackendId]) -> MaglevTableInfo {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        table.hash(&mut h);
+        MaglevTableInfo {
+            size: table.len() as u32,
+            digest: h.finish(),
+        }
+    }
+}
+
+/// The content of the services, backends and Maglev maps.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
     pub frontends: BTreeMap<Frontend, FrontendEntries>,
     pub backends: BTreeMap<BackendId, BackendEntry>,
+    /// Maglev tables by frontend id (also tables no master points at any
+    /// more, left by an interrupted apply; removed on prune).
+    pub maglev: BTreeMap<ServiceId, MaglevTableInfo>,
     /// Service-map entries that belong to no consistent frontend: slots
     /// without a master or beyond its count, left by an interrupted apply.
     /// They are never selected by the datapath and are removed on prune.
@@ -164,6 +200,7 @@ impl Snapshot {
         Snapshot {
             frontends,
             backends,
+            maglev: BTreeMap::new(),
             stray_entries: stray,
         }
     }
@@ -206,6 +243,10 @@ pub trait LbMaps {
         entries: &[(Frontend, u16, SvcValue)],
     ) -> Result<(), MapError>;
     fn delete_service_entries(&mut self, keys: &[(Frontend, u16)]) -> Result<(), MapError>;
+    /// Writes (or atomically replaces) the Maglev tables of frontends.
+    /// Entries sharing one `Arc` may share one table in the datapath.
+    fn put_maglev_tables(&mut self, tables: &[(ServiceId, MaglevTable)]) -> Result<(), MapError>;
+    fn delete_maglev_tables(&mut self, ids: &[ServiceId]) -> Result<(), MapError>;
     /// Removes affinity entries for which `keep(svc_id, backend_id)` is false;
     /// returns how many were removed.
     fn prune_affinity(

@@ -152,6 +152,9 @@ pub struct NodePortConfig {
     pub acceleration: Acceleration,
     pub snat_ports: PortRange,
     pub timeouts: CtTimeouts,
+    /// Table size and flow hash seed of Maglev selection (the tables
+    /// themselves are the reconciler's).
+    pub maglev: crate::maglev::MaglevParams,
 }
 
 impl NodePortConfig {
@@ -328,6 +331,8 @@ macro_rules! configure_open {
         rodata.ct_timeout_tcp = $config.timeouts.tcp;
         rodata.ct_timeout_tcp_closing = $config.timeouts.tcp_closing;
         rodata.ct_timeout_udp = $config.timeouts.udp;
+        rodata.maglev_table_size = $config.maglev.table_size();
+        rodata.maglev_hash_seed = $config.maglev.flow_hash_seed();
         // The load balancer's maps are the socket path's pins, reused.
         let mut shared = LoadReport::default();
         let maps = &mut $open.maps;
@@ -336,6 +341,7 @@ macro_rules! configure_open {
             (&mut maps.kpr_backends_v1, MapName::Backends),
             (&mut maps.kpr_affinity_v1, MapName::Affinity),
             (&mut maps.kpr_sockrnat_v1, MapName::SockRevNat),
+            (&mut maps.kpr_maglev_v1, MapName::Maglev),
         ] {
             loader::set_map_size(map, $bpf_root, name, $sizes, &mut shared)?;
         }
@@ -655,6 +661,7 @@ mod tests {
             acceleration: Acceleration::Disabled,
             snat_ports: DEFAULT_SNAT_PORTS,
             timeouts: CtTimeouts::default(),
+            maglev: Default::default(),
         };
         assert!(ok.validate().is_ok());
         let dsr = NodePortConfig {

@@ -208,6 +208,7 @@ fn a_service_that_does_not_fit_is_refused_and_the_others_are_untouched() {
     let cap = Capacity {
         services: 10,
         backends: 10,
+        maglev: 10,
     };
     let mut r = Reconciler::new(FakeMaps::with_capacity(cap)).unwrap();
     let small = desired(vec![web3()]);

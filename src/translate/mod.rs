@@ -37,6 +37,14 @@
 //!   `kubeproxy_sync_proxy_rules_no_local_endpoints_total`.
 //! - `sessionAffinity: ClientIP` sets the timeout (default 10800 s) on every
 //!   frontend of the Service.
+//! - Backend selection of north-south traffic: the annotation
+//!   `service.kpr.io/lb-algorithm: random|maglev` (Cilium's
+//!   `service.cilium.io/lb-algorithm`), else [`NodeContext::lb_algorithm`]
+//!   (`--lb-algorithm`). Maglev is set on the External-scope NodePort,
+//!   LoadBalancer and ExternalIP frontends only: ClusterIPs and the
+//!   Internal-scope entries serve node-local clients, which the socket hooks
+//!   balance at random. Any other annotation value is a skip
+//!   (`invalid_annotation`) and the flag's algorithm applies.
 //! - LoadBalancer Services with `externalTrafficPolicy: Local` get a
 //!   [`HealthCheck`] on `spec.healthCheckNodePort` (kube-proxy's
 //!   `NeedsHealthCheck` is LoadBalancer-only).
@@ -57,7 +65,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::model::{
-    Frontend, FrontendOptions, FrontendSpec, Protocol, Scope, ServiceRef, ServiceType,
+    Frontend, FrontendOptions, FrontendSpec, LbAlgorithm, Protocol, Scope, ServiceRef, ServiceType,
 };
 use crate::reconcile::{DesiredByService, ServiceFrontends};
 use crate::skip::SkipReason;
@@ -70,6 +78,9 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// Label the control plane puts on headless Services' EndpointSlices.
 pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// Annotation choosing a Service's north-south backend selection,
+/// `random` or `maglev`, over `--lb-algorithm`.
+pub const LB_ALGORITHM_ANNOTATION: &str = "service.kpr.io/lb-algorithm";
 /// Default sessionAffinityConfig.clientIP.timeoutSeconds (3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10800;
 
@@ -86,6 +97,9 @@ pub struct NodeContext {
     /// The addresses NodePorts are served on. Empty (the default): only the
     /// `127.0.0.1` NodePort frontends.
     pub node_ips: Vec<IpAddr>,
+    /// North-south backend selection of Services without the
+    /// [`LB_ALGORITHM_ANNOTATION`] (`--lb-algorithm`; default random).
+    pub lb_algorithm: LbAlgorithm,
 }
 
 /// Something in an object that was not programmed, and why.
@@ -371,6 +385,9 @@ pub fn translate_service(
         affinity_timeout,
         ..Default::default()
     };
+    // North-south frontends (External scope, not ClusterIP) only.
+    let maglev = lb_algorithm(&svc.metadata, node, &mut skips) == LbAlgorithm::Maglev;
+    let north_south = FrontendOptions { maglev, ..plain };
 
     let eps = ServiceEndpoints::new(slices, node, skips.out);
     let namespace = svc
@@ -479,13 +496,13 @@ pub fn translate_service(
             for (ip, p, t) in external {
                 let fe = Frontend::new(ip, p, proto);
                 if !etp_local {
-                    add(fe, t, plain, &sets.cluster);
+                    add(fe, t, north_south, &sets.cluster);
                     continue;
                 }
                 let ext = FrontendOptions {
                     has_internal_scope: true,
                     external_traffic_local: true,
-                    ..plain
+                    ..north_south
                 };
                 if add(fe, t, ext, &sets.local) {
                     let int = Frontend {
@@ -540,6 +557,30 @@ pub fn translate_service(
         }
     }
     out
+}
+
+/// The Service's north-south backend selection: its
+/// [`LB_ALGORITHM_ANNOTATION`] when valid, else the node's default (an
+/// invalid value is a skip naming it).
+fn lb_algorithm(meta: &ObjectMeta, node: &NodeContext, skips: &mut Skips<'_>) -> LbAlgorithm {
+    let Some(value) = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(LB_ALGORITHM_ANNOTATION))
+    else {
+        return node.lb_algorithm;
+    };
+    LbAlgorithm::parse(value).unwrap_or_else(|| {
+        skips.push(
+            SkipReason::InvalidAnnotation,
+            format!(
+                "annotation {LB_ALGORITHM_ANNOTATION}: {value:?} is neither random nor maglev; \
+                 using --lb-algorithm {}",
+                node.lb_algorithm
+            ),
+        );
+        node.lb_algorithm
+    })
 }
 
 /// The clusterIP of each family: the first one of the family in
