@@ -175,8 +175,8 @@ pub struct AgentArgs {
     pub lb_algorithm: LbAlgorithm,
     /// Slots of every Maglev table: one of the primes 251, 509, 1021, 2039,
     /// 4093, 8191, 16381, 32749, 65521, 131071. At least 100 x a Service's
-    /// backends keeps their shares within 1 %; a Service with more backends
-    /// than slots is refused. Each table takes 4 bytes a slot (16381: 64 KiB)
+    /// backends keeps their shares even; a Service with more backends than
+    /// slots is refused. Each table takes 4 bytes a slot (16381: 64 KiB)
     /// per north-south frontend with Maglev. Must be equal on every node.
     #[arg(long, default_value_t = maglev::DEFAULT_TABLE_SIZE, value_parser = maglev::parse_table_size)]
     pub maglev_table_size: u32,
@@ -235,4 +235,54 @@ fn parse_period(s: &str) -> Result<std::time::Duration, String> {
         return Err("must be longer than zero".into());
     }
     Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent(args: &[&str]) -> Result<AgentArgs, String> {
+        let argv = ["kpr", "agent"].iter().chain(args);
+        match Cli::try_parse_from(argv)
+            .map_err(|e| e.to_string())?
+            .command
+        {
+            Command::Agent(a) => Ok(*a),
+            other => Err(format!("not the agent: {other:?}")),
+        }
+    }
+
+    #[test]
+    fn maglev_flags_default_to_random_16381_and_seed_0() {
+        let a = agent(&[]).unwrap();
+        assert_eq!(a.lb_algorithm, LbAlgorithm::Random);
+        assert_eq!(a.maglev_table_size, 16381);
+        assert_eq!(a.maglev_hash_seed, 0);
+        let a = agent(&[
+            "--lb-algorithm",
+            "maglev",
+            "--maglev-table-size",
+            "65521",
+            "--maglev-hash-seed",
+            "18446744073709551615",
+        ])
+        .unwrap();
+        assert_eq!(
+            (a.lb_algorithm, a.maglev_table_size, a.maglev_hash_seed),
+            (LbAlgorithm::Maglev, 65521, u64::MAX)
+        );
+    }
+
+    #[test]
+    fn bad_maglev_flags_are_refused_with_the_allowed_values() {
+        let err = agent(&["--maglev-table-size", "16384"]).unwrap_err();
+        assert!(
+            err.contains("--maglev-table-size") && err.contains("16384") && err.contains("16381"),
+            "{err}"
+        );
+        let err = agent(&["--lb-algorithm", "round-robin"]).unwrap_err();
+        assert!(err.contains("random") && err.contains("maglev"), "{err}");
+        let err = agent(&["--maglev-hash-seed=-1"]).unwrap_err();
+        assert!(err.contains("--maglev-hash-seed"), "{err}");
+    }
 }

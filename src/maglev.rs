@@ -84,7 +84,7 @@ pub fn parse_table_size(s: &str) -> Result<u32, String> {
 pub enum MaglevError {
     #[error("maglev table size {0} is not one of the supported primes {TABLE_SIZES:?}")]
     BadTableSize(u32),
-    #[error("{backends} backends do not fit a maglev table of {size} slots (use a table of at least 100 x backends for even shares)")]
+    #[error("{backends} backends do not fit a Maglev table of {size} slots (--maglev-table-size; at least 100 x the backends keeps their shares even)")]
     TooManyBackends { backends: usize, size: u32 },
 }
 

@@ -279,11 +279,13 @@ impl LbMaps for KernelMaps {
         // Frontends handed the same table (one Arc) share one inner map.
         let mut created: HashMap<*const BackendId, MapHandle> = HashMap::new();
         for (svc_id, table) in tables {
-            let shared = table.as_ptr();
-            if !created.contains_key(&shared) {
-                created.insert(shared, self.create_maglev_table(table)?);
-            }
-            let fd = created[&shared].as_fd().as_raw_fd() as u32;
+            let inner = match created.entry(table.as_ptr()) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(self.create_maglev_table(table)?)
+                }
+            };
+            let fd = inner.as_fd().as_raw_fd() as u32;
             // Replacing the value swaps the table atomically for readers.
             self.maglev
                 .update(&svc_id.to_ne_bytes(), &fd.to_ne_bytes(), MapFlags::ANY)

@@ -112,7 +112,7 @@ impl fmt::Display for Refusal {
             ),
             RefusalReason::Maglev { frontend, error } => write!(
                 f,
-                "service {}: frontend {}: {error} (--maglev-table-size); skipped",
+                "service {}: frontend {} not programmed: {error}",
                 self.service, frontend.addr
             ),
             RefusalReason::IdsExhausted => {
