@@ -950,8 +950,8 @@ fn maglev_sends_a_client_to_the_same_backend_through_either_node_and_keeps_flows
 }
 
 /// NodePort Services for the annotation test: `hashed` (annotated maglev),
-/// `plain` (no annotation) and `bad` (an unknown algorithm), every pod
-/// behind each.
+/// `plain` (no annotation), `bad` (an unknown algorithm) and `sticky`
+/// (maglev with ClientIP session affinity), every pod behind each.
 fn annotated_manifest(cluster: &Cluster) -> String {
     let mut endpoints = String::new();
     for node in cluster.nodes() {
@@ -959,7 +959,7 @@ fn annotated_manifest(cluster: &Cluster) -> String {
             endpoints += &format!("- {{addresses: [{ip}], nodeName: node{}}}\n", node.index());
         }
     }
-    let service = |name: &str, cluster_ip: &str, node_port: u16, annotation: &str| {
+    let service = |name: &str, cluster_ip: &str, node_port: u16, annotation: &str, extra: &str| {
         let annotations = match annotation {
             "" => String::new(),
             a => format!("\n  annotations: {{service.kpr.io/lb-algorithm: {a}}}"),
@@ -974,7 +974,7 @@ metadata:
   namespace: np{annotations}
 spec:
   type: NodePort
-  clusterIP: {cluster_ip}
+  clusterIP: {cluster_ip}{extra}
   ports:
   - {{name: http, protocol: TCP, port: 80, targetPort: {POD_TCP}, nodePort: {node_port}}}
 ---
@@ -988,9 +988,16 @@ endpoints:
 {endpoints}"#
         )
     };
-    service("hashed", "10.96.0.20", 30090, "maglev")
-        + &service("plain", "10.96.0.21", 30091, "")
-        + &service("bad", "10.96.0.22", 30092, "ring-hash")
+    service("hashed", "10.96.0.20", 30090, "maglev", "")
+        + &service("plain", "10.96.0.21", 30091, "", "")
+        + &service("bad", "10.96.0.22", 30092, "ring-hash", "")
+        + &service(
+            "sticky",
+            "10.96.0.23",
+            30093,
+            "maglev",
+            "\n  sessionAffinity: ClientIP",
+        )
 }
 
 #[test]
@@ -1030,6 +1037,12 @@ fn the_lb_algorithm_annotation_switches_one_service_to_maglev_while_another_stay
         );
     }
 
+    // Session affinity wins over the table: one client address, one pod,
+    // whatever its port (the first flow's Maglev pick, on both nodes).
+    let sticky = backends_by_port(&bed, ports.clone(), 30093);
+    let pods: BTreeSet<IpAddr> = sticky.values().flatten().copied().collect();
+    assert_eq!(pods.len(), 1, "affinity keeps one pod: {sticky:?}");
+
     // The maps say so too, and the bad annotation was counted, not fatal.
     let root1 = bed.bpf_root(1);
     let list = bed
@@ -1038,7 +1051,7 @@ fn the_lb_algorithm_annotation_switches_one_service_to_maglev_while_another_stay
     for line in list.lines().filter(|l| l.contains("192.0.2.11:")) {
         assert_eq!(
             line.contains("(maglev)"),
-            line.contains(":30090/"),
+            line.contains(":30090/") || line.contains(":30093/"),
             "{line}\n{list}"
         );
     }
@@ -1051,4 +1064,38 @@ fn the_lb_algorithm_annotation_switches_one_service_to_maglev_while_another_stay
         log.contains("ring-hash") && log.contains("service.kpr.io/lb-algorithm"),
         "the bad annotation is logged with its value:\n{log}"
     );
+}
+
+#[test]
+fn maglev_in_generic_xdp_sends_a_client_to_the_same_backend_through_either_node() {
+    if !root() {
+        return;
+    }
+    let plan = ClusterPlan {
+        xdp_ready: true,
+        ..ClusterPlan::default()
+    };
+    let bed = Bed::start_with(
+        "npmgx",
+        &plan,
+        &[
+            "--lb-algorithm",
+            "maglev",
+            "--nodeport-acceleration",
+            "generic",
+        ],
+    );
+    add_shared_client_address(&bed);
+    let before: Vec<u64> = [1u8, 2].map(|n| bed.stats(n).unwrap().xdp_fwd).to_vec();
+    let by_port = backends_by_port(&bed, 47300..47340, NODE_PORT_TCP);
+    assert_eq!(disagreeing(&by_port), vec![], "both nodes agree in XDP");
+    let distinct: BTreeSet<IpAddr> = by_port.values().map(|[p, _]| *p).collect();
+    assert!(distinct.len() >= 3, "spread over the pods: {by_port:?}");
+    for n in [1u8, 2] {
+        let after = bed.stats(n).unwrap().xdp_fwd;
+        assert!(
+            after > before[usize::from(n - 1)],
+            "node{n}: XDP forwarded the flows itself"
+        );
+    }
 }
