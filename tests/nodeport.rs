@@ -927,7 +927,9 @@ fn maglev_sends_a_client_to_the_same_backend_through_either_node_and_keeps_flows
     assert!(text.contains(&line), "{text}");
     std::fs::write(&manifest_path, text.replace(&line, "")).unwrap();
     let gone = format!("\"{removed}\"");
-    wait_for_svc_list(&bed, "the removal", |l| !l.contains(&gone));
+    wait_for_svc_list(&bed, "the removal", |l| {
+        l.contains("\"port\": 30080") && !l.contains(&gone)
+    });
 
     let second = backends_by_port(&bed, ports.clone(), NODE_PORT_TCP);
     assert_eq!(disagreeing(&second), vec![], "both nodes agree again");
@@ -1055,6 +1057,25 @@ fn the_lb_algorithm_annotation_switches_one_service_to_maglev_while_another_stay
             "{line}\n{list}"
         );
     }
+    // Annotating the running `plain` switches it: tables are written,
+    // then the masters flag Maglev, and both nodes agree from then on.
+    let manifest_path = bed.dir().join("manifests").join("services.yaml");
+    let text = std::fs::read_to_string(&manifest_path).unwrap();
+    let plain = "  name: plain\n  namespace: np\n";
+    assert!(text.contains(plain), "{text}");
+    let annotated = format!("{plain}  annotations: {{service.kpr.io/lb-algorithm: maglev}}\n");
+    std::fs::write(&manifest_path, text.replace(plain, &annotated)).unwrap();
+    wait_for_svc_list(&bed, "maglev on plain", |l| {
+        let rows: Vec<serde_json::Value> = serde_json::from_str(l).unwrap_or_default();
+        let plain: Vec<_> = rows
+            .iter()
+            .filter(|r| r["port"] == 30091 && r["type"] == "NodePort")
+            .collect();
+        !plain.is_empty() && plain.iter().all(|r| r["lb_algorithm"] == "maglev")
+    });
+    let switched = backends_by_port(&bed, ports.clone(), 30091);
+    assert_eq!(disagreeing(&switched), vec![], "plain is Maglev now");
+
     let skipped = bed.agents[0]
         .metric_value("kpr_skipped_objects_total", "reason=\"invalid_annotation\"")
         .unwrap();

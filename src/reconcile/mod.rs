@@ -34,8 +34,6 @@ mod tests;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
-#[cfg(test)]
-use std::sync::Arc;
 
 use crate::datapath::maps::{
     BackendEntry, BackendId, Capacity, FrontendEntries, LbMaps, MaglevTable, MaglevTableInfo,
