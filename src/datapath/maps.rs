@@ -127,6 +127,7 @@ pub struct MaglevTableInfo {
 }
 
 impl MaglevTableInfo {
+    /// The size and digest of `table`.
     pub fn of(table: &[BackendId]) -> MaglevTableInfo {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
