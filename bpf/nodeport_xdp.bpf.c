@@ -12,6 +12,8 @@
  *     written (bpf_redirect_neigh exists for tc only)
  *   - replies from local backends: they never cross a device's ingress;
  *     the tc egress program rewrites them
+ *   - rejects of frontends without backend: tc turns the packet into the
+ *     ICMP error (an skb can be resized in place)
  *
  * Checksums are updated incrementally and assume the checksum fields hold
  * full checksums, which is what arrives from a wire (a NIC's RX). Packets
@@ -111,6 +113,7 @@ int kpr_np_xdp(struct xdp_md *ctx)
 	case NP_V_DROP:
 		return XDP_DROP;
 	default:
+		/* NP_V_REJECT too: the tc program builds the ICMP error. */
 		return XDP_PASS;
 	}
 

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, Result};
 use tokio::sync::watch;
 
+use crate::datapath::devices;
 use crate::datapath::kernel::KernelMaps;
 use crate::datapath::loader::{self, MapSizes};
 use crate::datapath::maps::MapName;
@@ -28,7 +29,7 @@ use crate::reconcile::{DesiredByService, Reconciler, RefusalReason};
 use crate::source::kube::{self as kube_source, ApiConfig, WatchEvent};
 use crate::source::manifests;
 use crate::source::store::{Kind, ObjectStore, Watched};
-use crate::status::{status_router, AgentStatus, StatusHandle};
+use crate::status::{status_router, AgentStatus, DeviceStatus, StatusHandle};
 use crate::translate::{
     self, HealthCheck, NoLocalEndpoints, NodeContext, ServiceTranslation, Skipped, TrafficPolicy,
     Translation,
@@ -237,6 +238,11 @@ impl Syncer {
             r.snapshot().backends.len(),
             cap.backends,
         );
+        self.metrics.set_map(
+            MapLabel::SourceRanges,
+            r.snapshot().source_range_entries(),
+            cap.source_ranges,
+        );
     }
 
     /// Refreshes the fill of the LRU maps (a key walk, so not on every sync).
@@ -360,7 +366,8 @@ const LRU_GAUGE_PERIOD: Duration = Duration::from_secs(10);
 
 /// Probes the kernel. Strict: any missing feature is an error naming it and
 /// its kernel option. Partial: logs what is missing and returns the socket
-/// hooks to leave out.
+/// hooks to leave out (bind protection goes whole when any part of it is
+/// missing: it is reported, never fatal).
 fn check_features(mode: KprMode) -> Result<(Vec<&'static str>, Vec<features::Feature>)> {
     let probed = features::probe();
     let missing = features::missing(&probed);
@@ -380,21 +387,23 @@ fn check_features(mode: KprMode) -> Result<(Vec<&'static str>, Vec<features::Fea
     for m in &missing {
         tracing::warn!(feature = %m, "--kube-proxy-replacement partial: running without");
     }
-    let skip = features::HOOK_ATTACH_TYPES
+    let lacks = |name: &str| probed.iter().any(|f| f.name == name && !f.available);
+    let mut skip = features::HOOK_ATTACH_TYPES
         .iter()
         .map(|(hook, _)| *hook)
-        .filter(|hook| {
-            probed
-                .iter()
-                .any(|f| f.name == features::hook_feature_name(hook) && !f.available)
-        })
+        .filter(|hook| lacks(features::hook_feature_name(hook)))
         .collect::<Vec<_>>();
-    if skip.len() == features::HOOK_ATTACH_TYPES.len()
-        || probed
-            .iter()
-            .any(|f| f.name == "cgroup_sock_addr" && !f.available)
-    {
+    if skip.len() == features::HOOK_ATTACH_TYPES.len() || lacks("cgroup_sock_addr") {
         anyhow::bail!("no socket-LB hook is available: {}", missing.join("; "));
+    }
+    let bind_hooks = features::BIND_HOOK_ATTACH_TYPES.map(|(hook, _)| hook);
+    if lacks(features::NETNS_COOKIE_SOCKOPT)
+        || bind_hooks
+            .iter()
+            .any(|hook| lacks(features::hook_feature_name(hook)))
+    {
+        tracing::warn!("--kube-proxy-replacement partial: NodePort bind protection is off (host sockets may bind NodePorts)");
+        skip.extend(bind_hooks);
     }
     Ok((skip, probed))
 }
@@ -449,9 +458,13 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let use_set_retval = features
         .iter()
         .any(|f| f.name == "helper_set_retval" && f.available);
+    // Bind protection is for the node's own sockets: those of the agent's
+    // network namespace.
+    let host_netns_cookie = features::own_netns_cookie().unwrap_or(0);
     let options = loader::DatapathOptions {
         skip_hooks,
         use_set_retval,
+        host_netns_cookie,
     };
     let report = loader::load_and_attach(
         &config.bpf_root,
@@ -468,13 +481,21 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         created_links = ?report.created_links,
         "datapath attached"
     );
+    // What the device watcher starts from: the link subscription (taken
+    // before the links are first listed, so no change is missed) and the
+    // devices attached.
+    let mut device_watch = None;
     match &config.nodeport {
         Some(np) => {
             nodeport::check_port_range(np.snat_ports);
+            let events = devices::LinkEvents::subscribe()
+                .map_err(|e| tracing::warn!(error = %e, "no netlink link subscription; devices are rescanned every {}s only", DEVICE_RESCAN_PERIOD.as_secs()))
+                .ok();
             let report = nodeport::load_and_attach(&config.bpf_root, &config.map_sizes, np)
                 .context("setting up the north-south datapath")?;
             tracing::info!(
                 devices = ?np.devices,
+                attached = ?report.devices.keys().collect::<Vec<_>>(),
                 mode = ?np.mode,
                 snat_ports = %np.snat_ports,
                 reused_ct = report.reused_ct,
@@ -484,6 +505,18 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                 xdp_links = ?report.xdp_links,
                 "north-south datapath attached"
             );
+            if !report.missing_devices.is_empty() {
+                tracing::warn!(missing = ?report.missing_devices, "--devices names no interface has yet: attached when they appear");
+            }
+            status.update(|s| {
+                s.devices = Some(DeviceStatus {
+                    patterns: np.devices.clone(),
+                    attached: report.devices.keys().cloned().collect(),
+                    missing: report.missing_devices.clone(),
+                    ..DeviceStatus::default()
+                })
+            });
+            device_watch = Some((events, report.devices));
         }
         None => {
             let detached = nodeport::remove(&config.bpf_root)
@@ -516,6 +549,24 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         health.clone(),
         stopped(stop_rx.clone()),
     ));
+    let device_watcher = match (&config.nodeport, device_watch) {
+        (Some(np), Some((events, attached))) => {
+            metrics.set_nodeport_devices(attached.len());
+            Some(tokio::spawn(device_watch_loop(
+                DeviceWatch {
+                    bpf_root: config.bpf_root.clone(),
+                    sizes: config.map_sizes,
+                    config: np.clone(),
+                    metrics: metrics.clone(),
+                    status: status.clone(),
+                },
+                events,
+                attached,
+                stopped(stop_rx.clone()),
+            )))
+        }
+        _ => None,
+    };
     let ct_gc = config.nodeport.as_ref().map(|_| {
         tokio::spawn(ct_gc_loop(
             config.bpf_root.clone(),
@@ -551,7 +602,117 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     if let Some(gc) = ct_gc {
         let _ = gc.await;
     }
+    if let Some(w) = device_watcher {
+        let _ = w.await;
+    }
     result
+}
+
+/// Safety net of the device watcher: links are listed again this often
+/// even without a netlink notification.
+const DEVICE_RESCAN_PERIOD: Duration = Duration::from_secs(10);
+
+/// What the device watcher needs besides its subscription.
+struct DeviceWatch {
+    bpf_root: PathBuf,
+    sizes: MapSizes,
+    config: NodePortConfig,
+    metrics: Arc<Metrics>,
+    status: StatusHandle,
+}
+
+/// Keeps the north-south programs on exactly the interfaces `--devices`
+/// means, as links appear, go or are re-created (new ifindex): woken by
+/// link changes (netlink) and every [`DEVICE_RESCAN_PERIOD`], it lists the
+/// links and, when the matching set differs from what is attached, runs
+/// the attachment again (existing links get the program swapped in, new
+/// devices are attached, gone ones detached and unpinned). A failure is
+/// logged, counted and shown by `kpr status`, and retried on the next
+/// change; it never stops the agent.
+async fn device_watch_loop(
+    w: DeviceWatch,
+    mut events: Option<devices::LinkEvents>,
+    mut attached: BTreeMap<String, u32>,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let mut rescan = tokio::time::interval(DEVICE_RESCAN_PERIOD);
+    rescan.tick().await;
+    tokio::pin!(stop);
+    loop {
+        let mut lost = false;
+        tokio::select! {
+            r = async {
+                match events.as_mut() {
+                    Some(e) => e.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => if let Err(e) = r {
+                tracing::warn!(error = %e, "netlink link subscription failed; rescanning every {}s only", DEVICE_RESCAN_PERIOD.as_secs());
+                lost = true;
+            },
+            _ = rescan.tick() => {}
+            _ = &mut stop => return,
+        }
+        if lost {
+            events = None;
+        }
+        let present = match devices::matching(&w.config.devices) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "listing the network interfaces");
+                continue;
+            }
+        };
+        if present == attached {
+            continue;
+        }
+        let (root, sizes, config) = (w.bpf_root.clone(), w.sizes, w.config.clone());
+        let outcome =
+            tokio::task::spawn_blocking(move || nodeport::load_and_attach(&root, &sizes, &config))
+                .await
+                .map_err(anyhow::Error::from)
+                .and_then(|r| r);
+        match outcome {
+            Ok(report) => {
+                tracing::info!(
+                    attached = ?report.devices.keys().collect::<Vec<_>>(),
+                    created_links = ?report.created_links,
+                    detached_links = ?report.detached_links,
+                    xdp_links = ?report.xdp_links,
+                    missing = ?report.missing_devices,
+                    "devices changed: north-south datapath re-attached"
+                );
+                w.metrics.record_device_sync(true, report.devices.len());
+                w.status.update(|s| {
+                    if let Some(d) = s.devices.as_mut() {
+                        d.attached = report.devices.keys().cloned().collect();
+                        d.missing = report.missing_devices.clone();
+                        d.last_error = None;
+                        d.changes += 1;
+                    }
+                });
+                attached = report.devices;
+            }
+            Err(e) => {
+                let error = format!("{e:#}");
+                tracing::error!(%error, devices = ?present.keys().collect::<Vec<_>>(), "devices changed but attaching failed; retried on the next link change");
+                let still = nodeport::attached_devices(&w.bpf_root)
+                    .iter()
+                    .filter(|d| d.direction == nodeport::Direction::Ingress && d.ifindex.is_some())
+                    .count();
+                w.metrics.record_device_sync(false, still);
+                w.status.update(|s| {
+                    if let Some(d) = s.devices.as_mut() {
+                        d.last_error = Some(error);
+                        d.changes += 1;
+                    }
+                });
+                // Not retried until the links change again: a device that
+                // cannot take the programs would fail every time.
+                attached = present;
+            }
+        }
+    }
 }
 
 /// Removes expired conntrack entries every `interval` and publishes the
@@ -598,6 +759,8 @@ async fn ct_gc_loop(
                     (NodePortEvent::DropConntrack, stats.drop_ct),
                     (NodePortEvent::DropTtl, stats.drop_ttl),
                     (NodePortEvent::XdpForward, stats.xdp_fwd),
+                    (NodePortEvent::RejectNoBackend, stats.reject_no_backend),
+                    (NodePortEvent::DropSourceRange, stats.drop_source_range),
                 ] {
                     metrics.set_nodeport_event(event, n);
                 }

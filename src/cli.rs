@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::datapath::loader::DEFAULT_BPF_ROOT;
-use crate::datapath::nodeport::{Acceleration, NodePortMode, PortRange};
+use crate::datapath::nodeport::{Acceleration, NoBackendResponse, NodePortMode, PortRange};
 use crate::features::KprMode;
 use crate::maglev;
 use crate::model::LbAlgorithm;
@@ -113,8 +113,8 @@ pub struct AgentArgs {
     /// Address of the health endpoint (/healthz, /livez).
     #[arg(long, default_value = "0.0.0.0:10256")]
     pub healthz_addr: SocketAddr,
-    /// Capacity of the services and backends maps, in entries, when they are
-    /// created (pinned maps keep theirs).
+    /// Capacity of the services, backends and source-range maps, in
+    /// entries, when they are created (pinned maps keep theirs).
     #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(16..))]
     pub lb_map_max: u32,
     /// strict: every kernel feature kpr uses must be there, or the agent
@@ -126,8 +126,12 @@ pub struct AgentArgs {
     pub debounce_ms: u64,
     /// Interfaces that carry north-south traffic (NodePort, LoadBalancer and
     /// externalIP frontends reached from outside the node), comma-separated
-    /// or repeated; kpr attaches to their tc (tcx) ingress and egress.
-    /// Default: none, the north-south datapath is off (socket LB only).
+    /// or repeated; kpr attaches to their tc (tcx) ingress and egress. A
+    /// trailing `+` or `*` matches by prefix (`eth+`, as Cilium). Interfaces
+    /// are followed as they come and go: one that appears later is attached
+    /// then, one that goes is forgotten (a named one missing at start is
+    /// waited for, not an error). Default: none, the north-south datapath
+    /// is off (socket LB only).
     #[arg(long, value_delimiter = ',', value_name = "DEV")]
     pub devices: Vec<String>,
     /// How north-south traffic reaches a backend on another node. snat:
@@ -145,6 +149,14 @@ pub struct AgentArgs {
     /// net.ipv4.ip_local_port_range (the agent warns on overlap).
     #[arg(long, default_value = "61000-65535", value_name = "MIN-MAX")]
     pub nodeport_snat_ports: PortRange,
+    /// What a north-south client opening a flow to a frontend without any
+    /// backend gets. reject: an ICMP port unreachable (its connect() fails
+    /// at once with ECONNREFUSED), as kube-proxy and Cilium do. drop:
+    /// nothing (it times out). A Local external traffic policy without a
+    /// local backend always drops, as kube-proxy does; node-local clients
+    /// (socket LB) always get ECONNREFUSED at once.
+    #[arg(long, value_enum, default_value_t = NoBackendResponse::Reject)]
+    pub service_no_backend_response: NoBackendResponse,
     /// Capacity of the north-south conntrack map, in entries (two per flow),
     /// when it is created (a pinned map keeps its own).
     #[arg(long, default_value_t = 131072)]

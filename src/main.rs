@@ -142,6 +142,7 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         mode: args.nodeport_mode,
         acceleration: args.nodeport_acceleration,
         snat_ports: args.nodeport_snat_ports,
+        no_backend: args.service_no_backend_response,
         timeouts: CtTimeouts {
             tcp_syn: secs(args.ct_tcp_syn_timeout),
             tcp: secs(args.ct_tcp_timeout),
@@ -170,6 +171,7 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         map_sizes: MapSizes {
             services: args.lb_map_max,
             backends: args.lb_map_max,
+            source_ranges: args.lb_map_max,
             ct: args.ct_map_max,
             maglev: args.lb_map_max,
             ..MapSizes::default()

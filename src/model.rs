@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 
+use ipnet::IpNet;
 use serde::Serialize;
 
 /// L4 protocol of a frontend or backend.
@@ -175,6 +176,10 @@ pub struct FrontendOptions {
     pub has_internal_scope: bool,
     pub external_traffic_local: bool,
     pub internal_traffic_local: bool,
+    /// A prefix of the frontend's source ranges holds an address of this
+    /// node: node-local clients whose source is not known yet (unbound
+    /// sockets) are let in. Meaningless without source ranges.
+    pub source_ranges_admit_node: bool,
     /// North-south new flows pick their backend from the frontend's Maglev
     /// table instead of at random (only External-scope NodePort,
     /// LoadBalancer and ExternalIP frontends get it).
@@ -212,6 +217,10 @@ pub struct FrontendSpec {
     pub options: FrontendOptions,
     /// Backends in slot order; addresses are of the frontend's family.
     pub backends: Vec<Backend>,
+    /// loadBalancerSourceRanges: the client prefixes allowed to open flows
+    /// (sorted, host bits cleared, of the frontend's family). Empty: every
+    /// client.
+    pub source_ranges: Vec<IpNet>,
 }
 
 /// Names the Service (and port) a frontend belongs to.

@@ -57,6 +57,24 @@ pub struct AgentStatus {
     /// Slots of a Maglev table (`--maglev-table-size`).
     #[serde(default)]
     pub maglev_table_size: Option<u32>,
+    /// The north-south devices, when `--devices` is given.
+    #[serde(default)]
+    pub devices: Option<DeviceStatus>,
+}
+
+/// What `--devices` means right now.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct DeviceStatus {
+    /// `--devices` as given (names and patterns).
+    pub patterns: Vec<String>,
+    /// Interfaces the north-south programs are attached to.
+    pub attached: Vec<String>,
+    /// Names in `--devices` no interface has yet (attached when they appear).
+    pub missing: Vec<String>,
+    /// The last failure to attach after a link change, if the last attempt failed.
+    pub last_error: Option<String>,
+    /// Re-attachments after link changes since the agent started.
+    pub changes: u64,
 }
 
 /// Shared, updatable agent status.
@@ -238,6 +256,24 @@ pub fn format_text(r: &Report) -> String {
                     .map(|n| format!(" (Maglev table size {n})"))
                     .unwrap_or_default();
                 let _ = writeln!(o, "  Backend selection:    {alg}{size}");
+            }
+            if let Some(d) = &a.devices {
+                let mut line = if d.attached.is_empty() {
+                    "none present".to_string()
+                } else {
+                    d.attached.join(" ")
+                };
+                if !d.missing.is_empty() {
+                    let _ = write!(line, " (waiting for {})", d.missing.join(" "));
+                }
+                if let Some(e) = &d.last_error {
+                    let _ = write!(line, " (last attach FAILED: {e})");
+                }
+                let _ = writeln!(
+                    o,
+                    "  Devices:              {line} [--devices {}]",
+                    d.patterns.join(",")
+                );
             }
         }
         Err(e) => {

@@ -102,6 +102,17 @@ fn backend_label(b: &BackendRow) -> String {
     format!("{addr}:{}/{} ({})", b.port, b.protocol, b.state.as_str())
 }
 
+/// The Service Type column as `cilium service list` spells it (Cilium's
+/// `SVCType`: `ExternalIPs` in the plural); the JSON keeps kpr's names.
+fn cilium_type(t: ServiceType) -> &'static str {
+    match t {
+        ServiceType::ClusterIP => "ClusterIP",
+        ServiceType::NodePort => "NodePort",
+        ServiceType::LoadBalancer => "LoadBalancer",
+        ServiceType::ExternalIP => "ExternalIPs",
+    }
+}
+
 /// The table: columns padded like Go's tabwriter (min width 5, padding 3).
 pub fn format_table(rows: &[ServiceRow]) -> String {
     let header = ["ID", "Frontend", "Service Type", "Backend"];
@@ -113,8 +124,8 @@ pub fn format_table(rows: &[ServiceRow]) -> String {
             .enumerate()
             .map(|(i, b)| format!("{} => {}", i + 1, backend_label(b)));
         let svc_type = match row.lb_algorithm {
-            LbAlgorithm::Random => row.svc_type.to_string(),
-            LbAlgorithm::Maglev => format!("{} (maglev)", row.svc_type),
+            LbAlgorithm::Random => cilium_type(row.svc_type).to_string(),
+            LbAlgorithm::Maglev => format!("{} (maglev)", cilium_type(row.svc_type)),
         };
         lines.push([
             row.id.to_string(),

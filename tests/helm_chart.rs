@@ -45,6 +45,7 @@ k8sServicePort: 8443
 kubeProxyReplacement: partial
 devices: [eth0, bond0]
 nodePort: {mode: dsr, acceleration: native}
+serviceNoBackendResponse: drop
 loadBalancer: {algorithm: maglev}
 maglev: {tableSize: 4093, hashSeed: "12345678901234567890"}
 metrics: {port: 9963}
@@ -416,6 +417,7 @@ fn the_schema_rejects_wrong_values_and_unknown_keys() {
         "kubeProxyReplacement: true",
         "nodePort: {mode: dnat}",
         "nodePort: {acceleration: best-effort}",
+        "serviceNoBackendResponse: icmp",
         "loadBalancer: {algorithm: round-robin}",
         "loadBalancer: {mode: dsr}",
         "maglev: {tableSize: 16384}",
@@ -683,6 +685,7 @@ fn every_value_reaches_its_flag_in_order_with_extra_args_last() {
             "--devices=eth0,bond0",
             "--nodeport-mode=dsr",
             "--nodeport-acceleration=native",
+            "--service-no-backend-response=drop",
             "--lb-algorithm=maglev",
             "--maglev-table-size=4093",
             "--maglev-hash-seed=12345678901234567890",
@@ -712,6 +715,9 @@ fn one_nodeport_value_alone_passes_only_its_own_flag() {
     assert!(a.contains(&"--nodeport-acceleration=generic"));
     assert!(!a.iter().any(|x| x.starts_with("--nodeport-mode")));
     assert!(!a.iter().any(|x| x.starts_with("--devices")));
+    assert!(!a
+        .iter()
+        .any(|x| x.starts_with("--service-no-backend-response")));
 }
 
 #[test]

@@ -106,6 +106,7 @@ fn service(name: &str, port: u16, first_backend: u8, n: u8) -> (String, ServiceF
                         ..Default::default()
                     },
                     backends: backends.clone(),
+                    source_ranges: Vec::new(),
                 },
             )
         })

@@ -16,11 +16,14 @@ use std::time::{Duration, Instant};
 use kpr::datapath::layout::{CtDir, CtRecord};
 use kpr::datapath::nodeport::attached_devices;
 use kpr::model::Protocol;
-use kpr::testbed::cluster::client_ip;
+use kpr::testbed::cluster::{client_ip, CLIENT_TO_NODE1_IF};
+use kpr::testbed::errno::error_name;
 use kpr::testbed::nodeport_bed::{nodeport_manifest, POD_TCP};
 use kpr::testbed::probe::RequestsReport;
 use kpr::testbed::server::split_reply;
-use kpr::testbed::{Cluster, ClusterNode, ClusterPlan, Netns, NodePortBed, ProbeResult, ProbeSpec};
+use kpr::testbed::{
+    run_probe, Cluster, ClusterNode, ClusterPlan, Netns, NodePortBed, ProbeResult, ProbeSpec,
+};
 
 const KPR: &str = env!("CARGO_BIN_EXE_kpr");
 const NODE_PORT_TCP: u16 = 30080;
@@ -38,12 +41,30 @@ fn root() -> bool {
 const NODE_PORT_LOCAL: u16 = 30081;
 /// NodePort of `one-local` (externalTrafficPolicy Local, pods on node1 only).
 const NODE_PORT_ONE_LOCAL: u16 = 30082;
-/// NodePort of `empty` (no endpoints).
+/// NodePort of `empty` (no endpoints), TCP.
 const NODE_PORT_EMPTY: u16 = 30083;
+/// NodePort of `empty`, UDP.
+const NODE_PORT_EMPTY_UDP: u16 = 30085;
+/// NodePort of `guarded` (LoadBalancer with loadBalancerSourceRanges).
+const NODE_PORT_GUARDED: u16 = 30084;
+/// The load balancer ingress IP of `guarded` (routed to node1).
+const GUARDED_LB_IP: &str = "203.0.113.10";
+/// The one client address `guarded` admits: the client's address on its
+/// link to node1 (192.0.2.9).
+const GUARDED_RANGE: &str = "192.0.2.9/32";
+/// A second client address on the same link, outside the range.
+const OUTSIDER: &str = "192.0.2.10";
 
 /// The NodePort Service `web` (TCP and UDP) with every pod of both nodes as
-/// endpoints, plus the Local-policy and endpoint-less Services above.
+/// endpoints, plus the Local-policy, endpoint-less and source-range
+/// guarded Services above.
 fn manifest(cluster: &Cluster) -> String {
+    let (web, others) = manifest_parts(cluster);
+    web + &others
+}
+
+/// [`manifest`] as `web` and the other Services.
+fn manifest_parts(cluster: &Cluster) -> (String, String) {
     let mut endpoints = String::new();
     let mut node1_endpoints = String::new();
     for node in cluster.nodes() {
@@ -91,9 +112,36 @@ spec:
   clusterIP: 10.96.0.13
   ports:
   - {{name: http, protocol: TCP, port: 80, targetPort: {POD_TCP}, nodePort: {NODE_PORT_EMPTY}}}
+  - {{name: dns, protocol: UDP, port: 53, targetPort: 5353, nodePort: {NODE_PORT_EMPTY_UDP}}}
 "#
     );
-    web + &local("web-local", "10.96.0.11", NODE_PORT_LOCAL, &endpoints)
+    // The invalid and IPv6 entries must change nothing for IPv4 clients.
+    let guarded = format!(
+        r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: guarded, namespace: np}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.14
+  loadBalancerSourceRanges: ["{GUARDED_RANGE}", "not-a-cidr", "2001:db8::/64"]
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: {POD_TCP}, nodePort: {NODE_PORT_GUARDED}}}
+status:
+  loadBalancer:
+    ingress: [{{ip: {GUARDED_LB_IP}}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: guarded-1, namespace: np, labels: {{kubernetes.io/service-name: guarded}}}}
+addressType: IPv4
+ports:
+- {{name: http, protocol: TCP, port: {POD_TCP}}}
+endpoints:
+{endpoints}"#
+    );
+    let others = local("web-local", "10.96.0.11", NODE_PORT_LOCAL, &endpoints)
         + &local(
             "one-local",
             "10.96.0.12",
@@ -101,6 +149,8 @@ spec:
             &node1_endpoints,
         )
         + &empty
+        + &guarded;
+    (web, others)
 }
 
 /// The bed with this file's manifest; `extra_args` go to every agent.
@@ -505,10 +555,14 @@ fn external_traffic_policy_local_keeps_the_client_address_and_drops_without_loca
         let local: BTreeSet<IpAddr> = node.pod_ips().iter().map(|ip| IpAddr::V4(*ip)).collect();
         assert_eq!(seen, local, "only node{n}'s pods, which see the client");
     }
-    // node2 has no endpoint of one-local, and `empty` has none anywhere:
-    // both are dropped (kube-proxy drops the first and rejects the second;
-    // kpr has no --service-no-backend-response yet).
-    for (node, port) in [(2u8, NODE_PORT_ONE_LOCAL), (1, NODE_PORT_EMPTY)] {
+    // node2 has no endpoint of one-local: dropped, as kube-proxy drops
+    // (the load balancer finds node1 through the health check node port),
+    // also under the default --service-no-backend-response reject. `empty`
+    // has no endpoint anywhere: rejected, as kube-proxy does.
+    for (node, port, outcome) in [
+        (2u8, NODE_PORT_ONE_LOCAL, "TIMEOUT"),
+        (1, NODE_PORT_EMPTY, "ECONNREFUSED"),
+    ] {
         let target = node_port(bed.node(node), port);
         let r = run_in(
             client,
@@ -517,10 +571,14 @@ fn external_traffic_policy_local_keeps_the_client_address_and_drops_without_loca
                 timeout_ms: 300,
             },
         );
-        assert_eq!(r.as_connect().unwrap().outcome(), "TIMEOUT", "{target}");
+        assert_eq!(r.as_connect().unwrap().outcome(), outcome, "{target}");
     }
-    assert!(bed.stats(2).unwrap().drop_no_backend > 0);
-    assert!(bed.stats(1).unwrap().drop_no_backend > 0);
+    let (s1, s2) = (bed.stats(1).unwrap(), bed.stats(2).unwrap());
+    assert!(
+        s2.drop_no_backend > 0 && s2.reject_no_backend == 0,
+        "{s2:?}"
+    );
+    assert!(s1.reject_no_backend > 0, "{s1:?}");
     // ... while node1 serves one-local from its own pods.
     let target = node_port(bed.node(1), NODE_PORT_ONE_LOCAL);
     let r = run_in(
@@ -554,6 +612,17 @@ fn through_xdp(prefix: &str, mode: &str) {
     }
     let log = bed.agents[0].log();
     assert!(log.contains(&format!("eth-c/{mode}")), "{log}");
+    // XDP hands a frontend without backend to tc, which rejects it.
+    let target = node_port(bed.node(1), NODE_PORT_EMPTY);
+    let r = run_in(
+        bed.cluster.client(),
+        ProbeSpec::TcpConnectError {
+            target,
+            timeout_ms: 3000,
+        },
+    );
+    assert_eq!(r.as_connect().unwrap().outcome(), "ECONNREFUSED", "{r:?}");
+    assert!(bed.stats(1).unwrap().reject_no_backend > 0);
 
     // A restart swaps the program behind the pinned XDP links; XDP keeps
     // forwarding, on the same conntrack.
@@ -757,6 +826,855 @@ fn a_client_port_reused_to_reach_a_local_backend_directly_still_connects() {
             "same backend, client seen both times"
         );
     }
+}
+
+/// NodePort bind protection (cgroup post_bind4/6): a process of the node
+/// (its namespace, the agent's cgroup) cannot bind a NodePort a Service
+/// uses, on the node IP, loopback or a wildcard, and gets EADDRINUSE as
+/// with Cilium; other ports, other protocols, addresses that are no node IP
+/// and pods' own namespaces are left alone; the port is free again once
+/// its Service is gone.
+#[test]
+fn host_sockets_cannot_bind_a_nodeport_in_use_until_its_service_is_deleted() {
+    if !root() {
+        return;
+    }
+    let mut bed = Bed::start("npbind", &[]);
+    // In node1's namespace, or (pods) its pods', always in its agent's cgroup.
+    let bind =
+        |bed: &NodePortBed, pods: bool, addrs: &[&str], udp: bool| -> BTreeMap<String, String> {
+            let addrs = addrs.iter().map(|a| a.parse().unwrap()).collect();
+            let node = bed.node(1);
+            let ns = if pods { node.pods() } else { node.ns() };
+            bed.probe_in_cgroup(1, ns, &ProbeSpec::Bind { addrs, udp })
+                .unwrap()
+                .as_bind()
+                .unwrap()
+                .clone()
+        };
+    let outcomes = |addrs: &[&str], outcome: &str| -> BTreeMap<String, String> {
+        addrs
+            .iter()
+            .map(|a| {
+                (
+                    a.parse::<SocketAddr>().unwrap().to_string(),
+                    outcome.to_string(),
+                )
+            })
+            .collect()
+    };
+    let node_ip = format!("{}:{NODE_PORT_TCP}", bed.node(1).ext_ip());
+    let taken = [
+        "0.0.0.0:30080",
+        node_ip.as_str(),
+        "127.0.0.1:30080",
+        "[::]:30080",
+        "[::ffff:0.0.0.0]:30080",
+    ];
+    let got = bind(&bed, false, &taken, false);
+    println!("node1, TCP: {got:?}");
+    assert_eq!(got, outcomes(&taken, "EADDRINUSE"));
+
+    // Not a NodePort, or not on a node IP (the node-to-node address is no
+    // --node-ip), or another protocol: free.
+    let peer_ip = format!("{}:{NODE_PORT_TCP}", bed.node(1).peer_ip());
+    let free = ["0.0.0.0:30999", peer_ip.as_str(), "[::]:30999"];
+    assert_eq!(bind(&bed, false, &free, false), outcomes(&free, "OK"));
+    assert_eq!(
+        bind(&bed, false, &["0.0.0.0:30080"], true),
+        outcomes(&["0.0.0.0:30080"], "OK"),
+        "no UDP NodePort 30080"
+    );
+    let udp_taken = ["0.0.0.0:30053", "127.0.0.1:30053"];
+    assert_eq!(
+        bind(&bed, false, &udp_taken, true),
+        outcomes(&udp_taken, "EADDRINUSE")
+    );
+    // A pod in the same cgroup binds the NodePort in its own namespace.
+    assert_eq!(
+        bind(&bed, true, &["0.0.0.0:30080"], false),
+        outcomes(&["0.0.0.0:30080"], "OK")
+    );
+    // Endpoint-less and Local-policy NodePorts are protected too.
+    let others = ["0.0.0.0:30081", "0.0.0.0:30083"];
+    assert_eq!(
+        bind(&bed, false, &others, false),
+        outcomes(&others, "EADDRINUSE")
+    );
+
+    // A restart swaps the programs behind the pinned post_bind links:
+    // still protected, nothing re-attached.
+    bed.agent(1).restart().unwrap();
+    bed.agent(1).wait_healthy(Duration::from_secs(30)).unwrap();
+    let log = bed.agent(1).log();
+    assert!(
+        log.contains(r#""getpeername6", "post_bind4", "post_bind6"] created_links=[]"#),
+        "{log}"
+    );
+    assert_eq!(
+        bind(&bed, false, &taken, false),
+        outcomes(&taken, "EADDRINUSE")
+    );
+
+    // Without `web`, its NodePorts are free again (after the next sync).
+    let (_, without_web) = manifest_parts(&bed.cluster);
+    std::fs::write(bed.dir().join("manifests/services.yaml"), without_web).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut got = bind(&bed, false, &taken, false);
+    while got != outcomes(&taken, "OK") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        got = bind(&bed, false, &taken, false);
+    }
+    assert_eq!(got, outcomes(&taken, "OK"), "web deleted");
+    assert_eq!(
+        bind(&bed, false, &udp_taken, true),
+        outcomes(&udp_taken, "OK")
+    );
+    assert_eq!(
+        bind(&bed, false, &others, false),
+        outcomes(&others, "EADDRINUSE"),
+        "the other Services keep theirs"
+    );
+    let status = bed
+        .kpr(&["status", "--bpf-root", bed.bpf_root(1).to_str().unwrap()])
+        .unwrap();
+    assert!(status.contains("post_bind4 post_bind6"), "{status}");
+}
+
+/// Polls `ready` every 200 ms for at most `limit`; whether it became true.
+fn wait_for(limit: Duration, mut ready: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if ready() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The devices node1's agent reports in /status: (attached, missing).
+fn agent_devices(bed: &mut NodePortBed) -> (Vec<String>, Vec<String>) {
+    let status = bed.agent(1).status_json().unwrap();
+    let list = |key: &str| -> Vec<String> {
+        status["devices"][key]
+            .as_array()
+            .unwrap_or_else(|| panic!("no devices.{key} in {status:#}"))
+            .iter()
+            .map(|d| d.as_str().unwrap().to_string())
+            .collect()
+    };
+    (list("attached"), list("missing"))
+}
+
+/// `kpr status` as text, run inside node `n`'s namespace (where its
+/// agent's /status is).
+fn status_text(bed: &NodePortBed, n: u8) -> String {
+    let root = bed.bpf_root(n).to_str().unwrap().to_string();
+    let addr = bed.agents[usize::from(n - 1)].metrics_addr.to_string();
+    let out = bed
+        .node(n)
+        .ns()
+        .enter_thread(move || {
+            std::process::Command::new(KPR)
+                .args(["status", "--bpf-root", &root, "--metrics-addr", &addr])
+                .output()
+        })
+        .unwrap()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A `--devices` interface that does not exist when the agent starts is
+/// not an error: the agent waits for it, attaches tcx as soon as it
+/// appears (netlink link notification), NodePort traffic entering through
+/// it is load-balanced, and when it goes its links are forgotten.
+#[test]
+fn a_device_that_appears_later_is_attached_and_serves_nodeport_traffic() {
+    if !root() {
+        return;
+    }
+    let mut bed = Bed::start("nplate", &["--devices", "eth-late"]);
+    let root1 = bed.bpf_root(1);
+    let late_attached = |root: &Path| {
+        attached_devices(root)
+            .iter()
+            .filter(|d| d.device == "eth-late" && d.ifindex.is_some())
+            .count()
+    };
+    assert_eq!(late_attached(&root1), 0);
+    let (attached, missing) = agent_devices(&mut bed);
+    assert_eq!((attached.len(), missing), (2, vec!["eth-late".to_string()]));
+    let text = status_text(&bed, 1);
+    assert!(
+        text.contains("Devices:              eth-c eth-n (waiting for eth-late) [--devices eth-c,eth-n,eth-late]"),
+        "{text}"
+    );
+
+    let client_addr = bed.cluster.add_late_link(1, "eth-late", "eth-l1").unwrap();
+    let started = Instant::now();
+    assert!(
+        wait_for(Duration::from_secs(30), || late_attached(&root1) == 2),
+        "eth-late not attached: {:?}\n{}",
+        attached_devices(&root1),
+        bed.agent(1).log()
+    );
+    println!(
+        "eth-late attached {:?} after it appeared",
+        started.elapsed()
+    );
+    let (attached, missing) = agent_devices(&mut bed);
+    assert_eq!(attached, ["eth-c", "eth-late", "eth-n"]);
+    assert!(missing.is_empty(), "{missing:?}");
+
+    // NodePort traffic now enters node1 through eth-late, from the new
+    // client address: spread over every pod, local ones see the client.
+    let node = bed.node(1);
+    let target = node_port(node, NODE_PORT_TCP);
+    let r = run_in(
+        bed.cluster.client(),
+        ProbeSpec::TcpRequests {
+            target,
+            count: 40,
+            timeout_ms: 2000,
+        },
+    );
+    let r = r.as_requests().unwrap();
+    assert!(r.failures.is_empty(), "{r:?}");
+    let mut seen = BTreeSet::new();
+    for reply in r.identities.keys() {
+        let (identity, peer) = split_reply(reply);
+        let backend: SocketAddr = identity.parse().unwrap();
+        let peer = peer.unwrap();
+        if node_of(backend.ip()) == 1 {
+            assert_eq!(peer, IpAddr::V4(client_addr), "{reply}");
+        } else {
+            assert!(
+                node.addresses().contains(&match peer {
+                    IpAddr::V4(v4) => v4,
+                    IpAddr::V6(_) => panic!("{reply}"),
+                }),
+                "{reply}"
+            );
+        }
+        seen.insert(backend.ip());
+    }
+    assert_eq!(seen, all_pods(&bed), "every pod through eth-late");
+    // Only eth-late's ingress program saw these flows (eth-c never did).
+    let via_late = bed
+        .ct(1)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.dir == CtDir::Orig && e.src.ip() == IpAddr::V4(client_addr))
+        .count();
+    assert!(via_late >= 40, "{via_late} flows from {client_addr}");
+    assert_eq!(
+        bed.agent(1)
+            .metric_value("kpr_nodeport_devices", "")
+            .unwrap(),
+        Some(3.0)
+    );
+    assert!(
+        bed.agent(1)
+            .metric_value("kpr_nodeport_device_syncs_total", "result=\"success\"")
+            .unwrap()
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+    let text = status_text(&bed, 1);
+    assert!(
+        text.contains("Devices:              eth-c eth-late eth-n [--devices")
+            && text.contains("eth-late/ingress"),
+        "{text}"
+    );
+
+    // Gone again: its links are detached and unpinned, the agent waits for
+    // it anew, and traffic takes the old path through eth-c.
+    bed.cluster.remove_late_link(1, "eth-late").unwrap();
+    assert!(
+        wait_for(Duration::from_secs(30), || attached_devices(&root1)
+            .iter()
+            .all(|d| d.device != "eth-late")),
+        "{:?}",
+        attached_devices(&root1)
+    );
+    let (attached, missing) = agent_devices(&mut bed);
+    assert_eq!(attached, ["eth-c", "eth-n"]);
+    assert_eq!(missing, ["eth-late"]);
+    let r = run_in(
+        bed.cluster.client(),
+        ProbeSpec::TcpRequests {
+            target,
+            count: 10,
+            timeout_ms: 2000,
+        },
+    );
+    assert!(r.as_requests().unwrap().failures.is_empty(), "{r:?}");
+    assert!(bed.agent(1).log().contains("re-attached"));
+}
+
+/// LoadBalancer ingress IP of `lb` (routed by the client through node1;
+/// not [`GUARDED_LB_IP`], which [`manifest`]'s `guarded` holds on port 80).
+const LB_IP: &str = "203.0.113.11";
+/// externalIP of `ext` (routed by the client through node2).
+const EXTERNAL_IP: &str = "203.0.113.20";
+
+/// [`manifest`] plus a LoadBalancer Service `lb` (TCP 80 and UDP 53, node
+/// ports 30090 and 30091, ingress IP [`LB_IP`]) and a ClusterIP Service
+/// `ext` with externalIP [`EXTERNAL_IP`] (TCP 8080), both with every pod.
+fn external_manifest(cluster: &Cluster) -> String {
+    let mut endpoints = String::new();
+    for node in cluster.nodes() {
+        for ip in node.pod_ips() {
+            endpoints += &format!("- {{addresses: [{ip}], nodeName: node{}}}\n", node.index());
+        }
+    }
+    let slice = |name: &str, ports: &str| {
+        format!(
+            r#"
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}-1, namespace: np, labels: {{kubernetes.io/service-name: {name}}}}}
+addressType: IPv4
+ports: {ports}
+endpoints:
+{endpoints}"#
+        )
+    };
+    let pod_udp = kpr::testbed::nodeport_bed::POD_UDP;
+    manifest(cluster)
+        + &format!(
+            r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: lb, namespace: np}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.20
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: {POD_TCP}, nodePort: 30090}}
+  - {{name: dns, protocol: UDP, port: 53, targetPort: {pod_udp}, nodePort: 30091}}
+status:
+  loadBalancer:
+    ingress: [{{ip: {LB_IP}}}]
+"#
+        )
+        + &slice(
+            "lb",
+            &format!(
+                "[{{name: http, protocol: TCP, port: {POD_TCP}}}, {{name: dns, protocol: UDP, port: {pod_udp}}}]"
+            ),
+        )
+        + &format!(
+            r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: ext, namespace: np}}
+spec:
+  clusterIP: 10.96.0.21
+  externalIPs: [{EXTERNAL_IP}]
+  ports:
+  - {{name: http, protocol: TCP, port: 8080, targetPort: {POD_TCP}}}
+"#
+        )
+        + &slice("ext", &format!("[{{name: http, protocol: TCP, port: {POD_TCP}}}]"))
+}
+
+/// `kpr svc list` rows: frontend -> (Service Type, number of backends).
+fn svc_list_rows(table: &str) -> BTreeMap<String, (String, usize)> {
+    let mut rows: BTreeMap<String, (String, usize)> = BTreeMap::new();
+    let mut last: Option<String> = None;
+    for line in table.lines().skip(1) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words[..] {
+            // a continuation line: N => backend (state)
+            [_, "=>", _, _] => {
+                let fe = last.as_ref().expect("a continuation after a row");
+                rows.get_mut(fe).unwrap().1 += 1;
+            }
+            // ID Frontend Type [N => backend (state)]
+            [_, frontend, svc_type, ref backend @ ..] => {
+                let n = usize::from(!backend.is_empty());
+                rows.insert(frontend.to_string(), (svc_type.to_string(), n));
+                last = Some(frontend.to_string());
+            }
+            _ => panic!("unexpected svc list line {line:?}"),
+        }
+    }
+    rows
+}
+
+/// LoadBalancer ingress IPs and externalIPs reached from the external
+/// client, routed through a node as a load balancer or router would: TCP
+/// and UDP spread over the pods of both nodes with SNAT for remote ones,
+/// replies from the frontend address; `kpr svc list` shows the NodePort,
+/// LoadBalancer and ExternalIPs frontends as `cilium service list` does.
+#[test]
+fn loadbalancer_ips_and_external_ips_are_served_from_outside_and_listed() {
+    if !root() {
+        return;
+    }
+    let bed = NodePortBed::start(
+        "nplbx",
+        Path::new(KPR),
+        &ClusterPlan::default(),
+        external_manifest,
+        &[],
+    )
+    .expect("the NodePort bed starts");
+    let client = bed.cluster.client();
+    for (ip, n) in [(LB_IP, 1u8), (EXTERNAL_IP, 2)] {
+        let via = bed.node(n).ext_ip().to_string();
+        client
+            .ip(&["route", "add", &format!("{ip}/32"), "via", &via])
+            .unwrap();
+    }
+    let frontends = [
+        (SocketAddr::new(LB_IP.parse().unwrap(), 80), 1u8),
+        (SocketAddr::new(EXTERNAL_IP.parse().unwrap(), 8080), 2),
+    ];
+    for (target, n) in frontends {
+        let node = bed.node(n);
+        let r = run_in(
+            client,
+            ProbeSpec::TcpRequests {
+                target,
+                count: 40,
+                timeout_ms: 2000,
+            },
+        );
+        let r = r.as_requests().unwrap();
+        assert!(r.failures.is_empty(), "{target}: {r:?}");
+        let seen: BTreeSet<IpAddr> = r
+            .identities
+            .keys()
+            .map(|reply| check_source(node, reply))
+            .collect();
+        println!("{target} through node{n}: {:?}", r.identities);
+        assert_eq!(seen, all_pods(&bed), "{target} reaches every pod");
+    }
+    // UDP to the LB IP: one flow per socket, spread, answered from the LB IP.
+    let target = SocketAddr::new(LB_IP.parse().unwrap(), 53);
+    let r = run_in(
+        client,
+        ProbeSpec::UdpConnected {
+            target,
+            count: 40,
+            timeout_ms: 2000,
+        },
+    );
+    let u = r.as_udp().unwrap();
+    assert!(u.failures.is_empty(), "{u:?}");
+    let seen: BTreeSet<IpAddr> = u
+        .identities
+        .keys()
+        .map(|reply| check_source(bed.node(1), reply))
+        .collect();
+    assert_eq!(seen, all_pods(&bed));
+    let r = run_in(
+        client,
+        ProbeSpec::UdpUnconnected {
+            target,
+            count: 5,
+            timeout_ms: 2000,
+        },
+    );
+    let u = r.as_udp().unwrap();
+    assert!(u.failures.is_empty(), "{u:?}");
+    assert_eq!(
+        u.reply_sources.iter().collect::<Vec<_>>(),
+        [&target.to_string()]
+    );
+    // Conntrack saw the frontends as the client addressed them.
+    for (target, n) in frontends {
+        let flows = bed
+            .ct(n)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.dir == CtDir::Orig && e.dst == target)
+            .count();
+        assert!(flows >= 40, "node{n}: {flows} flows to {target}");
+    }
+
+    let table = bed
+        .kpr(&[
+            "svc",
+            "list",
+            "--bpf-root",
+            bed.bpf_root(1).to_str().unwrap(),
+        ])
+        .unwrap();
+    println!("{table}");
+    assert!(
+        table.starts_with("ID   Frontend ")
+            && table
+                .lines()
+                .next()
+                .unwrap()
+                .ends_with("Service Type   Backend"),
+        "{table}"
+    );
+    let rows = svc_list_rows(&table);
+    let want = |fe: &str, t: &str| (fe.to_string(), (t.to_string(), 4));
+    for (fe, (t, n)) in [
+        want(&format!("{LB_IP}:80/TCP"), "LoadBalancer"),
+        want(&format!("{LB_IP}:53/UDP"), "LoadBalancer"),
+        want("203.0.113.20:8080/TCP", "ExternalIPs"),
+        want("192.0.2.11:30090/TCP", "NodePort"),
+        want("192.0.2.11:30091/UDP", "NodePort"),
+        want("127.0.0.1:30090/TCP", "NodePort"),
+        want("192.0.2.11:30080/TCP", "NodePort"),
+        want("10.96.0.20:80/TCP", "ClusterIP"),
+        want("10.96.0.21:8080/TCP", "ClusterIP"),
+    ] {
+        assert_eq!(rows.get(&fe), Some(&(t.clone(), n)), "{fe} in\n{table}");
+    }
+    // Every backend line reads like Cilium's: `N => ip:port/PROTO (active)`.
+    for line in table.lines().filter(|l| l.contains("=>")) {
+        assert!(line.ends_with("(active)"), "{line}");
+        assert!(
+            line.contains(":8080/TCP") || line.contains(":5353/UDP"),
+            "{line}"
+        );
+    }
+}
+
+/// One datagram over a connected UDP socket to `target` and its answer; a
+/// rejected datagram's ICMP error fails the receive with ECONNREFUSED.
+fn udp_exchange(target: SocketAddr, timeout: Duration) -> std::io::Result<String> {
+    let sock = UdpSocket::bind("0.0.0.0:0")?;
+    sock.connect(target)?;
+    sock.set_read_timeout(Some(timeout))?;
+    sock.send(b"hi")?;
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// Polls node `n`'s agent until `kpr_nodeport_events_total{event}` reaches
+/// `at_least` (the agent refreshes it every --ct-gc-interval, 1 s here).
+#[track_caller]
+fn wait_event_metric(bed: &NodePortBed, n: u8, event: &str, at_least: u64) -> f64 {
+    let labels = format!("event=\"{event}\"");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let v = bed.agents[usize::from(n - 1)]
+            .metric_value("kpr_nodeport_events_total", &labels)
+            .unwrap()
+            .unwrap_or(0.0);
+        if v >= at_least as f64 || Instant::now() > deadline {
+            assert!(v >= at_least as f64, "{event}: {v} < {at_least}");
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// kube-proxy's semantics: the ranges guard the load balancer IP only; a
+/// client outside them gets no answer (dropped), the NodePort of the same
+/// Service stays open to it, and node-local clients are checked too.
+#[test]
+fn load_balancer_source_ranges_admit_listed_clients_only_and_leave_the_node_port_open() {
+    if !root() {
+        return;
+    }
+    let bed = Bed::start("npsrc", &[]);
+    let client = bed.cluster.client();
+    let node1 = bed.node(1);
+    // A second client address on the link to node1 (secondary: connections
+    // keep 192.0.2.9 as their default source), and the LB IP via node1.
+    client
+        .ip(&[
+            "addr",
+            "add",
+            &format!("{OUTSIDER}/29"),
+            "dev",
+            CLIENT_TO_NODE1_IF,
+        ])
+        .unwrap();
+    client
+        .ip(&[
+            "route",
+            "add",
+            &format!("{GUARDED_LB_IP}/32"),
+            "via",
+            &node1.ext_ip().to_string(),
+        ])
+        .unwrap();
+    let lb: SocketAddr = format!("{GUARDED_LB_IP}:80").parse().unwrap();
+
+    // Inside the range: served like any LoadBalancer frontend.
+    let r = run_in(
+        client,
+        ProbeSpec::TcpRequests {
+            target: lb,
+            count: 40,
+            timeout_ms: 2000,
+        },
+    );
+    let r = r.as_requests().unwrap();
+    assert!(r.failures.is_empty(), "{lb} from {GUARDED_RANGE}: {r:?}");
+    let seen: BTreeSet<IpAddr> = r
+        .identities
+        .keys()
+        .map(|reply| check_source(node1, reply))
+        .collect();
+    assert_eq!(seen, all_pods(&bed));
+    assert_eq!(bed.stats(1).unwrap().drop_source_range, 0);
+
+    // Outside it: dropped, so the connect times out (not refused).
+    let outsider = SocketAddr::new(OUTSIDER.parse().unwrap(), 0);
+    let denied = client
+        .enter_thread(move || request_from(outsider, lb))
+        .unwrap()
+        .expect_err("a client outside the ranges must not connect");
+    let name = error_name(&denied);
+    assert!(
+        matches!(name.as_str(), "EINPROGRESS" | "TIMEOUT"),
+        "dropped, so the connect times out: {denied} ({name})"
+    );
+    let dropped = bed.stats(1).unwrap().drop_source_range;
+    assert!(dropped > 0, "every SYN of the attempt is counted");
+    wait_event_metric(&bed, 1, "drop_source_range", dropped);
+
+    // The NodePort of the same Service does not look at the ranges.
+    let np = node_port(node1, NODE_PORT_GUARDED);
+    let reply = client
+        .enter_thread(move || request_from(outsider, np))
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{np} from {OUTSIDER}: {e}"));
+    let (identity, _) = split_reply(&reply);
+    assert!(identity.parse::<SocketAddr>().is_ok(), "{reply}");
+
+    // Node-local clients (socket LB, unbound socket: source unknown at
+    // connect(), so the node's own address counts, and 192.0.2.11 is not
+    // in the range): refused at once; the NodePort serves them.
+    let local = |spec: ProbeSpec| {
+        run_probe(
+            Path::new(KPR),
+            &["probe", "--spec"],
+            node1.ns(),
+            Some(bed.cgroup(1)),
+            &spec,
+            Duration::from_secs(30),
+        )
+        .expect("node-local probe runs")
+    };
+    let r = local(ProbeSpec::TcpConnectError {
+        target: lb,
+        timeout_ms: 2000,
+    });
+    assert_eq!(r.as_connect().unwrap().outcome(), "EPERM", "{r:?}");
+    let r = local(ProbeSpec::TcpRequests {
+        target: np,
+        count: 4,
+        timeout_ms: 2000,
+    });
+    assert!(r.as_requests().unwrap().failures.is_empty(), "{r:?}");
+
+    // "not-a-cidr" was logged and counted, the rest applied.
+    let skipped = bed.agents[0]
+        .metric_value("kpr_skipped_objects_total", "reason=\"invalid_address\"")
+        .unwrap();
+    assert!(skipped.unwrap_or(0.0) >= 1.0, "{skipped:?}");
+}
+
+/// --service-no-backend-response reject (the default): TCP and UDP clients
+/// of a frontend without any backend learn it at once from an ICMP port
+/// unreachable, on both nodes; the rejects are counted.
+#[test]
+fn a_frontend_without_backends_rejects_tcp_and_udp_with_icmp_by_default() {
+    if !root() {
+        return;
+    }
+    let bed = Bed::start("nprej", &[]);
+    let client = bed.cluster.client();
+    for n in [1u8, 2] {
+        let target = node_port(bed.node(n), NODE_PORT_EMPTY);
+        let r = run_in(
+            client,
+            ProbeSpec::TcpConnectError {
+                target,
+                timeout_ms: 5000,
+            },
+        );
+        let c = r.as_connect().unwrap();
+        assert_eq!(c.outcome(), "ECONNREFUSED", "{target}: {c:?}");
+        println!("TCP {target}: refused after {} us", c.elapsed_us);
+
+        let target = node_port(bed.node(n), NODE_PORT_EMPTY_UDP);
+        let err = client
+            .enter_thread(move || udp_exchange(target, Duration::from_secs(5)))
+            .unwrap()
+            .expect_err("nothing answers a frontend without backend");
+        assert_eq!(error_name(&err), "ECONNREFUSED", "UDP {target}: {err}");
+
+        let stats = bed.stats(n).unwrap();
+        assert!(
+            stats.reject_no_backend >= 2 && stats.drop_no_backend == 0,
+            "node{n}: {stats:?}"
+        );
+        wait_event_metric(&bed, n, "reject_no_backend", stats.reject_no_backend);
+    }
+    // Rejecting changed nothing for the Services that have backends.
+    let target = node_port(bed.node(1), NODE_PORT_TCP);
+    let r = run_in(
+        client,
+        ProbeSpec::TcpRequests {
+            target,
+            count: 5,
+            timeout_ms: 2000,
+        },
+    );
+    assert!(r.as_requests().unwrap().failures.is_empty(), "{r:?}");
+}
+
+/// --service-no-backend-response drop: no answer at all, so clients time
+/// out (bounded here); the drops are counted.
+#[test]
+fn with_no_backend_response_drop_a_frontend_without_backends_stays_silent() {
+    if !root() {
+        return;
+    }
+    let bed = Bed::start("npdrop", &["--service-no-backend-response", "drop"]);
+    let client = bed.cluster.client();
+    let target = node_port(bed.node(1), NODE_PORT_EMPTY);
+    let r = run_in(
+        client,
+        ProbeSpec::TcpConnectError {
+            target,
+            timeout_ms: 500,
+        },
+    );
+    assert_eq!(r.as_connect().unwrap().outcome(), "TIMEOUT", "{r:?}");
+    let target = node_port(bed.node(1), NODE_PORT_EMPTY_UDP);
+    let err = client
+        .enter_thread(move || udp_exchange(target, Duration::from_millis(500)))
+        .unwrap()
+        .expect_err("nothing answers a frontend without backend");
+    assert_eq!(error_name(&err), "TIMEOUT", "UDP {target}: {err}");
+    let stats = bed.stats(1).unwrap();
+    assert!(
+        stats.drop_no_backend >= 2 && stats.reject_no_backend == 0,
+        "{stats:?}"
+    );
+    wait_event_metric(&bed, 1, "drop_no_backend", stats.drop_no_backend);
+}
+
+/// kube-proxy's worst UDP bugs are stale conntrack: a flow that met a
+/// Service without endpoints stays blackholed after endpoints appear, and
+/// a flow stays on a removed endpoint (kubernetes#48370, #19029). Here one
+/// client socket, never reopened, keeps talking to a UDP NodePort while
+/// its endpoints go from none to a remote pod to a local one: it is
+/// rejected first, then answered by the remote pod, then by the local pod
+/// as soon as the agents have synced, and conntrack holds the new backend.
+#[test]
+fn one_udp_flow_follows_endpoints_from_none_to_a_remote_pod_to_a_local_one() {
+    if !root() {
+        return;
+    }
+    const TCP: u16 = 30180;
+    const UDP: u16 = 30153;
+    let endpoints_of = |pod: Option<(IpAddr, u8)>| match pod {
+        Some((ip, node)) => format!("- {{addresses: [{ip}], nodeName: node{node}}}\n"),
+        None => "  []\n".to_string(),
+    };
+    let bed = NodePortBed::start(
+        "npflow",
+        Path::new(KPR),
+        &ClusterPlan::default(),
+        |_| nodeport_manifest("flows", "flow", TCP, UDP, &endpoints_of(None)),
+        &[],
+    )
+    .expect("the NodePort bed starts");
+    let remote = IpAddr::V4(bed.node(2).pod_ips()[0]);
+    let local = IpAddr::V4(bed.node(1).pod_ips()[0]);
+    let write_endpoints = |pod: (IpAddr, u8)| {
+        let manifest = nodeport_manifest("flows", "flow", TCP, UDP, &endpoints_of(Some(pod)));
+        std::fs::write(bed.dir().join("manifests/services.yaml"), manifest).unwrap();
+    };
+    let client_port = 40500;
+    let source = SocketAddr::new(IpAddr::V4(client_ip(1)), client_port);
+    let target = node_port(bed.node(1), UDP);
+    let sock = bed
+        .cluster
+        .client()
+        .enter_thread(move || {
+            let sock = UdpSocket::bind(source)?;
+            sock.connect(target)?;
+            sock.set_read_timeout(Some(Duration::from_millis(500)))?;
+            Ok::<_, std::io::Error>(sock)
+        })
+        .unwrap()
+        .unwrap();
+    // One datagram and its answer: the backend's address, or the error.
+    let exchange = || -> Result<IpAddr, std::io::ErrorKind> {
+        sock.send(b"hi").map_err(|e| e.kind())?;
+        let mut buf = [0u8; 256];
+        let n = sock.recv(&mut buf).map_err(|e| e.kind())?;
+        let reply = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let backend: SocketAddr = split_reply(&reply).0.parse().unwrap();
+        Ok(backend.ip())
+    };
+    // Exchanges until `want` answers (at most 40, 20 s); the outcomes seen
+    // on the way.
+    let until = |want: IpAddr| -> Vec<Result<IpAddr, std::io::ErrorKind>> {
+        let mut seen = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while seen.len() < 40 && Instant::now() < deadline {
+            let r = exchange();
+            seen.push(r);
+            if r == Ok(want) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        seen
+    };
+
+    assert_eq!(
+        exchange(),
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "no endpoints: rejected"
+    );
+    write_endpoints((remote, 2));
+    let seen = until(remote);
+    println!("none -> remote pod: {seen:?}");
+    assert_eq!(
+        seen.last(),
+        Some(&Ok(remote)),
+        "the flow reaches the new endpoint"
+    );
+    write_endpoints((local, 1));
+    let seen = until(local);
+    println!("remote pod -> local pod: {seen:?}");
+    assert_eq!(
+        seen.last(),
+        Some(&Ok(local)),
+        "the flow leaves the removed endpoint"
+    );
+    for _ in 0..5 {
+        assert_eq!(exchange(), Ok(local), "and stays on the new one");
+    }
+    let flow: Vec<_> = bed
+        .ct(1)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.dir == CtDir::Orig && e.src == source)
+        .collect();
+    assert_eq!(flow.len(), 1, "{flow:?}");
+    assert_eq!(
+        flow[0].nat_dst,
+        SocketAddr::new(local, kpr::testbed::nodeport_bed::POD_UDP),
+        "{flow:?}"
+    );
+    assert!(!flow[0].snat, "a local backend sees the client: {flow:?}");
 }
 
 /// A second address of the client, on its loopback, that both nodes route

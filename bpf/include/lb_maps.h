@@ -49,6 +49,18 @@ struct {
 	__uint(max_entries, 262144);
 } kpr_sockrnat_v1 SEC(".maps");
 
+/* (frontend id, client prefix) -> 1, for loadBalancerSourceRanges. An LPM
+ * trie must not be preallocated; lookups take the longest matching prefix,
+ * and svc_id's 32 bits always count, so one frontend never matches
+ * another's prefixes. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct lb_srcrange_key);
+	__type(value, __u8);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 65536);
+} kpr_srcrange_v1 SEC(".maps");
+
 /* One Maglev lookup table (the inner maps of kpr_maglev_v1): slot ->
  * backend id, never 0. The agent creates one per distinct backend set and
  * sizes it --maglev-table-size; BPF_F_INNER_MAP lets tables of another size

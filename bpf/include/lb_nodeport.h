@@ -6,6 +6,10 @@
  * SNATed flow, which backend and which rewrite, and where it goes next.
  * The callers only parse, rewrite and send, each with its hook's means.
  *
+ * Before a flow is created, the frontend's loadBalancerSourceRanges are
+ * checked (drop, counted), and a frontend without backend gets the
+ * --service-no-backend-response (NP_V_REJECT or a counted drop).
+ *
  * Conntrack is written here only; a packet that XDP hands on (XDP_PASS)
  * reaches the tc program, which decides again and finds the same state.
  */
@@ -35,17 +39,22 @@ const volatile __u16 snat_port_max = 65535;
 /* Frontend types served on the north-south path. */
 #define NP_SVC_TYPES (SVC_F_NODE_PORT | SVC_F_LOADBALANCER | SVC_F_EXTERNAL_IP)
 
-/* counters, enum np_stat */
+/* What a new flow to a frontend without any backend gets
+ * (--service-no-backend-response): 1 = reject, an ICMP port unreachable
+ * built by the tc program (what kube-proxy's REJECT sends); 0 = drop. */
+const volatile __u8 no_backend_reject = 1;
+
+/* counters, enum np_stat (v2: NP_STAT_SLOTS slots instead of NP_STAT_MAX) */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__type(key, __u32);
 	__type(value, __u64);
-	__uint(max_entries, NP_STAT_MAX);
-} kpr_npstats_v1 SEC(".maps");
+	__uint(max_entries, NP_STAT_SLOTS);
+} kpr_npstats_v2 SEC(".maps");
 
 static __always_inline void np_count(__u32 stat)
 {
-	__u64 *n = bpf_map_lookup_elem(&kpr_npstats_v1, &stat);
+	__u64 *n = bpf_map_lookup_elem(&kpr_npstats_v2, &stat);
 
 	if (n)
 		*n += 1;
@@ -110,8 +119,11 @@ static __always_inline int snat_insert_reply(struct ct_key *rkey, const struct c
 /* What to do with a packet: np_ingress()'s verdict. */
 enum np_verdict {
 	NP_V_PASS = 0, /* not ours, or left to the stack / the tc program */
-	NP_V_DROP = 1, /* counted in kpr_npstats_v1 */
+	NP_V_DROP = 1, /* counted in kpr_npstats_v2 */
 	NP_V_FWD  = 2, /* rewrite as struct np_fwd says and send */
+	NP_V_REJECT = 3, /* no backend, reject mode: answer with ICMP port
+			  * unreachable (tc builds it; XDP hands it on);
+			  * counted by whoever sends it */
 };
 
 /* How to rewrite and where to send a packet (NP_V_FWD). */
@@ -155,6 +167,46 @@ static __always_inline int np_tracked(void *ctx, __u32 ifindex, const struct pkt
 	return np_route(ctx, ifindex, p, fwd, 0, opts);
 }
 
+/* Whether the ICMP error of a reject may be sent for @p: not to a source
+ * that is no single host (RFC 1122 3.2.2), nor for a TCP RST (the peer
+ * already gave up). Such packets are dropped instead. */
+static __always_inline int np_can_reject(const struct pkt4 *p)
+{
+	__u32 src = bpf_ntohl(p->saddr);
+
+	if (src == 0 || src == 0xffffffff || (src >> 28) == 0xe || (src >> 24) == 0x7f)
+		return 0;
+	return !(p->proto == IPPROTO_TCP && (p->tcp_flags & TCP_FLAG_RST));
+}
+
+/* A new flow to a frontend that has no backend to pick. kube-proxy rejects
+ * when the Service has no endpoint at all and drops when only a Local
+ * external policy leaves this node without one (the endpoints elsewhere
+ * are the load balancer's to find, through the health check node port);
+ * the frontend's Internal-scope entry holds the cluster-wide set, so its
+ * count tells the two apart. A frontend whose pick failed although it has
+ * backends (a slot changing under the reconciler) is dropped as well. */
+static __always_inline int np_no_backend(struct lb_svc_key *skey,
+					 const struct lb_svc_val *master,
+					 const struct pkt4 *p)
+{
+	struct lb_svc_val *cluster;
+
+	if (!no_backend_reject || master->count != 0 || !np_can_reject(p))
+		goto drop;
+	if (master->flags & SVC_F_ETP_LOCAL) {
+		skey->scope = LB_SCOPE_INT;
+		cluster = lb_lookup_master(skey);
+		skey->scope = LB_SCOPE_EXT;
+		if (cluster && cluster->count != 0)
+			goto drop;
+	}
+	return NP_V_REJECT;
+drop:
+	np_count(NP_STAT_NO_BACKEND);
+	return NP_V_DROP;
+}
+
 /* A new flow from @p to the frontend of @skey/@master: pick a backend,
  * route to it, write both conntrack entries. */
 static __always_inline int np_new_flow(void *ctx, __u32 ifindex, const struct pkt4 *p,
@@ -175,7 +227,9 @@ static __always_inline int np_new_flow(void *ctx, __u32 ifindex, const struct pk
 	backend = lb_select_backend_hashed(skey, master, client,
 					   lb_flow_hash4(p->saddr, p->sport, p->dport, p->proto),
 					   &backend_id);
-	if (!backend || !lb_addr_is_v4(backend->addr)) {
+	if (!backend)
+		return np_no_backend(skey, master, p);
+	if (!lb_addr_is_v4(backend->addr)) {
 		np_count(NP_STAT_NO_BACKEND);
 		return NP_V_DROP;
 	}
@@ -351,6 +405,17 @@ static __always_inline int np_ingress(void *ctx, __u32 ifindex, const struct pkt
 			return v;
 		}
 		ct_delete_pair(&key, e);
+	}
+	/* loadBalancerSourceRanges hold for new flows only, as kube-proxy's
+	 * firewall does for connections conntrack already knows. */
+	if (master->flags & SVC_F_SRC_RANGE) {
+		__be32 saddr[4];
+
+		lb_addr_set_v4(saddr, p->saddr);
+		if (!lb_src_allowed(master, saddr)) {
+			np_count(NP_STAT_SRC_RANGE);
+			return NP_V_DROP;
+		}
 	}
 	v = np_new_flow(ctx, ifindex, p, &skey, master, &key, fwd, opts);
 	if (v == NP_V_FWD)

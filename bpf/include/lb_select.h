@@ -113,6 +113,22 @@ lb_select_affine(struct lb_svc_key *key, const struct lb_svc_val *master,
 	return backend;
 }
 
+/* Whether a client at @saddr (16 bytes, IPv4-mapped for IPv4) may open a
+ * flow to the frontend of @master: always, unless the frontend has
+ * loadBalancerSourceRanges and none of its prefixes holds @saddr. */
+static __always_inline int lb_src_allowed(const struct lb_svc_val *master,
+					  const __be32 saddr[4])
+{
+	struct lb_srcrange_key key;
+
+	if (!(master->flags & SVC_F_SRC_RANGE))
+		return 1;
+	key.prefixlen = 32 + 128;
+	key.svc_id = master->svc_id;
+	__builtin_memcpy(key.addr, saddr, sizeof(key.addr));
+	return bpf_map_lookup_elem(&kpr_srcrange_v1, &key) != NULL;
+}
+
 /* The backend for a new flow to the frontend of @master, or NULL when the
  * frontend has no usable backend; its id goes to @backend_id. @client
  * identifies the client for session affinity. */

@@ -1,12 +1,16 @@
 //! An in-memory `LbMaps` for tests and benches without a kernel. It checks
-//! the datapath's invariant after every single entry write — a connect()
+//! the datapath's invariants after every single entry write — a connect()
 //! racing with the reconciler at any point must find every slot of a
-//! master present and pointing at an existing backend, and a Maglev master
-//! with backends its table, every slot of it an existing backend — and can
-//! be told to fail after a number of entry writes to test error paths.
+//! master present and pointing at an existing backend, a master that
+//! enforces source ranges must have at least one (else it would refuse
+//! every client), and a Maglev master with backends its table, every slot
+//! of it an existing backend — and can be told to fail after a number of
+//! entry writes to test error paths.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
+
+use ipnet::IpNet;
 
 use crate::datapath::maps::{
     BackendEntry, BackendId, Capacity, LbMaps, MaglevTable, MaglevTableInfo, MapError, MapName,
@@ -20,6 +24,8 @@ pub struct FakeMaps {
     pub backends: BTreeMap<BackendId, BackendEntry>,
     /// (svc_id, client) -> backend id.
     pub affinity: BTreeMap<(ServiceId, u64), BackendId>,
+    /// (svc_id, allowed prefix).
+    pub source_ranges: BTreeSet<(ServiceId, IpNet)>,
     /// svc_id -> Maglev table.
     pub maglev: BTreeMap<ServiceId, MaglevTable>,
     capacity: Option<Capacity>,
@@ -49,12 +55,29 @@ impl FakeMaps {
             self.services.iter().map(|((fe, slot), v)| (*fe, *slot, *v)),
             self.backends.clone(),
         );
+        for (id, net) in &self.source_ranges {
+            s.source_ranges.entry(*id).or_default().insert(*net);
+        }
         s.maglev = self
             .maglev
             .iter()
             .map(|(id, t)| (*id, MaglevTableInfo::of(t)))
             .collect();
         s
+    }
+
+    /// Records a master that enforces source ranges while it has none.
+    fn check_source_ranges(&mut self, svc_id: ServiceId, when: &str) {
+        let enforcing = self
+            .services
+            .values()
+            .any(|v| matches!(v, SvcValue::Master(m) if m.svc_id == svc_id && m.source_ranges));
+        let has_any = self.source_ranges.iter().any(|(id, _)| *id == svc_id);
+        if enforcing && !has_any {
+            self.violations.push(format!(
+                "{when}: frontend id {svc_id} enforces source ranges but has none"
+            ));
+        }
     }
 
     /// The frontend id and backend count of every Maglev master.
@@ -149,6 +172,7 @@ impl LbMaps for FakeMaps {
         self.capacity.unwrap_or(Capacity {
             services: 1 << 20,
             backends: 1 << 20,
+            source_ranges: 1 << 20,
             maglev: 1 << 20,
         })
     }
@@ -217,6 +241,35 @@ impl LbMaps for FakeMaps {
             }
             self.services.insert(key, *value);
             self.check_frontend(fe, "put service entry");
+            if let SvcValue::Master(m) = value {
+                self.check_source_ranges(m.svc_id, "put master");
+            }
+        }
+        Ok(())
+    }
+
+    fn put_source_ranges(&mut self, entries: &[(ServiceId, IpNet)]) -> Result<(), MapError> {
+        for entry in entries {
+            self.write(MapName::SourceRanges, "update")?;
+            if !self.source_ranges.contains(entry)
+                && self.source_ranges.len() >= self.capacity().source_ranges
+            {
+                return Err(MapError::new(
+                    "update",
+                    MapName::SourceRanges,
+                    io::Error::from_raw_os_error(libc::E2BIG),
+                ));
+            }
+            self.source_ranges.insert(*entry);
+        }
+        Ok(())
+    }
+
+    fn delete_source_ranges(&mut self, entries: &[(ServiceId, IpNet)]) -> Result<(), MapError> {
+        for entry in entries {
+            self.write(MapName::SourceRanges, "delete")?;
+            self.source_ranges.remove(entry);
+            self.check_source_ranges(entry.0, "delete source range");
         }
         Ok(())
     }

@@ -7,6 +7,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 
+use ipnet::IpNet;
 use libbpf_rs::{ErrorKind, MapCore, MapFlags, MapHandle, MapType};
 
 use crate::datapath::layout::{self, as_bytes, from_bytes, Pod};
@@ -15,7 +16,7 @@ use crate::datapath::maps::{
     ServiceId, Snapshot, SvcValue,
 };
 use crate::datapath::skel::sock_lb::types::{
-    lb_affinity_key, lb_affinity_val, lb_backend, lb_svc_key, lb_svc_val,
+    lb_affinity_key, lb_affinity_val, lb_backend, lb_srcrange_key, lb_svc_key, lb_svc_val,
 };
 use crate::model::Frontend;
 
@@ -25,6 +26,7 @@ pub struct KernelMaps {
     backends: MapHandle,
     affinity: MapHandle,
     sock_revnat: MapHandle,
+    source_ranges: MapHandle,
     /// Hash of maps: frontend id -> Maglev table (an array map).
     maglev: MapHandle,
 }
@@ -64,6 +66,7 @@ impl KernelMaps {
             backends: open(MapName::Backends)?,
             affinity: open(MapName::Affinity)?,
             sock_revnat: open(MapName::SockRevNat)?,
+            source_ranges: open(MapName::SourceRanges)?,
             maglev: open(MapName::Maglev)?,
         })
     }
@@ -74,6 +77,7 @@ impl KernelMaps {
             MapName::Backends => &self.backends,
             MapName::Affinity => &self.affinity,
             MapName::SockRevNat => &self.sock_revnat,
+            MapName::SourceRanges => &self.source_ranges,
             MapName::Maglev => &self.maglev,
         }
     }
@@ -224,6 +228,7 @@ impl LbMaps for KernelMaps {
         Capacity {
             services: self.max_entries(MapName::Services),
             backends: self.max_entries(MapName::Backends),
+            source_ranges: self.max_entries(MapName::SourceRanges),
             maglev: self.max_entries(MapName::Maglev),
         }
     }
@@ -240,6 +245,18 @@ impl LbMaps for KernelMaps {
             .filter_map(|(id, v)| Some((*id, layout::decode_backend(v)?)))
             .collect();
         let mut snapshot = Snapshot::from_entries(svc, backends);
+        // An LPM trie's lookup matches prefixes, not keys: walk the keys.
+        for key in self.source_ranges.keys() {
+            if let Some((svc_id, net)) =
+                from_bytes::<lb_srcrange_key>(&key).and_then(|k| layout::decode_srcrange_key(&k))
+            {
+                snapshot
+                    .source_ranges
+                    .entry(svc_id)
+                    .or_default()
+                    .insert(net);
+            }
+        }
         snapshot.maglev = self.maglev_tables()?;
         Ok(snapshot)
     }
@@ -273,6 +290,30 @@ impl LbMaps for KernelMaps {
             .map(|(fe, slot)| layout::svc_key(fe, *slot))
             .collect();
         self.delete_batch(MapName::Services, &raw)
+    }
+
+    // One syscall per entry: an LPM trie has no batch operations on every
+    // kernel kpr supports, and a Service has a handful of ranges.
+    fn put_source_ranges(&mut self, entries: &[(ServiceId, IpNet)]) -> Result<(), MapError> {
+        for (svc_id, net) in entries {
+            let key = layout::srcrange_key(*svc_id, net);
+            self.source_ranges
+                .update(as_bytes(&key), &[1u8], MapFlags::ANY)
+                .map_err(|e| MapError::new("update", MapName::SourceRanges, to_io(e)))?;
+        }
+        Ok(())
+    }
+
+    fn delete_source_ranges(&mut self, entries: &[(ServiceId, IpNet)]) -> Result<(), MapError> {
+        for (svc_id, net) in entries {
+            let key = layout::srcrange_key(*svc_id, net);
+            match self.source_ranges.delete(as_bytes(&key)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(MapError::new("delete", MapName::SourceRanges, to_io(e))),
+            }
+        }
+        Ok(())
     }
 
     fn put_maglev_tables(&mut self, tables: &[(ServiceId, MaglevTable)]) -> Result<(), MapError> {

@@ -51,6 +51,7 @@ fn nodeport(name: &str, port: u16, maglev: bool, bes: Vec<Backend>) -> (String, 
             ..Default::default()
         },
         backends: bes.clone(),
+        source_ranges: Vec::new(),
     };
     let mut fes = ServiceFrontends::new();
     fes.insert(
@@ -367,6 +368,7 @@ fn the_fake_maps_flag_a_maglev_master_written_before_its_table() {
             maglev: true,
             ..Default::default()
         },
+        source_ranges: false,
     };
     maps.put_service_entries(&[(fe, 0, SvcValue::Master(master))])
         .unwrap();
@@ -385,6 +387,7 @@ fn tables_count_against_the_maglev_map_capacity() {
     let cap = Capacity {
         services: 1000,
         backends: 1000,
+        source_ranges: 1000,
         maglev: 4,
     };
     let mut r = Reconciler::with_maglev(FakeMaps::with_capacity(cap), params(SIZE)).unwrap();
@@ -403,4 +406,66 @@ fn tables_count_against_the_maglev_map_capacity() {
     ));
     assert_consistent(&r);
     assert_eq!(r.maps().maglev.len(), 3);
+}
+
+/// `nodeport` as a LoadBalancer Service with ingress IP 198.51.100.80 on
+/// port 80, `maglev` and `ranges` (loadBalancerSourceRanges) on that
+/// frontend only, as translation gives them.
+fn guarded_lb(
+    name: &str,
+    maglev: bool,
+    ranges: &[&str],
+    bes: Vec<Backend>,
+) -> (String, ServiceFrontends) {
+    let (key, mut fes) = nodeport(name, 30090, maglev, bes.clone());
+    let mut spec = fes.values().next().unwrap().clone();
+    spec.svc_type = ServiceType::LoadBalancer;
+    spec.options.maglev = maglev;
+    spec.source_ranges = ranges.iter().map(|n| n.parse().unwrap()).collect();
+    spec.backends = bes;
+    fes.insert(Frontend::new(ip("198.51.100.80"), 80, Protocol::Tcp), spec);
+    (key, fes)
+}
+
+#[test]
+fn a_maglev_frontend_with_source_ranges_gets_both_before_its_master_whatever_write_fails() {
+    let lb = Frontend::new(ip("198.51.100.80"), 80, Protocol::Tcp);
+    let first = desired(vec![guarded_lb("lb", false, &[], backends(0..3))]);
+    let second = desired(vec![guarded_lb(
+        "lb",
+        true,
+        &["192.0.2.0/24", "203.0.113.7/32"],
+        backends(0..4),
+    )]);
+    // And back: ranges and table go after the master stops using them.
+    let third = desired(vec![guarded_lb("lb", false, &[], backends(1..4))]);
+    for fail_after in 0..30 {
+        let mut r = reconciler(SIZE);
+        r.sync_full(&first, true).unwrap();
+        for next in [&second, &third] {
+            r.maps_mut().fail_after_writes = Some(fail_after);
+            let result = r.sync_full(next, true);
+            assert!(
+                r.maps().violations.is_empty(),
+                "fail_after={fail_after}: {:?}",
+                r.maps().violations
+            );
+            r.maps_mut().fail_after_writes = None;
+            if result.is_err() {
+                r.sync_full(next, true).unwrap();
+            }
+            assert_consistent(&r);
+            assert_eq!(r.sync_full(next, true).unwrap().writes, 0);
+        }
+    }
+    let mut r = reconciler(SIZE);
+    r.sync_full(&second, true).unwrap();
+    let master = r.snapshot().frontends[&lb].master;
+    assert!(master.options.maglev && master.source_ranges, "{master:?}");
+    assert_eq!(r.maps().source_ranges.len(), 2);
+    assert_eq!(table_of(&r, &lb).map(|t| t.len()), Some(SIZE as usize));
+    r.sync_full(&third, true).unwrap();
+    assert!(r.maps().source_ranges.is_empty());
+    assert!(r.maps().maglev.is_empty());
+    assert_consistent(&r);
 }

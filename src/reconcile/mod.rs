@@ -4,13 +4,17 @@
 //! Every sync runs in ordered steps, so a connect() racing with it at any
 //! point finds a consistent frontend:
 //!  1. new and changed backends are written;
-//!  2. backend slots of new and changed frontends are written;
+//!  2. backend slots of new and changed frontends are written, and the
+//!     source ranges they gain (before the master that enforces them);
 //!  3. Maglev tables of new and changed frontends are written (before a
 //!     master flags Maglev, and before it counts the backends they hold);
 //!  4. their master entries (with the new count) are written;
 //!  5. slots beyond a shrunk count are removed;
 //!  6. removed frontends lose their master entry, then their slots; then
-//!     Maglev tables no master uses any more go;
+//!     source ranges no frontend wants any more go (after the master that
+//!     stopped enforcing them, so a client is never refused by a range
+//!     set halfway between the old and the new one), and Maglev tables no
+//!     master uses any more;
 //!  7. backends no longer referenced are removed, and affinity entries that
 //!     point at backends a frontend no longer has.
 //!
@@ -32,8 +36,10 @@ mod maglev_tests;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
+
+use ipnet::IpNet;
 
 use crate::datapath::maps::{
     BackendEntry, BackendId, Capacity, FrontendEntries, LbMaps, MaglevTable, MaglevTableInfo,
@@ -147,11 +153,13 @@ pub struct SyncOutcome {
 struct Plan {
     put_backends: Vec<(BackendId, BackendEntry)>,
     put_slots: Vec<(Frontend, u16, SvcValue)>,
+    put_ranges: Vec<(ServiceId, IpNet)>,
     put_maglev: Vec<(ServiceId, MaglevTable)>,
     put_masters: Vec<(Frontend, u16, SvcValue)>,
     delete_shrunk_slots: Vec<(Frontend, u16)>,
     delete_masters: Vec<(Frontend, u16)>,
     delete_removed_slots: Vec<(Frontend, u16)>,
+    delete_ranges: Vec<(ServiceId, IpNet)>,
     delete_maglev: Vec<ServiceId>,
     delete_backends: Vec<BackendId>,
     prune_affinity: bool,
@@ -180,11 +188,13 @@ impl Plan {
     fn writes(&self) -> usize {
         self.put_backends.len()
             + self.put_slots.len()
+            + self.put_ranges.len()
             + self.put_maglev.len()
             + self.put_masters.len()
             + self.delete_shrunk_slots.len()
             + self.delete_masters.len()
             + self.delete_removed_slots.len()
+            + self.delete_ranges.len()
             + self.delete_maglev.len()
             + self.delete_backends.len()
     }
@@ -447,6 +457,24 @@ impl<M: LbMaps> Reconciler<M> {
                 self.maglev_sources.remove(&id);
                 plan.delete_maglev.push(id);
             }
+            // Source ranges of ids no frontend has (an interrupted sync).
+            let ids: HashSet<ServiceId> = self
+                .actual
+                .frontends
+                .values()
+                .map(|e| e.master.svc_id)
+                .collect();
+            let stray: Vec<ServiceId> = self
+                .actual
+                .source_ranges
+                .keys()
+                .filter(|id| !ids.contains(id))
+                .copied()
+                .collect();
+            for id in stray {
+                let nets = self.actual.source_ranges.remove(&id).unwrap_or_default();
+                plan.delete_ranges.extend(nets.into_iter().map(|n| (id, n)));
+            }
         }
 
         // Backends nothing points at any more.
@@ -498,6 +526,7 @@ impl<M: LbMaps> Reconciler<M> {
         let cap = self.maps.capacity();
         let mut svc_used = self.service_entries();
         let mut be_used = self.actual.backends.len();
+        let mut ranges_used = self.actual.source_range_entries();
         let mut maglev_used = self.actual.maglev.len();
         let mut new_backends: HashSet<L4Addr> = HashSet::new();
         let mut admitted = Vec::with_capacity(changes.len());
@@ -511,6 +540,20 @@ impl<M: LbMaps> Reconciler<M> {
                         .get(fe)
                         .map_or(0, |e| 1 + e.slots.len());
                     (1 + spec.backends.len()).saturating_sub(existing)
+                })
+                .sum();
+            let added_ranges: usize = fes
+                .iter()
+                .map(|(fe, spec)| {
+                    let existing = self
+                        .actual
+                        .frontends
+                        .get(fe)
+                        .and_then(|e| self.actual.source_ranges.get(&e.master.svc_id));
+                    spec.source_ranges
+                        .iter()
+                        .filter(|n| !existing.is_some_and(|e| e.contains(&n.trunc())))
+                        .count()
                 })
                 .sum();
             let added_backends: HashSet<L4Addr> = fes
@@ -540,11 +583,19 @@ impl<M: LbMaps> Reconciler<M> {
                     be_used,
                     cap.backends,
                 )
+            } else if ranges_used + added_ranges > cap.source_ranges {
+                (
+                    MapName::SourceRanges,
+                    added_ranges,
+                    ranges_used,
+                    cap.source_ranges,
+                )
             } else if maglev_used + added_tables > cap.maglev {
                 (MapName::Maglev, added_tables, maglev_used, cap.maglev)
             } else {
                 svc_used += added_keys;
                 be_used += added_backends.len();
+                ranges_used += added_ranges;
                 maglev_used += added_tables;
                 new_backends.extend(added_backends);
                 admitted.push((service, fes));
@@ -595,7 +646,23 @@ impl<M: LbMaps> Reconciler<M> {
             count: slots.len() as u32,
             svc_type: spec.svc_type,
             options: spec.options,
+            source_ranges: !spec.source_ranges.is_empty(),
         };
+        // Ranges are keyed by id: what an id holds (also strays of an
+        // interrupted sync under a reused id) becomes exactly the spec's.
+        let old_ranges = self
+            .actual
+            .source_ranges
+            .remove(&svc_id)
+            .unwrap_or_default();
+        let new_ranges: BTreeSet<IpNet> = spec.source_ranges.iter().map(IpNet::trunc).collect();
+        plan.put_ranges
+            .extend(new_ranges.difference(&old_ranges).map(|n| (svc_id, *n)));
+        plan.delete_ranges
+            .extend(old_ranges.difference(&new_ranges).map(|n| (svc_id, *n)));
+        if !new_ranges.is_empty() {
+            self.actual.source_ranges.insert(svc_id, new_ranges);
+        }
         let old_master = existing.map(|e| e.master);
         let old_slots: Vec<BackendId> = existing.map(|e| e.slots.clone()).unwrap_or_default();
         for (i, id) in slots.iter().enumerate() {
@@ -751,6 +818,11 @@ impl<M: LbMaps> Reconciler<M> {
         self.owners.remove(fe);
         let entries = self.actual.frontends.remove(fe)?;
         plan.delete_masters.push((*fe, 0));
+        let svc_id = entries.master.svc_id;
+        if let Some(nets) = self.actual.source_ranges.remove(&svc_id) {
+            plan.delete_ranges
+                .extend(nets.into_iter().map(|n| (svc_id, n)));
+        }
         for slot in 1..=entries.slots.len() {
             plan.delete_removed_slots.push((*fe, slot as u16));
         }
@@ -760,16 +832,17 @@ impl<M: LbMaps> Reconciler<M> {
         if entries.master.options.affinity_timeout.is_some() {
             plan.prune_affinity = true;
         }
-        self.maglev_sources.remove(&entries.master.svc_id);
-        if self.actual.maglev.remove(&entries.master.svc_id).is_some() {
-            plan.delete_maglev.push(entries.master.svc_id);
+        self.maglev_sources.remove(&svc_id);
+        if self.actual.maglev.remove(&svc_id).is_some() {
+            plan.delete_maglev.push(svc_id);
         }
-        Some(entries.master.svc_id)
+        Some(svc_id)
     }
 
     fn execute(&mut self, plan: &Plan) -> Result<(), MapError> {
         self.maps.put_backends(&plan.put_backends)?;
         self.maps.put_service_entries(&plan.put_slots)?;
+        self.maps.put_source_ranges(&plan.put_ranges)?;
         // Tables before the masters that use them.
         self.maps.put_maglev_tables(&plan.put_maglev)?;
         // Internal-scope masters first: an External master that says "use
@@ -785,6 +858,7 @@ impl<M: LbMaps> Reconciler<M> {
         self.maps.delete_service_entries(&plan.delete_masters)?;
         self.maps
             .delete_service_entries(&plan.delete_removed_slots)?;
+        self.maps.delete_source_ranges(&plan.delete_ranges)?;
         self.maps.delete_maglev_tables(&plan.delete_maglev)?;
         self.maps.delete_backends(&plan.delete_backends)?;
         if plan.prune_affinity {

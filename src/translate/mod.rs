@@ -48,6 +48,21 @@
 //! - LoadBalancer Services with `externalTrafficPolicy: Local` get a
 //!   [`HealthCheck`] on `spec.healthCheckNodePort` (kube-proxy's
 //!   `NeedsHealthCheck` is LoadBalancer-only).
+//! - `spec.loadBalancerSourceRanges` (kube-proxy: `serviceport.go`,
+//!   `MapCIDRsByIPFamily`, the firewall chains of the iptables and nftables
+//!   proxiers) restrict who may open flows to the `LoadBalancer` frontends
+//!   (the ingress IPs) only: NodePorts, externalIPs and clusterIPs of the
+//!   same Service stay open. Entries are trimmed; empty ones are ignored,
+//!   invalid ones are skips (kube-proxy logs and ignores them); host bits
+//!   are cleared; each family's frontends get that family's prefixes (an
+//!   IPv6 prefix inside `::ffff:0:0/96` counts as IPv4, as Go parses it),
+//!   and a family left without any is open to all, as it is for
+//!   kube-proxy. Whether a prefix holds one of [`NodeContext::node_ips`]
+//!   decides, for node-local clients whose source address is not known at
+//!   `connect()`, whether they are let in (see `bpf/sock_lb.bpf.c`).
+//!   The `service.beta.kubernetes.io/load-balancer-source-ranges`
+//!   annotation is for cloud providers; kube-proxy does not read it, nor
+//!   does kpr.
 //!
 //! kube-proxy reads hints, never `spec.trafficDistribution` (KEP-4444: the
 //! EndpointSlice controller turns `PreferClose` into zone hints), and so
@@ -59,6 +74,8 @@ use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
+
+use ipnet::{IpNet, Ipv4Net};
 
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -362,6 +379,11 @@ pub fn translate_service(
         Vec::new()
     };
     let node_ips: BTreeSet<IpAddr> = node.node_ips.iter().copied().collect();
+    let source_ranges = if svc_type == ServiceType::LoadBalancer {
+        source_ranges_of(spec, &mut skips)
+    } else {
+        Vec::new()
+    };
 
     // pkg/api/v1/service/util.go: ExternallyAccessible, ExternalPolicyLocal,
     // InternalPolicyLocal, NeedsHealthCheck.
@@ -433,25 +455,27 @@ pub fn translate_service(
             name: name.clone(),
             port_name: port.name.clone().unwrap_or_default(),
         };
-        let mut add = |fe: Frontend, svc_type, options, backends: &Backends| {
-            if out.frontends.contains_key(&fe) {
-                skips.push(
-                    SkipReason::Duplicate,
-                    format!("{svc_type} frontend {} repeats another one", fe.addr),
+        let mut add =
+            |fe: Frontend, svc_type, options, backends: &Backends, source_ranges: &[IpNet]| {
+                if out.frontends.contains_key(&fe) {
+                    skips.push(
+                        SkipReason::Duplicate,
+                        format!("{svc_type} frontend {} repeats another one", fe.addr),
+                    );
+                    return false;
+                }
+                out.frontends.insert(
+                    fe,
+                    FrontendSpec {
+                        service: service.clone(),
+                        svc_type,
+                        options,
+                        backends: backends.clone(),
+                        source_ranges: source_ranges.to_vec(),
+                    },
                 );
-                return false;
-            }
-            out.frontends.insert(
-                fe,
-                FrontendSpec {
-                    service: service.clone(),
-                    svc_type,
-                    options,
-                    backends: backends.clone(),
-                },
-            );
-            true
-        };
+                true
+            };
 
         for (&family, &cluster_ip) in &cluster_ips {
             let sets = eps.categorize(family, &service.port_name, proto, node);
@@ -470,6 +494,7 @@ pub fn translate_service(
                 ServiceType::ClusterIP,
                 internal,
                 backends,
+                &[],
             );
 
             let mut external: Vec<(IpAddr, u16, ServiceType)> = Vec::new();
@@ -493,23 +518,43 @@ pub fn translate_service(
                         .map(|ip| (*ip, number, t)),
                 );
             }
+            // The family's loadBalancerSourceRanges, for its LB frontends.
+            let ranges: Vec<IpNet> = source_ranges
+                .iter()
+                .filter(|n| IpFamily::of(n.addr()) == family)
+                .copied()
+                .collect();
+            let ranged = FrontendOptions {
+                source_ranges_admit_node: node_ips
+                    .iter()
+                    .any(|ip| ranges.iter().any(|n| n.contains(ip))),
+                ..north_south
+            };
             for (ip, p, t) in external {
                 let fe = Frontend::new(ip, p, proto);
+                let (opts, ranges): (_, &[IpNet]) =
+                    if t == ServiceType::LoadBalancer && !ranges.is_empty() {
+                        (ranged, &ranges)
+                    } else {
+                        (north_south, &[])
+                    };
                 if !etp_local {
-                    add(fe, t, north_south, &sets.cluster);
+                    add(fe, t, opts, &sets.cluster, ranges);
                     continue;
                 }
                 let ext = FrontendOptions {
                     has_internal_scope: true,
                     external_traffic_local: true,
-                    ..north_south
+                    ..opts
                 };
-                if add(fe, t, ext, &sets.local) {
+                // The Internal-scope entry is reached only through the
+                // External one, which holds the ranges.
+                if add(fe, t, ext, &sets.local, ranges) {
                     let int = Frontend {
                         scope: Scope::Internal,
                         ..fe
                     };
-                    add(int, t, plain, &sets.cluster);
+                    add(int, t, plain, &sets.cluster, &[]);
                 }
             }
 
@@ -653,6 +698,68 @@ fn addresses_of<'a>(
         }
     }
     out
+}
+
+/// `spec.loadBalancerSourceRanges` as kube-proxy reads them: trimmed,
+/// empty entries ignored, the others parsed as CIDRs (IPv4 octets with
+/// leading zeros taken as decimal, as Go's ParseCIDRSloppy does), invalid
+/// ones skipped; host bits cleared, IPv4-mapped IPv6 prefixes made IPv4;
+/// sorted and deduplicated.
+fn source_ranges_of(spec: &ServiceSpec, skips: &mut Skips<'_>) -> Vec<IpNet> {
+    let mut out = BTreeSet::new();
+    for raw in spec.load_balancer_source_ranges.iter().flatten() {
+        let text = raw.trim();
+        if text.is_empty() {
+            continue;
+        }
+        match parse_cidr_sloppy(text) {
+            Some(net) => {
+                out.insert(net);
+            }
+            None => skips.push(
+                SkipReason::InvalidAddress,
+                format!("loadBalancerSourceRanges entry {raw:?} is not a CIDR; ignored"),
+            ),
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// A CIDR as Go's `netutils.ParseCIDRSloppy` takes it, normalised: host
+/// bits cleared, an IPv6 prefix of IPv4-mapped addresses (/96 or longer)
+/// made the IPv4 prefix it is.
+fn parse_cidr_sloppy(text: &str) -> Option<IpNet> {
+    let (addr, len) = text.split_once('/')?;
+    if len.is_empty() || !len.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let len: u8 = len.parse().ok()?;
+    let ip = if addr.contains(':') {
+        addr.parse::<IpAddr>().ok()?
+    } else {
+        // Leading zeros are decimal ("010" is 10), not octal.
+        let mut octets = [0u8; 4];
+        let mut parts = addr.split('.');
+        for o in &mut octets {
+            let part = parts.next()?;
+            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            *o = part.parse().ok()?;
+        }
+        if parts.next().is_some() {
+            return None;
+        }
+        IpAddr::V4(Ipv4Addr::from(octets))
+    };
+    let net = IpNet::new(ip, len).ok()?.trunc();
+    Some(match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.network().to_ipv4_mapped() {
+            Some(v4) => IpNet::V4(Ipv4Net::new(v4, v6.prefix_len() - 96).ok()?),
+            None => net,
+        },
+        net => net,
+    })
 }
 
 /// A port number in 1..=65535.
