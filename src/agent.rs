@@ -79,6 +79,10 @@ pub struct AgentConfig {
     pub nodeport: Option<NodePortConfig>,
     /// How often expired conntrack entries are removed.
     pub ct_gc_interval: Duration,
+    /// North-south backend selection of Services without the annotation.
+    pub lb_algorithm: crate::model::LbAlgorithm,
+    /// Maglev table size and seed (the same on every node).
+    pub maglev: crate::maglev::MaglevParams,
 }
 
 /// The reconciler with the reporting around it: every sync is timed,
@@ -120,12 +124,14 @@ impl Synced {
 impl Syncer {
     pub fn new(
         bpf_root: &Path,
+        maglev: crate::maglev::MaglevParams,
         metrics: Arc<Metrics>,
         health: Health,
         status: StatusHandle,
     ) -> Result<Syncer> {
         let maps = KernelMaps::open(bpf_root).context("opening the pinned maps")?;
-        let reconciler = Reconciler::new(maps).context("reading the pinned maps")?;
+        let reconciler =
+            Reconciler::with_maglev(maps, maglev).context("reading the pinned maps")?;
         let s = reconciler.snapshot();
         tracing::info!(
             frontends = s.frontends.len(),
@@ -180,7 +186,8 @@ impl Syncer {
                     self.metrics.inc_sync_error(match refusal.reason {
                         RefusalReason::Capacity { .. }
                         | RefusalReason::IdsExhausted
-                        | RefusalReason::TooManyBackends { .. } => SyncErrorReason::Capacity,
+                        | RefusalReason::TooManyBackends { .. }
+                        | RefusalReason::Maglev { .. } => SyncErrorReason::Capacity,
                         RefusalReason::FrontendConflict { .. } => SyncErrorReason::Source,
                     });
                 }
@@ -316,8 +323,14 @@ impl PolicyState {
 }
 
 /// The node's identity for translation: its name, zone label and
-/// addresses (from its Node object) plus any --node-ip.
-pub fn node_context(node_name: &str, node: Option<&Node>, extra_ips: &[IpAddr]) -> NodeContext {
+/// addresses (from its Node object) plus any --node-ip, and the agent's
+/// --lb-algorithm.
+pub fn node_context(
+    node_name: &str,
+    node: Option<&Node>,
+    extra_ips: &[IpAddr],
+    lb_algorithm: crate::model::LbAlgorithm,
+) -> NodeContext {
     let zone = node
         .and_then(|n| n.metadata.labels.as_ref())
         .and_then(|l| l.get("topology.kubernetes.io/zone"))
@@ -339,6 +352,7 @@ pub fn node_context(node_name: &str, node: Option<&Node>, extra_ips: &[IpAddr]) 
         node_name: node_name.to_string(),
         zone,
         node_ips,
+        lb_algorithm,
     }
 }
 
@@ -437,6 +451,8 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             .iter()
             .map(|f| (f.name.to_string(), f.available))
             .collect(),
+        lb_algorithm: Some(config.lb_algorithm.to_string()),
+        maglev_table_size: Some(config.maglev.table_size()),
         ..AgentStatus::default()
     });
     let use_set_retval = features
@@ -562,6 +578,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
 
     let syncer = Syncer::new(
         &config.bpf_root,
+        config.maglev,
         metrics.clone(),
         health.clone(),
         status.clone(),
@@ -792,7 +809,12 @@ async fn run_manifests(
     let mut policies = PolicyState::default();
     // No Node object in standalone mode: --node-name and --node-ip say
     // which endpoints are local and where NodePorts listen.
-    let node = node_context(&ctx.config.node_name, None, &ctx.config.node_ips);
+    let node = node_context(
+        &ctx.config.node_name,
+        None,
+        &ctx.config.node_ips,
+        ctx.config.lb_algorithm,
+    );
     loop {
         if reload {
             let paths = paths.to_vec();
@@ -888,7 +910,7 @@ async fn run_kubernetes(
                     tracing::warn!(node = %ctx.config.node_name, "no Node object with this name (check --node-name / NODE_NAME): no node IPs for NodePorts, no zone, and no endpoint counts as local");
                 }
                 status.update(|s| s.own_node_found = Some(store.node().is_some()));
-                let node = node_context(&ctx.config.node_name, store.node(), &ctx.config.node_ips);
+                let node = node_context(&ctx.config.node_name, store.node(), &ctx.config.node_ips, ctx.config.lb_algorithm);
                 let synced = if full {
                     let services: Vec<_> = store.services().cloned().collect();
                     let slices: Vec<_> = store.slices().cloned().collect();

@@ -8,6 +8,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::datapath::loader::DEFAULT_BPF_ROOT;
 use crate::datapath::nodeport::{Acceleration, NoBackendResponse, NodePortMode, PortRange};
 use crate::features::KprMode;
+use crate::maglev;
+use crate::model::LbAlgorithm;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -174,6 +176,26 @@ pub struct AgentArgs {
     /// How often the agent removes expired conntrack entries.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub ct_gc_interval: std::time::Duration,
+    /// How the north-south datapath picks the backend of a new flow
+    /// (needs --devices). random: uniformly. maglev: Maglev consistent
+    /// hashing of the client's address and port, so every node picks the
+    /// same backend for the same client and removing a backend moves few
+    /// other flows. The annotation service.kpr.io/lb-algorithm: random|maglev
+    /// overrides it per Service. Node-local clients (socket LB) always get
+    /// a random backend.
+    #[arg(long, value_enum, default_value_t = LbAlgorithm::Random)]
+    pub lb_algorithm: LbAlgorithm,
+    /// Slots of every Maglev table: one of the primes 251, 509, 1021, 2039,
+    /// 4093, 8191, 16381, 32749, 65521, 131071. At least 100 x a Service's
+    /// backends keeps their shares even; a Service with more backends than
+    /// slots is refused. Each table takes 4 bytes a slot (16381: 64 KiB)
+    /// per north-south frontend with Maglev. Must be equal on every node.
+    #[arg(long, default_value_t = maglev::DEFAULT_TABLE_SIZE, value_parser = maglev::parse_table_size)]
+    pub maglev_table_size: u32,
+    /// Seed of the Maglev tables and of the flow hash, any 64-bit number.
+    /// Must be equal on every node.
+    #[arg(long, default_value_t = maglev::DEFAULT_HASH_SEED)]
+    pub maglev_hash_seed: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -225,4 +247,54 @@ fn parse_period(s: &str) -> Result<std::time::Duration, String> {
         return Err("must be longer than zero".into());
     }
     Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent(args: &[&str]) -> Result<AgentArgs, String> {
+        let argv = ["kpr", "agent"].iter().chain(args);
+        match Cli::try_parse_from(argv)
+            .map_err(|e| e.to_string())?
+            .command
+        {
+            Command::Agent(a) => Ok(*a),
+            other => Err(format!("not the agent: {other:?}")),
+        }
+    }
+
+    #[test]
+    fn maglev_flags_default_to_random_16381_and_seed_0() {
+        let a = agent(&[]).unwrap();
+        assert_eq!(a.lb_algorithm, LbAlgorithm::Random);
+        assert_eq!(a.maglev_table_size, 16381);
+        assert_eq!(a.maglev_hash_seed, 0);
+        let a = agent(&[
+            "--lb-algorithm",
+            "maglev",
+            "--maglev-table-size",
+            "65521",
+            "--maglev-hash-seed",
+            "18446744073709551615",
+        ])
+        .unwrap();
+        assert_eq!(
+            (a.lb_algorithm, a.maglev_table_size, a.maglev_hash_seed),
+            (LbAlgorithm::Maglev, 65521, u64::MAX)
+        );
+    }
+
+    #[test]
+    fn bad_maglev_flags_are_refused_with_the_allowed_values() {
+        let err = agent(&["--maglev-table-size", "16384"]).unwrap_err();
+        assert!(
+            err.contains("--maglev-table-size") && err.contains("16384") && err.contains("16381"),
+            "{err}"
+        );
+        let err = agent(&["--lb-algorithm", "round-robin"]).unwrap_err();
+        assert!(err.contains("random") && err.contains("maglev"), "{err}");
+        let err = agent(&["--maglev-hash-seed=-1"]).unwrap_err();
+        assert!(err.contains("--maglev-hash-seed"), "{err}");
+    }
 }

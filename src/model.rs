@@ -128,6 +128,45 @@ impl BackendState {
     }
 }
 
+/// How the north-south datapath picks the backend of a new flow
+/// (`--lb-algorithm`, the `service.kpr.io/lb-algorithm` annotation;
+/// Cilium's `loadBalancer.algorithm`). The socket hooks always pick at random.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LbAlgorithm {
+    /// Uniformly at random among the frontend's backends.
+    #[default]
+    Random,
+    /// Maglev consistent hashing of the flow: every node picks the same
+    /// backend for the same client address and port.
+    Maglev,
+}
+
+impl LbAlgorithm {
+    /// `random` or `maglev`: the flag's and the annotation's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LbAlgorithm::Random => "random",
+            LbAlgorithm::Maglev => "maglev",
+        }
+    }
+
+    /// Parses the annotation's value (exactly `random` or `maglev`).
+    pub fn parse(s: &str) -> Option<LbAlgorithm> {
+        match s {
+            "random" => Some(LbAlgorithm::Random),
+            "maglev" => Some(LbAlgorithm::Maglev),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for LbAlgorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Per-frontend options the datapath acts on.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FrontendOptions {
@@ -141,6 +180,10 @@ pub struct FrontendOptions {
     /// node: node-local clients whose source is not known yet (unbound
     /// sockets) are let in. Meaningless without source ranges.
     pub source_ranges_admit_node: bool,
+    /// North-south new flows pick their backend from the frontend's Maglev
+    /// table instead of at random (only External-scope NodePort,
+    /// LoadBalancer and ExternalIP frontends get it).
+    pub maglev: bool,
 }
 
 /// A backend of a frontend, as translation chose it.

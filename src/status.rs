@@ -51,6 +51,12 @@ pub struct AgentStatus {
     pub refused: Vec<String>,
     /// Kernel features: name -> available.
     pub features: BTreeMap<String, bool>,
+    /// North-south backend selection without annotation (`--lb-algorithm`).
+    #[serde(default)]
+    pub lb_algorithm: Option<String>,
+    /// Slots of a Maglev table (`--maglev-table-size`).
+    #[serde(default)]
+    pub maglev_table_size: Option<u32>,
     /// The north-south devices, when `--devices` is given.
     #[serde(default)]
     pub devices: Option<DeviceStatus>,
@@ -244,6 +250,13 @@ pub fn format_text(r: &Report) -> String {
                 }
             );
             let _ = writeln!(o, "  Socket LB cgroup:     {}", a.cgroup);
+            if let Some(alg) = &a.lb_algorithm {
+                let size = a
+                    .maglev_table_size
+                    .map(|n| format!(" (Maglev table size {n})"))
+                    .unwrap_or_default();
+                let _ = writeln!(o, "  Backend selection:    {alg}{size}");
+            }
             if let Some(d) = &a.devices {
                 let mut line = if d.attached.is_empty() {
                     "none present".to_string()

@@ -259,5 +259,9 @@ fn status_reports_the_agent_the_hooks_and_the_map_fill() {
         text.contains("KubeProxyReplacement Details:") && text.contains("connect4"),
         "{text}"
     );
+    assert!(
+        text.contains("Backend selection:    random (Maglev table size 16381)"),
+        "{text}"
+    );
     println!("{text}");
 }

@@ -24,6 +24,7 @@
 #include "lb_types.h"
 #include "lb_maps.h"
 #include "lb_select.h"
+#include "lb_maglev.h"
 #include "lb_ct.h"
 #include "lb_nat.h"
 
@@ -223,7 +224,9 @@ static __always_inline int np_new_flow(void *ctx, __u32 ifindex, const struct pk
 	__u16 flags;
 	int snat, v;
 
-	backend = lb_select_backend(skey, master, client, &backend_id);
+	backend = lb_select_backend_hashed(skey, master, client,
+					   lb_flow_hash4(p->saddr, p->sport, p->dport, p->proto),
+					   &backend_id);
 	if (!backend)
 		return np_no_backend(skey, master, p);
 	if (!lb_addr_is_v4(backend->addr)) {

@@ -14,8 +14,10 @@
  *
  * Any change to a struct here is a layout change: bump KPR_LAYOUT_VERSION
  * and the _vN suffix of every map name in lb_maps.h. The one exception is
- * giving meaning to bytes that were padding, when zero (what every older
- * writer left there) means the old behaviour: struct lb_backend.flags.
+ * giving meaning to bits or bytes that were always zero, when zero (what
+ * every older writer left there) means the old behaviour:
+ * struct lb_backend.flags, SVC_F_SRC_RANGE, SVC_F_SRC_RANGE_NODE,
+ * SVC_F_MAGLEV.
  */
 #ifndef KPR_LB_TYPES_H
 #define KPR_LB_TYPES_H
@@ -45,6 +47,9 @@ enum lb_svc_flags {
 	SVC_F_SRC_RANGE_NODE = 1 << 9, /* with SVC_F_SRC_RANGE: a prefix holds a node
 					* address, so a node-local client whose source
 					* is not known yet (unbound socket) is let in */
+	SVC_F_MAGLEV        = 1 << 10, /* north-south new flows pick from the
+					  * frontend's Maglev table (kpr_maglev_v1[svc_id]);
+					  * zero, as every older writer left it, is random */
 };
 
 /* Backend states (struct lb_backend.state). */

@@ -2,16 +2,18 @@
 //! per ordered step of a plan, so a full sync of 100k entries costs a few
 //! syscalls per thousand entries instead of one per entry.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 
 use ipnet::IpNet;
-use libbpf_rs::{ErrorKind, MapCore, MapFlags, MapHandle};
+use libbpf_rs::{ErrorKind, MapCore, MapFlags, MapHandle, MapType};
 
 use crate::datapath::layout::{self, as_bytes, from_bytes, Pod};
 use crate::datapath::maps::{
-    BackendEntry, BackendId, Capacity, LbMaps, MapError, MapName, ServiceId, Snapshot, SvcValue,
+    BackendEntry, BackendId, Capacity, LbMaps, MaglevTable, MaglevTableInfo, MapError, MapName,
+    ServiceId, Snapshot, SvcValue,
 };
 use crate::datapath::skel::sock_lb::types::{
     lb_affinity_key, lb_affinity_val, lb_backend, lb_srcrange_key, lb_svc_key, lb_svc_val,
@@ -25,7 +27,12 @@ pub struct KernelMaps {
     affinity: MapHandle,
     sock_revnat: MapHandle,
     source_ranges: MapHandle,
+    /// Hash of maps: frontend id -> Maglev table (an array map).
+    maglev: MapHandle,
 }
+
+/// Name of the Maglev tables (inner maps), as `bpftool map` shows them.
+const MAGLEV_TABLE_NAME: &str = "kpr_maglev_tbl";
 
 /// libbpf-rs errors carry an errno-like kind; keep the errno where it matters.
 pub(crate) fn to_io(err: libbpf_rs::Error) -> io::Error {
@@ -60,6 +67,7 @@ impl KernelMaps {
             affinity: open(MapName::Affinity)?,
             sock_revnat: open(MapName::SockRevNat)?,
             source_ranges: open(MapName::SourceRanges)?,
+            maglev: open(MapName::Maglev)?,
         })
     }
 
@@ -70,6 +78,7 @@ impl KernelMaps {
             MapName::Affinity => &self.affinity,
             MapName::SockRevNat => &self.sock_revnat,
             MapName::SourceRanges => &self.source_ranges,
+            MapName::Maglev => &self.maglev,
         }
     }
 
@@ -125,6 +134,70 @@ impl KernelMaps {
             .map_err(|e| MapError::new("update", name, to_io(e)))
     }
 
+    /// A new Maglev table holding `table`. BPF_F_INNER_MAP, as the outer
+    /// map's template (bpf/include/lb_maps.h), so any size fits.
+    fn create_maglev_table(&self, table: &[BackendId]) -> Result<MapHandle, MapError> {
+        let err = |op, e| MapError::new(op, MapName::Maglev, to_io(e));
+        let opts = libbpf_sys::bpf_map_create_opts {
+            sz: std::mem::size_of::<libbpf_sys::bpf_map_create_opts>() as libbpf_sys::size_t,
+            map_flags: libbpf_sys::BPF_F_INNER_MAP,
+            ..Default::default()
+        };
+        let map = MapHandle::create(
+            MapType::Array,
+            Some(MAGLEV_TABLE_NAME),
+            4,
+            4,
+            table.len() as u32,
+            &opts,
+        )
+        .map_err(|e| err("create table", e))?;
+        let keys: Vec<u8> = (0..table.len() as u32).flat_map(u32::to_ne_bytes).collect();
+        let values: Vec<u8> = table.iter().flat_map(|id| id.to_ne_bytes()).collect();
+        map.update_batch(
+            &keys,
+            &values,
+            table.len() as u32,
+            MapFlags::ANY,
+            MapFlags::ANY,
+        )
+        .map_err(|e| err("fill table", e))?;
+        Ok(map)
+    }
+
+    /// The Maglev tables, read back (a table shared by several frontends
+    /// is read once).
+    fn maglev_tables(&self) -> Result<BTreeMap<ServiceId, MaglevTableInfo>, MapError> {
+        let mut out = BTreeMap::new();
+        let mut by_inner: HashMap<u32, MaglevTableInfo> = HashMap::new();
+        for (svc_id, inner_id) in self.entries::<u32, u32>(MapName::Maglev)? {
+            if let Some(info) = by_inner.get(&inner_id) {
+                out.insert(svc_id, *info);
+                continue;
+            }
+            // A table replaced or removed since the key walk is skipped.
+            let Ok(table) = MapHandle::from_map_id(inner_id) else {
+                continue;
+            };
+            let size = table.max_entries() as usize;
+            let mut slots = vec![0 as BackendId; size];
+            let batch = table
+                .lookup_batch(table.max_entries().max(1), MapFlags::ANY, MapFlags::ANY)
+                .map_err(|e| MapError::new("lookup", MapName::Maglev, to_io(e)))?;
+            for (k, v) in batch {
+                if let (Some(k), Some(v)) = (from_bytes::<u32>(&k), from_bytes::<u32>(&v)) {
+                    if let Some(slot) = slots.get_mut(k as usize) {
+                        *slot = v;
+                    }
+                }
+            }
+            let info = MaglevTableInfo::of(&slots);
+            by_inner.insert(inner_id, info);
+            out.insert(svc_id, info);
+        }
+        Ok(out)
+    }
+
     fn delete_batch<K: Pod>(&self, name: MapName, keys: &[K]) -> Result<(), MapError> {
         if keys.is_empty() {
             return Ok(());
@@ -156,6 +229,7 @@ impl LbMaps for KernelMaps {
             services: self.max_entries(MapName::Services),
             backends: self.max_entries(MapName::Backends),
             source_ranges: self.max_entries(MapName::SourceRanges),
+            maglev: self.max_entries(MapName::Maglev),
         }
     }
 
@@ -183,6 +257,7 @@ impl LbMaps for KernelMaps {
                     .insert(net);
             }
         }
+        snapshot.maglev = self.maglev_tables()?;
         Ok(snapshot)
     }
 
@@ -236,6 +311,37 @@ impl LbMaps for KernelMaps {
                 Ok(()) => {}
                 Err(e) if e.kind() == ErrorKind::NotFound => {}
                 Err(e) => return Err(MapError::new("delete", MapName::SourceRanges, to_io(e))),
+            }
+        }
+        Ok(())
+    }
+
+    fn put_maglev_tables(&mut self, tables: &[(ServiceId, MaglevTable)]) -> Result<(), MapError> {
+        // Frontends handed the same table (one Arc) share one inner map.
+        let mut created: HashMap<*const BackendId, MapHandle> = HashMap::new();
+        for (svc_id, table) in tables {
+            let inner = match created.entry(table.as_ptr()) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(self.create_maglev_table(table)?)
+                }
+            };
+            let fd = inner.as_fd().as_raw_fd() as u32;
+            // Replacing the value swaps the table atomically for readers.
+            self.maglev
+                .update(&svc_id.to_ne_bytes(), &fd.to_ne_bytes(), MapFlags::ANY)
+                .map_err(|e| MapError::new("update", MapName::Maglev, to_io(e)))?;
+        }
+        // The outer map holds its own references; the fds close here.
+        Ok(())
+    }
+
+    fn delete_maglev_tables(&mut self, ids: &[ServiceId]) -> Result<(), MapError> {
+        for svc_id in ids {
+            match self.maglev.delete(&svc_id.to_ne_bytes()) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(MapError::new("delete", MapName::Maglev, to_io(e))),
             }
         }
         Ok(())

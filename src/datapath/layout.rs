@@ -31,6 +31,7 @@ const SVC_F_ETP_LOCAL: u16 = lb_svc_flags::SVC_F_ETP_LOCAL.0 as u16;
 const SVC_F_ITP_LOCAL: u16 = lb_svc_flags::SVC_F_ITP_LOCAL.0 as u16;
 const SVC_F_SRC_RANGE: u16 = lb_svc_flags::SVC_F_SRC_RANGE.0 as u16;
 const SVC_F_SRC_RANGE_NODE: u16 = lb_svc_flags::SVC_F_SRC_RANGE_NODE.0 as u16;
+const SVC_F_MAGLEV: u16 = lb_svc_flags::SVC_F_MAGLEV.0 as u16;
 const BE_STATE_ACTIVE: u8 = lb_backend_state::BE_STATE_ACTIVE.0 as u8;
 const BE_STATE_TERMINATING: u8 = lb_backend_state::BE_STATE_TERMINATING.0 as u8;
 const BE_F_LOCAL: u8 = lb_backend_flags::BE_F_LOCAL.0 as u8;
@@ -166,6 +167,9 @@ fn master_flags(m: &MasterEntry) -> u16 {
     if o.source_ranges_admit_node {
         flags |= SVC_F_SRC_RANGE_NODE;
     }
+    if o.maglev {
+        flags |= SVC_F_MAGLEV;
+    }
     flags
 }
 
@@ -195,6 +199,7 @@ pub fn decode_svc_value(slot: u16, val: &lb_svc_val) -> Option<SvcValue> {
         external_traffic_local: f & SVC_F_ETP_LOCAL != 0,
         internal_traffic_local: f & SVC_F_ITP_LOCAL != 0,
         source_ranges_admit_node: f & SVC_F_SRC_RANGE_NODE != 0,
+        maglev: f & SVC_F_MAGLEV != 0,
     };
     Some(SvcValue::Master(MasterEntry {
         svc_id: val.svc_id,
@@ -515,6 +520,45 @@ mod tests {
             hex(&v)[32..36],
             *"0403",
             "LOADBALANCER | SRC_RANGE | SRC_RANGE_NODE"
+        );
+        assert_eq!(decode_svc_value(0, &v), Some(SvcValue::Master(lb)));
+    }
+
+    #[test]
+    fn maglev_master_golden_encoding() {
+        let m = MasterEntry {
+            svc_id: 2,
+            count: 4,
+            svc_type: ServiceType::NodePort,
+            options: FrontendOptions {
+                maglev: true,
+                ..Default::default()
+            },
+            source_ranges: false,
+        };
+        let v = svc_value(&SvcValue::Master(m));
+        //            backend_id count    svc_id   timeout  flags (NODE_PORT | MAGLEV) pad
+        assert_eq!(
+            hex(&v),
+            "00000000".to_string() + "04000000" + "02000000" + "00000000" + "0204" + "0000"
+        );
+        assert_eq!(decode_svc_value(0, &v), Some(SvcValue::Master(m)));
+        // Maglev and source ranges together: distinct bits, all kept.
+        let lb = MasterEntry {
+            svc_type: ServiceType::LoadBalancer,
+            options: FrontendOptions {
+                maglev: true,
+                source_ranges_admit_node: true,
+                ..Default::default()
+            },
+            source_ranges: true,
+            ..m
+        };
+        let v = svc_value(&SvcValue::Master(lb));
+        assert_eq!(
+            hex(&v)[32..36],
+            *"0407",
+            "LOADBALANCER | SRC_RANGE | SRC_RANGE_NODE | MAGLEV"
         );
         assert_eq!(decode_svc_value(0, &v), Some(SvcValue::Master(lb)));
     }

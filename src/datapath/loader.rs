@@ -49,6 +49,9 @@ pub struct MapSizes {
     pub source_ranges: u32,
     /// North-south conntrack (two entries per flow).
     pub ct: u32,
+    /// Maglev tables (one per north-south frontend with Maglev); each
+    /// table's memory is its own, `4 x --maglev-table-size` bytes.
+    pub maglev: u32,
 }
 
 impl Default for MapSizes {
@@ -60,6 +63,7 @@ impl Default for MapSizes {
             sock_revnat: 262144,
             source_ranges: 65536,
             ct: 131072,
+            maglev: 65536,
         }
     }
 }
@@ -72,6 +76,7 @@ impl MapSizes {
             MapName::Affinity => self.affinity,
             MapName::SockRevNat => self.sock_revnat,
             MapName::SourceRanges => self.source_ranges,
+            MapName::Maglev => self.maglev,
         }
     }
 }
@@ -302,6 +307,13 @@ fn with_loaded<R>(
         &mut maps.kpr_srcrange_v1,
         bpf_root,
         MapName::SourceRanges,
+        sizes,
+        report,
+    )?;
+    set_map_size(
+        &mut maps.kpr_maglev_v1,
+        bpf_root,
+        MapName::Maglev,
         sizes,
         report,
     )?;

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use serde::Serialize;
@@ -26,15 +27,18 @@ pub enum MapName {
     SockRevNat,
     /// loadBalancerSourceRanges: (frontend id, prefix), an LPM trie.
     SourceRanges,
+    /// Frontend id -> Maglev table (north-south).
+    Maglev,
 }
 
 impl MapName {
-    pub const ALL: [MapName; 5] = [
+    pub const ALL: [MapName; 6] = [
         MapName::Services,
         MapName::Backends,
         MapName::Affinity,
         MapName::SockRevNat,
         MapName::SourceRanges,
+        MapName::Maglev,
     ];
 
     /// The map's pinned name; the suffix is the layout version.
@@ -45,6 +49,7 @@ impl MapName {
             MapName::Affinity => "kpr_affinity_v1",
             MapName::SockRevNat => "kpr_sockrnat_v1",
             MapName::SourceRanges => "kpr_srcrange_v1",
+            MapName::Maglev => "kpr_maglev_v1",
         }
     }
 
@@ -55,6 +60,7 @@ impl MapName {
             MapName::Affinity => "affinity",
             MapName::SockRevNat => "sock_revnat",
             MapName::SourceRanges => "source_ranges",
+            MapName::Maglev => "maglev",
         }
     }
 }
@@ -74,6 +80,8 @@ pub struct Capacity {
     pub backends: usize,
     /// Entries of the source-range map: one per (frontend, prefix).
     pub source_ranges: usize,
+    /// Maglev tables: one per frontend with Maglev and backends.
+    pub maglev: usize,
 }
 
 /// Slot 0 of a frontend.
@@ -116,7 +124,33 @@ pub struct FrontendEntries {
     pub slots: Vec<BackendId>,
 }
 
-/// The content of the services, backends and source-range maps.
+/// A Maglev table: the backend id of every slot.
+pub type MaglevTable = Arc<[BackendId]>;
+
+/// What the reconciler keeps of a Maglev table in the maps: enough to tell
+/// whether it is the one it would write, without holding every slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MaglevTableInfo {
+    /// Slots of the table.
+    pub size: u32,
+    /// A hash of its content (only compared within one process).
+    pub digest: u64,
+}
+
+impl MaglevTableInfo {
+    /// The size and digest of `table`.
+    pub fn of(table: &[BackendId]) -> MaglevTableInfo {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        table.hash(&mut h);
+        MaglevTableInfo {
+            size: table.len() as u32,
+            digest: h.finish(),
+        }
+    }
+}
+
+/// The content of the services, backends, source-range and Maglev maps.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
     pub frontends: BTreeMap<Frontend, FrontendEntries>,
@@ -124,6 +158,9 @@ pub struct Snapshot {
     /// Allowed client prefixes per frontend id (IPv4 ones as IPv4).
     /// Entries of an id no frontend has are strays, removed on prune.
     pub source_ranges: BTreeMap<ServiceId, BTreeSet<IpNet>>,
+    /// Maglev tables by frontend id (also tables no master points at any
+    /// more, left by an interrupted apply; removed on prune).
+    pub maglev: BTreeMap<ServiceId, MaglevTableInfo>,
     /// Service-map entries that belong to no consistent frontend: slots
     /// without a master or beyond its count, left by an interrupted apply.
     /// They are never selected by the datapath and are removed on prune.
@@ -179,6 +216,7 @@ impl Snapshot {
             frontends,
             backends,
             source_ranges: BTreeMap::new(),
+            maglev: BTreeMap::new(),
             stray_entries: stray,
         }
     }
@@ -229,6 +267,10 @@ pub trait LbMaps {
     /// Adds allowed (frontend id, prefix) pairs to the source-range map.
     fn put_source_ranges(&mut self, entries: &[(ServiceId, IpNet)]) -> Result<(), MapError>;
     fn delete_source_ranges(&mut self, entries: &[(ServiceId, IpNet)]) -> Result<(), MapError>;
+    /// Writes (or atomically replaces) the Maglev tables of frontends.
+    /// Entries sharing one `Arc` may share one table in the datapath.
+    fn put_maglev_tables(&mut self, tables: &[(ServiceId, MaglevTable)]) -> Result<(), MapError>;
+    fn delete_maglev_tables(&mut self, ids: &[ServiceId]) -> Result<(), MapError>;
     /// Removes affinity entries for which `keep(svc_id, backend_id)` is false;
     /// returns how many were removed.
     fn prune_affinity(

@@ -173,6 +173,9 @@ pub struct NodePortConfig {
     /// Answer to new flows to frontends without backend.
     pub no_backend: NoBackendResponse,
     pub timeouts: CtTimeouts,
+    /// Table size and flow hash seed of Maglev selection (the tables
+    /// themselves are the reconciler's).
+    pub maglev: crate::maglev::MaglevParams,
 }
 
 impl NodePortConfig {
@@ -358,6 +361,8 @@ macro_rules! configure_open {
         rodata.ct_timeout_tcp_closing = $config.timeouts.tcp_closing;
         rodata.ct_timeout_udp = $config.timeouts.udp;
         rodata.no_backend_reject = u8::from($config.no_backend == NoBackendResponse::Reject);
+        rodata.maglev_table_size = $config.maglev.table_size();
+        rodata.maglev_hash_seed = $config.maglev.flow_hash_seed();
         // The load balancer's maps are the socket path's pins, reused.
         let mut shared = LoadReport::default();
         let maps = &mut $open.maps;
@@ -367,6 +372,7 @@ macro_rules! configure_open {
             (&mut maps.kpr_affinity_v1, MapName::Affinity),
             (&mut maps.kpr_sockrnat_v1, MapName::SockRevNat),
             (&mut maps.kpr_srcrange_v1, MapName::SourceRanges),
+            (&mut maps.kpr_maglev_v1, MapName::Maglev),
         ] {
             loader::set_map_size(map, $bpf_root, name, $sizes, &mut shared)?;
         }
@@ -687,6 +693,7 @@ mod tests {
             snat_ports: DEFAULT_SNAT_PORTS,
             no_backend: NoBackendResponse::Reject,
             timeouts: CtTimeouts::default(),
+            maglev: Default::default(),
         };
         assert!(ok.validate().is_ok());
         let dsr = NodePortConfig {

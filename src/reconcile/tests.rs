@@ -210,6 +210,7 @@ fn a_service_that_does_not_fit_is_refused_and_the_others_are_untouched() {
         services: 10,
         backends: 10,
         source_ranges: 10,
+        maglev: 10,
     };
     let mut r = Reconciler::new(FakeMaps::with_capacity(cap)).unwrap();
     let small = desired(vec![web3()]);
@@ -510,6 +511,7 @@ fn a_service_whose_source_ranges_do_not_fit_is_refused_whole() {
         services: 100,
         backends: 100,
         source_ranges: 2,
+        maglev: 100,
     };
     let mut r = Reconciler::new(FakeMaps::with_capacity(cap)).unwrap();
     let d = desired(vec![guarded(&[

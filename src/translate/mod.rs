@@ -37,6 +37,14 @@
 //!   `kubeproxy_sync_proxy_rules_no_local_endpoints_total`.
 //! - `sessionAffinity: ClientIP` sets the timeout (default 10800 s) on every
 //!   frontend of the Service.
+//! - Backend selection of north-south traffic: the annotation
+//!   `service.kpr.io/lb-algorithm: random|maglev` (Cilium's
+//!   `service.cilium.io/lb-algorithm`), else [`NodeContext::lb_algorithm`]
+//!   (`--lb-algorithm`). Maglev is set on the External-scope NodePort,
+//!   LoadBalancer and ExternalIP frontends only: ClusterIPs and the
+//!   Internal-scope entries serve node-local clients, which the socket hooks
+//!   balance at random. Any other annotation value is a skip
+//!   (`invalid_annotation`) and the flag's algorithm applies.
 //! - LoadBalancer Services with `externalTrafficPolicy: Local` get a
 //!   [`HealthCheck`] on `spec.healthCheckNodePort` (kube-proxy's
 //!   `NeedsHealthCheck` is LoadBalancer-only).
@@ -74,7 +82,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::model::{
-    Frontend, FrontendOptions, FrontendSpec, Protocol, Scope, ServiceRef, ServiceType,
+    Frontend, FrontendOptions, FrontendSpec, LbAlgorithm, Protocol, Scope, ServiceRef, ServiceType,
 };
 use crate::reconcile::{DesiredByService, ServiceFrontends};
 use crate::skip::SkipReason;
@@ -87,6 +95,9 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// Label the control plane puts on headless Services' EndpointSlices.
 pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// Annotation choosing a Service's north-south backend selection,
+/// `random` or `maglev`, over `--lb-algorithm`.
+pub const LB_ALGORITHM_ANNOTATION: &str = "service.kpr.io/lb-algorithm";
 /// Default sessionAffinityConfig.clientIP.timeoutSeconds (3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10800;
 
@@ -103,6 +114,9 @@ pub struct NodeContext {
     /// The addresses NodePorts are served on. Empty (the default): only the
     /// `127.0.0.1` NodePort frontends.
     pub node_ips: Vec<IpAddr>,
+    /// North-south backend selection of Services without the
+    /// [`LB_ALGORITHM_ANNOTATION`] (`--lb-algorithm`; default random).
+    pub lb_algorithm: LbAlgorithm,
 }
 
 /// Something in an object that was not programmed, and why.
@@ -393,6 +407,9 @@ pub fn translate_service(
         affinity_timeout,
         ..Default::default()
     };
+    // North-south frontends (External scope, not ClusterIP) only.
+    let maglev = lb_algorithm(&svc.metadata, node, &mut skips) == LbAlgorithm::Maglev;
+    let north_south = FrontendOptions { maglev, ..plain };
 
     let eps = ServiceEndpoints::new(slices, node, skips.out);
     let namespace = svc
@@ -511,7 +528,7 @@ pub fn translate_service(
                 source_ranges_admit_node: node_ips
                     .iter()
                     .any(|ip| ranges.iter().any(|n| n.contains(ip))),
-                ..plain
+                ..north_south
             };
             for (ip, p, t) in external {
                 let fe = Frontend::new(ip, p, proto);
@@ -519,7 +536,7 @@ pub fn translate_service(
                     if t == ServiceType::LoadBalancer && !ranges.is_empty() {
                         (ranged, &ranges)
                     } else {
-                        (plain, &[])
+                        (north_south, &[])
                     };
                 if !etp_local {
                     add(fe, t, opts, &sets.cluster, ranges);
@@ -585,6 +602,30 @@ pub fn translate_service(
         }
     }
     out
+}
+
+/// The Service's north-south backend selection: its
+/// [`LB_ALGORITHM_ANNOTATION`] when valid, else the node's default (an
+/// invalid value is a skip naming it).
+fn lb_algorithm(meta: &ObjectMeta, node: &NodeContext, skips: &mut Skips<'_>) -> LbAlgorithm {
+    let Some(value) = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(LB_ALGORITHM_ANNOTATION))
+    else {
+        return node.lb_algorithm;
+    };
+    LbAlgorithm::parse(value).unwrap_or_else(|| {
+        skips.push(
+            SkipReason::InvalidAnnotation,
+            format!(
+                "annotation {LB_ALGORITHM_ANNOTATION}: {value:?} is neither random nor maglev; \
+                 using --lb-algorithm {}",
+                node.lb_algorithm
+            ),
+        );
+        node.lb_algorithm
+    })
 }
 
 /// The clusterIP of each family: the first one of the family in

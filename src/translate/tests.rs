@@ -18,6 +18,7 @@ impl TestNode {
             node_name: self.name.into(),
             zone: self.zone.map(Into::into),
             node_ips: self.ips.iter().map(|ip| ip.parse().unwrap()).collect(),
+            ..Default::default()
         }
     }
 }
@@ -79,6 +80,7 @@ fn render(t: &Translation) -> Vec<String> {
                 (o.internal_traffic_local, "itp-local"),
                 (o.external_traffic_local, "etp-local"),
                 (o.has_internal_scope, "has-int"),
+                (o.maglev, "maglev"),
             ] {
                 if set {
                     opts.push(' ');
@@ -1517,6 +1519,83 @@ endpoints:
         ],
         skips: &[],
     },
+    // --- lb-algorithm annotation --------------------------------------------
+    Case {
+        name: "the maglev annotation sets Maglev on NodePort, LoadBalancer and externalIP frontends, not on the ClusterIP",
+        service: r#"
+apiVersion: v1
+kind: Service
+metadata:
+  name: hashed
+  namespace: demo
+  annotations: {service.kpr.io/lb-algorithm: maglev}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.60
+  externalIPs: [203.0.113.60]
+  ports: [{port: 80, nodePort: 30060}]
+status: {loadBalancer: {ingress: [{ip: 198.51.100.60}]}}
+"#,
+        slices: &[],
+        node: NODE_A,
+        expect: &[
+            "10.96.0.60:80/TCP ClusterIP => ",
+            "127.0.0.1:30060/TCP NodePort maglev => ",
+            "192.168.1.10:30060/TCP NodePort maglev => ",
+            "198.51.100.60:80/TCP LoadBalancer maglev => ",
+            "203.0.113.60:80/TCP ExternalIP maglev => ",
+        ],
+        skips: &[],
+    },
+    Case {
+        name: "with externalTrafficPolicy Local, Maglev is on the external-scope entry only (node-local clients use the socket hooks)",
+        service: r#"
+apiVersion: v1
+kind: Service
+metadata:
+  name: hashed
+  namespace: demo
+  annotations: {service.kpr.io/lb-algorithm: maglev}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.61
+  externalTrafficPolicy: Local
+  ports: [{port: 80, nodePort: 30061}]
+"#,
+        slices: &[],
+        node: NODE_A_NO_ZONE,
+        expect: &[
+            "10.96.0.61:80/TCP ClusterIP => ",
+            "127.0.0.1:30061/TCP NodePort etp-local has-int maglev => ",
+            "127.0.0.1:30061/TCP/i NodePort => ",
+            "192.168.1.10:30061/TCP NodePort etp-local has-int maglev => ",
+            "192.168.1.10:30061/TCP/i NodePort => ",
+        ],
+        skips: &[],
+    },
+    Case {
+        name: "an unknown lb-algorithm annotation is a counted skip and the flag's algorithm applies",
+        service: r#"
+apiVersion: v1
+kind: Service
+metadata:
+  name: hashed
+  namespace: demo
+  annotations: {service.kpr.io/lb-algorithm: Maglev}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.62
+  ports: [{port: 80, nodePort: 30062}]
+"#,
+        slices: &[],
+        node: NODE_A_NO_ZONE,
+        expect: &[
+            "10.96.0.62:80/TCP ClusterIP => ",
+            "127.0.0.1:30062/TCP NodePort => ",
+            "192.168.1.10:30062/TCP NodePort => ",
+        ],
+        skips: &[SkipReason::InvalidAnnotation],
+    },
 ];
 
 #[test]
@@ -1708,6 +1787,81 @@ endpoints:
             ("10.244.3.11".to_string(), false),
         ]
     );
+}
+
+#[test]
+fn the_lb_algorithm_flag_applies_without_the_annotation_and_the_annotation_wins() {
+    let svc = |name: &str, annotation: Option<&str>| -> Service {
+        let annotations = annotation
+            .map(|a| format!("annotations: {{{LB_ALGORITHM_ANNOTATION}: {a:?}}}"))
+            .unwrap_or_default();
+        serde_yaml_ng::from_str(&format!(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: demo, {annotations}}}
+spec: {{type: NodePort, clusterIP: 10.96.0.70, ports: [{{port: 80, nodePort: 30070}}]}}
+"#
+        ))
+        .unwrap()
+    };
+    let maglev_node = NodeContext {
+        node_ips: vec!["192.168.1.10".parse().unwrap()],
+        lb_algorithm: LbAlgorithm::Maglev,
+        ..Default::default()
+    };
+    let maglev_of = |t: &Translation| -> Vec<(ServiceType, bool)> {
+        let mut v: Vec<(ServiceType, bool)> = t
+            .desired
+            .values()
+            .flat_map(|fes| fes.values().map(|s| (s.svc_type, s.options.maglev)))
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    let np = ServiceType::NodePort;
+    let cip = ServiceType::ClusterIP;
+    for (annotation, node, want) in [
+        (None, &maglev_node, true),
+        (None, &NodeContext::default(), false),
+        (Some("random"), &maglev_node, false),
+        (Some("maglev"), &NodeContext::default(), true),
+        (Some("consistent"), &maglev_node, true),
+        (Some(""), &NodeContext::default(), false),
+    ] {
+        let t = translate(&[svc("web", annotation)], &[], node);
+        assert_eq!(
+            maglev_of(&t),
+            vec![(cip, false), (np, want)],
+            "annotation {annotation:?}, flag {}",
+            node.lb_algorithm
+        );
+        let invalid = matches!(annotation, Some(a) if a != "random" && a != "maglev");
+        assert_eq!(t.skipped.len(), usize::from(invalid), "{:?}", t.skipped);
+        if invalid {
+            let s = &t.skipped[0];
+            assert_eq!(s.reason, SkipReason::InvalidAnnotation);
+            assert_eq!(s.object, "Service demo/web");
+            assert!(
+                s.detail.contains(LB_ALGORITHM_ANNOTATION)
+                    && s.detail.contains(&format!("{:?}", annotation.unwrap()))
+                    && s.detail
+                        .contains(&format!("--lb-algorithm {}", node.lb_algorithm)),
+                "{}",
+                s.detail
+            );
+        }
+    }
+    // One Service's bad annotation leaves the others alone.
+    let t = translate(
+        &[svc("bad", Some("nope")), svc("good", Some("maglev"))],
+        &[],
+        &NodeContext::default(),
+    );
+    assert_eq!(t.skipped.len(), 1);
+    assert!(t.desired["demo/good"].values().any(|s| s.options.maglev));
+    assert!(t.desired["demo/bad"].values().all(|s| !s.options.maglev));
 }
 
 #[test]
