@@ -72,12 +72,8 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(6000);
-    // One CPU for client, servers and agent: no cross-CPU wake-ups, whose
-    // cost varies run to run and would make the distributions bimodal.
-    let mut one_cpu = nix::sched::CpuSet::new();
-    one_cpu.set(0).expect("cpu 0");
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one_cpu)
-        .expect("pinning to cpu 0");
+    // One CPU for client, servers and agent (see pin_to_cpu0).
+    let _one_cpu = kpr::testbed::pin_to_cpu0().expect("pinning to cpu 0");
     let bed = SocketLbBed::start(
         "bench",
         Path::new(env!("CARGO_BIN_EXE_kpr")),

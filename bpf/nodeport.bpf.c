@@ -13,6 +13,9 @@
  *                             with the frontend as source; forward
  *   egress                    a local backend's reply (forwarded by the
  *                             stack, not SNATed): frontend as source
+ *   ingress, no backend       --service-no-backend-response reject: the
+ *                             packet becomes an ICMP port unreachable, sent
+ *                             back where it came from (lb_reject.h)
  *
  * DSR (lb_dsr.h): a new flow to a remote backend is encapsulated (IPIP)
  * toward it instead of SNATed; on the backend's node, ingress takes in
@@ -36,6 +39,7 @@
 #include <bpf/bpf_endian.h>
 
 #include "lb_nodeport.h"
+#include "lb_reject.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -60,6 +64,20 @@ static __always_inline int np_send_encap(struct __sk_buff *skb, const struct pkt
 	return fib_redirect(skb, &fwd->fib, fwd->fib_rc);
 }
 
+/* Answers @p with an ICMP port unreachable (lb_reject.h), or drops it
+ * when it cannot be answered; counted either way. */
+static __always_inline int np_reject(struct __sk_buff *skb, const struct pkt4 *p)
+{
+	int verdict = icmp4_reject(skb, p);
+
+	if (verdict < 0) {
+		np_count(NP_STAT_NO_BACKEND);
+		return TC_ACT_SHOT;
+	}
+	np_count(NP_STAT_NO_BACKEND_REJECT);
+	return verdict;
+}
+
 SEC("tcx/ingress")
 int kpr_np_ingress(struct __sk_buff *skb)
 {
@@ -82,6 +100,8 @@ int kpr_np_ingress(struct __sk_buff *skb)
 		break;
 	case NP_V_DROP:
 		return TC_ACT_SHOT;
+	case NP_V_REJECT:
+		return np_reject(skb, &p);
 	default:
 		return NP_PASS;
 	}

@@ -14,6 +14,8 @@
  *     the tc egress program rewrites them
  *   - a DSR frame that would not fit the egress MTU once encapsulated
  *     (tc answers it with ICMP fragmentation-needed)
+ *   - rejects of frontends without backend: tc turns the packet into the
+ *     ICMP error (an skb can be resized in place)
  *
  * DSR is done here at both ends: a new or tracked DSR flow's frame gets
  * its IPIP header in front (bpf_xdp_adjust_head) and is redirected, and an
@@ -242,6 +244,7 @@ int kpr_np_xdp(struct xdp_md *ctx)
 	case NP_V_DROP:
 		return XDP_DROP;
 	default:
+		/* NP_V_REJECT too: the tc program builds the ICMP error. */
 		return XDP_PASS;
 	}
 	if (fwd.encap)

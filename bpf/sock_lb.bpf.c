@@ -8,7 +8,13 @@
  *
  * Hook entry points are thin: they never fail a syscall except when the
  * destination is a frontend without a usable backend, which fails with
- * ECONNREFUSED at once (what kube-proxy's REJECT rule gives a client).
+ * ECONNREFUSED at once (what kube-proxy's REJECT rule gives a client),
+ * whatever --service-no-backend-response says (it is about what remote
+ * clients are told; a local one is better told at once), or one whose
+ * loadBalancerSourceRanges refuse the client, which fails with EPERM; and
+ * when a socket of the node itself binds the address of a NodePort,
+ * LoadBalancer or externalIP frontend (post_bind4/6: EADDRINUSE, as
+ * Cilium's bind protection).
  */
 #include <linux/bpf.h>
 #include <linux/in.h>
@@ -32,6 +38,9 @@ const volatile enum lb_scope kpr_btf_scope = LB_SCOPE_EXT;
 const volatile enum lb_svc_flags kpr_btf_svc_flags = SVC_F_CLUSTER_IP;
 const volatile enum lb_backend_state kpr_btf_backend_state = BE_STATE_ACTIVE;
 const volatile enum lb_backend_flags kpr_btf_backend_flags = BE_F_LOCAL;
+const volatile enum np_stat kpr_btf_np_stat = NP_STAT_FLOW_NEW;
+const volatile enum ct_dir kpr_btf_ct_dir = CT_DIR_ORIG;
+const volatile enum ct_flags kpr_btf_ct_flags = CT_F_SNAT;
 
 /* Errno a client gets for a frontend with no usable backend. */
 const volatile __u32 no_backend_errno = ECONNREFUSED;
@@ -39,8 +48,15 @@ const volatile __u32 no_backend_errno = ECONNREFUSED;
  * older kernel) the reject is the kernel's default EPERM. The agent sets
  * this before load; the verifier drops the dead branch. */
 const volatile __u8 use_set_retval = 1;
+/* Network namespace cookie of the node itself (the agent's namespace):
+ * bind protection applies to its sockets only, pods bind what they like in
+ * their own namespaces. 0 (never a cookie) protects nothing. */
+const volatile __u64 host_netns_cookie = 0;
 
 enum sock_family { FAM_V4, FAM_V6 };
+/* Which hook translates: sendmsg may carry a source address (IP_PKTINFO),
+ * a field connect programs may not even read. */
+enum sock_op { OP_CONNECT, OP_SENDMSG };
 
 static __always_inline void ctx_get_addr(const struct bpf_sock_addr *ctx,
 					 enum sock_family fam, __be32 addr[4])
@@ -79,11 +95,57 @@ static __always_inline void ctx_svc_key(const struct bpf_sock_addr *ctx,
 	key->scope = LB_SCOPE_EXT;
 }
 
+/* Whether the client of @ctx may reach the frontend of @master under its
+ * loadBalancerSourceRanges. kube-proxy checks node-local clients too (its
+ * firewall runs on the output path), with the packet's source address.
+ * That address is known here when the socket is bound or sendmsg names
+ * one; otherwise the kernel picks it after this hook, and the client is
+ * taken for the node itself (its source is then a node address, for host
+ * processes): let in when a prefix holds a node address
+ * (SVC_F_SRC_RANGE_NODE), as kube-proxy's rule for the node does. */
+static __always_inline int sock_src_allowed(struct bpf_sock_addr *ctx, enum sock_family fam,
+					    enum sock_op op, const struct lb_svc_val *master)
+{
+	struct bpf_sock *sk = ctx->sk;
+	__be32 src[4] = {};
+
+	if (!(master->flags & SVC_F_SRC_RANGE))
+		return 1;
+	if (fam == FAM_V4) {
+		if (op == OP_SENDMSG)
+			src[3] = ctx->msg_src_ip4;
+		if (!src[3] && sk)
+			src[3] = sk->src_ip4;
+		if (src[3])
+			lb_addr_set_v4(src, src[3]);
+	} else {
+		if (op == OP_SENDMSG) {
+			src[0] = ctx->msg_src_ip6[0];
+			src[1] = ctx->msg_src_ip6[1];
+			src[2] = ctx->msg_src_ip6[2];
+			src[3] = ctx->msg_src_ip6[3];
+		}
+		if (!(src[0] | src[1] | src[2] | src[3]) && sk) {
+			src[0] = sk->src_ip6[0];
+			src[1] = sk->src_ip6[1];
+			src[2] = sk->src_ip6[2];
+			src[3] = sk->src_ip6[3];
+		}
+		/* :: and ::ffff:0.0.0.0 (a dual-stack socket) are unbound. */
+		if (lb_addr_is_v4(src) && !src[3])
+			src[2] = 0;
+	}
+	if (!(src[0] | src[1] | src[2] | src[3]))
+		return !!(master->flags & SVC_F_SRC_RANGE_NODE);
+	return lb_src_allowed(master, src);
+}
+
 /* Rewrites the destination of @ctx to a backend of the frontend it targets.
  * Returns 0 when translated or not a frontend, -errno when the frontend has
- * no usable backend. */
+ * no usable backend (ECONNREFUSED) or refuses the client's source (EPERM,
+ * what a locally sent packet dropped by netfilter gives its sender). */
 static __always_inline int sock_translate(struct bpf_sock_addr *ctx,
-					  enum sock_family fam, __u8 proto)
+					  enum sock_family fam, __u8 proto, enum sock_op op)
 {
 	struct lb_svc_key key = {};
 	struct lb_svc_val *master;
@@ -99,6 +161,8 @@ static __always_inline int sock_translate(struct bpf_sock_addr *ctx,
 	master = lb_lookup_master(&key);
 	if (!master)
 		return 0;
+	if (!sock_src_allowed(ctx, fam, op, master))
+		return -EPERM;
 
 	/* Node-local traffic uses the internal backend set when the frontend
 	 * has one (externalTrafficPolicy Local must not limit it). */
@@ -162,25 +226,25 @@ static __always_inline int sock_verdict(int ret)
 SEC("cgroup/connect4")
 int kpr_connect4(struct bpf_sock_addr *ctx)
 {
-	return sock_verdict(sock_translate(ctx, FAM_V4, ctx->protocol));
+	return sock_verdict(sock_translate(ctx, FAM_V4, ctx->protocol, OP_CONNECT));
 }
 
 SEC("cgroup/connect6")
 int kpr_connect6(struct bpf_sock_addr *ctx)
 {
-	return sock_verdict(sock_translate(ctx, FAM_V6, ctx->protocol));
+	return sock_verdict(sock_translate(ctx, FAM_V6, ctx->protocol, OP_CONNECT));
 }
 
 SEC("cgroup/sendmsg4")
 int kpr_sendmsg4(struct bpf_sock_addr *ctx)
 {
-	return sock_verdict(sock_translate(ctx, FAM_V4, IPPROTO_UDP));
+	return sock_verdict(sock_translate(ctx, FAM_V4, IPPROTO_UDP, OP_SENDMSG));
 }
 
 SEC("cgroup/sendmsg6")
 int kpr_sendmsg6(struct bpf_sock_addr *ctx)
 {
-	return sock_verdict(sock_translate(ctx, FAM_V6, IPPROTO_UDP));
+	return sock_verdict(sock_translate(ctx, FAM_V6, IPPROTO_UDP, OP_SENDMSG));
 }
 
 SEC("cgroup/recvmsg4")
@@ -209,4 +273,70 @@ int kpr_getpeername6(struct bpf_sock_addr *ctx)
 {
 	sock_rev_translate(ctx, FAM_V6);
 	return SYS_PROCEED;
+}
+
+/* Whether a socket bound to @addr:@port would take the traffic of a
+ * NodePort, LoadBalancer or externalIP frontend: the exact frontend, or,
+ * for a wildcard address, a NodePort of the family. NodePorts of IPv4 are
+ * always programmed on 127.0.0.1 as well (src/translate), so that entry
+ * says whether @port is an IPv4 NodePort without knowing the node's
+ * addresses. An IPv6 wildcard socket is dual-stack (bpf_sock does not say
+ * whether IPV6_V6ONLY is set), so it is checked against IPv4 NodePorts too;
+ * IPv6 NodePorts have no such surrogate, so only their exact node
+ * addresses are protected. */
+static __always_inline int bind_takes_frontend(__be32 addr[4], __be16 port,
+					       __u8 proto, int v6_any)
+{
+	struct lb_svc_key key = { .port = port, .proto = proto, .scope = LB_SCOPE_EXT };
+	struct lb_svc_val *master;
+
+	__builtin_memcpy(key.addr, addr, sizeof(key.addr));
+	master = lb_lookup_master(&key);
+	if (master && (master->flags & (SVC_F_NODE_PORT | SVC_F_LOADBALANCER |
+					SVC_F_EXTERNAL_IP)))
+		return 1;
+	if (!v6_any && !(lb_addr_is_v4(addr) && addr[3] == 0))
+		return 0;
+	lb_addr_set_v4(key.addr, bpf_htonl(0x7f000001));
+	master = lb_lookup_master(&key);
+	return master && (master->flags & SVC_F_NODE_PORT) != 0;
+}
+
+static __always_inline int sock_post_bind(struct bpf_sock *ctx, enum sock_family fam)
+{
+	__u8 proto = ctx->protocol;
+	__be32 addr[4];
+	int v6_any;
+
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+		return SYS_PROCEED;
+	if (bpf_get_netns_cookie(ctx) != host_netns_cookie)
+		return SYS_PROCEED;
+	if (fam == FAM_V4) {
+		lb_addr_set_v4(addr, ctx->src_ip4);
+	} else {
+		addr[0] = ctx->src_ip6[0];
+		addr[1] = ctx->src_ip6[1];
+		addr[2] = ctx->src_ip6[2];
+		addr[3] = ctx->src_ip6[3];
+	}
+	v6_any = !(addr[0] | addr[1] | addr[2] | addr[3]);
+	/* src_port is in host byte order in struct bpf_sock. */
+	if (!bind_takes_frontend(addr, bpf_htons((__u16)ctx->src_port), proto, v6_any))
+		return SYS_PROCEED;
+	if (use_set_retval)
+		bpf_set_retval(-EADDRINUSE);
+	return SYS_REJECT;
+}
+
+SEC("cgroup/post_bind4")
+int kpr_post_bind4(struct bpf_sock *ctx)
+{
+	return sock_post_bind(ctx, FAM_V4);
+}
+
+SEC("cgroup/post_bind6")
+int kpr_post_bind6(struct bpf_sock *ctx)
+{
+	return sock_post_bind(ctx, FAM_V6);
 }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, Result};
 use tokio::sync::watch;
 
+use crate::datapath::devices;
 use crate::datapath::dsr::{self, DsrTable};
 use crate::datapath::kernel::KernelMaps;
 use crate::datapath::loader::{self, MapSizes};
@@ -29,7 +30,7 @@ use crate::reconcile::{DesiredByService, Reconciler, RefusalReason};
 use crate::source::kube::{self as kube_source, ApiConfig, WatchEvent};
 use crate::source::manifests;
 use crate::source::store::{Kind, ObjectStore, Watched};
-use crate::status::{status_router, AgentStatus, StatusHandle};
+use crate::status::{status_router, AgentStatus, DeviceStatus, StatusHandle};
 use crate::translate::{
     self, HealthCheck, NoLocalEndpoints, NodeContext, ServiceTranslation, Skipped, TrafficPolicy,
     Translation,
@@ -79,6 +80,10 @@ pub struct AgentConfig {
     pub nodeport: Option<NodePortConfig>,
     /// How often expired conntrack entries are removed.
     pub ct_gc_interval: Duration,
+    /// North-south backend selection of Services without the annotation.
+    pub lb_algorithm: crate::model::LbAlgorithm,
+    /// Maglev table size and seed (the same on every node).
+    pub maglev: crate::maglev::MaglevParams,
 }
 
 /// The reconciler with the reporting around it: every sync is timed,
@@ -126,12 +131,14 @@ impl Synced {
 impl Syncer {
     pub fn new(
         bpf_root: &Path,
+        maglev: crate::maglev::MaglevParams,
         metrics: Arc<Metrics>,
         health: Health,
         status: StatusHandle,
     ) -> Result<Syncer> {
         let maps = KernelMaps::open(bpf_root).context("opening the pinned maps")?;
-        let reconciler = Reconciler::new(maps).context("reading the pinned maps")?;
+        let reconciler =
+            Reconciler::with_maglev(maps, maglev).context("reading the pinned maps")?;
         let s = reconciler.snapshot();
         tracing::info!(
             frontends = s.frontends.len(),
@@ -233,7 +240,8 @@ impl Syncer {
                     self.metrics.inc_sync_error(match refusal.reason {
                         RefusalReason::Capacity { .. }
                         | RefusalReason::IdsExhausted
-                        | RefusalReason::TooManyBackends { .. } => SyncErrorReason::Capacity,
+                        | RefusalReason::TooManyBackends { .. }
+                        | RefusalReason::Maglev { .. } => SyncErrorReason::Capacity,
                         RefusalReason::FrontendConflict { .. } => SyncErrorReason::Source,
                     });
                 }
@@ -290,6 +298,11 @@ impl Syncer {
             MapLabel::Backends,
             r.snapshot().backends.len(),
             cap.backends,
+        );
+        self.metrics.set_map(
+            MapLabel::SourceRanges,
+            r.snapshot().source_range_entries(),
+            cap.source_ranges,
         );
     }
 
@@ -371,8 +384,14 @@ impl PolicyState {
 }
 
 /// The node's identity for translation: its name, zone label and
-/// addresses (from its Node object) plus any --node-ip.
-pub fn node_context(node_name: &str, node: Option<&Node>, extra_ips: &[IpAddr]) -> NodeContext {
+/// addresses (from its Node object) plus any --node-ip, and the agent's
+/// --lb-algorithm.
+pub fn node_context(
+    node_name: &str,
+    node: Option<&Node>,
+    extra_ips: &[IpAddr],
+    lb_algorithm: crate::model::LbAlgorithm,
+) -> NodeContext {
     let zone = node
         .and_then(|n| n.metadata.labels.as_ref())
         .and_then(|l| l.get("topology.kubernetes.io/zone"))
@@ -394,6 +413,7 @@ pub fn node_context(node_name: &str, node: Option<&Node>, extra_ips: &[IpAddr]) 
         node_name: node_name.to_string(),
         zone,
         node_ips,
+        lb_algorithm,
     }
 }
 
@@ -407,7 +427,8 @@ const LRU_GAUGE_PERIOD: Duration = Duration::from_secs(10);
 
 /// Probes the kernel. Strict: any missing feature is an error naming it and
 /// its kernel option. Partial: logs what is missing and returns the socket
-/// hooks to leave out.
+/// hooks to leave out (bind protection goes whole when any part of it is
+/// missing: it is reported, never fatal).
 fn check_features(mode: KprMode) -> Result<(Vec<&'static str>, Vec<features::Feature>)> {
     let probed = features::probe();
     let missing = features::missing(&probed);
@@ -427,21 +448,23 @@ fn check_features(mode: KprMode) -> Result<(Vec<&'static str>, Vec<features::Fea
     for m in &missing {
         tracing::warn!(feature = %m, "--kube-proxy-replacement partial: running without");
     }
-    let skip = features::HOOK_ATTACH_TYPES
+    let lacks = |name: &str| probed.iter().any(|f| f.name == name && !f.available);
+    let mut skip = features::HOOK_ATTACH_TYPES
         .iter()
         .map(|(hook, _)| *hook)
-        .filter(|hook| {
-            probed
-                .iter()
-                .any(|f| f.name == features::hook_feature_name(hook) && !f.available)
-        })
+        .filter(|hook| lacks(features::hook_feature_name(hook)))
         .collect::<Vec<_>>();
-    if skip.len() == features::HOOK_ATTACH_TYPES.len()
-        || probed
-            .iter()
-            .any(|f| f.name == "cgroup_sock_addr" && !f.available)
-    {
+    if skip.len() == features::HOOK_ATTACH_TYPES.len() || lacks("cgroup_sock_addr") {
         anyhow::bail!("no socket-LB hook is available: {}", missing.join("; "));
+    }
+    let bind_hooks = features::BIND_HOOK_ATTACH_TYPES.map(|(hook, _)| hook);
+    if lacks(features::NETNS_COOKIE_SOCKOPT)
+        || bind_hooks
+            .iter()
+            .any(|hook| lacks(features::hook_feature_name(hook)))
+    {
+        tracing::warn!("--kube-proxy-replacement partial: NodePort bind protection is off (host sockets may bind NodePorts)");
+        skip.extend(bind_hooks);
     }
     Ok((skip, probed))
 }
@@ -489,14 +512,20 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             .iter()
             .map(|f| (f.name.to_string(), f.available))
             .collect(),
+        lb_algorithm: Some(config.lb_algorithm.to_string()),
+        maglev_table_size: Some(config.maglev.table_size()),
         ..AgentStatus::default()
     });
     let use_set_retval = features
         .iter()
         .any(|f| f.name == "helper_set_retval" && f.available);
+    // Bind protection is for the node's own sockets: those of the agent's
+    // network namespace.
+    let host_netns_cookie = features::own_netns_cookie().unwrap_or(0);
     let options = loader::DatapathOptions {
         skip_hooks,
         use_set_retval,
+        host_netns_cookie,
     };
     let report = loader::load_and_attach(
         &config.bpf_root,
@@ -513,13 +542,21 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         created_links = ?report.created_links,
         "datapath attached"
     );
+    // What the device watcher starts from: the link subscription (taken
+    // before the links are first listed, so no change is missed) and the
+    // devices attached.
+    let mut device_watch = None;
     match &config.nodeport {
         Some(np) => {
             nodeport::check_port_range(np.snat_ports);
+            let events = devices::LinkEvents::subscribe()
+                .map_err(|e| tracing::warn!(error = %e, "no netlink link subscription; devices are rescanned every {}s only", DEVICE_RESCAN_PERIOD.as_secs()))
+                .ok();
             let report = nodeport::load_and_attach(&config.bpf_root, &config.map_sizes, np)
                 .context("setting up the north-south datapath")?;
             tracing::info!(
                 devices = ?np.devices,
+                attached = ?report.devices.keys().collect::<Vec<_>>(),
                 mode = ?np.mode,
                 snat_ports = %np.snat_ports,
                 dsr_mss = report.dsr_mss,
@@ -530,6 +567,18 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                 xdp_links = ?report.xdp_links,
                 "north-south datapath attached"
             );
+            if !report.missing_devices.is_empty() {
+                tracing::warn!(missing = ?report.missing_devices, "--devices names no interface has yet: attached when they appear");
+            }
+            status.update(|s| {
+                s.devices = Some(DeviceStatus {
+                    patterns: np.devices.clone(),
+                    attached: report.devices.keys().cloned().collect(),
+                    missing: report.missing_devices.clone(),
+                    ..DeviceStatus::default()
+                })
+            });
+            device_watch = Some((events, report.devices, report.dsr_mss));
         }
         None => {
             let detached = nodeport::remove(&config.bpf_root)
@@ -562,6 +611,25 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         health.clone(),
         stopped(stop_rx.clone()),
     ));
+    let device_watcher = match (&config.nodeport, device_watch) {
+        (Some(np), Some((events, attached, dsr_mss))) => {
+            metrics.set_nodeport_devices(attached.len());
+            Some(tokio::spawn(device_watch_loop(
+                DeviceWatch {
+                    bpf_root: config.bpf_root.clone(),
+                    sizes: config.map_sizes,
+                    config: np.clone(),
+                    metrics: metrics.clone(),
+                    status: status.clone(),
+                },
+                events,
+                attached,
+                dsr_mss,
+                stopped(stop_rx.clone()),
+            )))
+        }
+        _ => None,
+    };
     let ct_gc = config.nodeport.as_ref().map(|_| {
         tokio::spawn(ct_gc_loop(
             config.bpf_root.clone(),
@@ -573,6 +641,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
 
     let mut syncer = Syncer::new(
         &config.bpf_root,
+        config.maglev,
         metrics.clone(),
         health.clone(),
         status.clone(),
@@ -601,7 +670,132 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     if let Some(gc) = ct_gc {
         let _ = gc.await;
     }
+    if let Some(w) = device_watcher {
+        let _ = w.await;
+    }
     result
+}
+
+/// Safety net of the device watcher: links are listed again this often
+/// even without a netlink notification.
+const DEVICE_RESCAN_PERIOD: Duration = Duration::from_secs(10);
+
+/// What the device watcher needs besides its subscription.
+struct DeviceWatch {
+    bpf_root: PathBuf,
+    sizes: MapSizes,
+    config: NodePortConfig,
+    metrics: Arc<Metrics>,
+    status: StatusHandle,
+}
+
+/// Keeps the north-south programs on exactly the interfaces `--devices`
+/// means, as links appear, go or are re-created (new ifindex): woken by
+/// link changes (netlink) and every [`DEVICE_RESCAN_PERIOD`], it lists the
+/// links and, when the matching set differs from what is attached or the
+/// DSR MSS clamp their MTUs call for changed (an MTU changed, or a device
+/// came or went), runs the attachment again (existing links get the
+/// program swapped in, with the same --nodeport-mode and the MSS read
+/// then; new devices are attached, gone ones detached and unpinned; the
+/// pinned maps, the DSR map among them, stay as they are). A failure is
+/// logged, counted and shown by `kpr status`, and retried on the next
+/// change; it never stops the agent.
+async fn device_watch_loop(
+    w: DeviceWatch,
+    mut events: Option<devices::LinkEvents>,
+    mut attached: BTreeMap<String, u32>,
+    mut attached_mss: u16,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let mut rescan = tokio::time::interval(DEVICE_RESCAN_PERIOD);
+    rescan.tick().await;
+    tokio::pin!(stop);
+    loop {
+        let mut lost = false;
+        tokio::select! {
+            r = async {
+                match events.as_mut() {
+                    Some(e) => e.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => if let Err(e) = r {
+                tracing::warn!(error = %e, "netlink link subscription failed; rescanning every {}s only", DEVICE_RESCAN_PERIOD.as_secs());
+                lost = true;
+            },
+            _ = rescan.tick() => {}
+            _ = &mut stop => return,
+        }
+        if lost {
+            events = None;
+        }
+        let present = match devices::matching(&w.config.devices) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "listing the network interfaces");
+                continue;
+            }
+        };
+        let mss = match nodeport::devices_dsr_mss(&present) {
+            Ok(m) => m,
+            // A device gone since the listing: the next event says so.
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "reading the devices' MTUs");
+                continue;
+            }
+        };
+        if present == attached && mss == attached_mss {
+            continue;
+        }
+        let (root, sizes, config) = (w.bpf_root.clone(), w.sizes, w.config.clone());
+        let outcome =
+            tokio::task::spawn_blocking(move || nodeport::load_and_attach(&root, &sizes, &config))
+                .await
+                .map_err(anyhow::Error::from)
+                .and_then(|r| r);
+        match outcome {
+            Ok(report) => {
+                tracing::info!(
+                    attached = ?report.devices.keys().collect::<Vec<_>>(),
+                    dsr_mss = report.dsr_mss,
+                    created_links = ?report.created_links,
+                    detached_links = ?report.detached_links,
+                    xdp_links = ?report.xdp_links,
+                    missing = ?report.missing_devices,
+                    "devices changed: north-south datapath re-attached"
+                );
+                w.metrics.record_device_sync(true, report.devices.len());
+                w.status.update(|s| {
+                    if let Some(d) = s.devices.as_mut() {
+                        d.attached = report.devices.keys().cloned().collect();
+                        d.missing = report.missing_devices.clone();
+                        d.last_error = None;
+                        d.changes += 1;
+                    }
+                });
+                attached = report.devices;
+                attached_mss = report.dsr_mss;
+            }
+            Err(e) => {
+                let error = format!("{e:#}");
+                tracing::error!(%error, devices = ?present.keys().collect::<Vec<_>>(), "devices changed but attaching failed; retried on the next link change");
+                let still = nodeport::attached_devices(&w.bpf_root)
+                    .iter()
+                    .filter(|d| d.direction == nodeport::Direction::Ingress && d.ifindex.is_some())
+                    .count();
+                w.metrics.record_device_sync(false, still);
+                w.status.update(|s| {
+                    if let Some(d) = s.devices.as_mut() {
+                        d.last_error = Some(error);
+                        d.changes += 1;
+                    }
+                });
+                // Not retried until the links change again: a device that
+                // cannot take the programs would fail every time.
+                attached = present;
+                attached_mss = mss;
+            }
+        }
+    }
 }
 
 /// Removes expired conntrack entries every `interval` and publishes the
@@ -648,6 +842,8 @@ async fn ct_gc_loop(
                     (NodePortEvent::DropConntrack, stats.drop_ct),
                     (NodePortEvent::DropTtl, stats.drop_ttl),
                     (NodePortEvent::XdpForward, stats.xdp_fwd),
+                    (NodePortEvent::RejectNoBackend, stats.reject_no_backend),
+                    (NodePortEvent::DropSourceRange, stats.drop_source_range),
                     (NodePortEvent::FlowDsr, stats.flows_dsr),
                     (NodePortEvent::DsrDecap, stats.dsr_decap),
                     (NodePortEvent::DsrMiss, stats.dsr_miss),
@@ -701,7 +897,12 @@ async fn run_manifests(
     let mut policies = PolicyState::default();
     // No Node object in standalone mode: --node-name and --node-ip say
     // which endpoints are local and where NodePorts listen.
-    let node = node_context(&ctx.config.node_name, None, &ctx.config.node_ips);
+    let node = node_context(
+        &ctx.config.node_name,
+        None,
+        &ctx.config.node_ips,
+        ctx.config.lb_algorithm,
+    );
     loop {
         if reload {
             let paths = paths.to_vec();
@@ -797,7 +998,7 @@ async fn run_kubernetes(
                     tracing::warn!(node = %ctx.config.node_name, "no Node object with this name (check --node-name / NODE_NAME): no node IPs for NodePorts, no zone, and no endpoint counts as local");
                 }
                 status.update(|s| s.own_node_found = Some(store.node().is_some()));
-                let node = node_context(&ctx.config.node_name, store.node(), &ctx.config.node_ips);
+                let node = node_context(&ctx.config.node_name, store.node(), &ctx.config.node_ips, ctx.config.lb_algorithm);
                 let synced = if full {
                     let services: Vec<_> = store.services().cloned().collect();
                     let slices: Vec<_> = store.slices().cloned().collect();

@@ -6,8 +6,10 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::datapath::loader::DEFAULT_BPF_ROOT;
-use crate::datapath::nodeport::{Acceleration, NodePortMode, PortRange};
+use crate::datapath::nodeport::{Acceleration, NoBackendResponse, NodePortMode, PortRange};
 use crate::features::KprMode;
+use crate::maglev;
+use crate::model::LbAlgorithm;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -111,8 +113,8 @@ pub struct AgentArgs {
     /// Address of the health endpoint (/healthz, /livez).
     #[arg(long, default_value = "0.0.0.0:10256")]
     pub healthz_addr: SocketAddr,
-    /// Capacity of the services and backends maps, in entries, when they are
-    /// created (pinned maps keep theirs).
+    /// Capacity of the services, backends and source-range maps, in
+    /// entries, when they are created (pinned maps keep theirs).
     #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(16..))]
     pub lb_map_max: u32,
     /// strict: every kernel feature kpr uses must be there, or the agent
@@ -124,8 +126,12 @@ pub struct AgentArgs {
     pub debounce_ms: u64,
     /// Interfaces that carry north-south traffic (NodePort, LoadBalancer and
     /// externalIP frontends reached from outside the node), comma-separated
-    /// or repeated; kpr attaches to their tc (tcx) ingress and egress.
-    /// Default: none, the north-south datapath is off (socket LB only).
+    /// or repeated; kpr attaches to their tc (tcx) ingress and egress. A
+    /// trailing `+` or `*` matches by prefix (`eth+`, as Cilium). Interfaces
+    /// are followed as they come and go: one that appears later is attached
+    /// then, one that goes is forgotten (a named one missing at start is
+    /// waited for, not an error). Default: none, the north-south datapath
+    /// is off (socket LB only).
     #[arg(long, value_delimiter = ',', value_name = "DEV")]
     pub devices: Vec<String>,
     /// How north-south traffic reaches a backend on another node. snat:
@@ -147,6 +153,14 @@ pub struct AgentArgs {
     /// net.ipv4.ip_local_port_range (the agent warns on overlap).
     #[arg(long, default_value = "61000-65535", value_name = "MIN-MAX")]
     pub nodeport_snat_ports: PortRange,
+    /// What a north-south client opening a flow to a frontend without any
+    /// backend gets. reject: an ICMP port unreachable (its connect() fails
+    /// at once with ECONNREFUSED), as kube-proxy and Cilium do. drop:
+    /// nothing (it times out). A Local external traffic policy without a
+    /// local backend always drops, as kube-proxy does; node-local clients
+    /// (socket LB) always get ECONNREFUSED at once.
+    #[arg(long, value_enum, default_value_t = NoBackendResponse::Reject)]
+    pub service_no_backend_response: NoBackendResponse,
     /// Capacity of the north-south conntrack map, in entries (two per flow),
     /// when it is created (a pinned map keeps its own).
     #[arg(long, default_value_t = 131072)]
@@ -166,6 +180,26 @@ pub struct AgentArgs {
     /// How often the agent removes expired conntrack entries.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub ct_gc_interval: std::time::Duration,
+    /// How the north-south datapath picks the backend of a new flow
+    /// (needs --devices). random: uniformly. maglev: Maglev consistent
+    /// hashing of the client's address and port, so every node picks the
+    /// same backend for the same client and removing a backend moves few
+    /// other flows. The annotation service.kpr.io/lb-algorithm: random|maglev
+    /// overrides it per Service. Node-local clients (socket LB) always get
+    /// a random backend.
+    #[arg(long, value_enum, default_value_t = LbAlgorithm::Random)]
+    pub lb_algorithm: LbAlgorithm,
+    /// Slots of every Maglev table: one of the primes 251, 509, 1021, 2039,
+    /// 4093, 8191, 16381, 32749, 65521, 131071. At least 100 x a Service's
+    /// backends keeps their shares even; a Service with more backends than
+    /// slots is refused. Each table takes 4 bytes a slot (16381: 64 KiB)
+    /// per north-south frontend with Maglev. Must be equal on every node.
+    #[arg(long, default_value_t = maglev::DEFAULT_TABLE_SIZE, value_parser = maglev::parse_table_size)]
+    pub maglev_table_size: u32,
+    /// Seed of the Maglev tables and of the flow hash, any 64-bit number.
+    /// Must be equal on every node.
+    #[arg(long, default_value_t = maglev::DEFAULT_HASH_SEED)]
+    pub maglev_hash_seed: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -217,4 +251,54 @@ fn parse_period(s: &str) -> Result<std::time::Duration, String> {
         return Err("must be longer than zero".into());
     }
     Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent(args: &[&str]) -> Result<AgentArgs, String> {
+        let argv = ["kpr", "agent"].iter().chain(args);
+        match Cli::try_parse_from(argv)
+            .map_err(|e| e.to_string())?
+            .command
+        {
+            Command::Agent(a) => Ok(*a),
+            other => Err(format!("not the agent: {other:?}")),
+        }
+    }
+
+    #[test]
+    fn maglev_flags_default_to_random_16381_and_seed_0() {
+        let a = agent(&[]).unwrap();
+        assert_eq!(a.lb_algorithm, LbAlgorithm::Random);
+        assert_eq!(a.maglev_table_size, 16381);
+        assert_eq!(a.maglev_hash_seed, 0);
+        let a = agent(&[
+            "--lb-algorithm",
+            "maglev",
+            "--maglev-table-size",
+            "65521",
+            "--maglev-hash-seed",
+            "18446744073709551615",
+        ])
+        .unwrap();
+        assert_eq!(
+            (a.lb_algorithm, a.maglev_table_size, a.maglev_hash_seed),
+            (LbAlgorithm::Maglev, 65521, u64::MAX)
+        );
+    }
+
+    #[test]
+    fn bad_maglev_flags_are_refused_with_the_allowed_values() {
+        let err = agent(&["--maglev-table-size", "16384"]).unwrap_err();
+        assert!(
+            err.contains("--maglev-table-size") && err.contains("16384") && err.contains("16381"),
+            "{err}"
+        );
+        let err = agent(&["--lb-algorithm", "round-robin"]).unwrap_err();
+        assert!(err.contains("random") && err.contains("maglev"), "{err}");
+        let err = agent(&["--maglev-hash-seed=-1"]).unwrap_err();
+        assert!(err.contains("--maglev-hash-seed"), "{err}");
+    }
 }

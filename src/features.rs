@@ -51,6 +51,17 @@ pub const HOOK_ATTACH_TYPES: [(&str, sys::bpf_attach_type); 8] = [
     ("getpeername6", sys::BPF_CGROUP_INET6_GETPEERNAME),
 ];
 
+/// NodePort bind protection hooks (cgroup sock programs) and their attach
+/// types, as the loader names them.
+pub const BIND_HOOK_ATTACH_TYPES: [(&str, sys::bpf_attach_type); 2] = [
+    ("post_bind4", sys::BPF_CGROUP_INET4_POST_BIND),
+    ("post_bind6", sys::BPF_CGROUP_INET6_POST_BIND),
+];
+
+/// The feature bind protection needs besides its hooks: telling the node's
+/// own sockets from pods' by network namespace cookie.
+pub const NETNS_COOKIE_SOCKOPT: &str = "sockopt_netns_cookie";
+
 fn prog_type_supported(t: sys::bpf_prog_type) -> bool {
     // SAFETY: a probe with no options.
     unsafe { sys::libbpf_probe_bpf_prog_type(t, std::ptr::null()) == 1 }
@@ -103,6 +114,74 @@ fn sock_addr_hook_supported(attach: sys::bpf_attach_type) -> bool {
         unsafe { libc::close(fd) };
     }
     fd >= 0
+}
+
+/// Whether the kernel loads a cgroup sock program for `attach` that calls
+/// bpf_get_netns_cookie, as the post_bind hooks do.
+fn sock_hook_supported(attach: sys::bpf_attach_type) -> bool {
+    let insn = |code: u8, imm: i32| sys::bpf_insn {
+        code,
+        _bitfield_align_1: [],
+        _bitfield_1: sys::bpf_insn::new_bitfield_1(0, 0),
+        off: 0,
+        imm,
+    };
+    // call bpf_get_netns_cookie (r1 = ctx already); r0 = 1; exit
+    let insns = [
+        insn(0x85, sys::BPF_FUNC_get_netns_cookie as i32),
+        insn(0xb7, 1),
+        insn(0x95, 0),
+    ];
+    let mut opts = sys::bpf_prog_load_opts {
+        sz: std::mem::size_of::<sys::bpf_prog_load_opts>() as _,
+        expected_attach_type: attach,
+        ..Default::default()
+    };
+    let license = CString::new("GPL").expect("no NUL");
+    // SAFETY: valid instructions and options; the fd is closed below.
+    let fd = unsafe {
+        sys::bpf_prog_load(
+            sys::BPF_PROG_TYPE_CGROUP_SOCK,
+            std::ptr::null(),
+            license.as_ptr(),
+            insns.as_ptr(),
+            insns.len() as _,
+            &mut opts,
+        )
+    };
+    if fd >= 0 {
+        // SAFETY: our own fd.
+        unsafe { libc::close(fd) };
+    }
+    fd >= 0
+}
+
+/// The cookie of this process's network namespace (SO_NETNS_COOKIE, kernel
+/// 5.14+), the value `bpf_get_netns_cookie` gives for its sockets.
+pub fn own_netns_cookie() -> Option<u64> {
+    /// SO_NETNS_COOKIE of asm-generic/socket.h (every architecture kpr
+    /// builds for).
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    // SAFETY: socket(2) has no memory preconditions; the fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: cookie and len are valid for writes of the sizes given.
+    let ret = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    // SAFETY: our own fd.
+    unsafe { libc::close(fd) };
+    (ret == 0 && cookie != 0).then_some(cookie)
 }
 
 fn kernel_at_least(major: u32, minor: u32) -> bool {
@@ -164,11 +243,28 @@ pub fn probe() -> Vec<Feature> {
             required: true,
         });
     }
+    for (hook, attach) in BIND_HOOK_ATTACH_TYPES {
+        features.push(Feature {
+            name: hook_feature_name(hook),
+            kernel_config: "CONFIG_CGROUP_BPF (post_bind: 4.17; netns cookie in it: 5.8)",
+            used_for: "NodePort bind protection",
+            available: bpf && sock_hook_supported(attach),
+            required: true,
+        });
+    }
+    features.push(Feature {
+        name: NETNS_COOKIE_SOCKOPT,
+        kernel_config: "kernel >= 5.14 (SO_NETNS_COOKIE)",
+        used_for: "NodePort bind protection: the node's own sockets only, not pods'",
+        available: own_netns_cookie().is_some(),
+        required: true,
+    });
     features.extend([
         Feature {
             name: "helper_set_retval",
             kernel_config: "kernel >= 5.18",
-            used_for: "ECONNREFUSED for frontends without backends",
+            used_for:
+                "ECONNREFUSED for frontends without backends, EADDRINUSE for protected NodePorts",
             available: sock_addr
                 && helper_supported(
                     sys::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
@@ -221,7 +317,8 @@ pub fn probe() -> Vec<Feature> {
     features
 }
 
-/// `cgroup_connect4` etc.
+/// `cgroup_connect4` etc. for every hook of [`HOOK_ATTACH_TYPES`] and
+/// [`BIND_HOOK_ATTACH_TYPES`].
 pub fn hook_feature_name(hook: &str) -> &'static str {
     match hook {
         "connect4" => "cgroup_connect4",
@@ -231,6 +328,8 @@ pub fn hook_feature_name(hook: &str) -> &'static str {
         "recvmsg4" => "cgroup_recvmsg4",
         "recvmsg6" => "cgroup_recvmsg6",
         "getpeername4" => "cgroup_getpeername4",
+        "post_bind4" => "cgroup_post_bind4",
+        "post_bind6" => "cgroup_post_bind6",
         _ => "cgroup_getpeername6",
     }
 }

@@ -17,13 +17,74 @@ pub const TABLE_SIZES: [u32; 10] = [
 ];
 /// Default table size (Cilium's default).
 pub const DEFAULT_TABLE_SIZE: u32 = 16381;
+/// Default hash seed. Any value works as long as every node uses the same.
+pub const DEFAULT_HASH_SEED: u64 = 0;
+
+/// What every node must agree on to pick the same backend for a flow:
+/// the table size (`--maglev-table-size`) and the hash seed
+/// (`--maglev-hash-seed`). Tables take `4 x table_size` bytes each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct MaglevParams {
+    table_size: u32,
+    seed: u64,
+}
+
+impl Default for MaglevParams {
+    fn default() -> Self {
+        MaglevParams {
+            table_size: DEFAULT_TABLE_SIZE,
+            seed: DEFAULT_HASH_SEED,
+        }
+    }
+}
+
+impl MaglevParams {
+    /// Refuses a table size that is not one of [`TABLE_SIZES`].
+    pub fn new(table_size: u32, seed: u64) -> Result<MaglevParams, MaglevError> {
+        if !TABLE_SIZES.contains(&table_size) {
+            return Err(MaglevError::BadTableSize(table_size));
+        }
+        Ok(MaglevParams { table_size, seed })
+    }
+
+    /// Slots of every table.
+    pub fn table_size(&self) -> u32 {
+        self.table_size
+    }
+
+    /// The seed of the tables' permutations.
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// The seed of the datapath's flow hash (32 bits: both halves folded).
+    pub fn flow_hash_seed(&self) -> u32 {
+        (self.seed ^ (self.seed >> 32)) as u32
+    }
+
+    /// The table for `backends` (an index into `backends` per slot).
+    pub fn build(&self, backends: &[L4Addr]) -> Result<Vec<u32>, MaglevError> {
+        build_table(backends, self.table_size, self.seed)
+    }
+}
+
+/// `--maglev-table-size`: one of [`TABLE_SIZES`], else an error listing them.
+pub fn parse_table_size(s: &str) -> Result<u32, String> {
+    let n: u32 = s
+        .trim()
+        .parse()
+        .map_err(|e| format!("{s:?} is not a number: {e}"))?;
+    MaglevParams::new(n, DEFAULT_HASH_SEED)
+        .map(|p| p.table_size())
+        .map_err(|e| e.to_string())
+}
 
 /// Why a table cannot be built.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum MaglevError {
     #[error("maglev table size {0} is not one of the supported primes {TABLE_SIZES:?}")]
     BadTableSize(u32),
-    #[error("{backends} backends do not fit a maglev table of {size} slots (use a table of at least 100 x backends for even shares)")]
+    #[error("{backends} backends do not fit a Maglev table of {size} slots (--maglev-table-size; at least 100 x the backends keeps their shares even)")]
     TooManyBackends { backends: usize, size: u32 },
 }
 
@@ -196,6 +257,24 @@ mod tests {
         let t = build_table(&b, 251, 0).unwrap();
         assert_eq!(t[..12].to_vec(), GOLDEN_SLOTS.to_vec());
         assert_eq!(format!("{:016x}", fnv1a(0, b"kpr")), GOLDEN_HASH);
+    }
+
+    #[test]
+    fn the_table_size_flag_takes_only_the_listed_primes() {
+        assert_eq!(parse_table_size("16381"), Ok(16381));
+        assert_eq!(parse_table_size(" 251 "), Ok(251));
+        let err = parse_table_size("16384").unwrap_err();
+        assert!(err.contains("16384") && err.contains("16381"), "{err}");
+        assert!(parse_table_size("big")
+            .unwrap_err()
+            .contains("not a number"));
+        assert_eq!(
+            MaglevParams::new(1000, 0),
+            Err(MaglevError::BadTableSize(1000))
+        );
+        let p = MaglevParams::new(251, 0x0000_0001_0000_0003).unwrap();
+        assert_eq!(p.flow_hash_seed(), 2);
+        assert_eq!(MaglevParams::default().table_size(), 16381);
     }
 
     const GOLDEN_HASH: &str = "6cf24a4bb5dc5c62";

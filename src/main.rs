@@ -13,6 +13,8 @@ use kpr::datapath::kernel::KernelMaps;
 use kpr::datapath::loader::{self, MapSizes};
 use kpr::datapath::nodeport::{Acceleration, CtTimeouts, NodePortConfig, NodePortMode};
 use kpr::datapath::LbMaps;
+use kpr::maglev::MaglevParams;
+use kpr::model::LbAlgorithm;
 use kpr::source::kube::ApiConfig;
 use kpr::{host, selftest, status, svc_list, testbed};
 
@@ -133,23 +135,32 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         SourceConfig::Manifests(args.manifests)
     };
     let secs = |d: Duration| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX);
+    // The size was checked by the flag's parser; this cannot fail.
+    let maglev = MaglevParams::new(args.maglev_table_size, args.maglev_hash_seed)?;
     let nodeport = (!args.devices.is_empty()).then(|| NodePortConfig {
         devices: args.devices.clone(),
         mode: args.nodeport_mode,
         acceleration: args.nodeport_acceleration,
         snat_ports: args.nodeport_snat_ports,
+        no_backend: args.service_no_backend_response,
         timeouts: CtTimeouts {
             tcp_syn: secs(args.ct_tcp_syn_timeout),
             tcp: secs(args.ct_tcp_timeout),
             tcp_closing: secs(args.ct_tcp_closing_timeout),
             udp: secs(args.ct_udp_timeout),
         },
+        maglev,
     });
     if nodeport.is_none()
         && (args.nodeport_mode != NodePortMode::Snat
             || args.nodeport_acceleration != Acceleration::Disabled)
     {
         anyhow::bail!("--nodeport-mode and --nodeport-acceleration need --devices");
+    }
+    if nodeport.is_none() && args.lb_algorithm == LbAlgorithm::Maglev {
+        anyhow::bail!(
+            "--lb-algorithm maglev needs --devices (it selects backends for north-south traffic)"
+        );
     }
     let config = AgentConfig {
         source,
@@ -160,7 +171,9 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         map_sizes: MapSizes {
             services: args.lb_map_max,
             backends: args.lb_map_max,
+            source_ranges: args.lb_map_max,
             ct: args.ct_map_max,
+            maglev: args.lb_map_max,
             ..MapSizes::default()
         },
         nodeport,
@@ -170,6 +183,8 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         node_name,
         node_ips: args.node_ips,
         health_check_bind: args.health_check_bind_address,
+        lb_algorithm: args.lb_algorithm,
+        maglev,
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

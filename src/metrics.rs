@@ -82,6 +82,8 @@ label_enum! {
         /// The DSR map: north-south frontends' local backends (zero
         /// without --devices).
         Dsr => "dsr",
+        /// The loadBalancerSourceRanges LPM trie.
+        SourceRanges => "source_ranges",
     }
 }
 
@@ -108,7 +110,9 @@ label_enum! {
         Forward => "forward",
         /// A reply was translated back toward the client.
         Reply => "reply",
-        /// Dropped: the frontend has no usable backend.
+        /// Dropped: the frontend has no usable backend (drop mode, a Local
+        /// external policy without local backend, or a reject that could
+        /// not be built).
         DropNoBackend => "drop_no_backend",
         /// Dropped: no free port in the SNAT range.
         DropSnatExhausted => "drop_snat_exhausted",
@@ -120,6 +124,11 @@ label_enum! {
         DropTtl => "drop_ttl",
         /// A packet XDP translated and redirected itself.
         XdpForward => "xdp_forward",
+        /// A new flow to a frontend without backend was answered with ICMP
+        /// port unreachable (--service-no-backend-response reject).
+        RejectNoBackend => "reject_no_backend",
+        /// Dropped: the source is outside the frontend's loadBalancerSourceRanges.
+        DropSourceRange => "drop_source_range",
         /// A flow was created with DSR (remote backend, IPIP to its node).
         FlowDsr => "flow_dsr",
         /// A packet another node encapsulated for DSR reached a local backend.
@@ -253,6 +262,8 @@ struct NodePortEventLabels {
 /// | `kpr_ct_gc_deleted_entries_total` | counter | |
 /// | `kpr_ct_entries` | gauge (after the last GC pass) | |
 /// | `kpr_nodeport_events_total` | counter | `event` ([`NodePortEvent`]) |
+/// | `kpr_nodeport_devices` | gauge | |
+/// | `kpr_nodeport_device_syncs_total` | counter | `result` ([`SyncResult`]) |
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -276,6 +287,8 @@ pub struct Metrics {
     ct_gc_deleted: Counter,
     ct_entries: Gauge,
     nodeport_events: Family<NodePortEventLabels, Counter>,
+    nodeport_devices: Gauge,
+    device_syncs: Family<SyncResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -316,6 +329,8 @@ impl Metrics {
             ct_gc_deleted: Counter::default(),
             ct_entries: Gauge::default(),
             nodeport_events: Family::default(),
+            nodeport_devices: Gauge::default(),
+            device_syncs: Family::default(),
         };
         for &status in GcStatus::ALL {
             let _ = metrics.ct_gc_runs.get_or_create(&GcStatusLabels { status });
@@ -351,6 +366,9 @@ impl Metrics {
         }
         for &result in SyncResult::ALL {
             let _ = metrics.syncs.get_or_create(&SyncResultLabels { result });
+            let _ = metrics
+                .device_syncs
+                .get_or_create(&SyncResultLabels { result });
         }
         metrics.register()
     }
@@ -463,7 +481,36 @@ impl Metrics {
             "Flows and packets of the north-south datapath, by event (drops by reason)",
             self.nodeport_events.clone(),
         );
+        r.register(
+            "kpr_nodeport_devices",
+            "Interfaces the north-south programs are attached to",
+            self.nodeport_devices.clone(),
+        );
+        r.register(
+            "kpr_nodeport_device_syncs",
+            "Re-attachments of the north-south programs after link changes, by result",
+            self.device_syncs.clone(),
+        );
         self
+    }
+
+    /// Records the devices attached to after a (re-)attachment; `ok` is
+    /// false when it failed (the count is then what stayed attached).
+    pub fn record_device_sync(&self, ok: bool, attached: usize) {
+        self.nodeport_devices.set(gauge_value(attached));
+        let result = if ok {
+            SyncResult::Success
+        } else {
+            SyncResult::Failure
+        };
+        self.device_syncs
+            .get_or_create(&SyncResultLabels { result })
+            .inc();
+    }
+
+    /// Sets `kpr_nodeport_devices` (at start, before any link change).
+    pub fn set_nodeport_devices(&self, attached: usize) {
+        self.nodeport_devices.set(gauge_value(attached));
     }
 
     /// Records a completed conntrack GC pass: the entries it deleted and
@@ -699,6 +746,8 @@ mod tests {
             "kpr_ct_gc_deleted_entries counter",
             "kpr_ct_entries gauge",
             "kpr_nodeport_events counter",
+            "kpr_nodeport_devices gauge",
+            "kpr_nodeport_device_syncs counter",
         ]
         .into_iter()
         .collect();

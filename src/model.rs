@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 
+use ipnet::IpNet;
 use serde::Serialize;
 
 /// L4 protocol of a frontend or backend.
@@ -127,6 +128,45 @@ impl BackendState {
     }
 }
 
+/// How the north-south datapath picks the backend of a new flow
+/// (`--lb-algorithm`, the `service.kpr.io/lb-algorithm` annotation;
+/// Cilium's `loadBalancer.algorithm`). The socket hooks always pick at random.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LbAlgorithm {
+    /// Uniformly at random among the frontend's backends.
+    #[default]
+    Random,
+    /// Maglev consistent hashing of the flow: every node picks the same
+    /// backend for the same client address and port.
+    Maglev,
+}
+
+impl LbAlgorithm {
+    /// `random` or `maglev`: the flag's and the annotation's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LbAlgorithm::Random => "random",
+            LbAlgorithm::Maglev => "maglev",
+        }
+    }
+
+    /// Parses the annotation's value (exactly `random` or `maglev`).
+    pub fn parse(s: &str) -> Option<LbAlgorithm> {
+        match s {
+            "random" => Some(LbAlgorithm::Random),
+            "maglev" => Some(LbAlgorithm::Maglev),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for LbAlgorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Per-frontend options the datapath acts on.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FrontendOptions {
@@ -136,6 +176,14 @@ pub struct FrontendOptions {
     pub has_internal_scope: bool,
     pub external_traffic_local: bool,
     pub internal_traffic_local: bool,
+    /// A prefix of the frontend's source ranges holds an address of this
+    /// node: node-local clients whose source is not known yet (unbound
+    /// sockets) are let in. Meaningless without source ranges.
+    pub source_ranges_admit_node: bool,
+    /// North-south new flows pick their backend from the frontend's Maglev
+    /// table instead of at random (only External-scope NodePort,
+    /// LoadBalancer and ExternalIP frontends get it).
+    pub maglev: bool,
 }
 
 /// A backend of a frontend, as translation chose it.
@@ -169,6 +217,10 @@ pub struct FrontendSpec {
     pub options: FrontendOptions,
     /// Backends in slot order; addresses are of the frontend's family.
     pub backends: Vec<Backend>,
+    /// loadBalancerSourceRanges: the client prefixes allowed to open flows
+    /// (sorted, host bits cleared, of the frontend's family). Empty: every
+    /// client.
+    pub source_ranges: Vec<IpNet>,
 }
 
 /// Names the Service (and port) a frontend belongs to.

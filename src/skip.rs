@@ -23,11 +23,14 @@ pub enum SkipReason {
     Duplicate,
     /// A manifest path that is missing or a file/directory that could not be read.
     Unreadable,
+    /// An annotation kpr reads has a value it does not know; the
+    /// annotation is ignored (the object is programmed without it).
+    InvalidAnnotation,
 }
 
 impl SkipReason {
     /// Every reason, in label order.
-    pub const ALL: [SkipReason; 8] = [
+    pub const ALL: [SkipReason; 9] = [
         SkipReason::Malformed,
         SkipReason::UnsupportedKind,
         SkipReason::UnsupportedProtocol,
@@ -36,6 +39,7 @@ impl SkipReason {
         SkipReason::InvalidPort,
         SkipReason::Duplicate,
         SkipReason::Unreadable,
+        SkipReason::InvalidAnnotation,
     ];
 
     /// The metric label value.
@@ -49,6 +53,7 @@ impl SkipReason {
             SkipReason::InvalidPort => "invalid_port",
             SkipReason::Duplicate => "duplicate",
             SkipReason::Unreadable => "unreadable",
+            SkipReason::InvalidAnnotation => "invalid_annotation",
         }
     }
 }
@@ -88,6 +93,7 @@ mod tests {
             SkipReason::InvalidPort => 5,
             SkipReason::Duplicate => 6,
             SkipReason::Unreadable => 7,
+            SkipReason::InvalidAnnotation => 8,
         };
         for (i, r) in SkipReason::ALL.iter().enumerate() {
             assert_eq!(position(*r), i);

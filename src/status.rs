@@ -51,6 +51,30 @@ pub struct AgentStatus {
     pub refused: Vec<String>,
     /// Kernel features: name -> available.
     pub features: BTreeMap<String, bool>,
+    /// North-south backend selection without annotation (`--lb-algorithm`).
+    #[serde(default)]
+    pub lb_algorithm: Option<String>,
+    /// Slots of a Maglev table (`--maglev-table-size`).
+    #[serde(default)]
+    pub maglev_table_size: Option<u32>,
+    /// The north-south devices, when `--devices` is given.
+    #[serde(default)]
+    pub devices: Option<DeviceStatus>,
+}
+
+/// What `--devices` means right now.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct DeviceStatus {
+    /// `--devices` as given (names and patterns).
+    pub patterns: Vec<String>,
+    /// Interfaces the north-south programs are attached to.
+    pub attached: Vec<String>,
+    /// Names in `--devices` no interface has yet (attached when they appear).
+    pub missing: Vec<String>,
+    /// The last failure to attach after a link change, if the last attempt failed.
+    pub last_error: Option<String>,
+    /// Re-attachments after link changes since the agent started.
+    pub changes: u64,
 }
 
 /// Shared, updatable agent status.
@@ -226,6 +250,31 @@ pub fn format_text(r: &Report) -> String {
                 }
             );
             let _ = writeln!(o, "  Socket LB cgroup:     {}", a.cgroup);
+            if let Some(alg) = &a.lb_algorithm {
+                let size = a
+                    .maglev_table_size
+                    .map(|n| format!(" (Maglev table size {n})"))
+                    .unwrap_or_default();
+                let _ = writeln!(o, "  Backend selection:    {alg}{size}");
+            }
+            if let Some(d) = &a.devices {
+                let mut line = if d.attached.is_empty() {
+                    "none present".to_string()
+                } else {
+                    d.attached.join(" ")
+                };
+                if !d.missing.is_empty() {
+                    let _ = write!(line, " (waiting for {})", d.missing.join(" "));
+                }
+                if let Some(e) = &d.last_error {
+                    let _ = write!(line, " (last attach FAILED: {e})");
+                }
+                let _ = writeln!(
+                    o,
+                    "  Devices:              {line} [--devices {}]",
+                    d.patterns.join(",")
+                );
+            }
         }
         Err(e) => {
             let _ = writeln!(o, "  Agent:                {e}");

@@ -5,7 +5,7 @@
 use serde::Serialize;
 
 use crate::datapath::maps::{BackendId, ServiceId, Snapshot};
-use crate::model::{BackendState, Frontend, L4Addr, Scope, ServiceType};
+use crate::model::{BackendState, Frontend, L4Addr, LbAlgorithm, Scope, ServiceType};
 
 /// One frontend with its backends, as printed.
 #[derive(Debug, Serialize, PartialEq)]
@@ -21,6 +21,9 @@ pub struct ServiceRow {
     pub svc_type: ServiceType,
     /// sessionAffinity ClientIP timeout in seconds, when set.
     pub affinity_timeout_seconds: Option<u32>,
+    /// North-south backend selection (the table shows `(maglev)` after the
+    /// type of Maglev frontends).
+    pub lb_algorithm: LbAlgorithm,
     pub backends: Vec<BackendRow>,
 }
 
@@ -55,6 +58,10 @@ pub fn rows(snapshot: &Snapshot) -> Vec<ServiceRow> {
             scope: fe.scope,
             svc_type: entries.master.svc_type,
             affinity_timeout_seconds: entries.master.options.affinity_timeout,
+            lb_algorithm: match entries.master.options.maglev {
+                true => LbAlgorithm::Maglev,
+                false => LbAlgorithm::Random,
+            },
             backends: entries
                 .slots
                 .iter()
@@ -95,6 +102,17 @@ fn backend_label(b: &BackendRow) -> String {
     format!("{addr}:{}/{} ({})", b.port, b.protocol, b.state.as_str())
 }
 
+/// The Service Type column as `cilium service list` spells it (Cilium's
+/// `SVCType`: `ExternalIPs` in the plural); the JSON keeps kpr's names.
+fn cilium_type(t: ServiceType) -> &'static str {
+    match t {
+        ServiceType::ClusterIP => "ClusterIP",
+        ServiceType::NodePort => "NodePort",
+        ServiceType::LoadBalancer => "LoadBalancer",
+        ServiceType::ExternalIP => "ExternalIPs",
+    }
+}
+
 /// The table: columns padded like Go's tabwriter (min width 5, padding 3).
 pub fn format_table(rows: &[ServiceRow]) -> String {
     let header = ["ID", "Frontend", "Service Type", "Backend"];
@@ -105,10 +123,14 @@ pub fn format_table(rows: &[ServiceRow]) -> String {
             .iter()
             .enumerate()
             .map(|(i, b)| format!("{} => {}", i + 1, backend_label(b)));
+        let svc_type = match row.lb_algorithm {
+            LbAlgorithm::Random => cilium_type(row.svc_type).to_string(),
+            LbAlgorithm::Maglev => format!("{} (maglev)", cilium_type(row.svc_type)),
+        };
         lines.push([
             row.id.to_string(),
             row.frontend.clone(),
-            row.svc_type.to_string(),
+            svc_type,
             backends.next().unwrap_or_default(),
         ]);
         for more in backends {

@@ -19,6 +19,7 @@ fn node() -> translate::NodeContext {
             "192.168.1.10".parse().unwrap(),
             "fd00:192:168:1::10".parse().unwrap(),
         ],
+        ..Default::default()
     }
 }
 

@@ -45,6 +45,9 @@ k8sServicePort: 8443
 kubeProxyReplacement: partial
 devices: [eth0, bond0]
 nodePort: {mode: dsr, acceleration: native}
+serviceNoBackendResponse: drop
+loadBalancer: {algorithm: maglev}
+maglev: {tableSize: 4093, hashSeed: "12345678901234567890"}
 metrics: {port: 9963}
 healthz: {port: 9876}
 extraArgs: ["--lb-map-max=131072", "--debounce-ms=50"]
@@ -414,6 +417,14 @@ fn the_schema_rejects_wrong_values_and_unknown_keys() {
         "kubeProxyReplacement: true",
         "nodePort: {mode: dnat}",
         "nodePort: {acceleration: best-effort}",
+        "serviceNoBackendResponse: icmp",
+        "loadBalancer: {algorithm: round-robin}",
+        "loadBalancer: {mode: dsr}",
+        "maglev: {tableSize: 16384}",
+        "maglev: {tableSize: '16381'}",
+        "maglev: {hashSeed: 42}",
+        "maglev: {hashSeed: '-1'}",
+        "maglev: {hashSeed: '123456789012345678901'}",
         "metrics: {port: 0}",
         "healthz: {port: 70000}",
         "k8sServicePort: '6443'",
@@ -674,6 +685,10 @@ fn every_value_reaches_its_flag_in_order_with_extra_args_last() {
             "--devices=eth0,bond0",
             "--nodeport-mode=dsr",
             "--nodeport-acceleration=native",
+            "--service-no-backend-response=drop",
+            "--lb-algorithm=maglev",
+            "--maglev-table-size=4093",
+            "--maglev-hash-seed=12345678901234567890",
             "--metrics-addr=0.0.0.0:9963",
             "--healthz-addr=0.0.0.0:9876",
             "--bpf-root=/sys/fs/bpf/kpr",
@@ -700,6 +715,26 @@ fn one_nodeport_value_alone_passes_only_its_own_flag() {
     assert!(a.contains(&"--nodeport-acceleration=generic"));
     assert!(!a.iter().any(|x| x.starts_with("--nodeport-mode")));
     assert!(!a.iter().any(|x| x.starts_with("--devices")));
+    assert!(!a
+        .iter()
+        .any(|x| x.starts_with("--service-no-backend-response")));
+}
+
+#[test]
+fn one_maglev_value_alone_passes_only_its_own_flag() {
+    for (overrides, flag) in [
+        ("maglev: {tableSize: 65521}", "--maglev-table-size=65521"),
+        ("maglev: {hashSeed: '7'}", "--maglev-hash-seed=7"),
+        ("loadBalancer: {algorithm: maglev}", "--lb-algorithm=maglev"),
+    ] {
+        let ds = render(overrides).daemonset();
+        let a = args(&ds);
+        let ours: Vec<&&str> = a
+            .iter()
+            .filter(|x| x.starts_with("--maglev") || x.starts_with("--lb-algorithm"))
+            .collect();
+        assert_eq!(ours, [&flag], "{overrides}: {a:?}");
+    }
 }
 
 #[test]

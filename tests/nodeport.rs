@@ -16,12 +16,14 @@ use std::time::{Duration, Instant};
 use kpr::datapath::layout::{CtDir, CtRecord};
 use kpr::datapath::nodeport::attached_devices;
 use kpr::model::Protocol;
-use kpr::testbed::cluster::{client_ip, NODE_PEER_IF};
+use kpr::testbed::cluster::{client_ip, CLIENT_TO_NODE1_IF, NODE_PEER_IF};
+use kpr::testbed::errno::error_name;
 use kpr::testbed::nodeport_bed::{nodeport_manifest, POD_TCP, POD_UDP};
 use kpr::testbed::probe::RequestsReport;
 use kpr::testbed::server::split_reply;
 use kpr::testbed::{
-    Cluster, ClusterNode, ClusterPlan, Netns, NodePortBed, NsThread, ProbeResult, ProbeSpec,
+    run_probe, Cluster, ClusterNode, ClusterPlan, Netns, NodePortBed, NsThread, ProbeResult,
+    ProbeSpec,
 };
 
 const KPR: &str = env!("CARGO_BIN_EXE_kpr");
@@ -40,12 +42,30 @@ fn root() -> bool {
 const NODE_PORT_LOCAL: u16 = 30081;
 /// NodePort of `one-local` (externalTrafficPolicy Local, pods on node1 only).
 const NODE_PORT_ONE_LOCAL: u16 = 30082;
-/// NodePort of `empty` (no endpoints).
+/// NodePort of `empty` (no endpoints), TCP.
 const NODE_PORT_EMPTY: u16 = 30083;
+/// NodePort of `empty`, UDP.
+const NODE_PORT_EMPTY_UDP: u16 = 30085;
+/// NodePort of `guarded` (LoadBalancer with loadBalancerSourceRanges).
+const NODE_PORT_GUARDED: u16 = 30084;
+/// The load balancer ingress IP of `guarded` (routed to node1).
+const GUARDED_LB_IP: &str = "203.0.113.10";
+/// The one client address `guarded` admits: the client's address on its
+/// link to node1 (192.0.2.9).
+const GUARDED_RANGE: &str = "192.0.2.9/32";
+/// A second client address on the same link, outside the range.
+const OUTSIDER: &str = "192.0.2.10";
 
 /// The NodePort Service `web` (TCP and UDP) with every pod of both nodes as
-/// endpoints, plus the Local-policy and endpoint-less Services above.
+/// endpoints, plus the Local-policy, endpoint-less and source-range
+/// guarded Services above.
 fn manifest(cluster: &Cluster) -> String {
+    let (web, others) = manifest_parts(cluster);
+    web + &others
+}
+
+/// [`manifest`] as `web` and the other Services.
+fn manifest_parts(cluster: &Cluster) -> (String, String) {
     let mut endpoints = String::new();
     let mut node1_endpoints = String::new();
     for node in cluster.nodes() {
@@ -93,9 +113,36 @@ spec:
   clusterIP: 10.96.0.13
   ports:
   - {{name: http, protocol: TCP, port: 80, targetPort: {POD_TCP}, nodePort: {NODE_PORT_EMPTY}}}
+  - {{name: dns, protocol: UDP, port: 53, targetPort: 5353, nodePort: {NODE_PORT_EMPTY_UDP}}}
 "#
     );
-    web + &local("web-local", "10.96.0.11", NODE_PORT_LOCAL, &endpoints)
+    // The invalid and IPv6 entries must change nothing for IPv4 clients.
+    let guarded = format!(
+        r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: guarded, namespace: np}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.14
+  loadBalancerSourceRanges: ["{GUARDED_RANGE}", "not-a-cidr", "2001:db8::/64"]
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: {POD_TCP}, nodePort: {NODE_PORT_GUARDED}}}
+status:
+  loadBalancer:
+    ingress: [{{ip: {GUARDED_LB_IP}}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: guarded-1, namespace: np, labels: {{kubernetes.io/service-name: guarded}}}}
+addressType: IPv4
+ports:
+- {{name: http, protocol: TCP, port: {POD_TCP}}}
+endpoints:
+{endpoints}"#
+    );
+    let others = local("web-local", "10.96.0.11", NODE_PORT_LOCAL, &endpoints)
         + &local(
             "one-local",
             "10.96.0.12",
@@ -103,6 +150,8 @@ spec:
             &node1_endpoints,
         )
         + &empty
+        + &guarded;
+    (web, others)
 }
 
 /// The bed with this file's manifest; `extra_args` go to every agent.
@@ -507,10 +556,14 @@ fn external_traffic_policy_local_keeps_the_client_address_and_drops_without_loca
         let local: BTreeSet<IpAddr> = node.pod_ips().iter().map(|ip| IpAddr::V4(*ip)).collect();
         assert_eq!(seen, local, "only node{n}'s pods, which see the client");
     }
-    // node2 has no endpoint of one-local, and `empty` has none anywhere:
-    // both are dropped (kube-proxy drops the first and rejects the second;
-    // kpr has no --service-no-backend-response yet).
-    for (node, port) in [(2u8, NODE_PORT_ONE_LOCAL), (1, NODE_PORT_EMPTY)] {
+    // node2 has no endpoint of one-local: dropped, as kube-proxy drops
+    // (the load balancer finds node1 through the health check node port),
+    // also under the default --service-no-backend-response reject. `empty`
+    // has no endpoint anywhere: rejected, as kube-proxy does.
+    for (node, port, outcome) in [
+        (2u8, NODE_PORT_ONE_LOCAL, "TIMEOUT"),
+        (1, NODE_PORT_EMPTY, "ECONNREFUSED"),
+    ] {
         let target = node_port(bed.node(node), port);
         let r = run_in(
             client,
@@ -519,10 +572,14 @@ fn external_traffic_policy_local_keeps_the_client_address_and_drops_without_loca
                 timeout_ms: 300,
             },
         );
-        assert_eq!(r.as_connect().unwrap().outcome(), "TIMEOUT", "{target}");
+        assert_eq!(r.as_connect().unwrap().outcome(), outcome, "{target}");
     }
-    assert!(bed.stats(2).unwrap().drop_no_backend > 0);
-    assert!(bed.stats(1).unwrap().drop_no_backend > 0);
+    let (s1, s2) = (bed.stats(1).unwrap(), bed.stats(2).unwrap());
+    assert!(
+        s2.drop_no_backend > 0 && s2.reject_no_backend == 0,
+        "{s2:?}"
+    );
+    assert!(s1.reject_no_backend > 0, "{s1:?}");
     // ... while node1 serves one-local from its own pods.
     let target = node_port(bed.node(1), NODE_PORT_ONE_LOCAL);
     let r = run_in(
@@ -556,6 +613,17 @@ fn through_xdp(prefix: &str, mode: &str) {
     }
     let log = bed.agents[0].log();
     assert!(log.contains(&format!("eth-c/{mode}")), "{log}");
+    // XDP hands a frontend without backend to tc, which rejects it.
+    let target = node_port(bed.node(1), NODE_PORT_EMPTY);
+    let r = run_in(
+        bed.cluster.client(),
+        ProbeSpec::TcpConnectError {
+            target,
+            timeout_ms: 3000,
+        },
+    );
+    assert_eq!(r.as_connect().unwrap().outcome(), "ECONNREFUSED", "{r:?}");
+    assert!(bed.stats(1).unwrap().reject_no_backend > 0);
 
     // A restart swaps the program behind the pinned XDP links; XDP keeps
     // forwarding, on the same conntrack.
@@ -761,6 +829,1231 @@ fn a_client_port_reused_to_reach_a_local_backend_directly_still_connects() {
     }
 }
 
+/// NodePort bind protection (cgroup post_bind4/6): a process of the node
+/// (its namespace, the agent's cgroup) cannot bind a NodePort a Service
+/// uses, on the node IP, loopback or a wildcard, and gets EADDRINUSE as
+/// with Cilium; other ports, other protocols, addresses that are no node IP
+/// and pods' own namespaces are left alone; the port is free again once
+/// its Service is gone.
+#[test]
+fn host_sockets_cannot_bind_a_nodeport_in_use_until_its_service_is_deleted() {
+    if !root() {
+        return;
+    }
+    let mut bed = Bed::start("npbind", &[]);
+    // In node1's namespace, or (pods) its pods', always in its agent's cgroup.
+    let bind =
+        |bed: &NodePortBed, pods: bool, addrs: &[&str], udp: bool| -> BTreeMap<String, String> {
+            let addrs = addrs.iter().map(|a| a.parse().unwrap()).collect();
+            let node = bed.node(1);
+            let ns = if pods { node.pods() } else { node.ns() };
+            bed.probe_in_cgroup(1, ns, &ProbeSpec::Bind { addrs, udp })
+                .unwrap()
+                .as_bind()
+                .unwrap()
+                .clone()
+        };
+    let outcomes = |addrs: &[&str], outcome: &str| -> BTreeMap<String, String> {
+        addrs
+            .iter()
+            .map(|a| {
+                (
+                    a.parse::<SocketAddr>().unwrap().to_string(),
+                    outcome.to_string(),
+                )
+            })
+            .collect()
+    };
+    let node_ip = format!("{}:{NODE_PORT_TCP}", bed.node(1).ext_ip());
+    let taken = [
+        "0.0.0.0:30080",
+        node_ip.as_str(),
+        "127.0.0.1:30080",
+        "[::]:30080",
+        "[::ffff:0.0.0.0]:30080",
+    ];
+    let got = bind(&bed, false, &taken, false);
+    println!("node1, TCP: {got:?}");
+    assert_eq!(got, outcomes(&taken, "EADDRINUSE"));
+
+    // Not a NodePort, or not on a node IP (the node-to-node address is no
+    // --node-ip), or another protocol: free.
+    let peer_ip = format!("{}:{NODE_PORT_TCP}", bed.node(1).peer_ip());
+    let free = ["0.0.0.0:30999", peer_ip.as_str(), "[::]:30999"];
+    assert_eq!(bind(&bed, false, &free, false), outcomes(&free, "OK"));
+    assert_eq!(
+        bind(&bed, false, &["0.0.0.0:30080"], true),
+        outcomes(&["0.0.0.0:30080"], "OK"),
+        "no UDP NodePort 30080"
+    );
+    let udp_taken = ["0.0.0.0:30053", "127.0.0.1:30053"];
+    assert_eq!(
+        bind(&bed, false, &udp_taken, true),
+        outcomes(&udp_taken, "EADDRINUSE")
+    );
+    // A pod in the same cgroup binds the NodePort in its own namespace.
+    assert_eq!(
+        bind(&bed, true, &["0.0.0.0:30080"], false),
+        outcomes(&["0.0.0.0:30080"], "OK")
+    );
+    // Endpoint-less and Local-policy NodePorts are protected too.
+    let others = ["0.0.0.0:30081", "0.0.0.0:30083"];
+    assert_eq!(
+        bind(&bed, false, &others, false),
+        outcomes(&others, "EADDRINUSE")
+    );
+
+    // A restart swaps the programs behind the pinned post_bind links:
+    // still protected, nothing re-attached.
+    bed.agent(1).restart().unwrap();
+    bed.agent(1).wait_healthy(Duration::from_secs(30)).unwrap();
+    let log = bed.agent(1).log();
+    assert!(
+        log.contains(r#""getpeername6", "post_bind4", "post_bind6"] created_links=[]"#),
+        "{log}"
+    );
+    assert_eq!(
+        bind(&bed, false, &taken, false),
+        outcomes(&taken, "EADDRINUSE")
+    );
+
+    // Without `web`, its NodePorts are free again (after the next sync).
+    let (_, without_web) = manifest_parts(&bed.cluster);
+    std::fs::write(bed.dir().join("manifests/services.yaml"), without_web).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut got = bind(&bed, false, &taken, false);
+    while got != outcomes(&taken, "OK") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        got = bind(&bed, false, &taken, false);
+    }
+    assert_eq!(got, outcomes(&taken, "OK"), "web deleted");
+    assert_eq!(
+        bind(&bed, false, &udp_taken, true),
+        outcomes(&udp_taken, "OK")
+    );
+    assert_eq!(
+        bind(&bed, false, &others, false),
+        outcomes(&others, "EADDRINUSE"),
+        "the other Services keep theirs"
+    );
+    let status = bed
+        .kpr(&["status", "--bpf-root", bed.bpf_root(1).to_str().unwrap()])
+        .unwrap();
+    assert!(status.contains("post_bind4 post_bind6"), "{status}");
+}
+
+/// Polls `ready` every 200 ms for at most `limit`; whether it became true.
+fn wait_for(limit: Duration, mut ready: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if ready() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The devices node1's agent reports in /status: (attached, missing).
+fn agent_devices(bed: &mut NodePortBed) -> (Vec<String>, Vec<String>) {
+    let status = bed.agent(1).status_json().unwrap();
+    let list = |key: &str| -> Vec<String> {
+        status["devices"][key]
+            .as_array()
+            .unwrap_or_else(|| panic!("no devices.{key} in {status:#}"))
+            .iter()
+            .map(|d| d.as_str().unwrap().to_string())
+            .collect()
+    };
+    (list("attached"), list("missing"))
+}
+
+/// `kpr status` as text, run inside node `n`'s namespace (where its
+/// agent's /status is).
+fn status_text(bed: &NodePortBed, n: u8) -> String {
+    let root = bed.bpf_root(n).to_str().unwrap().to_string();
+    let addr = bed.agents[usize::from(n - 1)].metrics_addr.to_string();
+    let out = bed
+        .node(n)
+        .ns()
+        .enter_thread(move || {
+            std::process::Command::new(KPR)
+                .args(["status", "--bpf-root", &root, "--metrics-addr", &addr])
+                .output()
+        })
+        .unwrap()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A `--devices` interface that does not exist when the agent starts is
+/// not an error: the agent waits for it, attaches tcx as soon as it
+/// appears (netlink link notification), NodePort traffic entering through
+/// it is load-balanced, and when it goes its links are forgotten.
+#[test]
+fn a_device_that_appears_later_is_attached_and_serves_nodeport_traffic() {
+    if !root() {
+        return;
+    }
+    let mut bed = Bed::start("nplate", &["--devices", "eth-late"]);
+    let root1 = bed.bpf_root(1);
+    let late_attached = |root: &Path| {
+        attached_devices(root)
+            .iter()
+            .filter(|d| d.device == "eth-late" && d.ifindex.is_some())
+            .count()
+    };
+    assert_eq!(late_attached(&root1), 0);
+    let (attached, missing) = agent_devices(&mut bed);
+    assert_eq!((attached.len(), missing), (2, vec!["eth-late".to_string()]));
+    let text = status_text(&bed, 1);
+    assert!(
+        text.contains("Devices:              eth-c eth-n (waiting for eth-late) [--devices eth-c,eth-n,eth-late]"),
+        "{text}"
+    );
+
+    let client_addr = bed.cluster.add_late_link(1, "eth-late", "eth-l1").unwrap();
+    let started = Instant::now();
+    assert!(
+        wait_for(Duration::from_secs(30), || late_attached(&root1) == 2),
+        "eth-late not attached: {:?}\n{}",
+        attached_devices(&root1),
+        bed.agent(1).log()
+    );
+    println!(
+        "eth-late attached {:?} after it appeared",
+        started.elapsed()
+    );
+    let (attached, missing) = agent_devices(&mut bed);
+    assert_eq!(attached, ["eth-c", "eth-late", "eth-n"]);
+    assert!(missing.is_empty(), "{missing:?}");
+
+    // NodePort traffic now enters node1 through eth-late, from the new
+    // client address: spread over every pod, local ones see the client.
+    let node = bed.node(1);
+    let target = node_port(node, NODE_PORT_TCP);
+    let r = run_in(
+        bed.cluster.client(),
+        ProbeSpec::TcpRequests {
+            target,
+            count: 40,
+            timeout_ms: 2000,
+        },
+    );
+    let r = r.as_requests().unwrap();
+    assert!(r.failures.is_empty(), "{r:?}");
+    let mut seen = BTreeSet::new();
+    for reply in r.identities.keys() {
+        let (identity, peer) = split_reply(reply);
+        let backend: SocketAddr = identity.parse().unwrap();
+        let peer = peer.unwrap();
+        if node_of(backend.ip()) == 1 {
+            assert_eq!(peer, IpAddr::V4(client_addr), "{reply}");
+        } else {
+            assert!(
+                node.addresses().contains(&match peer {
+                    IpAddr::V4(v4) => v4,
+                    IpAddr::V6(_) => panic!("{reply}"),
+                }),
+                "{reply}"
+            );
+        }
+        seen.insert(backend.ip());
+    }
+    assert_eq!(seen, all_pods(&bed), "every pod through eth-late");
+    // Only eth-late's ingress program saw these flows (eth-c never did).
+    let via_late = bed
+        .ct(1)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.dir == CtDir::Orig && e.src.ip() == IpAddr::V4(client_addr))
+        .count();
+    assert!(via_late >= 40, "{via_late} flows from {client_addr}");
+    assert_eq!(
+        bed.agent(1)
+            .metric_value("kpr_nodeport_devices", "")
+            .unwrap(),
+        Some(3.0)
+    );
+    assert!(
+        bed.agent(1)
+            .metric_value("kpr_nodeport_device_syncs_total", "result=\"success\"")
+            .unwrap()
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+    let text = status_text(&bed, 1);
+    assert!(
+        text.contains("Devices:              eth-c eth-late eth-n [--devices")
+            && text.contains("eth-late/ingress"),
+        "{text}"
+    );
+
+    // Gone again: its links are detached and unpinned, the agent waits for
+    // it anew, and traffic takes the old path through eth-c.
+    bed.cluster.remove_late_link(1, "eth-late").unwrap();
+    assert!(
+        wait_for(Duration::from_secs(30), || attached_devices(&root1)
+            .iter()
+            .all(|d| d.device != "eth-late")),
+        "{:?}",
+        attached_devices(&root1)
+    );
+    let (attached, missing) = agent_devices(&mut bed);
+    assert_eq!(attached, ["eth-c", "eth-n"]);
+    assert_eq!(missing, ["eth-late"]);
+    let r = run_in(
+        bed.cluster.client(),
+        ProbeSpec::TcpRequests {
+            target,
+            count: 10,
+            timeout_ms: 2000,
+        },
+    );
+    assert!(r.as_requests().unwrap().failures.is_empty(), "{r:?}");
+    assert!(bed.agent(1).log().contains("re-attached"));
+}
+
+/// LoadBalancer ingress IP of `lb` (routed by the client through node1;
+/// not [`GUARDED_LB_IP`], which [`manifest`]'s `guarded` holds on port 80).
+const LB_IP: &str = "203.0.113.11";
+/// externalIP of `ext` (routed by the client through node2).
+const EXTERNAL_IP: &str = "203.0.113.20";
+
+/// [`manifest`] plus a LoadBalancer Service `lb` (TCP 80 and UDP 53, node
+/// ports 30090 and 30091, ingress IP [`LB_IP`]) and a ClusterIP Service
+/// `ext` with externalIP [`EXTERNAL_IP`] (TCP 8080), both with every pod.
+fn external_manifest(cluster: &Cluster) -> String {
+    let mut endpoints = String::new();
+    for node in cluster.nodes() {
+        for ip in node.pod_ips() {
+            endpoints += &format!("- {{addresses: [{ip}], nodeName: node{}}}\n", node.index());
+        }
+    }
+    let slice = |name: &str, ports: &str| {
+        format!(
+            r#"
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}-1, namespace: np, labels: {{kubernetes.io/service-name: {name}}}}}
+addressType: IPv4
+ports: {ports}
+endpoints:
+{endpoints}"#
+        )
+    };
+    let pod_udp = kpr::testbed::nodeport_bed::POD_UDP;
+    manifest(cluster)
+        + &format!(
+            r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: lb, namespace: np}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.20
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: {POD_TCP}, nodePort: 30090}}
+  - {{name: dns, protocol: UDP, port: 53, targetPort: {pod_udp}, nodePort: 30091}}
+status:
+  loadBalancer:
+    ingress: [{{ip: {LB_IP}}}]
+"#
+        )
+        + &slice(
+            "lb",
+            &format!(
+                "[{{name: http, protocol: TCP, port: {POD_TCP}}}, {{name: dns, protocol: UDP, port: {pod_udp}}}]"
+            ),
+        )
+        + &format!(
+            r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: ext, namespace: np}}
+spec:
+  clusterIP: 10.96.0.21
+  externalIPs: [{EXTERNAL_IP}]
+  ports:
+  - {{name: http, protocol: TCP, port: 8080, targetPort: {POD_TCP}}}
+"#
+        )
+        + &slice("ext", &format!("[{{name: http, protocol: TCP, port: {POD_TCP}}}]"))
+}
+
+/// `kpr svc list` rows: frontend -> (Service Type, number of backends).
+fn svc_list_rows(table: &str) -> BTreeMap<String, (String, usize)> {
+    let mut rows: BTreeMap<String, (String, usize)> = BTreeMap::new();
+    let mut last: Option<String> = None;
+    for line in table.lines().skip(1) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words[..] {
+            // a continuation line: N => backend (state)
+            [_, "=>", _, _] => {
+                let fe = last.as_ref().expect("a continuation after a row");
+                rows.get_mut(fe).unwrap().1 += 1;
+            }
+            // ID Frontend Type [N => backend (state)]
+            [_, frontend, svc_type, ref backend @ ..] => {
+                let n = usize::from(!backend.is_empty());
+                rows.insert(frontend.to_string(), (svc_type.to_string(), n));
+                last = Some(frontend.to_string());
+            }
+            _ => panic!("unexpected svc list line {line:?}"),
+        }
+    }
+    rows
+}
+
+/// LoadBalancer ingress IPs and externalIPs reached from the external
+/// client, routed through a node as a load balancer or router would: TCP
+/// and UDP spread over the pods of both nodes with SNAT for remote ones,
+/// replies from the frontend address; `kpr svc list` shows the NodePort,
+/// LoadBalancer and ExternalIPs frontends as `cilium service list` does.
+#[test]
+fn loadbalancer_ips_and_external_ips_are_served_from_outside_and_listed() {
+    if !root() {
+        return;
+    }
+    let bed = NodePortBed::start(
+        "nplbx",
+        Path::new(KPR),
+        &ClusterPlan::default(),
+        external_manifest,
+        &[],
+    )
+    .expect("the NodePort bed starts");
+    let client = bed.cluster.client();
+    for (ip, n) in [(LB_IP, 1u8), (EXTERNAL_IP, 2)] {
+        let via = bed.node(n).ext_ip().to_string();
+        client
+            .ip(&["route", "add", &format!("{ip}/32"), "via", &via])
+            .unwrap();
+    }
+    let frontends = [
+        (SocketAddr::new(LB_IP.parse().unwrap(), 80), 1u8),
+        (SocketAddr::new(EXTERNAL_IP.parse().unwrap(), 8080), 2),
+    ];
+    for (target, n) in frontends {
+        let node = bed.node(n);
+        let r = run_in(
+            client,
+            ProbeSpec::TcpRequests {
+                target,
+                count: 40,
+                timeout_ms: 2000,
+            },
+        );
+        let r = r.as_requests().unwrap();
+        assert!(r.failures.is_empty(), "{target}: {r:?}");
+        let seen: BTreeSet<IpAddr> = r
+            .identities
+            .keys()
+            .map(|reply| check_source(node, reply))
+            .collect();
+        println!("{target} through node{n}: {:?}", r.identities);
+        assert_eq!(seen, all_pods(&bed), "{target} reaches every pod");
+    }
+    // UDP to the LB IP: one flow per socket, spread, answered from the LB IP.
+    let target = SocketAddr::new(LB_IP.parse().unwrap(), 53);
+    let r = run_in(
+        client,
+        ProbeSpec::UdpConnected {
+            target,
+            count: 40,
+            timeout_ms: 2000,
+        },
+    );
+    let u = r.as_udp().unwrap();
+    assert!(u.failures.is_empty(), "{u:?}");
+    let seen: BTreeSet<IpAddr> = u
+        .identities
+        .keys()
+        .map(|reply| check_source(bed.node(1), reply))
+        .collect();
+    assert_eq!(seen, all_pods(&bed));
+    let r = run_in(
+        client,
+        ProbeSpec::UdpUnconnected {
+            target,
+            count: 5,
+            timeout_ms: 2000,
+        },
+    );
+    let u = r.as_udp().unwrap();
+    assert!(u.failures.is_empty(), "{u:?}");
+    assert_eq!(
+        u.reply_sources.iter().collect::<Vec<_>>(),
+        [&target.to_string()]
+    );
+    // Conntrack saw the frontends as the client addressed them.
+    for (target, n) in frontends {
+        let flows = bed
+            .ct(n)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.dir == CtDir::Orig && e.dst == target)
+            .count();
+        assert!(flows >= 40, "node{n}: {flows} flows to {target}");
+    }
+
+    let table = bed
+        .kpr(&[
+            "svc",
+            "list",
+            "--bpf-root",
+            bed.bpf_root(1).to_str().unwrap(),
+        ])
+        .unwrap();
+    println!("{table}");
+    assert!(
+        table.starts_with("ID   Frontend ")
+            && table
+                .lines()
+                .next()
+                .unwrap()
+                .ends_with("Service Type   Backend"),
+        "{table}"
+    );
+    let rows = svc_list_rows(&table);
+    let want = |fe: &str, t: &str| (fe.to_string(), (t.to_string(), 4));
+    for (fe, (t, n)) in [
+        want(&format!("{LB_IP}:80/TCP"), "LoadBalancer"),
+        want(&format!("{LB_IP}:53/UDP"), "LoadBalancer"),
+        want("203.0.113.20:8080/TCP", "ExternalIPs"),
+        want("192.0.2.11:30090/TCP", "NodePort"),
+        want("192.0.2.11:30091/UDP", "NodePort"),
+        want("127.0.0.1:30090/TCP", "NodePort"),
+        want("192.0.2.11:30080/TCP", "NodePort"),
+        want("10.96.0.20:80/TCP", "ClusterIP"),
+        want("10.96.0.21:8080/TCP", "ClusterIP"),
+    ] {
+        assert_eq!(rows.get(&fe), Some(&(t.clone(), n)), "{fe} in\n{table}");
+    }
+    // Every backend line reads like Cilium's: `N => ip:port/PROTO (active)`.
+    for line in table.lines().filter(|l| l.contains("=>")) {
+        assert!(line.ends_with("(active)"), "{line}");
+        assert!(
+            line.contains(":8080/TCP") || line.contains(":5353/UDP"),
+            "{line}"
+        );
+    }
+}
+
+/// One datagram over a connected UDP socket to `target` and its answer; a
+/// rejected datagram's ICMP error fails the receive with ECONNREFUSED.
+fn udp_exchange(target: SocketAddr, timeout: Duration) -> std::io::Result<String> {
+    let sock = UdpSocket::bind("0.0.0.0:0")?;
+    sock.connect(target)?;
+    sock.set_read_timeout(Some(timeout))?;
+    sock.send(b"hi")?;
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// Polls node `n`'s agent until `kpr_nodeport_events_total{event}` reaches
+/// `at_least` (the agent refreshes it every --ct-gc-interval, 1 s here).
+#[track_caller]
+fn wait_event_metric(bed: &NodePortBed, n: u8, event: &str, at_least: u64) -> f64 {
+    let labels = format!("event=\"{event}\"");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let v = bed.agents[usize::from(n - 1)]
+            .metric_value("kpr_nodeport_events_total", &labels)
+            .unwrap()
+            .unwrap_or(0.0);
+        if v >= at_least as f64 || Instant::now() > deadline {
+            assert!(v >= at_least as f64, "{event}: {v} < {at_least}");
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// kube-proxy's semantics: the ranges guard the load balancer IP only; a
+/// client outside them gets no answer (dropped), the NodePort of the same
+/// Service stays open to it, and node-local clients are checked too.
+#[test]
+fn load_balancer_source_ranges_admit_listed_clients_only_and_leave_the_node_port_open() {
+    if !root() {
+        return;
+    }
+    let bed = Bed::start("npsrc", &[]);
+    let client = bed.cluster.client();
+    let node1 = bed.node(1);
+    // A second client address on the link to node1 (secondary: connections
+    // keep 192.0.2.9 as their default source), and the LB IP via node1.
+    client
+        .ip(&[
+            "addr",
+            "add",
+            &format!("{OUTSIDER}/29"),
+            "dev",
+            CLIENT_TO_NODE1_IF,
+        ])
+        .unwrap();
+    client
+        .ip(&[
+            "route",
+            "add",
+            &format!("{GUARDED_LB_IP}/32"),
+            "via",
+            &node1.ext_ip().to_string(),
+        ])
+        .unwrap();
+    let lb: SocketAddr = format!("{GUARDED_LB_IP}:80").parse().unwrap();
+
+    // Inside the range: served like any LoadBalancer frontend.
+    let r = run_in(
+        client,
+        ProbeSpec::TcpRequests {
+            target: lb,
+            count: 40,
+            timeout_ms: 2000,
+        },
+    );
+    let r = r.as_requests().unwrap();
+    assert!(r.failures.is_empty(), "{lb} from {GUARDED_RANGE}: {r:?}");
+    let seen: BTreeSet<IpAddr> = r
+        .identities
+        .keys()
+        .map(|reply| check_source(node1, reply))
+        .collect();
+    assert_eq!(seen, all_pods(&bed));
+    assert_eq!(bed.stats(1).unwrap().drop_source_range, 0);
+
+    // Outside it: dropped, so the connect times out (not refused).
+    let outsider = SocketAddr::new(OUTSIDER.parse().unwrap(), 0);
+    let denied = client
+        .enter_thread(move || request_from(outsider, lb))
+        .unwrap()
+        .expect_err("a client outside the ranges must not connect");
+    let name = error_name(&denied);
+    assert!(
+        matches!(name.as_str(), "EINPROGRESS" | "TIMEOUT"),
+        "dropped, so the connect times out: {denied} ({name})"
+    );
+    let dropped = bed.stats(1).unwrap().drop_source_range;
+    assert!(dropped > 0, "every SYN of the attempt is counted");
+    wait_event_metric(&bed, 1, "drop_source_range", dropped);
+
+    // The NodePort of the same Service does not look at the ranges.
+    let np = node_port(node1, NODE_PORT_GUARDED);
+    let reply = client
+        .enter_thread(move || request_from(outsider, np))
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{np} from {OUTSIDER}: {e}"));
+    let (identity, _) = split_reply(&reply);
+    assert!(identity.parse::<SocketAddr>().is_ok(), "{reply}");
+
+    // Node-local clients (socket LB, unbound socket: source unknown at
+    // connect(), so the node's own address counts, and 192.0.2.11 is not
+    // in the range): refused at once; the NodePort serves them.
+    let local = |spec: ProbeSpec| {
+        run_probe(
+            Path::new(KPR),
+            &["probe", "--spec"],
+            node1.ns(),
+            Some(bed.cgroup(1)),
+            &spec,
+            Duration::from_secs(30),
+        )
+        .expect("node-local probe runs")
+    };
+    let r = local(ProbeSpec::TcpConnectError {
+        target: lb,
+        timeout_ms: 2000,
+    });
+    assert_eq!(r.as_connect().unwrap().outcome(), "EPERM", "{r:?}");
+    let r = local(ProbeSpec::TcpRequests {
+        target: np,
+        count: 4,
+        timeout_ms: 2000,
+    });
+    assert!(r.as_requests().unwrap().failures.is_empty(), "{r:?}");
+
+    // "not-a-cidr" was logged and counted, the rest applied.
+    let skipped = bed.agents[0]
+        .metric_value("kpr_skipped_objects_total", "reason=\"invalid_address\"")
+        .unwrap();
+    assert!(skipped.unwrap_or(0.0) >= 1.0, "{skipped:?}");
+}
+
+/// --service-no-backend-response reject (the default): TCP and UDP clients
+/// of a frontend without any backend learn it at once from an ICMP port
+/// unreachable, on both nodes; the rejects are counted.
+#[test]
+fn a_frontend_without_backends_rejects_tcp_and_udp_with_icmp_by_default() {
+    if !root() {
+        return;
+    }
+    let bed = Bed::start("nprej", &[]);
+    let client = bed.cluster.client();
+    for n in [1u8, 2] {
+        let target = node_port(bed.node(n), NODE_PORT_EMPTY);
+        let r = run_in(
+            client,
+            ProbeSpec::TcpConnectError {
+                target,
+                timeout_ms: 5000,
+            },
+        );
+        let c = r.as_connect().unwrap();
+        assert_eq!(c.outcome(), "ECONNREFUSED", "{target}: {c:?}");
+        println!("TCP {target}: refused after {} us", c.elapsed_us);
+
+        let target = node_port(bed.node(n), NODE_PORT_EMPTY_UDP);
+        let err = client
+            .enter_thread(move || udp_exchange(target, Duration::from_secs(5)))
+            .unwrap()
+            .expect_err("nothing answers a frontend without backend");
+        assert_eq!(error_name(&err), "ECONNREFUSED", "UDP {target}: {err}");
+
+        let stats = bed.stats(n).unwrap();
+        assert!(
+            stats.reject_no_backend >= 2 && stats.drop_no_backend == 0,
+            "node{n}: {stats:?}"
+        );
+        wait_event_metric(&bed, n, "reject_no_backend", stats.reject_no_backend);
+    }
+    // Rejecting changed nothing for the Services that have backends.
+    let target = node_port(bed.node(1), NODE_PORT_TCP);
+    let r = run_in(
+        client,
+        ProbeSpec::TcpRequests {
+            target,
+            count: 5,
+            timeout_ms: 2000,
+        },
+    );
+    assert!(r.as_requests().unwrap().failures.is_empty(), "{r:?}");
+}
+
+/// --service-no-backend-response drop: no answer at all, so clients time
+/// out (bounded here); the drops are counted.
+#[test]
+fn with_no_backend_response_drop_a_frontend_without_backends_stays_silent() {
+    if !root() {
+        return;
+    }
+    let bed = Bed::start("npdrop", &["--service-no-backend-response", "drop"]);
+    let client = bed.cluster.client();
+    let target = node_port(bed.node(1), NODE_PORT_EMPTY);
+    let r = run_in(
+        client,
+        ProbeSpec::TcpConnectError {
+            target,
+            timeout_ms: 500,
+        },
+    );
+    assert_eq!(r.as_connect().unwrap().outcome(), "TIMEOUT", "{r:?}");
+    let target = node_port(bed.node(1), NODE_PORT_EMPTY_UDP);
+    let err = client
+        .enter_thread(move || udp_exchange(target, Duration::from_millis(500)))
+        .unwrap()
+        .expect_err("nothing answers a frontend without backend");
+    assert_eq!(error_name(&err), "TIMEOUT", "UDP {target}: {err}");
+    let stats = bed.stats(1).unwrap();
+    assert!(
+        stats.drop_no_backend >= 2 && stats.reject_no_backend == 0,
+        "{stats:?}"
+    );
+    wait_event_metric(&bed, 1, "drop_no_backend", stats.drop_no_backend);
+}
+
+/// kube-proxy's worst UDP bugs are stale conntrack: a flow that met a
+/// Service without endpoints stays blackholed after endpoints appear, and
+/// a flow stays on a removed endpoint (kubernetes#48370, #19029). Here one
+/// client socket, never reopened, keeps talking to a UDP NodePort while
+/// its endpoints go from none to a remote pod to a local one: it is
+/// rejected first, then answered by the remote pod, then by the local pod
+/// as soon as the agents have synced, and conntrack holds the new backend.
+#[test]
+fn one_udp_flow_follows_endpoints_from_none_to_a_remote_pod_to_a_local_one() {
+    if !root() {
+        return;
+    }
+    const TCP: u16 = 30180;
+    const UDP: u16 = 30153;
+    let endpoints_of = |pod: Option<(IpAddr, u8)>| match pod {
+        Some((ip, node)) => format!("- {{addresses: [{ip}], nodeName: node{node}}}\n"),
+        None => "  []\n".to_string(),
+    };
+    let bed = NodePortBed::start(
+        "npflow",
+        Path::new(KPR),
+        &ClusterPlan::default(),
+        |_| nodeport_manifest("flows", "flow", TCP, UDP, &endpoints_of(None)),
+        &[],
+    )
+    .expect("the NodePort bed starts");
+    let remote = IpAddr::V4(bed.node(2).pod_ips()[0]);
+    let local = IpAddr::V4(bed.node(1).pod_ips()[0]);
+    let write_endpoints = |pod: (IpAddr, u8)| {
+        let manifest = nodeport_manifest("flows", "flow", TCP, UDP, &endpoints_of(Some(pod)));
+        std::fs::write(bed.dir().join("manifests/services.yaml"), manifest).unwrap();
+    };
+    let client_port = 40500;
+    let source = SocketAddr::new(IpAddr::V4(client_ip(1)), client_port);
+    let target = node_port(bed.node(1), UDP);
+    let sock = bed
+        .cluster
+        .client()
+        .enter_thread(move || {
+            let sock = UdpSocket::bind(source)?;
+            sock.connect(target)?;
+            sock.set_read_timeout(Some(Duration::from_millis(500)))?;
+            Ok::<_, std::io::Error>(sock)
+        })
+        .unwrap()
+        .unwrap();
+    // One datagram and its answer: the backend's address, or the error.
+    let exchange = || -> Result<IpAddr, std::io::ErrorKind> {
+        sock.send(b"hi").map_err(|e| e.kind())?;
+        let mut buf = [0u8; 256];
+        let n = sock.recv(&mut buf).map_err(|e| e.kind())?;
+        let reply = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let backend: SocketAddr = split_reply(&reply).0.parse().unwrap();
+        Ok(backend.ip())
+    };
+    // Exchanges until `want` answers (at most 40, 20 s); the outcomes seen
+    // on the way.
+    let until = |want: IpAddr| -> Vec<Result<IpAddr, std::io::ErrorKind>> {
+        let mut seen = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while seen.len() < 40 && Instant::now() < deadline {
+            let r = exchange();
+            seen.push(r);
+            if r == Ok(want) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        seen
+    };
+
+    assert_eq!(
+        exchange(),
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "no endpoints: rejected"
+    );
+    write_endpoints((remote, 2));
+    let seen = until(remote);
+    println!("none -> remote pod: {seen:?}");
+    assert_eq!(
+        seen.last(),
+        Some(&Ok(remote)),
+        "the flow reaches the new endpoint"
+    );
+    write_endpoints((local, 1));
+    let seen = until(local);
+    println!("remote pod -> local pod: {seen:?}");
+    assert_eq!(
+        seen.last(),
+        Some(&Ok(local)),
+        "the flow leaves the removed endpoint"
+    );
+    for _ in 0..5 {
+        assert_eq!(exchange(), Ok(local), "and stays on the new one");
+    }
+    let flow: Vec<_> = bed
+        .ct(1)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.dir == CtDir::Orig && e.src == source)
+        .collect();
+    assert_eq!(flow.len(), 1, "{flow:?}");
+    assert_eq!(
+        flow[0].nat_dst,
+        SocketAddr::new(local, kpr::testbed::nodeport_bed::POD_UDP),
+        "{flow:?}"
+    );
+    assert!(!flow[0].snat, "a local backend sees the client: {flow:?}");
+}
+
+/// A second address of the client, on its loopback, that both nodes route
+/// back to it: one client (address and port) whichever node it enters, as
+/// behind ECMP or a DNS round robin over node addresses.
+const SHARED_CLIENT: std::net::Ipv4Addr = std::net::Ipv4Addr::new(203, 0, 113, 9);
+
+fn add_shared_client_address(bed: &NodePortBed) {
+    bed.cluster
+        .client()
+        .ip(&["addr", "add", &format!("{SHARED_CLIENT}/32"), "dev", "lo"])
+        .unwrap();
+    for n in [1u8, 2] {
+        let via = client_ip(n).to_string();
+        bed.node(n)
+            .ns()
+            .ip(&[
+                "route",
+                "add",
+                &format!("{SHARED_CLIENT}/32"),
+                "via",
+                &via,
+                "dev",
+                kpr::testbed::cluster::NODE_CLIENT_IF,
+            ])
+            .unwrap();
+    }
+}
+
+/// For every source port in `ports`: the pod that answered a TCP request
+/// from [`SHARED_CLIENT`]:port to node1's and to node2's `node_port`.
+fn backends_by_port(
+    bed: &NodePortBed,
+    ports: std::ops::Range<u16>,
+    node_port_number: u16,
+) -> BTreeMap<u16, [IpAddr; 2]> {
+    answers_by_port(bed, ports, node_port_number)
+        .into_iter()
+        .map(|(port, [(a, _), (b, _)])| (port, [a, b]))
+        .collect()
+}
+
+/// As [`backends_by_port`], each pod with the client address it saw:
+/// (pod, peer).
+fn answers_by_port(
+    bed: &NodePortBed,
+    ports: std::ops::Range<u16>,
+    node_port_number: u16,
+) -> BTreeMap<u16, [(IpAddr, IpAddr); 2]> {
+    let targets = [
+        node_port(bed.node(1), node_port_number),
+        node_port(bed.node(2), node_port_number),
+    ];
+    let answers = bed
+        .cluster
+        .client()
+        .enter_thread(move || {
+            ports
+                .map(|port| {
+                    let local = SocketAddr::new(IpAddr::V4(SHARED_CLIENT), port);
+                    let none = IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
+                    let mut pods = [(none, none); 2];
+                    for (pod, target) in pods.iter_mut().zip(targets) {
+                        let reply = request_from(local, target)
+                            .map_err(|e| format!("{local} -> {target}: {e}"))?;
+                        let (identity, peer) = split_reply(&reply);
+                        let identity: SocketAddr =
+                            identity.parse().map_err(|e| format!("{reply:?}: {e}"))?;
+                        let peer = peer.ok_or_else(|| format!("{reply:?}: no peer"))?;
+                        *pod = (identity.ip(), peer);
+                    }
+                    Ok::<_, String>((port, pods))
+                })
+                .collect::<Vec<_>>()
+        })
+        .unwrap();
+    answers
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|e| panic!("{e}")))
+        .collect()
+}
+
+/// Source ports whose two requests (through node1, through node2) met
+/// different backends.
+fn disagreeing(by_port: &BTreeMap<u16, [IpAddr; 2]>) -> Vec<(u16, [IpAddr; 2])> {
+    by_port
+        .iter()
+        .filter(|(_, [a, b])| a != b)
+        .map(|(p, pods)| (*p, *pods))
+        .collect()
+}
+
+/// Polls `kpr svc list -o json` on both nodes until `done` holds for
+/// both (bounded: 20 s).
+#[track_caller]
+fn wait_for_svc_list(bed: &NodePortBed, what: &str, done: impl Fn(&str) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let lists: Vec<String> = [1u8, 2]
+            .iter()
+            .map(|n| {
+                let root = bed.bpf_root(*n);
+                bed.kpr(&[
+                    "svc",
+                    "list",
+                    "-o",
+                    "json",
+                    "--bpf-root",
+                    root.to_str().unwrap(),
+                ])
+                .unwrap()
+            })
+            .collect();
+        if lists.iter().all(|l| done(l)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "both agents did not get to {what}:\n{}",
+            lists.join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn maglev_sends_a_client_to_the_same_backend_through_either_node_and_keeps_flows_when_a_backend_goes(
+) {
+    if !root() {
+        return;
+    }
+    let plan = ClusterPlan {
+        pods_per_node: 3,
+        ..ClusterPlan::default()
+    };
+    let bed = Bed::start_with("npmg", &plan, &["--lb-algorithm", "maglev"]);
+    add_shared_client_address(&bed);
+    let ports = 47000..47120;
+    let flows = ports.len();
+
+    let first = backends_by_port(&bed, ports.clone(), NODE_PORT_TCP);
+    assert_eq!(
+        disagreeing(&first),
+        vec![],
+        "through node1 and node2, each client port reaches one backend"
+    );
+    let mut shares: BTreeMap<IpAddr, usize> = BTreeMap::new();
+    for [pod, _] in first.values() {
+        *shares.entry(*pod).or_default() += 1;
+    }
+    println!("maglev: {flows} client ports over 6 pods: {shares:?}");
+    assert_eq!(
+        shares.keys().copied().collect::<BTreeSet<_>>(),
+        all_pods(&bed),
+        "every pod gets flows"
+    );
+    // 20 expected each; a sound hash keeps every pod well above a third.
+    assert!(shares.values().all(|n| *n >= 7 && *n <= 40), "{shares:?}");
+
+    // The datapath uses Maglev for the NodePorts, not for the ClusterIP.
+    let root1 = bed.bpf_root(1);
+    let list = bed
+        .kpr(&["svc", "list", "--bpf-root", root1.to_str().unwrap()])
+        .unwrap();
+    let row = |frontend: &str| {
+        list.lines()
+            .find(|l| l.contains(frontend))
+            .unwrap_or_else(|| panic!("no {frontend} in\n{list}"))
+            .to_string()
+    };
+    assert!(
+        row("192.0.2.11:30080/TCP").contains("NodePort (maglev)"),
+        "{list}"
+    );
+    assert!(!row("10.96.0.10:80/TCP").contains("maglev"), "{list}");
+
+    // One pod of node2 goes.
+    let removed = IpAddr::V4(bed.node(2).pod_ips()[0]);
+    let manifest_path = bed.dir().join("manifests").join("services.yaml");
+    let text = std::fs::read_to_string(&manifest_path).unwrap();
+    let line = format!("- {{addresses: [{removed}], nodeName: node2}}\n");
+    assert!(text.contains(&line), "{text}");
+    std::fs::write(&manifest_path, text.replace(&line, "")).unwrap();
+    let gone = format!("\"{removed}\"");
+    wait_for_svc_list(&bed, "the removal", |l| {
+        l.contains("\"port\": 30080") && !l.contains(&gone)
+    });
+
+    let second = backends_by_port(&bed, ports.clone(), NODE_PORT_TCP);
+    assert_eq!(disagreeing(&second), vec![], "both nodes agree again");
+    assert!(second.values().all(|[pod, _]| *pod != removed));
+    let on_others: Vec<u16> = ports.filter(|p| first[p][0] != removed).collect();
+    let kept = on_others
+        .iter()
+        .filter(|p| first[*p][0] == second[*p][0])
+        .count();
+    println!(
+        "maglev: after removing {removed}, {kept} of {} flows on other pods kept their pod",
+        on_others.len()
+    );
+    // Maglev moves only a few percent of them; a rehash would move ~80 %.
+    assert!(
+        kept * 10 >= on_others.len() * 8,
+        "{kept} of {} kept",
+        on_others.len()
+    );
+}
+
+/// NodePort Services for the annotation test: `hashed` (annotated maglev),
+/// `plain` (no annotation), `bad` (an unknown algorithm) and `sticky`
+/// (maglev with ClientIP session affinity), every pod behind each.
+fn annotated_manifest(cluster: &Cluster) -> String {
+    let mut endpoints = String::new();
+    for node in cluster.nodes() {
+        for ip in node.pod_ips() {
+            endpoints += &format!("- {{addresses: [{ip}], nodeName: node{}}}\n", node.index());
+        }
+    }
+    let service = |name: &str, cluster_ip: &str, node_port: u16, annotation: &str, extra: &str| {
+        let annotations = match annotation {
+            "" => String::new(),
+            a => format!("\n  annotations: {{service.kpr.io/lb-algorithm: {a}}}"),
+        };
+        format!(
+            r#"
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: {name}
+  namespace: np{annotations}
+spec:
+  type: NodePort
+  clusterIP: {cluster_ip}{extra}
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: {POD_TCP}, nodePort: {node_port}}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}-1, namespace: np, labels: {{kubernetes.io/service-name: {name}}}}}
+addressType: IPv4
+ports:
+- {{name: http, protocol: TCP, port: {POD_TCP}}}
+endpoints:
+{endpoints}"#
+        )
+    };
+    service("hashed", "10.96.0.20", 30090, "maglev", "")
+        + &service("plain", "10.96.0.21", 30091, "", "")
+        + &service("bad", "10.96.0.22", 30092, "ring-hash", "")
+        + &service(
+            "sticky",
+            "10.96.0.23",
+            30093,
+            "maglev",
+            "\n  sessionAffinity: ClientIP",
+        )
+}
+
+#[test]
+fn the_lb_algorithm_annotation_switches_one_service_to_maglev_while_another_stays_random() {
+    if !root() {
+        return;
+    }
+    // Agents with the default --lb-algorithm random.
+    let bed = NodePortBed::start(
+        "npann",
+        Path::new(KPR),
+        &ClusterPlan::default(),
+        annotated_manifest,
+        &[],
+    )
+    .expect("the NodePort bed starts");
+    add_shared_client_address(&bed);
+    let ports = 47200..47240;
+
+    let hashed = backends_by_port(&bed, ports.clone(), 30090);
+    assert_eq!(disagreeing(&hashed), vec![], "maglev: both nodes agree");
+    let distinct: BTreeSet<IpAddr> = hashed.values().map(|[p, _]| *p).collect();
+    assert!(distinct.len() >= 3, "spread over the pods: {hashed:?}");
+
+    // Random: with 4 pods, a client port meets the same pod through both
+    // nodes about one time in four; all 40 agreeing has odds of 4^-40.
+    for (name, port) in [("plain", 30091), ("bad", 30092)] {
+        let by_port = backends_by_port(&bed, ports.clone(), port);
+        let agree = by_port.len() - disagreeing(&by_port).len();
+        println!(
+            "{name}: {agree} of {} client ports met the same pod",
+            by_port.len()
+        );
+        assert!(
+            agree * 4 < by_port.len() * 3,
+            "{name} is random: {by_port:?}"
+        );
+    }
+
+    // Session affinity wins over the table: one client address, one pod,
+    // whatever its port (the first flow's Maglev pick, on both nodes).
+    let sticky = backends_by_port(&bed, ports.clone(), 30093);
+    let pods: BTreeSet<IpAddr> = sticky.values().flatten().copied().collect();
+    assert_eq!(pods.len(), 1, "affinity keeps one pod: {sticky:?}");
+
+    // The maps say so too, and the bad annotation was counted, not fatal.
+    let root1 = bed.bpf_root(1);
+    let list = bed
+        .kpr(&["svc", "list", "--bpf-root", root1.to_str().unwrap()])
+        .unwrap();
+    for line in list.lines().filter(|l| l.contains("192.0.2.11:")) {
+        assert_eq!(
+            line.contains("(maglev)"),
+            line.contains(":30090/") || line.contains(":30093/"),
+            "{line}\n{list}"
+        );
+    }
+    // Annotating the running `plain` switches it: tables are written,
+    // then the masters flag Maglev, and both nodes agree from then on.
+    let manifest_path = bed.dir().join("manifests").join("services.yaml");
+    let text = std::fs::read_to_string(&manifest_path).unwrap();
+    let plain = "  name: plain\n  namespace: np\n";
+    assert!(text.contains(plain), "{text}");
+    let annotated = format!("{plain}  annotations: {{service.kpr.io/lb-algorithm: maglev}}\n");
+    std::fs::write(&manifest_path, text.replace(plain, &annotated)).unwrap();
+    wait_for_svc_list(&bed, "maglev on plain", |l| {
+        let rows: Vec<serde_json::Value> = serde_json::from_str(l).unwrap_or_default();
+        let plain: Vec<_> = rows
+            .iter()
+            .filter(|r| r["port"] == 30091 && r["type"] == "NodePort")
+            .collect();
+        !plain.is_empty() && plain.iter().all(|r| r["lb_algorithm"] == "maglev")
+    });
+    let switched = backends_by_port(&bed, ports.clone(), 30091);
+    assert_eq!(disagreeing(&switched), vec![], "plain is Maglev now");
+
+    let skipped = bed.agents[0]
+        .metric_value("kpr_skipped_objects_total", "reason=\"invalid_annotation\"")
+        .unwrap();
+    assert!(skipped.unwrap_or(0.0) >= 1.0, "{skipped:?}");
+    let log = bed.agents[0].log();
+    assert!(
+        log.contains("ring-hash") && log.contains("service.kpr.io/lb-algorithm"),
+        "the bad annotation is logged with its value:\n{log}"
+    );
+}
+
+#[test]
+fn maglev_in_generic_xdp_sends_a_client_to_the_same_backend_through_either_node() {
+    if !root() {
+        return;
+    }
+    let plan = ClusterPlan {
+        xdp_ready: true,
+        ..ClusterPlan::default()
+    };
+    let bed = Bed::start_with(
+        "npmgx",
+        &plan,
+        &[
+            "--lb-algorithm",
+            "maglev",
+            "--nodeport-acceleration",
+            "generic",
+        ],
+    );
+    add_shared_client_address(&bed);
+    let before: Vec<u64> = [1u8, 2].map(|n| bed.stats(n).unwrap().xdp_fwd).to_vec();
+    let by_port = backends_by_port(&bed, 47300..47340, NODE_PORT_TCP);
+    assert_eq!(disagreeing(&by_port), vec![], "both nodes agree in XDP");
+    let distinct: BTreeSet<IpAddr> = by_port.values().map(|[p, _]| *p).collect();
+    assert!(distinct.len() >= 3, "spread over the pods: {by_port:?}");
+    for n in [1u8, 2] {
+        let after = bed.stats(n).unwrap().xdp_fwd;
+        assert!(
+            after > before[usize::from(n - 1)],
+            "node{n}: XDP forwarded the flows itself"
+        );
+    }
+}
+
 // --- direct server return ---------------------------------------------------
 
 /// NodePort of `bulk` (TCP to [`BULK_PORT`] on node2's pods only: through
@@ -793,7 +2086,7 @@ kind: Service
 metadata: {{name: bulk, namespace: np}}
 spec:
   type: NodePort
-  clusterIP: 10.96.0.14
+  clusterIP: 10.96.0.15
   ports:
   - {{name: sink, protocol: TCP, port: 90, targetPort: {BULK_PORT}, nodePort: {NODE_PORT_BULK_TCP}}}
   - {{name: dns, protocol: UDP, port: 53, targetPort: {POD_UDP}, nodePort: {NODE_PORT_BULK_UDP}}}
@@ -812,6 +2105,16 @@ endpoints:
 
 /// A bed whose nodes reach the client directly, in `mode`.
 fn start_dsr_bed(prefix: &str, xdp: Option<&str>, mode: &str) -> NodePortBed {
+    start_dsr_bed_with(prefix, xdp, mode, &[])
+}
+
+/// [`start_dsr_bed`] with `extra_args` for every agent.
+fn start_dsr_bed_with(
+    prefix: &str,
+    xdp: Option<&str>,
+    mode: &str,
+    extra_args: &[&str],
+) -> NodePortBed {
     let plan = ClusterPlan {
         xdp_ready: xdp.is_some(),
         direct_return: true,
@@ -821,6 +2124,7 @@ fn start_dsr_bed(prefix: &str, xdp: Option<&str>, mode: &str) -> NodePortBed {
     if let Some(xdp) = xdp {
         args.extend(["--nodeport-acceleration", xdp]);
     }
+    args.extend(extra_args);
     let bed = NodePortBed::start(prefix, Path::new(KPR), &plan, dsr_manifest, &args)
         .expect("the NodePort bed starts");
     // The node-to-node links' packet counters tell whether replies come
@@ -1088,7 +2392,7 @@ fn start_bulk_sinks(bed: &NodePortBed, stop: &Arc<AtomicBool>) -> Vec<NsThread<(
 /// the encapsulation, every byte reaches one backend (one connection's
 /// packets all go to the same backend: a second one would reset it), which
 /// saw the client itself.
-fn bulk_upload_through_node1(bed: &NodePortBed) {
+fn bulk_upload_through_node1(bed: &NodePortBed) -> u32 {
     use std::io::{Read, Write};
     use std::os::fd::AsRawFd;
     let target = node_port(bed.node(1), NODE_PORT_BULK_TCP);
@@ -1131,6 +2435,7 @@ fn bulk_upload_through_node1(bed: &NodePortBed) {
         format!("{BULK_BYTES} <- {}", client_ip(1)),
         "every byte reached one backend, which saw the client"
     );
+    mss
 }
 
 /// A UDP datagram too big to encapsulate is answered with ICMP
@@ -1212,10 +2517,11 @@ fn dsr_entries(bed: &NodePortBed, n: u8) -> Option<f64> {
 /// whatever the node address) and local backend, and follows endpoint
 /// changes: a node2 pod taken out of `bulk` is no longer reached by DSR.
 fn dsr_map_follows_endpoints(bed: &NodePortBed) {
-    // node1: web TCP+UDP x 2 pods, web-local x 2, one-local x 2; node2:
-    // web x 2 x 2, web-local x 2, bulk TCP+UDP x 2.
-    assert_eq!(dsr_entries(bed, 1), Some(8.0));
-    assert_eq!(dsr_entries(bed, 2), Some(10.0));
+    // node1: web TCP+UDP x 2 pods, web-local x 2, one-local x 2, guarded
+    // (NodePort and LoadBalancer IP) x 2; node2: web x 2 x 2, web-local x 2,
+    // guarded x 2 x 2, bulk TCP+UDP x 2.
+    assert_eq!(dsr_entries(bed, 1), Some(12.0));
+    assert_eq!(dsr_entries(bed, 2), Some(14.0));
     let gone = bed.node(2).pod_ips()[1];
     let kept = bed.node(2).pod_ips()[0];
     let path = bed.dir().join("manifests").join("services.yaml");
@@ -1225,12 +2531,12 @@ fn dsr_map_follows_endpoints(bed: &NodePortBed) {
     let text = format!("{}{}", &text[..at], &text[at + line.len()..]);
     std::fs::write(&path, text).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while dsr_entries(bed, 2) != Some(8.0) && Instant::now() < deadline {
+    while dsr_entries(bed, 2) != Some(12.0) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(
         dsr_entries(bed, 2),
-        Some(8.0),
+        Some(12.0),
         "two bulk entries of {gone} gone"
     );
     let r = run_in(
@@ -1383,4 +2689,186 @@ fn dsr_agents_restarted_under_load_fail_no_connection_and_keep_udp_flows() {
         first, again,
         "every UDP flow kept its backend across restarts"
     );
+}
+
+/// Maglev and DSR together, with `xdp` in front (None: tc only): the node
+/// a client enters picks from the frontend's Maglev table and sends the
+/// flow by DSR; the backend's node follows the outer destination, so one
+/// client port meets one backend through either node, and every backend,
+/// remote ones too, sees the client itself. A frontend without backend
+/// still rejects in dsr mode.
+fn dsr_with_maglev(prefix: &str, xdp: Option<&str>) {
+    let bed = start_dsr_bed_with(prefix, xdp, "dsr", &["--lb-algorithm", "maglev"]);
+    add_shared_client_address(&bed);
+    let before = [bed.stats(1).unwrap(), bed.stats(2).unwrap()];
+    let answers = answers_by_port(&bed, 47000..47060, NODE_PORT_TCP);
+    let pods: BTreeMap<u16, [IpAddr; 2]> = answers
+        .iter()
+        .map(|(port, [(a, _), (b, _)])| (*port, [*a, *b]))
+        .collect();
+    assert_eq!(
+        disagreeing(&pods),
+        vec![],
+        "through node1 and node2, each client port reaches one backend"
+    );
+    let mut shares: BTreeMap<IpAddr, usize> = BTreeMap::new();
+    for (port, pair) in &answers {
+        for (pod, peer) in pair {
+            assert_eq!(
+                *peer,
+                IpAddr::V4(SHARED_CLIENT),
+                "port {port}: {pod} sees the client"
+            );
+            *shares.entry(*pod).or_default() += 1;
+        }
+    }
+    println!("dsr + maglev: {shares:?}");
+    assert_eq!(
+        shares.keys().copied().collect::<BTreeSet<_>>(),
+        all_pods(&bed),
+        "every pod gets flows"
+    );
+    for n in [1u8, 2] {
+        let s = bed.stats(n).unwrap();
+        let b = &before[usize::from(n - 1)];
+        println!("node{n}: {s:?}");
+        assert!(
+            s.flows_dsr > b.flows_dsr && s.dsr_decap > b.dsr_decap,
+            "node{n} sent and took in DSR flows: {s:?}"
+        );
+        assert_eq!(
+            (s.flows_snat, s.dsr_miss, s.drop_no_backend, s.drop_ct),
+            (0, 0, 0, 0),
+            "node{n}: {s:?}"
+        );
+        if xdp.is_some() {
+            assert!(s.xdp_fwd > b.xdp_fwd, "node{n}: {s:?}");
+        }
+    }
+    let list = bed
+        .kpr(&[
+            "svc",
+            "list",
+            "--bpf-root",
+            bed.bpf_root(1).to_str().unwrap(),
+        ])
+        .unwrap();
+    assert!(
+        list.lines().any(
+            |l| l.contains(&format!("{}:{NODE_PORT_TCP}/TCP", bed.node(1).ext_ip()))
+                && l.contains("NodePort (maglev)")
+        ),
+        "{list}"
+    );
+
+    let target = node_port(bed.node(1), NODE_PORT_EMPTY);
+    let r = run_in(
+        bed.cluster.client(),
+        ProbeSpec::TcpConnectError {
+            target,
+            timeout_ms: 5000,
+        },
+    );
+    let c = r.as_connect().unwrap();
+    assert_eq!(c.outcome(), "ECONNREFUSED", "{target}: {c:?}");
+}
+
+#[test]
+fn dsr_with_maglev_sends_a_client_to_one_backend_through_either_node_which_sees_the_client() {
+    if !root() {
+        return;
+    }
+    dsr_with_maglev("npdsrm", None);
+}
+
+#[test]
+fn dsr_with_maglev_in_generic_xdp_sends_a_client_to_one_backend_through_either_node() {
+    if !root() {
+        return;
+    }
+    dsr_with_maglev("npdsrmg", Some("generic"));
+}
+
+/// The MTU [`dsr_follows_a_device_that_appears_later_and_its_mtu`] gives
+/// the late device.
+const LATE_MTU: u32 = 1400;
+
+/// A `--devices` interface that appears on the backend's node while DSR
+/// flows come in, and then gets a smaller MTU: each re-attachment keeps
+/// the dsr mode and the DSR map, and the second lowers the MSS clamp to
+/// the new smallest MTU minus 60, which the next connection's client
+/// learns; both nodes' NodePorts still send remote flows by DSR.
+#[test]
+fn dsr_follows_a_device_that_appears_later_and_its_mtu() {
+    if !root() {
+        return;
+    }
+    let bed = start_dsr_bed_with("npdsrl", None, "dsr", &["--devices", "eth-late"]);
+    let upload = |bed: &NodePortBed| -> u32 {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sinks = start_bulk_sinks(bed, &stop);
+        let mss = bulk_upload_through_node1(bed);
+        stop.store(true, Ordering::Relaxed);
+        for s in sinks {
+            s.join().unwrap();
+        }
+        mss
+    };
+    let mss_before = upload(&bed);
+    assert!(
+        mss_before > LATE_MTU - 60,
+        "clamped for the bed's MTU only: {mss_before}"
+    );
+    let clamped_before = bed.stats(2).unwrap().mss_clamped;
+
+    let root2 = bed.bpf_root(2);
+    let late_attached = |root: &Path| {
+        attached_devices(root)
+            .iter()
+            .filter(|d| d.device == "eth-late" && d.ifindex.is_some())
+            .count()
+    };
+    bed.cluster.add_late_link(2, "eth-late", "eth-l2").unwrap();
+    // The client keeps reaching node2 through its own link (add_late_link
+    // routed node2's address through the new one).
+    bed.cluster
+        .client()
+        .ip(&["route", "del", &format!("{}/32", bed.node(2).ext_ip())])
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(30), || late_attached(&root2) == 2),
+        "eth-late not attached: {:?}\n{}",
+        attached_devices(&root2),
+        bed.agents[1].log()
+    );
+    bed.node(2)
+        .ns()
+        .ip(&[
+            "link",
+            "set",
+            "dev",
+            "eth-late",
+            "mtu",
+            &LATE_MTU.to_string(),
+        ])
+        .unwrap();
+    let want = format!("dsr_mss={}", LATE_MTU - 60);
+    assert!(
+        wait_for(Duration::from_secs(30), || bed.agents[1]
+            .log()
+            .lines()
+            .any(|l| l.contains("re-attached") && l.contains(&want))),
+        "node2 did not re-attach with {want}:\n{}",
+        bed.agents[1].log()
+    );
+
+    let mss_after = upload(&bed);
+    println!("MSS through node1 to node2's pods: {mss_before} before, {mss_after} after");
+    assert!(
+        mss_after <= LATE_MTU - 60,
+        "clamped for the late device's MTU: {mss_after}"
+    );
+    assert!(bed.stats(2).unwrap().mss_clamped > clamped_before);
+    dsr_spreads_with_the_client_address(&bed, true);
+    check_dsr_conntrack(&bed, true);
 }

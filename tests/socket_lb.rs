@@ -414,7 +414,9 @@ fn translation_survives_sigkill_and_a_restarted_agent_adopts_the_same_maps() {
     bed.agent.wait_healthy(Duration::from_secs(30)).unwrap();
     let log = bed.agent.log();
     assert!(
-        log.contains("reused_maps=[Services, Backends, Affinity, SockRevNat]"),
+        log.contains(
+            "reused_maps=[Services, Backends, Affinity, SockRevNat, SourceRanges, Maglev]"
+        ),
         "{log}"
     );
     assert!(

@@ -6,13 +6,22 @@
  * SNATed flow, which backend and which rewrite, and where it goes next.
  * The callers only parse, rewrite and send, each with its hook's means.
  *
+ * A new flow, in this order: the frontend's loadBalancerSourceRanges are
+ * checked (drop, counted); a backend is picked (session affinity, the
+ * frontend's Maglev table, or at random: np_new_flow); a frontend without
+ * backend gets the --service-no-backend-response (NP_V_REJECT or a counted
+ * drop); the flow is opened to the backend as a local backend's, a SNATed
+ * or a DSR one (np_open_flow).
+ *
  * Conntrack is written here only; a packet that XDP hands on (XDP_PASS)
  * reaches the tc program, which decides again and finds the same state.
  *
  * With --nodeport-mode dsr|hybrid, a new flow to a backend on another node
  * is sent there IPIP-encapsulated instead of SNATed (np_open_flow), and a
- * packet another node encapsulated is taken in by np_dsr_ingress(); the
- * carrier and its packet work are lb_dsr.h's.
+ * packet another node encapsulated is taken in by np_dsr_ingress(), which
+ * follows the backend that node chose (its source ranges, pick and
+ * no-backend answer were that node's); the carrier and its packet work
+ * are lb_dsr.h's.
  */
 #ifndef KPR_LB_NODEPORT_H
 #define KPR_LB_NODEPORT_H
@@ -25,6 +34,7 @@
 #include "lb_types.h"
 #include "lb_maps.h"
 #include "lb_select.h"
+#include "lb_maglev.h"
 #include "lb_ct.h"
 #include "lb_nat.h"
 #include "lb_dsr.h"
@@ -40,12 +50,17 @@ const volatile __u16 snat_port_max = 65535;
 /* Frontend types served on the north-south path. */
 #define NP_SVC_TYPES (SVC_F_NODE_PORT | SVC_F_LOADBALANCER | SVC_F_EXTERNAL_IP)
 
-/* counters, enum np_stat */
+/* What a new flow to a frontend without any backend gets
+ * (--service-no-backend-response): 1 = reject, an ICMP port unreachable
+ * built by the tc program (what kube-proxy's REJECT sends); 0 = drop. */
+const volatile __u8 no_backend_reject = 1;
+
+/* counters, enum np_stat (v2: NP_STAT_SLOTS slots instead of NP_STAT_MAX) */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__type(key, __u32);
 	__type(value, __u64);
-	__uint(max_entries, NP_STAT_MAX);
+	__uint(max_entries, NP_STAT_SLOTS);
 } kpr_npstats_v2 SEC(".maps");
 
 static __always_inline void np_count(__u32 stat)
@@ -131,6 +146,9 @@ enum np_verdict {
 	NP_V_PASS = 0, /* not ours, or left to the stack / the tc program */
 	NP_V_DROP = 1, /* counted in kpr_npstats_v2 */
 	NP_V_FWD  = 2, /* rewrite as struct np_fwd says and send */
+	NP_V_REJECT = 3, /* no backend, reject mode: answer with ICMP port
+			  * unreachable (tc builds it; XDP hands it on);
+			  * counted by whoever sends it */
 };
 
 /* How to rewrite and where to send a packet (NP_V_FWD). */
@@ -305,8 +323,50 @@ static __always_inline int np_open_flow(void *ctx, __u32 ifindex, const struct p
 	return NP_V_FWD;
 }
 
-/* A new flow from @p to the frontend of @skey/@master: pick a backend and
- * open the flow to it. */
+/* Whether the ICMP error of a reject may be sent for @p: not to a source
+ * that is no single host (RFC 1122 3.2.2), nor for a TCP RST (the peer
+ * already gave up). Such packets are dropped instead. */
+static __always_inline int np_can_reject(const struct pkt4 *p)
+{
+	__u32 src = bpf_ntohl(p->saddr);
+
+	if (src == 0 || src == 0xffffffff || (src >> 28) == 0xe || (src >> 24) == 0x7f)
+		return 0;
+	return !(p->proto == IPPROTO_TCP && (p->tcp_flags & TCP_FLAG_RST));
+}
+
+/* A new flow to a frontend that has no backend to pick. kube-proxy rejects
+ * when the Service has no endpoint at all and drops when only a Local
+ * external policy leaves this node without one (the endpoints elsewhere
+ * are the load balancer's to find, through the health check node port);
+ * the frontend's Internal-scope entry holds the cluster-wide set, so its
+ * count tells the two apart. A frontend whose pick failed although it has
+ * backends (a slot changing under the reconciler) is dropped as well. */
+static __always_inline int np_no_backend(struct lb_svc_key *skey,
+					 const struct lb_svc_val *master,
+					 const struct pkt4 *p)
+{
+	struct lb_svc_val *cluster;
+
+	if (!no_backend_reject || master->count != 0 || !np_can_reject(p))
+		goto drop;
+	if (master->flags & SVC_F_ETP_LOCAL) {
+		skey->scope = LB_SCOPE_INT;
+		cluster = lb_lookup_master(skey);
+		skey->scope = LB_SCOPE_EXT;
+		if (cluster && cluster->count != 0)
+			goto drop;
+	}
+	return NP_V_REJECT;
+drop:
+	np_count(NP_STAT_NO_BACKEND);
+	return NP_V_DROP;
+}
+
+/* A new flow from @p to the frontend of @skey/@master: pick a backend
+ * (session affinity, the frontend's Maglev table or at random), answer as
+ * --service-no-backend-response says when there is none, else open the
+ * flow to it (local, SNAT or DSR). */
 static __always_inline int np_new_flow(void *ctx, __u32 ifindex, const struct pkt4 *p,
 				       struct lb_svc_key *skey, const struct lb_svc_val *master,
 				       const struct ct_key *okey, struct np_fwd *fwd, __u32 opts)
@@ -317,8 +377,12 @@ static __always_inline int np_new_flow(void *ctx, __u32 ifindex, const struct pk
 	__u64 client = (1ULL << 63) | bpf_ntohl(p->saddr);
 	__u32 backend_id;
 
-	backend = lb_select_backend(skey, master, client, &backend_id);
-	if (!backend || !lb_addr_is_v4(backend->addr)) {
+	backend = lb_select_backend_hashed(skey, master, client,
+					   lb_flow_hash4(p->saddr, p->sport, p->dport, p->proto),
+					   &backend_id);
+	if (!backend)
+		return np_no_backend(skey, master, p);
+	if (!lb_addr_is_v4(backend->addr)) {
 		np_count(NP_STAT_NO_BACKEND);
 		return NP_V_DROP;
 	}
@@ -421,6 +485,17 @@ static __always_inline int np_ingress(void *ctx, __u32 ifindex, const struct pkt
 			return v;
 		}
 		ct_delete_pair(&key, e);
+	}
+	/* loadBalancerSourceRanges hold for new flows only, as kube-proxy's
+	 * firewall does for connections conntrack already knows. */
+	if (master->flags & SVC_F_SRC_RANGE) {
+		__be32 saddr[4];
+
+		lb_addr_set_v4(saddr, p->saddr);
+		if (!lb_src_allowed(master, saddr)) {
+			np_count(NP_STAT_SRC_RANGE);
+			return NP_V_DROP;
+		}
 	}
 	v = np_new_flow(ctx, ifindex, p, &skey, master, &key, fwd, opts);
 	if (v == NP_V_FWD)

@@ -57,38 +57,76 @@ lb_pick_random(struct lb_svc_key *key, const struct lb_svc_val *master)
 	return slot ? slot->backend_id : 0;
 }
 
-/* Backend for a client of a frontend with ClientIP affinity: the one this
- * client used within affinity_timeout seconds if it still exists, else a
- * new random pick that is remembered. The agent removes affinity entries
- * that point at backends it takes out of the frontend. */
+/* The backend @client used for the frontend of @master within its
+ * affinity_timeout, if it still exists (its time is refreshed), else NULL.
+ * The agent removes affinity entries that point at backends it takes out
+ * of the frontend. */
 static __always_inline struct lb_backend *
-lb_select_affine(struct lb_svc_key *key, const struct lb_svc_val *master,
-		 __u64 client, __u32 *backend_id)
+lb_affinity_lookup(const struct lb_svc_val *master, __u64 client, __u32 *backend_id)
 {
 	struct lb_affinity_key akey = { .client = client, .svc_id = master->svc_id };
-	struct lb_affinity_val *aval, nval = {};
+	struct lb_affinity_val *aval;
 	struct lb_backend *backend;
 	__u64 now = bpf_ktime_get_ns();
 
 	aval = bpf_map_lookup_elem(&kpr_affinity_v1, &akey);
-	if (aval && now - aval->last_used_ns <=
-		    (__u64)master->affinity_timeout * NSEC_PER_SEC) {
-		backend = lb_lookup_backend(aval->backend_id);
-		if (backend) {
-			aval->last_used_ns = now;
-			*backend_id = aval->backend_id;
-			return backend;
-		}
-	}
-
-	nval.backend_id = lb_pick_random(key, master);
-	*backend_id = nval.backend_id;
-	backend = lb_lookup_backend(nval.backend_id);
+	if (!aval || now - aval->last_used_ns >
+			     (__u64)master->affinity_timeout * NSEC_PER_SEC)
+		return NULL;
+	backend = lb_lookup_backend(aval->backend_id);
 	if (backend) {
-		nval.last_used_ns = now;
-		bpf_map_update_elem(&kpr_affinity_v1, &akey, &nval, BPF_ANY);
+		aval->last_used_ns = now;
+		*backend_id = aval->backend_id;
 	}
 	return backend;
+}
+
+/* Remembers @backend_id as @client's backend for the frontend of @master. */
+static __always_inline void
+lb_affinity_remember(const struct lb_svc_val *master, __u64 client, __u32 backend_id)
+{
+	struct lb_affinity_key akey = { .client = client, .svc_id = master->svc_id };
+	struct lb_affinity_val nval = {
+		.last_used_ns = bpf_ktime_get_ns(),
+		.backend_id = backend_id,
+	};
+
+	bpf_map_update_elem(&kpr_affinity_v1, &akey, &nval, BPF_ANY);
+}
+
+/* Backend for a client of a frontend with ClientIP affinity: the one this
+ * client used within affinity_timeout seconds if it still exists, else a
+ * new random pick that is remembered. */
+static __always_inline struct lb_backend *
+lb_select_affine(struct lb_svc_key *key, const struct lb_svc_val *master,
+		 __u64 client, __u32 *backend_id)
+{
+	struct lb_backend *backend;
+
+	backend = lb_affinity_lookup(master, client, backend_id);
+	if (backend)
+		return backend;
+	*backend_id = lb_pick_random(key, master);
+	backend = lb_lookup_backend(*backend_id);
+	if (backend)
+		lb_affinity_remember(master, client, *backend_id);
+	return backend;
+}
+
+/* Whether a client at @saddr (16 bytes, IPv4-mapped for IPv4) may open a
+ * flow to the frontend of @master: always, unless the frontend has
+ * loadBalancerSourceRanges and none of its prefixes holds @saddr. */
+static __always_inline int lb_src_allowed(const struct lb_svc_val *master,
+					  const __be32 saddr[4])
+{
+	struct lb_srcrange_key key;
+
+	if (!(master->flags & SVC_F_SRC_RANGE))
+		return 1;
+	key.prefixlen = 32 + 128;
+	key.svc_id = master->svc_id;
+	__builtin_memcpy(key.addr, saddr, sizeof(key.addr));
+	return bpf_map_lookup_elem(&kpr_srcrange_v1, &key) != NULL;
 }
 
 /* The backend for a new flow to the frontend of @master, or NULL when the

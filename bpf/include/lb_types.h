@@ -14,8 +14,10 @@
  *
  * Any change to a struct here is a layout change: bump KPR_LAYOUT_VERSION
  * and the _vN suffix of every map name in lb_maps.h. The one exception is
- * giving meaning to bytes that were padding, when zero (what every older
- * writer left there) means the old behaviour: struct lb_backend.flags.
+ * giving meaning to bits or bytes that were always zero, when zero (what
+ * every older writer left there) means the old behaviour:
+ * struct lb_backend.flags, SVC_F_SRC_RANGE, SVC_F_SRC_RANGE_NODE,
+ * SVC_F_MAGLEV, CT_F_DSR_ENCAP, CT_F_DSR_DECAP.
  */
 #ifndef KPR_LB_TYPES_H
 #define KPR_LB_TYPES_H
@@ -40,6 +42,14 @@ enum lb_svc_flags {
 	SVC_F_HAS_INT_SCOPE = 1 << 5, /* node-local traffic uses the LB_SCOPE_INT entries */
 	SVC_F_ETP_LOCAL     = 1 << 6, /* externalTrafficPolicy Local */
 	SVC_F_ITP_LOCAL     = 1 << 7, /* internalTrafficPolicy Local */
+	SVC_F_SRC_RANGE     = 1 << 8, /* loadBalancerSourceRanges: new flows only from
+				       * the prefixes kpr_srcrange_v1 holds for svc_id */
+	SVC_F_SRC_RANGE_NODE = 1 << 9, /* with SVC_F_SRC_RANGE: a prefix holds a node
+					* address, so a node-local client whose source
+					* is not known yet (unbound socket) is let in */
+	SVC_F_MAGLEV        = 1 << 10, /* north-south new flows pick from the
+					  * frontend's Maglev table (kpr_maglev_v1[svc_id]);
+					  * zero, as every older writer left it, is random */
 };
 
 /* Backend states (struct lb_backend.state). */
@@ -67,6 +77,15 @@ struct lb_svc_val {
 	__u32 affinity_timeout; /* slot 0: seconds of ClientIP affinity, 0 = off */
 	__u16 flags;            /* slot 0: enum lb_svc_flags */
 	__u16 pad;              /* must be zero */
+};
+
+/* Key of the source-range map (kpr_srcrange_v1, an LPM trie; the value is
+ * a __u8 that is always 1). One entry per (frontend, allowed prefix); a
+ * frontend has entries only while its master carries SVC_F_SRC_RANGE. */
+struct lb_srcrange_key {
+	__u32  prefixlen;    /* LPM trie header: 32 (svc_id) + prefix bits of addr */
+	__u32  svc_id;       /* frontend id (struct lb_svc_val.svc_id), matched whole */
+	__be32 addr[4];      /* prefix, IPv4-mapped for IPv4 (an IPv4 /n is /96+n) */
 };
 
 /* Flags of a backend (struct lb_backend.flags). */
@@ -184,8 +203,9 @@ struct ct_entry {
 	__u64  expires_ns;   /* bpf_ktime_get_ns() after which the entry is stale */
 };
 
-/* Counters of the north-south datapath (index into kpr_npstats_v2; v1 had
- * the first ten: more counters are a new map, see src/datapath/nodeport.rs). */
+/* Counters of the north-south datapath (index into kpr_npstats_v2, which
+ * has NP_STAT_SLOTS slots: a new counter takes the next index and is no
+ * layout change; an index is never reused for another meaning). */
 enum np_stat {
 	NP_STAT_FLOW_NEW       = 0, /* flows created */
 	NP_STAT_FLOW_SNAT      = 1, /* ... of which source-NATed (remote backend) */
@@ -199,15 +219,23 @@ enum np_stat {
 				     * live flow (client port reused across frontends) */
 	NP_STAT_TTL            = 8, /* dropped: TTL exhausted */
 	NP_STAT_XDP_FWD        = 9, /* packets XDP translated and redirected itself */
-	NP_STAT_FLOW_DSR       = 10, /* flows created with DSR (remote backend, IPIP) */
-	NP_STAT_DSR_DECAP      = 11, /* encapsulated DSR packets delivered to a local backend */
-	NP_STAT_DSR_MISS       = 12, /* IPIP packets for no local backend of a frontend
+	NP_STAT_NO_BACKEND_REJECT = 10, /* frontend without backend: answered with
+					 * ICMP port unreachable (reject mode) */
+	NP_STAT_SRC_RANGE      = 11, /* dropped: source outside loadBalancerSourceRanges */
+	NP_STAT_FLOW_DSR       = 12, /* flows created with DSR (remote backend, IPIP) */
+	NP_STAT_DSR_DECAP      = 13, /* encapsulated DSR packets delivered to a local backend */
+	NP_STAT_DSR_MISS       = 14, /* IPIP packets for no local backend of a frontend
 				      * (left alone: not ours, or not programmed yet) */
-	NP_STAT_DSR_TOO_BIG    = 13, /* dropped: too big for the encapsulation (an ICMP
+	NP_STAT_DSR_TOO_BIG    = 15, /* dropped: too big for the encapsulation (an ICMP
 				      * fragmentation-needed goes to the client) */
-	NP_STAT_MSS_CLAMP      = 14, /* DSR SYN-ACKs whose TCP MSS was lowered */
-	NP_STAT_MAX            = 15,
+	NP_STAT_MSS_CLAMP      = 16, /* DSR SYN-ACKs whose TCP MSS was lowered */
+	NP_STAT_MAX            = 17,
 };
+
+/* Slots of kpr_npstats_v2: room for counters to come, so adding one is
+ * not a layout change of the pinned map. */
+#define NP_STAT_SLOTS 32
+_Static_assert(NP_STAT_MAX <= NP_STAT_SLOTS, "kpr_npstats_v2 has NP_STAT_SLOTS slots");
 
 /* How north-south flows reach a backend on another node (the agent's
  * --nodeport-mode, const volatile nodeport_mode in lb_dsr.h). */

@@ -18,6 +18,7 @@ use crate::datapath::kernel::to_io;
 use crate::datapath::layout::{self, as_bytes, from_bytes, CtDir, CtRecord};
 use crate::datapath::nodeport::{CT_PIN, STATS_PIN};
 use crate::datapath::skel::nodeport::types::{ct_entry, ct_key};
+use crate::datapath::skel::sock_lb::types::np_stat;
 
 /// The pinned conntrack map.
 pub struct CtMap {
@@ -131,6 +132,11 @@ pub struct NodePortStats {
     /// Packets XDP translated and redirected itself (the rest of
     /// `packets_fwd` and `packets_reply` went through tc).
     pub xdp_fwd: u64,
+    /// New flows to a frontend without backend answered with ICMP port
+    /// unreachable (--service-no-backend-response reject).
+    pub reject_no_backend: u64,
+    /// New flows dropped: source outside loadBalancerSourceRanges.
+    pub drop_source_range: u64,
     /// Flows created with DSR (remote backend, IPIP to its node).
     pub flows_dsr: u64,
     /// Packets other nodes encapsulated for DSR, delivered to a local backend.
@@ -149,7 +155,8 @@ impl NodePortStats {
         let pin = bpf_root.join(STATS_PIN);
         let map = MapHandle::from_pinned_path(&pin)
             .with_context(|| format!("opening {}", pin.display()))?;
-        let mut v = [0u64; 15];
+        // Indexes from the BTF of enum np_stat, not copied by hand.
+        let mut v = [0u64; np_stat::NP_STAT_MAX.0 as usize];
         for (i, slot) in v.iter_mut().enumerate() {
             let per_cpu = map
                 .lookup_percpu(&(i as u32).to_ne_bytes(), MapFlags::ANY)
@@ -161,22 +168,25 @@ impl NodePortStats {
                 .filter_map(|b| b.get(..8)?.try_into().ok().map(u64::from_ne_bytes))
                 .sum();
         }
+        let at = |s: np_stat| v[s.0 as usize];
         Ok(NodePortStats {
-            flows_new: v[0],
-            flows_snat: v[1],
-            packets_fwd: v[2],
-            packets_reply: v[3],
-            drop_no_backend: v[4],
-            drop_snat_exhausted: v[5],
-            drop_fib: v[6],
-            drop_ct: v[7],
-            drop_ttl: v[8],
-            xdp_fwd: v[9],
-            flows_dsr: v[10],
-            dsr_decap: v[11],
-            dsr_miss: v[12],
-            drop_dsr_too_big: v[13],
-            mss_clamped: v[14],
+            flows_new: at(np_stat::NP_STAT_FLOW_NEW),
+            flows_snat: at(np_stat::NP_STAT_FLOW_SNAT),
+            packets_fwd: at(np_stat::NP_STAT_FWD),
+            packets_reply: at(np_stat::NP_STAT_REPLY),
+            drop_no_backend: at(np_stat::NP_STAT_NO_BACKEND),
+            drop_snat_exhausted: at(np_stat::NP_STAT_SNAT_EXHAUSTED),
+            drop_fib: at(np_stat::NP_STAT_FIB_FAIL),
+            drop_ct: at(np_stat::NP_STAT_CT_FAIL),
+            drop_ttl: at(np_stat::NP_STAT_TTL),
+            xdp_fwd: at(np_stat::NP_STAT_XDP_FWD),
+            reject_no_backend: at(np_stat::NP_STAT_NO_BACKEND_REJECT),
+            drop_source_range: at(np_stat::NP_STAT_SRC_RANGE),
+            flows_dsr: at(np_stat::NP_STAT_FLOW_DSR),
+            dsr_decap: at(np_stat::NP_STAT_DSR_DECAP),
+            dsr_miss: at(np_stat::NP_STAT_DSR_MISS),
+            drop_dsr_too_big: at(np_stat::NP_STAT_DSR_TOO_BIG),
+            mss_clamped: at(np_stat::NP_STAT_MSS_CLAMP),
         })
     }
 }

@@ -261,6 +261,7 @@ mod tests {
                     count: slots.len() as u32,
                     svc_type,
                     options: FrontendOptions::default(),
+                    source_ranges: false,
                 },
                 slots,
             },

@@ -1,14 +1,20 @@
 //! An in-memory `LbMaps` for tests and benches without a kernel. It checks
-//! the datapath's invariant after every single entry write — a connect()
+//! the datapath's invariants after every single entry write — a connect()
 //! racing with the reconciler at any point must find every slot of a
-//! master present and pointing at an existing backend — and can be told
-//! to fail after a number of entry writes to test error paths.
+//! master present and pointing at an existing backend, a master that
+//! enforces source ranges must have at least one (else it would refuse
+//! every client), and a Maglev master with backends its table, every slot
+//! of it an existing backend — and can be told to fail after a number of
+//! entry writes to test error paths.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 
+use ipnet::IpNet;
+
 use crate::datapath::maps::{
-    BackendEntry, BackendId, Capacity, LbMaps, MapError, MapName, ServiceId, Snapshot, SvcValue,
+    BackendEntry, BackendId, Capacity, LbMaps, MaglevTable, MaglevTableInfo, MapError, MapName,
+    ServiceId, Snapshot, SvcValue,
 };
 use crate::model::Frontend;
 
@@ -18,6 +24,10 @@ pub struct FakeMaps {
     pub backends: BTreeMap<BackendId, BackendEntry>,
     /// (svc_id, client) -> backend id.
     pub affinity: BTreeMap<(ServiceId, u64), BackendId>,
+    /// (svc_id, allowed prefix).
+    pub source_ranges: BTreeSet<(ServiceId, IpNet)>,
+    /// svc_id -> Maglev table.
+    pub maglev: BTreeMap<ServiceId, MaglevTable>,
     capacity: Option<Capacity>,
     /// Entry writes left before every write fails with EIO; None = never.
     pub fail_after_writes: Option<usize>,
@@ -41,10 +51,63 @@ impl FakeMaps {
 
     /// The maps' content (the `LbMaps::snapshot` of a fake never fails).
     pub fn snapshot_for_tests(&self) -> Snapshot {
-        Snapshot::from_entries(
+        let mut s = Snapshot::from_entries(
             self.services.iter().map(|((fe, slot), v)| (*fe, *slot, *v)),
             self.backends.clone(),
-        )
+        );
+        for (id, net) in &self.source_ranges {
+            s.source_ranges.entry(*id).or_default().insert(*net);
+        }
+        s.maglev = self
+            .maglev
+            .iter()
+            .map(|(id, t)| (*id, MaglevTableInfo::of(t)))
+            .collect();
+        s
+    }
+
+    /// Records a master that enforces source ranges while it has none.
+    fn check_source_ranges(&mut self, svc_id: ServiceId, when: &str) {
+        let enforcing = self
+            .services
+            .values()
+            .any(|v| matches!(v, SvcValue::Master(m) if m.svc_id == svc_id && m.source_ranges));
+        let has_any = self.source_ranges.iter().any(|(id, _)| *id == svc_id);
+        if enforcing && !has_any {
+            self.violations.push(format!(
+                "{when}: frontend id {svc_id} enforces source ranges but has none"
+            ));
+        }
+    }
+
+    /// The frontend id and backend count of every Maglev master.
+    fn maglev_masters(&self) -> Vec<(Frontend, ServiceId, u32)> {
+        self.services
+            .iter()
+            .filter_map(|((fe, _), v)| match v {
+                SvcValue::Master(m) if m.options.maglev => Some((*fe, m.svc_id, m.count)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A Maglev master with backends needs its table, every slot of it an
+    /// existing backend.
+    fn check_maglev(&mut self, fe: &Frontend, svc_id: ServiceId, count: u32, when: &str) {
+        if count == 0 {
+            return;
+        }
+        let problem = match self.maglev.get(&svc_id) {
+            None => Some(format!("{fe:?} is Maglev but table {svc_id} is missing")),
+            Some(t) if t.is_empty() => Some(format!("{fe:?} has an empty Maglev table")),
+            Some(t) => t
+                .iter()
+                .find(|id| !self.backends.contains_key(id))
+                .map(|id| format!("{fe:?} Maglev table -> missing backend {id}")),
+        };
+        if let Some(p) = problem {
+            self.violations.push(format!("{when}: {p}"));
+        }
     }
 
     fn write(&mut self, map: MapName, op: &'static str) -> Result<(), MapError> {
@@ -83,6 +146,11 @@ impl FakeMaps {
                 ));
             }
         }
+        if let Some(SvcValue::Master(m)) = self.services.get(&(*fe, 0)).copied() {
+            if m.options.maglev {
+                self.check_maglev(fe, m.svc_id, m.count, when);
+            }
+        }
         let Some(count) = self.master(fe) else { return };
         for slot in 1..=count as u16 {
             match self.services.get(&(*fe, slot)) {
@@ -104,6 +172,8 @@ impl LbMaps for FakeMaps {
         self.capacity.unwrap_or(Capacity {
             services: 1 << 20,
             backends: 1 << 20,
+            source_ranges: 1 << 20,
+            maglev: 1 << 20,
         })
     }
 
@@ -139,6 +209,17 @@ impl LbMaps for FakeMaps {
             for fe in referencing {
                 self.check_frontend(&fe, "delete backend");
             }
+            let in_tables: Vec<ServiceId> = self
+                .maglev
+                .iter()
+                .filter(|(_, t)| t.contains(id))
+                .map(|(svc_id, _)| *svc_id)
+                .collect();
+            for (fe, svc_id, count) in self.maglev_masters() {
+                if in_tables.contains(&svc_id) {
+                    self.check_maglev(&fe, svc_id, count, "delete backend");
+                }
+            }
         }
         Ok(())
     }
@@ -160,6 +241,35 @@ impl LbMaps for FakeMaps {
             }
             self.services.insert(key, *value);
             self.check_frontend(fe, "put service entry");
+            if let SvcValue::Master(m) = value {
+                self.check_source_ranges(m.svc_id, "put master");
+            }
+        }
+        Ok(())
+    }
+
+    fn put_source_ranges(&mut self, entries: &[(ServiceId, IpNet)]) -> Result<(), MapError> {
+        for entry in entries {
+            self.write(MapName::SourceRanges, "update")?;
+            if !self.source_ranges.contains(entry)
+                && self.source_ranges.len() >= self.capacity().source_ranges
+            {
+                return Err(MapError::new(
+                    "update",
+                    MapName::SourceRanges,
+                    io::Error::from_raw_os_error(libc::E2BIG),
+                ));
+            }
+            self.source_ranges.insert(*entry);
+        }
+        Ok(())
+    }
+
+    fn delete_source_ranges(&mut self, entries: &[(ServiceId, IpNet)]) -> Result<(), MapError> {
+        for entry in entries {
+            self.write(MapName::SourceRanges, "delete")?;
+            self.source_ranges.remove(entry);
+            self.check_source_ranges(entry.0, "delete source range");
         }
         Ok(())
     }
@@ -169,6 +279,39 @@ impl LbMaps for FakeMaps {
             self.write(MapName::Services, "delete")?;
             self.services.remove(key);
             self.check_frontend(&key.0, "delete service entry");
+        }
+        Ok(())
+    }
+
+    fn put_maglev_tables(&mut self, tables: &[(ServiceId, MaglevTable)]) -> Result<(), MapError> {
+        for (svc_id, table) in tables {
+            self.write(MapName::Maglev, "update")?;
+            if !self.maglev.contains_key(svc_id) && self.maglev.len() >= self.capacity().maglev {
+                return Err(MapError::new(
+                    "update",
+                    MapName::Maglev,
+                    io::Error::from_raw_os_error(libc::E2BIG),
+                ));
+            }
+            if let Some(id) = table.iter().find(|id| !self.backends.contains_key(id)) {
+                self.violations.push(format!(
+                    "put Maglev table: table {svc_id} -> missing backend {id}"
+                ));
+            }
+            self.maglev.insert(*svc_id, table.clone());
+        }
+        Ok(())
+    }
+
+    fn delete_maglev_tables(&mut self, ids: &[ServiceId]) -> Result<(), MapError> {
+        for svc_id in ids {
+            self.write(MapName::Maglev, "delete")?;
+            self.maglev.remove(svc_id);
+            for (fe, id, count) in self.maglev_masters() {
+                if id == *svc_id {
+                    self.check_maglev(&fe, id, count, "delete Maglev table");
+                }
+            }
         }
         Ok(())
     }

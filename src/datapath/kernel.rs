@@ -2,18 +2,21 @@
 //! per ordered step of a plan, so a full sync of 100k entries costs a few
 //! syscalls per thousand entries instead of one per entry.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 
-use libbpf_rs::{ErrorKind, MapCore, MapFlags, MapHandle};
+use ipnet::IpNet;
+use libbpf_rs::{ErrorKind, MapCore, MapFlags, MapHandle, MapType};
 
 use crate::datapath::layout::{self, as_bytes, from_bytes, Pod};
 use crate::datapath::maps::{
-    BackendEntry, BackendId, Capacity, LbMaps, MapError, MapName, ServiceId, Snapshot, SvcValue,
+    BackendEntry, BackendId, Capacity, LbMaps, MaglevTable, MaglevTableInfo, MapError, MapName,
+    ServiceId, Snapshot, SvcValue,
 };
 use crate::datapath::skel::sock_lb::types::{
-    lb_affinity_key, lb_affinity_val, lb_backend, lb_svc_key, lb_svc_val,
+    lb_affinity_key, lb_affinity_val, lb_backend, lb_srcrange_key, lb_svc_key, lb_svc_val,
 };
 use crate::model::Frontend;
 
@@ -23,7 +26,13 @@ pub struct KernelMaps {
     backends: MapHandle,
     affinity: MapHandle,
     sock_revnat: MapHandle,
+    source_ranges: MapHandle,
+    /// Hash of maps: frontend id -> Maglev table (an array map).
+    maglev: MapHandle,
 }
+
+/// Name of the Maglev tables (inner maps), as `bpftool map` shows them.
+const MAGLEV_TABLE_NAME: &str = "kpr_maglev_tbl";
 
 /// libbpf-rs errors carry an errno-like kind; keep the errno where it matters.
 pub(crate) fn to_io(err: libbpf_rs::Error) -> io::Error {
@@ -57,6 +66,8 @@ impl KernelMaps {
             backends: open(MapName::Backends)?,
             affinity: open(MapName::Affinity)?,
             sock_revnat: open(MapName::SockRevNat)?,
+            source_ranges: open(MapName::SourceRanges)?,
+            maglev: open(MapName::Maglev)?,
         })
     }
 
@@ -66,6 +77,8 @@ impl KernelMaps {
             MapName::Backends => &self.backends,
             MapName::Affinity => &self.affinity,
             MapName::SockRevNat => &self.sock_revnat,
+            MapName::SourceRanges => &self.source_ranges,
+            MapName::Maglev => &self.maglev,
         }
     }
 
@@ -121,6 +134,70 @@ impl KernelMaps {
             .map_err(|e| MapError::new("update", name, to_io(e)))
     }
 
+    /// A new Maglev table holding `table`. BPF_F_INNER_MAP, as the outer
+    /// map's template (bpf/include/lb_maps.h), so any size fits.
+    fn create_maglev_table(&self, table: &[BackendId]) -> Result<MapHandle, MapError> {
+        let err = |op, e| MapError::new(op, MapName::Maglev, to_io(e));
+        let opts = libbpf_sys::bpf_map_create_opts {
+            sz: std::mem::size_of::<libbpf_sys::bpf_map_create_opts>() as libbpf_sys::size_t,
+            map_flags: libbpf_sys::BPF_F_INNER_MAP,
+            ..Default::default()
+        };
+        let map = MapHandle::create(
+            MapType::Array,
+            Some(MAGLEV_TABLE_NAME),
+            4,
+            4,
+            table.len() as u32,
+            &opts,
+        )
+        .map_err(|e| err("create table", e))?;
+        let keys: Vec<u8> = (0..table.len() as u32).flat_map(u32::to_ne_bytes).collect();
+        let values: Vec<u8> = table.iter().flat_map(|id| id.to_ne_bytes()).collect();
+        map.update_batch(
+            &keys,
+            &values,
+            table.len() as u32,
+            MapFlags::ANY,
+            MapFlags::ANY,
+        )
+        .map_err(|e| err("fill table", e))?;
+        Ok(map)
+    }
+
+    /// The Maglev tables, read back (a table shared by several frontends
+    /// is read once).
+    fn maglev_tables(&self) -> Result<BTreeMap<ServiceId, MaglevTableInfo>, MapError> {
+        let mut out = BTreeMap::new();
+        let mut by_inner: HashMap<u32, MaglevTableInfo> = HashMap::new();
+        for (svc_id, inner_id) in self.entries::<u32, u32>(MapName::Maglev)? {
+            if let Some(info) = by_inner.get(&inner_id) {
+                out.insert(svc_id, *info);
+                continue;
+            }
+            // A table replaced or removed since the key walk is skipped.
+            let Ok(table) = MapHandle::from_map_id(inner_id) else {
+                continue;
+            };
+            let size = table.max_entries() as usize;
+            let mut slots = vec![0 as BackendId; size];
+            let batch = table
+                .lookup_batch(table.max_entries().max(1), MapFlags::ANY, MapFlags::ANY)
+                .map_err(|e| MapError::new("lookup", MapName::Maglev, to_io(e)))?;
+            for (k, v) in batch {
+                if let (Some(k), Some(v)) = (from_bytes::<u32>(&k), from_bytes::<u32>(&v)) {
+                    if let Some(slot) = slots.get_mut(k as usize) {
+                        *slot = v;
+                    }
+                }
+            }
+            let info = MaglevTableInfo::of(&slots);
+            by_inner.insert(inner_id, info);
+            out.insert(svc_id, info);
+        }
+        Ok(out)
+    }
+
     fn delete_batch<K: Pod>(&self, name: MapName, keys: &[K]) -> Result<(), MapError> {
         if keys.is_empty() {
             return Ok(());
@@ -151,6 +228,8 @@ impl LbMaps for KernelMaps {
         Capacity {
             services: self.max_entries(MapName::Services),
             backends: self.max_entries(MapName::Backends),
+            source_ranges: self.max_entries(MapName::SourceRanges),
+            maglev: self.max_entries(MapName::Maglev),
         }
     }
 
@@ -165,7 +244,21 @@ impl LbMaps for KernelMaps {
             .iter()
             .filter_map(|(id, v)| Some((*id, layout::decode_backend(v)?)))
             .collect();
-        Ok(Snapshot::from_entries(svc, backends))
+        let mut snapshot = Snapshot::from_entries(svc, backends);
+        // An LPM trie's lookup matches prefixes, not keys: walk the keys.
+        for key in self.source_ranges.keys() {
+            if let Some((svc_id, net)) =
+                from_bytes::<lb_srcrange_key>(&key).and_then(|k| layout::decode_srcrange_key(&k))
+            {
+                snapshot
+                    .source_ranges
+                    .entry(svc_id)
+                    .or_default()
+                    .insert(net);
+            }
+        }
+        snapshot.maglev = self.maglev_tables()?;
+        Ok(snapshot)
     }
 
     fn put_backends(&mut self, entries: &[(BackendId, BackendEntry)]) -> Result<(), MapError> {
@@ -197,6 +290,61 @@ impl LbMaps for KernelMaps {
             .map(|(fe, slot)| layout::svc_key(fe, *slot))
             .collect();
         self.delete_batch(MapName::Services, &raw)
+    }
+
+    // One syscall per entry: an LPM trie has no batch operations on every
+    // kernel kpr supports, and a Service has a handful of ranges.
+    fn put_source_ranges(&mut self, entries: &[(ServiceId, IpNet)]) -> Result<(), MapError> {
+        for (svc_id, net) in entries {
+            let key = layout::srcrange_key(*svc_id, net);
+            self.source_ranges
+                .update(as_bytes(&key), &[1u8], MapFlags::ANY)
+                .map_err(|e| MapError::new("update", MapName::SourceRanges, to_io(e)))?;
+        }
+        Ok(())
+    }
+
+    fn delete_source_ranges(&mut self, entries: &[(ServiceId, IpNet)]) -> Result<(), MapError> {
+        for (svc_id, net) in entries {
+            let key = layout::srcrange_key(*svc_id, net);
+            match self.source_ranges.delete(as_bytes(&key)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(MapError::new("delete", MapName::SourceRanges, to_io(e))),
+            }
+        }
+        Ok(())
+    }
+
+    fn put_maglev_tables(&mut self, tables: &[(ServiceId, MaglevTable)]) -> Result<(), MapError> {
+        // Frontends handed the same table (one Arc) share one inner map.
+        let mut created: HashMap<*const BackendId, MapHandle> = HashMap::new();
+        for (svc_id, table) in tables {
+            let inner = match created.entry(table.as_ptr()) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(self.create_maglev_table(table)?)
+                }
+            };
+            let fd = inner.as_fd().as_raw_fd() as u32;
+            // Replacing the value swaps the table atomically for readers.
+            self.maglev
+                .update(&svc_id.to_ne_bytes(), &fd.to_ne_bytes(), MapFlags::ANY)
+                .map_err(|e| MapError::new("update", MapName::Maglev, to_io(e)))?;
+        }
+        // The outer map holds its own references; the fds close here.
+        Ok(())
+    }
+
+    fn delete_maglev_tables(&mut self, ids: &[ServiceId]) -> Result<(), MapError> {
+        for svc_id in ids {
+            match self.maglev.delete(&svc_id.to_ne_bytes()) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(MapError::new("delete", MapName::Maglev, to_io(e))),
+            }
+        }
+        Ok(())
     }
 
     fn prune_affinity(

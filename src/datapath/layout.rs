@@ -5,12 +5,14 @@
 
 use std::net::{IpAddr, Ipv6Addr};
 
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
 use crate::datapath::dsr::DsrKey;
 use crate::datapath::maps::{BackendEntry, BackendId, MasterEntry, ServiceId, SvcValue};
 use crate::datapath::skel::nodeport::types::{ct_entry, ct_key, dsr_key};
 use crate::datapath::skel::sock_lb::types::{
-    lb_affinity_key, lb_affinity_val, lb_backend, lb_backend_flags, lb_backend_state, lb_scope,
-    lb_svc_flags, lb_svc_key, lb_svc_val,
+    ct_dir, ct_flags, lb_affinity_key, lb_affinity_val, lb_backend, lb_backend_flags,
+    lb_backend_state, lb_scope, lb_srcrange_key, lb_svc_flags, lb_svc_key, lb_svc_val,
 };
 use crate::model::{BackendState, Frontend, FrontendOptions, L4Addr, Protocol, Scope, ServiceType};
 
@@ -28,6 +30,9 @@ const SVC_F_AFFINITY: u16 = lb_svc_flags::SVC_F_AFFINITY.0 as u16;
 const SVC_F_HAS_INT_SCOPE: u16 = lb_svc_flags::SVC_F_HAS_INT_SCOPE.0 as u16;
 const SVC_F_ETP_LOCAL: u16 = lb_svc_flags::SVC_F_ETP_LOCAL.0 as u16;
 const SVC_F_ITP_LOCAL: u16 = lb_svc_flags::SVC_F_ITP_LOCAL.0 as u16;
+const SVC_F_SRC_RANGE: u16 = lb_svc_flags::SVC_F_SRC_RANGE.0 as u16;
+const SVC_F_SRC_RANGE_NODE: u16 = lb_svc_flags::SVC_F_SRC_RANGE_NODE.0 as u16;
+const SVC_F_MAGLEV: u16 = lb_svc_flags::SVC_F_MAGLEV.0 as u16;
 const BE_STATE_ACTIVE: u8 = lb_backend_state::BE_STATE_ACTIVE.0 as u8;
 const BE_STATE_TERMINATING: u8 = lb_backend_state::BE_STATE_TERMINATING.0 as u8;
 const BE_F_LOCAL: u8 = lb_backend_flags::BE_F_LOCAL.0 as u8;
@@ -41,6 +46,8 @@ impl Pod for lb_backend {}
 impl Pod for lb_affinity_key {}
 impl Pod for lb_affinity_val {}
 impl Pod for u32 {}
+impl Pod for u8 {}
+impl Pod for lb_srcrange_key {}
 impl Pod for ct_key {}
 impl Pod for ct_entry {}
 impl Pod for dsr_key {}
@@ -156,6 +163,15 @@ fn master_flags(m: &MasterEntry) -> u16 {
     if o.internal_traffic_local {
         flags |= SVC_F_ITP_LOCAL;
     }
+    if m.source_ranges {
+        flags |= SVC_F_SRC_RANGE;
+    }
+    if o.source_ranges_admit_node {
+        flags |= SVC_F_SRC_RANGE_NODE;
+    }
+    if o.maglev {
+        flags |= SVC_F_MAGLEV;
+    }
     flags
 }
 
@@ -184,13 +200,52 @@ pub fn decode_svc_value(slot: u16, val: &lb_svc_val) -> Option<SvcValue> {
         has_internal_scope: f & SVC_F_HAS_INT_SCOPE != 0,
         external_traffic_local: f & SVC_F_ETP_LOCAL != 0,
         internal_traffic_local: f & SVC_F_ITP_LOCAL != 0,
+        source_ranges_admit_node: f & SVC_F_SRC_RANGE_NODE != 0,
+        maglev: f & SVC_F_MAGLEV != 0,
     };
     Some(SvcValue::Master(MasterEntry {
         svc_id: val.svc_id,
         count: val.count,
         svc_type,
         options,
+        source_ranges: f & SVC_F_SRC_RANGE != 0,
     }))
+}
+
+/// Bits of a source-range key's prefix taken by the frontend id.
+const SRCRANGE_ID_BITS: u32 = 32;
+
+/// The source-range key of a frontend's allowed prefix. An IPv4 prefix /n
+/// is the IPv4-mapped /96+n, as addresses are in every map (so an IPv6
+/// prefix inside ::ffff:0:0/96 is the same key; translation makes those
+/// IPv4, as kube-proxy does).
+pub fn srcrange_key(svc_id: ServiceId, net: &IpNet) -> lb_srcrange_key {
+    let (addr, bits) = match net.trunc() {
+        IpNet::V4(n) => (IpAddr::V4(n.network()), 96 + u32::from(n.prefix_len())),
+        IpNet::V6(n) => (IpAddr::V6(n.network()), u32::from(n.prefix_len())),
+    };
+    lb_srcrange_key {
+        prefixlen: SRCRANGE_ID_BITS + bits,
+        svc_id,
+        addr: encode_ip(addr),
+    }
+}
+
+/// The frontend id and prefix of a source-range key; None for a key kpr
+/// never writes.
+pub fn decode_srcrange_key(key: &lb_srcrange_key) -> Option<(ServiceId, IpNet)> {
+    let bits = key.prefixlen.checked_sub(SRCRANGE_ID_BITS)?;
+    let bits = u8::try_from(bits).ok().filter(|b| *b <= 128)?;
+    let mut octets = [0u8; 16];
+    for (i, word) in key.addr.iter().enumerate() {
+        octets[4 * i..4 * i + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    let v6 = Ipv6Addr::from(octets);
+    let net = match v6.to_ipv4_mapped() {
+        Some(v4) if bits >= 96 => IpNet::V4(Ipv4Net::new(v4, bits - 96).ok()?),
+        _ => IpNet::V6(Ipv6Net::new(v6, bits).ok()?),
+    };
+    Some((key.svc_id, net))
 }
 
 pub fn backend_value(b: &BackendEntry) -> lb_backend {
@@ -229,16 +284,14 @@ pub fn decode_affinity(key: &lb_affinity_key, val: &lb_affinity_val) -> (Service
     (key.svc_id, val.backend_id)
 }
 
-// enum ct_dir
-const CT_DIR_ORIG: u8 = 0;
-const CT_DIR_REPLY: u8 = 1;
-// enum ct_flags (no variable has that type, so it is not in the BTF the
-// skeleton is generated from; tests::ct_flags_golden_encoding pins them)
-const CT_F_SNAT: u16 = 1 << 0;
-const CT_F_ESTABLISHED: u16 = 1 << 1;
-const CT_F_CLOSING: u16 = 1 << 2;
-const CT_F_DSR_ENCAP: u16 = 1 << 3;
-const CT_F_DSR_DECAP: u16 = 1 << 4;
+// enum ct_dir and enum ct_flags, from BTF like the constants above
+const CT_DIR_ORIG: u8 = ct_dir::CT_DIR_ORIG.0 as u8;
+const CT_DIR_REPLY: u8 = ct_dir::CT_DIR_REPLY.0 as u8;
+const CT_F_SNAT: u16 = ct_flags::CT_F_SNAT.0 as u16;
+const CT_F_ESTABLISHED: u16 = ct_flags::CT_F_ESTABLISHED.0 as u16;
+const CT_F_CLOSING: u16 = ct_flags::CT_F_CLOSING.0 as u16;
+const CT_F_DSR_ENCAP: u16 = ct_flags::CT_F_DSR_ENCAP.0 as u16;
+const CT_F_DSR_DECAP: u16 = ct_flags::CT_F_DSR_DECAP.0 as u16;
 
 /// Which way a conntrack entry's packets go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
@@ -374,6 +427,7 @@ mod tests {
         assert_eq!(size_of::<ct_key>(), 40);
         assert_eq!(size_of::<ct_entry>(), 64);
         assert_eq!(size_of::<dsr_key>(), 36);
+        assert_eq!(size_of::<lb_srcrange_key>(), 24);
     }
 
     #[test]
@@ -413,6 +467,31 @@ mod tests {
         assert!(r(0b100).closing);
         assert!(r(0b1000).dsr_encap && !r(0b1000).dsr_decap);
         assert!(r(0b10000).dsr_decap && !r(0b10000).dsr_encap);
+    }
+
+    #[test]
+    fn srcrange_key_golden_encoding_and_roundtrip() {
+        let net: IpNet = "192.0.2.8/29".parse().unwrap();
+        let k = srcrange_key(5, &net);
+        assert_eq!(
+            hex(&k),
+            //  prefixlen 32+96+29  svc_id 5    ::ffff:192.0.2.8
+            "9d000000".to_string() + "05000000" + "00000000000000000000ffffc0000208"
+        );
+        assert_eq!(decode_srcrange_key(&k), Some((5, net)));
+        // Host bits are cleared; IPv6 keeps its own prefix length.
+        let sloppy: IpNet = "192.0.2.9/29".parse().unwrap();
+        assert_eq!(hex(&srcrange_key(5, &sloppy)), hex(&k));
+        for v6 in ["2001:db8::/32", "::/0", "::fffe:0:0/95"] {
+            let net: IpNet = v6.parse().unwrap();
+            assert_eq!(decode_srcrange_key(&srcrange_key(9, &net)), Some((9, net)));
+        }
+        let all_v4: IpNet = "0.0.0.0/0".parse().unwrap();
+        assert_eq!(srcrange_key(1, &all_v4).prefixlen, 32 + 96);
+        assert_eq!(
+            decode_srcrange_key(&srcrange_key(1, &all_v4)),
+            Some((1, all_v4))
+        );
     }
 
     #[test]
@@ -491,6 +570,7 @@ mod tests {
                 affinity_timeout: Some(10800),
                 ..Default::default()
             },
+            source_ranges: false,
         };
         let v = svc_value(&SvcValue::Master(m));
         //            backend_id count    svc_id   timeout  flags pad
@@ -499,6 +579,62 @@ mod tests {
             "00000000".to_string() + "03000000" + "07000000" + "302a0000" + "1100" + "0000"
         );
         assert_eq!(decode_svc_value(0, &v), Some(SvcValue::Master(m)));
+        // A LoadBalancer frontend with source ranges that admit the node.
+        let lb = MasterEntry {
+            svc_type: ServiceType::LoadBalancer,
+            options: FrontendOptions {
+                source_ranges_admit_node: true,
+                ..Default::default()
+            },
+            source_ranges: true,
+            ..m
+        };
+        let v = svc_value(&SvcValue::Master(lb));
+        assert_eq!(
+            hex(&v)[32..36],
+            *"0403",
+            "LOADBALANCER | SRC_RANGE | SRC_RANGE_NODE"
+        );
+        assert_eq!(decode_svc_value(0, &v), Some(SvcValue::Master(lb)));
+    }
+
+    #[test]
+    fn maglev_master_golden_encoding() {
+        let m = MasterEntry {
+            svc_id: 2,
+            count: 4,
+            svc_type: ServiceType::NodePort,
+            options: FrontendOptions {
+                maglev: true,
+                ..Default::default()
+            },
+            source_ranges: false,
+        };
+        let v = svc_value(&SvcValue::Master(m));
+        //            backend_id count    svc_id   timeout  flags (NODE_PORT | MAGLEV) pad
+        assert_eq!(
+            hex(&v),
+            "00000000".to_string() + "04000000" + "02000000" + "00000000" + "0204" + "0000"
+        );
+        assert_eq!(decode_svc_value(0, &v), Some(SvcValue::Master(m)));
+        // Maglev and source ranges together: distinct bits, all kept.
+        let lb = MasterEntry {
+            svc_type: ServiceType::LoadBalancer,
+            options: FrontendOptions {
+                maglev: true,
+                source_ranges_admit_node: true,
+                ..Default::default()
+            },
+            source_ranges: true,
+            ..m
+        };
+        let v = svc_value(&SvcValue::Master(lb));
+        assert_eq!(
+            hex(&v)[32..36],
+            *"0407",
+            "LOADBALANCER | SRC_RANGE | SRC_RANGE_NODE | MAGLEV"
+        );
+        assert_eq!(decode_svc_value(0, &v), Some(SvcValue::Master(lb)));
     }
 
     #[test]

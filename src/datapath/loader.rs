@@ -45,8 +45,13 @@ pub struct MapSizes {
     pub backends: u32,
     pub affinity: u32,
     pub sock_revnat: u32,
+    /// loadBalancerSourceRanges: one entry per (frontend, prefix).
+    pub source_ranges: u32,
     /// North-south conntrack (two entries per flow).
     pub ct: u32,
+    /// Maglev tables (one per north-south frontend with Maglev); each
+    /// table's memory is its own, `4 x --maglev-table-size` bytes.
+    pub maglev: u32,
 }
 
 impl Default for MapSizes {
@@ -56,7 +61,9 @@ impl Default for MapSizes {
             backends: 65536,
             affinity: 65536,
             sock_revnat: 262144,
+            source_ranges: 65536,
             ct: 131072,
+            maglev: 65536,
         }
     }
 }
@@ -68,6 +75,8 @@ impl MapSizes {
             MapName::Backends => self.backends,
             MapName::Affinity => self.affinity,
             MapName::SockRevNat => self.sock_revnat,
+            MapName::SourceRanges => self.source_ranges,
+            MapName::Maglev => self.maglev,
         }
     }
 }
@@ -79,7 +88,9 @@ pub struct Hook {
     program: &'static str,
 }
 
-pub const SOCK_HOOKS: [Hook; 8] = [
+/// Every socket-LB hook: the sock_addr ones (translation), then post_bind4
+/// and post_bind6 (NodePort bind protection).
+pub const SOCK_HOOKS: [Hook; 10] = [
     Hook {
         attach_point: "connect4",
         program: "kpr_connect4",
@@ -111,6 +122,14 @@ pub const SOCK_HOOKS: [Hook; 8] = [
     Hook {
         attach_point: "getpeername6",
         program: "kpr_getpeername6",
+    },
+    Hook {
+        attach_point: "post_bind4",
+        program: "kpr_post_bind4",
+    },
+    Hook {
+        attach_point: "post_bind6",
+        program: "kpr_post_bind6",
     },
 ];
 
@@ -253,6 +272,7 @@ fn with_loaded<R>(
     }
     if let Some(rodata) = open.maps.rodata_data.as_mut() {
         rodata.use_set_retval = u8::from(options.use_set_retval);
+        rodata.host_netns_cookie = options.host_netns_cookie;
     }
     let maps = &mut open.maps;
     set_map_size(
@@ -283,6 +303,20 @@ fn with_loaded<R>(
         sizes,
         report,
     )?;
+    set_map_size(
+        &mut maps.kpr_srcrange_v1,
+        bpf_root,
+        MapName::SourceRanges,
+        sizes,
+        report,
+    )?;
+    set_map_size(
+        &mut maps.kpr_maglev_v1,
+        bpf_root,
+        MapName::Maglev,
+        sizes,
+        report,
+    )?;
     let skel: SockLbSkel = open.load().context(
         "loading the socket-LB BPF programs (a pinned map of an incompatible definition? run `kpr cleanup`)",
     )?;
@@ -308,8 +342,12 @@ pub fn create_maps(bpf_root: &Path, sizes: &MapSizes) -> Result<LoadReport> {
 pub struct DatapathOptions {
     /// Attach points the kernel lacks: left out.
     pub skip_hooks: Vec<&'static str>,
-    /// bpf_set_retval exists (5.18+): rejected connects get ECONNREFUSED, else EPERM.
+    /// bpf_set_retval exists (5.18+): rejected connects get ECONNREFUSED
+    /// and rejected binds EADDRINUSE, else both EPERM.
     pub use_set_retval: bool,
+    /// Network namespace cookie of the node's own sockets, the ones bind
+    /// protection applies to (the agent's namespace); 0: none.
+    pub host_netns_cookie: u64,
 }
 
 impl Default for DatapathOptions {
@@ -317,6 +355,7 @@ impl Default for DatapathOptions {
         DatapathOptions {
             skip_hooks: Vec::new(),
             use_set_retval: true,
+            host_netns_cookie: 0,
         }
     }
 }
@@ -383,6 +422,8 @@ fn program<'a>(skel: &'a SockLbSkel<'_>, hook: &Hook) -> Result<&'a ProgramMut<'
         "kpr_recvmsg6" => &p.kpr_recvmsg6,
         "kpr_getpeername4" => &p.kpr_getpeername4,
         "kpr_getpeername6" => &p.kpr_getpeername6,
+        "kpr_post_bind4" => &p.kpr_post_bind4,
+        "kpr_post_bind6" => &p.kpr_post_bind6,
         other => bail!("no program {other} in the socket-LB object"),
     })
 }

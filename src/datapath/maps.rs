@@ -3,9 +3,11 @@
 //! performs on them. `kernel::KernelMaps` implements it on pinned BPF maps,
 //! `fake::FakeMaps` in memory (with fault injection) for tests.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::sync::Arc;
 
+use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::model::{BackendState, Frontend, FrontendOptions, L4Addr, ServiceType};
@@ -23,14 +25,20 @@ pub enum MapName {
     Backends,
     Affinity,
     SockRevNat,
+    /// loadBalancerSourceRanges: (frontend id, prefix), an LPM trie.
+    SourceRanges,
+    /// Frontend id -> Maglev table (north-south).
+    Maglev,
 }
 
 impl MapName {
-    pub const ALL: [MapName; 4] = [
+    pub const ALL: [MapName; 6] = [
         MapName::Services,
         MapName::Backends,
         MapName::Affinity,
         MapName::SockRevNat,
+        MapName::SourceRanges,
+        MapName::Maglev,
     ];
 
     /// The map's pinned name; the suffix is the layout version.
@@ -40,6 +48,8 @@ impl MapName {
             MapName::Backends => "kpr_backends_v1",
             MapName::Affinity => "kpr_affinity_v1",
             MapName::SockRevNat => "kpr_sockrnat_v1",
+            MapName::SourceRanges => "kpr_srcrange_v1",
+            MapName::Maglev => "kpr_maglev_v1",
         }
     }
 
@@ -49,6 +59,8 @@ impl MapName {
             MapName::Backends => "backends",
             MapName::Affinity => "affinity",
             MapName::SockRevNat => "sock_revnat",
+            MapName::SourceRanges => "source_ranges",
+            MapName::Maglev => "maglev",
         }
     }
 }
@@ -66,6 +78,10 @@ pub struct Capacity {
     pub services: usize,
     /// Entries of the backends map.
     pub backends: usize,
+    /// Entries of the source-range map: one per (frontend, prefix).
+    pub source_ranges: usize,
+    /// Maglev tables: one per frontend with Maglev and backends.
+    pub maglev: usize,
 }
 
 /// Slot 0 of a frontend.
@@ -76,6 +92,9 @@ pub struct MasterEntry {
     pub count: u32,
     pub svc_type: ServiceType,
     pub options: FrontendOptions,
+    /// The source-range map holds this frontend's loadBalancerSourceRanges
+    /// (keyed by `svc_id`) and the datapath enforces them.
+    pub source_ranges: bool,
 }
 
 /// A value of the services map.
@@ -105,11 +124,43 @@ pub struct FrontendEntries {
     pub slots: Vec<BackendId>,
 }
 
-/// The content of the services and backends maps.
+/// A Maglev table: the backend id of every slot.
+pub type MaglevTable = Arc<[BackendId]>;
+
+/// What the reconciler keeps of a Maglev table in the maps: enough to tell
+/// whether it is the one it would write, without holding every slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MaglevTableInfo {
+    /// Slots of the table.
+    pub size: u32,
+    /// A hash of its content (only compared within one process).
+    pub digest: u64,
+}
+
+impl MaglevTableInfo {
+    /// The size and digest of `table`.
+    pub fn of(table: &[BackendId]) -> MaglevTableInfo {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        table.hash(&mut h);
+        MaglevTableInfo {
+            size: table.len() as u32,
+            digest: h.finish(),
+        }
+    }
+}
+
+/// The content of the services, backends, source-range and Maglev maps.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
     pub frontends: BTreeMap<Frontend, FrontendEntries>,
     pub backends: BTreeMap<BackendId, BackendEntry>,
+    /// Allowed client prefixes per frontend id (IPv4 ones as IPv4).
+    /// Entries of an id no frontend has are strays, removed on prune.
+    pub source_ranges: BTreeMap<ServiceId, BTreeSet<IpNet>>,
+    /// Maglev tables by frontend id (also tables no master points at any
+    /// more, left by an interrupted apply; removed on prune).
+    pub maglev: BTreeMap<ServiceId, MaglevTableInfo>,
     /// Service-map entries that belong to no consistent frontend: slots
     /// without a master or beyond its count, left by an interrupted apply.
     /// They are never selected by the datapath and are removed on prune.
@@ -164,8 +215,15 @@ impl Snapshot {
         Snapshot {
             frontends,
             backends,
+            source_ranges: BTreeMap::new(),
+            maglev: BTreeMap::new(),
             stray_entries: stray,
         }
+    }
+
+    /// Entries the source-range map holds.
+    pub fn source_range_entries(&self) -> usize {
+        self.source_ranges.values().map(BTreeSet::len).sum()
     }
 }
 
@@ -206,6 +264,13 @@ pub trait LbMaps {
         entries: &[(Frontend, u16, SvcValue)],
     ) -> Result<(), MapError>;
     fn delete_service_entries(&mut self, keys: &[(Frontend, u16)]) -> Result<(), MapError>;
+    /// Adds allowed (frontend id, prefix) pairs to the source-range map.
+    fn put_source_ranges(&mut self, entries: &[(ServiceId, IpNet)]) -> Result<(), MapError>;
+    fn delete_source_ranges(&mut self, entries: &[(ServiceId, IpNet)]) -> Result<(), MapError>;
+    /// Writes (or atomically replaces) the Maglev tables of frontends.
+    /// Entries sharing one `Arc` may share one table in the datapath.
+    fn put_maglev_tables(&mut self, tables: &[(ServiceId, MaglevTable)]) -> Result<(), MapError>;
+    fn delete_maglev_tables(&mut self, ids: &[ServiceId]) -> Result<(), MapError>;
     /// Removes affinity entries for which `keep(svc_id, backend_id)` is false;
     /// returns how many were removed.
     fn prune_affinity(

@@ -4,6 +4,7 @@
 //! attaches programs.
 
 pub mod ct;
+pub mod devices;
 pub mod dsr;
 pub mod fake;
 pub mod kernel;

@@ -6,8 +6,12 @@
 //! Restart safety is the socket path's: a restarted agent swaps the
 //! program behind each pinned tcx link (BPF_LINK_UPDATE), so packets are
 //! never seen by no program, and conntrack survives in its pinned map.
-//! A device no longer in `--devices` is detached; `kpr cleanup` detaches
-//! every link under the bpf root, tcx ones included.
+//! `--devices` names or patterns are resolved against the links present
+//! ([`super::devices`]): a device no longer meant by them, or gone, is
+//! detached and its pins removed; one that does not exist yet is reported
+//! and attached when it appears (the agent calls [`load_and_attach`] again
+//! on link changes). `kpr cleanup` detaches every link under the bpf root,
+//! tcx ones included.
 
 use std::ffi::CString;
 use std::fs;
@@ -21,6 +25,7 @@ use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{AsRawLibbpf, Link, ProgramMut};
 use serde::Serialize;
 
+use crate::datapath::devices;
 use crate::datapath::loader::{self, LoadReport, MapSizes};
 use crate::datapath::maps::MapName;
 use crate::datapath::skel::nodeport::{NodeportSkel, NodeportSkelBuilder};
@@ -29,8 +34,8 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd};
 
 /// Pinned name of the conntrack map (its suffix is the layout version).
 pub const CT_PIN: &str = "kpr_ct_v1";
-/// Pinned name of the north-south counters (v2: fifteen counters, the
-/// DSR ones added; a v1 pin is removed as one of an older layout).
+/// Pinned name of the north-south counters (v2: room for 32 counters, so
+/// a new one is no layout change).
 pub const STATS_PIN: &str = "kpr_npstats_v2";
 /// Pinned name of the DSR map (frontend, local backend -> backend id),
 /// which `datapath::dsr` keeps in step with the services map.
@@ -77,6 +82,18 @@ pub fn dsr_mss(mtus: &[u32]) -> u16 {
         .unwrap_or(0)
 }
 
+/// The MSS DSR SYN-ACKs are clamped to on `devices` (name -> ifindex):
+/// [`dsr_mss`] of their MTUs, read now. The agent reads it on every
+/// (re-)attachment, and its device watcher attaches again when it changes
+/// (a device's MTU changed).
+pub fn devices_dsr_mss(devices: &std::collections::BTreeMap<String, u32>) -> Result<u16> {
+    let mtus: Vec<u32> = devices
+        .keys()
+        .map(|d| device_mtu(d))
+        .collect::<Result<_>>()?;
+    Ok(dsr_mss(&mtus))
+}
+
 /// Whether north-south ingress is handled in XDP before the stack (tc
 /// stays attached for what XDP hands on and for egress).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -107,6 +124,18 @@ impl Acceleration {
             Acceleration::Generic => libbpf_sys::XDP_FLAGS_SKB_MODE,
         }
     }
+}
+
+/// What a north-south client opening a flow to a frontend without any
+/// backend gets (Cilium's --service-no-backend-response).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum NoBackendResponse {
+    /// ICMP destination unreachable (port unreachable), for TCP and UDP
+    /// alike: what kube-proxy's REJECT sends.
+    Reject,
+    /// Nothing: the packet is dropped.
+    Drop,
 }
 
 /// Conntrack lifetimes, in seconds.
@@ -177,21 +206,28 @@ pub const DEFAULT_SNAT_PORTS: PortRange = PortRange {
 /// Everything the north-south datapath needs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct NodePortConfig {
-    /// Interfaces to attach to (tcx ingress and egress).
+    /// Interfaces to attach to (tcx ingress and egress): names, or prefix
+    /// patterns with a trailing `+` or `*` (see [`super::devices`]).
     pub devices: Vec<String>,
     pub mode: NodePortMode,
     pub acceleration: Acceleration,
     pub snat_ports: PortRange,
+    /// Answer to new flows to frontends without backend.
+    pub no_backend: NoBackendResponse,
     pub timeouts: CtTimeouts,
+    /// Table size and flow hash seed of Maglev selection (the tables
+    /// themselves are the reconciler's).
+    pub maglev: crate::maglev::MaglevParams,
 }
 
 impl NodePortConfig {
-    /// Refuses a configuration the datapath cannot run.
+    /// Refuses a configuration the datapath cannot run: no `--devices`
+    /// entry, or a malformed one (named).
     pub fn validate(&self) -> Result<()> {
         if self.devices.is_empty() {
             bail!("the north-south datapath needs at least one device (--devices)");
         }
-        Ok(())
+        devices::validate(&self.devices)
     }
 }
 
@@ -290,35 +326,36 @@ pub struct NodePortReport {
     pub reused_ct: bool,
     /// The TCP MSS DSR SYN-ACKs are clamped to (0: no clamp).
     pub dsr_mss: u16,
+    /// The devices attached to, name -> ifindex: every one present that
+    /// `--devices` means.
+    pub devices: std::collections::BTreeMap<String, u32>,
+    /// `--devices` names no interface has yet: attached when they appear.
+    pub missing_devices: Vec<String>,
 }
 
 /// Loads the north-south programs (maps shared with the socket path and
 /// pinned under `bpf_root`, which `loader::load_and_attach` set up) and
-/// attaches them to every device of `config`.
+/// attaches them to every device present that `config` means; detaches
+/// from every other device (gone, or no longer meant).
 pub fn load_and_attach(
     bpf_root: &Path,
     sizes: &MapSizes,
     config: &NodePortConfig,
 ) -> Result<NodePortReport> {
     config.validate()?;
-    let devices: Vec<(String, u32)> = config
-        .devices
-        .iter()
-        .map(|d| Ok((d.clone(), ifindex(d)?)))
-        .collect::<Result<_>>()?;
-    let mtus: Vec<u32> = config
-        .devices
-        .iter()
-        .map(|d| device_mtu(d))
-        .collect::<Result<_>>()?;
+    let present = devices::matching(&config.devices).context("listing the network interfaces")?;
     // Set whatever the mode: a node takes DSR flows in from nodes in dsr
-    // or hybrid mode also while it runs in snat mode itself.
-    let mss = dsr_mss(&mtus);
+    // or hybrid mode also while it runs in snat mode itself. Read on every
+    // (re-)attachment, so a device that appears later counts too.
+    let mss = devices_dsr_mss(&present)?;
     let mut report = NodePortReport {
         reused_ct: bpf_root.join(CT_PIN).exists(),
         dsr_mss: mss,
+        missing_devices: devices::missing(&config.devices, &present),
+        devices: present.clone(),
         ..NodePortReport::default()
     };
+    let devices: Vec<(String, u32)> = present.into_iter().collect();
     let mut storage = MaybeUninit::uninit();
     let mut open = NodeportSkelBuilder::default()
         .open(&mut storage)
@@ -345,7 +382,8 @@ pub fn load_and_attach(
             }
         }
     }
-    report.detached_links = detach_other_devices(bpf_root, &config.devices)?;
+    let names: Vec<String> = report.devices.keys().cloned().collect();
+    report.detached_links = detach_other_devices(bpf_root, &names)?;
 
     // XDP last: tc is in place for everything it hands on.
     let mut xdp_storage = MaybeUninit::uninit();
@@ -400,6 +438,9 @@ macro_rules! configure_open {
         rodata.ct_timeout_udp = $config.timeouts.udp;
         rodata.nodeport_mode.0 = $config.mode.bpf_value();
         rodata.dsr_mss_max = $mss;
+        rodata.no_backend_reject = u8::from($config.no_backend == NoBackendResponse::Reject);
+        rodata.maglev_table_size = $config.maglev.table_size();
+        rodata.maglev_hash_seed = $config.maglev.flow_hash_seed();
         // The load balancer's maps are the socket path's pins, reused.
         let mut shared = LoadReport::default();
         let maps = &mut $open.maps;
@@ -408,6 +449,8 @@ macro_rules! configure_open {
             (&mut maps.kpr_backends_v1, MapName::Backends),
             (&mut maps.kpr_affinity_v1, MapName::Affinity),
             (&mut maps.kpr_sockrnat_v1, MapName::SockRevNat),
+            (&mut maps.kpr_srcrange_v1, MapName::SourceRanges),
+            (&mut maps.kpr_maglev_v1, MapName::Maglev),
         ] {
             loader::set_map_size(map, $bpf_root, name, $sizes, &mut shared)?;
         }
@@ -733,7 +776,9 @@ mod tests {
             mode: NodePortMode::Snat,
             acceleration: Acceleration::Disabled,
             snat_ports: DEFAULT_SNAT_PORTS,
+            no_backend: NoBackendResponse::Reject,
             timeouts: CtTimeouts::default(),
+            maglev: Default::default(),
         };
         for mode in [NodePortMode::Snat, NodePortMode::Dsr, NodePortMode::Hybrid] {
             for acceleration in [
@@ -749,6 +794,12 @@ mod tests {
                 assert!(c.validate().is_ok(), "{c:?}");
             }
         }
+        let bad = NodePortConfig {
+            devices: vec!["eth0".into(), "a/b".into()],
+            ..ok.clone()
+        };
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains("\"a/b\""), "{err}");
         let none = NodePortConfig {
             devices: Vec::new(),
             ..ok

@@ -4,12 +4,24 @@
 //! Every sync runs in ordered steps, so a connect() racing with it at any
 //! point finds a consistent frontend:
 //!  1. new and changed backends are written;
-//!  2. backend slots of new and changed frontends are written;
-//!  3. their master entries (with the new count) are written;
-//!  4. slots beyond a shrunk count are removed;
-//!  5. removed frontends lose their master entry, then their slots;
-//!  6. backends no longer referenced are removed, and affinity entries that
+//!  2. backend slots of new and changed frontends are written, and the
+//!     source ranges they gain (before the master that enforces them);
+//!  3. Maglev tables of new and changed frontends are written (before a
+//!     master flags Maglev, and before it counts the backends they hold);
+//!  4. their master entries (with the new count) are written;
+//!  5. slots beyond a shrunk count are removed;
+//!  6. removed frontends lose their master entry, then their slots; then
+//!     source ranges no frontend wants any more go (after the master that
+//!     stopped enforcing them, so a client is never refused by a range
+//!     set halfway between the old and the new one), and Maglev tables no
+//!     master uses any more;
+//!  7. backends no longer referenced are removed, and affinity entries that
 //!     point at backends a frontend no longer has.
+//!
+//! A Maglev table is a function of the frontend's backend addresses, the
+//! table size and the seed, so it is rewritten only when the set of
+//! backend addresses changes; frontends with the same set (a NodePort on
+//! every node address) share one table in a sync's writes.
 //!
 //! Ids are released only after a sync, so an id is never reused while a
 //! slot written before the sync may still point at it.
@@ -20,15 +32,20 @@
 
 pub mod ids;
 #[cfg(test)]
+mod maglev_tests;
+#[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 
+use ipnet::IpNet;
+
 use crate::datapath::maps::{
-    BackendEntry, BackendId, Capacity, FrontendEntries, LbMaps, MapError, MapName, MasterEntry,
-    ServiceId, Snapshot, SvcValue,
+    BackendEntry, BackendId, Capacity, FrontendEntries, LbMaps, MaglevTable, MaglevTableInfo,
+    MapError, MapName, MasterEntry, ServiceId, Snapshot, SvcValue,
 };
+use crate::maglev::{MaglevError, MaglevParams};
 use crate::model::{Backend, Frontend, FrontendSpec, L4Addr};
 use ids::IdAllocator;
 
@@ -57,6 +74,12 @@ pub enum RefusalReason {
     IdsExhausted,
     /// More backends behind one frontend than slots can number.
     TooManyBackends { frontend: Frontend, backends: usize },
+    /// The frontend's Maglev table cannot be built (more backends than
+    /// the table has slots).
+    Maglev {
+        frontend: Frontend,
+        error: MaglevError,
+    },
 }
 
 /// A Service that was not (fully) programmed; its previous state stays.
@@ -89,6 +112,11 @@ impl fmt::Display for Refusal {
             RefusalReason::TooManyBackends { frontend, backends } => write!(
                 f,
                 "service {}: frontend {} has {backends} backends, more than the {MAX_SLOTS} slots a frontend can hold; skipped",
+                self.service, frontend.addr
+            ),
+            RefusalReason::Maglev { frontend, error } => write!(
+                f,
+                "service {}: frontend {} not programmed: {error}",
                 self.service, frontend.addr
             ),
             RefusalReason::IdsExhausted => {
@@ -125,22 +153,49 @@ pub struct SyncOutcome {
 struct Plan {
     put_backends: Vec<(BackendId, BackendEntry)>,
     put_slots: Vec<(Frontend, u16, SvcValue)>,
+    put_ranges: Vec<(ServiceId, IpNet)>,
+    put_maglev: Vec<(ServiceId, MaglevTable)>,
     put_masters: Vec<(Frontend, u16, SvcValue)>,
     delete_shrunk_slots: Vec<(Frontend, u16)>,
     delete_masters: Vec<(Frontend, u16)>,
     delete_removed_slots: Vec<(Frontend, u16)>,
+    delete_ranges: Vec<(ServiceId, IpNet)>,
+    delete_maglev: Vec<ServiceId>,
     delete_backends: Vec<BackendId>,
     prune_affinity: bool,
+    /// Maglev tables built in this sync, by their sorted backend addresses:
+    /// frontends with the same set get the same table (one `Arc`).
+    tables: HashMap<Vec<L4Addr>, MaglevTable>,
+}
+
+/// What a frontend's Maglev table needs, decided before the frontend's
+/// plan changes any state, so a table that cannot be built refuses the
+/// frontend cleanly.
+enum TableNeed {
+    /// No table: the frontend does not use Maglev, or has no backend.
+    Absent,
+    /// The maps hold the right table.
+    Current,
+    /// A table for `sources` (sorted backend addresses); `index` gives each
+    /// slot's position in `sources`, None when this sync built it already.
+    Write {
+        sources: Vec<L4Addr>,
+        index: Option<Vec<u32>>,
+    },
 }
 
 impl Plan {
     fn writes(&self) -> usize {
         self.put_backends.len()
             + self.put_slots.len()
+            + self.put_ranges.len()
+            + self.put_maglev.len()
             + self.put_masters.len()
             + self.delete_shrunk_slots.len()
             + self.delete_masters.len()
             + self.delete_removed_slots.len()
+            + self.delete_ranges.len()
+            + self.delete_maglev.len()
             + self.delete_backends.len()
     }
 }
@@ -161,13 +216,28 @@ pub struct Reconciler<M: LbMaps> {
     /// Affinity entries have not been checked since the maps were read:
     /// a previous agent may have left entries for ids that are gone.
     affinity_unchecked: bool,
+    /// Table size and seed of Maglev tables.
+    maglev: MaglevParams,
+    /// Maglev tables known to be right (written or checked since the maps
+    /// were read): frontend id -> the sorted backend addresses of the table.
+    maglev_sources: HashMap<ServiceId, Vec<L4Addr>>,
 }
 
 impl<M: LbMaps> Reconciler<M> {
     /// A reconciler that starts from what the maps hold (pinned maps of a
-    /// previous agent keep serving until the first complete sync prunes).
+    /// previous agent keep serving until the first complete sync prunes),
+    /// with the default Maglev table size and seed.
     pub fn new(maps: M) -> Result<Reconciler<M>, MapError> {
+        Reconciler::with_maglev(maps, MaglevParams::default())
+    }
+
+    /// As [`Reconciler::new`], writing Maglev tables with `maglev`'s size
+    /// and seed. Tables in the maps built otherwise (another size or seed)
+    /// are rewritten by the first sync that touches their frontend.
+    pub fn with_maglev(maps: M, maglev: MaglevParams) -> Result<Reconciler<M>, MapError> {
         let mut r = Reconciler {
+            maglev,
+            maglev_sources: HashMap::new(),
             maps,
             actual: Snapshot::default(),
             backend_ids: IdAllocator::default(),
@@ -201,6 +271,7 @@ impl<M: LbMaps> Reconciler<M> {
         let actual = &self.actual;
         self.owners
             .retain(|fe, _| actual.frontends.contains_key(fe));
+        self.maglev_sources.clear();
         Ok(())
     }
 
@@ -313,13 +384,13 @@ impl<M: LbMaps> Reconciler<M> {
                     continue;
                 }
                 match self.plan_frontend(fe, spec, &mut plan, &mut touched_backends) {
-                    Some(()) => {
+                    Ok(()) => {
                         self.owners.insert(*fe, service.clone());
                         programmed.insert(*fe, spec.clone());
                     }
-                    None => outcome.refused.push(Refusal {
+                    Err(reason) => outcome.refused.push(Refusal {
                         service: service.clone(),
-                        reason: RefusalReason::IdsExhausted,
+                        reason,
                     }),
                 }
             }
@@ -366,6 +437,44 @@ impl<M: LbMaps> Reconciler<M> {
                         .is_some_and(|e| *slot == 0 || (*slot as usize) <= e.slots.len())
                 }));
             touched_backends.extend(self.actual.backends.keys().copied());
+            // Maglev tables no frontend uses (an interrupted sync's).
+            let used: HashSet<ServiceId> = self
+                .actual
+                .frontends
+                .values()
+                .filter(|e| e.master.options.maglev && !e.slots.is_empty())
+                .map(|e| e.master.svc_id)
+                .collect();
+            let unused: Vec<ServiceId> = self
+                .actual
+                .maglev
+                .keys()
+                .filter(|id| !used.contains(*id))
+                .copied()
+                .collect();
+            for id in unused {
+                self.actual.maglev.remove(&id);
+                self.maglev_sources.remove(&id);
+                plan.delete_maglev.push(id);
+            }
+            // Source ranges of ids no frontend has (an interrupted sync).
+            let ids: HashSet<ServiceId> = self
+                .actual
+                .frontends
+                .values()
+                .map(|e| e.master.svc_id)
+                .collect();
+            let stray: Vec<ServiceId> = self
+                .actual
+                .source_ranges
+                .keys()
+                .filter(|id| !ids.contains(id))
+                .copied()
+                .collect();
+            for id in stray {
+                let nets = self.actual.source_ranges.remove(&id).unwrap_or_default();
+                plan.delete_ranges.extend(nets.into_iter().map(|n| (id, n)));
+            }
         }
 
         // Backends nothing points at any more.
@@ -417,6 +526,8 @@ impl<M: LbMaps> Reconciler<M> {
         let cap = self.maps.capacity();
         let mut svc_used = self.service_entries();
         let mut be_used = self.actual.backends.len();
+        let mut ranges_used = self.actual.source_range_entries();
+        let mut maglev_used = self.actual.maglev.len();
         let mut new_backends: HashSet<L4Addr> = HashSet::new();
         let mut admitted = Vec::with_capacity(changes.len());
         for (service, fes) in changes {
@@ -431,11 +542,38 @@ impl<M: LbMaps> Reconciler<M> {
                     (1 + spec.backends.len()).saturating_sub(existing)
                 })
                 .sum();
+            let added_ranges: usize = fes
+                .iter()
+                .map(|(fe, spec)| {
+                    let existing = self
+                        .actual
+                        .frontends
+                        .get(fe)
+                        .and_then(|e| self.actual.source_ranges.get(&e.master.svc_id));
+                    spec.source_ranges
+                        .iter()
+                        .filter(|n| !existing.is_some_and(|e| e.contains(&n.trunc())))
+                        .count()
+                })
+                .sum();
             let added_backends: HashSet<L4Addr> = fes
                 .values()
                 .flat_map(|s| s.backends.iter().map(|b| b.addr))
                 .filter(|a| !self.backend_by_addr.contains_key(a) && !new_backends.contains(a))
                 .collect();
+            // Tables this sync adds (a rewritten table replaces its entry).
+            let added_tables = fes
+                .iter()
+                .filter(|(fe, spec)| {
+                    spec.options.maglev
+                        && !spec.backends.is_empty()
+                        && !self
+                            .actual
+                            .frontends
+                            .get(fe)
+                            .is_some_and(|e| self.actual.maglev.contains_key(&e.master.svc_id))
+                })
+                .count();
             let (map, needed, used, capacity) = if svc_used + added_keys > cap.services {
                 (MapName::Services, added_keys, svc_used, cap.services)
             } else if be_used + added_backends.len() > cap.backends {
@@ -445,9 +583,20 @@ impl<M: LbMaps> Reconciler<M> {
                     be_used,
                     cap.backends,
                 )
+            } else if ranges_used + added_ranges > cap.source_ranges {
+                (
+                    MapName::SourceRanges,
+                    added_ranges,
+                    ranges_used,
+                    cap.source_ranges,
+                )
+            } else if maglev_used + added_tables > cap.maglev {
+                (MapName::Maglev, added_tables, maglev_used, cap.maglev)
             } else {
                 svc_used += added_keys;
                 be_used += added_backends.len();
+                ranges_used += added_ranges;
+                maglev_used += added_tables;
                 new_backends.extend(added_backends);
                 admitted.push((service, fes));
                 continue;
@@ -465,29 +614,55 @@ impl<M: LbMaps> Reconciler<M> {
         admitted
     }
 
-    /// Plans the writes that make `fe` match `spec`; None when ids ran out.
+    /// Plans the writes that make `fe` match `spec`; refuses when ids ran
+    /// out or its Maglev table cannot be built.
     fn plan_frontend(
         &mut self,
         fe: &Frontend,
         spec: &FrontendSpec,
         plan: &mut Plan,
         touched: &mut HashSet<BackendId>,
-    ) -> Option<()> {
+    ) -> Result<(), RefusalReason> {
+        let table = self
+            .table_need(fe, spec, plan)
+            .map_err(|error| RefusalReason::Maglev {
+                frontend: *fe,
+                error,
+            })?;
         let mut slots = Vec::with_capacity(spec.backends.len());
         for b in &spec.backends {
-            slots.push(self.plan_backend(b, plan)?);
+            slots.push(
+                self.plan_backend(b, plan)
+                    .ok_or(RefusalReason::IdsExhausted)?,
+            );
         }
         let existing = self.actual.frontends.get(fe);
         let svc_id = match existing {
             Some(e) => e.master.svc_id,
-            None => self.svc_ids.allocate()?,
+            None => self.svc_ids.allocate().ok_or(RefusalReason::IdsExhausted)?,
         };
         let master = MasterEntry {
             svc_id,
             count: slots.len() as u32,
             svc_type: spec.svc_type,
             options: spec.options,
+            source_ranges: !spec.source_ranges.is_empty(),
         };
+        // Ranges are keyed by id: what an id holds (also strays of an
+        // interrupted sync under a reused id) becomes exactly the spec's.
+        let old_ranges = self
+            .actual
+            .source_ranges
+            .remove(&svc_id)
+            .unwrap_or_default();
+        let new_ranges: BTreeSet<IpNet> = spec.source_ranges.iter().map(IpNet::trunc).collect();
+        plan.put_ranges
+            .extend(new_ranges.difference(&old_ranges).map(|n| (svc_id, *n)));
+        plan.delete_ranges
+            .extend(old_ranges.difference(&new_ranges).map(|n| (svc_id, *n)));
+        if !new_ranges.is_empty() {
+            self.actual.source_ranges.insert(svc_id, new_ranges);
+        }
         let old_master = existing.map(|e| e.master);
         let old_slots: Vec<BackendId> = existing.map(|e| e.slots.clone()).unwrap_or_default();
         for (i, id) in slots.iter().enumerate() {
@@ -502,6 +677,7 @@ impl<M: LbMaps> Reconciler<M> {
                 ));
             }
         }
+        self.plan_maglev(svc_id, table, plan);
         if old_master != Some(master) {
             plan.put_masters.push((*fe, 0, SvcValue::Master(master)));
         }
@@ -525,7 +701,81 @@ impl<M: LbMaps> Reconciler<M> {
         self.actual
             .frontends
             .insert(*fe, FrontendEntries { master, slots });
-        Some(())
+        Ok(())
+    }
+
+    /// Whether `fe`'s Maglev table must be written for `spec`, and the
+    /// table's slots when they must be computed.
+    fn table_need(
+        &self,
+        fe: &Frontend,
+        spec: &FrontendSpec,
+        plan: &Plan,
+    ) -> Result<TableNeed, MaglevError> {
+        if !spec.options.maglev || spec.backends.is_empty() {
+            return Ok(TableNeed::Absent);
+        }
+        let mut sources: Vec<L4Addr> = spec.backends.iter().map(|b| b.addr).collect();
+        sources.sort_unstable();
+        sources.dedup();
+        let svc_id = self.actual.frontends.get(fe).map(|e| e.master.svc_id);
+        let current = svc_id.is_some_and(|id| {
+            self.maglev_sources.get(&id) == Some(&sources)
+                && self
+                    .actual
+                    .maglev
+                    .get(&id)
+                    .is_some_and(|t| t.size == self.maglev.table_size())
+        });
+        if current {
+            return Ok(TableNeed::Current);
+        }
+        let index = match plan.tables.contains_key(&sources) {
+            true => None,
+            false => Some(self.maglev.build(&sources)?),
+        };
+        Ok(TableNeed::Write { sources, index })
+    }
+
+    /// Plans the Maglev table of frontend `svc_id` (its backends are
+    /// planned already): written unless the maps hold the same, removed
+    /// when no longer needed.
+    fn plan_maglev(&mut self, svc_id: ServiceId, need: TableNeed, plan: &mut Plan) {
+        let (sources, index) = match need {
+            TableNeed::Current => return,
+            TableNeed::Absent => {
+                self.maglev_sources.remove(&svc_id);
+                if self.actual.maglev.remove(&svc_id).is_some() {
+                    plan.delete_maglev.push(svc_id);
+                }
+                return;
+            }
+            TableNeed::Write { sources, index } => (sources, index),
+        };
+        let table = match (plan.tables.get(&sources), index) {
+            (Some(table), _) => table.clone(),
+            (None, index) => {
+                // Every source was just planned as a backend of the
+                // frontend, so it has an id (0, "none", cannot happen).
+                let ids: Vec<BackendId> = sources
+                    .iter()
+                    .map(|a| self.backend_by_addr.get(a).copied().unwrap_or(0))
+                    .collect();
+                let table: MaglevTable = index
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|i| ids[*i as usize])
+                    .collect();
+                plan.tables.insert(sources.clone(), table.clone());
+                table
+            }
+        };
+        let info = MaglevTableInfo::of(&table);
+        if self.actual.maglev.get(&svc_id) != Some(&info) {
+            plan.put_maglev.push((svc_id, table));
+            self.actual.maglev.insert(svc_id, info);
+        }
+        self.maglev_sources.insert(svc_id, sources);
     }
 
     /// The id of the backend at `b.addr`, allocating and writing it if new.
@@ -568,6 +818,11 @@ impl<M: LbMaps> Reconciler<M> {
         self.owners.remove(fe);
         let entries = self.actual.frontends.remove(fe)?;
         plan.delete_masters.push((*fe, 0));
+        let svc_id = entries.master.svc_id;
+        if let Some(nets) = self.actual.source_ranges.remove(&svc_id) {
+            plan.delete_ranges
+                .extend(nets.into_iter().map(|n| (svc_id, n)));
+        }
         for slot in 1..=entries.slots.len() {
             plan.delete_removed_slots.push((*fe, slot as u16));
         }
@@ -577,12 +832,19 @@ impl<M: LbMaps> Reconciler<M> {
         if entries.master.options.affinity_timeout.is_some() {
             plan.prune_affinity = true;
         }
-        Some(entries.master.svc_id)
+        self.maglev_sources.remove(&svc_id);
+        if self.actual.maglev.remove(&svc_id).is_some() {
+            plan.delete_maglev.push(svc_id);
+        }
+        Some(svc_id)
     }
 
     fn execute(&mut self, plan: &Plan) -> Result<(), MapError> {
         self.maps.put_backends(&plan.put_backends)?;
         self.maps.put_service_entries(&plan.put_slots)?;
+        self.maps.put_source_ranges(&plan.put_ranges)?;
+        // Tables before the masters that use them.
+        self.maps.put_maglev_tables(&plan.put_maglev)?;
         // Internal-scope masters first: an External master that says "use
         // the internal entry" must never be visible before that entry.
         let (internal, external): (Vec<_>, Vec<_>) = plan
@@ -596,6 +858,8 @@ impl<M: LbMaps> Reconciler<M> {
         self.maps.delete_service_entries(&plan.delete_masters)?;
         self.maps
             .delete_service_entries(&plan.delete_removed_slots)?;
+        self.maps.delete_source_ranges(&plan.delete_ranges)?;
+        self.maps.delete_maglev_tables(&plan.delete_maglev)?;
         self.maps.delete_backends(&plan.delete_backends)?;
         if plan.prune_affinity {
             let valid: HashMap<ServiceId, HashSet<BackendId>> = self

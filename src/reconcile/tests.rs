@@ -36,6 +36,7 @@ fn service(name: &str, frontends: &[(Frontend, Vec<Backend>)]) -> (String, Servi
                     svc_type: ServiceType::ClusterIP,
                     options: FrontendOptions::default(),
                     backends: backends.clone(),
+                    source_ranges: Vec::new(),
                 },
             )
         })
@@ -208,6 +209,8 @@ fn a_service_that_does_not_fit_is_refused_and_the_others_are_untouched() {
     let cap = Capacity {
         services: 10,
         backends: 10,
+        source_ranges: 10,
+        maglev: 10,
     };
     let mut r = Reconciler::new(FakeMaps::with_capacity(cap)).unwrap();
     let small = desired(vec![web3()]);
@@ -404,4 +407,128 @@ fn affinity_entries_left_by_a_previous_agent_for_unknown_frontends_are_removed()
     let mut r = Reconciler::new(maps).unwrap();
     r.sync_full(&desired(vec![web3()]), true).unwrap();
     assert!(r.maps().affinity.is_empty());
+}
+
+fn net(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+
+/// `web3` as a LoadBalancer frontend with `ranges` as its source ranges.
+fn guarded(ranges: &[&str]) -> (String, ServiceFrontends) {
+    let (key, mut fes) = web3();
+    for spec in fes.values_mut() {
+        spec.svc_type = ServiceType::LoadBalancer;
+        spec.source_ranges = ranges.iter().map(|r| net(r)).collect();
+    }
+    (key, fes)
+}
+
+/// The source ranges the maps hold for the frontend 10.96.0.10:80.
+fn ranges_of(r: &Reconciler<FakeMaps>) -> (bool, Vec<IpNet>) {
+    let e = &r.snapshot().frontends[&fe("10.96.0.10", 80)];
+    let held = r
+        .maps()
+        .source_ranges
+        .iter()
+        .filter(|(id, _)| *id == e.master.svc_id)
+        .map(|(_, n)| *n)
+        .collect();
+    (e.master.source_ranges, held)
+}
+
+#[test]
+fn source_ranges_are_written_before_the_master_enforcing_them_and_removed_after_it() {
+    let mut r = Reconciler::new(FakeMaps::new()).unwrap();
+    let d = desired(vec![guarded(&["192.0.2.0/24", "2001:db8::/32"])]);
+    let out = r.sync_full(&d, true).unwrap();
+    assert_eq!(out.writes, 3 + 3 + 2 + 1);
+    assert_maps_hold(&r, &d);
+    assert_eq!(
+        ranges_of(&r),
+        (true, vec![net("192.0.2.0/24"), net("2001:db8::/32")])
+    );
+
+    // One prefix swapped: one put and one delete, the master untouched.
+    let d = desired(vec![guarded(&["198.51.100.0/24", "2001:db8::/32"])]);
+    let out = r.sync_full(&d, true).unwrap();
+    assert_eq!(out.writes, 2);
+    assert_maps_hold(&r, &d);
+    assert_eq!(
+        ranges_of(&r),
+        (true, vec![net("198.51.100.0/24"), net("2001:db8::/32")])
+    );
+
+    // Ranges dropped: the master stops enforcing first (the fake records a
+    // master enforcing an empty set as a violation), then they go.
+    let d = desired(vec![guarded(&[])]);
+    let out = r.sync_full(&d, true).unwrap();
+    assert_eq!(out.writes, 1 + 2);
+    assert_maps_hold(&r, &d);
+    assert_eq!(ranges_of(&r), (false, vec![]));
+
+    // Back on, then the Service removed: nothing stays behind.
+    let d = desired(vec![guarded(&["192.0.2.9/32"])]);
+    r.sync_full(&d, true).unwrap();
+    assert_eq!(ranges_of(&r), (true, vec![net("192.0.2.9/32")]));
+    let d = desired(vec![]);
+    r.sync_full(&d, true).unwrap();
+    assert_maps_hold(&r, &d);
+    assert!(r.maps().source_ranges.is_empty());
+}
+
+#[test]
+fn an_unchanged_frontend_with_source_ranges_costs_no_write() {
+    let mut r = Reconciler::new(FakeMaps::new()).unwrap();
+    let d = desired(vec![guarded(&["192.0.2.0/24"])]);
+    r.sync_full(&d, true).unwrap();
+    assert_eq!(r.sync_full(&d, true).unwrap().writes, 0);
+    // A restarted agent reads them back and rewrites nothing.
+    let mut r = Reconciler::new(r.into_maps()).unwrap();
+    assert_eq!(r.sync_full(&d, true).unwrap().writes, 0);
+    assert_maps_hold(&r, &d);
+}
+
+#[test]
+fn stray_source_ranges_are_pruned_and_a_reused_id_holds_exactly_its_own() {
+    let mut maps = FakeMaps::new();
+    // Left by an interrupted sync: ranges of id 1 (which the next frontend
+    // will get) and of id 9 (which no frontend has).
+    maps.source_ranges.insert((1, net("203.0.113.0/24")));
+    maps.source_ranges.insert((9, net("10.0.0.0/8")));
+    let mut r = Reconciler::new(maps).unwrap();
+    let d = desired(vec![guarded(&["192.0.2.0/24"])]);
+    r.sync_full(&d, true).unwrap();
+    assert_maps_hold(&r, &d);
+    assert_eq!(
+        r.maps().source_ranges.iter().copied().collect::<Vec<_>>(),
+        [(1, net("192.0.2.0/24"))]
+    );
+}
+
+#[test]
+fn a_service_whose_source_ranges_do_not_fit_is_refused_whole() {
+    let cap = Capacity {
+        services: 100,
+        backends: 100,
+        source_ranges: 2,
+        maglev: 100,
+    };
+    let mut r = Reconciler::new(FakeMaps::with_capacity(cap)).unwrap();
+    let d = desired(vec![guarded(&[
+        "192.0.2.0/24",
+        "198.51.100.0/24",
+        "203.0.113.0/24",
+    ])]);
+    let out = r.sync_full(&d, true).unwrap();
+    assert_eq!(out.writes, 0);
+    assert!(matches!(
+        out.refused[0].reason,
+        RefusalReason::Capacity {
+            map: MapName::SourceRanges,
+            needed: 3,
+            free: 2,
+            ..
+        }
+    ));
+    assert!(r.snapshot().frontends.is_empty());
 }

@@ -268,6 +268,16 @@ impl AgentProcess {
         Ok(body)
     }
 
+    /// The agent's /status JSON (what `kpr status` reads from it).
+    pub fn status_json(&self) -> Result<serde_json::Value> {
+        let (status, body) = self.get(self.metrics_addr, "/status")?;
+        if status != 200 {
+            return Err(TestbedError::Agent(format!("/status answered {status}")));
+        }
+        serde_json::from_str(&body)
+            .map_err(|e| TestbedError::Agent(format!("/status is not JSON: {e}")))
+    }
+
     /// The value of the first sample of `metric` whose labels contain `labels`.
     pub fn metric_value(&self, metric: &str, labels: &str) -> Result<Option<f64>> {
         Ok(self.metrics()?.lines().find_map(|line| {

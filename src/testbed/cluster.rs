@@ -239,6 +239,49 @@ impl Cluster {
         &self.nodes
     }
 
+    /// Adds a second client link to node `n` after the fact (a device that
+    /// appears while the agent runs): `node_if` in the node with
+    /// 192.0.2.25/29, `client_if` in the client with 192.0.2.26/29, and the
+    /// client's route to node `n`'s client-link address moved onto it, so
+    /// NodePort traffic to [`ClusterNode::ext_ip`] now enters through
+    /// `node_if` (from source 192.0.2.26). Returns the client's address.
+    /// Deleting the link ([`Cluster::remove_late_link`]) takes the route
+    /// with it, and the old path is used again.
+    pub fn add_late_link(&self, n: u8, node_if: &str, client_if: &str) -> Result<Ipv4Addr> {
+        let node = self.node(n);
+        let (client_ip, node_ip) = (Ipv4Addr::new(192, 0, 2, 26), Ipv4Addr::new(192, 0, 2, 25));
+        Link {
+            a: &self.client,
+            a_if: client_if,
+            a_ip: client_ip,
+            b: &node.ns,
+            b_if: node_if,
+            b_ip: node_ip,
+            prefix_len: 29,
+            link: 0x16,
+        }
+        .create()?;
+        if self.xdp_ready {
+            ethtool_set(&self.client, client_if, ETHTOOL_STXCSUM, false)?;
+            ethtool_set(&self.client, client_if, ETHTOOL_SGRO, true)?;
+        }
+        self.client.ip(&[
+            "route",
+            "add",
+            &format!("{}/32", node.ext_ip()),
+            "via",
+            &node_ip.to_string(),
+            "dev",
+            client_if,
+        ])?;
+        Ok(client_ip)
+    }
+
+    /// Deletes a link made by [`Cluster::add_late_link`] (both ends).
+    pub fn remove_late_link(&self, n: u8, node_if: &str) -> Result<()> {
+        self.node(n).ns.ip(&["link", "del", node_if])
+    }
+
     fn configure(&self) -> Result<()> {
         let all =
             std::iter::once(&self.client).chain(self.nodes.iter().flat_map(|n| [&n.ns, &n.pods]));

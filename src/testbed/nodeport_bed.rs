@@ -173,6 +173,30 @@ impl NodePortBed {
         &mut self.agents[usize::from(n - 1)]
     }
 
+    /// Node `n`'s agent's --cgroup: a process in it (and in the node's
+    /// namespace) is a host process of that node to kpr.
+    pub fn cgroup(&self, n: u8) -> &TestCgroup {
+        &self.cgroups[usize::from(n - 1)]
+    }
+
+    /// Runs `spec` in a probe process in node `n`'s agent's cgroup and in
+    /// `netns` (the node's own, or a pod namespace), as `kpr probe` does.
+    pub fn probe_in_cgroup(
+        &self,
+        n: u8,
+        netns: &super::netns::Netns,
+        spec: &super::probe::ProbeSpec,
+    ) -> Result<super::probe::ProbeResult> {
+        super::launch::run_probe(
+            &self.exe,
+            &["probe", "--spec"],
+            netns,
+            Some(self.cgroup(n)),
+            spec,
+            Duration::from_secs(20),
+        )
+    }
+
     /// Node `n`'s agent's --bpf-root.
     pub fn bpf_root(&self, n: u8) -> PathBuf {
         self.dir.path().join(format!("bpf-node{n}"))

@@ -85,6 +85,14 @@ pub enum ProbeSpec {
     /// Where the probe runs: its cgroup v2 path and network namespace;
     /// lets a launcher check that placement worked.
     Placement {},
+    /// bind() to each address in turn (TCP: a listener; UDP: a socket),
+    /// closing each right after: which ones the host lets this process take.
+    Bind {
+        /// The addresses to bind, in order.
+        addrs: Vec<SocketAddr>,
+        /// UDP sockets instead of TCP listeners.
+        udp: bool,
+    },
 }
 
 /// What a probe saw; the variant matches the spec's.
@@ -106,6 +114,9 @@ pub enum ProbeResult {
     TcpInterleaved(BTreeMap<String, RequestsReport>),
     /// Result of [`ProbeSpec::Placement`].
     Placement(PlacementReport),
+    /// Result of [`ProbeSpec::Bind`]: address as written -> `OK` or the
+    /// errno name (`EADDRINUSE`, ...).
+    Bind(BTreeMap<String, String>),
 }
 
 /// Outcome of repeated TCP requests.
@@ -191,6 +202,7 @@ impl ProbeSpec {
             ProbeSpec::TcpPeerName { timeout_ms, .. }
             | ProbeSpec::TcpConnectError { timeout_ms, .. } => (1, *timeout_ms),
             ProbeSpec::Placement {} => return Ok(()),
+            ProbeSpec::Bind { addrs, .. } => (addrs.len() as u32, 1),
         };
         if count > MAX_COUNT {
             return Err(TestbedError::InvalidSpec(format!(
@@ -215,6 +227,7 @@ impl ProbeSpec {
             ProbeSpec::TcpConnectError { .. } => "tcp_connect_error",
             ProbeSpec::TcpInterleaved { .. } => "tcp_interleaved",
             ProbeSpec::Placement {} => "placement",
+            ProbeSpec::Bind { .. } => "bind",
         }
     }
 
@@ -234,8 +247,13 @@ impl ProbeSpec {
                 ms(*timeout_ms),
             )));
         }
+        if let ProbeSpec::Bind { addrs, udp } = self {
+            return Ok(ProbeResult::Bind(bind_each(addrs, *udp)));
+        }
         Ok(match *self {
-            ProbeSpec::TcpInterleaved { .. } => unreachable!("handled above"),
+            ProbeSpec::TcpInterleaved { .. } | ProbeSpec::Bind { .. } => {
+                unreachable!("handled above")
+            }
             ProbeSpec::TcpRequests {
                 target,
                 count,
@@ -273,6 +291,15 @@ impl ProbeResult {
             ProbeResult::TcpConnectError(_) => "tcp_connect_error",
             ProbeResult::TcpInterleaved(_) => "tcp_interleaved",
             ProbeResult::Placement(_) => "placement",
+            ProbeResult::Bind(_) => "bind",
+        }
+    }
+
+    /// The bind outcomes, if this is a bind report.
+    pub fn as_bind(&self) -> Option<&BTreeMap<String, String>> {
+        match self {
+            ProbeResult::Bind(r) => Some(r),
+            _ => None,
         }
     }
 
@@ -542,6 +569,24 @@ fn tcp_connect(target: SocketAddr, timeout: Duration) -> ConnectReport {
     }
 }
 
+fn bind_each(addrs: &[SocketAddr], udp: bool) -> BTreeMap<String, String> {
+    addrs
+        .iter()
+        .map(|addr| {
+            let outcome = if udp {
+                UdpSocket::bind(addr).map(drop)
+            } else {
+                std::net::TcpListener::bind(addr).map(drop)
+            };
+            let outcome = match outcome {
+                Ok(()) => "OK".to_string(),
+                Err(e) => error_name(&e),
+            };
+            (addr.to_string(), outcome)
+        })
+        .collect()
+}
+
 fn placement() -> Result<PlacementReport> {
     use std::os::unix::fs::MetadataExt as _;
     let cgroups = std::fs::read_to_string("/proc/self/cgroup")
@@ -592,6 +637,10 @@ mod tests {
                 timeout_ms: 200,
             },
             ProbeSpec::Placement {},
+            ProbeSpec::Bind {
+                addrs: vec![v4, v6],
+                udp: true,
+            },
         ]
     }
 
@@ -652,6 +701,10 @@ mod tests {
                 cgroup: "/kpr-test-st-1".into(),
                 netns_inode: 4026531840,
             }),
+            ProbeResult::Bind(BTreeMap::from([(
+                "0.0.0.0:30080".to_string(),
+                "EADDRINUSE".to_string(),
+            )])),
         ];
         for (result, spec) in results.into_iter().zip(specs()) {
             let json = serde_json::to_string(&result).unwrap();

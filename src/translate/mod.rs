@@ -37,9 +37,32 @@
 //!   `kubeproxy_sync_proxy_rules_no_local_endpoints_total`.
 //! - `sessionAffinity: ClientIP` sets the timeout (default 10800 s) on every
 //!   frontend of the Service.
+//! - Backend selection of north-south traffic: the annotation
+//!   `service.kpr.io/lb-algorithm: random|maglev` (Cilium's
+//!   `service.cilium.io/lb-algorithm`), else [`NodeContext::lb_algorithm`]
+//!   (`--lb-algorithm`). Maglev is set on the External-scope NodePort,
+//!   LoadBalancer and ExternalIP frontends only: ClusterIPs and the
+//!   Internal-scope entries serve node-local clients, which the socket hooks
+//!   balance at random. Any other annotation value is a skip
+//!   (`invalid_annotation`) and the flag's algorithm applies.
 //! - LoadBalancer Services with `externalTrafficPolicy: Local` get a
 //!   [`HealthCheck`] on `spec.healthCheckNodePort` (kube-proxy's
 //!   `NeedsHealthCheck` is LoadBalancer-only).
+//! - `spec.loadBalancerSourceRanges` (kube-proxy: `serviceport.go`,
+//!   `MapCIDRsByIPFamily`, the firewall chains of the iptables and nftables
+//!   proxiers) restrict who may open flows to the `LoadBalancer` frontends
+//!   (the ingress IPs) only: NodePorts, externalIPs and clusterIPs of the
+//!   same Service stay open. Entries are trimmed; empty ones are ignored,
+//!   invalid ones are skips (kube-proxy logs and ignores them); host bits
+//!   are cleared; each family's frontends get that family's prefixes (an
+//!   IPv6 prefix inside `::ffff:0:0/96` counts as IPv4, as Go parses it),
+//!   and a family left without any is open to all, as it is for
+//!   kube-proxy. Whether a prefix holds one of [`NodeContext::node_ips`]
+//!   decides, for node-local clients whose source address is not known at
+//!   `connect()`, whether they are let in (see `bpf/sock_lb.bpf.c`).
+//!   The `service.beta.kubernetes.io/load-balancer-source-ranges`
+//!   annotation is for cloud providers; kube-proxy does not read it, nor
+//!   does kpr.
 //!
 //! kube-proxy reads hints, never `spec.trafficDistribution` (KEP-4444: the
 //! EndpointSlice controller turns `PreferClose` into zone hints), and so
@@ -52,12 +75,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 
+use ipnet::{IpNet, Ipv4Net};
+
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::model::{
-    Frontend, FrontendOptions, FrontendSpec, Protocol, Scope, ServiceRef, ServiceType,
+    Frontend, FrontendOptions, FrontendSpec, LbAlgorithm, Protocol, Scope, ServiceRef, ServiceType,
 };
 use crate::reconcile::{DesiredByService, ServiceFrontends};
 use crate::skip::SkipReason;
@@ -70,6 +95,9 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// Label the control plane puts on headless Services' EndpointSlices.
 pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// Annotation choosing a Service's north-south backend selection,
+/// `random` or `maglev`, over `--lb-algorithm`.
+pub const LB_ALGORITHM_ANNOTATION: &str = "service.kpr.io/lb-algorithm";
 /// Default sessionAffinityConfig.clientIP.timeoutSeconds (3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10800;
 
@@ -86,6 +114,9 @@ pub struct NodeContext {
     /// The addresses NodePorts are served on. Empty (the default): only the
     /// `127.0.0.1` NodePort frontends.
     pub node_ips: Vec<IpAddr>,
+    /// North-south backend selection of Services without the
+    /// [`LB_ALGORITHM_ANNOTATION`] (`--lb-algorithm`; default random).
+    pub lb_algorithm: LbAlgorithm,
 }
 
 /// Something in an object that was not programmed, and why.
@@ -348,6 +379,11 @@ pub fn translate_service(
         Vec::new()
     };
     let node_ips: BTreeSet<IpAddr> = node.node_ips.iter().copied().collect();
+    let source_ranges = if svc_type == ServiceType::LoadBalancer {
+        source_ranges_of(spec, &mut skips)
+    } else {
+        Vec::new()
+    };
 
     // pkg/api/v1/service/util.go: ExternallyAccessible, ExternalPolicyLocal,
     // InternalPolicyLocal, NeedsHealthCheck.
@@ -371,6 +407,9 @@ pub fn translate_service(
         affinity_timeout,
         ..Default::default()
     };
+    // North-south frontends (External scope, not ClusterIP) only.
+    let maglev = lb_algorithm(&svc.metadata, node, &mut skips) == LbAlgorithm::Maglev;
+    let north_south = FrontendOptions { maglev, ..plain };
 
     let eps = ServiceEndpoints::new(slices, node, skips.out);
     let namespace = svc
@@ -416,25 +455,27 @@ pub fn translate_service(
             name: name.clone(),
             port_name: port.name.clone().unwrap_or_default(),
         };
-        let mut add = |fe: Frontend, svc_type, options, backends: &Backends| {
-            if out.frontends.contains_key(&fe) {
-                skips.push(
-                    SkipReason::Duplicate,
-                    format!("{svc_type} frontend {} repeats another one", fe.addr),
+        let mut add =
+            |fe: Frontend, svc_type, options, backends: &Backends, source_ranges: &[IpNet]| {
+                if out.frontends.contains_key(&fe) {
+                    skips.push(
+                        SkipReason::Duplicate,
+                        format!("{svc_type} frontend {} repeats another one", fe.addr),
+                    );
+                    return false;
+                }
+                out.frontends.insert(
+                    fe,
+                    FrontendSpec {
+                        service: service.clone(),
+                        svc_type,
+                        options,
+                        backends: backends.clone(),
+                        source_ranges: source_ranges.to_vec(),
+                    },
                 );
-                return false;
-            }
-            out.frontends.insert(
-                fe,
-                FrontendSpec {
-                    service: service.clone(),
-                    svc_type,
-                    options,
-                    backends: backends.clone(),
-                },
-            );
-            true
-        };
+                true
+            };
 
         for (&family, &cluster_ip) in &cluster_ips {
             let sets = eps.categorize(family, &service.port_name, proto, node);
@@ -453,6 +494,7 @@ pub fn translate_service(
                 ServiceType::ClusterIP,
                 internal,
                 backends,
+                &[],
             );
 
             let mut external: Vec<(IpAddr, u16, ServiceType)> = Vec::new();
@@ -476,23 +518,43 @@ pub fn translate_service(
                         .map(|ip| (*ip, number, t)),
                 );
             }
+            // The family's loadBalancerSourceRanges, for its LB frontends.
+            let ranges: Vec<IpNet> = source_ranges
+                .iter()
+                .filter(|n| IpFamily::of(n.addr()) == family)
+                .copied()
+                .collect();
+            let ranged = FrontendOptions {
+                source_ranges_admit_node: node_ips
+                    .iter()
+                    .any(|ip| ranges.iter().any(|n| n.contains(ip))),
+                ..north_south
+            };
             for (ip, p, t) in external {
                 let fe = Frontend::new(ip, p, proto);
+                let (opts, ranges): (_, &[IpNet]) =
+                    if t == ServiceType::LoadBalancer && !ranges.is_empty() {
+                        (ranged, &ranges)
+                    } else {
+                        (north_south, &[])
+                    };
                 if !etp_local {
-                    add(fe, t, plain, &sets.cluster);
+                    add(fe, t, opts, &sets.cluster, ranges);
                     continue;
                 }
                 let ext = FrontendOptions {
                     has_internal_scope: true,
                     external_traffic_local: true,
-                    ..plain
+                    ..opts
                 };
-                if add(fe, t, ext, &sets.local) {
+                // The Internal-scope entry is reached only through the
+                // External one, which holds the ranges.
+                if add(fe, t, ext, &sets.local, ranges) {
                     let int = Frontend {
                         scope: Scope::Internal,
                         ..fe
                     };
-                    add(int, t, plain, &sets.cluster);
+                    add(int, t, plain, &sets.cluster, &[]);
                 }
             }
 
@@ -540,6 +602,30 @@ pub fn translate_service(
         }
     }
     out
+}
+
+/// The Service's north-south backend selection: its
+/// [`LB_ALGORITHM_ANNOTATION`] when valid, else the node's default (an
+/// invalid value is a skip naming it).
+fn lb_algorithm(meta: &ObjectMeta, node: &NodeContext, skips: &mut Skips<'_>) -> LbAlgorithm {
+    let Some(value) = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(LB_ALGORITHM_ANNOTATION))
+    else {
+        return node.lb_algorithm;
+    };
+    LbAlgorithm::parse(value).unwrap_or_else(|| {
+        skips.push(
+            SkipReason::InvalidAnnotation,
+            format!(
+                "annotation {LB_ALGORITHM_ANNOTATION}: {value:?} is neither random nor maglev; \
+                 using --lb-algorithm {}",
+                node.lb_algorithm
+            ),
+        );
+        node.lb_algorithm
+    })
 }
 
 /// The clusterIP of each family: the first one of the family in
@@ -612,6 +698,68 @@ fn addresses_of<'a>(
         }
     }
     out
+}
+
+/// `spec.loadBalancerSourceRanges` as kube-proxy reads them: trimmed,
+/// empty entries ignored, the others parsed as CIDRs (IPv4 octets with
+/// leading zeros taken as decimal, as Go's ParseCIDRSloppy does), invalid
+/// ones skipped; host bits cleared, IPv4-mapped IPv6 prefixes made IPv4;
+/// sorted and deduplicated.
+fn source_ranges_of(spec: &ServiceSpec, skips: &mut Skips<'_>) -> Vec<IpNet> {
+    let mut out = BTreeSet::new();
+    for raw in spec.load_balancer_source_ranges.iter().flatten() {
+        let text = raw.trim();
+        if text.is_empty() {
+            continue;
+        }
+        match parse_cidr_sloppy(text) {
+            Some(net) => {
+                out.insert(net);
+            }
+            None => skips.push(
+                SkipReason::InvalidAddress,
+                format!("loadBalancerSourceRanges entry {raw:?} is not a CIDR; ignored"),
+            ),
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// A CIDR as Go's `netutils.ParseCIDRSloppy` takes it, normalised: host
+/// bits cleared, an IPv6 prefix of IPv4-mapped addresses (/96 or longer)
+/// made the IPv4 prefix it is.
+fn parse_cidr_sloppy(text: &str) -> Option<IpNet> {
+    let (addr, len) = text.split_once('/')?;
+    if len.is_empty() || !len.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let len: u8 = len.parse().ok()?;
+    let ip = if addr.contains(':') {
+        addr.parse::<IpAddr>().ok()?
+    } else {
+        // Leading zeros are decimal ("010" is 10), not octal.
+        let mut octets = [0u8; 4];
+        let mut parts = addr.split('.');
+        for o in &mut octets {
+            let part = parts.next()?;
+            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            *o = part.parse().ok()?;
+        }
+        if parts.next().is_some() {
+            return None;
+        }
+        IpAddr::V4(Ipv4Addr::from(octets))
+    };
+    let net = IpNet::new(ip, len).ok()?.trunc();
+    Some(match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.network().to_ipv4_mapped() {
+            Some(v4) => IpNet::V4(Ipv4Net::new(v4, v6.prefix_len() - 96).ok()?),
+            None => net,
+        },
+        net => net,
+    })
 }
 
 /// A port number in 1..=65535.

@@ -18,6 +18,7 @@ impl TestNode {
             node_name: self.name.into(),
             zone: self.zone.map(Into::into),
             node_ips: self.ips.iter().map(|ip| ip.parse().unwrap()).collect(),
+            ..Default::default()
         }
     }
 }
@@ -79,10 +80,18 @@ fn render(t: &Translation) -> Vec<String> {
                 (o.internal_traffic_local, "itp-local"),
                 (o.external_traffic_local, "etp-local"),
                 (o.has_internal_scope, "has-int"),
+                (o.maglev, "maglev"),
             ] {
                 if set {
                     opts.push(' ');
                     opts.push_str(flag);
+                }
+            }
+            if !spec.source_ranges.is_empty() {
+                let nets: Vec<String> = spec.source_ranges.iter().map(|n| n.to_string()).collect();
+                opts.push_str(&format!(" src={}", nets.join(",")));
+                if o.source_ranges_admit_node {
+                    opts.push_str(" src-node");
                 }
             }
             let scope = match fe.scope {
@@ -849,6 +858,117 @@ status:
         skips: &[],
     },
     Case {
+        name: "loadBalancerSourceRanges restrict the LoadBalancer frontends only, each family to its own prefixes; invalid entries are counted skips",
+        service: r#"
+apiVersion: v1
+kind: Service
+metadata: {name: guarded, namespace: demo}
+spec:
+  type: LoadBalancer
+  clusterIPs: [10.96.3.9, "fd00:10:96::39"]
+  ipFamilies: [IPv4, IPv6]
+  externalIPs: [203.0.113.99]
+  loadBalancerSourceRanges:
+  - " 192.0.2.0/24 "
+  - 010.1.2.3/8
+  - not-a-cidr
+  - ""
+  - 2001:db8::/32
+  - ::ffff:203.0.113.0/120
+  - 192.0.2.0/24
+  ports: [{name: http, port: 80, nodePort: 30190}]
+status:
+  loadBalancer:
+    ingress: [{ip: 198.51.100.9}, {ip: "2001:db8:ff::9"}]
+"#,
+        slices: &[],
+        node: NODE_A,
+        expect: &[
+            "10.96.3.9:80/TCP ClusterIP => ",
+            "127.0.0.1:30190/TCP NodePort => ",
+            "192.168.1.10:30190/TCP NodePort => ",
+            "198.51.100.9:80/TCP LoadBalancer src=10.0.0.0/8,192.0.2.0/24,203.0.113.0/24 => ",
+            "203.0.113.99:80/TCP ExternalIP => ",
+            "[2001:db8:ff::9]:80/TCP LoadBalancer src=2001:db8::/32 => ",
+            "[fd00:10:96::39]:80/TCP ClusterIP => ",
+            "[fd00:192:168:1::10]:30190/TCP NodePort => ",
+        ],
+        skips: &[SkipReason::InvalidAddress],
+    },
+    Case {
+        name: "source ranges holding a node address let node-local clients in; with externalTrafficPolicy Local they sit on the External entry",
+        service: r#"
+apiVersion: v1
+kind: Service
+metadata: {name: guarded-local, namespace: demo}
+spec:
+  type: LoadBalancer
+  allocateLoadBalancerNodePorts: false
+  clusterIP: 10.96.3.10
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 31090
+  loadBalancerSourceRanges: [192.168.0.0/16]
+  ports: [{name: http, port: 80}]
+status:
+  loadBalancer:
+    ingress: [{ip: 198.51.100.10}]
+"#,
+        slices: &[],
+        node: NODE_A,
+        expect: &[
+            "# health-check 31090 demo/guarded-local local=0",
+            "10.96.3.10:80/TCP ClusterIP => ",
+            "198.51.100.10:80/TCP LoadBalancer etp-local has-int src=192.168.0.0/16 src-node => ",
+            "198.51.100.10:80/TCP/i LoadBalancer => ",
+        ],
+        skips: &[],
+    },
+    Case {
+        name: "loadBalancerSourceRanges are ignored on a NodePort Service",
+        service: r#"
+apiVersion: v1
+kind: Service
+metadata: {name: np-ranges, namespace: demo}
+spec:
+  type: NodePort
+  clusterIP: 10.96.3.11
+  loadBalancerSourceRanges: [192.0.2.0/24]
+  ports: [{name: http, port: 80, nodePort: 30191}]
+"#,
+        slices: &[],
+        node: NODE_A_NO_ZONE,
+        expect: &[
+            "10.96.3.11:80/TCP ClusterIP => ",
+            "127.0.0.1:30191/TCP NodePort => ",
+            "192.168.1.10:30191/TCP NodePort => ",
+        ],
+        skips: &[],
+    },
+    Case {
+        name: "a LoadBalancer whose source ranges are all invalid is open to every client, as for kube-proxy",
+        service: r#"
+apiVersion: v1
+kind: Service
+metadata: {name: lb-bad-ranges, namespace: demo}
+spec:
+  type: LoadBalancer
+  allocateLoadBalancerNodePorts: false
+  clusterIP: 10.96.3.12
+  loadBalancerSourceRanges: [10.0.0.0/33, 10.0.0/8]
+  ports: [{name: http, port: 80}]
+status:
+  loadBalancer:
+    ingress: [{ip: 198.51.100.12}]
+"#,
+        slices: &[],
+        node: NODE_A_NO_ZONE,
+        expect: &[
+            "10.96.3.12:80/TCP ClusterIP => ",
+            "198.51.100.12:80/TCP LoadBalancer => ",
+        ],
+        skips: &[SkipReason::InvalidAddress, SkipReason::InvalidAddress],
+    },
+    Case {
         name: "a LoadBalancer without node ports (allocateLoadBalancerNodePorts false) gets ClusterIP and LoadBalancer only",
         service: r#"
 apiVersion: v1
@@ -1399,6 +1519,83 @@ endpoints:
         ],
         skips: &[],
     },
+    // --- lb-algorithm annotation --------------------------------------------
+    Case {
+        name: "the maglev annotation sets Maglev on NodePort, LoadBalancer and externalIP frontends, not on the ClusterIP",
+        service: r#"
+apiVersion: v1
+kind: Service
+metadata:
+  name: hashed
+  namespace: demo
+  annotations: {service.kpr.io/lb-algorithm: maglev}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.60
+  externalIPs: [203.0.113.60]
+  ports: [{port: 80, nodePort: 30060}]
+status: {loadBalancer: {ingress: [{ip: 198.51.100.60}]}}
+"#,
+        slices: &[],
+        node: NODE_A,
+        expect: &[
+            "10.96.0.60:80/TCP ClusterIP => ",
+            "127.0.0.1:30060/TCP NodePort maglev => ",
+            "192.168.1.10:30060/TCP NodePort maglev => ",
+            "198.51.100.60:80/TCP LoadBalancer maglev => ",
+            "203.0.113.60:80/TCP ExternalIP maglev => ",
+        ],
+        skips: &[],
+    },
+    Case {
+        name: "with externalTrafficPolicy Local, Maglev is on the external-scope entry only (node-local clients use the socket hooks)",
+        service: r#"
+apiVersion: v1
+kind: Service
+metadata:
+  name: hashed
+  namespace: demo
+  annotations: {service.kpr.io/lb-algorithm: maglev}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.61
+  externalTrafficPolicy: Local
+  ports: [{port: 80, nodePort: 30061}]
+"#,
+        slices: &[],
+        node: NODE_A_NO_ZONE,
+        expect: &[
+            "10.96.0.61:80/TCP ClusterIP => ",
+            "127.0.0.1:30061/TCP NodePort etp-local has-int maglev => ",
+            "127.0.0.1:30061/TCP/i NodePort => ",
+            "192.168.1.10:30061/TCP NodePort etp-local has-int maglev => ",
+            "192.168.1.10:30061/TCP/i NodePort => ",
+        ],
+        skips: &[],
+    },
+    Case {
+        name: "an unknown lb-algorithm annotation is a counted skip and the flag's algorithm applies",
+        service: r#"
+apiVersion: v1
+kind: Service
+metadata:
+  name: hashed
+  namespace: demo
+  annotations: {service.kpr.io/lb-algorithm: Maglev}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.62
+  ports: [{port: 80, nodePort: 30062}]
+"#,
+        slices: &[],
+        node: NODE_A_NO_ZONE,
+        expect: &[
+            "10.96.0.62:80/TCP ClusterIP => ",
+            "127.0.0.1:30062/TCP NodePort => ",
+            "192.168.1.10:30062/TCP NodePort => ",
+        ],
+        skips: &[SkipReason::InvalidAnnotation],
+    },
 ];
 
 #[test]
@@ -1590,4 +1787,154 @@ endpoints:
             ("10.244.3.11".to_string(), false),
         ]
     );
+}
+
+#[test]
+fn the_lb_algorithm_flag_applies_without_the_annotation_and_the_annotation_wins() {
+    let svc = |name: &str, annotation: Option<&str>| -> Service {
+        let annotations = annotation
+            .map(|a| format!("annotations: {{{LB_ALGORITHM_ANNOTATION}: {a:?}}}"))
+            .unwrap_or_default();
+        serde_yaml_ng::from_str(&format!(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: demo, {annotations}}}
+spec: {{type: NodePort, clusterIP: 10.96.0.70, ports: [{{port: 80, nodePort: 30070}}]}}
+"#
+        ))
+        .unwrap()
+    };
+    let maglev_node = NodeContext {
+        node_ips: vec!["192.168.1.10".parse().unwrap()],
+        lb_algorithm: LbAlgorithm::Maglev,
+        ..Default::default()
+    };
+    let maglev_of = |t: &Translation| -> Vec<(ServiceType, bool)> {
+        let mut v: Vec<(ServiceType, bool)> = t
+            .desired
+            .values()
+            .flat_map(|fes| fes.values().map(|s| (s.svc_type, s.options.maglev)))
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    let np = ServiceType::NodePort;
+    let cip = ServiceType::ClusterIP;
+    for (annotation, node, want) in [
+        (None, &maglev_node, true),
+        (None, &NodeContext::default(), false),
+        (Some("random"), &maglev_node, false),
+        (Some("maglev"), &NodeContext::default(), true),
+        (Some("consistent"), &maglev_node, true),
+        (Some(""), &NodeContext::default(), false),
+    ] {
+        let t = translate(&[svc("web", annotation)], &[], node);
+        assert_eq!(
+            maglev_of(&t),
+            vec![(cip, false), (np, want)],
+            "annotation {annotation:?}, flag {}",
+            node.lb_algorithm
+        );
+        let invalid = matches!(annotation, Some(a) if a != "random" && a != "maglev");
+        assert_eq!(t.skipped.len(), usize::from(invalid), "{:?}", t.skipped);
+        if invalid {
+            let s = &t.skipped[0];
+            assert_eq!(s.reason, SkipReason::InvalidAnnotation);
+            assert_eq!(s.object, "Service demo/web");
+            assert!(
+                s.detail.contains(LB_ALGORITHM_ANNOTATION)
+                    && s.detail.contains(&format!("{:?}", annotation.unwrap()))
+                    && s.detail
+                        .contains(&format!("--lb-algorithm {}", node.lb_algorithm)),
+                "{}",
+                s.detail
+            );
+        }
+    }
+    // One Service's bad annotation leaves the others alone.
+    let t = translate(
+        &[svc("bad", Some("nope")), svc("good", Some("maglev"))],
+        &[],
+        &NodeContext::default(),
+    );
+    assert_eq!(t.skipped.len(), 1);
+    assert!(t.desired["demo/good"].values().any(|s| s.options.maglev));
+    assert!(t.desired["demo/bad"].values().all(|s| !s.options.maglev));
+}
+
+#[test]
+fn source_range_cidrs_parse_like_go_parse_cidr_sloppy() {
+    let ok = |s: &str| parse_cidr_sloppy(s).map(|n| n.to_string());
+    assert_eq!(ok("192.0.2.0/24").as_deref(), Some("192.0.2.0/24"));
+    // Host bits cleared, leading zeros decimal.
+    assert_eq!(ok("192.0.2.77/24").as_deref(), Some("192.0.2.0/24"));
+    assert_eq!(ok("010.001.0.0/16").as_deref(), Some("10.1.0.0/16"));
+    assert_eq!(ok("0.0.0.0/0").as_deref(), Some("0.0.0.0/0"));
+    assert_eq!(ok("2001:DB8::1/32").as_deref(), Some("2001:db8::/32"));
+    assert_eq!(ok("::/0").as_deref(), Some("::/0"));
+    // IPv4-mapped IPv6 prefixes are IPv4, as Go's To4() makes them.
+    assert_eq!(ok("::ffff:192.0.2.0/120").as_deref(), Some("192.0.2.0/24"));
+    assert_eq!(ok("::ffff:0:0/96").as_deref(), Some("0.0.0.0/0"));
+    assert_eq!(ok("::fffe:0:0/95").as_deref(), Some("::fffe:0:0/95"));
+    for bad in [
+        "192.0.2.0",
+        "192.0.2.0/33",
+        "192.0.2/24",
+        "192.0.2.0.1/24",
+        "192.0.2.256/24",
+        "192.0.2.0/-1",
+        "192.0.2.0/+8",
+        "192.0.2.0/",
+        "/8",
+        "fd00::/129",
+        "fd00::g/64",
+        "not-a-cidr",
+    ] {
+        assert_eq!(parse_cidr_sloppy(bad), None, "{bad}");
+    }
+}
+
+#[test]
+fn source_ranges_reach_only_load_balancer_frontends_with_node_admission_per_family() {
+    let svc: Service = serde_yaml_ng::from_str(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: g, namespace: demo}
+spec:
+  type: LoadBalancer
+  clusterIPs: [10.96.3.20, "fd00:10:96::320"]
+  loadBalancerSourceRanges: [192.168.1.0/24, "2001:db8::/32"]
+  ports: [{name: http, port: 80, nodePort: 30200}]
+status:
+  loadBalancer:
+    ingress: [{ip: 198.51.100.20}, {ip: "2001:db8:ff::20"}]
+"#,
+    )
+    .unwrap();
+    let t = translate(&[svc], &[], &NODE_A.context());
+    let fes = &t.desired["demo/g"];
+    let lb = |ip: &str| &fes[&Frontend::new(ip.parse().unwrap(), 80, Protocol::Tcp)];
+    // node-a is 192.168.1.10 (in the IPv4 prefix) and fd00:192:168:1::10
+    // (not in the IPv6 one).
+    let v4 = lb("198.51.100.20");
+    assert_eq!(
+        v4.source_ranges,
+        ["192.168.1.0/24".parse::<IpNet>().unwrap()]
+    );
+    assert!(v4.options.source_ranges_admit_node);
+    let v6 = lb("2001:db8:ff::20");
+    assert_eq!(
+        v6.source_ranges,
+        ["2001:db8::/32".parse::<IpNet>().unwrap()]
+    );
+    assert!(!v6.options.source_ranges_admit_node);
+    for (fe, spec) in fes {
+        if spec.svc_type != ServiceType::LoadBalancer {
+            assert!(spec.source_ranges.is_empty(), "{fe:?}");
+        }
+    }
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
 }

@@ -1,0 +1,224 @@
+//! Which interfaces `--devices` means, now and as links come and go.
+//!
+//! An entry of `--devices` is an interface name (`eth0`) or a prefix
+//! pattern: a trailing `+` (Cilium's spelling, `eth+`) or `*` (`eth*`)
+//! matches every name that starts with what precedes it. The set is
+//! resolved against the links of the agent's network namespace whenever
+//! they change: [`LinkEvents`] is a netlink subscription to link changes
+//! (RTNLGRP_LINK) used only as a trigger; the agent then lists the links
+//! again ([`matching`]) and attaches to what is new, detaches from what is
+//! gone. A named device that does not exist yet is not an error: it is
+//! attached when it appears.
+
+use std::collections::BTreeMap;
+use std::ffi::CStr;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use anyhow::{bail, Result};
+use tokio::io::unix::AsyncFd;
+
+/// Checks `--devices` entries: interface names (at most 15 bytes, no `/`,
+/// no whitespace) with an optional trailing `+` or `*`, which may stand
+/// alone (every interface).
+pub fn validate(patterns: &[String]) -> Result<()> {
+    for p in patterns {
+        let name = p.strip_suffix(['+', '*']).unwrap_or(p);
+        if name.len() >= libc::IFNAMSIZ
+            || name.contains(['/', '+', '*'])
+            || name.chars().any(char::is_whitespace)
+            || (name.is_empty() && !is_pattern(p))
+        {
+            bail!(
+                "--devices {p:?}: not an interface name (1-15 characters, no '/' or spaces) \
+                 or a prefix pattern with a trailing '+' or '*'"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Whether `pattern` is a prefix pattern rather than one name.
+pub fn is_pattern(pattern: &str) -> bool {
+    pattern.ends_with(['+', '*'])
+}
+
+/// Whether interface `name` is meant by `pattern`.
+pub fn matches(pattern: &str, name: &str) -> bool {
+    match pattern.strip_suffix(['+', '*']) {
+        Some(prefix) => name.starts_with(prefix),
+        None => name == pattern,
+    }
+}
+
+/// The interfaces of this network namespace, name -> ifindex.
+pub fn links() -> io::Result<BTreeMap<String, u32>> {
+    // SAFETY: if_nameindex returns a heap array terminated by an entry with
+    // index 0 (or NULL with errno set); it is read, then freed exactly once.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return Err(io::Error::last_os_error());
+        }
+        let mut out = BTreeMap::new();
+        let mut at = list;
+        while (*at).if_index != 0 && !(*at).if_name.is_null() {
+            let name = CStr::from_ptr((*at).if_name).to_string_lossy().into_owned();
+            out.insert(name, (*at).if_index);
+            at = at.add(1);
+        }
+        libc::if_freenameindex(list);
+        Ok(out)
+    }
+}
+
+/// The interfaces of this namespace that `patterns` mean, name -> ifindex.
+pub fn matching(patterns: &[String]) -> io::Result<BTreeMap<String, u32>> {
+    Ok(links()?
+        .into_iter()
+        .filter(|(name, _)| patterns.iter().any(|p| matches(p, name)))
+        .collect())
+}
+
+/// The plain names among `patterns` that no interface has (yet).
+pub fn missing(patterns: &[String], present: &BTreeMap<String, u32>) -> Vec<String> {
+    patterns
+        .iter()
+        .filter(|p| !is_pattern(p) && !present.contains_key(p.as_str()))
+        .cloned()
+        .collect()
+}
+
+/// rtnetlink multicast group of link changes (RTMGRP_LINK).
+const RTMGRP_LINK: u32 = 1;
+
+/// A netlink socket subscribed to this namespace's link changes (a link
+/// added, removed, renamed or changing state). Messages are not parsed:
+/// each wake-up means "list the links again".
+pub struct LinkEvents {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl LinkEvents {
+    /// Subscribes; needs a tokio runtime.
+    pub fn subscribe() -> io::Result<LinkEvents> {
+        // SAFETY: socket(2) and bind(2) with a zeroed, then filled
+        // sockaddr_nl of the right size; the fd is owned right away.
+        let fd = unsafe {
+            let raw = libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                libc::NETLINK_ROUTE,
+            );
+            if raw < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let fd = OwnedFd::from_raw_fd(raw);
+            let mut addr: libc::sockaddr_nl = std::mem::zeroed();
+            addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+            addr.nl_groups = RTMGRP_LINK;
+            let ret = libc::bind(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            );
+            if ret != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            fd
+        };
+        // SAFETY: the OwnedFd is open and moves into the AsyncFd, which
+        // owns it (same descriptor) until dropped.
+        let fd = unsafe { AsyncFd::register(fd) }?;
+        Ok(LinkEvents { fd })
+    }
+
+    /// Waits until links changed, then drains what is queued (a burst is
+    /// one wake-up). An overrun (ENOBUFS: events were lost) also counts as
+    /// a change, so nothing is missed.
+    pub async fn changed(&mut self) -> io::Result<()> {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let mut guard = self.fd.readable().await?;
+            match guard.try_io(|fd| recv(fd.get_ref(), &mut buf)) {
+                Ok(Ok(_)) => break,
+                Ok(Err(e)) if e.raw_os_error() == Some(libc::ENOBUFS) => break,
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => continue,
+            }
+        }
+        // Drain the rest of the burst without waiting (bounded).
+        for _ in 0..1024 {
+            match recv(self.fd.get_ref(), &mut buf) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {}
+                Err(_) => break, // EAGAIN: drained
+            }
+        }
+        Ok(())
+    }
+}
+
+fn recv(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: buf is valid for writes of its length.
+    let n = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn names_match_exactly_and_patterns_by_prefix() {
+        assert!(matches("eth0", "eth0"));
+        assert!(!matches("eth0", "eth01"));
+        assert!(!matches("eth", "eth0"));
+        for p in ["eth+", "eth*"] {
+            assert!(matches(p, "eth0") && matches(p, "eth-late") && matches(p, "eth"));
+            assert!(!matches(p, "veth0") && !matches(p, "lo"));
+        }
+        assert!(matches("+", "anything") && matches("*", "lo"));
+    }
+
+    #[test]
+    fn bad_entries_are_refused_by_name() {
+        assert!(validate(&v(&["eth0", "eth+", "ens*", "*", "bond0.100"])).is_ok());
+        for bad in ["", "a/b", "eth 0", "e+th", "eth**", "averyveryverylongname"] {
+            let err = validate(&v(&[bad])).unwrap_err().to_string();
+            assert!(err.contains(&format!("{bad:?}")), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn only_plain_names_can_be_missing() {
+        let present: BTreeMap<String, u32> = [("eth-c".to_string(), 2)].into();
+        assert_eq!(
+            missing(&v(&["eth-c", "eth-late", "ens+"]), &present),
+            ["eth-late"]
+        );
+    }
+
+    #[test]
+    fn this_namespace_has_loopback() {
+        let links = links().unwrap();
+        assert!(links.contains_key("lo"), "{links:?}");
+        let lo = matching(&v(&["l+"])).unwrap();
+        assert!(lo.contains_key("lo"));
+    }
+}
