@@ -514,6 +514,11 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             .collect(),
         lb_algorithm: Some(config.lb_algorithm.to_string()),
         maglev_table_size: Some(config.maglev.table_size()),
+        nodeport_mode: config.nodeport.as_ref().map(|np| value_name(np.mode)),
+        nodeport_acceleration: config
+            .nodeport
+            .as_ref()
+            .map(|np| value_name(np.acceleration)),
         ..AgentStatus::default()
     });
     let use_set_retval = features
@@ -1096,4 +1101,12 @@ fn on_watcher_event<K: Watched>(
         Event::Apply(o) => o.apply(store),
         Event::Delete(o) => o.delete(store),
     }
+}
+
+/// A flag value as it is spelled on the command line.
+fn value_name(value: impl clap::ValueEnum) -> String {
+    value
+        .to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default()
 }

@@ -57,6 +57,13 @@ pub struct AgentStatus {
     /// Slots of a Maglev table (`--maglev-table-size`).
     #[serde(default)]
     pub maglev_table_size: Option<u32>,
+    /// How remote backends are reached (`--nodeport-mode`); None without
+    /// `--devices`.
+    #[serde(default)]
+    pub nodeport_mode: Option<String>,
+    /// `--nodeport-acceleration`; None without `--devices`.
+    #[serde(default)]
+    pub nodeport_acceleration: Option<String>,
     /// The north-south devices, when `--devices` is given.
     #[serde(default)]
     pub devices: Option<DeviceStatus>,
@@ -256,6 +263,13 @@ pub fn format_text(r: &Report) -> String {
                     .map(|n| format!(" (Maglev table size {n})"))
                     .unwrap_or_default();
                 let _ = writeln!(o, "  Backend selection:    {alg}{size}");
+            }
+            if let (Some(mode), Some(accel)) = (&a.nodeport_mode, &a.nodeport_acceleration) {
+                let carrier = if mode == "snat" { "" } else { " (IPIP)" };
+                let _ = writeln!(
+                    o,
+                    "  NodePort mode:        {mode}{carrier}, XDP acceleration {accel}"
+                );
             }
             if let Some(d) = &a.devices {
                 let mut line = if d.attached.is_empty() {
