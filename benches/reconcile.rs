@@ -152,7 +152,7 @@ fn endpoint_change(c: &mut Criterion, bed: &Bed, services: usize) {
         ("endpoint_change", format!("one_of_{services}x{ENDPOINTS}")),
         &svcs,
         &NodeContext::default(),
-        |writes| assert!(writes >= 3 && writes <= ENDPOINTS + 2, "writes: {writes}"),
+        |writes| assert!((3..=ENDPOINTS + 2).contains(&writes), "writes: {writes}"),
     );
 }
 
