@@ -15,7 +15,6 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use kpr::datapath::layout::{CtDir, CtRecord};
@@ -485,12 +484,7 @@ const EXTERNAL_IP: &str = "203.0.113.20";
 /// ports 30090 and 30091, ingress IP [`LB_IP`]) and a ClusterIP Service
 /// `ext` with externalIP [`EXTERNAL_IP`] (TCP 8080), both with every pod.
 fn external_manifest(cluster: &Cluster) -> String {
-    let mut endpoints = String::new();
-    for node in cluster.nodes() {
-        for ip in node.pod_ips() {
-            endpoints += &format!("- {{addresses: [{ip}], nodeName: node{}}}\n", node.index());
-        }
-    }
+    let endpoints = pod_endpoints(cluster, None);
     let slice = |name: &str, ports: &str| {
         format!(
             r#"
@@ -579,14 +573,7 @@ fn loadbalancer_ips_and_external_ips_are_served_from_outside_and_listed() {
     if !root() {
         return;
     }
-    let bed = NodePortBed::start(
-        "nplbx",
-        Path::new(KPR),
-        &ClusterPlan::default(),
-        external_manifest,
-        &[],
-    )
-    .expect("the NodePort bed starts");
+    let bed = Bed::with_manifest("nplbx", &ClusterPlan::default(), external_manifest, &[]);
     let client = bed.cluster.client();
     for (ip, n) in [(LB_IP, 1u8), (EXTERNAL_IP, 2)] {
         let via = bed.node(n).ext_ip().to_string();
@@ -673,17 +660,15 @@ fn one_udp_flow_follows_endpoints_from_none_to_a_remote_pod_to_a_local_one() {
     const TCP: u16 = 30180;
     const UDP: u16 = 30153;
     let endpoints_of = |pod: Option<(IpAddr, u8)>| match pod {
-        Some((ip, node)) => format!("- {{addresses: [{ip}], nodeName: node{node}}}\n"),
+        Some((ip, node)) => endpoint_line(ip, node),
         None => "  []\n".to_string(),
     };
-    let bed = NodePortBed::start(
+    let bed = Bed::with_manifest(
         "npflow",
-        Path::new(KPR),
         &ClusterPlan::default(),
         |_| nodeport_manifest("flows", "flow", TCP, UDP, &endpoints_of(None)),
         &[],
-    )
-    .expect("the NodePort bed starts");
+    );
     let remote = IpAddr::V4(bed.node(2).pod_ips()[0]);
     let local = IpAddr::V4(bed.node(1).pod_ips()[0]);
     let write_endpoints = |pod: (IpAddr, u8)| {

@@ -11,7 +11,6 @@ mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,12 +38,7 @@ const BED_MTU: u32 = 1500;
 /// This file's manifest plus `bulk`: NodePorts whose endpoints are node2's
 /// pods only.
 fn dsr_manifest(cluster: &Cluster) -> String {
-    let endpoints: String = cluster
-        .node(2)
-        .pod_ips()
-        .iter()
-        .map(|ip| format!("- {{addresses: [{ip}], nodeName: node2}}\n"))
-        .collect();
+    let endpoints = pod_endpoints(cluster, Some(2));
     manifest(cluster)
         + &format!(
             r#"
@@ -93,8 +87,7 @@ fn start_dsr_bed_with(
         args.extend(["--nodeport-acceleration", xdp]);
     }
     args.extend(extra_args);
-    let bed = NodePortBed::start(prefix, Path::new(KPR), &plan, dsr_manifest, &args)
-        .expect("the NodePort bed starts");
+    let bed = Bed::with_manifest(prefix, &plan, dsr_manifest, &args);
     // The node-to-node links' packet counters tell whether replies come
     // back through a node: keep IPv6 autoconfiguration (router
     // solicitations, MLD reports of fresh links) out of them.
@@ -452,7 +445,7 @@ fn dsr_map_follows_endpoints(bed: &NodePortBed) {
     let kept = bed.node(2).pod_ips()[0];
     let path = bed.dir().join("manifests").join("services.yaml");
     let text = std::fs::read_to_string(&path).unwrap();
-    let line = format!("- {{addresses: [{gone}], nodeName: node2}}\n");
+    let line = endpoint_line(gone, 2);
     let at = text.rfind(&line).expect("bulk lists the pod last");
     let text = format!("{}{}", &text[..at], &text[at + line.len()..]);
     std::fs::write(&path, text).unwrap();

@@ -10,7 +10,6 @@ mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use kpr::testbed::nodeport_bed::POD_TCP;
@@ -91,7 +90,7 @@ fn maglev_sends_a_client_to_the_same_backend_through_either_node_and_keeps_flows
     let removed = IpAddr::V4(bed.node(2).pod_ips()[0]);
     let manifest_path = bed.dir().join("manifests").join("services.yaml");
     let text = std::fs::read_to_string(&manifest_path).unwrap();
-    let line = format!("- {{addresses: [{removed}], nodeName: node2}}\n");
+    let line = endpoint_line(removed, 2);
     assert!(text.contains(&line), "{text}");
     std::fs::write(&manifest_path, text.replace(&line, "")).unwrap();
     let gone = format!("\"{removed}\"");
@@ -123,12 +122,7 @@ fn maglev_sends_a_client_to_the_same_backend_through_either_node_and_keeps_flows
 /// `plain` (no annotation), `bad` (an unknown algorithm) and `sticky`
 /// (maglev with ClientIP session affinity), every pod behind each.
 fn annotated_manifest(cluster: &Cluster) -> String {
-    let mut endpoints = String::new();
-    for node in cluster.nodes() {
-        for ip in node.pod_ips() {
-            endpoints += &format!("- {{addresses: [{ip}], nodeName: node{}}}\n", node.index());
-        }
-    }
+    let endpoints = pod_endpoints(cluster, None);
     let service = |name: &str, cluster_ip: &str, node_port: u16, annotation: &str, extra: &str| {
         let annotations = match annotation {
             "" => String::new(),
@@ -176,14 +170,7 @@ fn the_lb_algorithm_annotation_switches_one_service_to_maglev_while_another_stay
         return;
     }
     // Agents with the default --lb-algorithm random.
-    let bed = NodePortBed::start(
-        "npann",
-        Path::new(KPR),
-        &ClusterPlan::default(),
-        annotated_manifest,
-        &[],
-    )
-    .expect("the NodePort bed starts");
+    let bed = Bed::with_manifest("npann", &ClusterPlan::default(), annotated_manifest, &[]);
     add_shared_client_address(&bed);
     let ports = 47200..47240;
 

@@ -76,17 +76,8 @@ pub fn manifest(cluster: &Cluster) -> String {
 
 /// [`manifest`] as `web` and the other Services.
 pub fn manifest_parts(cluster: &Cluster) -> (String, String) {
-    let mut endpoints = String::new();
-    let mut node1_endpoints = String::new();
-    for node in cluster.nodes() {
-        for ip in node.pod_ips() {
-            let line = format!("- {{addresses: [{ip}], nodeName: node{}}}\n", node.index());
-            if node.index() == 1 {
-                node1_endpoints += &line;
-            }
-            endpoints += &line;
-        }
-    }
+    let endpoints = pod_endpoints(cluster, None);
+    let node1_endpoints = pod_endpoints(cluster, Some(1));
     let web = nodeport_manifest("np", "web", NODE_PORT_TCP, NODE_PORT_UDP, &endpoints);
     let local = |name: &str, cluster_ip: &str, node_port: u16, endpoints: &str| {
         format!(
@@ -164,15 +155,47 @@ endpoints:
     (web, others)
 }
 
-/// The bed with this file's manifest; `extra_args` go to every agent.
+/// One item of an EndpointSlice's `endpoints:`: pod `ip` on node `n`.
+pub fn endpoint_line(ip: impl std::fmt::Display, n: u8) -> String {
+    format!("- {{addresses: [{ip}], nodeName: node{n}}}\n")
+}
+
+/// The `endpoints:` items of every pod of node `only`, or of both nodes.
+pub fn pod_endpoints(cluster: &Cluster, only: Option<u8>) -> String {
+    cluster
+        .nodes()
+        .iter()
+        .filter(|node| only.is_none_or(|n| n == node.index()))
+        .flat_map(|node| {
+            node.pod_ips()
+                .iter()
+                .map(|ip| endpoint_line(ip, node.index()))
+        })
+        .collect()
+}
+
+/// The bed, started with [`manifest`] unless said otherwise; `extra_args`
+/// go to every agent.
 pub struct Bed;
 
 impl Bed {
+    /// The default plan and [`manifest`].
     pub fn start(prefix: &str, extra_args: &[&str]) -> NodePortBed {
         Bed::start_with(prefix, &ClusterPlan::default(), extra_args)
     }
 
+    /// `plan` and [`manifest`].
     pub fn start_with(prefix: &str, plan: &ClusterPlan, extra_args: &[&str]) -> NodePortBed {
+        Bed::with_manifest(prefix, plan, manifest, extra_args)
+    }
+
+    /// `plan` and the Services and slices `manifest` writes.
+    pub fn with_manifest(
+        prefix: &str,
+        plan: &ClusterPlan,
+        manifest: impl Fn(&Cluster) -> String,
+        extra_args: &[&str],
+    ) -> NodePortBed {
         NodePortBed::start(prefix, Path::new(KPR), plan, manifest, extra_args)
             .expect("the NodePort bed starts")
     }
