@@ -146,39 +146,48 @@ fn full_sync(c: &mut Criterion, bed: &Bed, services: usize) {
 
 fn endpoint_change(c: &mut Criterion, bed: &Bed, services: usize) {
     let svcs: Vec<Service> = (0..services).map(service).collect();
-    let slices: Vec<EndpointSlice> = (0..services).map(|i| slice(i, 0)).collect();
+    endpoint_flip(
+        c,
+        bed,
+        ("endpoint_change", format!("one_of_{services}x{ENDPOINTS}")),
+        &svcs,
+        &NodeContext::default(),
+        |writes| assert!((3..=ENDPOINTS + 2).contains(&writes), "writes: {writes}"),
+    );
+}
+
+/// Benchmark `(group, name)`: one endpoint change of the middle one of
+/// `svcs`, all of them loaded for `node` (their slices at generation 0):
+/// its slice flips between two versions that differ in one endpoint, and
+/// `check` sees the writes of every sync. The maps are cleared after.
+fn endpoint_flip(
+    c: &mut Criterion,
+    bed: &Bed,
+    (group, name): (&str, String),
+    svcs: &[Service],
+    node: &NodeContext,
+    check: impl Fn(usize),
+) {
+    let slices: Vec<EndpointSlice> = (0..svcs.len()).map(|i| slice(i, 0)).collect();
     let mut r = bed.reconciler();
-    r.sync_full(
-        &translate::translate(&svcs, &slices, &NodeContext::default()).desired,
-        true,
-    )
-    .expect("load");
-    let target = services / 2;
+    r.sync_full(&translate::translate(svcs, &slices, node).desired, true)
+        .expect("load");
+    let target = svcs.len() / 2;
     let key = translate::object_key(&svcs[target].metadata);
     // Two versions of one slice that differ in one endpoint.
     let a = slice(target, 0);
     let mut b = a.clone();
     b.endpoints[3].addresses = vec!["10.250.0.3".into()];
     let mut flip = false;
-    let mut group = c.benchmark_group("endpoint_change");
-    group.bench_function(format!("one_of_{services}x{ENDPOINTS}"), |bench| {
+    let mut group = c.benchmark_group(group);
+    group.bench_function(name, |bench| {
         bench.iter(|| {
             flip = !flip;
             let slice = if flip { &b } else { &a };
-            let mut skipped = Vec::new();
-            let fes = translate::translate_service(
-                &svcs[target],
-                &[slice],
-                &NodeContext::default(),
-                &mut skipped,
-            )
-            .frontends;
+            let fes = translate::translate_service(&svcs[target], &[slice], node, &mut Vec::new())
+                .frontends;
             let out = r.sync_services(vec![(key.clone(), fes)]).expect("sync");
-            assert!(
-                out.writes >= 3 && out.writes <= ENDPOINTS + 2,
-                "writes: {}",
-                out.writes
-            );
+            check(out.writes);
         })
     });
     group.finish();
@@ -229,31 +238,19 @@ fn maglev_endpoint_change(c: &mut Criterion, bed: &Bed) {
             s
         })
         .collect();
-    let slices: Vec<EndpointSlice> = (0..services).map(|i| slice(i, 0)).collect();
-    let mut r = bed.reconciler();
-    r.sync_full(&translate::translate(&svcs, &slices, &node).desired, true)
-        .expect("load");
-    let target = services / 2;
-    let key = translate::object_key(&svcs[target].metadata);
-    let a = slice(target, 0);
-    let mut b = a.clone();
-    b.endpoints[3].addresses = vec!["10.250.0.3".into()];
-    let mut flip = false;
-    let mut group = c.benchmark_group("maglev_endpoint_change");
-    group.bench_function(format!("one_of_{services}x{ENDPOINTS}_nodeport"), |bench| {
-        bench.iter(|| {
-            flip = !flip;
-            let slice = if flip { &b } else { &a };
-            let fes = translate::translate_service(&svcs[target], &[slice], &node, &mut Vec::new())
-                .frontends;
-            let out = r.sync_services(vec![(key.clone(), fes)]).expect("sync");
-            // Per frontend (ClusterIP, 3 NodePorts) a slot; a backend
-            // added and one removed; 3 table entries (one shared table).
-            assert!(out.writes >= 4 + 2 + 3, "writes: {}", out.writes);
-        })
-    });
-    group.finish();
-    r.sync_full(&DesiredByService::new(), true).expect("clear");
+    endpoint_flip(
+        c,
+        bed,
+        (
+            "maglev_endpoint_change",
+            format!("one_of_{services}x{ENDPOINTS}_nodeport"),
+        ),
+        &svcs,
+        &node,
+        // Per frontend (ClusterIP, 3 NodePorts) a slot; a backend added
+        // and one removed; 3 table entries (one shared table).
+        |writes| assert!(writes >= 4 + 2 + 3, "writes: {writes}"),
+    );
 }
 
 fn benches(c: &mut Criterion) {

@@ -48,14 +48,6 @@ static __always_inline __u32 csum_add32(__u32 a, __u32 b)
 	return r + (r < a);
 }
 
-/* One's complement fold of a 32-bit sum, complemented: the checksum field. */
-static __always_inline __u16 csum_fold32(__u32 c)
-{
-	c = (c & 0xffff) + (c >> 16);
-	c = (c & 0xffff) + (c >> 16);
-	return (__u16)~c;
-}
-
 /* The fields a NAT rewrite changes, laid out for bpf_csum_diff. */
 struct nat_words {
 	__be32 saddr;
@@ -86,7 +78,7 @@ static __always_inline int xdp_nat_send(struct ethhdr *eth, struct iphdr *ip, __
 	/* A UDP datagram without checksum (0) keeps none. */
 	if (!(p->proto == IPPROTO_UDP && *l4_check == 0)) {
 		diff = bpf_csum_diff((__be32 *)&old, sizeof(old), (__be32 *)&new, sizeof(new), 0);
-		check = csum_fold32(csum_add32((__u32)diff, ~(__u32)(__u16)*l4_check));
+		check = csum_fold(csum_add32((__u32)diff, ~(__u32)(__u16)*l4_check));
 		if (p->proto == IPPROTO_UDP && check == 0)
 			check = 0xffff;
 		*l4_check = check;
@@ -97,7 +89,7 @@ static __always_inline int xdp_nat_send(struct ethhdr *eth, struct iphdr *ip, __
 	ports[1] = fwd->dport;
 	ip->ttl--;
 	ip->check = 0;
-	ip->check = csum_fold32((__u32)bpf_csum_diff(0, 0, (__be32 *)ip, sizeof(*ip), 0));
+	ip->check = csum_fold((__u32)bpf_csum_diff(0, 0, (__be32 *)ip, sizeof(*ip), 0));
 	__builtin_memcpy(eth->h_dest, fwd->fib.dmac, ETH_ALEN);
 	__builtin_memcpy(eth->h_source, fwd->fib.smac, ETH_ALEN);
 	np_count(NP_STAT_XDP_FWD);
@@ -162,7 +154,7 @@ static __always_inline int xdp_encap_send(struct xdp_md *ctx, const struct np_fw
 		return XDP_PASS;
 	ip->ttl--;
 	ip->check = 0;
-	ip->check = csum_fold32((__u32)bpf_csum_diff(0, 0, (__be32 *)ip, sizeof(*ip), 0));
+	ip->check = csum_fold((__u32)bpf_csum_diff(0, 0, (__be32 *)ip, sizeof(*ip), 0));
 	if (bpf_xdp_adjust_head(ctx, -IPIP_HLEN))
 		return XDP_DROP;
 	data = (void *)(long)ctx->data;

@@ -72,26 +72,24 @@ fn helper_supported(t: sys::bpf_prog_type, helper: sys::bpf_func_id) -> bool {
     unsafe { sys::libbpf_probe_bpf_helper(t, helper, std::ptr::null()) == 1 }
 }
 
-/// Whether the kernel loads a `return 1` cgroup sock_addr program for
+/// One BPF instruction without registers or offset: `code` with `imm`.
+fn insn(code: u8, imm: i32) -> sys::bpf_insn {
+    sys::bpf_insn {
+        code,
+        _bitfield_align_1: [],
+        _bitfield_1: sys::bpf_insn::new_bitfield_1(0, 0),
+        off: 0,
+        imm,
+    }
+}
+
+/// Whether the kernel loads `insns` as a program of type `prog_type` for
 /// `attach` (the kernel rejects attach types it does not know).
-fn sock_addr_hook_supported(attach: sys::bpf_attach_type) -> bool {
-    // r0 = 1; exit
-    let insns = [
-        sys::bpf_insn {
-            code: 0xb7,
-            _bitfield_align_1: [],
-            _bitfield_1: sys::bpf_insn::new_bitfield_1(0, 0),
-            off: 0,
-            imm: 1,
-        },
-        sys::bpf_insn {
-            code: 0x95,
-            _bitfield_align_1: [],
-            _bitfield_1: sys::bpf_insn::new_bitfield_1(0, 0),
-            off: 0,
-            imm: 0,
-        },
-    ];
+fn prog_loads(
+    prog_type: sys::bpf_prog_type,
+    attach: sys::bpf_attach_type,
+    insns: &[sys::bpf_insn],
+) -> bool {
     let mut opts = sys::bpf_prog_load_opts {
         sz: std::mem::size_of::<sys::bpf_prog_load_opts>() as _,
         expected_attach_type: attach,
@@ -101,7 +99,7 @@ fn sock_addr_hook_supported(attach: sys::bpf_attach_type) -> bool {
     // SAFETY: valid instructions and options; the fd is closed below.
     let fd = unsafe {
         sys::bpf_prog_load(
-            sys::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+            prog_type,
             std::ptr::null(),
             license.as_ptr(),
             insns.as_ptr(),
@@ -116,44 +114,24 @@ fn sock_addr_hook_supported(attach: sys::bpf_attach_type) -> bool {
     fd >= 0
 }
 
+/// Whether the kernel loads a `return 1` cgroup sock_addr program for
+/// `attach` (the kernel rejects attach types it does not know).
+fn sock_addr_hook_supported(attach: sys::bpf_attach_type) -> bool {
+    // r0 = 1; exit
+    let insns = [insn(0xb7, 1), insn(0x95, 0)];
+    prog_loads(sys::BPF_PROG_TYPE_CGROUP_SOCK_ADDR, attach, &insns)
+}
+
 /// Whether the kernel loads a cgroup sock program for `attach` that calls
 /// bpf_get_netns_cookie, as the post_bind hooks do.
 fn sock_hook_supported(attach: sys::bpf_attach_type) -> bool {
-    let insn = |code: u8, imm: i32| sys::bpf_insn {
-        code,
-        _bitfield_align_1: [],
-        _bitfield_1: sys::bpf_insn::new_bitfield_1(0, 0),
-        off: 0,
-        imm,
-    };
     // call bpf_get_netns_cookie (r1 = ctx already); r0 = 1; exit
     let insns = [
         insn(0x85, sys::BPF_FUNC_get_netns_cookie as i32),
         insn(0xb7, 1),
         insn(0x95, 0),
     ];
-    let mut opts = sys::bpf_prog_load_opts {
-        sz: std::mem::size_of::<sys::bpf_prog_load_opts>() as _,
-        expected_attach_type: attach,
-        ..Default::default()
-    };
-    let license = CString::new("GPL").expect("no NUL");
-    // SAFETY: valid instructions and options; the fd is closed below.
-    let fd = unsafe {
-        sys::bpf_prog_load(
-            sys::BPF_PROG_TYPE_CGROUP_SOCK,
-            std::ptr::null(),
-            license.as_ptr(),
-            insns.as_ptr(),
-            insns.len() as _,
-            &mut opts,
-        )
-    };
-    if fd >= 0 {
-        // SAFETY: our own fd.
-        unsafe { libc::close(fd) };
-    }
-    fd >= 0
+    prog_loads(sys::BPF_PROG_TYPE_CGROUP_SOCK, attach, &insns)
 }
 
 /// The cookie of this process's network namespace (SO_NETNS_COOKIE, kernel

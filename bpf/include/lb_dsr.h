@@ -67,10 +67,6 @@ const volatile enum np_mode nodeport_mode = NP_MODE_SNAT;
 const volatile __u16 dsr_mss_max = 0;
 
 #define IP_DF 0x4000
-/* ICMP destination unreachable, fragmentation needed (RFC 792, 1191);
- * linux/icmp.h pulls in libc headers a BPF build does not have. */
-#define ICMP_DEST_UNREACH 3
-#define ICMP_FRAG_NEEDED 4
 
 /* The header of an ICMP fragmentation-needed message. */
 struct icmp_frag_needed {
@@ -145,13 +141,6 @@ static __always_inline int dsr_parse_ipip(struct __sk_buff *skb, struct pkt4 *p,
 	return 0;
 }
 
-static __always_inline __u16 csum_fold_u32(__u32 c)
-{
-	c = (c & 0xffff) + (c >> 16);
-	c = (c & 0xffff) + (c >> 16);
-	return (__u16)~c;
-}
-
 /* Fills the outer header of a DSR packet around an inner one of @inner_len
  * bytes (its tot_len, host order) and type of service @tos. DF is set: an
  * encapsulated packet is never fragmented, so its IP id can stay 0 (RFC
@@ -169,7 +158,7 @@ static __always_inline void dsr_outer4(struct iphdr *o, __be32 saddr, __be32 dad
 	o->protocol = IPPROTO_IPIP;
 	o->saddr = saddr;
 	o->daddr = daddr;
-	o->check = csum_fold_u32((__u32)bpf_csum_diff(0, 0, (__be32 *)o, sizeof(*o), 0));
+	o->check = csum_fold((__u32)bpf_csum_diff(0, 0, (__be32 *)o, sizeof(*o), 0));
 }
 
 /* Puts an outer IPv4 header saddr -> daddr in front of the packet's IP
@@ -238,13 +227,13 @@ static __always_inline int dsr_icmp_too_big(struct __sk_buff *skb, __be32 from, 
 	r.icmp.mtu = bpf_htons(mtu);
 	csum = bpf_csum_diff(0, 0, (__be32 *)&r.icmp,
 			     sizeof(r.icmp) + sizeof(r.orig) + sizeof(r.l4), 0);
-	r.icmp.checksum = csum_fold_u32(csum);
+	r.icmp.checksum = csum_fold(csum);
 	dsr_outer4(&r.ip, from, r.orig.saddr,
 		   sizeof(r.icmp) + sizeof(r.orig) + sizeof(r.l4), 0);
 	r.ip.protocol = IPPROTO_ICMP;
 	r.ip.frag_off = 0;
 	r.ip.check = 0;
-	r.ip.check = csum_fold_u32((__u32)bpf_csum_diff(0, 0, (__be32 *)&r.ip, sizeof(r.ip), 0));
+	r.ip.check = csum_fold((__u32)bpf_csum_diff(0, 0, (__be32 *)&r.ip, sizeof(r.ip), 0));
 	if (bpf_skb_store_bytes(skb, IP_OFF, &r, sizeof(r), 0) < 0)
 		return -1;
 	/* Back where it came from: the source MAC becomes the destination. */

@@ -36,10 +36,25 @@
 #define IP_MF     0x2000
 #define IP_OFFSET 0x1fff
 
+/* ICMP types and codes (RFC 792, 1191); linux/icmp.h pulls in libc
+ * headers a BPF build does not have. */
+#define ICMP_DEST_UNREACH 3 /* type: destination unreachable */
+#define ICMP_PORT_UNREACH 3 /* its code: port unreachable */
+#define ICMP_FRAG_NEEDED  4 /* its code: fragmentation needed and DF set */
+
 #define TCP_FLAG_FIN 0x01
 #define TCP_FLAG_SYN 0x02
 #define TCP_FLAG_RST 0x04
 #define TCP_FLAG_ACK 0x10
+
+/* One's complement fold of a 32-bit checksum sum (a bpf_csum_diff()
+ * result), complemented: the value of a checksum field. */
+static __always_inline __sum16 csum_fold(__u32 c)
+{
+	c = (c & 0xffff) + (c >> 16);
+	c = (c & 0xffff) + (c >> 16);
+	return (__sum16)~c;
+}
 
 /* What the tc programs need to know of an IPv4 TCP/UDP packet. */
 struct pkt4 {

@@ -198,6 +198,29 @@ static __always_inline int np_tracked(void *ctx, __u32 ifindex, const struct pkt
 	return np_route(ctx, ifindex, p, fwd, 0, opts);
 }
 
+/* np_tracked() for the flow (@key, @e) a packet belongs to; when it is
+ * forwarded, the flow learns @add_flags and lives on from @now. */
+static __always_inline int np_follow(void *ctx, __u32 ifindex, const struct pkt4 *p,
+				     const struct ct_key *key, struct ct_entry *e,
+				     __u16 add_flags, __u64 now, struct np_fwd *fwd, __u32 opts)
+{
+	int v = np_tracked(ctx, ifindex, p, e, fwd, opts);
+
+	if (v == NP_V_FWD)
+		ct_touch(key, e, add_flags, now);
+	return v;
+}
+
+/* Whether @p must be dropped rather than forwarded: its TTL would run
+ * out on the way (counted). */
+static __always_inline int np_ttl_exceeded(const struct pkt4 *p)
+{
+	if (p->ttl > 1)
+		return 0;
+	np_count(NP_STAT_TTL);
+	return 1;
+}
+
 /* A new DSR flow (routed by np_open_flow): one ORIG entry saying where
  * to encapsulate the client's packets to. */
 static __always_inline int np_open_dsr(const struct pkt4 *p, const struct lb_backend *backend,
@@ -438,15 +461,12 @@ static __always_inline int np_ingress(void *ctx, __u32 ifindex, const struct pkt
 		if (e && (e->flags & CT_F_SNAT)) {
 			now = bpf_ktime_get_ns();
 			if (!ct_expired(e, now)) {
-				if (p->ttl <= 1) {
-					np_count(NP_STAT_TTL);
+				if (np_ttl_exceeded(p))
 					return NP_V_DROP;
-				}
-				v = np_tracked(ctx, ifindex, p, e, fwd, opts);
-				if (v == NP_V_FWD) {
-					ct_touch(&key, e, pkt_ct_flags(p, CT_DIR_REPLY), now);
+				v = np_follow(ctx, ifindex, p, &key, e, pkt_ct_flags(p, CT_DIR_REPLY),
+					      now, fwd, opts);
+				if (v == NP_V_FWD)
 					np_count(NP_STAT_REPLY);
-				}
 				return v;
 			}
 		}
@@ -462,10 +482,8 @@ static __always_inline int np_ingress(void *ctx, __u32 ifindex, const struct pkt
 			np_direct_syn(p);
 		return NP_V_PASS;
 	}
-	if (p->ttl <= 1) {
-		np_count(NP_STAT_TTL);
+	if (np_ttl_exceeded(p))
 		return NP_V_DROP;
-	}
 
 	ct_key4(&key, p, CT_DIR_ORIG);
 	e = bpf_map_lookup_elem(&kpr_ct_v1, &key);
@@ -477,11 +495,10 @@ static __always_inline int np_ingress(void *ctx, __u32 ifindex, const struct pkt
 		if (!ct_expired(e, now) && backend &&
 		    backend->addr[3] == e->nat_daddr[3] && backend->port == e->nat_dport &&
 		    !(is_tcp_syn(p) && (e->flags & CT_F_CLOSING))) {
-			v = np_tracked(ctx, ifindex, p, e, fwd, opts);
-			if (v == NP_V_FWD) {
-				ct_touch(&key, e, pkt_orig_flags(p, e->flags), now);
+			v = np_follow(ctx, ifindex, p, &key, e, pkt_orig_flags(p, e->flags), now,
+				      fwd, opts);
+			if (v == NP_V_FWD)
 				np_count(NP_STAT_FWD);
-			}
 			return v;
 		}
 		ct_delete_pair(&key, e);
@@ -528,10 +545,8 @@ static __always_inline int np_dsr_ingress(void *ctx, __u32 ifindex, const struct
 			np_count(NP_STAT_DSR_MISS);
 		return NP_V_PASS;
 	}
-	if (p->ttl <= 1) {
-		np_count(NP_STAT_TTL);
+	if (np_ttl_exceeded(p))
 		return NP_V_DROP;
-	}
 	ct_key4(&key, p, CT_DIR_ORIG);
 	e = bpf_map_lookup_elem(&kpr_ct_v1, &key);
 	if (e) {
@@ -540,9 +555,9 @@ static __always_inline int np_dsr_ingress(void *ctx, __u32 ifindex, const struct
 		if (!ct_expired(e, now) && !(e->flags & (CT_F_SNAT | CT_F_DSR_ENCAP)) &&
 		    e->nat_daddr[3] == backend_addr && e->nat_dport == backend->port &&
 		    !(is_tcp_syn(p) && (e->flags & CT_F_CLOSING))) {
-			v = np_tracked(ctx, ifindex, p, e, fwd, opts);
+			v = np_follow(ctx, ifindex, p, &key, e, pkt_ct_flags(p, CT_DIR_ORIG), now,
+				      fwd, opts);
 			if (v == NP_V_FWD) {
-				ct_touch(&key, e, pkt_ct_flags(p, CT_DIR_ORIG), now);
 				np_count(NP_STAT_FWD);
 				np_count(NP_STAT_DSR_DECAP);
 			}

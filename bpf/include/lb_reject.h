@@ -31,10 +31,6 @@
 
 #include "lb_nat.h"
 
-/* From linux/icmp.h, which pulls in userspace socket headers. */
-#define ICMP_DEST_UNREACH 3
-#define ICMP_PORT_UNREACH 3
-
 /* An ICMP destination unreachable header (RFC 792). */
 struct reject_icmphdr {
 	__u8    type;     /* ICMP_DEST_UNREACH */
@@ -54,16 +50,6 @@ struct reject_icmphdr {
 #define REJECT_TTL 64
 /* TOS of ICMP errors, as Linux sends them (IPTOS_PREC_INTERNETCONTROL). */
 #define REJECT_TOS 0xc0
-
-/* One's complement fold of a bpf_csum_diff() sum, complemented. */
-static __always_inline __sum16 reject_csum_fold(__s64 sum)
-{
-	__u32 c = (__u32)sum;
-
-	c = (c & 0xffff) + (c >> 16);
-	c = (c & 0xffff) + (c >> 16);
-	return (__sum16)~c;
-}
 
 /* Rewrites the IPv4 packet @p of @skb into an ICMP port unreachable from
  * its destination to its source and redirects it out of the interface it
@@ -89,7 +75,7 @@ static __always_inline int icmp4_reject(struct __sk_buff *skb, const struct pkt4
 
 	ih->type = ICMP_DEST_UNREACH;
 	ih->code = ICMP_PORT_UNREACH;
-	ih->checksum = reject_csum_fold(bpf_csum_diff(0, 0, (__be32 *)icmp, sizeof(icmp), 0));
+	ih->checksum = csum_fold((__u32)bpf_csum_diff(0, 0, (__be32 *)icmp, sizeof(icmp), 0));
 
 	ip.version = 4;
 	ip.ihl = 5;
@@ -99,7 +85,7 @@ static __always_inline int icmp4_reject(struct __sk_buff *skb, const struct pkt4
 	ip.protocol = IPPROTO_ICMP;
 	ip.saddr = p->daddr; /* the frontend */
 	ip.daddr = p->saddr;
-	ip.check = reject_csum_fold(bpf_csum_diff(0, 0, (__be32 *)&ip, sizeof(ip), 0));
+	ip.check = csum_fold((__u32)bpf_csum_diff(0, 0, (__be32 *)&ip, sizeof(ip), 0));
 
 	/* BPF_F_RECOMPUTE_CSUM keeps a CHECKSUM_COMPLETE skb's sum true to
 	 * the new bytes. */

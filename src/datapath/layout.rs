@@ -560,6 +560,14 @@ mod tests {
         );
     }
 
+    /// The hex encoding of master `m`, checked to decode back to `m`.
+    #[track_caller]
+    fn master_hex(m: MasterEntry) -> String {
+        let v = svc_value(&SvcValue::Master(m));
+        assert_eq!(decode_svc_value(0, &v), Some(SvcValue::Master(m)));
+        hex(&v)
+    }
+
     #[test]
     fn master_value_golden_encoding() {
         let m = MasterEntry {
@@ -572,13 +580,11 @@ mod tests {
             },
             source_ranges: false,
         };
-        let v = svc_value(&SvcValue::Master(m));
         //            backend_id count    svc_id   timeout  flags pad
         assert_eq!(
-            hex(&v),
+            master_hex(m),
             "00000000".to_string() + "03000000" + "07000000" + "302a0000" + "1100" + "0000"
         );
-        assert_eq!(decode_svc_value(0, &v), Some(SvcValue::Master(m)));
         // A LoadBalancer frontend with source ranges that admit the node.
         let lb = MasterEntry {
             svc_type: ServiceType::LoadBalancer,
@@ -589,13 +595,11 @@ mod tests {
             source_ranges: true,
             ..m
         };
-        let v = svc_value(&SvcValue::Master(lb));
         assert_eq!(
-            hex(&v)[32..36],
+            master_hex(lb)[32..36],
             *"0403",
             "LOADBALANCER | SRC_RANGE | SRC_RANGE_NODE"
         );
-        assert_eq!(decode_svc_value(0, &v), Some(SvcValue::Master(lb)));
     }
 
     #[test]
@@ -610,13 +614,11 @@ mod tests {
             },
             source_ranges: false,
         };
-        let v = svc_value(&SvcValue::Master(m));
         //            backend_id count    svc_id   timeout  flags (NODE_PORT | MAGLEV) pad
         assert_eq!(
-            hex(&v),
+            master_hex(m),
             "00000000".to_string() + "04000000" + "02000000" + "00000000" + "0204" + "0000"
         );
-        assert_eq!(decode_svc_value(0, &v), Some(SvcValue::Master(m)));
         // Maglev and source ranges together: distinct bits, all kept.
         let lb = MasterEntry {
             svc_type: ServiceType::LoadBalancer,
@@ -628,13 +630,11 @@ mod tests {
             source_ranges: true,
             ..m
         };
-        let v = svc_value(&SvcValue::Master(lb));
         assert_eq!(
-            hex(&v)[32..36],
+            master_hex(lb)[32..36],
             *"0407",
             "LOADBALANCER | SRC_RANGE | SRC_RANGE_NODE | MAGLEV"
         );
-        assert_eq!(decode_svc_value(0, &v), Some(SvcValue::Master(lb)));
     }
 
     #[test]

@@ -3,9 +3,9 @@
 //! finds its table, and every slot of it an existing backend.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::sync::Arc;
 
+use super::tests::{desired, ip, sync_failing_after};
 use super::*;
 use crate::datapath::fake::FakeMaps;
 use crate::model::{Backend, FrontendOptions, Protocol, ServiceRef, ServiceType};
@@ -18,10 +18,6 @@ fn params(size: u32) -> MaglevParams {
 
 fn reconciler(size: u32) -> Reconciler<FakeMaps> {
     Reconciler::with_maglev(FakeMaps::new(), params(size)).unwrap()
-}
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
 }
 
 fn be(i: usize) -> Backend {
@@ -65,10 +61,6 @@ fn nodeport(name: &str, port: u16, maglev: bool, bes: Vec<Backend>) -> (String, 
         );
     }
     (format!("default/{name}"), fes)
-}
-
-fn desired(services: Vec<(String, ServiceFrontends)>) -> DesiredByService {
-    services.into_iter().collect()
 }
 
 fn np(node_ip: &str, port: u16) -> Frontend {
@@ -321,17 +313,7 @@ fn a_failed_write_at_any_point_leaves_every_maglev_master_with_its_table() {
     for fail_after in 0..40 {
         let mut r = reconciler(SIZE);
         r.sync_full(&first, true).unwrap();
-        r.maps_mut().fail_after_writes = Some(fail_after);
-        let result = r.sync_full(&second, true);
-        assert!(
-            r.maps().violations.is_empty(),
-            "fail_after={fail_after}: {:?}",
-            r.maps().violations
-        );
-        r.maps_mut().fail_after_writes = None;
-        if result.is_err() {
-            r.sync_full(&second, true).unwrap();
-        }
+        sync_failing_after(&mut r, &second, fail_after);
         assert_consistent(&r);
         assert_eq!(r.sync_full(&second, true).unwrap().writes, 0);
     }
@@ -443,17 +425,7 @@ fn a_maglev_frontend_with_source_ranges_gets_both_before_its_master_whatever_wri
         let mut r = reconciler(SIZE);
         r.sync_full(&first, true).unwrap();
         for next in [&second, &third] {
-            r.maps_mut().fail_after_writes = Some(fail_after);
-            let result = r.sync_full(next, true);
-            assert!(
-                r.maps().violations.is_empty(),
-                "fail_after={fail_after}: {:?}",
-                r.maps().violations
-            );
-            r.maps_mut().fail_after_writes = None;
-            if result.is_err() {
-                r.sync_full(next, true).unwrap();
-            }
+            sync_failing_after(&mut r, next, fail_after);
             assert_consistent(&r);
             assert_eq!(r.sync_full(next, true).unwrap().writes, 0);
         }

@@ -530,25 +530,20 @@ impl<M: LbMaps> Reconciler<M> {
         let mut maglev_used = self.actual.maglev.len();
         let mut new_backends: HashSet<L4Addr> = HashSet::new();
         let mut admitted = Vec::with_capacity(changes.len());
+        // What is programmed for a frontend now.
+        let programmed = |fe: &Frontend| self.actual.frontends.get(fe);
         for (service, fes) in changes {
             let added_keys: usize = fes
                 .iter()
                 .map(|(fe, spec)| {
-                    let existing = self
-                        .actual
-                        .frontends
-                        .get(fe)
-                        .map_or(0, |e| 1 + e.slots.len());
+                    let existing = programmed(fe).map_or(0, |e| 1 + e.slots.len());
                     (1 + spec.backends.len()).saturating_sub(existing)
                 })
                 .sum();
             let added_ranges: usize = fes
                 .iter()
                 .map(|(fe, spec)| {
-                    let existing = self
-                        .actual
-                        .frontends
-                        .get(fe)
+                    let existing = programmed(fe)
                         .and_then(|e| self.actual.source_ranges.get(&e.master.svc_id));
                     spec.source_ranges
                         .iter()
@@ -567,10 +562,7 @@ impl<M: LbMaps> Reconciler<M> {
                 .filter(|(fe, spec)| {
                     spec.options.maglev
                         && !spec.backends.is_empty()
-                        && !self
-                            .actual
-                            .frontends
-                            .get(fe)
+                        && !programmed(fe)
                             .is_some_and(|e| self.actual.maglev.contains_key(&e.master.svc_id))
                 })
                 .count();

@@ -4,7 +4,7 @@ use super::*;
 use crate::datapath::fake::FakeMaps;
 use crate::model::{Backend, FrontendOptions, Protocol, ServiceRef, ServiceType};
 
-fn ip(s: &str) -> IpAddr {
+pub(super) fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
@@ -44,8 +44,30 @@ fn service(name: &str, frontends: &[(Frontend, Vec<Backend>)]) -> (String, Servi
     (key, fes)
 }
 
-fn desired(services: Vec<(String, ServiceFrontends)>) -> DesiredByService {
+pub(super) fn desired(services: Vec<(String, ServiceFrontends)>) -> DesiredByService {
     services.into_iter().collect()
+}
+
+/// `sync_full(d, true)` on maps that fail after `fail_after` writes: no
+/// write on the way may break an invariant the fake maps check, and a sync
+/// that failed is retried, without the fault, to completion.
+#[track_caller]
+pub(super) fn sync_failing_after(
+    r: &mut Reconciler<FakeMaps>,
+    d: &DesiredByService,
+    fail_after: usize,
+) {
+    r.maps_mut().fail_after_writes = Some(fail_after);
+    let result = r.sync_full(d, true);
+    assert!(
+        r.maps().violations.is_empty(),
+        "fail_after={fail_after}: {:?}",
+        r.maps().violations
+    );
+    r.maps_mut().fail_after_writes = None;
+    if result.is_err() {
+        r.sync_full(d, true).unwrap();
+    }
 }
 
 /// The maps hold exactly `d`: every frontend with its backends in order.
@@ -312,17 +334,7 @@ fn a_failed_write_leaves_consistent_maps_and_the_next_sync_converges() {
                 )],
             ),
         ]);
-        r.maps_mut().fail_after_writes = Some(fail_after);
-        let result = r.sync_full(&d, true);
-        assert!(
-            r.maps().violations.is_empty(),
-            "fail_after={fail_after}: {:?}",
-            r.maps().violations
-        );
-        r.maps_mut().fail_after_writes = None;
-        if result.is_err() {
-            r.sync_full(&d, true).unwrap();
-        }
+        sync_failing_after(&mut r, &d, fail_after);
         assert_maps_hold(&r, &d);
     }
 }

@@ -1,8 +1,8 @@
 //! A complete north-south bed: the multi-node [`Cluster`], identity servers
 //! (reporting the peer they saw) on every pod, the caller's manifest, and
 //! a kpr agent per node running inside the node's namespace with its own
-//! bpf root, cgroup and `--devices`. Shared by `tests/nodeport.rs` and
-//! `benches/nodeport.rs`.
+//! bpf root, cgroup and `--devices`. Shared by `tests/nodeport*.rs` (through
+//! tests/support/nodeport.rs) and `benches/nodeport.rs`.
 //!
 //! Fields drop in declaration order: the agents (and their pins and
 //! attachments) first, then the servers, the cgroups, the network and the
