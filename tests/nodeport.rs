@@ -356,25 +356,6 @@ fn agent_devices(bed: &mut NodePortBed) -> (Vec<String>, Vec<String>) {
     (list("attached"), list("missing"))
 }
 
-/// `kpr status` as text, run inside node `n`'s namespace (where its
-/// agent's /status is).
-fn status_text(bed: &NodePortBed, n: u8) -> String {
-    let root = bed.bpf_root(n).to_str().unwrap().to_string();
-    let addr = bed.agents[usize::from(n - 1)].metrics_addr.to_string();
-    let out = bed
-        .node(n)
-        .ns()
-        .enter_thread(move || {
-            std::process::Command::new(KPR)
-                .args(["status", "--bpf-root", &root, "--metrics-addr", &addr])
-                .output()
-        })
-        .unwrap()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// A `--devices` interface that does not exist when the agent starts is
 /// not an error: the agent waits for it, attaches tcx as soon as it
 /// appears (netlink link notification), NodePort traffic entering through
@@ -392,6 +373,10 @@ fn a_device_that_appears_later_is_attached_and_serves_nodeport_traffic() {
     let text = status_text(&bed, 1);
     assert!(
         text.contains("Devices:              eth-c eth-n (waiting for eth-late) [--devices eth-c,eth-n,eth-late]"),
+        "{text}"
+    );
+    assert!(
+        text.contains("NodePort mode:        snat, XDP acceleration disabled"),
         "{text}"
     );
 

@@ -524,6 +524,11 @@ fn hybrid_mode_returns_tcp_directly_and_snats_udp() {
     assert!(!entries
         .iter()
         .any(|e| e.proto == Protocol::Udp && e.dsr_encap));
+    let status = status_text(&bed, 1);
+    assert!(
+        status.contains("NodePort mode:        hybrid (IPIP), XDP acceleration disabled"),
+        "{status}"
+    );
 }
 
 /// Restart safety with DSR: both agents killed and restarted (the

@@ -678,3 +678,22 @@ pub fn under_tcp_load(
     stop.store(true, Ordering::Relaxed);
     load.join().unwrap()
 }
+
+/// `kpr status` as text, run inside node `n`'s namespace (where its
+/// agent's /status is).
+pub fn status_text(bed: &NodePortBed, n: u8) -> String {
+    let root = bed.bpf_root(n).to_str().unwrap().to_string();
+    let addr = bed.agents[usize::from(n - 1)].metrics_addr.to_string();
+    let out = bed
+        .node(n)
+        .ns()
+        .enter_thread(move || {
+            std::process::Command::new(KPR)
+                .args(["status", "--bpf-root", &root, "--metrics-addr", &addr])
+                .output()
+        })
+        .unwrap()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
