@@ -165,6 +165,27 @@ impl KernelMaps {
         Ok(map)
     }
 
+    /// Writes `count` (frontend id, inner map fd) pairs to the Maglev map:
+    /// one batch where the kernel has batches for maps of maps, else one
+    /// update each.
+    fn fd_map_update(&self, keys: &[u8], values: &[u8], count: usize) -> Result<(), MapError> {
+        if count == 0 {
+            return Ok(());
+        }
+        let batch =
+            self.maglev
+                .update_batch(keys, values, count as u32, MapFlags::ANY, MapFlags::ANY);
+        if batch.is_ok() {
+            return Ok(());
+        }
+        for (key, value) in keys.chunks_exact(4).zip(values.chunks_exact(4)) {
+            self.maglev
+                .update(key, value, MapFlags::ANY)
+                .map_err(|e| MapError::new("update", MapName::Maglev, to_io(e)))?;
+        }
+        Ok(())
+    }
+
     /// The Maglev tables, read back (a table shared by several frontends
     /// is read once).
     fn maglev_tables(&self) -> Result<BTreeMap<ServiceId, MaglevTableInfo>, MapError> {
@@ -319,6 +340,8 @@ impl LbMaps for KernelMaps {
     fn put_maglev_tables(&mut self, tables: &[(ServiceId, MaglevTable)]) -> Result<(), MapError> {
         // Frontends handed the same table (one Arc) share one inner map.
         let mut created: HashMap<*const BackendId, MapHandle> = HashMap::new();
+        let mut keys = Vec::with_capacity(tables.len() * 4);
+        let mut values = Vec::with_capacity(tables.len() * 4);
         for (svc_id, table) in tables {
             let inner = match created.entry(table.as_ptr()) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
@@ -327,16 +350,32 @@ impl LbMaps for KernelMaps {
                 }
             };
             let fd = inner.as_fd().as_raw_fd() as u32;
-            // Replacing the value swaps the table atomically for readers.
-            self.maglev
-                .update(&svc_id.to_ne_bytes(), &fd.to_ne_bytes(), MapFlags::ANY)
-                .map_err(|e| MapError::new("update", MapName::Maglev, to_io(e)))?;
+            keys.extend_from_slice(&svc_id.to_ne_bytes());
+            values.extend_from_slice(&fd.to_ne_bytes());
         }
+        // Every write to a map of maps waits for an RCU grace period (the
+        // kernel's maybe_wait_bpf_programs: ~10 ms on a small VM), so one
+        // batch for the whole sync rather than one update per frontend.
+        // Replacing a value swaps the table atomically for readers.
+        self.fd_map_update(&keys, &values, tables.len())?;
         // The outer map holds its own references; the fds close here.
         Ok(())
     }
 
     fn delete_maglev_tables(&mut self, ids: &[ServiceId]) -> Result<(), MapError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        // One grace period for all (see put_maglev_tables); a batch stops
+        // at a key that is gone, so that case goes one by one.
+        let keys: Vec<u8> = ids.iter().flat_map(|id| id.to_ne_bytes()).collect();
+        if self
+            .maglev
+            .delete_batch(&keys, ids.len() as u32, MapFlags::ANY, MapFlags::ANY)
+            .is_ok()
+        {
+            return Ok(());
+        }
         for svc_id in ids {
             match self.maglev.delete(&svc_id.to_ne_bytes()) {
                 Ok(()) => {}
