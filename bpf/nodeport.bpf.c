@@ -35,6 +35,7 @@
 #include <linux/bpf.h>
 #include <linux/in.h>
 #include <linux/pkt_cls.h>
+#include <linux/if_packet.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
@@ -88,7 +89,8 @@ int kpr_np_ingress(struct __sk_buff *skb)
 	int v;
 
 	if (pkt4_parse(skb, &p) == 0) {
-		v = np_ingress(skb, skb->ingress_ifindex, &p, &fwd, 0);
+		v = np_ingress(skb, skb->ingress_ifindex, &p, &fwd,
+			       skb->pkt_type != PACKET_HOST ? NP_O_L2_GROUP : 0);
 	} else if (dsr_parse_ipip(skb, &p, &outer_daddr) == 0) {
 		v = np_dsr_ingress(skb, skb->ingress_ifindex, &p, outer_daddr, &fwd, 0);
 		decap = 1;

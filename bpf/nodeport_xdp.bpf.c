@@ -230,7 +230,9 @@ int kpr_np_xdp(struct xdp_md *ctx)
 	if (xdp_parse_l4(ip, data_end, &p, &ports, &l4_check) < 0)
 		return XDP_PASS;
 
-	switch (np_ingress(ctx, ctx->ingress_ifindex, &p, &fwd, NP_O_NEED_NEIGH)) {
+	/* The group bit of the destination MAC: broadcast or multicast. */
+	switch (np_ingress(ctx, ctx->ingress_ifindex, &p, &fwd,
+			   NP_O_NEED_NEIGH | ((eth->h_dest[0] & 1) ? NP_O_L2_GROUP : 0))) {
 	case NP_V_FWD:
 		break;
 	case NP_V_DROP:

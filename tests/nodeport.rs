@@ -49,6 +49,28 @@ fn spreads_with_snat_for_remote_backends(bed: &NodePortBed) {
     }
 }
 
+/// A NodePort is served on every local address of the node, not only on
+/// the node IPs: node1's node-to-node address, which the client routes
+/// through node1, spreads over the pods of both nodes and answers from
+/// that address; a port that is no NodePort stays the node's own.
+#[test]
+fn nodeport_is_served_on_another_local_address_of_the_node() {
+    if !root() {
+        return;
+    }
+    let bed = Bed::start("npwc", &[]);
+    nodeport_on_another_local_address(&bed, |reply| check_source(bed.node(1), reply));
+    // Conntrack keeps the address the client used as the frontend.
+    let peer = IpAddr::V4(bed.node(1).peer_ip());
+    let entries = bed.ct(1).unwrap();
+    assert!(
+        entries
+            .iter()
+            .any(|e| e.dir == CtDir::Orig && e.dst.ip() == peer),
+        "{entries:?}"
+    );
+}
+
 /// Conntrack after [`spreads_with_snat_for_remote_backends`], the counters,
 /// `kpr ct list` and `kpr status`.
 fn check_conntrack_and_tools(bed: &NodePortBed) {
@@ -192,6 +214,7 @@ fn through_xdp(prefix: &str, mode: &str) {
     let bed = Bed::start_with(prefix, &plan, &["--nodeport-acceleration", mode]);
     spreads_with_snat_for_remote_backends(&bed);
     check_conntrack_and_tools(&bed);
+    nodeport_on_another_local_address(&bed, |reply| check_source(bed.node(1), reply));
     for n in [1u8, 2] {
         let stats = bed.stats(n).unwrap();
         println!("node{n} XDP {mode}: {stats:?}");

@@ -472,6 +472,17 @@ fn dsr_end_to_end(prefix: &str, xdp: Option<&str>) -> NodePortBed {
     check_dsr_conntrack(&bed, true);
     bulk_upload_to_sinks(&bed);
     oversized_udp_gets_fragmentation_needed(&bed);
+    // Through node1's node-to-node address too: node2's backends get the
+    // flow encapsulated and answer from that address themselves.
+    let client_addr = IpAddr::V4(client_ip(1));
+    nodeport_on_another_local_address(&bed, |reply| {
+        let (backend, source) = seen_source(reply);
+        assert_eq!(
+            source, client_addr,
+            "every backend sees the client: {reply}"
+        );
+        backend
+    });
     if let Some(mode) = xdp {
         for n in [1u8, 2] {
             let s = bed.stats(n).unwrap();

@@ -170,6 +170,10 @@ enum np_opts {
 				   * (XDP cannot resolve one; tc can) */
 	NP_O_TC_FOLLOWS = 1 << 1, /* what is passed on is decided again by the
 				   * tc program: not counted here (XDP) */
+	NP_O_L2_GROUP   = 1 << 2, /* the frame went to an L2 broadcast or
+				   * multicast (or another host's) address:
+				   * never a NodePort on a local address
+				   * (np_wildcard_lookup) */
 };
 
 /* Routes @fwd's destination; returns the verdict for a lookup result. */
@@ -437,6 +441,46 @@ static __always_inline void np_direct_syn(const struct pkt4 *p)
 		ct_delete_pair(&key, e);
 }
 
+/* The frontend for a packet to an address of this node that is not one of
+ * the node IPs the translation knows (another interface's address): the
+ * node's NodePort on p->dport, as on a node IP, like kube-proxy's
+ * "--dst-type LOCAL" and Cilium's 0.0.0.0:nodePort frontend. The
+ * 127.0.0.1 NodePort frontend (programmed for every NodePort, with the
+ * same backends, flags and Maglev table as the node IPs' ones) stands in
+ * for the wildcard, as bind protection already uses it: no new frontends,
+ * no new map. Cheap for traffic that is not a NodePort: one hash lookup;
+ * only when the port is a NodePort does a FIB lookup (as if routed from
+ * @ifindex) tell whether the destination is local (not forwarded). The
+ * kernel's own table is the truth for "local", also for addresses added
+ * later, without the agent mirroring them. @skey is left on the 127.0.0.1
+ * frontend (the backends' key); the flow's conntrack keeps p->daddr, so
+ * replies carry the address the client used. NULL when not served. */
+static __always_inline struct lb_svc_val *np_wildcard_lookup(void *ctx, __u32 ifindex,
+							     const struct pkt4 *p,
+							     struct lb_svc_key *skey, __u32 opts)
+{
+	__u32 d = bpf_ntohl(p->daddr);
+	struct bpf_fib_lookup fib;
+	struct lb_svc_val *master;
+
+	/* 0/8, loopback (127.0.0.1 itself was the exact lookup), multicast
+	 * and limited broadcast are never a node's unicast address. */
+	if ((d >> 24) == 0 || (d >> 24) == 0x7f || (d >> 28) >= 0xe || (opts & NP_O_L2_GROUP))
+		return NULL;
+	lb_addr_set_v4(skey->addr, bpf_htonl(0x7f000001));
+	master = lb_lookup_master(skey);
+	if (!master || !(master->flags & SVC_F_NODE_PORT))
+		return NULL;
+	/* NOT_FWDED: a local route (or a broadcast one, which the L2 check
+	 * above mostly leaves out), not a unicast one. A node
+	 * that does not forward on @ifindex (FWD_DISABLED) is not served
+	 * here: it could not reach remote backends either. */
+	if (fib_lookup4(ctx, ifindex, &fib, p->proto, p->saddr, p->daddr, 0) !=
+	    BPF_FIB_LKUP_RET_NOT_FWDED)
+		return NULL;
+	return master;
+}
+
 /* The decision for a packet that entered on @ifindex: a SNATed flow's
  * reply, a packet to a frontend (tracked or new), or not ours. On NP_V_FWD
  * the packet is to be rewritten as @fwd says, its TTL decremented, and
@@ -477,6 +521,8 @@ static __always_inline int np_ingress(void *ctx, __u32 ifindex, const struct pkt
 	skey.proto = p->proto;
 	skey.scope = LB_SCOPE_EXT;
 	master = lb_lookup_master(&skey);
+	if (!master)
+		master = np_wildcard_lookup(ctx, ifindex, p, &skey, opts);
 	if (!master || !(master->flags & NP_SVC_TYPES)) {
 		if (is_tcp_syn(p))
 			np_direct_syn(p);

@@ -697,3 +697,48 @@ pub fn status_text(bed: &NodePortBed, n: u8) -> String {
     assert!(out.status.success(), "{out:?}");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// NodePorts on node1's node-to-node address (198.51.100.1, not a node IP
+/// kpr knows; the client routes it through node1's client link): `web`'s
+/// TCP and UDP ports spread over the pods of both nodes as on the node IP,
+/// `check` checking each reply as in [`tcp_reaches_every_pod`]; one UDP
+/// flow answered from that address; a Local-policy NodePort there keeps
+/// to node1's pods; and a port that is no NodePort is left to the node,
+/// which refuses it.
+#[track_caller]
+pub fn nodeport_on_another_local_address(bed: &NodePortBed, mut check: impl FnMut(&str) -> IpAddr) {
+    let client = bed.cluster.client();
+    let node1 = bed.node(1);
+    let addr = IpAddr::V4(node1.peer_ip());
+
+    let target = SocketAddr::new(addr, NODE_PORT_TCP);
+    let r = tcp_requests(client, target, 60);
+    let seen = tally(&r.identities, &mut check);
+    println!("TCP {target}: {seen:?}");
+    assert_eq!(pods(&seen), all_pods(bed), "TCP through {target}");
+
+    let target = SocketAddr::new(addr, NODE_PORT_UDP);
+    let u = udp_connected(client, target, 60);
+    let seen = tally(&u.identities, &mut check);
+    println!("UDP {target}: {seen:?}");
+    assert_eq!(pods(&seen), all_pods(bed), "UDP through {target}");
+    // Replies come from the address the client used.
+    let u = udp_unconnected(client, target, 10);
+    assert_eq!(u.identities.len(), 1, "one flow, one backend: {u:?}");
+
+    let target = SocketAddr::new(addr, NODE_PORT_ONE_LOCAL);
+    let r = tcp_requests(client, target, 20);
+    let seen = tally(&r.identities, &mut check);
+    assert!(
+        seen.keys().all(|ip| node_of(*ip) == 1),
+        "externalTrafficPolicy Local through {target}: {seen:?}"
+    );
+
+    let target = SocketAddr::new(addr, 30999);
+    let c = tcp_connect(client, target, 3000);
+    assert_eq!(
+        c.outcome(),
+        "ECONNREFUSED",
+        "{target} is no NodePort: {c:?}"
+    );
+}
