@@ -112,7 +112,8 @@ fn host_sockets_cannot_bind_a_nodeport_in_use_until_its_service_is_deleted() {
     assert_eq!(got, outcomes(&taken, "EADDRINUSE"));
 
     // Not a NodePort, or not on a node IP (the node-to-node address is no
-    // --node-ip), or another protocol: free.
+    // --node-ip; the tc path serves NodePorts there, bind protection does
+    // not cover it), or another protocol: free.
     let peer_ip = format!("{}:{NODE_PORT_TCP}", bed.node(1).peer_ip());
     let free = ["0.0.0.0:30999", peer_ip.as_str(), "[::]:30999"];
     assert_eq!(bind(&bed, false, &free, false), outcomes(&free, "OK"));

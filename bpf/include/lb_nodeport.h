@@ -13,6 +13,10 @@
  * drop); the flow is opened to the backend as a local backend's, a SNATed
  * or a DSR one (np_open_flow).
  *
+ * The frontend is the exact (destination, port, protocol) EXT one or, for
+ * another local address of the node, the NodePort on that port
+ * (np_wildcard_lookup).
+ *
  * Conntrack is written here only; a packet that XDP hands on (XDP_PASS)
  * reaches the tc program, which decides again and finds the same state.
  *
