@@ -379,6 +379,21 @@ fn agent_devices(bed: &mut NodePortBed) -> (Vec<String>, Vec<String>) {
     (list("attached"), list("missing"))
 }
 
+/// Node1's devices once its status reports `attached` (or after 30 s):
+/// the agent pins a device's links before it updates its status, so a
+/// test that saw the pins waits for the status too.
+fn agent_devices_once_attached(
+    bed: &mut NodePortBed,
+    attached: &[&str],
+) -> (Vec<String>, Vec<String>) {
+    let mut last = agent_devices(bed);
+    wait_for(Duration::from_secs(30), || {
+        last = agent_devices(bed);
+        last.0 == attached
+    });
+    last
+}
+
 /// A `--devices` interface that does not exist when the agent starts is
 /// not an error: the agent waits for it, attaches tcx as soon as it
 /// appears (netlink link notification), NodePort traffic entering through
@@ -410,7 +425,8 @@ fn a_device_that_appears_later_is_attached_and_serves_nodeport_traffic() {
         "eth-late attached {:?} after it appeared",
         started.elapsed()
     );
-    let (attached, missing) = agent_devices(&mut bed);
+    let (attached, missing) =
+        agent_devices_once_attached(&mut bed, &["eth-c", "eth-late", "eth-n"]);
     assert_eq!(attached, ["eth-c", "eth-late", "eth-n"]);
     assert!(missing.is_empty(), "{missing:?}");
 
@@ -475,7 +491,7 @@ fn a_device_that_appears_later_is_attached_and_serves_nodeport_traffic() {
         "{:?}",
         attached_devices(&root1)
     );
-    let (attached, missing) = agent_devices(&mut bed);
+    let (attached, missing) = agent_devices_once_attached(&mut bed, &["eth-c", "eth-n"]);
     assert_eq!(attached, ["eth-c", "eth-n"]);
     assert_eq!(missing, ["eth-late"]);
     tcp_requests(bed.cluster.client(), target, 10);
