@@ -12,7 +12,8 @@
  *   ingress, to a SNAT port   a remote backend's reply: back to the client
  *                             with the frontend as source; forward
  *   egress                    a local backend's reply (forwarded by the
- *                             stack, not SNATed): frontend as source
+ *                             stack, not SNATed): frontend as source (and
+ *                             the client's own port, when it was remapped)
  *   ingress, no backend       --service-no-backend-response reject: the
  *                             packet becomes an ICMP port unreachable, sent
  *                             back where it came from (lb_reject.h)
@@ -143,7 +144,9 @@ int kpr_np_egress(struct __sk_buff *skb)
 	if ((e->flags & CT_F_DSR_DECAP) && (p.tcp_flags & TCP_FLAG_SYN) &&
 	    dsr_clamp_mss(skb, &p))
 		np_count(NP_STAT_MSS_CLAMP);
-	if (nat_rewrite4(skb, &p, e->nat_saddr[3], e->nat_sport, p.daddr, p.dport) < 0)
+	/* The destination changes only for a flow whose client port was
+	 * remapped (NP_STAT_PORT_REMAP); otherwise it is already the client's. */
+	if (nat_rewrite4(skb, &p, e->nat_saddr[3], e->nat_sport, e->nat_daddr[3], e->nat_dport) < 0)
 		return TC_ACT_SHOT;
 	return NP_PASS;
 }

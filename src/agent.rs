@@ -854,6 +854,7 @@ async fn ct_gc_loop(
                     (NodePortEvent::DsrMiss, stats.dsr_miss),
                     (NodePortEvent::DropDsrTooBig, stats.drop_dsr_too_big),
                     (NodePortEvent::MssClamp, stats.mss_clamped),
+                    (NodePortEvent::PortRemap, stats.port_remapped),
                 ] {
                     metrics.set_nodeport_event(event, n);
                 }

@@ -139,6 +139,9 @@ label_enum! {
         DropDsrTooBig => "drop_dsr_too_big",
         /// A DSR SYN-ACK's TCP MSS was lowered to leave room for the encapsulation.
         MssClamp => "mss_clamp",
+        /// A flow to a local backend got another client source port: its
+        /// reply tuple was a live flow's of another frontend.
+        PortRemap => "port_remap",
     }
 }
 

@@ -304,11 +304,14 @@ static __always_inline int np_open_flow(void *ctx, __u32 ifindex, const struct p
 	rval.nat_dport = p->sport;
 	if (!snat) {
 		/* A local backend sees the client itself. Its reply tuple is
-		 * taken when the client reuses a source port toward another
-		 * frontend of this backend: a closing or stale holder gives way;
-		 * a live one cannot (SNAT would not help: the reply to a SNAT
-		 * address would come in on the pod's interface, where no kpr
-		 * program sees it), so the new flow is dropped and counted. */
+		 * taken when the client uses one source port toward two
+		 * frontends of this backend (two NodePort addresses, a NodePort
+		 * and a DSR flow from another node): a closing or stale holder
+		 * gives way; a live one keeps it, and the new flow gets another
+		 * source port, the client address kept, as netfilter's NAT does
+		 * to keep tuples unique. Egress puts the client's port back.
+		 * (SNAT to a node address would not do: the reply would come
+		 * back on the pod's interface, where no kpr program sees it.) */
 		lb_addr_set_v4(rkey.daddr, p->saddr);
 		rkey.dport = p->sport;
 		rval.flags = oval.flags = flags;
@@ -316,14 +319,18 @@ static __always_inline int np_open_flow(void *ctx, __u32 ifindex, const struct p
 			struct ct_entry *held = bpf_map_lookup_elem(&kpr_ct_v1, &rkey);
 
 			if (held && !ct_expired(held, now) && !(held->flags & CT_F_CLOSING)) {
-				np_count(NP_STAT_CT_FAIL);
-				return NP_V_DROP;
-			}
-			if (held)
-				ct_delete_pair(&rkey, held);
-			if (bpf_map_update_elem(&kpr_ct_v1, &rkey, &rval, BPF_ANY) != 0) {
-				np_count(NP_STAT_CT_FAIL);
-				return NP_V_DROP;
+				if (snat_insert_reply(&rkey, &rval, p->sport, now) < 0) {
+					np_count(NP_STAT_SNAT_EXHAUSTED);
+					return NP_V_DROP;
+				}
+				np_count(NP_STAT_PORT_REMAP);
+			} else {
+				if (held)
+					ct_delete_pair(&rkey, held);
+				if (bpf_map_update_elem(&kpr_ct_v1, &rkey, &rval, BPF_ANY) != 0) {
+					np_count(NP_STAT_CT_FAIL);
+					return NP_V_DROP;
+				}
 			}
 		}
 	}

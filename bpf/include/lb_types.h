@@ -229,7 +229,10 @@ enum np_stat {
 	NP_STAT_DSR_TOO_BIG    = 15, /* dropped: too big for the encapsulation (an ICMP
 				      * fragmentation-needed goes to the client) */
 	NP_STAT_MSS_CLAMP      = 16, /* DSR SYN-ACKs whose TCP MSS was lowered */
-	NP_STAT_MAX            = 17,
+	NP_STAT_PORT_REMAP     = 17, /* flows to a local backend given another client
+				      * source port: the reply tuple was another
+				      * live flow's (same client port, other frontend) */
+	NP_STAT_MAX            = 18,
 };
 
 /* Slots of kpr_npstats_v2: room for counters to come, so adding one is

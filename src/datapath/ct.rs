@@ -147,6 +147,9 @@ pub struct NodePortStats {
     pub drop_dsr_too_big: u64,
     /// DSR SYN-ACKs whose TCP MSS was lowered.
     pub mss_clamped: u64,
+    /// Flows to a local backend given another client source port (the
+    /// reply tuple was another frontend's live flow's).
+    pub port_remapped: u64,
 }
 
 impl NodePortStats {
@@ -187,6 +190,7 @@ impl NodePortStats {
             dsr_miss: at(np_stat::NP_STAT_DSR_MISS),
             drop_dsr_too_big: at(np_stat::NP_STAT_DSR_TOO_BIG),
             mss_clamped: at(np_stat::NP_STAT_MSS_CLAMP),
+            port_remapped: at(np_stat::NP_STAT_PORT_REMAP),
         })
     }
 }

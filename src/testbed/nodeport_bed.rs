@@ -240,4 +240,22 @@ impl NodePortBed {
     pub fn servers(&self) -> &[Server] {
         &self.servers
     }
+
+    /// Both nodes' counters and every server's hits, for a failing test's
+    /// message: where a lost packet went missing.
+    pub fn diagnostics(&self) -> String {
+        let mut out = String::new();
+        for n in [1u8, 2] {
+            out.push_str(&format!("node{n}: {:?}\n", self.stats(n)));
+        }
+        for s in &self.servers {
+            out.push_str(&format!(
+                "{} ({}): {} hits\n",
+                s.addr(),
+                s.identity(),
+                s.hits()
+            ));
+        }
+        out
+    }
 }

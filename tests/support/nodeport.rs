@@ -718,7 +718,20 @@ pub fn nodeport_on_another_local_address(bed: &NodePortBed, mut check: impl FnMu
     assert_eq!(pods(&seen), all_pods(bed), "TCP through {target}");
 
     let target = SocketAddr::new(addr, NODE_PORT_UDP);
-    let u = udp_connected(client, target, 60);
+    let u = run_in(
+        client,
+        ProbeSpec::UdpConnected {
+            target,
+            count: 60,
+            timeout_ms: 2000,
+        },
+    );
+    let u = u.as_udp().expect("a UDP report").clone();
+    assert!(
+        u.failures.is_empty(),
+        "{target}: {u:?}\n{}",
+        bed.diagnostics()
+    );
     let seen = tally(&u.identities, &mut check);
     println!("UDP {target}: {seen:?}");
     assert_eq!(pods(&seen), all_pods(bed), "UDP through {target}");
