@@ -24,6 +24,9 @@ pub struct ServiceRow {
     /// North-south backend selection (the table shows `(maglev)` after the
     /// type of Maglev frontends).
     pub lb_algorithm: LbAlgorithm,
+    /// loadBalancerSourceRanges the datapath enforces for this frontend
+    /// (the source-range map's prefixes); empty: open to every client.
+    pub source_ranges: Vec<String>,
     pub backends: Vec<BackendRow>,
 }
 
@@ -61,6 +64,14 @@ pub fn rows(snapshot: &Snapshot) -> Vec<ServiceRow> {
             lb_algorithm: match entries.master.options.maglev {
                 true => LbAlgorithm::Maglev,
                 false => LbAlgorithm::Random,
+            },
+            source_ranges: match entries.master.source_ranges {
+                true => snapshot
+                    .source_ranges
+                    .get(&entries.master.svc_id)
+                    .map(|set| set.iter().map(ToString::to_string).collect())
+                    .unwrap_or_default(),
+                false => Vec::new(),
             },
             backends: entries
                 .slots
@@ -114,27 +125,32 @@ fn cilium_type(t: ServiceType) -> &'static str {
 }
 
 /// The table: columns padded like Go's tabwriter (min width 5, padding 3).
+/// A frontend's backends go on continuation lines, as in Cilium's; so do
+/// its source ranges, under its type (`allow PREFIX`).
 pub fn format_table(rows: &[ServiceRow]) -> String {
     let header = ["ID", "Frontend", "Service Type", "Backend"];
     let mut lines: Vec<[String; 4]> = vec![header.map(String::from)];
     for row in rows {
-        let mut backends = row
-            .backends
-            .iter()
-            .enumerate()
-            .map(|(i, b)| format!("{} => {}", i + 1, backend_label(b)));
         let svc_type = match row.lb_algorithm {
             LbAlgorithm::Random => cilium_type(row.svc_type).to_string(),
             LbAlgorithm::Maglev => format!("{} (maglev)", cilium_type(row.svc_type)),
         };
-        lines.push([
-            row.id.to_string(),
-            row.frontend.clone(),
-            svc_type,
-            backends.next().unwrap_or_default(),
-        ]);
-        for more in backends {
-            lines.push([String::new(), String::new(), String::new(), more]);
+        let types: Vec<String> = std::iter::once(svc_type)
+            .chain(row.source_ranges.iter().map(|r| format!("allow {r}")))
+            .collect();
+        let backends: Vec<String> = row
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| format!("{} => {}", i + 1, backend_label(b)))
+            .collect();
+        for i in 0..types.len().max(backends.len()).max(1) {
+            let (id, frontend) = match i {
+                0 => (row.id.to_string(), row.frontend.clone()),
+                _ => (String::new(), String::new()),
+            };
+            let cell = |col: &[String]| col.get(i).cloned().unwrap_or_default();
+            lines.push([id, frontend, cell(&types), cell(&backends)]);
         }
     }
     let width = |col: usize| (lines.iter().map(|l| l[col].len()).max().unwrap_or(0) + 3).max(5);

@@ -297,6 +297,34 @@ fn load_balancer_source_ranges_admit_listed_clients_only_and_leave_the_node_port
     });
     assert!(r.as_requests().unwrap().failures.is_empty(), "{r:?}");
 
+    // `kpr svc list` shows what is enforced: the ranges under the LB
+    // frontend only (the NodePort rows have none), in the table and JSON;
+    // an IPv4 frontend holds the IPv4 ranges (2001:db8::/64 can match no
+    // client of it).
+    let table = kpr_on(&bed, 1, &["svc", "list"]);
+    let lb_row = format!("{GUARDED_LB_IP}:80/TCP");
+    let at = table
+        .lines()
+        .position(|l| l.contains(&lb_row))
+        .unwrap_or_else(|| panic!("no {lb_row} in\n{table}"));
+    let next = table.lines().nth(at + 1).unwrap_or_default();
+    assert!(next.contains(&format!("allow {GUARDED_RANGE}")), "{table}");
+    assert_eq!(table.matches("allow ").count(), 1, "{table}");
+    let json: serde_json::Value =
+        serde_json::from_str(&kpr_on(&bed, 1, &["svc", "list", "-o", "json"])).unwrap();
+    let guarded: Vec<&serde_json::Value> = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|row| {
+            row["source_ranges"]
+                .as_array()
+                .is_some_and(|r| !r.is_empty())
+        })
+        .collect();
+    assert_eq!(guarded.len(), 1, "{json:#}");
+    assert_eq!(guarded[0]["address"], GUARDED_LB_IP);
+
     // "not-a-cidr" was logged and counted, the rest applied.
     let skipped = bed.agents[0]
         .metric_value("kpr_skipped_objects_total", "reason=\"invalid_address\"")
