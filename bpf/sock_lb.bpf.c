@@ -15,6 +15,10 @@
  * when a socket of the node itself binds the address of a NodePort,
  * LoadBalancer or externalIP frontend (post_bind4/6: EADDRINUSE, as
  * Cilium's bind protection).
+ *
+ * NodePorts are frontends on every IPv4 address of the node, for both
+ * (lb_hostaddr.h): one more lookup only for destinations that are no
+ * frontend.
  */
 #include <linux/bpf.h>
 #include <linux/in.h>
@@ -25,6 +29,7 @@
 #include "lb_types.h"
 #include "lb_maps.h"
 #include "lb_select.h"
+#include "lb_hostaddr.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -158,7 +163,12 @@ static __always_inline int sock_translate(struct bpf_sock_addr *ctx,
 		return 0;
 
 	ctx_svc_key(ctx, fam, proto, &key);
+	/* What the application addressed: its peer, whatever key serves it. */
+	__builtin_memcpy(rval.addr, key.addr, sizeof(rval.addr));
+	rval.port = key.port;
 	master = lb_lookup_master(&key);
+	if (!master)
+		master = lb_host_nodeport_lookup(&key);
 	if (!master)
 		return 0;
 	if (!sock_src_allowed(ctx, fam, op, master))
@@ -184,8 +194,6 @@ static __always_inline int sock_translate(struct bpf_sock_addr *ctx,
 	rkey.cookie = bpf_get_socket_cookie(ctx);
 	__builtin_memcpy(rkey.addr, backend->addr, sizeof(rkey.addr));
 	rkey.port = backend->port;
-	__builtin_memcpy(rval.addr, key.addr, sizeof(rval.addr));
-	rval.port = key.port;
 	rval.svc_id = master->svc_id;
 	/* Best effort: without the entry only the reported peer is wrong. */
 	bpf_map_update_elem(&kpr_sockrnat_v1, &rkey, &rval, BPF_ANY);
@@ -277,13 +285,13 @@ int kpr_getpeername6(struct bpf_sock_addr *ctx)
 
 /* Whether a socket bound to @addr:@port would take the traffic of a
  * NodePort, LoadBalancer or externalIP frontend: the exact frontend, or,
- * for a wildcard address, a NodePort of the family. NodePorts of IPv4 are
- * always programmed on 127.0.0.1 as well (src/translate), so that entry
- * says whether @port is an IPv4 NodePort without knowing the node's
- * addresses. An IPv6 wildcard socket is dual-stack (bpf_sock does not say
- * whether IPV6_V6ONLY is set), so it is checked against IPv4 NodePorts too;
- * IPv6 NodePorts have no such surrogate, so only their exact node
- * addresses are protected. */
+ * for a wildcard address or any other IPv4 address of the node
+ * (lb_hostaddr.h), a NodePort of the family. NodePorts of IPv4 are always
+ * programmed on 127.0.0.1 as well (src/translate), so that entry says
+ * whether @port is an IPv4 NodePort. An IPv6 wildcard socket is dual-stack
+ * (bpf_sock does not say whether IPV6_V6ONLY is set), so it is checked
+ * against IPv4 NodePorts too; IPv6 NodePorts have no such surrogate, so
+ * only their exact node addresses are protected. */
 static __always_inline int bind_takes_frontend(__be32 addr[4], __be16 port,
 					       __u8 proto, int v6_any)
 {
@@ -295,11 +303,12 @@ static __always_inline int bind_takes_frontend(__be32 addr[4], __be16 port,
 	if (master && (master->flags & (SVC_F_NODE_PORT | SVC_F_LOADBALANCER |
 					SVC_F_EXTERNAL_IP)))
 		return 1;
-	if (!v6_any && !(lb_addr_is_v4(addr) && addr[3] == 0))
-		return 0;
-	lb_addr_set_v4(key.addr, bpf_htonl(0x7f000001));
-	master = lb_lookup_master(&key);
-	return master && (master->flags & SVC_F_NODE_PORT) != 0;
+	if (v6_any || (lb_addr_is_v4(addr) && addr[3] == 0)) {
+		lb_addr_set_v4(key.addr, bpf_htonl(0x7f000001));
+		master = lb_lookup_master(&key);
+		return master && (master->flags & SVC_F_NODE_PORT) != 0;
+	}
+	return lb_host_nodeport_lookup(&key) != NULL;
 }
 
 static __always_inline int sock_post_bind(struct bpf_sock *ctx, enum sock_family fam)

@@ -15,9 +15,11 @@ use tokio::sync::watch;
 
 use crate::datapath::devices;
 use crate::datapath::dsr::{self, DsrTable};
+use crate::datapath::host_addrs::{self, HostAddrTable};
 use crate::datapath::kernel::KernelMaps;
 use crate::datapath::loader::{self, MapSizes};
 use crate::datapath::maps::MapName;
+use crate::datapath::netlink_events::NetlinkEvents;
 use crate::datapath::nodeport::{self, NodePortConfig};
 use crate::features::{self, KprMode};
 use crate::healthcheck::HealthCheckServer;
@@ -554,7 +556,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     match &config.nodeport {
         Some(np) => {
             nodeport::check_port_range(np.snat_ports);
-            let events = devices::LinkEvents::subscribe()
+            let events = NetlinkEvents::links()
                 .map_err(|e| tracing::warn!(error = %e, "no netlink link subscription; devices are rescanned every {}s only", DEVICE_RESCAN_PERIOD.as_secs()))
                 .ok();
             let report = nodeport::load_and_attach(&config.bpf_root, &config.map_sizes, np)
@@ -593,6 +595,16 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             }
         }
     }
+
+    // The node's addresses for the socket hooks: subscribed before the
+    // first listing, so no change is missed; written before traffic is
+    // counted on (a failure is logged and retried, never fatal).
+    let address_events = NetlinkEvents::addresses()
+        .map_err(|e| tracing::warn!(error = %e, "no netlink address subscription; addresses are rescanned every {}s only", HOST_ADDR_RESCAN_PERIOD.as_secs()))
+        .ok();
+    let mut host_addrs =
+        HostAddrTable::open(&config.bpf_root).context("opening the host address map")?;
+    sync_host_addresses(&mut host_addrs);
 
     let metrics = Arc::new(Metrics::new());
     let health = Health::new();
@@ -635,6 +647,12 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         }
         _ => None,
     };
+    let host_addr_watcher = tokio::spawn(host_addr_watch_loop(
+        host_addrs,
+        address_events,
+        metrics.clone(),
+        stopped(stop_rx.clone()),
+    ));
     let ct_gc = config.nodeport.as_ref().map(|_| {
         tokio::spawn(ct_gc_loop(
             config.bpf_root.clone(),
@@ -678,7 +696,62 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     if let Some(w) = device_watcher {
         let _ = w.await;
     }
+    let _ = host_addr_watcher.await;
     result
+}
+
+/// Safety net of the host address watcher: addresses are listed again
+/// this often even without a netlink notification.
+const HOST_ADDR_RESCAN_PERIOD: Duration = Duration::from_secs(10);
+
+/// Lists this namespace's addresses and writes them to the host address
+/// map; logs what changed, or the failure (retried by the next call).
+fn sync_host_addresses(table: &mut HostAddrTable) {
+    let synced = host_addrs::local_addresses()
+        .context("listing the node's addresses")
+        .and_then(|desired| table.sync(&desired));
+    match synced {
+        Ok(r) if r.added.is_empty() && r.removed.is_empty() => {}
+        Ok(r) => {
+            tracing::info!(added = ?r.added, removed = ?r.removed, "node addresses changed: NodePorts follow them on the socket path")
+        }
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "updating the host address map; retried on the next address change")
+        }
+    }
+}
+
+/// Keeps the host address map equal to the node's addresses: woken by
+/// address changes (netlink) and every [`HOST_ADDR_RESCAN_PERIOD`].
+async fn host_addr_watch_loop(
+    mut table: HostAddrTable,
+    mut events: Option<NetlinkEvents>,
+    metrics: Arc<Metrics>,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let mut rescan = tokio::time::interval(HOST_ADDR_RESCAN_PERIOD);
+    tokio::pin!(stop);
+    loop {
+        metrics.set_map(
+            MapLabel::HostAddresses,
+            table.addresses().len(),
+            table.capacity(),
+        );
+        tokio::select! {
+            r = async {
+                match events.as_mut() {
+                    Some(e) => e.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => if let Err(e) = r {
+                tracing::warn!(error = %e, "netlink address subscription failed; rescanning every {}s only", HOST_ADDR_RESCAN_PERIOD.as_secs());
+                events = None;
+            },
+            _ = rescan.tick() => {}
+            _ = &mut stop => return,
+        }
+        sync_host_addresses(&mut table);
+    }
 }
 
 /// Safety net of the device watcher: links are listed again this often
@@ -707,7 +780,7 @@ struct DeviceWatch {
 /// change; it never stops the agent.
 async fn device_watch_loop(
     w: DeviceWatch,
-    mut events: Option<devices::LinkEvents>,
+    mut events: Option<NetlinkEvents>,
     mut attached: BTreeMap<String, u32>,
     mut attached_mss: u16,
     stop: impl std::future::Future<Output = ()>,

@@ -84,6 +84,8 @@ label_enum! {
         Dsr => "dsr",
         /// The loadBalancerSourceRanges LPM trie.
         SourceRanges => "source_ranges",
+        /// The node's own addresses (NodePorts on every address, socket path).
+        HostAddresses => "host_addresses",
     }
 }
 

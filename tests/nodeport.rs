@@ -13,17 +13,18 @@
 #[path = "support/nodeport.rs"]
 mod support;
 
-use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
+use kpr::datapath::host_addrs::HostAddrTable;
 use kpr::datapath::layout::{CtDir, CtRecord};
 use kpr::datapath::nodeport::attached_devices;
 use kpr::model::Protocol;
 use kpr::testbed::cluster::client_ip;
 use kpr::testbed::nodeport_bed::{nodeport_manifest, POD_TCP};
 use kpr::testbed::server::split_reply;
-use kpr::testbed::{Cluster, ClusterPlan, NodePortBed};
+use kpr::testbed::{Cluster, ClusterPlan, NodePortBed, ProbeSpec};
 use support::*;
 
 #[test]
@@ -52,7 +53,9 @@ fn spreads_with_snat_for_remote_backends(bed: &NodePortBed) {
 /// A NodePort is served on every local address of the node, not only on
 /// the node IPs: node1's node-to-node address, which the client routes
 /// through node1, spreads over the pods of both nodes and answers from
-/// that address; a port that is no NodePort stays the node's own.
+/// that address; a port that is no NodePort stays the node's own. The
+/// same holds for the node's own clients (socket path), also on an
+/// address added while the agent runs.
 #[test]
 fn nodeport_is_served_on_another_local_address_of_the_node() {
     if !root() {
@@ -68,6 +71,79 @@ fn nodeport_is_served_on_another_local_address_of_the_node() {
             .iter()
             .any(|e| e.dir == CtDir::Orig && e.dst.ip() == peer),
         "{entries:?}"
+    );
+
+    // Node-local clients, through the socket hooks (which learn the node's
+    // addresses from the host address map, not from a FIB lookup).
+    let node1 = bed.node(1);
+    let local = |spec: ProbeSpec| bed.probe_in_cgroup(1, node1.ns(), &spec).unwrap();
+    let requests = |target: SocketAddr, count: u32, timeout_ms: u64| {
+        local(ProbeSpec::TcpRequests {
+            target,
+            count,
+            timeout_ms,
+        })
+        .as_requests()
+        .unwrap()
+        .clone()
+    };
+    let target = SocketAddr::new(peer, NODE_PORT_TCP);
+    let r = requests(target, 40, 2000);
+    assert!(r.failures.is_empty(), "{target} from node1: {r:?}");
+    let seen = tally(&r.identities, |reply| {
+        split_reply(reply).0.parse::<SocketAddr>().unwrap().ip()
+    });
+    assert_eq!(pods(&seen), all_pods(&bed), "from node1 through {target}");
+    let target = SocketAddr::new(peer, NODE_PORT_UDP);
+    let u = local(ProbeSpec::UdpConnected {
+        target,
+        count: 10,
+        timeout_ms: 2000,
+    });
+    let u = u.as_udp().unwrap();
+    assert!(u.failures.is_empty(), "{u:?}");
+    let want = BTreeSet::from([target.to_string()]);
+    assert_eq!(
+        (&u.reply_sources, &u.peer_names),
+        (&want, &want),
+        "the application sees the address it used"
+    );
+    let other = local(ProbeSpec::TcpConnectError {
+        target: SocketAddr::new(peer, 30999),
+        timeout_ms: 2000,
+    });
+    assert_eq!(other.as_connect().unwrap().outcome(), "ECONNREFUSED");
+
+    // An address added to the node is served as soon as the agent hears of
+    // it (netlink), and forgotten when it goes.
+    let late: Ipv4Addr = "192.0.2.200".parse().unwrap();
+    let table = || HostAddrTable::open(&bed.bpf_root(1)).unwrap();
+    assert!(!table().addresses().contains(&IpAddr::V4(late)));
+    node1
+        .ns()
+        .ip(&["addr", "add", &format!("{late}/32"), "dev", "lo"])
+        .unwrap();
+    let added = Instant::now();
+    let target = SocketAddr::new(IpAddr::V4(late), NODE_PORT_TCP);
+    assert!(
+        wait_for(Duration::from_secs(20), || requests(target, 1, 500)
+            .failures
+            .is_empty()),
+        "{target} not served from node1:\n{}",
+        bed.agents[0].log()
+    );
+    println!("{late} served {:?} after it was added", added.elapsed());
+    let r = requests(target, 20, 2000);
+    assert!(r.failures.is_empty(), "{r:?}");
+    node1
+        .ns()
+        .ip(&["addr", "del", &format!("{late}/32"), "dev", "lo"])
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(20), || !table()
+            .addresses()
+            .contains(&IpAddr::V4(late))),
+        "{late} still in the host address map"
     );
 }
 

@@ -100,9 +100,13 @@ fn host_sockets_cannot_bind_a_nodeport_in_use_until_its_service_is_deleted() {
             .collect()
     };
     let node_ip = format!("{}:{NODE_PORT_TCP}", bed.node(1).ext_ip());
+    // The node-to-node address is no --node-ip, but an address of the node:
+    // NodePorts are served there too, so it is protected as well.
+    let peer_ip = format!("{}:{NODE_PORT_TCP}", bed.node(1).peer_ip());
     let taken = [
         "0.0.0.0:30080",
         node_ip.as_str(),
+        peer_ip.as_str(),
         "127.0.0.1:30080",
         "[::]:30080",
         "[::ffff:0.0.0.0]:30080",
@@ -111,11 +115,9 @@ fn host_sockets_cannot_bind_a_nodeport_in_use_until_its_service_is_deleted() {
     println!("node1, TCP: {got:?}");
     assert_eq!(got, outcomes(&taken, "EADDRINUSE"));
 
-    // Not a NodePort, or not on a node IP (the node-to-node address is no
-    // --node-ip; the tc path serves NodePorts there, bind protection does
-    // not cover it), or another protocol: free.
-    let peer_ip = format!("{}:{NODE_PORT_TCP}", bed.node(1).peer_ip());
-    let free = ["0.0.0.0:30999", peer_ip.as_str(), "[::]:30999"];
+    // Not a NodePort, or another protocol: free.
+    let peer_other = format!("{}:30999", bed.node(1).peer_ip());
+    let free = ["0.0.0.0:30999", peer_other.as_str(), "[::]:30999"];
     assert_eq!(bind(&bed, false, &free, false), outcomes(&free, "OK"));
     assert_eq!(
         bind(&bed, false, &["0.0.0.0:30080"], true),

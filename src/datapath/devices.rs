@@ -4,8 +4,8 @@
 //! pattern: a trailing `+` (Cilium's spelling, `eth+`) or `*` (`eth*`)
 //! matches every name that starts with what precedes it. The set is
 //! resolved against the links of the agent's network namespace whenever
-//! they change: [`LinkEvents`] is a netlink subscription to link changes
-//! (RTNLGRP_LINK) used only as a trigger; the agent then lists the links
+//! they change: a netlink subscription to link changes
+//! ([`NetlinkEvents::links`]) is the trigger; the agent then lists the links
 //! again ([`matching`]) and attaches to what is new, detaches from what is
 //! gone. A named device that does not exist yet is not an error: it is
 //! attached when it appears.
@@ -13,10 +13,11 @@
 use std::collections::BTreeMap;
 use std::ffi::CStr;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use anyhow::{bail, Result};
-use tokio::io::unix::AsyncFd;
+
+#[cfg(doc)]
+use crate::datapath::netlink_events::NetlinkEvents;
 
 /// Checks `--devices` entries: interface names (at most 15 bytes, no `/`,
 /// no whitespace) with an optional trailing `+` or `*`, which may stand
@@ -87,93 +88,6 @@ pub fn missing(patterns: &[String], present: &BTreeMap<String, u32>) -> Vec<Stri
         .filter(|p| !is_pattern(p) && !present.contains_key(p.as_str()))
         .cloned()
         .collect()
-}
-
-/// rtnetlink multicast group of link changes (RTMGRP_LINK).
-const RTMGRP_LINK: u32 = 1;
-
-/// A netlink socket subscribed to this namespace's link changes (a link
-/// added, removed, renamed or changing state). Messages are not parsed:
-/// each wake-up means "list the links again".
-pub struct LinkEvents {
-    fd: AsyncFd<OwnedFd>,
-}
-
-impl LinkEvents {
-    /// Subscribes; needs a tokio runtime.
-    pub fn subscribe() -> io::Result<LinkEvents> {
-        // SAFETY: socket(2) and bind(2) with a zeroed, then filled
-        // sockaddr_nl of the right size; the fd is owned right away.
-        let fd = unsafe {
-            let raw = libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-                libc::NETLINK_ROUTE,
-            );
-            if raw < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let fd = OwnedFd::from_raw_fd(raw);
-            let mut addr: libc::sockaddr_nl = std::mem::zeroed();
-            addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-            addr.nl_groups = RTMGRP_LINK;
-            let ret = libc::bind(
-                fd.as_raw_fd(),
-                (&addr as *const libc::sockaddr_nl).cast(),
-                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            );
-            if ret != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            fd
-        };
-        // SAFETY: the OwnedFd is open and moves into the AsyncFd, which
-        // owns it (same descriptor) until dropped.
-        let fd = unsafe { AsyncFd::register(fd) }?;
-        Ok(LinkEvents { fd })
-    }
-
-    /// Waits until links changed, then drains what is queued (a burst is
-    /// one wake-up). An overrun (ENOBUFS: events were lost) also counts as
-    /// a change, so nothing is missed.
-    pub async fn changed(&mut self) -> io::Result<()> {
-        let mut buf = vec![0u8; 16 * 1024];
-        loop {
-            let mut guard = self.fd.readable().await?;
-            match guard.try_io(|fd| recv(fd.get_ref(), &mut buf)) {
-                Ok(Ok(_)) => break,
-                Ok(Err(e)) if e.raw_os_error() == Some(libc::ENOBUFS) => break,
-                Ok(Err(e)) => return Err(e),
-                Err(_would_block) => continue,
-            }
-        }
-        // Drain the rest of the burst without waiting (bounded).
-        for _ in 0..1024 {
-            match recv(self.fd.get_ref(), &mut buf) {
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {}
-                Err(_) => break, // EAGAIN: drained
-            }
-        }
-        Ok(())
-    }
-}
-
-fn recv(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: buf is valid for writes of its length.
-    let n = unsafe {
-        libc::recv(
-            fd.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_DONTWAIT,
-        )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{Link, MapCore, MapHandle, OpenMapMut, ProgramMut};
 use serde::Serialize;
 
+use crate::datapath::host_addrs;
 use crate::datapath::maps::MapName;
 use crate::datapath::skel::sock_lb::{SockLbSkel, SockLbSkelBuilder};
 
@@ -317,6 +318,14 @@ fn with_loaded<R>(
         sizes,
         report,
     )?;
+    // The node's addresses: a handful; the agent keeps them
+    // (datapath::host_addrs).
+    let hostaddr_size = maps.kpr_hostaddr_v1.max_entries();
+    size_and_pin(
+        &mut maps.kpr_hostaddr_v1,
+        &bpf_root.join(host_addrs::HOSTADDR_PIN),
+        hostaddr_size,
+    )?;
     let skel: SockLbSkel = open.load().context(
         "loading the socket-LB BPF programs (a pinned map of an incompatible definition? run `kpr cleanup`)",
     )?;
@@ -477,6 +486,7 @@ fn remove_old_layout_pins(bpf_root: &Path) -> Result<Vec<PathBuf>> {
     let current: Vec<&str> = MapName::ALL
         .iter()
         .map(|m| m.pin_name())
+        .chain([host_addrs::HOSTADDR_PIN])
         .chain(crate::datapath::nodeport::PINS)
         .collect();
     let mut removed = Vec::new();

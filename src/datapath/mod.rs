@@ -7,10 +7,12 @@ pub mod ct;
 pub mod devices;
 pub mod dsr;
 pub mod fake;
+pub mod host_addrs;
 pub mod kernel;
 pub mod layout;
 pub mod loader;
 pub mod maps;
+pub mod netlink_events;
 pub mod nodeport;
 pub mod skel;
 
