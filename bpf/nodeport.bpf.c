@@ -25,6 +25,9 @@
  * backend's, and clamps the TCP MSS of its SYN-ACK. A packet too big to
  * encapsulate is answered with ICMP fragmentation-needed.
  *
+ * A packet for a local backend behind a veth whose peer is the pod's is
+ * handed straight to the pod's namespace (lb_peerdev.h).
+ *
  * The decision is lb_nodeport.h's, shared with the XDP program; with XDP
  * acceleration this ingress program sees what XDP handed on (no neighbour
  * entry yet, IP options, anything XDP does not rewrite).
@@ -42,6 +45,7 @@
 
 #include "lb_nodeport.h"
 #include "lb_reject.h"
+#include "lb_peerdev.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -63,6 +67,20 @@ static __always_inline int np_send_encap(struct __sk_buff *skb, const struct pkt
 	}
 	if (ip4_dec_ttl(skb, p->ttl) < 0 || dsr_encap4(skb, fwd->saddr, fwd->daddr) < 0)
 		return TC_ACT_SHOT;
+	return fib_redirect(skb, &fwd->fib, fwd->fib_rc);
+}
+
+/* Sends a packet rewritten as @fwd says on at ingress: straight into a
+ * local pod's namespace when the route leads to a peer device
+ * (lb_peerdev.h), else out of the device the FIB chose. */
+static __always_inline int np_send(struct __sk_buff *skb, struct np_fwd *fwd)
+{
+	if (fwd->fib_rc == BPF_FIB_LKUP_RET_SUCCESS && peer_dev(fwd->fib.ifindex)) {
+		if (fib_set_macs(skb, &fwd->fib) < 0)
+			return TC_ACT_SHOT;
+		np_count(NP_STAT_PEER_REDIRECT);
+		return bpf_redirect_peer(fwd->fib.ifindex, 0);
+	}
 	return fib_redirect(skb, &fwd->fib, fwd->fib_rc);
 }
 
@@ -115,7 +133,7 @@ int kpr_np_ingress(struct __sk_buff *skb)
 	if (nat_rewrite4(skb, &p, fwd.saddr, fwd.sport, fwd.daddr, fwd.dport) < 0 ||
 	    ip4_dec_ttl(skb, p.ttl) < 0)
 		return TC_ACT_SHOT;
-	return fib_redirect(skb, &fwd.fib, fwd.fib_rc);
+	return np_send(skb, &fwd);
 }
 
 SEC("tcx/egress")

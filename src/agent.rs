@@ -20,6 +20,7 @@ use crate::datapath::kernel::KernelMaps;
 use crate::datapath::loader::{self, MapSizes};
 use crate::datapath::maps::MapName;
 use crate::datapath::netlink_events::NetlinkEvents;
+use crate::datapath::peer_devices::{self, PeerDeviceTable};
 use crate::datapath::nodeport::{self, NodePortConfig};
 use crate::features::{self, KprMode};
 use crate::healthcheck::HealthCheckServer;
@@ -585,7 +586,10 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                     ..DeviceStatus::default()
                 })
             });
-            device_watch = Some((events, report.devices, report.dsr_mss));
+            let mut peer_devices = peer_devices::open(&config.bpf_root)
+                .context("opening the peer device map")?;
+            sync_peer_devices(&mut peer_devices, &report.devices);
+            device_watch = Some((events, report.devices, report.dsr_mss, peer_devices));
         }
         None => {
             let detached = nodeport::remove(&config.bpf_root)
@@ -603,7 +607,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         .map_err(|e| tracing::warn!(error = %e, "no netlink address subscription; addresses are rescanned every {}s only", HOST_ADDR_RESCAN_PERIOD.as_secs()))
         .ok();
     let mut host_addrs =
-        HostAddrTable::open(&config.bpf_root).context("opening the host address map")?;
+        host_addrs::open(&config.bpf_root).context("opening the host address map")?;
     sync_host_addresses(&mut host_addrs);
 
     let metrics = Arc::new(Metrics::new());
@@ -629,7 +633,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         stopped(stop_rx.clone()),
     ));
     let device_watcher = match (&config.nodeport, device_watch) {
-        (Some(np), Some((events, attached, dsr_mss))) => {
+        (Some(np), Some((events, attached, dsr_mss, peer_devices))) => {
             metrics.set_nodeport_devices(attached.len());
             Some(tokio::spawn(device_watch_loop(
                 DeviceWatch {
@@ -638,6 +642,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                     config: np.clone(),
                     metrics: metrics.clone(),
                     status: status.clone(),
+                    peer_devices,
                 },
                 events,
                 attached,
@@ -734,7 +739,7 @@ async fn host_addr_watch_loop(
     loop {
         metrics.set_map(
             MapLabel::HostAddresses,
-            table.addresses().len(),
+            table.keys().len(),
             table.capacity(),
         );
         tokio::select! {
@@ -765,6 +770,32 @@ struct DeviceWatch {
     config: NodePortConfig,
     metrics: Arc<Metrics>,
     status: StatusHandle,
+    peer_devices: PeerDeviceTable,
+}
+
+/// Writes the pods' devices (veth/netkit with a peer in another namespace,
+/// other than the north-south devices, which lead to other hosts) to the
+/// peer device map; logs what changed, or the failure (retried on the next
+/// link change or rescan). Without a pod device listed, packets to its
+/// pods take the plain redirect: slower, never lost.
+fn sync_peer_devices(table: &mut PeerDeviceTable, north_south: &BTreeMap<String, u32>) {
+    let synced = peer_devices::peer_devices()
+        .context("listing the pods' devices (netlink)")
+        .and_then(|mut desired| {
+            for index in north_south.values() {
+                desired.remove(index);
+            }
+            table.sync(&desired)
+        });
+    match synced {
+        Ok(r) if r.is_empty() => {}
+        Ok(r) => {
+            tracing::info!(added = ?r.added, removed = ?r.removed, "pod devices changed: packets to their local backends are redirected into the pod namespace")
+        }
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "updating the peer device map; retried on the next link change")
+        }
+    }
 }
 
 /// Keeps the north-south programs on exactly the interfaces `--devices`
@@ -777,9 +808,10 @@ struct DeviceWatch {
 /// then; new devices are attached, gone ones detached and unpinned; the
 /// pinned maps, the DSR map among them, stay as they are). A failure is
 /// logged, counted and shown by `kpr status`, and retried on the next
-/// change; it never stops the agent.
+/// change; it never stops the agent. Each wake-up also brings the peer
+/// device map up to date (pods' devices come and go with their pods).
 async fn device_watch_loop(
-    w: DeviceWatch,
+    mut w: DeviceWatch,
     mut events: Option<NetlinkEvents>,
     mut attached: BTreeMap<String, u32>,
     mut attached_mss: u16,
@@ -789,6 +821,11 @@ async fn device_watch_loop(
     rescan.tick().await;
     tokio::pin!(stop);
     loop {
+        w.metrics.set_map(
+            MapLabel::PeerDevices,
+            w.peer_devices.keys().len(),
+            w.peer_devices.capacity(),
+        );
         let mut lost = false;
         tokio::select! {
             r = async {
@@ -806,6 +843,7 @@ async fn device_watch_loop(
         if lost {
             events = None;
         }
+        sync_peer_devices(&mut w.peer_devices, &attached);
         let present = match devices::matching(&w.config.devices) {
             Ok(p) => p,
             Err(e) => {
@@ -852,6 +890,7 @@ async fn device_watch_loop(
                 });
                 attached = report.devices;
                 attached_mss = report.dsr_mss;
+                sync_peer_devices(&mut w.peer_devices, &attached);
             }
             Err(e) => {
                 let error = format!("{e:#}");
@@ -928,6 +967,7 @@ async fn ct_gc_loop(
                     (NodePortEvent::DropDsrTooBig, stats.drop_dsr_too_big),
                     (NodePortEvent::MssClamp, stats.mss_clamped),
                     (NodePortEvent::PortRemap, stats.port_remapped),
+                    (NodePortEvent::PeerRedirect, stats.peer_redirects),
                 ] {
                     metrics.set_nodeport_event(event, n);
                 }

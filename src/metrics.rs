@@ -86,6 +86,9 @@ label_enum! {
         SourceRanges => "source_ranges",
         /// The node's own addresses (NodePorts on every address, socket path).
         HostAddresses => "host_addresses",
+        /// The pods' devices the north-south datapath redirects into
+        /// (zero without --devices).
+        PeerDevices => "peer_devices",
     }
 }
 
@@ -144,6 +147,9 @@ label_enum! {
         /// A flow to a local backend got another client source port: its
         /// reply tuple was a live flow's of another frontend.
         PortRemap => "port_remap",
+        /// A packet to a local backend was handed straight into its pod's
+        /// namespace (bpf_redirect_peer), not transmitted on the host side.
+        PeerRedirect => "peer_redirect",
     }
 }
 

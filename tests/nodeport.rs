@@ -17,11 +17,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use kpr::datapath::host_addrs::HostAddrTable;
+use kpr::datapath::{host_addrs, peer_devices};
 use kpr::datapath::layout::{CtDir, CtRecord};
 use kpr::datapath::nodeport::attached_devices;
 use kpr::model::Protocol;
-use kpr::testbed::cluster::client_ip;
+use kpr::testbed::cluster::{client_ip, NODE_CLIENT_IF, NODE_PEER_IF, NODE_PODS_IF};
 use kpr::testbed::nodeport_bed::{nodeport_manifest, POD_TCP};
 use kpr::testbed::server::split_reply;
 use kpr::testbed::{Cluster, ClusterPlan, NodePortBed, ProbeSpec};
@@ -117,8 +117,8 @@ fn nodeport_is_served_on_another_local_address_of_the_node() {
     // An address added to the node is served as soon as the agent hears of
     // it (netlink), and forgotten when it goes.
     let late: Ipv4Addr = "192.0.2.200".parse().unwrap();
-    let table = || HostAddrTable::open(&bed.bpf_root(1)).unwrap();
-    assert!(!table().addresses().contains(&IpAddr::V4(late)));
+    let table = || host_addrs::open(&bed.bpf_root(1)).unwrap();
+    assert!(!table().keys().contains(&IpAddr::V4(late)));
     node1
         .ns()
         .ip(&["addr", "add", &format!("{late}/32"), "dev", "lo"])
@@ -141,7 +141,7 @@ fn nodeport_is_served_on_another_local_address_of_the_node() {
         .unwrap();
     assert!(
         wait_for(Duration::from_secs(20), || !table()
-            .addresses()
+            .keys()
             .contains(&IpAddr::V4(late))),
         "{late} still in the host address map"
     );
@@ -851,4 +851,82 @@ fn one_udp_flow_follows_endpoints_from_none_to_a_remote_pod_to_a_local_one() {
         "{flow:?}"
     );
     assert!(!flow[0].snat, "a local backend sees the client: {flow:?}");
+}
+
+/// A packet for a local pod goes from the node's device straight into the
+/// pod's namespace (bpf_redirect_peer through the pod's veth, which the
+/// agent learns from netlink): the host side of the pod link transmits
+/// nothing for the requests and the pod answers every one. The node's
+/// north-south devices (veths to other hosts here) are never taken for
+/// pod devices, and a pod device that comes later, or goes, is followed.
+#[test]
+fn packets_to_local_pods_enter_the_pod_namespace_directly_and_pod_devices_are_followed() {
+    if !root() {
+        return;
+    }
+    let bed = Bed::start("nppeer", &[]);
+    let node = bed.node(1);
+    let listed = || peer_devices::open(&bed.bpf_root(1)).unwrap().keys().clone();
+    let pod_link = link_index(node.ns(), NODE_PODS_IF);
+    assert!(
+        wait_for(Duration::from_secs(20), || listed().contains(&pod_link)),
+        "{NODE_PODS_IF} ({pod_link}) not in the peer device map: {:?}",
+        listed()
+    );
+    for dev in [NODE_CLIENT_IF, NODE_PEER_IF] {
+        let index = link_index(node.ns(), dev);
+        assert!(!listed().contains(&index), "north-south device {dev} listed");
+    }
+
+    let requests = 50;
+    let (redirected_before, tx_before) = (
+        bed.stats(1).unwrap().peer_redirects,
+        link_packets(node.ns(), NODE_PODS_IF, "tx"),
+    );
+    // ETP Local with pods on node1 only: every flow stays on node1.
+    let target = node_port(node, NODE_PORT_ONE_LOCAL);
+    let r = tcp_requests(bed.cluster.client(), target, requests);
+    assert_eq!(r.identities.values().sum::<u64>(), u64::from(requests));
+    let redirected = bed.stats(1).unwrap().peer_redirects - redirected_before;
+    let transmitted = link_packets(node.ns(), NODE_PODS_IF, "tx") - tx_before;
+    println!(
+        "{requests} requests: {redirected} packets redirected into the pods' namespace, \
+         {transmitted} transmitted on {NODE_PODS_IF}"
+    );
+    // SYN, ACK, request and FIN of each connection at least.
+    assert!(
+        redirected >= 4 * u64::from(requests),
+        "{redirected} peer redirects"
+    );
+    assert!(
+        transmitted < u64::from(requests),
+        "the host side transmitted {transmitted} packets for {requests} requests"
+    );
+
+    // A pod device added while the agent runs is listed, and unlisted
+    // once it is gone; a veth with both ends on the node never is.
+    let pods = node.pods();
+    node.ns()
+        .ip(&["link", "add", "pod-late", "type", "veth", "peer", "name", "eth9", "netns", pods.name()])
+        .unwrap();
+    node.ns()
+        .ip(&["link", "add", "loop-a", "type", "veth", "peer", "name", "loop-b"])
+        .unwrap();
+    let late = link_index(node.ns(), "pod-late");
+    let local_pair = [link_index(node.ns(), "loop-a"), link_index(node.ns(), "loop-b")];
+    let added = Instant::now();
+    assert!(
+        wait_for(Duration::from_secs(20), || listed().contains(&late)),
+        "pod-late ({late}) never listed: {:?}",
+        listed()
+    );
+    println!("pod-late listed {:?} after it appeared", added.elapsed());
+    assert!(local_pair.iter().all(|i| !listed().contains(i)), "{:?}", listed());
+    node.ns().ip(&["link", "del", "pod-late"]).unwrap();
+    node.ns().ip(&["link", "del", "loop-a"]).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(20), || !listed().contains(&late)),
+        "pod-late ({late}) still listed after its deletion"
+    );
+    assert!(listed().contains(&pod_link));
 }

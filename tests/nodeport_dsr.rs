@@ -101,13 +101,7 @@ fn start_dsr_bed_with(
 
 /// Packets `dev` of `ns` has received (`ip -s -j link`).
 fn rx_packets(ns: &Netns, dev: &str) -> u64 {
-    let out = ns
-        .ip_output(&["-s", "-j", "link", "show", "dev", dev])
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v[0]["stats64"]["rx"]["packets"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no rx counter in {out}"))
+    link_packets(ns, dev, "rx")
 }
 
 /// Where a reply came from as the backend saw it.

@@ -193,6 +193,15 @@ static __always_inline long fib_lookup4(void *ctx, __u32 ifindex, struct bpf_fib
 	return bpf_fib_lookup(ctx, fib, sizeof(*fib), flags);
 }
 
+/* Writes the MACs a successful FIB lookup found into the frame. */
+static __always_inline int fib_set_macs(struct __sk_buff *skb, const struct bpf_fib_lookup *fib)
+{
+	if (bpf_skb_store_bytes(skb, 0, fib->dmac, ETH_ALEN, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, ETH_ALEN, fib->smac, ETH_ALEN, 0) < 0)
+		return -1;
+	return 0;
+}
+
 /* Sends the (rewritten) packet out of the interface @fib chose: with the
  * MACs it found, or through the neighbour subsystem when it found none.
  * Returns a tc verdict; TC_ACT_SHOT when the route does not forward. */
@@ -200,8 +209,7 @@ static __always_inline int fib_redirect(struct __sk_buff *skb, struct bpf_fib_lo
 					long rc)
 {
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
-		if (bpf_skb_store_bytes(skb, 0, fib->dmac, ETH_ALEN, 0) < 0 ||
-		    bpf_skb_store_bytes(skb, ETH_ALEN, fib->smac, ETH_ALEN, 0) < 0)
+		if (fib_set_macs(skb, fib) < 0)
 			return TC_ACT_SHOT;
 		return bpf_redirect(fib->ifindex, 0);
 	}

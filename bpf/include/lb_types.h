@@ -232,7 +232,9 @@ enum np_stat {
 	NP_STAT_PORT_REMAP     = 17, /* flows to a local backend given another client
 				      * source port: the reply tuple was another
 				      * live flow's (same client port, other frontend) */
-	NP_STAT_MAX            = 18,
+	NP_STAT_PEER_REDIRECT  = 18, /* packets handed straight into a local pod's
+				      * namespace (bpf_redirect_peer, lb_peerdev.h) */
+	NP_STAT_MAX            = 19,
 };
 
 /* Slots of kpr_npstats_v2: room for counters to come, so adding one is

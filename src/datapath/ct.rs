@@ -150,6 +150,9 @@ pub struct NodePortStats {
     /// Flows to a local backend given another client source port (the
     /// reply tuple was another frontend's live flow's).
     pub port_remapped: u64,
+    /// Packets to a local backend handed straight into its pod's
+    /// namespace (bpf_redirect_peer through a pod device).
+    pub peer_redirects: u64,
 }
 
 impl NodePortStats {
@@ -191,6 +194,7 @@ impl NodePortStats {
             drop_dsr_too_big: at(np_stat::NP_STAT_DSR_TOO_BIG),
             mss_clamped: at(np_stat::NP_STAT_MSS_CLAMP),
             port_remapped: at(np_stat::NP_STAT_PORT_REMAP),
+            peer_redirects: at(np_stat::NP_STAT_PEER_REDIRECT),
         })
     }
 }

@@ -16,10 +16,9 @@ use std::io;
 use std::net::{IpAddr, Ipv6Addr};
 use std::path::Path;
 
-use anyhow::{Context, Result};
-use libbpf_rs::{MapCore, MapFlags, MapHandle};
+use anyhow::Result;
 
-use crate::datapath::kernel::to_io;
+use crate::datapath::pinned_set::{PinnedSet, SetKey};
 #[cfg(doc)]
 use crate::datapath::netlink_events::NetlinkEvents;
 
@@ -42,99 +41,31 @@ pub fn local_addresses() -> io::Result<BTreeSet<IpAddr>> {
 }
 
 /// The map key: 16 bytes, IPv4 as IPv4-mapped, network order.
-fn key(ip: IpAddr) -> [u8; 16] {
-    match ip {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-        IpAddr::V6(v6) => v6.octets(),
+impl SetKey for IpAddr {
+    fn encode(&self) -> Vec<u8> {
+        match self {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped().octets().to_vec(),
+            IpAddr::V6(v6) => v6.octets().to_vec(),
+        }
     }
-}
 
-fn decode(bytes: &[u8]) -> Option<IpAddr> {
-    let octets: [u8; 16] = bytes.try_into().ok()?;
-    let v6 = Ipv6Addr::from(octets);
-    Some(match v6.to_ipv4_mapped() {
-        Some(v4) => IpAddr::V4(v4),
-        None => IpAddr::V6(v6),
-    })
-}
-
-/// What one [`HostAddrTable::sync`] changed.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct HostAddrSync {
-    pub added: Vec<IpAddr>,
-    pub removed: Vec<IpAddr>,
+    fn decode(bytes: &[u8]) -> Option<IpAddr> {
+        let octets: [u8; 16] = bytes.try_into().ok()?;
+        let v6 = Ipv6Addr::from(octets);
+        Some(match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        })
+    }
 }
 
 /// The pinned host address map and what it holds.
-pub struct HostAddrTable {
-    map: MapHandle,
-    current: BTreeSet<IpAddr>,
-}
+pub type HostAddrTable = PinnedSet<IpAddr>;
 
-impl HostAddrTable {
-    /// Opens the map pinned under `bpf_root` (by the socket-LB load) and
-    /// reads what it holds.
-    pub fn open(bpf_root: &Path) -> Result<HostAddrTable> {
-        let pin = bpf_root.join(HOSTADDR_PIN);
-        let map = MapHandle::from_pinned_path(&pin)
-            .with_context(|| format!("opening the host address map {}", pin.display()))?;
-        let mut table = HostAddrTable {
-            map,
-            current: BTreeSet::new(),
-        };
-        table.reload()?;
-        Ok(table)
-    }
-
-    fn reload(&mut self) -> Result<()> {
-        // Keys are 16 bytes (the map's BTF), so every one decodes.
-        self.current = self.map.keys().filter_map(|k| decode(&k)).collect();
-        Ok(())
-    }
-
-    /// The map's capacity.
-    pub fn capacity(&self) -> usize {
-        self.map.max_entries() as usize
-    }
-
-    /// Addresses the map holds.
-    pub fn addresses(&self) -> &BTreeSet<IpAddr> {
-        &self.current
-    }
-
-    /// Makes the map hold exactly `desired`: additions first, then
-    /// removals. On an error the table re-reads the map, so the next sync
-    /// retries what is missing.
-    pub fn sync(&mut self, desired: &BTreeSet<IpAddr>) -> Result<HostAddrSync> {
-        let result = self.apply(desired);
-        if result.is_err() {
-            self.reload()?;
-        }
-        result
-    }
-
-    fn apply(&mut self, desired: &BTreeSet<IpAddr>) -> Result<HostAddrSync> {
-        let mut report = HostAddrSync::default();
-        for ip in desired.difference(&self.current) {
-            self.map
-                .update(&key(*ip), &[1u8], MapFlags::ANY)
-                .map_err(to_io)
-                .with_context(|| format!("adding host address {ip}"))?;
-            report.added.push(*ip);
-        }
-        for ip in self.current.difference(desired) {
-            match self.map.delete(&key(*ip)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(to_io(e)).with_context(|| format!("removing host address {ip}"))
-                }
-            }
-            report.removed.push(*ip);
-        }
-        self.current = desired.clone();
-        Ok(report)
-    }
+/// Opens the host address map pinned under `bpf_root` (by the socket-LB
+/// load) and reads what it holds.
+pub fn open(bpf_root: &Path) -> Result<HostAddrTable> {
+    PinnedSet::open(&bpf_root.join(HOSTADDR_PIN), "host address")
 }
 
 #[cfg(test)]
@@ -145,12 +76,12 @@ mod tests {
     fn keys_are_ipv4_mapped_and_decode_back() {
         for ip in ["192.0.2.1", "127.0.0.1", "2001:db8::1", "::1"] {
             let ip: IpAddr = ip.parse().unwrap();
-            assert_eq!(decode(&key(ip)), Some(ip));
+            assert_eq!(IpAddr::decode(&ip.encode()), Some(ip));
         }
-        let v4 = key("198.51.100.1".parse().unwrap());
+        let v4 = "198.51.100.1".parse::<IpAddr>().unwrap().encode();
         assert_eq!(&v4[..12], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]);
         assert_eq!(&v4[12..], &[198, 51, 100, 1]);
-        assert_eq!(decode(&[0u8; 4]), None);
+        assert_eq!(IpAddr::decode(&[0u8; 4]), None);
     }
 
     #[test]

@@ -14,6 +14,8 @@ pub mod loader;
 pub mod maps;
 pub mod netlink_events;
 pub mod nodeport;
+pub mod peer_devices;
+pub mod pinned_set;
 pub mod skel;
 
 pub use maps::{

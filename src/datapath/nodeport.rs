@@ -28,6 +28,7 @@ use serde::Serialize;
 use crate::datapath::devices;
 use crate::datapath::loader::{self, LoadReport, MapSizes};
 use crate::datapath::maps::MapName;
+use crate::datapath::peer_devices::PEERDEV_PIN;
 use crate::datapath::skel::nodeport::{NodeportSkel, NodeportSkelBuilder};
 use crate::datapath::skel::nodeport_xdp::{NodeportXdpSkel, NodeportXdpSkelBuilder};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd};
@@ -41,7 +42,7 @@ pub const STATS_PIN: &str = "kpr_npstats_v2";
 /// which `datapath::dsr` keeps in step with the services map.
 pub const DSR_PIN: &str = "kpr_dsr_v1";
 /// The pins only the north-south datapath creates.
-pub const PINS: [&str; 3] = [CT_PIN, STATS_PIN, DSR_PIN];
+pub const PINS: [&str; 4] = [CT_PIN, STATS_PIN, DSR_PIN, PEERDEV_PIN];
 
 /// How NodePort traffic reaches a backend on another node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -361,6 +362,14 @@ pub fn load_and_attach(
         .open(&mut storage)
         .context("opening the north-south BPF object")?;
     configure_open!(open, config, sizes, bpf_root, mss);
+    // The tc object's own: the pods' devices it hands packets through
+    // (datapath::peer_devices keeps it).
+    let peerdev_size = open.maps.kpr_peerdev_v1.max_entries();
+    loader::size_and_pin(
+        &mut open.maps.kpr_peerdev_v1,
+        &bpf_root.join(PEERDEV_PIN),
+        peerdev_size,
+    )?;
     let skel: NodeportSkel = open.load().context(
         "loading the north-south BPF programs (a pinned map of an incompatible definition? run `kpr cleanup`)",
     )?;

@@ -481,6 +481,27 @@ pub fn pods(seen: &BTreeMap<IpAddr, u64>) -> BTreeSet<IpAddr> {
 /// `count` TCP requests (a connection each) from `client` to `target`,
 /// every one answered.
 #[track_caller]
+/// The packets interface `dev` of `ns` counted in direction `dir` ("rx"
+/// or "tx").
+pub fn link_packets(ns: &Netns, dev: &str, dir: &str) -> u64 {
+    let out = ns
+        .ip_output(&["-s", "-j", "link", "show", "dev", dev])
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v[0]["stats64"][dir]["packets"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {dir} counter in {out}"))
+}
+
+/// The ifindex of interface `dev` of `ns`.
+pub fn link_index(ns: &Netns, dev: &str) -> u32 {
+    let out = ns.ip_output(&["-j", "link", "show", "dev", dev]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v[0]["ifindex"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no ifindex in {out}")) as u32
+}
+
 pub fn tcp_requests(client: &Netns, target: SocketAddr, count: u32) -> RequestsReport {
     let r = run_in(
         client,
