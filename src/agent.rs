@@ -20,8 +20,8 @@ use crate::datapath::kernel::KernelMaps;
 use crate::datapath::loader::{self, MapSizes};
 use crate::datapath::maps::MapName;
 use crate::datapath::netlink_events::NetlinkEvents;
-use crate::datapath::peer_devices::{self, PeerDeviceTable};
 use crate::datapath::nodeport::{self, NodePortConfig};
+use crate::datapath::peer_devices::{self, PeerDeviceTable};
 use crate::features::{self, KprMode};
 use crate::healthcheck::HealthCheckServer;
 use crate::http::{self, Health};
@@ -586,8 +586,8 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                     ..DeviceStatus::default()
                 })
             });
-            let mut peer_devices = peer_devices::open(&config.bpf_root)
-                .context("opening the peer device map")?;
+            let mut peer_devices =
+                peer_devices::open(&config.bpf_root).context("opening the peer device map")?;
             sync_peer_devices(&mut peer_devices, &report.devices);
             device_watch = Some((events, report.devices, report.dsr_mss, peer_devices));
         }

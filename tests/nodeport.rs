@@ -17,9 +17,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use kpr::datapath::{host_addrs, peer_devices};
 use kpr::datapath::layout::{CtDir, CtRecord};
 use kpr::datapath::nodeport::attached_devices;
+use kpr::datapath::{host_addrs, peer_devices};
 use kpr::model::Protocol;
 use kpr::testbed::cluster::{client_ip, NODE_CLIENT_IF, NODE_PEER_IF, NODE_PODS_IF};
 use kpr::testbed::nodeport_bed::{nodeport_manifest, POD_TCP};
@@ -875,7 +875,10 @@ fn packets_to_local_pods_enter_the_pod_namespace_directly_and_pod_devices_are_fo
     );
     for dev in [NODE_CLIENT_IF, NODE_PEER_IF] {
         let index = link_index(node.ns(), dev);
-        assert!(!listed().contains(&index), "north-south device {dev} listed");
+        assert!(
+            !listed().contains(&index),
+            "north-south device {dev} listed"
+        );
     }
 
     let requests = 50;
@@ -907,13 +910,29 @@ fn packets_to_local_pods_enter_the_pod_namespace_directly_and_pod_devices_are_fo
     // once it is gone; a veth with both ends on the node never is.
     let pods = node.pods();
     node.ns()
-        .ip(&["link", "add", "pod-late", "type", "veth", "peer", "name", "eth9", "netns", pods.name()])
+        .ip(&[
+            "link",
+            "add",
+            "pod-late",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth9",
+            "netns",
+            pods.name(),
+        ])
         .unwrap();
     node.ns()
-        .ip(&["link", "add", "loop-a", "type", "veth", "peer", "name", "loop-b"])
+        .ip(&[
+            "link", "add", "loop-a", "type", "veth", "peer", "name", "loop-b",
+        ])
         .unwrap();
     let late = link_index(node.ns(), "pod-late");
-    let local_pair = [link_index(node.ns(), "loop-a"), link_index(node.ns(), "loop-b")];
+    let local_pair = [
+        link_index(node.ns(), "loop-a"),
+        link_index(node.ns(), "loop-b"),
+    ];
     let added = Instant::now();
     assert!(
         wait_for(Duration::from_secs(20), || listed().contains(&late)),
@@ -921,7 +940,11 @@ fn packets_to_local_pods_enter_the_pod_namespace_directly_and_pod_devices_are_fo
         listed()
     );
     println!("pod-late listed {:?} after it appeared", added.elapsed());
-    assert!(local_pair.iter().all(|i| !listed().contains(i)), "{:?}", listed());
+    assert!(
+        local_pair.iter().all(|i| !listed().contains(i)),
+        "{:?}",
+        listed()
+    );
     node.ns().ip(&["link", "del", "pod-late"]).unwrap();
     node.ns().ip(&["link", "del", "loop-a"]).unwrap();
     assert!(

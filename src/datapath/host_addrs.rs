@@ -18,9 +18,9 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use crate::datapath::pinned_set::{PinnedSet, SetKey};
 #[cfg(doc)]
 use crate::datapath::netlink_events::NetlinkEvents;
+use crate::datapath::pinned_set::{PinnedSet, SetKey};
 
 /// Pinned name of the host address map (its suffix is the layout version).
 pub const HOSTADDR_PIN: &str = "kpr_hostaddr_v1";

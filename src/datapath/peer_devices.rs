@@ -131,14 +131,7 @@ pub fn list_links() -> io::Result<Vec<Link>> {
     let seq: u32 = 1;
     let request = dump_request(seq);
     // SAFETY: send(2) reads `request.len()` bytes of a live buffer.
-    let sent = unsafe {
-        libc::send(
-            sock.as_raw_fd(),
-            request.as_ptr().cast(),
-            request.len(),
-            0,
-        )
-    };
+    let sent = unsafe { libc::send(sock.as_raw_fd(), request.as_ptr().cast(), request.len(), 0) };
     if sent < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -299,12 +292,32 @@ mod tests {
     #[test]
     fn a_dump_yields_each_link_with_its_kind_and_peer_namespace() {
         let mut d = message(RTM_NEWLINK, 7, &newlink(1, "lo", None, false));
-        d.extend(message(RTM_NEWLINK, 7, &newlink(4, "eth-p", Some("veth"), true)));
-        d.extend(message(RTM_NEWLINK, 7, &newlink(5, "v-a", Some("veth"), false)));
-        d.extend(message(RTM_NEWLINK, 7, &newlink(6, "nk0", Some("netkit"), true)));
-        d.extend(message(RTM_NEWLINK, 7, &newlink(7, "br0", Some("bridge"), true)));
+        d.extend(message(
+            RTM_NEWLINK,
+            7,
+            &newlink(4, "eth-p", Some("veth"), true),
+        ));
+        d.extend(message(
+            RTM_NEWLINK,
+            7,
+            &newlink(5, "v-a", Some("veth"), false),
+        ));
+        d.extend(message(
+            RTM_NEWLINK,
+            7,
+            &newlink(6, "nk0", Some("netkit"), true),
+        ));
+        d.extend(message(
+            RTM_NEWLINK,
+            7,
+            &newlink(7, "br0", Some("bridge"), true),
+        ));
         // Another request's answer is not ours.
-        d.extend(message(RTM_NEWLINK, 8, &newlink(9, "other", Some("veth"), true)));
+        d.extend(message(
+            RTM_NEWLINK,
+            8,
+            &newlink(9, "other", Some("veth"), true),
+        ));
         let mut links = Vec::new();
         assert!(!parse_dump(&d, 7, &mut links).unwrap());
         assert!(parse_dump(&message(NLMSG_DONE, 7, &[0; 4]), 7, &mut links).unwrap());
