@@ -149,6 +149,9 @@ pub struct Report {
     pub nodeport_devices: Vec<String>,
     /// Conntrack entries and capacity, when the north-south datapath is on.
     pub conntrack: Option<(usize, usize)>,
+    /// Pod devices the north-south datapath redirects into
+    /// (`kpr_peerdev_v1`), when it is on.
+    pub pod_devices: Option<usize>,
     pub maps: Vec<MapFill>,
     pub frontends: usize,
     pub backends: usize,
@@ -194,6 +197,9 @@ pub fn gather(agent_addr: SocketAddr, bpf_root: &Path) -> Report {
         conntrack: crate::datapath::ct::CtMap::open(bpf_root)
             .ok()
             .and_then(|ct| Some((ct.entries().ok()?.len(), ct.max_entries()))),
+        pod_devices: crate::datapath::peer_devices::open(bpf_root)
+            .ok()
+            .map(|t| t.keys().len()),
         maps,
         frontends,
         backends,
@@ -314,6 +320,12 @@ pub fn format_text(r: &Report) -> String {
     );
     if let Some((entries, capacity)) = r.conntrack {
         let _ = writeln!(o, "  Conntrack:            {entries} / {capacity} entries");
+    }
+    if let Some(n) = r.pod_devices {
+        let _ = writeln!(
+            o,
+            "  Pod devices:          {n} (local backends behind them get packets straight into their namespace)"
+        );
     }
     let _ = writeln!(
         o,

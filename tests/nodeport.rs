@@ -880,6 +880,8 @@ fn packets_to_local_pods_enter_the_pod_namespace_directly_and_pod_devices_are_fo
             "north-south device {dev} listed"
         );
     }
+    let status = status_text(&bed, 1);
+    assert!(status.contains("Pod devices:          1 "), "{status}");
 
     let requests = 50;
     let (redirected_before, tx_before) = (
