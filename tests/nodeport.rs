@@ -911,6 +911,7 @@ fn packets_to_local_pods_enter_the_pod_namespace_directly_and_pod_devices_are_fo
     // A pod device added while the agent runs is listed, and unlisted
     // once it is gone; a veth with both ends on the node never is.
     let pods = node.pods();
+    let added = Instant::now();
     node.ns()
         .ip(&[
             "link",
@@ -935,7 +936,6 @@ fn packets_to_local_pods_enter_the_pod_namespace_directly_and_pod_devices_are_fo
         link_index(node.ns(), "loop-a"),
         link_index(node.ns(), "loop-b"),
     ];
-    let added = Instant::now();
     assert!(
         wait_for(Duration::from_secs(20), || listed().contains(&late)),
         "pod-late ({late}) never listed: {:?}",
