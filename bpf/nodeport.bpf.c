@@ -14,6 +14,8 @@
  *   egress                    a local backend's reply (forwarded by the
  *                             stack, not SNATed): frontend as source (and
  *                             the client's own port, when it was remapped)
+ *   ICMP errors               about a translated flow: translated in turn
+ *                             and sent where the flow goes (lb_icmp_err.h)
  *   ingress, no backend       --service-no-backend-response reject: the
  *                             packet becomes an ICMP port unreachable, sent
  *                             back where it came from (lb_reject.h)
@@ -46,6 +48,7 @@
 #include "lb_nodeport.h"
 #include "lb_reject.h"
 #include "lb_peerdev.h"
+#include "lb_icmp_err.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -98,9 +101,61 @@ static __always_inline int np_reject(struct __sk_buff *skb, const struct pkt4 *p
 	return verdict;
 }
 
+/* An ICMP error at ingress about a translated flow (lb_icmp_err.h): one
+ * from the way to a remote backend (the REPLY entry of a SNATed flow) goes
+ * to the client, one from the way to the client (a flow's ORIG entry)
+ * goes to the backend. Anything else goes on untouched. */
+static __always_inline int np_icmp_error_ingress(struct __sk_buff *skb,
+						 const struct icmp_err4 *q)
+{
+	__u64 now = bpf_ktime_get_ns();
+	struct pkt4 outer = { .proto = IPPROTO_ICMP };
+	struct np_fwd fwd = {};
+	struct ct_entry *e;
+	struct ct_key key;
+
+	e = icmp_err4_flow(q, CT_DIR_REPLY, &key, now);
+	if (!e || !(e->flags & CT_F_SNAT)) {
+		e = icmp_err4_flow(q, CT_DIR_ORIG, &key, now);
+		if (!e || (e->flags & CT_F_DSR_ENCAP))
+			return NP_PASS;
+	}
+	outer.ttl = q->ttl;
+	if (np_ttl_exceeded(&outer))
+		return TC_ACT_SHOT;
+	icmp_err4_outer(q, &key, e, &fwd.saddr, &fwd.daddr);
+	if (np_route(skb, skb->ingress_ifindex, &outer, &fwd, 0, 0) != NP_V_FWD)
+		return TC_ACT_SHOT;
+	if (icmp_err4_rewrite(skb, q, e, fwd.saddr, fwd.daddr) < 0 ||
+	    ip4_dec_ttl(skb, q->ttl) < 0)
+		return TC_ACT_SHOT;
+	np_count(NP_STAT_ICMP_ERROR);
+	return np_send(skb, &fwd);
+}
+
+/* An ICMP error at egress from a local backend (port unreachable from a
+ * UDP pod with nothing listening, ...) about a flow it was sent: the
+ * client must see it come from the frontend, about its own packet. */
+static __always_inline int np_icmp_error_egress(struct __sk_buff *skb, const struct icmp_err4 *q)
+{
+	struct ct_entry *e;
+	struct ct_key key;
+	__be32 saddr, daddr;
+
+	e = icmp_err4_flow(q, CT_DIR_REPLY, &key, bpf_ktime_get_ns());
+	if (!e || (e->flags & CT_F_SNAT))
+		return NP_PASS;
+	icmp_err4_outer(q, &key, e, &saddr, &daddr);
+	if (icmp_err4_rewrite(skb, q, e, saddr, daddr) < 0)
+		return TC_ACT_SHOT;
+	np_count(NP_STAT_ICMP_ERROR);
+	return NP_PASS;
+}
+
 SEC("tcx/ingress")
 int kpr_np_ingress(struct __sk_buff *skb)
 {
+	struct icmp_err4 icmp_err;
 	__be32 outer_daddr;
 	struct np_fwd fwd;
 	struct pkt4 p;
@@ -113,6 +168,8 @@ int kpr_np_ingress(struct __sk_buff *skb)
 	} else if (dsr_parse_ipip(skb, &p, &outer_daddr) == 0) {
 		v = np_dsr_ingress(skb, skb->ingress_ifindex, &p, outer_daddr, &fwd, 0);
 		decap = 1;
+	} else if (icmp_err4_parse(skb, &icmp_err) == 0) {
+		return np_icmp_error_ingress(skb, &icmp_err);
 	} else {
 		return NP_PASS;
 	}
@@ -139,13 +196,17 @@ int kpr_np_ingress(struct __sk_buff *skb)
 SEC("tcx/egress")
 int kpr_np_egress(struct __sk_buff *skb)
 {
+	struct icmp_err4 icmp_err;
 	struct ct_entry *e;
 	struct ct_key key;
 	struct pkt4 p;
 	__u64 now;
 
-	if (pkt4_parse(skb, &p) < 0)
+	if (pkt4_parse(skb, &p) < 0) {
+		if (icmp_err4_parse(skb, &icmp_err) == 0)
+			return np_icmp_error_egress(skb, &icmp_err);
 		return NP_PASS;
+	}
 	/* A local backend's reply, forwarded by the stack toward the client:
 	 * only the source changes back to the frontend. */
 	ct_key4(&key, &p, CT_DIR_REPLY);

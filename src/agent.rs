@@ -968,6 +968,7 @@ async fn ct_gc_loop(
                     (NodePortEvent::MssClamp, stats.mss_clamped),
                     (NodePortEvent::PortRemap, stats.port_remapped),
                     (NodePortEvent::PeerRedirect, stats.peer_redirects),
+                    (NodePortEvent::IcmpError, stats.icmp_errors),
                 ] {
                     metrics.set_nodeport_event(event, n);
                 }

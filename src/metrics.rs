@@ -150,6 +150,9 @@ label_enum! {
         /// A packet to a local backend was handed straight into its pod's
         /// namespace (bpf_redirect_peer), not transmitted on the host side.
         PeerRedirect => "peer_redirect",
+        /// An ICMP error about a translated flow was translated in turn and
+        /// sent where the flow goes (path MTU, port unreachable, ...).
+        IcmpError => "icmp_error",
     }
 }
 

@@ -234,7 +234,9 @@ enum np_stat {
 				      * live flow's (same client port, other frontend) */
 	NP_STAT_PEER_REDIRECT  = 18, /* packets handed straight into a local pod's
 				      * namespace (bpf_redirect_peer, lb_peerdev.h) */
-	NP_STAT_MAX            = 19,
+	NP_STAT_ICMP_ERROR     = 19, /* ICMP errors about translated flows, translated
+				      * and sent on (lb_icmp_err.h) */
+	NP_STAT_MAX            = 20,
 };
 
 /* Slots of kpr_npstats_v2: room for counters to come, so adding one is

@@ -153,6 +153,8 @@ pub struct NodePortStats {
     /// Packets to a local backend handed straight into its pod's
     /// namespace (bpf_redirect_peer through a pod device).
     pub peer_redirects: u64,
+    /// ICMP errors about translated flows, translated and sent on.
+    pub icmp_errors: u64,
 }
 
 impl NodePortStats {
@@ -195,6 +197,7 @@ impl NodePortStats {
             mss_clamped: at(np_stat::NP_STAT_MSS_CLAMP),
             port_remapped: at(np_stat::NP_STAT_PORT_REMAP),
             peer_redirects: at(np_stat::NP_STAT_PEER_REDIRECT),
+            icmp_errors: at(np_stat::NP_STAT_ICMP_ERROR),
         })
     }
 }

@@ -1,0 +1,323 @@
+//! ICMP errors about translated north-south flows, end to end on the
+//! multi-node bed (tests/support/nodeport.rs): a UDP backend with nothing
+//! listening answers "port unreachable", which must reach the client as
+//! an error about its own packet to the NodePort (ECONNREFUSED at once, not
+//! a timeout), for a local backend and for a remote one behind SNAT; and a
+//! "fragmentation needed" about a NodePort reply, sent back to the
+//! frontend, must reach the backend, which lowers its path MTU (no path
+//! MTU black hole).
+//!
+//! Needs root (namespaces, BPF, tcx, raw sockets); without it every test
+//! says so and passes.
+
+#[path = "support/nodeport.rs"]
+mod support;
+
+use std::io::ErrorKind;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::Duration;
+
+use kpr::testbed::cluster::client_ip;
+use kpr::testbed::nodeport_bed::POD_UDP;
+use kpr::testbed::{Cluster, ClusterPlan, NodePortBed};
+use support::*;
+
+/// A UDP port nothing in the pods listens on.
+const CLOSED_PORT: u16 = 9;
+/// NodePorts of the Services below.
+const NP_CLOSED_LOCAL: u16 = 30091;
+const NP_CLOSED_REMOTE: u16 = 30092;
+const NP_ECHO_LOCAL: u16 = 30093;
+const NP_ECHO_REMOTE: u16 = 30094;
+/// The path MTU the forged "fragmentation needed" reports.
+const REPORTED_MTU: u16 = 1300;
+
+fn udp_service(
+    name: &str,
+    vip: u8,
+    node_port: u16,
+    target: u16,
+    pod: Ipv4Addr,
+    node: u8,
+) -> String {
+    format!(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: icmp}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.{vip}
+  ports:
+  - {{name: dns, protocol: UDP, port: 53, targetPort: {target}, nodePort: {node_port}}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}-1, namespace: icmp, labels: {{kubernetes.io/service-name: {name}}}}}
+addressType: IPv4
+ports:
+- {{name: dns, protocol: UDP, port: {target}}}
+endpoints:
+{}---
+"#,
+        endpoint_line(pod, node)
+    )
+}
+
+/// Four UDP NodePorts, each with one pod: closed or echoing, on node1 or
+/// node2.
+fn manifest(cluster: &Cluster) -> String {
+    let (pod1, pod2) = (cluster.node(1).pod_ips()[0], cluster.node(2).pod_ips()[0]);
+    [
+        udp_service("closed-local", 20, NP_CLOSED_LOCAL, CLOSED_PORT, pod1, 1),
+        udp_service("closed-remote", 21, NP_CLOSED_REMOTE, CLOSED_PORT, pod2, 2),
+        udp_service("echo-local", 22, NP_ECHO_LOCAL, POD_UDP, pod1, 1),
+        udp_service("echo-remote", 23, NP_ECHO_REMOTE, POD_UDP, pod2, 2),
+    ]
+    .concat()
+}
+
+fn bed(prefix: &str) -> NodePortBed {
+    Bed::with_manifest(prefix, &ClusterPlan::default(), manifest, &[])
+}
+
+/// One datagram from a connected socket, then its receive: the answer,
+/// or the error the socket reports.
+fn udp_exchange(target: SocketAddr, timeout: Duration) -> std::io::Result<String> {
+    let sock = UdpSocket::bind("0.0.0.0:0")?;
+    sock.connect(target)?;
+    sock.set_read_timeout(Some(timeout))?;
+    sock.send(b"hi")?;
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+#[test]
+fn a_closed_udp_backend_port_refuses_the_client_at_once_local_or_remote() {
+    if !root() {
+        return;
+    }
+    let bed = bed("npicmpu");
+    let node1 = bed.node(1);
+    let before = bed.stats(1).unwrap().icmp_errors;
+    for (port, backend) in [
+        (NP_CLOSED_LOCAL, "local"),
+        (NP_CLOSED_REMOTE, "remote, SNAT"),
+    ] {
+        let target = node_port(node1, port);
+        let outcome = bed
+            .cluster
+            .client()
+            .enter_thread(move || udp_exchange(target, Duration::from_secs(3)))
+            .unwrap();
+        match outcome {
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => {}
+            other => panic!("{target} ({backend} backend, nothing listening): {other:?}"),
+        }
+    }
+    // The echoing ones answer as ever.
+    for port in [NP_ECHO_LOCAL, NP_ECHO_REMOTE] {
+        let target = node_port(node1, port);
+        let answer = bed
+            .cluster
+            .client()
+            .enter_thread(move || udp_exchange(target, Duration::from_secs(3)))
+            .unwrap();
+        assert!(answer.is_ok(), "{target}: {answer:?}");
+    }
+    let translated = bed.stats(1).unwrap().icmp_errors - before;
+    assert!(
+        translated >= 2,
+        "{translated} ICMP errors translated on node1"
+    );
+}
+
+/// RFC 1071 checksum of `data`.
+fn inet_checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An ICMP "fragmentation needed, next-hop MTU `mtu`" about the UDP packet
+/// `quoted_src` -> `quoted_dst` (the ICMP message; the kernel adds the
+/// outer IP header).
+fn frag_needed(quoted_src: SocketAddrV4, quoted_dst: SocketAddrV4, mtu: u16) -> Vec<u8> {
+    let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0];
+    ip[2..4].copy_from_slice(&(20u16 + 8 + 1200).to_be_bytes());
+    ip.extend_from_slice(&quoted_src.ip().octets());
+    ip.extend_from_slice(&quoted_dst.ip().octets());
+    let check = inet_checksum(&ip);
+    ip[10..12].copy_from_slice(&check.to_be_bytes());
+    let mut udp = Vec::new();
+    udp.extend_from_slice(&quoted_src.port().to_be_bytes());
+    udp.extend_from_slice(&quoted_dst.port().to_be_bytes());
+    udp.extend_from_slice(&(8u16 + 1200).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    let mut icmp = vec![3, 4, 0, 0, 0, 0];
+    icmp.extend_from_slice(&mtu.to_be_bytes());
+    icmp.extend(ip);
+    icmp.extend(udp);
+    let check = inet_checksum(&icmp);
+    icmp[2..4].copy_from_slice(&check.to_be_bytes());
+    icmp
+}
+
+/// Sends the ICMP message `icmp` to `to` from a raw socket of the calling
+/// thread's namespace.
+fn send_icmp(to: Ipv4Addr, icmp: &[u8]) -> std::io::Result<()> {
+    // SAFETY: socket(2) has no memory preconditions; the fd is owned at once.
+    let sock = unsafe {
+        let raw = libc::socket(
+            libc::AF_INET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_ICMP,
+        );
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        OwnedFd::from_raw_fd(raw)
+    };
+    // SAFETY: sockaddr_in is plain data; all-zero then filled is valid.
+    let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    addr.sin_family = libc::AF_INET as libc::sa_family_t;
+    addr.sin_addr.s_addr = u32::from_ne_bytes(to.octets());
+    // SAFETY: sendto reads icmp.len() bytes of a live buffer and a
+    // sockaddr_in of the size given.
+    let sent = unsafe {
+        libc::sendto(
+            sock.as_raw_fd(),
+            icmp.as_ptr().cast(),
+            icmp.len(),
+            0,
+            (&addr as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if sent < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The MTU `ip route get dst` reports in `ns` (a path MTU exception), if any.
+fn route_mtu(ns: &kpr::testbed::Netns, dst: Ipv4Addr) -> Option<u16> {
+    let out = ns
+        .ip_output(&["-4", "route", "get", &dst.to_string()])
+        .unwrap();
+    let mut words = out.split_whitespace();
+    words.find(|w| *w == "mtu")?;
+    words.next()?.parse().ok()
+}
+
+/// A router on the way to the client reports that a NodePort reply was
+/// too big: the error, addressed to the frontend (the reply's source),
+/// about frontend -> client, must reach the backend as an error about its
+/// own packet, backend -> client (local backend) or backend -> node1's
+/// SNAT address (remote backend), so that it lowers its path MTU.
+#[test]
+fn fragmentation_needed_for_a_nodeport_reply_reaches_the_backend_local_or_remote() {
+    if !root() {
+        return;
+    }
+    let bed = bed("npicmpf");
+    let node1 = bed.node(1);
+    let client = client_ip(1);
+    let cases = [
+        // (NodePort, local client port, backend's namespace, the address its
+        // replies go to)
+        (NP_ECHO_LOCAL, 47001, node1.pods(), client),
+        (NP_ECHO_REMOTE, 47002, bed.node(2).pods(), node1.peer_ip()),
+    ];
+    for (port, client_port, pods, reply_dst) in cases {
+        assert_eq!(route_mtu(pods, reply_dst), None, "no exception before");
+        let frontend = SocketAddrV4::new(node1.ext_ip(), port);
+        let local = SocketAddrV4::new(client, client_port);
+        let before = bed.stats(1).unwrap().icmp_errors;
+        let answer = bed
+            .cluster
+            .client()
+            .enter_thread(move || {
+                let sock = UdpSocket::bind(local)?;
+                sock.connect(frontend)?;
+                sock.set_read_timeout(Some(Duration::from_secs(3)))?;
+                sock.send(b"hi")?;
+                let mut buf = [0u8; 256];
+                let n = sock.recv(&mut buf)?;
+                // The flow is tracked now: report its reply as too big.
+                send_icmp(*frontend.ip(), &frag_needed(frontend, local, REPORTED_MTU))?;
+                Ok::<_, std::io::Error>(String::from_utf8_lossy(&buf[..n]).into_owned())
+            })
+            .unwrap();
+        assert!(answer.is_ok(), "{frontend}: {answer:?}");
+        let reached = wait_for(Duration::from_secs(10), || {
+            route_mtu(pods, reply_dst) == Some(REPORTED_MTU)
+        });
+        let out = pods
+            .ip_output(&["-4", "route", "get", &reply_dst.to_string()])
+            .unwrap();
+        assert!(
+            reached,
+            "NodePort {port}: the backend's route to {reply_dst}: {out}"
+        );
+        println!(
+            "NodePort {port}: backend's route to {reply_dst}: {}",
+            out.trim()
+        );
+        assert!(bed.stats(1).unwrap().icmp_errors > before);
+    }
+}
+
+/// `Icmp: InDestUnreachs` of the namespace `ns`: destination unreachable
+/// errors its own stack received.
+fn dest_unreachs_received(ns: &kpr::testbed::Netns) -> u64 {
+    let snmp = ns
+        .enter_thread(|| std::fs::read_to_string("/proc/thread-self/net/snmp"))
+        .unwrap()
+        .unwrap();
+    let mut icmp = snmp.lines().filter(|l| l.starts_with("Icmp:"));
+    let (names, values) = (icmp.next().unwrap(), icmp.next().unwrap());
+    let at = names
+        .split_whitespace()
+        .position(|n| n == "InDestUnreachs")
+        .unwrap();
+    values.split_whitespace().nth(at).unwrap().parse().unwrap()
+}
+
+/// An ICMP error about a flow kpr does not track is none of its business:
+/// it reaches the node's own stack untouched (not translated, not dropped).
+#[test]
+fn an_icmp_error_about_an_untracked_packet_reaches_the_node_itself() {
+    if !root() {
+        return;
+    }
+    let bed = bed("npicmpn");
+    let node1 = bed.node(1);
+    let before = (
+        bed.stats(1).unwrap().icmp_errors,
+        dest_unreachs_received(node1.ns()),
+    );
+    let quoted_src = SocketAddrV4::new(node1.ext_ip(), 30999);
+    let quoted_dst = SocketAddrV4::new(client_ip(1), 47003);
+    bed.cluster
+        .client()
+        .enter_thread(move || {
+            send_icmp(*quoted_src.ip(), &frag_needed(quoted_src, quoted_dst, 1300))
+        })
+        .unwrap()
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(5), || dest_unreachs_received(
+            node1.ns()
+        ) > before.1),
+        "node1's stack never received the error"
+    );
+    assert_eq!(bed.stats(1).unwrap().icmp_errors, before.0);
+}
