@@ -49,6 +49,7 @@
 #include "lb_reject.h"
 #include "lb_peerdev.h"
 #include "lb_icmp_err.h"
+#include "lb_frag.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -99,6 +100,19 @@ static __always_inline int np_reject(struct __sk_buff *skb, const struct pkt4 *p
 	}
 	np_count(NP_STAT_NO_BACKEND_REJECT);
 	return verdict;
+}
+
+/* Gives a later fragment its datagram's ports (lb_frag.h); -1 when they
+ * are not known (the packet is left alone). Counted. */
+static __always_inline int np_frag_ports(struct pkt4 *p)
+{
+	if (frag4_ports(p) < 0) {
+		np_count(NP_STAT_FRAG_UNKNOWN);
+		return -1;
+	}
+	if (p->frag == PKT_FRAG_LATER)
+		np_count(NP_STAT_FRAG_FOLLOWED);
+	return 0;
 }
 
 /* An ICMP error at ingress about a translated flow (lb_icmp_err.h): one
@@ -163,9 +177,13 @@ int kpr_np_ingress(struct __sk_buff *skb)
 	int v;
 
 	if (pkt4_parse(skb, &p) == 0) {
+		if (np_frag_ports(&p) < 0)
+			return NP_PASS;
 		v = np_ingress(skb, skb->ingress_ifindex, &p, &fwd,
 			       skb->pkt_type != PACKET_HOST ? NP_O_L2_GROUP : 0);
 	} else if (dsr_parse_ipip(skb, &p, &outer_daddr) == 0) {
+		if (np_frag_ports(&p) < 0)
+			return NP_PASS;
 		v = np_dsr_ingress(skb, skb->ingress_ifindex, &p, outer_daddr, &fwd, 0);
 		decap = 1;
 	} else if (icmp_err4_parse(skb, &icmp_err) == 0) {
@@ -207,6 +225,8 @@ int kpr_np_egress(struct __sk_buff *skb)
 			return np_icmp_error_egress(skb, &icmp_err);
 		return NP_PASS;
 	}
+	if (np_frag_ports(&p) < 0)
+		return NP_PASS;
 	/* A local backend's reply, forwarded by the stack toward the client:
 	 * only the source changes back to the frontend. */
 	ct_key4(&key, &p, CT_DIR_REPLY);

@@ -125,6 +125,8 @@ static __always_inline int xdp_parse_l4(struct iphdr *ip, void *data_end, struct
 	} else {
 		return -1;
 	}
+	p->frag = PKT_WHOLE;
+	p->ip_id = ip->id;
 	p->saddr = ip->saddr;
 	p->daddr = ip->daddr;
 	p->sport = (*ports)[0];

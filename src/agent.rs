@@ -969,6 +969,8 @@ async fn ct_gc_loop(
                     (NodePortEvent::PortRemap, stats.port_remapped),
                     (NodePortEvent::PeerRedirect, stats.peer_redirects),
                     (NodePortEvent::IcmpError, stats.icmp_errors),
+                    (NodePortEvent::FragmentFollowed, stats.fragments_followed),
+                    (NodePortEvent::FragmentUnknown, stats.fragments_unknown),
                 ] {
                     metrics.set_nodeport_event(event, n);
                 }

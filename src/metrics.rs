@@ -153,6 +153,12 @@ label_enum! {
         /// An ICMP error about a translated flow was translated in turn and
         /// sent where the flow goes (path MTU, port unreachable, ...).
         IcmpError => "icmp_error",
+        /// A later IP fragment was given its datagram's ports and followed
+        /// its flow.
+        FragmentFollowed => "fragment_followed",
+        /// A later IP fragment of a datagram whose first fragment was not
+        /// seen (left alone), or whose flow was never opened (dropped).
+        FragmentUnknown => "fragment_unknown",
     }
 }
 

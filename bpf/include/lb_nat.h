@@ -56,21 +56,34 @@ static __always_inline __sum16 csum_fold(__u32 c)
 	return (__sum16)~c;
 }
 
+/* Where a packet stands among the fragments of its datagram. */
+enum pkt_frag {
+	PKT_WHOLE      = 0, /* not fragmented */
+	PKT_FRAG_FIRST = 1, /* the first fragment: it has the L4 header */
+	PKT_FRAG_LATER = 2, /* a later fragment: no L4 header, its ports are
+			     * the first one's (lb_frag.h) */
+};
+
 /* What the tc programs need to know of an IPv4 TCP/UDP packet. */
 struct pkt4 {
 	__be32 saddr;     /* source address */
 	__be32 daddr;     /* destination address */
 	__be16 sport;     /* source port */
 	__be16 dport;     /* destination port */
-	__u32  l4_off;    /* offset of the L4 header from the frame start */
+	__u32  l4_off;    /* offset of the L4 header from the frame start
+			   * (of the payload, for a later fragment) */
 	__u8   proto;     /* IPPROTO_TCP or IPPROTO_UDP */
 	__u8   ttl;       /* IP TTL */
-	__u8   tcp_flags; /* TCP flags byte (FIN, SYN, RST, ... ); 0 for UDP */
-	__u8   pad;
+	__u8   tcp_flags; /* TCP flags byte (FIN, SYN, RST, ... ); 0 for UDP
+			   * and later fragments */
+	__u8   frag;      /* enum pkt_frag */
+	__be16 ip_id;     /* IP identification (of a fragment's datagram) */
+	__u8   pad[2];
 };
 
-/* Fills @p from the IPv4 header at offset @off. Returns 0 for an
- * unfragmented TCP or UDP packet, -1 for anything else. */
+/* Fills @p from the IPv4 header at offset @off. Returns 0 for a TCP or UDP
+ * packet or fragment (a later fragment's ports are 0: lb_frag.h knows
+ * them), -1 for anything else. */
 static __always_inline int pkt4_parse_at(struct __sk_buff *skb, __u32 off, struct pkt4 *p)
 {
 	struct iphdr ip;
@@ -81,19 +94,23 @@ static __always_inline int pkt4_parse_at(struct __sk_buff *skb, __u32 off, struc
 		return -1;
 	if (ip.version != 4 || (ip.protocol != IPPROTO_TCP && ip.protocol != IPPROTO_UDP))
 		return -1;
-	/* Fragments carry no (or only the first) L4 header: not handled. */
-	if (ip.frag_off & bpf_htons(IP_MF | IP_OFFSET))
-		return -1;
 	ihl = ip.ihl;
 	if (ihl < 5)
 		return -1;
 	p->l4_off = off + (__u32)ihl * 4;
-	if (bpf_skb_load_bytes(skb, p->l4_off, ports, sizeof(ports)) < 0)
-		return -1;
 	p->tcp_flags = 0;
-	if (ip.protocol == IPPROTO_TCP &&
-	    bpf_skb_load_bytes(skb, p->l4_off + 13, &p->tcp_flags, 1) < 0)
-		return -1;
+	p->ip_id = ip.id;
+	if (ip.frag_off & bpf_htons(IP_OFFSET)) {
+		p->frag = PKT_FRAG_LATER;
+		ports[0] = ports[1] = 0;
+	} else {
+		p->frag = (ip.frag_off & bpf_htons(IP_MF)) ? PKT_FRAG_FIRST : PKT_WHOLE;
+		if (bpf_skb_load_bytes(skb, p->l4_off, ports, sizeof(ports)) < 0)
+			return -1;
+		if (ip.protocol == IPPROTO_TCP &&
+		    bpf_skb_load_bytes(skb, p->l4_off + 13, &p->tcp_flags, 1) < 0)
+			return -1;
+	}
 	p->saddr = ip.saddr;
 	p->daddr = ip.daddr;
 	p->sport = ports[0];
@@ -123,13 +140,15 @@ static __always_inline __u64 l4_csum_flags(const struct pkt4 *p)
 }
 
 /* Rewrites the address at @addr_off (source or destination) from @old to
- * @new, updating the IP and L4 checksums. */
+ * @new, updating the IP and L4 checksums (a later fragment has no L4
+ * header: the first one's checksum covers the whole datagram). */
 static __always_inline int nat_set_addr4(struct __sk_buff *skb, const struct pkt4 *p,
 					 __u32 addr_off, __be32 old, __be32 new)
 {
 	if (old == new)
 		return 0;
-	if (bpf_l4_csum_replace(skb, l4_csum_off(p), old, new,
+	if (p->frag != PKT_FRAG_LATER &&
+	    bpf_l4_csum_replace(skb, l4_csum_off(p), old, new,
 				l4_csum_flags(p) | BPF_F_PSEUDO_HDR | sizeof(new)) < 0)
 		return -1;
 	if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, old, new, sizeof(new)) < 0)
@@ -137,11 +156,12 @@ static __always_inline int nat_set_addr4(struct __sk_buff *skb, const struct pkt
 	return bpf_skb_store_bytes(skb, addr_off, &new, sizeof(new), 0);
 }
 
-/* Rewrites the port at @port_off from @old to @new and the L4 checksum. */
+/* Rewrites the port at @port_off from @old to @new and the L4 checksum
+ * (not in a later fragment, which carries no ports). */
 static __always_inline int nat_set_port(struct __sk_buff *skb, const struct pkt4 *p,
 					__u32 port_off, __be16 old, __be16 new)
 {
-	if (old == new)
+	if (old == new || p->frag == PKT_FRAG_LATER)
 		return 0;
 	if (bpf_l4_csum_replace(skb, l4_csum_off(p), old, new,
 				l4_csum_flags(p) | sizeof(new)) < 0)

@@ -560,6 +560,12 @@ static __always_inline int np_ingress(void *ctx, __u32 ifindex, const struct pkt
 		}
 		ct_delete_pair(&key, e);
 	}
+	/* A later fragment opens no flow: its first fragment did, or was
+	 * refused (no L4 header to pick a backend by, nothing to answer). */
+	if (p->frag == PKT_FRAG_LATER) {
+		np_count(NP_STAT_FRAG_UNKNOWN);
+		return NP_V_DROP;
+	}
 	/* loadBalancerSourceRanges hold for new flows only, as kube-proxy's
 	 * firewall does for connections conntrack already knows. */
 	if (master->flags & SVC_F_SRC_RANGE) {
@@ -621,6 +627,10 @@ static __always_inline int np_dsr_ingress(void *ctx, __u32 ifindex, const struct
 			return v;
 		}
 		ct_delete_pair(&key, e);
+	}
+	if (p->frag == PKT_FRAG_LATER) {
+		np_count(NP_STAT_FRAG_UNKNOWN);
+		return NP_V_DROP;
 	}
 	/* The frontend is another node's (its id is not known here): 0. */
 	v = np_open_flow(ctx, ifindex, p, backend, backend_id, 0, &key, fwd, opts,

@@ -236,7 +236,10 @@ enum np_stat {
 				      * namespace (bpf_redirect_peer, lb_peerdev.h) */
 	NP_STAT_ICMP_ERROR     = 19, /* ICMP errors about translated flows, translated
 				      * and sent on (lb_icmp_err.h) */
-	NP_STAT_MAX            = 20,
+	NP_STAT_FRAG_FOLLOWED  = 20, /* later fragments given their datagram's ports */
+	NP_STAT_FRAG_UNKNOWN   = 21, /* later fragments whose first one was not seen
+				      * (left alone: reordered, or not a flow's) */
+	NP_STAT_MAX            = 22,
 };
 
 /* Slots of kpr_npstats_v2: room for counters to come, so adding one is

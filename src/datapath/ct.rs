@@ -155,6 +155,11 @@ pub struct NodePortStats {
     pub peer_redirects: u64,
     /// ICMP errors about translated flows, translated and sent on.
     pub icmp_errors: u64,
+    /// Later IP fragments given their datagram's ports.
+    pub fragments_followed: u64,
+    /// Later IP fragments of a datagram not known (first fragment not
+    /// seen, or its flow never opened).
+    pub fragments_unknown: u64,
 }
 
 impl NodePortStats {
@@ -198,6 +203,8 @@ impl NodePortStats {
             port_remapped: at(np_stat::NP_STAT_PORT_REMAP),
             peer_redirects: at(np_stat::NP_STAT_PEER_REDIRECT),
             icmp_errors: at(np_stat::NP_STAT_ICMP_ERROR),
+            fragments_followed: at(np_stat::NP_STAT_FRAG_FOLLOWED),
+            fragments_unknown: at(np_stat::NP_STAT_FRAG_UNKNOWN),
         })
     }
 }

@@ -1,11 +1,16 @@
-//! ICMP errors about translated north-south flows, end to end on the
-//! multi-node bed (tests/support/nodeport.rs): a UDP backend with nothing
+//! ICMP errors and IP fragments of translated north-south flows, end to
+//! end on the multi-node bed (tests/support/nodeport.rs).
+//!
+//! ICMP errors: a UDP backend with nothing
 //! listening answers "port unreachable", which must reach the client as
 //! an error about its own packet to the NodePort (ECONNREFUSED at once, not
 //! a timeout), for a local backend and for a remote one behind SNAT; and a
 //! "fragmentation needed" about a NodePort reply, sent back to the
 //! frontend, must reach the backend, which lowers its path MTU (no path
 //! MTU black hole).
+//!
+//! Fragments: a UDP datagram larger than the MTU to a NodePort, and its
+//! echo, arrive whole, for a local and for a remote backend.
 //!
 //! Needs root (namespaces, BPF, tcx, raw sockets); without it every test
 //! says so and passes.
@@ -14,9 +19,11 @@
 mod support;
 
 use std::io::ErrorKind;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use kpr::testbed::cluster::client_ip;
 use kpr::testbed::nodeport_bed::POD_UDP;
@@ -30,6 +37,10 @@ const NP_CLOSED_LOCAL: u16 = 30091;
 const NP_CLOSED_REMOTE: u16 = 30092;
 const NP_ECHO_LOCAL: u16 = 30093;
 const NP_ECHO_REMOTE: u16 = 30094;
+const NP_BIG_LOCAL: u16 = 30095;
+const NP_BIG_REMOTE: u16 = 30096;
+/// The port of the test's own echo servers (payload echoed whole).
+const ECHO_PORT: u16 = 7000;
 /// The path MTU the forged "fragmentation needed" reports.
 const REPORTED_MTU: u16 = 1300;
 
@@ -74,6 +85,8 @@ fn manifest(cluster: &Cluster) -> String {
         udp_service("closed-remote", 21, NP_CLOSED_REMOTE, CLOSED_PORT, pod2, 2),
         udp_service("echo-local", 22, NP_ECHO_LOCAL, POD_UDP, pod1, 1),
         udp_service("echo-remote", 23, NP_ECHO_REMOTE, POD_UDP, pod2, 2),
+        udp_service("big-local", 24, NP_BIG_LOCAL, ECHO_PORT, pod1, 1),
+        udp_service("big-remote", 25, NP_BIG_REMOTE, ECHO_PORT, pod2, 2),
     ]
     .concat()
 }
@@ -320,4 +333,96 @@ fn an_icmp_error_about_an_untracked_packet_reaches_the_node_itself() {
         "node1's stack never received the error"
     );
     assert_eq!(bed.stats(1).unwrap().icmp_errors, before.0);
+}
+
+/// Echoes every datagram to `addr` back whole, from a thread inside `ns`,
+/// until `stop` is set (or 60 s have passed).
+fn echo_server(
+    ns: &kpr::testbed::Netns,
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+) -> kpr::testbed::NsThread<std::io::Result<u64>> {
+    ns.spawn_thread(move || {
+        let sock = UdpSocket::bind(addr)?;
+        sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut buf = vec![0u8; 65536];
+        let mut echoed = 0;
+        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+            match sock.recv_from(&mut buf) {
+                Ok((n, peer)) => {
+                    sock.send_to(&buf[..n], peer)?;
+                    echoed += 1;
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(echoed)
+    })
+    .unwrap()
+}
+
+/// A 4000-byte datagram (three fragments at MTU 1500) to a NodePort
+/// reaches the backend whole, and its 4000-byte echo reaches the client
+/// whole, with the NodePort as its source: for a local backend (the echo
+/// leaves through node1's egress) and a remote one behind SNAT (the echo
+/// comes back through node1's ingress).
+#[test]
+fn a_udp_datagram_larger_than_the_mtu_and_its_echo_cross_a_nodeport_whole() {
+    if !root() {
+        return;
+    }
+    let bed = bed("npfrag");
+    let stop = Arc::new(AtomicBool::new(false));
+    let servers = [1u8, 2].map(|n| {
+        let pod = bed.node(n).pod_ips()[0];
+        echo_server(
+            bed.node(n).pods(),
+            SocketAddr::new(IpAddr::V4(pod), ECHO_PORT),
+            stop.clone(),
+        )
+    });
+    let node1 = bed.node(1);
+    let before = bed.stats(1).unwrap().fragments_followed;
+    let payload: Vec<u8> = (0..4000u32).map(|i| (i % 251) as u8).collect();
+    for (port, backend) in [(NP_BIG_LOCAL, "local"), (NP_BIG_REMOTE, "remote, SNAT")] {
+        let target = node_port(node1, port);
+        let sent = payload.clone();
+        let outcome = bed
+            .cluster
+            .client()
+            .enter_thread(move || {
+                let sock = UdpSocket::bind("0.0.0.0:0")?;
+                sock.connect(target)?;
+                sock.set_read_timeout(Some(Duration::from_secs(3)))?;
+                sock.send(&sent)?;
+                let mut buf = vec![0u8; 65536];
+                let (n, from) = sock.recv_from(&mut buf)?;
+                buf.truncate(n);
+                Ok::<_, std::io::Error>((buf, from))
+            })
+            .unwrap();
+        let (echo, from) = outcome.unwrap_or_else(|e| panic!("{target} ({backend} backend): {e}"));
+        assert_eq!(from, target, "{backend}: the echo comes from the NodePort");
+        assert!(
+            echo == payload,
+            "{backend}: {} bytes came back, not the 4000 sent",
+            echo.len()
+        );
+    }
+    let followed = bed.stats(1).unwrap().fragments_followed - before;
+    println!("node1 followed {followed} later fragments");
+    // Two later fragments per 4000-byte datagram: each request on the way
+    // in, the remote backend's echo on its way back in, the local
+    // backend's echo on its way out.
+    assert!(
+        followed >= 8,
+        "{followed} later fragments followed on node1"
+    );
+    stop.store(true, Ordering::Relaxed);
+    for s in servers {
+        let echoed = s.join().unwrap().unwrap();
+        assert_eq!(echoed, 1, "one datagram for each echo server");
+    }
 }
