@@ -180,7 +180,8 @@ int kpr_np_ingress(struct __sk_buff *skb)
 		if (np_frag_ports(&p) < 0)
 			return NP_PASS;
 		v = np_ingress(skb, skb->ingress_ifindex, &p, &fwd,
-			       skb->pkt_type != PACKET_HOST ? NP_O_L2_GROUP : 0);
+			       (skb->pkt_type != PACKET_HOST ? NP_O_L2_GROUP : 0) |
+				       np_dsr_unfit(skb, &p));
 	} else if (dsr_parse_ipip(skb, &p, &outer_daddr) == 0) {
 		if (np_frag_ports(&p) < 0)
 			return NP_PASS;

@@ -127,6 +127,7 @@ static __always_inline int xdp_parse_l4(struct iphdr *ip, void *data_end, struct
 	}
 	p->frag = PKT_WHOLE;
 	p->ip_id = ip->id;
+	p->df = !!(ip->frag_off & bpf_htons(IP_DF));
 	p->saddr = ip->saddr;
 	p->daddr = ip->daddr;
 	p->sport = (*ports)[0];
@@ -230,6 +231,10 @@ int kpr_np_xdp(struct xdp_md *ctx)
 	if (ip->protocol == IPPROTO_IPIP && ip->version == 4)
 		return xdp_dsr_decap(ctx, ip, data_end);
 	if (xdp_parse_l4(ip, data_end, &p, &ports, &l4_check) < 0)
+		return XDP_PASS;
+	/* Without DF a packet of a DSR protocol may not fit the tunnel, and
+	 * its flow then takes SNAT (np_dsr_unfit): tc decides that. */
+	if (!p.df && dsr_for_proto(p.proto))
 		return XDP_PASS;
 
 	/* The group bit of the destination MAC: broadcast or multicast. */

@@ -374,6 +374,68 @@ fn a_udp_datagram_larger_than_the_mtu_and_its_echo_cross_a_nodeport_whole() {
         return;
     }
     let bed = bed("npfrag");
+    let (followed, attempts) = big_datagrams_cross_whole(&bed);
+    assert_eq!(attempts, [1, 1], "each datagram crossed the first time");
+    // Two later fragments per 4000-byte datagram: each request on the way
+    // in, the remote backend's echo on its way back in, the local
+    // backend's echo on its way out.
+    assert!(
+        followed >= 8,
+        "{followed} later fragments followed on node1"
+    );
+}
+
+/// The same in DSR mode. The remote backend's first fragment does not fit
+/// the tunnel (20 bytes more than the MTU), may not be refused with
+/// "fragmentation needed" (fragments have DF clear) and a tc program
+/// cannot fragment it: its flow is SNATed instead of dropped, and the
+/// datagram crosses the first time.
+#[test]
+fn in_dsr_mode_a_datagram_too_big_for_the_tunnel_opens_a_snat_flow_and_crosses_whole() {
+    if !root() {
+        return;
+    }
+    let plan = ClusterPlan {
+        direct_return: true,
+        ..ClusterPlan::default()
+    };
+    let bed = Bed::with_manifest("npfragd", &plan, manifest, &["--nodeport-mode", "dsr"]);
+    let before = bed.stats(1).unwrap();
+    let (followed, attempts) = big_datagrams_cross_whole(&bed);
+    assert_eq!(attempts, [1, 1], "each datagram crossed the first time");
+    assert!(
+        followed >= 8,
+        "{followed} later fragments followed on node1"
+    );
+    let after = bed.stats(1).unwrap();
+    assert_eq!(after.flows_dsr, before.flows_dsr, "no DSR flow: {after:?}");
+    assert_eq!(after.flows_snat, before.flows_snat + 1, "{after:?}");
+    assert_eq!(after.drop_dsr_too_big, before.drop_dsr_too_big);
+    // A small datagram still opens a DSR flow.
+    let target = node_port(bed.node(1), NP_BIG_REMOTE);
+    let stop = Arc::new(AtomicBool::new(false));
+    let pod = bed.node(2).pod_ips()[0];
+    let server = echo_server(
+        bed.node(2).pods(),
+        SocketAddr::new(IpAddr::V4(pod), ECHO_PORT),
+        stop.clone(),
+    );
+    let small = bed
+        .cluster
+        .client()
+        .enter_thread(move || udp_exchange(target, Duration::from_secs(3)))
+        .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(server.join().unwrap().unwrap(), 1);
+    assert_eq!(small.unwrap(), "hi");
+    assert_eq!(bed.stats(1).unwrap().flows_dsr, before.flows_dsr + 1);
+}
+
+/// Sends a 4000-byte datagram to node1's big-local and big-remote
+/// NodePorts, a second time if the first gets no echo in 2 s, and checks
+/// each echo. Returns the later fragments node1 followed and the attempts
+/// each datagram took.
+fn big_datagrams_cross_whole(bed: &NodePortBed) -> (u64, [u32; 2]) {
     let stop = Arc::new(AtomicBool::new(false));
     let servers = [1u8, 2].map(|n| {
         let pod = bed.node(n).pod_ips()[0];
@@ -386,7 +448,11 @@ fn a_udp_datagram_larger_than_the_mtu_and_its_echo_cross_a_nodeport_whole() {
     let node1 = bed.node(1);
     let before = bed.stats(1).unwrap().fragments_followed;
     let payload: Vec<u8> = (0..4000u32).map(|i| (i % 251) as u8).collect();
-    for (port, backend) in [(NP_BIG_LOCAL, "local"), (NP_BIG_REMOTE, "remote, SNAT")] {
+    let mut attempts = [0u32; 2];
+    for (i, (port, backend)) in [(NP_BIG_LOCAL, "local"), (NP_BIG_REMOTE, "remote")]
+        .into_iter()
+        .enumerate()
+    {
         let target = node_port(node1, port);
         let sent = payload.clone();
         let outcome = bed
@@ -395,15 +461,31 @@ fn a_udp_datagram_larger_than_the_mtu_and_its_echo_cross_a_nodeport_whole() {
             .enter_thread(move || {
                 let sock = UdpSocket::bind("0.0.0.0:0")?;
                 sock.connect(target)?;
-                sock.set_read_timeout(Some(Duration::from_secs(3)))?;
-                sock.send(&sent)?;
+                sock.set_read_timeout(Some(Duration::from_secs(2)))?;
                 let mut buf = vec![0u8; 65536];
-                let (n, from) = sock.recv_from(&mut buf)?;
-                buf.truncate(n);
-                Ok::<_, std::io::Error>((buf, from))
+                let mut last = None;
+                for attempt in 1..=2u32 {
+                    sock.send(&sent)?;
+                    match sock.recv_from(&mut buf) {
+                        Ok((n, from)) => return Ok((buf[..n].to_vec(), from, attempt)),
+                        Err(e) => last = Some(e),
+                    }
+                }
+                Err(last.expect("two attempts"))
             })
             .unwrap();
-        let (echo, from) = outcome.unwrap_or_else(|e| panic!("{target} ({backend} backend): {e}"));
+        let (echo, from, took) = outcome.unwrap_or_else(|e| {
+            panic!(
+                "{target} ({backend} backend): {e}\nnode1 {:?}\nnode2 {:?}\nclient: {}",
+                bed.stats(1),
+                bed.stats(2),
+                bed.cluster
+                    .client()
+                    .ip_output(&["-4", "route", "get", &node1.ext_ip().to_string()])
+                    .unwrap_or_default()
+            )
+        });
+        attempts[i] = took;
         assert_eq!(from, target, "{backend}: the echo comes from the NodePort");
         assert!(
             echo == payload,
@@ -413,16 +495,10 @@ fn a_udp_datagram_larger_than_the_mtu_and_its_echo_cross_a_nodeport_whole() {
     }
     let followed = bed.stats(1).unwrap().fragments_followed - before;
     println!("node1 followed {followed} later fragments");
-    // Two later fragments per 4000-byte datagram: each request on the way
-    // in, the remote backend's echo on its way back in, the local
-    // backend's echo on its way out.
-    assert!(
-        followed >= 8,
-        "{followed} later fragments followed on node1"
-    );
     stop.store(true, Ordering::Relaxed);
     for s in servers {
         let echoed = s.join().unwrap().unwrap();
-        assert_eq!(echoed, 1, "one datagram for each echo server");
+        assert_eq!(echoed, 1, "each backend got its datagram whole once");
     }
+    (followed, attempts)
 }

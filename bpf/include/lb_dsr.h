@@ -66,8 +66,6 @@ const volatile enum np_mode nodeport_mode = NP_MODE_SNAT;
  * and inner IPv4 headers, TCP header). */
 const volatile __u16 dsr_mss_max = 0;
 
-#define IP_DF 0x4000
-
 /* The header of an ICMP fragmentation-needed message. */
 struct icmp_frag_needed {
 	__u8    type;       /* ICMP_DEST_UNREACH */

@@ -33,6 +33,7 @@
 #define IP_SRC_OFF  (IP_OFF + offsetof(struct iphdr, saddr))
 #define IP_DST_OFF  (IP_OFF + offsetof(struct iphdr, daddr))
 
+#define IP_DF     0x4000
 #define IP_MF     0x2000
 #define IP_OFFSET 0x1fff
 
@@ -78,7 +79,8 @@ struct pkt4 {
 			   * and later fragments */
 	__u8   frag;      /* enum pkt_frag */
 	__be16 ip_id;     /* IP identification (of a fragment's datagram) */
-	__u8   pad[2];
+	__u8   df;        /* 1: don't fragment (DF) is set */
+	__u8   pad;
 };
 
 /* Fills @p from the IPv4 header at offset @off. Returns 0 for a TCP or UDP
@@ -100,6 +102,7 @@ static __always_inline int pkt4_parse_at(struct __sk_buff *skb, __u32 off, struc
 	p->l4_off = off + (__u32)ihl * 4;
 	p->tcp_flags = 0;
 	p->ip_id = ip.id;
+	p->df = !!(ip.frag_off & bpf_htons(IP_DF));
 	if (ip.frag_off & bpf_htons(IP_OFFSET)) {
 		p->frag = PKT_FRAG_LATER;
 		ports[0] = ports[1] = 0;

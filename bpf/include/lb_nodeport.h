@@ -178,7 +178,27 @@ enum np_opts {
 				   * multicast (or another host's) address:
 				   * never a NodePort on a local address
 				   * (np_wildcard_lookup) */
+	NP_O_NO_DSR     = 1 << 3, /* the packet cannot be encapsulated nor
+				   * refused with fragmentation-needed
+				   * (np_dsr_unfit): a new flow it opens to a
+				   * remote backend takes SNAT */
 };
+
+/* NP_O_NO_DSR when @p may open a DSR flow but could not be sent through
+ * the tunnel: DF clear (a first fragment, or a sender that does not do
+ * path MTU discovery) and too big for the device it came in on once the
+ * outer header is added. An ICMP fragmentation-needed may not answer a
+ * packet without DF, and a tc program cannot fragment, so such a flow is
+ * SNATed instead of dropped; its replies come back through this node.
+ * (XDP hands packets without DF of a DSR protocol to tc.) */
+static __always_inline __u32 np_dsr_unfit(struct __sk_buff *skb, const struct pkt4 *p)
+{
+	__u32 mtu = 0;
+
+	if (p->df || !dsr_for_proto(p->proto))
+		return 0;
+	return bpf_check_mtu(skb, 0, &mtu, IPIP_HLEN, 0) == BPF_MTU_CHK_RET_SUCCESS ? 0 : NP_O_NO_DSR;
+}
 
 /* Routes @fwd's destination; returns the verdict for a lookup result. */
 static __always_inline int np_route(void *ctx, __u32 ifindex, const struct pkt4 *p,
@@ -282,7 +302,7 @@ static __always_inline int np_open_flow(void *ctx, __u32 ifindex, const struct p
 	v = np_route(ctx, ifindex, p, fwd, snat ? BPF_FIB_LOOKUP_SRC : 0, opts);
 	if (v != NP_V_FWD)
 		return v;
-	if (snat && dsr_for_proto(p->proto))
+	if (snat && dsr_for_proto(p->proto) && !(opts & NP_O_NO_DSR))
 		return np_open_dsr(p, backend, backend_id, svc_id, okey, fwd, now);
 	if (snat)
 		fwd->saddr = fwd->fib.ipv4_src;
