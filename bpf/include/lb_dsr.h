@@ -118,7 +118,7 @@ static __always_inline __u32 dsr_lookup(__be32 frontend, __be16 port, __u8 proto
 
 /* Fills @p from the inner packet of an IPIP frame, with l4_off as it will
  * be once the outer header is removed, and @outer_daddr. Returns 0 for an
- * IPIP packet carrying an unfragmented TCP/UDP one, -1 otherwise. */
+ * IPIP packet carrying a TCP/UDP packet or fragment, -1 otherwise. */
 static __always_inline int dsr_parse_ipip(struct __sk_buff *skb, struct pkt4 *p,
 					  __be32 *outer_daddr)
 {
