@@ -86,8 +86,10 @@ static __always_inline int icmp_err4_parse(struct __sk_buff *skb, struct icmp_er
 	q->quote_off = q->icmp_off + 8;
 	if (bpf_skb_load_bytes(skb, q->quote_off, &quoted, sizeof(quoted)) < 0)
 		return -1;
+	/* A quoted later fragment has payload where the ports would be. */
 	if (quoted.version != 4 || quoted.ihl < 5 ||
-	    (quoted.protocol != IPPROTO_TCP && quoted.protocol != IPPROTO_UDP))
+	    (quoted.protocol != IPPROTO_TCP && quoted.protocol != IPPROTO_UDP) ||
+	    (quoted.frag_off & bpf_htons(IP_OFFSET)))
 		return -1;
 	q->quote_l4_off = q->quote_off + (__u32)quoted.ihl * 4;
 	if (bpf_skb_load_bytes(skb, q->quote_l4_off, ports, sizeof(ports)) < 0)

@@ -108,6 +108,12 @@ static __always_inline int pkt4_parse_at(struct __sk_buff *skb, __u32 off, struc
 		ports[0] = ports[1] = 0;
 	} else {
 		p->frag = (ip.frag_off & bpf_htons(IP_MF)) ? PKT_FRAG_FIRST : PKT_WHOLE;
+		/* A first fragment must hold the whole L4 header, checksum
+		 * included: its rewrite would land in the next fragment's
+		 * bytes (or the frame's padding) otherwise. */
+		if (p->frag == PKT_FRAG_FIRST &&
+		    bpf_ntohs(ip.tot_len) < (__u32)ihl * 4 + (ip.protocol == IPPROTO_TCP ? 20 : 8))
+			return -1;
 		if (bpf_skb_load_bytes(skb, p->l4_off, ports, sizeof(ports)) < 0)
 			return -1;
 		if (ip.protocol == IPPROTO_TCP &&
@@ -123,8 +129,8 @@ static __always_inline int pkt4_parse_at(struct __sk_buff *skb, __u32 off, struc
 	return 0;
 }
 
-/* Fills @p from an Ethernet frame. Returns 0 for an unfragmented IPv4
- * TCP or UDP packet, -1 for anything else (left alone by the caller). */
+/* Fills @p from an Ethernet frame. Returns 0 for an IPv4 TCP or UDP
+ * packet or fragment, -1 for anything else (left alone by the caller). */
 static __always_inline int pkt4_parse(struct __sk_buff *skb, struct pkt4 *p)
 {
 	if (skb->protocol != bpf_htons(ETH_P_IP))

@@ -238,7 +238,8 @@ enum np_stat {
 				      * and sent on (lb_icmp_err.h) */
 	NP_STAT_FRAG_FOLLOWED  = 20, /* later fragments given their datagram's ports */
 	NP_STAT_FRAG_UNKNOWN   = 21, /* later fragments whose first one was not seen
-				      * (left alone: reordered, or not a flow's) */
+				      * (left alone: reordered), or whose flow was
+				      * never opened (dropped) */
 	NP_STAT_MAX            = 22,
 };
 

@@ -575,8 +575,16 @@ pub fn cleanup(bpf_root: &Path) -> Result<CleanupReport> {
     }
     // The root is ours only if kpr mounted it (a bpffs mount at the root).
     if is_mountpoint(bpf_root)? && is_bpffs(bpf_root)? {
-        nix::mount::umount(bpf_root)
-            .with_context(|| format!("unmounting {}", bpf_root.display()))?;
+        // Busy while another process still holds a descriptor of it (a
+        // child that inherited one, a reader of the pins): detached now,
+        // gone once the last one closes.
+        match nix::mount::umount(bpf_root) {
+            Err(nix::errno::Errno::EBUSY) => {
+                nix::mount::umount2(bpf_root, nix::mount::MntFlags::MNT_DETACH)
+            }
+            other => other,
+        }
+        .with_context(|| format!("unmounting {}", bpf_root.display()))?;
         report.unmounted = true;
     }
     match fs::remove_dir(bpf_root) {

@@ -41,8 +41,12 @@ pub const STATS_PIN: &str = "kpr_npstats_v2";
 /// Pinned name of the DSR map (frontend, local backend -> backend id),
 /// which `datapath::dsr` keeps in step with the services map.
 pub const DSR_PIN: &str = "kpr_dsr_v1";
+/// Pinned name of the fragment map (a datagram's ports, from its first
+/// fragment, for the later ones): pinned so that fragments crossing an
+/// agent restart or a re-attachment still find their datagram.
+pub const FRAG_PIN: &str = "kpr_frag_v1";
 /// The pins only the north-south datapath creates.
-pub const PINS: [&str; 4] = [CT_PIN, STATS_PIN, DSR_PIN, PEERDEV_PIN];
+pub const PINS: [&str; 5] = [CT_PIN, STATS_PIN, DSR_PIN, PEERDEV_PIN, FRAG_PIN];
 
 /// How NodePort traffic reaches a backend on another node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -369,6 +373,12 @@ pub fn load_and_attach(
         &mut open.maps.kpr_peerdev_v1,
         &bpf_root.join(PEERDEV_PIN),
         peerdev_size,
+    )?;
+    let frag_size = open.maps.kpr_frag_v1.max_entries();
+    loader::size_and_pin(
+        &mut open.maps.kpr_frag_v1,
+        &bpf_root.join(FRAG_PIN),
+        frag_size,
     )?;
     let skel: NodeportSkel = open.load().context(
         "loading the north-south BPF programs (a pinned map of an incompatible definition? run `kpr cleanup`)",

@@ -84,6 +84,8 @@ pub fn peer_devices() -> io::Result<BTreeSet<u32>> {
 const NLMSG_HDR_LEN: usize = 16;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
+/// The dump was interrupted by a change: its list may be inconsistent.
+const NLM_F_DUMP_INTR: u16 = 0x10;
 const RTM_NEWLINK: u16 = 16;
 const RTM_GETLINK: u16 = 18;
 const NLM_F_REQUEST: u16 = 0x1;
@@ -96,8 +98,20 @@ const IFLA_INFO_KIND: u16 = 1;
 /// The flag bits of an attribute's type (NLA_F_NESTED, NLA_F_NET_BYTEORDER).
 const NLA_TYPE_MASK: u16 = 0x3fff;
 
-/// Every link of this network namespace (one RTM_GETLINK dump).
+/// Every link of this network namespace (one RTM_GETLINK dump; again, up
+/// to three times, when a change interrupted it).
 pub fn list_links() -> io::Result<Vec<Link>> {
+    let mut last = None;
+    for _ in 0..3 {
+        match dump_links() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => last = Some(e),
+            other => return other,
+        }
+    }
+    Err(last.expect("three attempts"))
+}
+
+fn dump_links() -> io::Result<Vec<Link>> {
     // SAFETY: socket(2) has no memory preconditions; the fd is owned at once.
     let sock = unsafe {
         let raw = libc::socket(
@@ -204,14 +218,28 @@ fn parse_dump(mut b: &[u8], seq: u32, links: &mut Vec<Link>) -> io::Result<bool>
             return Err(bad("message length"));
         }
         let kind = u16_at(b, 4).ok_or_else(|| bad("short header"))?;
+        let flags = u16_at(b, 6).ok_or_else(|| bad("short header"))?;
         let msg_seq = u32_at(b, 8).ok_or_else(|| bad("short header"))?;
         let payload = &b[NLMSG_HDR_LEN..len];
         b = b.get(align4(len)..).unwrap_or_default();
         if msg_seq != seq {
             continue;
         }
+        if flags & NLM_F_DUMP_INTR != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::Interrupted,
+                "netlink link dump interrupted by a change",
+            ));
+        }
         match kind {
-            NLMSG_DONE => return Ok(true),
+            NLMSG_DONE => {
+                // The dump's own error, if it failed part way.
+                let errno = u32_at(payload, 0).unwrap_or(0) as i32;
+                if errno < 0 {
+                    return Err(io::Error::from_raw_os_error(-errno));
+                }
+                return Ok(true);
+            }
             NLMSG_ERROR => {
                 let errno = u32_at(payload, 0).ok_or_else(|| bad("short error"))? as i32;
                 if errno != 0 {
@@ -330,6 +358,17 @@ mod tests {
             .map(|l| l.index)
             .collect();
         assert_eq!(peers, [4, 6], "veth and netkit with a peer elsewhere only");
+    }
+
+    #[test]
+    fn an_interrupted_dump_or_one_that_failed_part_way_is_an_error() {
+        let mut intr = message(RTM_NEWLINK, 3, &newlink(2, "x", None, false));
+        intr[6..8].copy_from_slice(&NLM_F_DUMP_INTR.to_ne_bytes());
+        let e = parse_dump(&intr, 3, &mut Vec::new()).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::Interrupted);
+        let done = message(NLMSG_DONE, 3, &(-libc::ENOBUFS).to_ne_bytes());
+        let e = parse_dump(&done, 3, &mut Vec::new()).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOBUFS));
     }
 
     #[test]

@@ -86,17 +86,22 @@ impl<K: SetKey> PinnedSet<K> {
         result
     }
 
+    /// A key that cannot be added (the map full) does not stop the others,
+    /// nor the removals, which make room for the next sync; the error
+    /// names what is missing.
     fn apply(&mut self, desired: &BTreeSet<K>) -> Result<SetSync<K>> {
         let mut report = SetSync {
             added: Vec::new(),
             removed: Vec::new(),
         };
+        let mut failed = None;
         for k in desired.difference(&self.current) {
-            self.map
-                .update(&k.encode(), &self.value, MapFlags::ANY)
-                .map_err(to_io)
-                .with_context(|| format!("adding {k:?}"))?;
-            report.added.push(k.clone());
+            match self.map.update(&k.encode(), &self.value, MapFlags::ANY) {
+                Ok(()) => report.added.push(k.clone()),
+                Err(e) => {
+                    failed.get_or_insert((k.clone(), to_io(e)));
+                }
+            }
         }
         for k in self.current.difference(desired) {
             match self.map.delete(&k.encode()) {
@@ -105,6 +110,17 @@ impl<K: SetKey> PinnedSet<K> {
                 Err(e) => return Err(to_io(e)).with_context(|| format!("removing {k:?}")),
             }
             report.removed.push(k.clone());
+        }
+        if let Some((k, e)) = failed {
+            return Err(e).with_context(|| {
+                format!(
+                    "adding {k:?} ({} of {} wanted keys missing)",
+                    desired.len()
+                        - report.added.len()
+                        - desired.intersection(&self.current).count(),
+                    desired.len()
+                )
+            });
         }
         self.current = desired.clone();
         Ok(report)
