@@ -588,7 +588,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             });
             let mut peer_devices =
                 peer_devices::open(&config.bpf_root).context("opening the peer device map")?;
-            sync_peer_devices(&mut peer_devices, &report.devices);
+            sync_peer_devices(&mut peer_devices, &report.devices, np.redirect_peer);
             device_watch = Some((events, report.devices, report.dsr_mss, peer_devices));
         }
         None => {
@@ -778,15 +778,24 @@ struct DeviceWatch {
 /// peer device map; logs what changed, or the failure (retried on the next
 /// link change or rescan). Without a pod device listed, packets to its
 /// pods take the plain redirect: slower, never lost.
-fn sync_peer_devices(table: &mut PeerDeviceTable, north_south: &BTreeMap<String, u32>) {
-    let synced = peer_devices::peer_devices()
-        .context("listing the pods' devices (netlink)")
-        .and_then(|mut desired| {
-            for index in north_south.values() {
-                desired.remove(index);
-            }
-            table.sync(&desired)
-        });
+/// With `enabled` false (--nodeport-redirect-peer=false) the map is kept
+/// empty, also of what an earlier agent listed.
+fn sync_peer_devices(
+    table: &mut PeerDeviceTable,
+    north_south: &BTreeMap<String, u32>,
+    enabled: bool,
+) {
+    let listed = if enabled {
+        peer_devices::peer_devices().context("listing the pods' devices (netlink)")
+    } else {
+        Ok(Default::default())
+    };
+    let synced = listed.and_then(|mut desired| {
+        for index in north_south.values() {
+            desired.remove(index);
+        }
+        table.sync(&desired)
+    });
     match synced {
         Ok(r) if r.is_empty() => {}
         Ok(r) => {
@@ -843,7 +852,7 @@ async fn device_watch_loop(
         if lost {
             events = None;
         }
-        sync_peer_devices(&mut w.peer_devices, &attached);
+        sync_peer_devices(&mut w.peer_devices, &attached, w.config.redirect_peer);
         let present = match devices::matching(&w.config.devices) {
             Ok(p) => p,
             Err(e) => {
@@ -890,7 +899,7 @@ async fn device_watch_loop(
                 });
                 attached = report.devices;
                 attached_mss = report.dsr_mss;
-                sync_peer_devices(&mut w.peer_devices, &attached);
+                sync_peer_devices(&mut w.peer_devices, &attached, w.config.redirect_peer);
             }
             Err(e) => {
                 let error = format!("{e:#}");

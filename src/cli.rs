@@ -149,6 +149,13 @@ pub struct AgentArgs {
     /// device. XDP assumes packets carry full checksums, as from a wire.
     #[arg(long, value_enum, default_value_t = Acceleration::Disabled)]
     pub nodeport_acceleration: Acceleration,
+    /// Hand packets for a local backend straight into its pod's network
+    /// namespace (bpf_redirect_peer through the pod's veth or netkit
+    /// device), skipping the host side of the pod's link. false: transmit
+    /// them on the host side, through its qdisc and tc programs (the CNI
+    /// bandwidth plugin shapes a pod's ingress there).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "true|false")]
+    pub nodeport_redirect_peer: bool,
     /// Source ports of SNATed north-south flows, MIN-MAX; keep them out of
     /// net.ipv4.ip_local_port_range (the agent warns on overlap).
     #[arg(long, default_value = "61000-65535", value_name = "MIN-MAX")]

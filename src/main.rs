@@ -143,6 +143,7 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         acceleration: args.nodeport_acceleration,
         snat_ports: args.nodeport_snat_ports,
         no_backend: args.service_no_backend_response,
+        redirect_peer: args.nodeport_redirect_peer,
         timeouts: CtTimeouts {
             tcp_syn: secs(args.ct_tcp_syn_timeout),
             tcp: secs(args.ct_tcp_timeout),

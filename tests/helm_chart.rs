@@ -44,7 +44,7 @@ k8sServiceHost: api.cluster.internal
 k8sServicePort: 8443
 kubeProxyReplacement: partial
 devices: [eth0, bond0]
-nodePort: {mode: dsr, acceleration: native}
+nodePort: {mode: dsr, acceleration: native, redirectPeer: false}
 serviceNoBackendResponse: drop
 loadBalancer: {algorithm: maglev}
 maglev: {tableSize: 4093, hashSeed: "12345678901234567890"}
@@ -685,6 +685,7 @@ fn every_value_reaches_its_flag_in_order_with_extra_args_last() {
             "--devices=eth0,bond0",
             "--nodeport-mode=dsr",
             "--nodeport-acceleration=native",
+            "--nodeport-redirect-peer=false",
             "--service-no-backend-response=drop",
             "--lb-algorithm=maglev",
             "--maglev-table-size=4093",

@@ -884,20 +884,7 @@ fn packets_to_local_pods_enter_the_pod_namespace_directly_and_pod_devices_are_fo
     assert!(status.contains("Pod devices:          1 "), "{status}");
 
     let requests = 50;
-    let (redirected_before, tx_before) = (
-        bed.stats(1).unwrap().peer_redirects,
-        link_packets(node.ns(), NODE_PODS_IF, "tx"),
-    );
-    // ETP Local with pods on node1 only: every flow stays on node1.
-    let target = node_port(node, NODE_PORT_ONE_LOCAL);
-    let r = tcp_requests(bed.cluster.client(), target, requests);
-    assert_eq!(r.identities.values().sum::<u64>(), u64::from(requests));
-    let redirected = bed.stats(1).unwrap().peer_redirects - redirected_before;
-    let transmitted = link_packets(node.ns(), NODE_PODS_IF, "tx") - tx_before;
-    println!(
-        "{requests} requests: {redirected} packets redirected into the pods' namespace, \
-         {transmitted} transmitted on {NODE_PODS_IF}"
-    );
+    let (redirected, transmitted) = requests_to_a_local_pod(&bed, requests);
     // SYN, ACK, request and FIN of each connection at least.
     assert!(
         redirected >= 4 * u64::from(requests),
@@ -954,4 +941,50 @@ fn packets_to_local_pods_enter_the_pod_namespace_directly_and_pod_devices_are_fo
         "pod-late ({late}) still listed after its deletion"
     );
     assert!(listed().contains(&pod_link));
+}
+
+/// `requests` TCP requests to node1's NodePort whose pods are all on node1,
+/// every one answered: (packets node1 redirected into the pods' namespace,
+/// packets transmitted on the host side of the pods' link).
+fn requests_to_a_local_pod(bed: &NodePortBed, requests: u32) -> (u64, u64) {
+    let node = bed.node(1);
+    let (redirected_before, tx_before) = (
+        bed.stats(1).unwrap().peer_redirects,
+        link_packets(node.ns(), NODE_PODS_IF, "tx"),
+    );
+    // ETP Local with pods on node1 only: every flow stays on node1.
+    let target = node_port(node, NODE_PORT_ONE_LOCAL);
+    let r = tcp_requests(bed.cluster.client(), target, requests);
+    assert_eq!(r.identities.values().sum::<u64>(), u64::from(requests));
+    let redirected = bed.stats(1).unwrap().peer_redirects - redirected_before;
+    let transmitted = link_packets(node.ns(), NODE_PODS_IF, "tx") - tx_before;
+    println!(
+        "{requests} requests: {redirected} packets redirected into the pods' namespace, \
+         {transmitted} transmitted on {NODE_PODS_IF}"
+    );
+    (redirected, transmitted)
+}
+
+/// --nodeport-redirect-peer=false: no pod device is listed and packets for
+/// local pods are transmitted on the host side of their link (where a
+/// CNI bandwidth plugin's qdisc sees them), and still answered.
+#[test]
+fn without_peer_redirect_packets_to_local_pods_take_the_host_side_of_their_link() {
+    if !root() {
+        return;
+    }
+    let bed = Bed::start("npnopr", &["--nodeport-redirect-peer=false"]);
+    let requests = 50;
+    let (redirected, transmitted) = requests_to_a_local_pod(&bed, requests);
+    assert_eq!(redirected, 0);
+    assert!(
+        transmitted >= 4 * u64::from(requests),
+        "{transmitted} packets on {NODE_PODS_IF}"
+    );
+    assert!(peer_devices::open(&bed.bpf_root(1))
+        .unwrap()
+        .keys()
+        .is_empty());
+    let status = status_text(&bed, 1);
+    assert!(status.contains("Pod devices:          0 "), "{status}");
 }

@@ -219,6 +219,9 @@ pub struct NodePortConfig {
     pub snat_ports: PortRange,
     /// Answer to new flows to frontends without backend.
     pub no_backend: NoBackendResponse,
+    /// Packets for local backends go straight into the pod's namespace
+    /// (the agent lists the pods' devices, `datapath::peer_devices`).
+    pub redirect_peer: bool,
     pub timeouts: CtTimeouts,
     /// Table size and flow hash seed of Maglev selection (the tables
     /// themselves are the reconciler's).
@@ -796,6 +799,7 @@ mod tests {
             acceleration: Acceleration::Disabled,
             snat_ports: DEFAULT_SNAT_PORTS,
             no_backend: NoBackendResponse::Reject,
+            redirect_peer: true,
             timeouts: CtTimeouts::default(),
             maglev: Default::default(),
         };
