@@ -95,18 +95,6 @@ fn bed(prefix: &str) -> NodePortBed {
     Bed::with_manifest(prefix, &ClusterPlan::default(), manifest, &[])
 }
 
-/// One datagram from a connected socket, then its receive: the answer,
-/// or the error the socket reports.
-fn udp_exchange(target: SocketAddr, timeout: Duration) -> std::io::Result<String> {
-    let sock = UdpSocket::bind("0.0.0.0:0")?;
-    sock.connect(target)?;
-    sock.set_read_timeout(Some(timeout))?;
-    sock.send(b"hi")?;
-    let mut buf = [0u8; 256];
-    let n = sock.recv(&mut buf)?;
-    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
-}
-
 #[test]
 fn a_closed_udp_backend_port_refuses_the_client_at_once_local_or_remote() {
     if !root() {

@@ -10,7 +10,7 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -176,18 +176,6 @@ fn host_sockets_cannot_bind_a_nodeport_in_use_until_its_service_is_deleted() {
     );
     let status = kpr_on(&bed, 1, &["status"]);
     assert!(status.contains("post_bind4 post_bind6"), "{status}");
-}
-
-/// One datagram over a connected UDP socket to `target` and its answer; a
-/// rejected datagram's ICMP error fails the receive with ECONNREFUSED.
-fn udp_exchange(target: SocketAddr, timeout: Duration) -> std::io::Result<String> {
-    let sock = UdpSocket::bind("0.0.0.0:0")?;
-    sock.connect(target)?;
-    sock.set_read_timeout(Some(timeout))?;
-    sock.send(b"hi")?;
-    let mut buf = [0u8; 256];
-    let n = sock.recv(&mut buf)?;
-    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
 /// Polls node `n`'s agent until `kpr_nodeport_events_total{event}` reaches

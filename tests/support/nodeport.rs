@@ -481,6 +481,19 @@ pub fn pods(seen: &BTreeMap<IpAddr, u64>) -> BTreeSet<IpAddr> {
 /// `count` TCP requests (a connection each) from `client` to `target`,
 /// every one answered.
 #[track_caller]
+/// One datagram ("hi") over a connected UDP socket to `target` and its
+/// answer; an ICMP error about it (port unreachable) fails the receive with
+/// ECONNREFUSED. Call it inside the client's namespace.
+pub fn udp_exchange(target: SocketAddr, timeout: Duration) -> std::io::Result<String> {
+    let sock = UdpSocket::bind("0.0.0.0:0")?;
+    sock.connect(target)?;
+    sock.set_read_timeout(Some(timeout))?;
+    sock.send(b"hi")?;
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
 /// The packets interface `dev` of `ns` counted in direction `dir` ("rx"
 /// or "tx").
 pub fn link_packets(ns: &Netns, dev: &str, dir: &str) -> u64 {
