@@ -324,31 +324,44 @@ fn an_icmp_error_about_an_untracked_packet_reaches_the_node_itself() {
 }
 
 /// Echoes every datagram to `addr` back whole, from a thread inside `ns`,
-/// until `stop` is set (or 60 s have passed).
+/// until `stop` is set (or 60 s have passed). Returns once the socket is
+/// bound, so that no datagram sent after it meets a closed port.
 fn echo_server(
     ns: &kpr::testbed::Netns,
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
 ) -> kpr::testbed::NsThread<std::io::Result<u64>> {
-    ns.spawn_thread(move || {
-        let sock = UdpSocket::bind(addr)?;
-        sock.set_read_timeout(Some(Duration::from_millis(100)))?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut buf = vec![0u8; 65536];
-        let mut echoed = 0;
-        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-            match sock.recv_from(&mut buf) {
-                Ok((n, peer)) => {
-                    sock.send_to(&buf[..n], peer)?;
-                    echoed += 1;
-                }
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-                Err(e) => return Err(e),
+    let (bound_tx, bound_rx) = std::sync::mpsc::sync_channel::<()>(1);
+    let thread = ns
+        .spawn_thread(move || {
+            let sock = UdpSocket::bind(addr)?;
+            let _ = bound_tx.send(());
+            serve_echo(sock, &stop)
+        })
+        .unwrap();
+    bound_rx
+        .recv_timeout(Duration::from_secs(10))
+        .unwrap_or_else(|_| panic!("the echo server on {addr} did not bind"));
+    thread
+}
+
+/// The echo loop of [`echo_server`]: the datagrams echoed.
+fn serve_echo(sock: UdpSocket, stop: &AtomicBool) -> std::io::Result<u64> {
+    sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut buf = vec![0u8; 65536];
+    let mut echoed = 0;
+    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+        match sock.recv_from(&mut buf) {
+            Ok((n, peer)) => {
+                sock.send_to(&buf[..n], peer)?;
+                echoed += 1;
             }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => return Err(e),
         }
-        Ok(echoed)
-    })
-    .unwrap()
+    }
+    Ok(echoed)
 }
 
 /// A 4000-byte datagram (three fragments at MTU 1500) to a NodePort
