@@ -852,7 +852,6 @@ async fn device_watch_loop(
         if lost {
             events = None;
         }
-        sync_peer_devices(&mut w.peer_devices, &attached, w.config.redirect_peer);
         let present = match devices::matching(&w.config.devices) {
             Ok(p) => p,
             Err(e) => {
@@ -860,6 +859,9 @@ async fn device_watch_loop(
                 continue;
             }
         };
+        // The devices --devices means now are north-south ones, attached
+        // below if they are not yet: never pod devices.
+        sync_peer_devices(&mut w.peer_devices, &present, w.config.redirect_peer);
         let mss = match nodeport::devices_dsr_mss(&present) {
             Ok(m) => m,
             // A device gone since the listing: the next event says so.
@@ -899,7 +901,6 @@ async fn device_watch_loop(
                 });
                 attached = report.devices;
                 attached_mss = report.dsr_mss;
-                sync_peer_devices(&mut w.peer_devices, &attached, w.config.redirect_peer);
             }
             Err(e) => {
                 let error = format!("{e:#}");

@@ -134,18 +134,6 @@ static __always_inline void icmp_err4_outer(const struct icmp_err4 *q, const str
 	*daddr = e->nat_daddr[3];
 }
 
-/* Rewrites a 4-byte address at @off from @old to @new with the IP header
- * checksum at @csum_off. */
-static __always_inline int icmp_err4_set_addr(struct __sk_buff *skb, __u32 off, __u32 csum_off,
-					      __be32 old, __be32 new)
-{
-	if (old == new)
-		return 0;
-	if (bpf_l3_csum_replace(skb, csum_off, old, new, sizeof(new)) < 0)
-		return -1;
-	return bpf_skb_store_bytes(skb, off, &new, sizeof(new), 0);
-}
-
 /* Rewrites a quoted port at @off from @old to @new, and the ICMP checksum. */
 static __always_inline int icmp_err4_set_port(struct __sk_buff *skb, const struct icmp_err4 *q,
 					      __u32 off, __be16 old, __be16 new)
@@ -165,11 +153,11 @@ static __always_inline int icmp_err4_rewrite(struct __sk_buff *skb, const struct
 {
 	__u32 q_csum = q->quote_off + offsetof(struct iphdr, check);
 
-	if (icmp_err4_set_addr(skb, IP_SRC_OFF, IP_CSUM_OFF, q->saddr, saddr) < 0 ||
-	    icmp_err4_set_addr(skb, IP_DST_OFF, IP_CSUM_OFF, q->daddr, daddr) < 0 ||
-	    icmp_err4_set_addr(skb, q->quote_off + offsetof(struct iphdr, saddr), q_csum,
+	if (ip4_set_addr(skb, IP_SRC_OFF, IP_CSUM_OFF, q->saddr, saddr) < 0 ||
+	    ip4_set_addr(skb, IP_DST_OFF, IP_CSUM_OFF, q->daddr, daddr) < 0 ||
+	    ip4_set_addr(skb, q->quote_off + offsetof(struct iphdr, saddr), q_csum,
 			       q->q_saddr, e->nat_daddr[3]) < 0 ||
-	    icmp_err4_set_addr(skb, q->quote_off + offsetof(struct iphdr, daddr), q_csum,
+	    ip4_set_addr(skb, q->quote_off + offsetof(struct iphdr, daddr), q_csum,
 			       q->q_daddr, e->nat_saddr[3]) < 0 ||
 	    icmp_err4_set_port(skb, q, q->quote_l4_off, q->q_sport, e->nat_dport) < 0 ||
 	    icmp_err4_set_port(skb, q, q->quote_l4_off + 2, q->q_dport, e->nat_sport) < 0)

@@ -148,6 +148,19 @@ static __always_inline __u64 l4_csum_flags(const struct pkt4 *p)
 	return p->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
 }
 
+/* Rewrites the IPv4 address at @off from @old to @new and the checksum of
+ * its IP header at @csum_off (the packet's own header, or one an ICMP
+ * error quotes). */
+static __always_inline int ip4_set_addr(struct __sk_buff *skb, __u32 off, __u32 csum_off,
+					__be32 old, __be32 new)
+{
+	if (old == new)
+		return 0;
+	if (bpf_l3_csum_replace(skb, csum_off, old, new, sizeof(new)) < 0)
+		return -1;
+	return bpf_skb_store_bytes(skb, off, &new, sizeof(new), 0);
+}
+
 /* Rewrites the address at @addr_off (source or destination) from @old to
  * @new, updating the IP and L4 checksums (a later fragment has no L4
  * header: the first one's checksum covers the whole datagram). */
@@ -160,9 +173,7 @@ static __always_inline int nat_set_addr4(struct __sk_buff *skb, const struct pkt
 	    bpf_l4_csum_replace(skb, l4_csum_off(p), old, new,
 				l4_csum_flags(p) | BPF_F_PSEUDO_HDR | sizeof(new)) < 0)
 		return -1;
-	if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, old, new, sizeof(new)) < 0)
-		return -1;
-	return bpf_skb_store_bytes(skb, addr_off, &new, sizeof(new), 0);
+	return ip4_set_addr(skb, addr_off, IP_CSUM_OFF, old, new);
 }
 
 /* Rewrites the port at @port_off from @old to @new and the L4 checksum

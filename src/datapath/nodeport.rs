@@ -369,20 +369,17 @@ pub fn load_and_attach(
         .open(&mut storage)
         .context("opening the north-south BPF object")?;
     configure_open!(open, config, sizes, bpf_root, mss);
-    // The tc object's own: the pods' devices it hands packets through
-    // (datapath::peer_devices keeps it).
-    let peerdev_size = open.maps.kpr_peerdev_v1.max_entries();
-    loader::size_and_pin(
-        &mut open.maps.kpr_peerdev_v1,
-        &bpf_root.join(PEERDEV_PIN),
-        peerdev_size,
-    )?;
-    let frag_size = open.maps.kpr_frag_v1.max_entries();
-    loader::size_and_pin(
-        &mut open.maps.kpr_frag_v1,
-        &bpf_root.join(FRAG_PIN),
-        frag_size,
-    )?;
+    // The tc object's own, sized as it defines them: the pods' devices it
+    // hands packets through (datapath::peer_devices keeps it) and the
+    // fragments' datagrams.
+    let maps = &mut open.maps;
+    for (map, pin) in [
+        (&mut maps.kpr_peerdev_v1, PEERDEV_PIN),
+        (&mut maps.kpr_frag_v1, FRAG_PIN),
+    ] {
+        let size = map.max_entries();
+        loader::size_and_pin(map, &bpf_root.join(pin), size)?;
+    }
     let skel: NodeportSkel = open.load().context(
         "loading the north-south BPF programs (a pinned map of an incompatible definition? run `kpr cleanup`)",
     )?;
