@@ -1,14 +1,4 @@
-{{/*
-Helpers of the kpr chart.
-
-The templates use only these functions, so that tests/helm_chart.rs can
-render the chart without helm (see the chart README):
-  Go text/template: and, eq, ne, not, or, printf, len
-  Sprig:            contains, default, hasPrefix, indent, join, nindent,
-                    quote, replace, trimSuffix, trunc
-  Helm:             include, required, toYaml
-A new function in a template needs the same function in that test.
-*/}}
+{{/* Helpers of the kpr chart. */}}
 
 {{/* The chart name, at most 63 characters (a label value's limit). */}}
 {{- define "kpr.name" -}}
@@ -72,5 +62,58 @@ gets its brackets. Empty when k8sServiceHost is empty.
 {{- $host = printf "[%s]" $host }}
 {{- end }}
 {{- printf "https://%s:%v" $host .Values.k8sServicePort }}
+{{- end }}
+{{- end }}
+
+{{/*
+--kube-proxy-replacement's value: Cilium's true|false (a bool from a values
+file or --set, a string from --set-string), or the older strict|partial.
+*/}}
+{{- define "kpr.kubeProxyReplacement" -}}
+{{- $v := toString .Values.kubeProxyReplacement }}
+{{- if has $v (list "true" "strict") }}strict
+{{- else if has $v (list "false" "partial") }}partial
+{{- else }}{{ fail (printf "kubeProxyReplacement: %s is not true, false, strict or partial" $v) }}
+{{- end }}
+{{- end }}
+
+{{/* --nodeport-mode: nodePort.mode (the earlier spelling) wins when set. */}}
+{{- define "kpr.nodePortMode" -}}
+{{- default .Values.loadBalancer.mode .Values.nodePort.mode }}
+{{- end }}
+
+{{/* --nodeport-acceleration: nodePort.acceleration wins when set. */}}
+{{- define "kpr.acceleration" -}}
+{{- default .Values.loadBalancer.acceleration .Values.nodePort.acceleration }}
+{{- end }}
+
+{{/* --devices: a list, or a comma-separated string from --set devices=eth0. */}}
+{{- define "kpr.devices" -}}
+{{- if kindIs "string" .Values.devices }}{{ .Values.devices }}
+{{- else }}{{ join "," .Values.devices }}
+{{- end }}
+{{- end }}
+
+{{/* The metrics listener's address (--metrics-addr), HOST:PORT. */}}
+{{- define "kpr.metricsAddr" -}}
+{{- if eq .Values.metrics.bind "hostIP" }}$(HOST_IP):{{ .Values.metrics.port }}
+{{- else }}127.0.0.1:{{ .Values.metrics.port }}
+{{- end }}
+{{- end }}
+
+{{/*
+Whether the cluster has the container appArmorProfile field (Kubernetes
+1.30); older ones read the annotation.
+*/}}
+{{- define "kpr.appArmorField" -}}
+{{- if semverCompare ">=1.30-0" .Capabilities.KubeVersion.Version }}true{{ end }}
+{{- end }}
+
+{{/* The annotation form of securityContext.appArmorProfile. */}}
+{{- define "kpr.appArmorAnnotation" -}}
+{{- $p := .Values.securityContext.appArmorProfile }}
+{{- if eq $p.type "RuntimeDefault" }}runtime/default
+{{- else if eq $p.type "Unconfined" }}unconfined
+{{- else }}localhost/{{ required "securityContext.appArmorProfile.localhostProfile is required with type Localhost" $p.localhostProfile }}
 {{- end }}
 {{- end }}
