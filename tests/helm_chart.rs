@@ -15,6 +15,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Container, PodSpec, Service, ServiceAccount};
@@ -246,16 +247,21 @@ fn helm(args: &[&str]) -> Run {
 fn value_args(name: &str, yaml: &str, set: &[&str]) -> Vec<String> {
     let mut args = Vec::new();
     if !yaml.is_empty() {
-        let file = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("helm-values-{name}-{:x}.yaml", fnv1a(yaml)));
-        std::fs::write(&file, yaml).expect("writing a values file");
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        let file = dir.join(format!("helm-values-{name}-{:x}.yaml", fnv1a(yaml)));
+        // Tests run in parallel: a reader never sees a half-written file.
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let partial = dir.join(format!("helm-values-{}-{n}.partial", std::process::id()));
+        std::fs::write(&partial, yaml).expect("writing a values file");
+        std::fs::rename(&partial, &file).expect("renaming a values file");
         args.extend(["-f".to_string(), file.display().to_string()]);
     }
     args.extend(set.iter().map(|s| s.to_string()));
     args
 }
 
-/// A stable name for a YAML overlay's file (tests run in parallel).
+/// FNV-1a: a stable file name for a YAML overlay.
 fn fnv1a(s: &str) -> u64 {
     s.bytes().fold(0xcbf29ce484222325, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
@@ -449,61 +455,58 @@ fn validate(files: &[PathBuf], version: &str) -> (Vec<String>, Run) {
 #[test]
 fn every_rendered_object_passes_the_strict_schemas_of_kubernetes_1_25_to_1_37() {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("helm-chart-validate");
-    std::fs::create_dir_all(&dir).expect("a scratch directory");
-    let minors: Vec<u32> = (OLDEST_MINOR..=NEWEST_MINOR).collect();
-    // Two threads: each version is rendered per value set, then validated
-    // in one kubernetes-validate run.
-    let failures: Vec<String> = std::thread::scope(|s| {
-        let workers: Vec<_> = minors
-            .chunks(minors.len().div_ceil(2))
-            .map(|chunk| {
-                let dir = &dir;
-                s.spawn(move || {
-                    let mut failures = Vec::new();
-                    for minor in chunk {
-                        let version = format!("1.{minor}.0");
-                        let mut files = Vec::new();
-                        let mut objects = 0;
-                        let mut custom = 0;
-                        for set in ALL_VALUE_SETS {
-                            let out = template(set.name, set.yaml, set.set, Some(&version));
-                            assert!(out.ok, "{} on {version}: {}", set.name, out.stderr);
-                            let docs = parse(&out.stdout).docs;
-                            objects += docs.len();
-                            custom += docs
-                                .iter()
-                                .filter(|d| d["kind"] == "ServiceMonitor")
-                                .count();
-                            let file = dir.join(format!("{}-{version}.yaml", set.name));
-                            std::fs::write(&file, &out.stdout).expect("writing a manifest");
-                            files.push(file);
-                        }
-                        let (lines, out) = validate(&files, &version);
-                        let passed = lines.iter().filter(|l| l.contains(" passed ")).count();
-                        // The ServiceMonitor is a custom resource: no schema in
-                        // kubernetes-validate (its fields are checked below).
-                        let no_schema = lines
-                            .iter()
-                            .filter(|l| l.starts_with("WARN") && l.contains("kind ServiceMonitor"))
-                            .count();
-                        if !out.ok || passed != objects - custom || no_schema != custom {
-                            failures.push(format!(
-                                "{version}: {passed} of {} objects passed:\n{}{}",
-                                objects - custom,
-                                out.stdout,
-                                out.stderr
-                            ));
-                        }
-                    }
-                    failures
-                })
-            })
+    let versions: Vec<String> = (OLDEST_MINOR..=NEWEST_MINOR)
+        .map(|minor| format!("1.{minor}.0"))
+        .collect();
+    // Each value set rendered for every version (`--kube-version`) in one
+    // helm.py run, into DIR/SET/VERSION.yaml.
+    let chart = chart_dir().display().to_string();
+    for set in ALL_VALUE_SETS {
+        let out_dir = dir.join(set.name).display().to_string();
+        let mut args: Vec<String> = ["template", RELEASE, &chart, "-n", NAMESPACE]
+            .map(String::from)
+            .into();
+        for v in &versions {
+            args.extend(["--kube-version".to_string(), v.clone()]);
+        }
+        args.extend(["--output-dir".to_string(), out_dir]);
+        args.extend(value_args(set.name, set.yaml, set.set));
+        let out = helm(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(out.ok, "{}: helm template: {}", set.name, out.stderr);
+    }
+    // Then every version's renders in one kubernetes-validate run.
+    let mut failures = Vec::new();
+    for version in &versions {
+        let files: Vec<PathBuf> = ALL_VALUE_SETS
+            .iter()
+            .map(|set| dir.join(set.name).join(format!("{version}.yaml")))
             .collect();
-        workers
-            .into_iter()
-            .flat_map(|w| w.join().expect("a validating thread"))
-            .collect()
-    });
+        let (mut objects, mut custom) = (0, 0);
+        for file in &files {
+            let docs = parse(&std::fs::read_to_string(file).expect("a render")).docs;
+            objects += docs.len();
+            custom += docs
+                .iter()
+                .filter(|d| d["kind"] == "ServiceMonitor")
+                .count();
+        }
+        let (lines, out) = validate(&files, version);
+        let passed = lines.iter().filter(|l| l.contains(" passed ")).count();
+        // The ServiceMonitor is a custom resource: no schema in
+        // kubernetes-validate (its fields are checked below).
+        let no_schema = lines
+            .iter()
+            .filter(|l| l.starts_with("WARN") && l.contains("kind ServiceMonitor"))
+            .count();
+        if !out.ok || passed != objects - custom || no_schema != custom {
+            failures.push(format!(
+                "{version}: {passed} of {} objects passed:\n{}{}",
+                objects - custom,
+                out.stdout,
+                out.stderr
+            ));
+        }
+    }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
@@ -758,7 +761,7 @@ fn defaults_create_the_agent_and_its_read_only_rbac_and_no_monitoring() {
         assert_eq!(labels["app.kubernetes.io/name"], "kpr");
         assert_eq!(labels["app.kubernetes.io/instance"], RELEASE);
         assert_eq!(labels["app.kubernetes.io/managed-by"], "Helm");
-        assert_eq!(labels["helm.sh/chart"], "kpr-0.1.0");
+        assert_eq!(labels["helm.sh/chart"], "kpr-0.2.0");
     }
     for kind in ["DaemonSet", "ServiceAccount"] {
         assert_eq!(r.one(kind)["metadata"]["namespace"], NAMESPACE);

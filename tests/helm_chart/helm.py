@@ -7,17 +7,21 @@ the small command line over it that the test needs, with helm's spelling:
   helm.py version
   helm.py lint CHART [--strict] [--kube-version V] [VALUES...]
   helm.py template RELEASE CHART [-n NS] [--kube-version V] [--api-versions G/V]... [VALUES...]
+  helm.py template RELEASE CHART --kube-version V1 --kube-version V2... --output-dir DIR [...]
   helm.py notes RELEASE CHART [-n NS] [VALUES...]
 
 VALUES are helm's -f FILE, --set EXPR, --set-string EXPR (Helm's own
 parsers), merged in that order as helm merges them. `template` prints the
 manifests as helm does (`---` and `# Source:` before each file, in file
-order; NOTES.txt left out, `notes` prints it); `lint` prints helm's
+order; NOTES.txt left out, `notes` prints it), or, given several
+--kube-version (one process for all, which helm cannot), writes what it
+would print for each to DIR/VERSION.yaml; `lint` prints helm's
 `[SEVERITY] path: message` lines and, as `helm lint --strict`, fails on
 warnings too.
 """
 import argparse
 import json
+import os
 import sys
 
 import helm_python as helm
@@ -49,12 +53,12 @@ def user_values(args):
     return values
 
 
-def render(args):
+def render(args, kube_version=None):
     """Template path -> text, as `helm template` renders them."""
     chart = helm.Chart.load(args.chart)
     opts = {"name": args.release, "namespace": args.namespace, "is_install": True}
-    if args.kube_version:
-        opts["kube_version"] = args.kube_version
+    if kube_version:
+        opts["kube_version"] = kube_version
     if args.api_versions:
         opts["api_versions"] = args.api_versions
     # Chart.render() does not expose kube_version/api_versions; the C entry
@@ -66,20 +70,34 @@ def render(args):
     )
 
 
-def template(args):
-    files = render(args)
+def manifests(files):
+    out = []
     for path in sorted(files):
         text = files[path]
         if path.endswith("NOTES.txt") or not text.strip():
             continue
-        sys.stdout.write(f"---\n# Source: {path}\n{text}")
+        out.append(f"---\n# Source: {path}\n{text}")
         if not text.endswith("\n"):
-            sys.stdout.write("\n")
+            out.append("\n")
+    return "".join(out)
+
+
+def template(args):
+    versions = args.kube_version or [None]
+    if len(versions) == 1 and not args.output_dir:
+        sys.stdout.write(manifests(render(args, versions[0])))
+        return 0
+    if not args.output_dir:
+        raise SystemExit("several --kube-version need --output-dir")
+    os.makedirs(args.output_dir, exist_ok=True)
+    for version in versions:
+        with open(os.path.join(args.output_dir, f"{version}.yaml"), "w") as f:
+            f.write(manifests(render(args, version)))
     return 0
 
 
 def notes(args):
-    files = render(args)
+    files = render(args, None)
     sys.stdout.write("".join(t for p, t in files.items() if p.endswith("NOTES.txt")))
     return 0
 
@@ -90,7 +108,7 @@ def lint(args):
         user_values(args),
         strict=args.strict,
         namespace=args.namespace,
-        kube_version=args.kube_version,
+        kube_version=(args.kube_version or [None])[-1],
     )
     failed = bool(report["errors"])
     for m in report["messages"]:
@@ -111,7 +129,8 @@ def main():
             p.add_argument("release")
         p.add_argument("chart")
         p.add_argument("-n", "--namespace", default="default")
-        p.add_argument("--kube-version")
+        p.add_argument("--kube-version", action="append")
+        p.add_argument("--output-dir")
         p.add_argument("--api-versions", action="append", default=[])
         p.add_argument("--strict", action="store_true")
         p.add_argument("-f", "--values", dest="values", action="append", default=[],
