@@ -2,21 +2,16 @@
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
 
-use kpr::agent::{self, AgentConfig, KubeSourceConfig, SourceConfig};
+use kpr::agent::{self, AgentConfig};
 use kpr::cli::{AgentArgs, Cli, Command, CtCommand, OutputFormat, SvcCommand};
 use kpr::datapath::kernel::KernelMaps;
-use kpr::datapath::loader::{self, MapSizes};
-use kpr::datapath::nodeport::{Acceleration, CtTimeouts, NodePortConfig, NodePortMode};
+use kpr::datapath::loader;
 use kpr::datapath::LbMaps;
-use kpr::maglev::MaglevParams;
-use kpr::model::LbAlgorithm;
-use kpr::source::kube::ApiConfig;
-use kpr::{host, selftest, status, svc_list, testbed};
+use kpr::{selftest, status, svc_list, testbed};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -108,85 +103,9 @@ fn run(command: Command) -> Result<ExitCode> {
     }
 }
 
+/// `kpr agent`: the agent on a two-thread runtime until it is asked to stop.
 fn run_agent(args: AgentArgs) -> Result<()> {
-    let cgroup = match args.cgroup {
-        Some(c) => c,
-        None => {
-            host::cgroup2_mount().context("finding the cgroup2 mount for the default --cgroup")?
-        }
-    };
-    let node_name = match args.node_name.or_else(|| std::env::var("NODE_NAME").ok()) {
-        Some(n) => n,
-        None => nix::unistd::gethostname()
-            .context("no --node-name, no $NODE_NAME and no hostname")?
-            .to_string_lossy()
-            .into_owned(),
-    };
-    let source = if args.manifests.is_empty() {
-        SourceConfig::Kubernetes(KubeSourceConfig {
-            api: ApiConfig {
-                kubeconfig: args.kubeconfig,
-                api_server: args.k8s_api_server,
-            },
-            min_sync_period: args.min_sync_period,
-            sync_period: args.sync_period,
-        })
-    } else {
-        SourceConfig::Manifests(args.manifests)
-    };
-    let secs = |d: Duration| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX);
-    // The size was checked by the flag's parser; this cannot fail.
-    let maglev = MaglevParams::new(args.maglev_table_size, args.maglev_hash_seed)?;
-    let nodeport = (!args.devices.is_empty()).then(|| NodePortConfig {
-        devices: args.devices.clone(),
-        mode: args.nodeport_mode,
-        acceleration: args.nodeport_acceleration,
-        snat_ports: args.nodeport_snat_ports,
-        no_backend: args.service_no_backend_response,
-        redirect_peer: args.nodeport_redirect_peer,
-        timeouts: CtTimeouts {
-            tcp_syn: secs(args.ct_tcp_syn_timeout),
-            tcp: secs(args.ct_tcp_timeout),
-            tcp_closing: secs(args.ct_tcp_closing_timeout),
-            udp: secs(args.ct_udp_timeout),
-        },
-        maglev,
-    });
-    if nodeport.is_none()
-        && (args.nodeport_mode != NodePortMode::Snat
-            || args.nodeport_acceleration != Acceleration::Disabled)
-    {
-        anyhow::bail!("--nodeport-mode and --nodeport-acceleration need --devices");
-    }
-    if nodeport.is_none() && args.lb_algorithm == LbAlgorithm::Maglev {
-        anyhow::bail!(
-            "--lb-algorithm maglev needs --devices (it selects backends for north-south traffic)"
-        );
-    }
-    let config = AgentConfig {
-        source,
-        cgroup,
-        bpf_root: args.bpf_root.bpf_root,
-        metrics_addr: args.metrics_addr,
-        healthz_addr: args.healthz_addr,
-        map_sizes: MapSizes {
-            services: args.lb_map_max,
-            backends: args.lb_map_max,
-            source_ranges: args.lb_map_max,
-            ct: args.ct_map_max,
-            maglev: args.lb_map_max,
-            ..MapSizes::default()
-        },
-        nodeport,
-        ct_gc_interval: args.ct_gc_interval,
-        debounce: Duration::from_millis(args.debounce_ms),
-        kpr_mode: args.kube_proxy_replacement,
-        node_name,
-        node_ips: args.node_ips,
-        health_check_bind: args.health_check_bind_address,
-        lb_algorithm: args.lb_algorithm,
-        maglev,
-    };
+    let config = AgentConfig::from_args(args)?;
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
