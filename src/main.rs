@@ -1,16 +1,19 @@
-//! `kpr`: thin entry point; each subcommand lives in its own module.
+//! `kpr`: thin entry point. Parses the command line, sets up logging and
+//! dispatches each subcommand to the module that implements it; the
+//! functions here only choose the output format.
 
 use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::Parser;
 
 use kpr::agent::{self, AgentConfig};
-use kpr::cli::{AgentArgs, Cli, Command, CtCommand, OutputFormat, SvcCommand};
+use kpr::cli::{AgentArgs, CleanupArgs, Cli, Command, CtCommand, OutputFormat, SvcCommand};
 use kpr::datapath::kernel::KernelMaps;
-use kpr::datapath::loader;
-use kpr::datapath::LbMaps;
+use kpr::datapath::{ct, loader, LbMaps};
 use kpr::{selftest, status, svc_list, testbed};
 
 fn main() -> ExitCode {
@@ -34,73 +37,23 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> Result<ExitCode> {
     match command {
-        Command::Agent(args) => run_agent(*args).map(|()| ExitCode::SUCCESS),
+        Command::Agent(args) => run_agent(*args)?,
         Command::Svc {
             command: SvcCommand::List { bpf_root, output },
-        } => {
-            let maps = KernelMaps::open(&bpf_root.bpf_root).with_context(|| {
-                format!(
-                    "no kpr maps under {} (has an agent run with this --bpf-root?)",
-                    bpf_root.bpf_root.display()
-                )
-            })?;
-            let rows = svc_list::rows(&maps.snapshot()?);
-            print!(
-                "{}",
-                match output {
-                    OutputFormat::Table => svc_list::format_table(&rows),
-                    OutputFormat::Json => svc_list::format_json(&rows),
-                }
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+        } => svc_list(&bpf_root.bpf_root, output)?,
         Command::Ct {
             command: CtCommand::List { bpf_root, output },
-        } => {
-            let ct = kpr::datapath::ct::CtMap::open(&bpf_root.bpf_root)?;
-            let entries = ct.entries()?;
-            match output {
-                OutputFormat::Table => print!(
-                    "{}",
-                    kpr::datapath::ct::format_table(&entries, kpr::datapath::ct::monotonic_ns())
-                ),
-                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&entries)?),
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Cleanup(args) => {
-            let report = loader::cleanup(&args.bpf_root.bpf_root)?;
-            let unpinned = match &args.cgroup {
-                Some(cgroup) => loader::detach_from_cgroup(cgroup)?,
-                None => Vec::new(),
-            };
-            println!(
-                "detached {} program links, removed {} pins{}",
-                report.detached.len() + unpinned.len(),
-                report.removed_pins.len(),
-                if report.unmounted {
-                    ", unmounted bpffs"
-                } else {
-                    ""
-                }
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+        } => ct_list(&bpf_root.bpf_root, output)?,
+        Command::Cleanup(args) => cleanup(&args)?,
         Command::Status {
             bpf_root,
             metrics_addr,
             output,
-        } => {
-            let report = status::gather(metrics_addr, &bpf_root.bpf_root);
-            match output {
-                OutputFormat::Table => print!("{}", status::format_text(&report)),
-                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Selftest => selftest::run(),
-        Command::Probe { spec } => testbed::probe::probe_main(&spec).map(|()| ExitCode::SUCCESS),
+        } => show_status(metrics_addr, &bpf_root.bpf_root, output)?,
+        Command::Selftest => return selftest::run(),
+        Command::Probe { spec } => testbed::probe::probe_main(&spec)?,
     }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `kpr agent`: the agent on a two-thread runtime until it is asked to stop.
@@ -112,4 +65,63 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         .build()
         .context("starting the async runtime")?
         .block_on(agent::run(config))
+}
+
+/// `kpr svc list`.
+fn svc_list(bpf_root: &Path, output: OutputFormat) -> Result<()> {
+    let maps = KernelMaps::open(bpf_root).with_context(|| {
+        format!(
+            "no kpr maps under {} (has an agent run with this --bpf-root?)",
+            bpf_root.display()
+        )
+    })?;
+    let rows = svc_list::rows(&maps.snapshot()?);
+    print!(
+        "{}",
+        match output {
+            OutputFormat::Table => svc_list::format_table(&rows),
+            OutputFormat::Json => svc_list::format_json(&rows),
+        }
+    );
+    Ok(())
+}
+
+/// `kpr ct list`.
+fn ct_list(bpf_root: &Path, output: OutputFormat) -> Result<()> {
+    let entries = ct::CtMap::open(bpf_root)?.entries()?;
+    match output {
+        OutputFormat::Table => print!("{}", ct::format_table(&entries, ct::monotonic_ns())),
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&entries)?),
+    }
+    Ok(())
+}
+
+/// `kpr cleanup`.
+fn cleanup(args: &CleanupArgs) -> Result<()> {
+    let report = loader::cleanup(&args.bpf_root.bpf_root)?;
+    let unpinned = match &args.cgroup {
+        Some(cgroup) => loader::detach_from_cgroup(cgroup)?,
+        None => Vec::new(),
+    };
+    println!(
+        "detached {} program links, removed {} pins{}",
+        report.detached.len() + unpinned.len(),
+        report.removed_pins.len(),
+        if report.unmounted {
+            ", unmounted bpffs"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}
+
+/// `kpr status`.
+fn show_status(metrics_addr: SocketAddr, bpf_root: &Path, output: OutputFormat) -> Result<()> {
+    let report = status::gather(metrics_addr, bpf_root);
+    match output {
+        OutputFormat::Table => print!("{}", status::format_text(&report)),
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+    }
+    Ok(())
 }

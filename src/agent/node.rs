@@ -43,3 +43,50 @@ pub fn node_context(
         lb_algorithm,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(json: serde_json::Value) -> Node {
+        serde_json::from_value(json).expect("a Node")
+    }
+
+    #[test]
+    fn the_node_objects_internal_and_external_addresses_come_first_and_node_ips_add_new_ones() {
+        let n = node(serde_json::json!({
+            "metadata": {"name": "n1", "labels": {"topology.kubernetes.io/zone": "z1"}},
+            "status": {"addresses": [
+                {"type": "InternalIP", "address": "192.0.2.10"},
+                {"type": "Hostname", "address": "n1"},
+                {"type": "ExternalIP", "address": "198.51.100.10"},
+                {"type": "InternalIP", "address": "not an address"},
+            ]},
+        }));
+        let extra: Vec<IpAddr> = vec![
+            "198.51.100.10".parse().expect("an address"),
+            "fd00::10".parse().expect("an address"),
+        ];
+
+        let ctx = node_context("n1", Some(&n), &extra, LbAlgorithm::Maglev);
+
+        assert_eq!(ctx.node_name, "n1");
+        assert_eq!(ctx.zone.as_deref(), Some("z1"));
+        assert_eq!(
+            ctx.node_ips,
+            ["192.0.2.10", "198.51.100.10", "fd00::10"]
+                .map(|a| a.parse::<IpAddr>().expect("an address"))
+        );
+        assert_eq!(ctx.lb_algorithm, LbAlgorithm::Maglev);
+    }
+
+    #[test]
+    fn without_a_node_object_only_node_ips_count_and_there_is_no_zone() {
+        let extra: Vec<IpAddr> = vec!["192.0.2.20".parse().expect("an address")];
+
+        let ctx = node_context("standalone", None, &extra, LbAlgorithm::Random);
+
+        assert_eq!(ctx.zone, None);
+        assert_eq!(ctx.node_ips, extra);
+    }
+}
