@@ -110,9 +110,6 @@ async fn run(
     metrics: Arc<Metrics>,
     stop: impl std::future::Future<Output = ()>,
 ) {
-    let mut events = w.events.take();
-    let mut attached = std::mem::take(&mut w.attached);
-    let mut attached_mss = w.attached_mss;
     let mut rescan = tokio::time::interval(DEVICE_RESCAN_PERIOD);
     rescan.tick().await;
     tokio::pin!(stop);
@@ -125,7 +122,7 @@ async fn run(
         let mut lost = false;
         tokio::select! {
             r = async {
-                match events.as_mut() {
+                match w.events.as_mut() {
                     Some(e) => e.changed().await,
                     None => std::future::pending().await,
                 }
@@ -137,30 +134,44 @@ async fn run(
             _ = &mut stop => return,
         }
         if lost {
-            events = None;
+            w.events = None;
         }
-        let present = match devices::matching(&w.config.devices) {
+        w.rescan(&metrics).await;
+    }
+}
+
+impl DeviceWatch {
+    /// Lists the links, brings the peer device map up to date and attaches
+    /// again when the north-south devices or their DSR MSS changed.
+    async fn rescan(&mut self, metrics: &Metrics) {
+        let present = match devices::matching(&self.config.devices) {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(error = %e, "listing the network interfaces");
-                continue;
+                return;
             }
         };
         // The devices --devices means now are north-south ones, attached
         // below if they are not yet: never pod devices.
-        sync_peer_devices(&mut w.peer_devices, &present, w.config.redirect_peer);
+        sync_peer_devices(&mut self.peer_devices, &present, self.config.redirect_peer);
         let mss = match nodeport::devices_dsr_mss(&present) {
             Ok(m) => m,
             // A device gone since the listing: the next event says so.
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "reading the devices' MTUs");
-                continue;
+                return;
             }
         };
-        if present == attached && mss == attached_mss {
-            continue;
+        if present == self.attached && mss == self.attached_mss {
+            return;
         }
-        let (root, sizes, config) = (w.bpf_root.clone(), w.sizes, w.config.clone());
+        self.reattach(metrics, present, mss).await;
+    }
+
+    /// Runs the north-south attachment again for the `present` devices;
+    /// reports the outcome in metrics, logs and `kpr status`.
+    async fn reattach(&mut self, metrics: &Metrics, present: BTreeMap<String, u32>, mss: u16) {
+        let (root, sizes, config) = (self.bpf_root.clone(), self.sizes, self.config.clone());
         let outcome =
             tokio::task::spawn_blocking(move || nodeport::load_and_attach(&root, &sizes, &config))
                 .await
@@ -178,7 +189,7 @@ async fn run(
                     "devices changed: north-south datapath re-attached"
                 );
                 metrics.record_device_sync(true, report.devices.len());
-                w.status.update(|s| {
+                self.status.update(|s| {
                     if let Some(d) = s.devices.as_mut() {
                         d.attached = report.devices.keys().cloned().collect();
                         d.missing = report.missing_devices.clone();
@@ -186,18 +197,18 @@ async fn run(
                         d.changes += 1;
                     }
                 });
-                attached = report.devices;
-                attached_mss = report.dsr_mss;
+                self.attached = report.devices;
+                self.attached_mss = report.dsr_mss;
             }
             Err(e) => {
                 let error = format!("{e:#}");
                 tracing::error!(%error, devices = ?present.keys().collect::<Vec<_>>(), "devices changed but attaching failed; retried on the next link change");
-                let still = nodeport::attached_devices(&w.bpf_root)
+                let still = nodeport::attached_devices(&self.bpf_root)
                     .iter()
                     .filter(|d| d.direction == nodeport::Direction::Ingress && d.ifindex.is_some())
                     .count();
                 metrics.record_device_sync(false, still);
-                w.status.update(|s| {
+                self.status.update(|s| {
                     if let Some(d) = s.devices.as_mut() {
                         d.last_error = Some(error);
                         d.changes += 1;
@@ -205,8 +216,8 @@ async fn run(
                 });
                 // Not retried until the links change again: a device that
                 // cannot take the programs would fail every time.
-                attached = present;
-                attached_mss = mss;
+                self.attached = present;
+                self.attached_mss = mss;
             }
         }
     }
