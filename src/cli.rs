@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::datapath::loader::DEFAULT_BPF_ROOT;
 use crate::datapath::nodeport::{Acceleration, NoBackendResponse, NodePortMode, PortRange};
 use crate::features::KprMode;
+use crate::healthcheck;
 use crate::maglev;
 use crate::model::LbAlgorithm;
 
@@ -91,7 +92,7 @@ pub struct AgentArgs {
     #[arg(long = "node-ip", value_name = "IP")]
     pub node_ips: Vec<std::net::IpAddr>,
     /// Address the healthCheckNodePort listeners bind to.
-    #[arg(long, default_value = "0.0.0.0")]
+    #[arg(long, default_value_t = healthcheck::DEFAULT_BIND_ADDR)]
     pub health_check_bind_address: std::net::IpAddr,
     /// Shortest time between two syncs; changes within it are coalesced
     /// (kube-proxy's --iptables-min-sync-period).

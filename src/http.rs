@@ -76,18 +76,6 @@ pub async fn bind(addr: SocketAddr, endpoint: &'static str) -> Result<TcpListene
         })
 }
 
-/// Serves `GET /metrics` on `listener` until `shutdown` completes; see [`serve`].
-///
-/// # Errors
-/// [`HttpError::Serve`]; with axum 0.8 this does not happen in practice.
-pub async fn serve_metrics(
-    listener: TcpListener,
-    metrics: Arc<Metrics>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), HttpError> {
-    serve(listener, "metrics", metrics_router(metrics), shutdown).await
-}
-
 /// Serves `GET /healthz` and `GET /livez` on `listener` until `shutdown`
 /// completes; see [`serve`] and [`healthz_router`].
 ///
@@ -468,9 +456,10 @@ mod tests {
         let healthz_listener = bind(any, "healthz").await.unwrap();
         let metrics_addr = metrics_listener.local_addr().unwrap();
         let healthz_addr = healthz_listener.local_addr().unwrap();
-        let metrics = tokio::spawn(serve_metrics(
+        let metrics = tokio::spawn(serve(
             metrics_listener,
-            Arc::new(Metrics::new()),
+            "metrics",
+            metrics_router(Arc::new(Metrics::new())),
             async move {
                 let _ = stopped.await;
             },

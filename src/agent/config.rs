@@ -1,0 +1,158 @@
+//! The agent's configuration: what `kpr agent` runs with, built from its
+//! flags (defaults resolved from the environment, combinations checked) so
+//! that the rest of the agent never reads the command line.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::cli::AgentArgs;
+use crate::datapath::loader::MapSizes;
+use crate::datapath::nodeport::{Acceleration, CtTimeouts, NodePortConfig, NodePortMode};
+use crate::features::KprMode;
+use crate::host;
+use crate::maglev::MaglevParams;
+use crate::model::LbAlgorithm;
+use crate::source::kube::ApiConfig;
+
+/// Where Services and EndpointSlices come from.
+#[derive(Clone, Debug)]
+pub enum SourceConfig {
+    /// Standalone: manifest files and directories, watched.
+    Manifests(Vec<PathBuf>),
+    /// The Kubernetes API.
+    Kubernetes(KubeSourceConfig),
+}
+
+/// The Kubernetes source's settings.
+#[derive(Clone, Debug)]
+pub struct KubeSourceConfig {
+    pub api: ApiConfig,
+    /// Shortest time between two syncs: bursts of changes are coalesced
+    /// (kube-proxy's minSyncPeriod).
+    pub min_sync_period: Duration,
+    /// Period of full resyncs (kube-proxy's syncPeriod).
+    pub sync_period: Duration,
+}
+
+/// Everything `kpr agent` needs.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// Where Services and EndpointSlices come from.
+    pub source: SourceConfig,
+    /// cgroup v2 directory the socket-LB programs are attached to.
+    pub cgroup: PathBuf,
+    /// bpffs directory of the pinned maps and links.
+    pub bpf_root: PathBuf,
+    /// Address of /metrics and /status.
+    pub metrics_addr: SocketAddr,
+    /// Address of /healthz and /livez.
+    pub healthz_addr: SocketAddr,
+    /// Capacities of maps when they are created.
+    pub map_sizes: MapSizes,
+    /// Standalone mode: wait after a manifest change before reloading.
+    pub debounce: Duration,
+    /// Whether a missing kernel feature is fatal.
+    pub kpr_mode: KprMode,
+    /// This node's name (standalone mode: decides which endpoints are local).
+    pub node_name: String,
+    /// Node addresses added to those of the Node object (NodePort frontends).
+    pub node_ips: Vec<IpAddr>,
+    /// Address the health check node port listeners bind to.
+    pub health_check_bind: IpAddr,
+    /// The north-south datapath (`--devices`); None: off.
+    pub nodeport: Option<NodePortConfig>,
+    /// How often expired conntrack entries are removed.
+    pub ct_gc_interval: Duration,
+    /// North-south backend selection of Services without the annotation.
+    pub lb_algorithm: LbAlgorithm,
+    /// Maglev table size and seed (the same on every node).
+    pub maglev: MaglevParams,
+}
+
+impl AgentConfig {
+    /// The configuration `kpr agent` runs with: --cgroup defaults to the
+    /// root of the cgroup2 mount, --node-name to $NODE_NAME, else the
+    /// hostname; flags that need --devices are refused without it.
+    pub fn from_args(args: AgentArgs) -> Result<AgentConfig> {
+        let cgroup = match args.cgroup {
+            Some(c) => c,
+            None => host::cgroup2_mount()
+                .context("finding the cgroup2 mount for the default --cgroup")?,
+        };
+        let node_name = match args.node_name.or_else(|| std::env::var("NODE_NAME").ok()) {
+            Some(n) => n,
+            None => nix::unistd::gethostname()
+                .context("no --node-name, no $NODE_NAME and no hostname")?
+                .to_string_lossy()
+                .into_owned(),
+        };
+        let source = if args.manifests.is_empty() {
+            SourceConfig::Kubernetes(KubeSourceConfig {
+                api: ApiConfig {
+                    kubeconfig: args.kubeconfig,
+                    api_server: args.k8s_api_server,
+                },
+                min_sync_period: args.min_sync_period,
+                sync_period: args.sync_period,
+            })
+        } else {
+            SourceConfig::Manifests(args.manifests)
+        };
+        let secs = |d: Duration| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX);
+        // The size was checked by the flag's parser; this cannot fail.
+        let maglev = MaglevParams::new(args.maglev_table_size, args.maglev_hash_seed)?;
+        let nodeport = (!args.devices.is_empty()).then(|| NodePortConfig {
+            devices: args.devices.clone(),
+            mode: args.nodeport_mode,
+            acceleration: args.nodeport_acceleration,
+            snat_ports: args.nodeport_snat_ports,
+            no_backend: args.service_no_backend_response,
+            redirect_peer: args.nodeport_redirect_peer,
+            timeouts: CtTimeouts {
+                tcp_syn: secs(args.ct_tcp_syn_timeout),
+                tcp: secs(args.ct_tcp_timeout),
+                tcp_closing: secs(args.ct_tcp_closing_timeout),
+                udp: secs(args.ct_udp_timeout),
+            },
+            maglev,
+        });
+        if nodeport.is_none()
+            && (args.nodeport_mode != NodePortMode::Snat
+                || args.nodeport_acceleration != Acceleration::Disabled)
+        {
+            anyhow::bail!("--nodeport-mode and --nodeport-acceleration need --devices");
+        }
+        if nodeport.is_none() && args.lb_algorithm == LbAlgorithm::Maglev {
+            anyhow::bail!(
+                "--lb-algorithm maglev needs --devices (it selects backends for north-south traffic)"
+            );
+        }
+        Ok(AgentConfig {
+            source,
+            cgroup,
+            bpf_root: args.bpf_root.bpf_root,
+            metrics_addr: args.metrics_addr,
+            healthz_addr: args.healthz_addr,
+            map_sizes: MapSizes {
+                services: args.lb_map_max,
+                backends: args.lb_map_max,
+                source_ranges: args.lb_map_max,
+                ct: args.ct_map_max,
+                maglev: args.lb_map_max,
+                ..MapSizes::default()
+            },
+            nodeport,
+            ct_gc_interval: args.ct_gc_interval,
+            debounce: Duration::from_millis(args.debounce_ms),
+            kpr_mode: args.kube_proxy_replacement,
+            node_name,
+            node_ips: args.node_ips,
+            health_check_bind: args.health_check_bind_address,
+            lb_algorithm: args.lb_algorithm,
+            maglev,
+        })
+    }
+}

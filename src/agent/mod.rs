@@ -1,0 +1,162 @@
+//! The agent: loads and attaches the datapath, then keeps the maps equal to
+//! the Services its source delivers, and reports through metrics and health.
+//!
+//! Stopping the agent (any signal, or SIGKILL) leaves programs attached and
+//! maps pinned: translation goes on from the last synced state, and the next
+//! agent takes over the same maps.
+//!
+//! One module per task, composed by [`run`]:
+//! - `startup`: feature checks, datapath setup, what `kpr status` starts with;
+//! - `standalone` and `kubernetes`: the source loops, which translate what
+//!   their source delivers and hand it to the `syncer`; the Kubernetes loop
+//!   syncs when the `schedule` (a pure state machine) says;
+//! - `devices`, `addresses`: the north-south device and host address watchers;
+//! - `ct_gc`: conntrack garbage collection and datapath counters;
+//! - `serve`: the metrics, status and health endpoints.
+
+mod addresses;
+mod config;
+mod ct_gc;
+mod devices;
+mod kubernetes;
+mod node;
+mod schedule;
+mod serve;
+mod standalone;
+mod startup;
+mod syncer;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+pub use config::{AgentConfig, KubeSourceConfig, SourceConfig};
+pub use node::node_context;
+pub use syncer::{Synced, Syncer};
+
+use crate::healthcheck::HealthCheckServer;
+use crate::http::Health;
+use crate::metrics::Metrics;
+use crate::status::StatusHandle;
+
+/// How often the LRU map gauges are refreshed.
+const LRU_GAUGE_PERIOD: Duration = Duration::from_secs(10);
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub async fn run(config: AgentConfig) -> Result<()> {
+    let started = startup::start(&config)?;
+    let status = started.status;
+    let metrics = Arc::new(Metrics::new());
+    let health = Health::new();
+    let shutdown = Shutdown::new();
+    let mut tasks = serve::spawn(&config, &metrics, &health, &status, &shutdown).await?;
+    if let Some(watch) = started.devices {
+        tasks.push(devices::spawn(watch, metrics.clone(), shutdown.requested()));
+    }
+    tasks.push(tokio::spawn(addresses::run(
+        started.addresses,
+        metrics.clone(),
+        shutdown.requested(),
+    )));
+    if config.nodeport.is_some() {
+        tasks.push(tokio::spawn(ct_gc::run(
+            config.bpf_root.clone(),
+            config.ct_gc_interval,
+            metrics.clone(),
+            shutdown.requested(),
+        )));
+    }
+
+    let mut syncer = Syncer::new(
+        &config.bpf_root,
+        config.maglev,
+        metrics.clone(),
+        health.clone(),
+        status.clone(),
+    )?;
+    if config.nodeport.is_some() {
+        syncer = syncer
+            .with_dsr(&config.bpf_root)
+            .context("opening the DSR map")?;
+    }
+    let health_checks =
+        HealthCheckServer::new(config.health_check_bind).with_proxy_health(health.clone());
+    let ctx = SourceContext {
+        metrics: &metrics,
+        status: &status,
+        health_checks: &health_checks,
+        config: &config,
+    };
+    let result = match &config.source {
+        SourceConfig::Manifests(paths) => {
+            standalone::run(syncer, paths, config.debounce, &ctx).await
+        }
+        SourceConfig::Kubernetes(kube) => kubernetes::run(syncer, kube, &ctx).await,
+    };
+    tracing::info!("stopping; programs stay attached and maps pinned");
+    shutdown.stop(tasks).await;
+    result
+}
+
+/// What both source loops share.
+struct SourceContext<'a> {
+    metrics: &'a Metrics,
+    status: &'a StatusHandle,
+    health_checks: &'a HealthCheckServer,
+    config: &'a AgentConfig,
+}
+
+/// Tells the agent's tasks to stop once the source loop has ended.
+struct Shutdown {
+    tx: watch::Sender<bool>,
+}
+
+impl Shutdown {
+    fn new() -> Shutdown {
+        Shutdown {
+            tx: watch::channel(false).0,
+        }
+    }
+
+    /// Resolves when the tasks are to stop.
+    fn requested(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.tx.subscribe();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    }
+
+    /// Tells the tasks to stop and waits until they have.
+    async fn stop(self, tasks: Vec<JoinHandle<()>>) {
+        self.tx.send_replace(true);
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Resolves when the agent is asked to stop (SIGINT or SIGTERM).
+async fn stop_requested() {
+    let mut sigterm = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = sigterm.recv() => {}
+    }
+}
+
+/// Sleeps until `at`; forever when None.
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

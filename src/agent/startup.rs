@@ -1,0 +1,226 @@
+//! Startup: everything the agent does once before its tasks run. Checks
+//! the kernel's features against --kube-proxy-replacement, loads and
+//! attaches the socket-LB datapath, attaches the north-south datapath to
+//! the --devices interfaces (or removes it), and opens the host address
+//! map. Any error here stops the agent before a task starts.
+
+use anyhow::{Context, Result};
+
+use super::addresses::{self, AddressWatch};
+use super::devices::{self, DeviceWatch};
+use super::{AgentConfig, SourceConfig};
+use crate::datapath::loader;
+use crate::datapath::nodeport::{self, NodePortConfig};
+use crate::datapath::peer_devices;
+use crate::features::{self, KprMode};
+use crate::status::{AgentStatus, DeviceStatus, StatusHandle};
+
+/// What startup hands the tasks.
+pub(super) struct Started {
+    /// What `kpr status` shows, with what startup found filled in.
+    pub status: StatusHandle,
+    /// The device watcher's start (north-south datapath only).
+    pub devices: Option<DeviceWatch>,
+    /// The host address watcher's start.
+    pub addresses: AddressWatch,
+}
+
+/// Checks the configuration and the kernel, and sets the datapath up.
+pub(super) fn start(config: &AgentConfig) -> Result<Started> {
+    if let Some(np) = &config.nodeport {
+        np.validate()?;
+    }
+    let (skip_hooks, features) = check_features(config.kpr_mode)?;
+    let status = StatusHandle::new(initial_status(config, &features));
+    attach_socket_lb(config, skip_hooks, &features)?;
+    let devices = match &config.nodeport {
+        Some(np) => Some(attach_north_south(config, np, &status)?),
+        None => {
+            let detached = nodeport::remove(&config.bpf_root)
+                .context("turning the north-south datapath off")?;
+            if !detached.is_empty() {
+                tracing::info!(?detached, "no --devices: north-south datapath detached");
+            }
+            None
+        }
+    };
+    let addresses = addresses::start(&config.bpf_root)?;
+    Ok(Started {
+        status,
+        devices,
+        addresses,
+    })
+}
+
+/// Probes the kernel. Strict: any missing feature is an error naming it and
+/// its kernel option. Partial: logs what is missing and returns the socket
+/// hooks to leave out (bind protection goes whole when any part of it is
+/// missing: it is reported, never fatal).
+fn check_features(mode: KprMode) -> Result<(Vec<&'static str>, Vec<features::Feature>)> {
+    let probed = features::probe();
+    let missing = features::missing(&probed);
+    for rules in features::kube_proxy_rules() {
+        tracing::warn!(found = %rules, "kube-proxy's rules are on this node: they will intercept Service traffic too; remove kube-proxy and flush its rules");
+    }
+    if missing.is_empty() {
+        return Ok((Vec::new(), probed));
+    }
+    if mode == KprMode::Strict {
+        anyhow::bail!(
+            "--kube-proxy-replacement strict: the kernel lacks {} required feature(s):\n  {}\n(use --kube-proxy-replacement partial to run without them)",
+            missing.len(),
+            missing.join("\n  ")
+        );
+    }
+    for m in &missing {
+        tracing::warn!(feature = %m, "--kube-proxy-replacement partial: running without");
+    }
+    let lacks = |name: &str| probed.iter().any(|f| f.name == name && !f.available);
+    let mut skip = features::HOOK_ATTACH_TYPES
+        .iter()
+        .map(|(hook, _)| *hook)
+        .filter(|hook| lacks(features::hook_feature_name(hook)))
+        .collect::<Vec<_>>();
+    if skip.len() == features::HOOK_ATTACH_TYPES.len() || lacks("cgroup_sock_addr") {
+        anyhow::bail!("no socket-LB hook is available: {}", missing.join("; "));
+    }
+    let bind_hooks = features::BIND_HOOK_ATTACH_TYPES.map(|(hook, _)| hook);
+    if lacks(features::NETNS_COOKIE_SOCKOPT)
+        || bind_hooks
+            .iter()
+            .any(|hook| lacks(features::hook_feature_name(hook)))
+    {
+        tracing::warn!("--kube-proxy-replacement partial: NodePort bind protection is off (host sockets may bind NodePorts)");
+        skip.extend(bind_hooks);
+    }
+    Ok((skip, probed))
+}
+
+/// What `kpr status` shows before the first sync: the configuration and
+/// the kernel features probed.
+fn initial_status(config: &AgentConfig, features: &[features::Feature]) -> AgentStatus {
+    AgentStatus {
+        source: match &config.source {
+            SourceConfig::Manifests(_) => "manifests".into(),
+            SourceConfig::Kubernetes(_) => "kubernetes".into(),
+        },
+        api_server: match &config.source {
+            SourceConfig::Kubernetes(k) => k.api.api_server.clone().or_else(|| {
+                k.api
+                    .kubeconfig
+                    .as_ref()
+                    .map(|p| format!("from {}", p.display()))
+            }),
+            SourceConfig::Manifests(_) => None,
+        },
+        node_name: Some(config.node_name.clone()),
+        kube_proxy_replacement: format!("{:?}", config.kpr_mode).to_lowercase(),
+        cgroup: config.cgroup.display().to_string(),
+        features: features
+            .iter()
+            .map(|f| (f.name.to_string(), f.available))
+            .collect(),
+        lb_algorithm: Some(config.lb_algorithm.to_string()),
+        maglev_table_size: Some(config.maglev.table_size()),
+        nodeport_mode: config.nodeport.as_ref().map(|np| value_name(np.mode)),
+        nodeport_acceleration: config
+            .nodeport
+            .as_ref()
+            .map(|np| value_name(np.acceleration)),
+        ..AgentStatus::default()
+    }
+}
+
+/// Loads the socket-LB programs and attaches them to --cgroup, without
+/// the hooks `skip_hooks` names.
+fn attach_socket_lb(
+    config: &AgentConfig,
+    skip_hooks: Vec<&'static str>,
+    features: &[features::Feature],
+) -> Result<()> {
+    let use_set_retval = features
+        .iter()
+        .any(|f| f.name == "helper_set_retval" && f.available);
+    // Bind protection is for the node's own sockets: those of the agent's
+    // network namespace.
+    let host_netns_cookie = features::own_netns_cookie().unwrap_or(0);
+    let options = loader::DatapathOptions {
+        skip_hooks,
+        use_set_retval,
+        host_netns_cookie,
+    };
+    let report = loader::load_and_attach(
+        &config.bpf_root,
+        &config.cgroup,
+        &config.map_sizes,
+        &options,
+    )
+    .context("setting up the datapath")?;
+    tracing::info!(
+        cgroup = %config.cgroup.display(),
+        bpf_root = %config.bpf_root.display(),
+        reused_maps = ?report.reused_maps,
+        updated_links = ?report.updated_links,
+        created_links = ?report.created_links,
+        "datapath attached"
+    );
+    Ok(())
+}
+
+/// Attaches the north-south programs to the --devices interfaces there are
+/// and lists the pods' devices; what the device watcher starts from.
+fn attach_north_south(
+    config: &AgentConfig,
+    np: &NodePortConfig,
+    status: &StatusHandle,
+) -> Result<DeviceWatch> {
+    nodeport::check_port_range(np.snat_ports);
+    let events = devices::subscribe();
+    let report = nodeport::load_and_attach(&config.bpf_root, &config.map_sizes, np)
+        .context("setting up the north-south datapath")?;
+    tracing::info!(
+        devices = ?np.devices,
+        attached = ?report.devices.keys().collect::<Vec<_>>(),
+        mode = ?np.mode,
+        snat_ports = %np.snat_ports,
+        dsr_mss = report.dsr_mss,
+        reused_ct = report.reused_ct,
+        updated_links = ?report.updated_links,
+        created_links = ?report.created_links,
+        detached_links = ?report.detached_links,
+        xdp_links = ?report.xdp_links,
+        "north-south datapath attached"
+    );
+    if !report.missing_devices.is_empty() {
+        tracing::warn!(missing = ?report.missing_devices, "--devices names no interface has yet: attached when they appear");
+    }
+    status.update(|s| {
+        s.devices = Some(DeviceStatus {
+            patterns: np.devices.clone(),
+            attached: report.devices.keys().cloned().collect(),
+            missing: report.missing_devices.clone(),
+            ..DeviceStatus::default()
+        })
+    });
+    let mut peer_devices =
+        peer_devices::open(&config.bpf_root).context("opening the peer device map")?;
+    devices::sync_peer_devices(&mut peer_devices, &report.devices, np.redirect_peer);
+    Ok(DeviceWatch {
+        bpf_root: config.bpf_root.clone(),
+        sizes: config.map_sizes,
+        config: np.clone(),
+        status: status.clone(),
+        peer_devices,
+        events,
+        attached: report.devices,
+        attached_mss: report.dsr_mss,
+    })
+}
+
+/// A flag value as it is spelled on the command line.
+fn value_name(value: impl clap::ValueEnum) -> String {
+    value
+        .to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default()
+}

@@ -1,0 +1,308 @@
+//! The syncer: the reconciler with the reporting around it. Both sources
+//! hand it what translation made of their objects; it writes the maps, keeps
+//! the DSR map in step, and reflects every sync in metrics, health and
+//! `kpr status`. [`PolicyState`] keeps what translation says besides
+//! frontends (health checks, Local-policy frontends without a local
+//! endpoint) per Service, so that incremental syncs can update it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result};
+
+use crate::datapath::dsr::{self, DsrTable};
+use crate::datapath::kernel::KernelMaps;
+use crate::datapath::maps::MapName;
+use crate::healthcheck::HealthCheckServer;
+use crate::http::Health;
+use crate::metrics::TrafficPolicy as MetricPolicy;
+use crate::metrics::{MapLabel, Metrics, SyncErrorReason};
+use crate::reconcile::{
+    DesiredByService, Reconciler, RefusalReason, ServiceFrontends, SyncError, SyncOutcome,
+};
+use crate::status::StatusHandle;
+use crate::translate::{
+    HealthCheck, NoLocalEndpoints, ServiceTranslation, Skipped, TrafficPolicy, Translation,
+};
+
+/// The reconciler with the reporting around it: every sync is timed,
+/// counted and reflected in health.
+pub struct Syncer {
+    reconciler: Reconciler<KernelMaps>,
+    metrics: Arc<Metrics>,
+    health: Health,
+    status: StatusHandle,
+    /// Refusals of the last sync, to log each only when it first appears.
+    refused: BTreeSet<String>,
+    /// The DSR map, kept in step with the services map after every sync
+    /// that wrote to it (north-south datapath only).
+    dsr: Option<DsrTable>,
+    /// The DSR map may differ from the services map: just opened, or its
+    /// last sync failed.
+    dsr_stale: bool,
+}
+
+/// How a sync ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Synced {
+    /// The maps hold everything the source asked for.
+    Clean,
+    /// The maps are written, but some Services were refused (capacity,
+    /// conflicts); they keep their previous state.
+    Refused,
+    /// A map write failed; the maps are consistent but behind.
+    Failed,
+}
+
+impl Syncer {
+    pub fn new(
+        bpf_root: &Path,
+        maglev: crate::maglev::MaglevParams,
+        metrics: Arc<Metrics>,
+        health: Health,
+        status: StatusHandle,
+    ) -> Result<Syncer> {
+        let maps = KernelMaps::open(bpf_root).context("opening the pinned maps")?;
+        let reconciler =
+            Reconciler::with_maglev(maps, maglev).context("reading the pinned maps")?;
+        let s = reconciler.snapshot();
+        tracing::info!(
+            frontends = s.frontends.len(),
+            backends = s.backends.len(),
+            "restored state from pinned maps"
+        );
+        Ok(Syncer {
+            reconciler,
+            metrics,
+            health,
+            status,
+            refused: BTreeSet::new(),
+            dsr: None,
+            dsr_stale: true,
+        })
+    }
+
+    /// Also keeps the DSR map pinned under `bpf_root` (created by the
+    /// north-south datapath's load) in step with every sync.
+    pub fn with_dsr(mut self, bpf_root: &Path) -> Result<Syncer> {
+        self.dsr = Some(DsrTable::open(bpf_root)?);
+        Ok(self)
+    }
+
+    /// Brings the DSR map to what the services map now holds, when the
+    /// services map `changed` or the DSR map is stale. False when a write
+    /// failed (logged and counted; the next sync retries).
+    fn sync_dsr(&mut self, changed: bool) -> bool {
+        let Some(table) = self.dsr.as_mut() else {
+            return true;
+        };
+        if !changed && !self.dsr_stale {
+            return true;
+        }
+        let desired = dsr::desired(self.reconciler.snapshot());
+        let ok = match table.sync(&desired) {
+            Ok(done) => {
+                if done.written + done.deleted > 0 {
+                    tracing::debug!(
+                        written = done.written,
+                        deleted = done.deleted,
+                        "DSR map synced"
+                    );
+                }
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "DSR map not synced; will retry");
+                self.metrics.inc_sync_error(SyncErrorReason::MapUpdate);
+                false
+            }
+        };
+        self.metrics
+            .set_map(MapLabel::Dsr, table.len(), table.capacity());
+        self.dsr_stale = !ok;
+        ok
+    }
+
+    /// Syncs the maps to `desired`; `complete` says the source delivered
+    /// its whole state, so entries nobody claims may be pruned.
+    pub fn sync_full(&mut self, desired: &DesiredByService, complete: bool) -> Synced {
+        let timer = self.metrics.sync_timer();
+        let result = self.reconciler.sync_full(desired, complete);
+        self.report(timer.stop(), result)
+    }
+
+    /// Syncs the maps for the Services in `changes` only.
+    pub fn sync_services(&mut self, changes: Vec<(String, ServiceFrontends)>) -> Synced {
+        let timer = self.metrics.sync_timer();
+        let result = self.reconciler.sync_services(changes);
+        self.report(timer.stop(), result)
+    }
+
+    /// Logs, counts and publishes a sync that took `elapsed` (already
+    /// observed by the sync timer).
+    fn report(&mut self, elapsed: Duration, result: Result<SyncOutcome, SyncError>) -> Synced {
+        // A failed sync re-read the maps: what they hold may have moved.
+        let changed = result
+            .as_ref()
+            .map_or(true, |o| o.writes > 0 || o.pruned_frontends > 0);
+        let synced = match result {
+            Ok(outcome) => {
+                let refused: BTreeSet<String> =
+                    outcome.refused.iter().map(|r| r.to_string()).collect();
+                for (refusal, text) in outcome
+                    .refused
+                    .iter()
+                    .zip(outcome.refused.iter().map(|r| r.to_string()))
+                {
+                    // Counted every time, logged when new: a refusal repeats
+                    // on every retry until the cause goes away.
+                    if !self.refused.contains(&text) {
+                        tracing::error!("{text}");
+                    }
+                    self.metrics.inc_sync_error(match refusal.reason {
+                        RefusalReason::Capacity { .. }
+                        | RefusalReason::IdsExhausted
+                        | RefusalReason::TooManyBackends { .. }
+                        | RefusalReason::Maglev { .. } => SyncErrorReason::Capacity,
+                        RefusalReason::FrontendConflict { .. } => SyncErrorReason::Source,
+                    });
+                }
+                self.refused = refused;
+                if outcome.writes > 0 || outcome.pruned_frontends > 0 {
+                    tracing::info!(
+                        services = outcome.applied_services,
+                        writes = outcome.writes,
+                        pruned = outcome.pruned_frontends,
+                        elapsed_us = elapsed.as_micros() as u64,
+                        "synced"
+                    );
+                }
+                if outcome.refused.is_empty() {
+                    Synced::Clean
+                } else {
+                    Synced::Refused
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "sync failed; will retry");
+                self.metrics.inc_sync_error(SyncErrorReason::MapUpdate);
+                Synced::Failed
+            }
+        };
+        // A DSR map that lags only affects flows other nodes send here by
+        // DSR: retried like a refusal, without failing health.
+        let synced = if !self.sync_dsr(changed) && synced == Synced::Clean {
+            Synced::Refused
+        } else {
+            synced
+        };
+        // Health follows the maps, not single Services: a Service the maps
+        // refuse (too big, conflicting) must not make load balancers drain
+        // the node and with it every other Service.
+        let maps_ok = synced != Synced::Failed;
+        self.metrics.record_sync_result(maps_ok, SystemTime::now());
+        self.health.record_sync(maps_ok);
+        self.status
+            .record_sync(maps_ok, self.refused.iter().cloned().collect());
+        self.update_gauges();
+        synced
+    }
+
+    fn update_gauges(&self) {
+        let r = &self.reconciler;
+        let cap = r.capacity();
+        self.metrics.set_services(r.service_count());
+        self.metrics.set_frontends(r.snapshot().frontends.len());
+        self.metrics.set_backends(r.snapshot().backends.len());
+        self.metrics
+            .set_map(MapLabel::Services, r.service_entries(), cap.services);
+        self.metrics.set_map(
+            MapLabel::Backends,
+            r.snapshot().backends.len(),
+            cap.backends,
+        );
+        self.metrics.set_map(
+            MapLabel::SourceRanges,
+            r.snapshot().source_range_entries(),
+            cap.source_ranges,
+        );
+    }
+
+    /// Refreshes the fill of the LRU maps (a key walk, so not on every sync).
+    pub fn update_lru_gauges(&self) {
+        let maps = self.reconciler.maps();
+        for (name, label) in [
+            (MapName::Affinity, MapLabel::Affinity),
+            (MapName::SockRevNat, MapLabel::SockRevNat),
+        ] {
+            self.metrics
+                .set_map(label, maps.entry_count(name), maps.max_entries(name));
+        }
+    }
+
+    pub fn record_skipped(&self, skipped: &[Skipped]) {
+        for s in skipped {
+            tracing::warn!(object = %s.object, reason = %s.reason, detail = %s.detail, "skipped");
+            self.metrics.inc_skipped(s.reason);
+        }
+    }
+}
+
+/// What translation says besides frontends, kept per Service so that
+/// incremental syncs can update it: health check node ports to serve and
+/// Local-policy frontends without a local endpoint.
+#[derive(Default)]
+pub(super) struct PolicyState {
+    health_checks: BTreeMap<String, HealthCheck>,
+    no_local: BTreeMap<String, Vec<NoLocalEndpoints>>,
+}
+
+impl PolicyState {
+    pub(super) fn replace_all(&mut self, t: &Translation) {
+        self.health_checks = t
+            .health_checks
+            .iter()
+            .map(|h| (h.service.clone(), h.clone()))
+            .collect();
+        self.no_local.clear();
+        for n in &t.no_local_endpoints {
+            self.no_local
+                .entry(n.service.service_key())
+                .or_default()
+                .push(n.clone());
+        }
+    }
+
+    pub(super) fn replace_service(&mut self, key: &str, t: &ServiceTranslation) {
+        match &t.health_check {
+            Some(h) => self.health_checks.insert(key.to_string(), h.clone()),
+            None => self.health_checks.remove(key),
+        };
+        if t.no_local_endpoints.is_empty() {
+            self.no_local.remove(key);
+        } else {
+            self.no_local
+                .insert(key.to_string(), t.no_local_endpoints.clone());
+        }
+    }
+
+    /// Publishes the no-local-endpoint counts and serves the health checks.
+    pub(super) async fn publish(&self, metrics: &Metrics, health_checks: &HealthCheckServer) {
+        for (policy, label) in [
+            (TrafficPolicy::Internal, MetricPolicy::Internal),
+            (TrafficPolicy::External, MetricPolicy::External),
+        ] {
+            let n = self
+                .no_local
+                .values()
+                .flatten()
+                .filter(|n| n.policy == policy)
+                .count();
+            metrics.set_no_local_endpoints(label, n);
+        }
+        let checks: Vec<HealthCheck> = self.health_checks.values().cloned().collect();
+        health_checks.update(&checks).await;
+    }
+}
