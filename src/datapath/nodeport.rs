@@ -22,7 +22,7 @@ use std::ptr::NonNull;
 use anyhow::{bail, Context, Result};
 use libbpf_rs::query::LinkTypeInfo;
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
-use libbpf_rs::{AsRawLibbpf, Link, ProgramMut};
+use libbpf_rs::{AsRawLibbpf, Link, OpenObject, ProgramMut};
 use serde::Serialize;
 
 use crate::datapath::devices;
@@ -365,24 +365,7 @@ pub fn load_and_attach(
     };
     let devices: Vec<(String, u32)> = present.into_iter().collect();
     let mut storage = MaybeUninit::uninit();
-    let mut open = NodeportSkelBuilder::default()
-        .open(&mut storage)
-        .context("opening the north-south BPF object")?;
-    configure_open!(open, config, sizes, bpf_root, mss);
-    // The tc object's own, sized as it defines them: the pods' devices it
-    // hands packets through (datapath::peer_devices keeps it) and the
-    // fragments' datagrams.
-    let maps = &mut open.maps;
-    for (map, pin) in [
-        (&mut maps.kpr_peerdev_v1, PEERDEV_PIN),
-        (&mut maps.kpr_frag_v1, FRAG_PIN),
-    ] {
-        let size = map.max_entries();
-        loader::size_and_pin(map, &bpf_root.join(pin), size)?;
-    }
-    let skel: NodeportSkel = open.load().context(
-        "loading the north-south BPF programs (a pinned map of an incompatible definition? run `kpr cleanup`)",
-    )?;
+    let skel = load_tc(&mut storage, bpf_root, sizes, config, mss)?;
 
     fs::create_dir_all(bpf_root.join("links")).context("creating links directory")?;
     for (device, index) in &devices {
@@ -408,13 +391,7 @@ pub fn load_and_attach(
     let mut xdp_storage = MaybeUninit::uninit();
     let xdp_skel = match config.acceleration.xdp_mode() {
         None => None,
-        Some(_) => {
-            let mut open = NodeportXdpSkelBuilder::default()
-                .open(&mut xdp_storage)
-                .context("opening the north-south XDP object")?;
-            configure_open!(open, config, sizes, bpf_root, mss);
-            Some(open.load().context("loading the north-south XDP program")?)
-        }
+        Some(_) => Some(load_xdp(&mut xdp_storage, bpf_root, sizes, config, mss)?),
     };
     let keep: Vec<(String, &'static str)> = match (&xdp_skel, config.acceleration.xdp_mode()) {
         (Some(skel), Some(mode)) => {
@@ -438,6 +415,57 @@ pub fn load_and_attach(
         .detached_links
         .extend(detach_other_xdp(bpf_root, &keep)?);
     Ok(report)
+}
+
+/// Opens and loads the tc object (bpf/nodeport.bpf.c) with `config`'s
+/// knobs, `dsr_mss` as its MSS clamp and its maps shared or pinned under
+/// `bpf_root`, attaching nothing: [`load_and_attach`]'s first step, and
+/// what tests and benchmarks run with BPF_PROG_TEST_RUN.
+pub fn load_tc<'obj>(
+    storage: &'obj mut MaybeUninit<OpenObject>,
+    bpf_root: &Path,
+    sizes: &MapSizes,
+    config: &NodePortConfig,
+    dsr_mss: u16,
+) -> Result<NodeportSkel<'obj>> {
+    let mss = dsr_mss;
+    let mut open = NodeportSkelBuilder::default()
+        .open(storage)
+        .context("opening the north-south BPF object")?;
+    configure_open!(open, config, sizes, bpf_root, mss);
+    // The tc object's own, sized as it defines them: the pods' devices it
+    // hands packets through (datapath::peer_devices keeps it) and the
+    // fragments' datagrams.
+    let maps = &mut open.maps;
+    for (map, pin) in [
+        (&mut maps.kpr_peerdev_v1, PEERDEV_PIN),
+        (&mut maps.kpr_frag_v1, FRAG_PIN),
+    ] {
+        let size = map.max_entries();
+        loader::size_and_pin(map, &bpf_root.join(pin), size)?;
+    }
+    open.load().context(
+        "loading the north-south BPF programs (a pinned map of an incompatible definition? run `kpr cleanup`)",
+    )
+}
+
+/// Opens and loads the XDP object (bpf/nodeport_xdp.bpf.c) as [`load_tc`]
+/// does the tc one, attaching nothing; its maps are the tc object's pins,
+/// so [`load_tc`] comes first.
+pub fn load_xdp<'obj>(
+    storage: &'obj mut MaybeUninit<OpenObject>,
+    bpf_root: &Path,
+    sizes: &MapSizes,
+    config: &NodePortConfig,
+    dsr_mss: u16,
+) -> Result<NodeportXdpSkel<'obj>> {
+    let mss = dsr_mss;
+    let mut open = NodeportXdpSkelBuilder::default()
+        .open(storage)
+        .context("opening the north-south XDP object")?;
+    configure_open!(open, config, sizes, bpf_root, mss);
+    open.load()
+        .context("loading the north-south XDP program")
 }
 
 /// Sets the knobs and map pins shared by the tc and XDP objects on an
