@@ -182,6 +182,20 @@ const C: Ipv4Addr = CLIENT_IP;
 const N: Ipv4Addr = NODE_IP;
 
 #[test]
+fn the_packet_builder_s_frames_parse_back_to_what_built_them() {
+    for payload in [
+        L4::Tcp(Tcp::new(40000, NP_REMOTE_TCP, TCP_SYN)),
+        L4::Udp(Udp::new(40000, NP_REMOTE_UDP, b"hello")),
+    ] {
+        let f = from(CLIENT_MAC, Ipv4::new(C, N, payload));
+        assert_eq!(Frame::parse(&f.build()), Ok(f));
+    }
+    let mut broken = from(CLIENT_MAC, tcp((C, 40000), (N, 80), TCP_SYN)).build();
+    broken[14 + 8] -= 1; // the TTL, its checksum left as it was
+    assert!(Frame::parse(&broken).is_err());
+}
+
+#[test]
 #[ignore = "needs root"]
 fn snat_node_translates_flows_both_ways_and_leaves_other_traffic_alone() {
     require_root();
@@ -194,6 +208,9 @@ fn snat_node_translates_flows_both_ways_and_leaves_other_traffic_alone() {
     let no_backend_udp = udp((C, 40011), (N, NP_EMPTY_UDP), b"query");
     let frag_needed_about = tcp((N, SNAT_A), (REMOTE_POD, POD_TCP), TCP_ACK).with_ttl(63);
     let mtu_1400 = [0, 0, 0x05, 0x78];
+    // The reply as it reached the client, and as the backend sent it.
+    let reply_seen = tcp((N, NP_REMOTE_TCP), (C, 40000), TCP_ACK).with_ttl(62);
+    let reply_sent = tcp((REMOTE_POD, POD_TCP), (N, SNAT_A), TCP_ACK).with_ttl(62);
     let local_syn = tcp((C, 40020), (N, NP_LOCAL), TCP_SYN);
     let local_synack = tcp((LOCAL_POD, POD_TCP), (C, 40020), TCP_SYN | TCP_ACK).with_ttl(63);
     let unrouted = tcp((C, 40030), (N, NP_UNROUTED), TCP_SYN);
@@ -297,6 +314,35 @@ fn snat_node_translates_flows_both_ways_and_leaves_other_traffic_alone() {
                             mtu_1400,
                             &tcp((C, 40000), (N, NP_REMOTE_TCP), TCP_ACK).with_ttl(63),
                         )),
+                    )
+                },
+            )),
+            counts: &[("icmp_errors", 1)],
+        },
+        Case {
+            what: "tc: ICMP fragmentation-needed from the client's side about the backend's \
+                   reply reaches the backend, about its own packet, from the SNAT address",
+            hook: Hook::TcIngress,
+            input: from(
+                CLIENT_MAC,
+                Ipv4 {
+                    tos: 0xc0,
+                    df: false,
+                    ..Ipv4::new(C, N, L4::Icmp(Icmp::error(3, 4, mtu_1400, &reply_seen)))
+                },
+            ),
+            verdict: Verdict::TcRedirect,
+            output: Out::Frame(Frame::new(
+                NODE_MAC,
+                NODE2_MAC,
+                Ipv4 {
+                    tos: 0xc0,
+                    df: false,
+                    ttl: 63,
+                    ..Ipv4::new(
+                        N,
+                        REMOTE_POD,
+                        L4::Icmp(Icmp::error(3, 4, mtu_1400, &reply_sent)),
                     )
                 },
             )),
@@ -647,10 +693,7 @@ fn dsr_node_encapsulates_toward_remote_backends_and_decapsulates_for_local_ones(
         Ipv4::new(
             LOCAL_POD,
             C,
-            L4::Tcp(mss(
-                Tcp::new(POD_TCP, 41003, TCP_SYN | TCP_ACK),
-                mss_value,
-            )),
+            L4::Tcp(mss(Tcp::new(POD_TCP, 41003, TCP_SYN | TCP_ACK), mss_value)),
         )
     };
     let client_synack = Ipv4::new(
@@ -763,7 +806,11 @@ fn dsr_node_encapsulates_toward_remote_backends_and_decapsulates_for_local_ones(
 /// node must compute alike (so a change to it shows here).
 fn jhash_3words(a: u32, b: u32, c: u32, initval: u32) -> u32 {
     let init = initval.wrapping_add(0xdeadbeef).wrapping_add(3 << 2);
-    let (mut a, mut b, mut c) = (a.wrapping_add(init), b.wrapping_add(init), c.wrapping_add(init));
+    let (mut a, mut b, mut c) = (
+        a.wrapping_add(init),
+        b.wrapping_add(init),
+        c.wrapping_add(init),
+    );
     c ^= b;
     c = c.wrapping_sub(b.rotate_left(14));
     a ^= c;
@@ -792,7 +839,11 @@ fn maglev_frontends_send_each_new_flow_to_the_backend_its_table_names() {
     let mut picked = BTreeMap::new();
     for i in 0..16u16 {
         let port = 42000 + i;
-        let hook = if i % 2 == 0 { Hook::Xdp } else { Hook::TcIngress };
+        let hook = if i % 2 == 0 {
+            Hook::Xdp
+        } else {
+            Hook::TcIngress
+        };
         let frame = from(CLIENT_MAC, tcp((C, port), (N, NP_MAGLEV), TCP_SYN));
         let out = node.run(hook, &frame.build(), 1);
         assert!(

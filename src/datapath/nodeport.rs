@@ -464,8 +464,7 @@ pub fn load_xdp<'obj>(
         .open(storage)
         .context("opening the north-south XDP object")?;
     configure_open!(open, config, sizes, bpf_root, mss);
-    open.load()
-        .context("loading the north-south XDP program")
+    open.load().context("loading the north-south XDP program")
 }
 
 /// Sets the knobs and map pins shared by the tc and XDP objects on an

@@ -345,7 +345,9 @@ impl BpfMount {
             None::<&str>,
         )
         .expect("mounting bpffs");
-        BpfMount { at: at.to_path_buf() }
+        BpfMount {
+            at: at.to_path_buf(),
+        }
     }
 }
 
@@ -574,7 +576,11 @@ fn enter_own_netns() {
     let before = ns();
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
         .expect("a network namespace for this thread");
-    assert_ne!(ns(), before, "still in the namespace this thread started in");
+    assert_ne!(
+        ns(),
+        before,
+        "still in the namespace this thread started in"
+    );
     // Children inherit the calling thread's namespace.
     let mut ip = Command::new("ip")
         .args(["-batch", "-"])
