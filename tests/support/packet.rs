@@ -203,7 +203,10 @@ impl Ipv4 {
     /// The two fragments of this datagram, the first holding `first_len`
     /// bytes of its L4 data (a multiple of 8), same id, DF cleared.
     pub fn fragments(&self, first_len: usize) -> [Ipv4; 2] {
-        assert_eq!(first_len % 8, 0, "fragment data comes in 8-byte units");
+        assert!(
+            first_len.is_multiple_of(8),
+            "fragment data comes in 8-byte units"
+        );
         let l4 = self.l4_bytes();
         let proto = self.proto();
         let first = Ipv4 {
@@ -344,7 +347,7 @@ impl Tcp {
 
     fn build(&self, src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
         let mut options = self.options.clone();
-        while options.len() % 4 != 0 {
+        while !options.len().is_multiple_of(4) {
             options.push(0);
         }
         let hlen = 20 + options.len();
