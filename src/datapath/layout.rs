@@ -3,21 +3,19 @@
 //! owns byte order (addresses and ports are network order in the maps) and
 //! the IPv4-mapped address convention; nothing else touches raw entries.
 
+#![deny(unsafe_code)]
+
 use std::net::{IpAddr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use crate::datapath::dsr::DsrKey;
-use crate::datapath::maps::{BackendEntry, BackendId, MasterEntry, ServiceId, SvcValue};
+use crate::datapath::maps::{BackendEntry, BackendId, DsrKey, MasterEntry, ServiceId, SvcValue};
 use crate::datapath::skel::nodeport::types::{ct_entry, ct_key, dsr_key};
 use crate::datapath::skel::sock_lb::types::{
     ct_dir, ct_flags, lb_affinity_key, lb_affinity_val, lb_backend, lb_backend_flags,
     lb_backend_state, lb_scope, lb_srcrange_key, lb_svc_flags, lb_svc_key, lb_svc_val,
 };
 use crate::model::{BackendState, Frontend, FrontendOptions, L4Addr, Protocol, Scope, ServiceType};
-
-/// Layout version of the maps; the `_vN` suffix of their pinned names.
-pub const LAYOUT_VERSION: u32 = 1;
 
 // The enums of lb_types.h, from the generated skeleton (BTF), not copied.
 const LB_SCOPE_EXT: u8 = lb_scope::LB_SCOPE_EXT.0 as u8;
@@ -37,34 +35,7 @@ const BE_STATE_ACTIVE: u8 = lb_backend_state::BE_STATE_ACTIVE.0 as u8;
 const BE_STATE_TERMINATING: u8 = lb_backend_state::BE_STATE_TERMINATING.0 as u8;
 const BE_F_LOCAL: u8 = lb_backend_flags::BE_F_LOCAL.0 as u8;
 
-/// Plain-old-data map structs: `repr(C)`, every byte a declared field
-/// (explicit padding; `tests::struct_sizes_match_the_c_layout` pins it).
-pub trait Pod: Copy + Default {}
-impl Pod for lb_svc_key {}
-impl Pod for lb_svc_val {}
-impl Pod for lb_backend {}
-impl Pod for lb_affinity_key {}
-impl Pod for lb_affinity_val {}
-impl Pod for u32 {}
-impl Pod for u8 {}
-impl Pod for lb_srcrange_key {}
-impl Pod for ct_key {}
-impl Pod for ct_entry {}
-impl Pod for dsr_key {}
-
-pub fn as_bytes<T: Pod>(value: &T) -> &[u8] {
-    // SAFETY: T is repr(C) with no implicit padding (Pod), so every byte is initialised.
-    unsafe { std::slice::from_raw_parts(value as *const T as *const u8, std::mem::size_of::<T>()) }
-}
-
-/// Reads a `T` from map bytes; None when the size does not match.
-pub fn from_bytes<T: Pod>(bytes: &[u8]) -> Option<T> {
-    if bytes.len() != std::mem::size_of::<T>() {
-        return None;
-    }
-    // SAFETY: the length matches and every bit pattern is valid for these integer-only structs.
-    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const T) })
-}
+pub use crate::datapath::sys::{as_bytes, from_bytes, Pod};
 
 /// A 16-byte map address in network order (IPv4 as IPv4-mapped).
 pub fn encode_ip(ip: IpAddr) -> [u32; 4] {
