@@ -11,6 +11,8 @@
 //!   `devices`, `netlink_events`, `cleanup`;
 //! - `loader` (socket LB), `nodeport` (north-south).
 
+#![deny(unsafe_code)]
+
 pub mod cleanup;
 pub mod config;
 pub mod counters;

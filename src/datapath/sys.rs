@@ -7,6 +7,8 @@
 //! probes, link detach by id), and the raw socket calls of netlink and of
 //! two ioctls.
 
+#![allow(unsafe_code)]
+
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};

@@ -7,6 +7,8 @@
 //! text, and every label value is created up front so that zeros are
 //! exported before the first event.
 
+#![deny(unsafe_code)]
+
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
