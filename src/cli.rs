@@ -251,6 +251,46 @@ pub struct CleanupArgs {
     pub cgroup: Option<PathBuf>,
 }
 
+/// Gives a config type of the datapath its flag values: the type itself
+/// knows nothing of clap. Each value is listed with its help, in order.
+macro_rules! value_enum {
+    ($t:ty { $($variant:ident => $name:literal: $help:literal,)+ }) => {
+        impl ValueEnum for $t {
+            fn value_variants<'a>() -> &'a [Self] {
+                &[$(<$t>::$variant),+]
+            }
+
+            fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+                Some(match self {
+                    $(<$t>::$variant => clap::builder::PossibleValue::new($name).help($help),)+
+                })
+            }
+        }
+    };
+}
+
+value_enum!(NodePortMode {
+    Snat => "snat": "Source-NAT to the node: replies come back through this node",
+    Dsr => "dsr": "Direct server return: the packet goes IPIP-encapsulated to the backend's node (which needs kpr too), the backend sees the client's address and its reply goes straight to the client",
+    Hybrid => "hybrid": "DSR for TCP, SNAT for UDP",
+});
+
+value_enum!(Acceleration {
+    Disabled => "disabled": "tc (tcx) only",
+    Native => "native": "XDP in the driver (XDP_FLAGS_DRV_MODE); fails on devices without it",
+    Generic => "generic": "XDP in generic (skb) mode, on any device",
+});
+
+value_enum!(NoBackendResponse {
+    Reject => "reject": "ICMP destination unreachable (port unreachable), for TCP and UDP alike: what kube-proxy's REJECT sends",
+    Drop => "drop": "Nothing: the packet is dropped",
+});
+
+value_enum!(KprMode {
+    Strict => "strict": "Every feature is required; a missing one is a start-up error",
+    Partial => "partial": "Run with the features the kernel has; report the missing ones",
+});
+
 /// A duration such as `10ms` or `30s`; zero is refused (a zero period would
 /// spin).
 fn parse_period(s: &str) -> Result<std::time::Duration, String> {

@@ -7,16 +7,19 @@
 //! Test-only: `KPR_TEST_MISSING_FEATURES=name,name` makes the probe report
 //! those features missing, to exercise the strict path on a complete kernel.
 
-use std::ffi::CString;
+#![deny(unsafe_code)]
+
 use std::path::Path;
 
-use clap::ValueEnum;
 use serde::Serialize;
 
 use libbpf_sys as sys;
 
+use crate::datapath::hooks::{HookKind, SockHook};
+use crate::datapath::sys as ffi;
+
 /// `--kube-proxy-replacement`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KprMode {
     /// Every feature is required; a missing one is a start-up error.
@@ -39,37 +42,16 @@ pub struct Feature {
     pub required: bool,
 }
 
-/// Socket-LB hooks and their attach types, as the loader names them.
-pub const HOOK_ATTACH_TYPES: [(&str, sys::bpf_attach_type); 8] = [
-    ("connect4", sys::BPF_CGROUP_INET4_CONNECT),
-    ("connect6", sys::BPF_CGROUP_INET6_CONNECT),
-    ("sendmsg4", sys::BPF_CGROUP_UDP4_SENDMSG),
-    ("sendmsg6", sys::BPF_CGROUP_UDP6_SENDMSG),
-    ("recvmsg4", sys::BPF_CGROUP_UDP4_RECVMSG),
-    ("recvmsg6", sys::BPF_CGROUP_UDP6_RECVMSG),
-    ("getpeername4", sys::BPF_CGROUP_INET4_GETPEERNAME),
-    ("getpeername6", sys::BPF_CGROUP_INET6_GETPEERNAME),
-];
-
-/// NodePort bind protection hooks (cgroup sock programs) and their attach
-/// types, as the loader names them.
-pub const BIND_HOOK_ATTACH_TYPES: [(&str, sys::bpf_attach_type); 2] = [
-    ("post_bind4", sys::BPF_CGROUP_INET4_POST_BIND),
-    ("post_bind6", sys::BPF_CGROUP_INET6_POST_BIND),
-];
-
 /// The feature bind protection needs besides its hooks: telling the node's
 /// own sockets from pods' by network namespace cookie.
 pub const NETNS_COOKIE_SOCKOPT: &str = "sockopt_netns_cookie";
 
 fn prog_type_supported(t: sys::bpf_prog_type) -> bool {
-    // SAFETY: a probe with no options.
-    unsafe { sys::libbpf_probe_bpf_prog_type(t, std::ptr::null()) == 1 }
+    ffi::probe_prog_type(t)
 }
 
 fn helper_supported(t: sys::bpf_prog_type, helper: sys::bpf_func_id) -> bool {
-    // SAFETY: a probe with no options.
-    unsafe { sys::libbpf_probe_bpf_helper(t, helper, std::ptr::null()) == 1 }
+    ffi::probe_helper(t, helper)
 }
 
 /// One BPF instruction without registers or offset: `code` with `imm`.
@@ -83,43 +65,12 @@ fn insn(code: u8, imm: i32) -> sys::bpf_insn {
     }
 }
 
-/// Whether the kernel loads `insns` as a program of type `prog_type` for
-/// `attach` (the kernel rejects attach types it does not know).
-fn prog_loads(
-    prog_type: sys::bpf_prog_type,
-    attach: sys::bpf_attach_type,
-    insns: &[sys::bpf_insn],
-) -> bool {
-    let mut opts = sys::bpf_prog_load_opts {
-        sz: std::mem::size_of::<sys::bpf_prog_load_opts>() as _,
-        expected_attach_type: attach,
-        ..Default::default()
-    };
-    let license = CString::new("GPL").expect("no NUL");
-    // SAFETY: valid instructions and options; the fd is closed below.
-    let fd = unsafe {
-        sys::bpf_prog_load(
-            prog_type,
-            std::ptr::null(),
-            license.as_ptr(),
-            insns.as_ptr(),
-            insns.len() as _,
-            &mut opts,
-        )
-    };
-    if fd >= 0 {
-        // SAFETY: our own fd.
-        unsafe { libc::close(fd) };
-    }
-    fd >= 0
-}
-
 /// Whether the kernel loads a `return 1` cgroup sock_addr program for
 /// `attach` (the kernel rejects attach types it does not know).
 fn sock_addr_hook_supported(attach: sys::bpf_attach_type) -> bool {
     // r0 = 1; exit
     let insns = [insn(0xb7, 1), insn(0x95, 0)];
-    prog_loads(sys::BPF_PROG_TYPE_CGROUP_SOCK_ADDR, attach, &insns)
+    ffi::prog_loads(sys::BPF_PROG_TYPE_CGROUP_SOCK_ADDR, attach, &insns)
 }
 
 /// Whether the kernel loads a cgroup sock program for `attach` that calls
@@ -131,35 +82,13 @@ fn sock_hook_supported(attach: sys::bpf_attach_type) -> bool {
         insn(0xb7, 1),
         insn(0x95, 0),
     ];
-    prog_loads(sys::BPF_PROG_TYPE_CGROUP_SOCK, attach, &insns)
+    ffi::prog_loads(sys::BPF_PROG_TYPE_CGROUP_SOCK, attach, &insns)
 }
 
 /// The cookie of this process's network namespace (SO_NETNS_COOKIE, kernel
 /// 5.14+), the value `bpf_get_netns_cookie` gives for its sockets.
 pub fn own_netns_cookie() -> Option<u64> {
-    /// SO_NETNS_COOKIE of asm-generic/socket.h (every architecture kpr
-    /// builds for).
-    const SO_NETNS_COOKIE: libc::c_int = 71;
-    // SAFETY: socket(2) has no memory preconditions; the fd is closed below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return None;
-    }
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: cookie and len are valid for writes of the sizes given.
-    let ret = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    // SAFETY: our own fd.
-    unsafe { libc::close(fd) };
-    (ret == 0 && cookie != 0).then_some(cookie)
+    ffi::own_netns_cookie()
 }
 
 fn kernel_at_least(major: u32, minor: u32) -> bool {
@@ -211,22 +140,22 @@ pub fn probe() -> Vec<Feature> {
             required: true,
         },
     ];
-    for (hook, attach) in HOOK_ATTACH_TYPES {
+    for hook in SockHook::of_kind(HookKind::Translation) {
         features.push(Feature {
-            name: hook_feature_name(hook),
+            name: hook.feature(),
             kernel_config:
                 "CONFIG_CGROUP_BPF (connect: 4.17, sendmsg: 4.18, recvmsg: 5.2, getpeername: 5.8)",
             used_for: "socket-LB hook",
-            available: sock_addr && sock_addr_hook_supported(attach),
+            available: sock_addr && sock_addr_hook_supported(hook.attach_type()),
             required: true,
         });
     }
-    for (hook, attach) in BIND_HOOK_ATTACH_TYPES {
+    for hook in SockHook::of_kind(HookKind::BindProtection) {
         features.push(Feature {
-            name: hook_feature_name(hook),
+            name: hook.feature(),
             kernel_config: "CONFIG_CGROUP_BPF (post_bind: 4.17; netns cookie in it: 5.8)",
             used_for: "NodePort bind protection",
-            available: bpf && sock_hook_supported(attach),
+            available: bpf && sock_hook_supported(hook.attach_type()),
             required: true,
         });
     }
@@ -293,23 +222,6 @@ pub fn probe() -> Vec<Feature> {
         f.required = !matches!(f.name, "btf" | "xdp" | "tc_bpf" | "tcx");
     }
     features
-}
-
-/// `cgroup_connect4` etc. for every hook of [`HOOK_ATTACH_TYPES`] and
-/// [`BIND_HOOK_ATTACH_TYPES`].
-pub fn hook_feature_name(hook: &str) -> &'static str {
-    match hook {
-        "connect4" => "cgroup_connect4",
-        "connect6" => "cgroup_connect6",
-        "sendmsg4" => "cgroup_sendmsg4",
-        "sendmsg6" => "cgroup_sendmsg6",
-        "recvmsg4" => "cgroup_recvmsg4",
-        "recvmsg6" => "cgroup_recvmsg6",
-        "getpeername4" => "cgroup_getpeername4",
-        "post_bind4" => "cgroup_post_bind4",
-        "post_bind6" => "cgroup_post_bind6",
-        _ => "cgroup_getpeername6",
-    }
 }
 
 /// The missing required features, as one error line per feature.

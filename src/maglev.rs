@@ -9,6 +9,8 @@
 //! backends are identified by their address (not their node-local id) so
 //! every node agrees.
 
+#![deny(unsafe_code)]
+
 use crate::model::L4Addr;
 
 /// Table sizes kpr accepts: primes, as Cilium's `maglev.tableSize`.

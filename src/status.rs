@@ -173,7 +173,7 @@ pub fn gather(agent_addr: SocketAddr, bpf_root: &Path) -> Report {
         .collect();
     let (mut maps, mut frontends, mut backends) = (Vec::new(), 0, 0);
     if let Ok(kernel) = KernelMaps::open(bpf_root) {
-        for map in MapName::ALL {
+        for map in MapName::LOAD_BALANCER {
             maps.push(MapFill {
                 map,
                 entries: kernel.entry_count(map),

@@ -12,8 +12,11 @@
  *    backend ids;
  *  - backend id 0 and service id 0 are invalid ("none").
  *
- * Any change to a struct here is a layout change: bump KPR_LAYOUT_VERSION
- * and the _vN suffix of every map name in lb_maps.h. The one exception is
+ * Any change to a struct here is a layout change: bump the _vN suffix of
+ * the name of every map that holds the struct (each map's name carries its
+ * own layout version; src/datapath/pins.rs names them on the Rust side,
+ * and an agent removes the pins of names it does not know once its
+ * programs are attached). The one exception is
  * giving meaning to bits or bytes that were always zero, when zero (what
  * every older writer left there) means the old behaviour:
  * struct lb_backend.flags, SVC_F_SRC_RANGE, SVC_F_SRC_RANGE_NODE,
@@ -24,7 +27,8 @@
 
 #include <linux/types.h>
 
-#define KPR_LAYOUT_VERSION 1
+#include "lb_np_stats.h"
+
 
 /* Frontend scopes (struct lb_svc_key.scope). */
 enum lb_scope {
@@ -205,43 +209,14 @@ struct ct_entry {
 
 /* Counters of the north-south datapath (index into kpr_npstats_v2, which
  * has NP_STAT_SLOTS slots: a new counter takes the next index and is no
- * layout change; an index is never reused for another meaning). */
+ * layout change; an index is never reused for another meaning). The list
+ * is lb_np_stats.h's, in its order. */
+#define NP_STAT_ENUM(name, event, field, help) NP_STAT_##name,
 enum np_stat {
-	NP_STAT_FLOW_NEW       = 0, /* flows created */
-	NP_STAT_FLOW_SNAT      = 1, /* ... of which source-NATed (remote backend) */
-	NP_STAT_FWD            = 2, /* packets translated toward a backend */
-	NP_STAT_REPLY          = 3, /* replies translated back toward the client */
-	NP_STAT_NO_BACKEND     = 4, /* dropped: frontend without a usable backend */
-	NP_STAT_SNAT_EXHAUSTED = 5, /* dropped: no free port in the SNAT range */
-	NP_STAT_FIB_FAIL       = 6, /* dropped: no route or neighbour to forward */
-	NP_STAT_CT_FAIL        = 7, /* dropped: a conntrack entry could not be written,
-				     * or a local backend's reply tuple is held by a
-				     * live flow (client port reused across frontends) */
-	NP_STAT_TTL            = 8, /* dropped: TTL exhausted */
-	NP_STAT_XDP_FWD        = 9, /* packets XDP translated and redirected itself */
-	NP_STAT_NO_BACKEND_REJECT = 10, /* frontend without backend: answered with
-					 * ICMP port unreachable (reject mode) */
-	NP_STAT_SRC_RANGE      = 11, /* dropped: source outside loadBalancerSourceRanges */
-	NP_STAT_FLOW_DSR       = 12, /* flows created with DSR (remote backend, IPIP) */
-	NP_STAT_DSR_DECAP      = 13, /* encapsulated DSR packets delivered to a local backend */
-	NP_STAT_DSR_MISS       = 14, /* IPIP packets for no local backend of a frontend
-				      * (left alone: not ours, or not programmed yet) */
-	NP_STAT_DSR_TOO_BIG    = 15, /* dropped: too big for the encapsulation (an ICMP
-				      * fragmentation-needed goes to the client) */
-	NP_STAT_MSS_CLAMP      = 16, /* DSR SYN-ACKs whose TCP MSS was lowered */
-	NP_STAT_PORT_REMAP     = 17, /* flows to a local backend given another client
-				      * source port: the reply tuple was another
-				      * live flow's (same client port, other frontend) */
-	NP_STAT_PEER_REDIRECT  = 18, /* packets handed straight into a local pod's
-				      * namespace (bpf_redirect_peer, lb_peerdev.h) */
-	NP_STAT_ICMP_ERROR     = 19, /* ICMP errors about translated flows, translated
-				      * and sent on (lb_icmp_err.h) */
-	NP_STAT_FRAG_FOLLOWED  = 20, /* later fragments given their datagram's ports */
-	NP_STAT_FRAG_UNKNOWN   = 21, /* later fragments whose first one was not seen
-				      * (left alone: reordered), or whose flow was
-				      * never opened (dropped) */
-	NP_STAT_MAX            = 22,
+	NP_STATS(NP_STAT_ENUM)
+	NP_STAT_MAX,
 };
+#undef NP_STAT_ENUM
 
 /* Slots of kpr_npstats_v2: room for counters to come, so adding one is
  * not a layout change of the pinned map. */

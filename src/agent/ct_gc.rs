@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::datapath::ct::{monotonic_ns, CtMap, NodePortStats};
-use crate::metrics::{MapLabel, Metrics, NodePortEvent};
+use crate::metrics::{MapLabel, Metrics};
 
 /// Removes expired conntrack entries every `interval` and publishes the
 /// conntrack fill and the datapath's counters, until `stop` resolves.
@@ -41,30 +41,7 @@ pub(super) async fn run(
             Ok(Ok((report, capacity, stats))) => {
                 metrics.record_ct_gc(report.deleted, report.alive);
                 metrics.set_map(MapLabel::Conntrack, report.alive, capacity);
-                for (event, n) in [
-                    (NodePortEvent::FlowNew, stats.flows_new),
-                    (NodePortEvent::FlowSnat, stats.flows_snat),
-                    (NodePortEvent::Forward, stats.packets_fwd),
-                    (NodePortEvent::Reply, stats.packets_reply),
-                    (NodePortEvent::DropNoBackend, stats.drop_no_backend),
-                    (NodePortEvent::DropSnatExhausted, stats.drop_snat_exhausted),
-                    (NodePortEvent::DropFib, stats.drop_fib),
-                    (NodePortEvent::DropConntrack, stats.drop_ct),
-                    (NodePortEvent::DropTtl, stats.drop_ttl),
-                    (NodePortEvent::XdpForward, stats.xdp_fwd),
-                    (NodePortEvent::RejectNoBackend, stats.reject_no_backend),
-                    (NodePortEvent::DropSourceRange, stats.drop_source_range),
-                    (NodePortEvent::FlowDsr, stats.flows_dsr),
-                    (NodePortEvent::DsrDecap, stats.dsr_decap),
-                    (NodePortEvent::DsrMiss, stats.dsr_miss),
-                    (NodePortEvent::DropDsrTooBig, stats.drop_dsr_too_big),
-                    (NodePortEvent::MssClamp, stats.mss_clamped),
-                    (NodePortEvent::PortRemap, stats.port_remapped),
-                    (NodePortEvent::PeerRedirect, stats.peer_redirects),
-                    (NodePortEvent::IcmpError, stats.icmp_errors),
-                    (NodePortEvent::FragmentFollowed, stats.fragments_followed),
-                    (NodePortEvent::FragmentUnknown, stats.fragments_unknown),
-                ] {
+                for (event, n) in stats.events() {
                     metrics.set_nodeport_event(event, n);
                 }
                 if report.deleted > 0 {

@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use super::addresses::{self, AddressWatch};
 use super::devices::{self, DeviceWatch};
 use super::{AgentConfig, SourceConfig};
+use crate::datapath::hooks::{HookKind, SockHook};
 use crate::datapath::loader;
 use crate::datapath::nodeport::{self, NodePortConfig};
 use crate::datapath::peer_devices;
@@ -56,7 +57,7 @@ pub(super) fn start(config: &AgentConfig) -> Result<Started> {
 /// its kernel option. Partial: logs what is missing and returns the socket
 /// hooks to leave out (bind protection goes whole when any part of it is
 /// missing: it is reported, never fatal).
-fn check_features(mode: KprMode) -> Result<(Vec<&'static str>, Vec<features::Feature>)> {
+fn check_features(mode: KprMode) -> Result<(Vec<SockHook>, Vec<features::Feature>)> {
     let probed = features::probe();
     let missing = features::missing(&probed);
     for rules in features::kube_proxy_rules() {
@@ -76,19 +77,14 @@ fn check_features(mode: KprMode) -> Result<(Vec<&'static str>, Vec<features::Fea
         tracing::warn!(feature = %m, "--kube-proxy-replacement partial: running without");
     }
     let lacks = |name: &str| probed.iter().any(|f| f.name == name && !f.available);
-    let mut skip = features::HOOK_ATTACH_TYPES
-        .iter()
-        .map(|(hook, _)| *hook)
-        .filter(|hook| lacks(features::hook_feature_name(hook)))
+    let mut skip = SockHook::of_kind(HookKind::Translation)
+        .filter(|hook| lacks(hook.feature()))
         .collect::<Vec<_>>();
-    if skip.len() == features::HOOK_ATTACH_TYPES.len() || lacks("cgroup_sock_addr") {
+    if skip.len() == SockHook::of_kind(HookKind::Translation).count() || lacks("cgroup_sock_addr") {
         anyhow::bail!("no socket-LB hook is available: {}", missing.join("; "));
     }
-    let bind_hooks = features::BIND_HOOK_ATTACH_TYPES.map(|(hook, _)| hook);
-    if lacks(features::NETNS_COOKIE_SOCKOPT)
-        || bind_hooks
-            .iter()
-            .any(|hook| lacks(features::hook_feature_name(hook)))
+    let bind_hooks: Vec<SockHook> = SockHook::of_kind(HookKind::BindProtection).collect();
+    if lacks(features::NETNS_COOKIE_SOCKOPT) || bind_hooks.iter().any(|hook| lacks(hook.feature()))
     {
         tracing::warn!("--kube-proxy-replacement partial: NodePort bind protection is off (host sockets may bind NodePorts)");
         skip.extend(bind_hooks);
@@ -135,7 +131,7 @@ fn initial_status(config: &AgentConfig, features: &[features::Feature]) -> Agent
 /// the hooks `skip_hooks` names.
 fn attach_socket_lb(
     config: &AgentConfig,
-    skip_hooks: Vec<&'static str>,
+    skip_hooks: Vec<SockHook>,
     features: &[features::Feature],
 ) -> Result<()> {
     let use_set_retval = features

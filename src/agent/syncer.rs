@@ -228,6 +228,9 @@ impl Syncer {
             r.snapshot().source_range_entries(),
             cap.source_ranges,
         );
+        // A full Maglev map refuses Services: its fill is exported too.
+        self.metrics
+            .set_map(MapLabel::Maglev, r.snapshot().maglev.len(), cap.maglev);
     }
 
     /// Refreshes the fill of the LRU maps (a key walk, so not on every sync).

@@ -10,11 +10,14 @@
 //! gone. A named device that does not exist yet is not an error: it is
 //! attached when it appears.
 
+#![deny(unsafe_code)]
+
 use std::collections::BTreeMap;
-use std::ffi::CStr;
 use std::io;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+
+use crate::datapath::{interfaces, sys};
 
 #[cfg(doc)]
 use crate::datapath::netlink_events::NetlinkEvents;
@@ -54,23 +57,7 @@ pub fn matches(pattern: &str, name: &str) -> bool {
 
 /// The interfaces of this network namespace, name -> ifindex.
 pub fn links() -> io::Result<BTreeMap<String, u32>> {
-    // SAFETY: if_nameindex returns a heap array terminated by an entry with
-    // index 0 (or NULL with errno set); it is read, then freed exactly once.
-    unsafe {
-        let list = libc::if_nameindex();
-        if list.is_null() {
-            return Err(io::Error::last_os_error());
-        }
-        let mut out = BTreeMap::new();
-        let mut at = list;
-        while (*at).if_index != 0 && !(*at).if_name.is_null() {
-            let name = CStr::from_ptr((*at).if_name).to_string_lossy().into_owned();
-            out.insert(name, (*at).if_index);
-            at = at.add(1);
-        }
-        libc::if_freenameindex(list);
-        Ok(out)
-    }
+    interfaces::by_name()
 }
 
 /// The interfaces of this namespace that `patterns` mean, name -> ifindex.
@@ -88,6 +75,37 @@ pub fn missing(patterns: &[String], present: &BTreeMap<String, u32>) -> Vec<Stri
         .filter(|p| !is_pattern(p) && !present.contains_key(p.as_str()))
         .cloned()
         .collect()
+}
+
+/// The MTU of `device` in this network namespace (SIOCGIFMTU).
+pub fn device_mtu(device: &str) -> Result<u32> {
+    let mtu = sys::device_mtu(device).with_context(|| format!("reading the MTU of {device}"))?;
+    u32::try_from(mtu).with_context(|| format!("MTU {mtu} of {device}"))
+}
+
+/// Bytes a DSR packet needs besides its TCP payload: outer and inner IPv4
+/// headers and the TCP header (20 each).
+const DSR_MSS_OVERHEAD: u32 = 60;
+
+/// The MSS DSR SYN-ACKs are clamped to: the smallest MTU of `mtus` minus
+/// [`DSR_MSS_OVERHEAD`]; 0 (no clamp) without any MTU.
+pub fn dsr_mss(mtus: &[u32]) -> u16 {
+    mtus.iter()
+        .min()
+        .map(|m| m.saturating_sub(DSR_MSS_OVERHEAD).min(u32::from(u16::MAX)) as u16)
+        .unwrap_or(0)
+}
+
+/// The MSS DSR SYN-ACKs are clamped to on `devices` (name -> ifindex):
+/// [`dsr_mss`] of their MTUs, read now. The agent reads it on every
+/// (re-)attachment, and its device watcher attaches again when it changes
+/// (a device's MTU changed).
+pub fn devices_dsr_mss(devices: &std::collections::BTreeMap<String, u32>) -> Result<u16> {
+    let mtus: Vec<u32> = devices
+        .keys()
+        .map(|d| device_mtu(d))
+        .collect::<Result<_>>()?;
+    Ok(dsr_mss(&mtus))
 }
 
 #[cfg(test)]
@@ -126,6 +144,14 @@ mod tests {
             missing(&v(&["eth-c", "eth-late", "ens+"]), &present),
             ["eth-late"]
         );
+    }
+
+    #[test]
+    fn the_dsr_mss_leaves_room_for_both_ip_headers_and_tcp() {
+        assert_eq!(dsr_mss(&[1500, 9000]), 1440);
+        assert_eq!(dsr_mss(&[9000]), 8940);
+        assert_eq!(dsr_mss(&[]), 0);
+        assert_eq!(dsr_mss(&[40]), 0);
     }
 
     #[test]

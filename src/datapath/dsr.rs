@@ -19,31 +19,21 @@
 //! snat mode still serves flows other nodes send it by DSR (a cluster can
 //! change modes node by node).
 
+#![deny(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
-use anyhow::{Context, Result};
-use libbpf_rs::{MapCore, MapFlags, MapHandle};
+use anyhow::Result;
 
-use crate::datapath::kernel::to_io;
-use crate::datapath::layout::{self, as_bytes, from_bytes};
+use crate::datapath::layout;
+pub use crate::datapath::maps::DsrKey;
 use crate::datapath::maps::{BackendId, Snapshot};
-use crate::datapath::nodeport::DSR_PIN;
-use crate::model::{Protocol, Scope, ServiceType};
-
-/// A key of the DSR map, in domain terms.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct DsrKey {
-    /// The frontend address (LoadBalancer, externalIP), or the family's
-    /// unspecified address for a NodePort (any node's address).
-    pub frontend: IpAddr,
-    /// The local backend's address: the outer destination of the packet.
-    pub backend: IpAddr,
-    /// The frontend port.
-    pub port: u16,
-    pub proto: Protocol,
-}
+use crate::datapath::pinned_table::{PinnedTable, TableKey};
+use crate::datapath::pins::MapName;
+use crate::datapath::sys::{as_bytes, from_bytes};
+use crate::model::{Scope, ServiceType};
 
 /// The DSR entries the maps of `snapshot` call for. When two backends of
 /// one frontend share an address (different ports), the first slot's wins:
@@ -104,6 +94,17 @@ pub fn desired(snapshot: &Snapshot) -> BTreeMap<DsrKey, BackendId> {
     out
 }
 
+/// The map key: `struct dsr_key` (bpf/include/lb_dsr.h).
+impl TableKey for DsrKey {
+    fn encode(&self) -> Vec<u8> {
+        as_bytes(&layout::dsr_key(self)).to_vec()
+    }
+
+    fn decode(bytes: &[u8]) -> Option<DsrKey> {
+        layout::decode_dsr_key(&from_bytes(bytes)?)
+    }
+}
+
 /// What one [`DsrTable::sync`] wrote.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DsrSync {
@@ -114,118 +115,37 @@ pub struct DsrSync {
 }
 
 /// The pinned DSR map and what it holds.
-pub struct DsrTable {
-    map: MapHandle,
-    current: BTreeMap<DsrKey, BackendId>,
-}
+pub struct DsrTable(PinnedTable<DsrKey, BackendId>);
 
 impl DsrTable {
     /// Opens the DSR map pinned under `bpf_root` (by the north-south
     /// datapath's load) and reads what it holds.
     pub fn open(bpf_root: &Path) -> Result<DsrTable> {
-        let pin = bpf_root.join(DSR_PIN);
-        let map = MapHandle::from_pinned_path(&pin)
-            .with_context(|| format!("opening the DSR map {}", pin.display()))?;
-        let mut table = DsrTable {
-            map,
-            current: BTreeMap::new(),
-        };
-        table.reload()?;
-        Ok(table)
-    }
-
-    fn reload(&mut self) -> Result<()> {
-        let mut current = BTreeMap::new();
-        for key in self.map.keys() {
-            let value = self
-                .map
-                .lookup(&key, MapFlags::ANY)
-                .map_err(to_io)
-                .context("reading the DSR map")?;
-            let entry = from_bytes(&key)
-                .and_then(|k| layout::decode_dsr_key(&k))
-                .zip(value.as_deref().and_then(from_bytes::<u32>));
-            match entry {
-                Some((k, id)) => {
-                    current.insert(k, id);
-                }
-                // Not one kpr writes: removed by the next sync.
-                None => self
-                    .map
-                    .delete(&key)
-                    .map_err(to_io)
-                    .context("removing a malformed DSR entry")?,
-            }
-        }
-        self.current = current;
-        Ok(())
+        Ok(DsrTable(PinnedTable::open(bpf_root, MapName::Dsr)?))
     }
 
     /// Entries the map holds.
     pub fn len(&self) -> usize {
-        self.current.len()
+        self.0.len()
     }
 
     /// Whether the map is empty.
     pub fn is_empty(&self) -> bool {
-        self.current.is_empty()
+        self.0.is_empty()
     }
 
     /// The map's capacity.
     pub fn capacity(&self) -> usize {
-        self.map.max_entries() as usize
+        self.0.capacity()
     }
 
-    /// Makes the map hold exactly `desired`: new and changed entries first,
-    /// then removals. On an error the table re-reads the map, so the next
-    /// sync retries what is missing.
+    /// Makes the map hold exactly `desired` (see [`PinnedTable::sync`]).
     pub fn sync(&mut self, desired: &BTreeMap<DsrKey, BackendId>) -> Result<DsrSync> {
-        let result = self.apply(desired);
-        if result.is_err() {
-            self.reload()?;
-        }
-        result
-    }
-
-    fn apply(&mut self, desired: &BTreeMap<DsrKey, BackendId>) -> Result<DsrSync> {
-        let mut report = DsrSync::default();
-        for (key, id) in desired {
-            if self.current.get(key) == Some(id) {
-                continue;
-            }
-            self.map
-                .update(
-                    as_bytes(&layout::dsr_key(key)),
-                    &id.to_ne_bytes(),
-                    MapFlags::ANY,
-                )
-                .map_err(to_io)
-                .with_context(|| {
-                    format!(
-                        "writing DSR entry {key:?} ({} of {} entries used)",
-                        self.current.len(),
-                        self.capacity()
-                    )
-                })?;
-            self.current.insert(*key, *id);
-            report.written += 1;
-        }
-        let stale: Vec<DsrKey> = self
-            .current
-            .keys()
-            .filter(|k| !desired.contains_key(*k))
-            .copied()
-            .collect();
-        for key in stale {
-            match self.map.delete(as_bytes(&layout::dsr_key(&key))) {
-                Ok(()) => {}
-                Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => {}
-                Err(e) => return Err(to_io(e)).context("removing a DSR entry"),
-            }
-            self.current.remove(&key);
-            report.deleted += 1;
-        }
-        Ok(report)
+        let done = self.0.sync(desired)?;
+        Ok(DsrSync {
+            written: done.added.len(),
+            deleted: done.removed.len(),
+        })
     }
 }
 
@@ -233,7 +153,7 @@ impl DsrTable {
 mod tests {
     use super::*;
     use crate::datapath::maps::{BackendEntry, FrontendEntries, MasterEntry};
-    use crate::model::{BackendState, Frontend, FrontendOptions, L4Addr};
+    use crate::model::{BackendState, Frontend, FrontendOptions, L4Addr, Protocol};
 
     fn backend(ip: &str, port: u16, local: bool) -> BackendEntry {
         BackendEntry {

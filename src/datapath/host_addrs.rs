@@ -11,6 +11,8 @@
 //! before deletes. A stale entry costs little: an address that is gone
 //! takes no traffic; one not there yet is served once the event arrives.
 
+#![deny(unsafe_code)]
+
 use std::collections::BTreeSet;
 use std::io;
 use std::net::{IpAddr, Ipv6Addr};
@@ -20,10 +22,8 @@ use anyhow::Result;
 
 #[cfg(doc)]
 use crate::datapath::netlink_events::NetlinkEvents;
-use crate::datapath::pinned_set::{PinnedSet, SetKey};
-
-/// Pinned name of the host address map (its suffix is the layout version).
-pub const HOSTADDR_PIN: &str = "kpr_hostaddr_v1";
+use crate::datapath::pinned_table::{PinnedSet, TableKey};
+use crate::datapath::pins::MapName;
 
 /// Every address of this network namespace's interfaces, loopback included.
 pub fn local_addresses() -> io::Result<BTreeSet<IpAddr>> {
@@ -41,7 +41,7 @@ pub fn local_addresses() -> io::Result<BTreeSet<IpAddr>> {
 }
 
 /// The map key: 16 bytes, IPv4 as IPv4-mapped, network order.
-impl SetKey for IpAddr {
+impl TableKey for IpAddr {
     fn encode(&self) -> Vec<u8> {
         match self {
             IpAddr::V4(v4) => v4.to_ipv6_mapped().octets().to_vec(),
@@ -65,7 +65,7 @@ pub type HostAddrTable = PinnedSet<IpAddr>;
 /// Opens the host address map pinned under `bpf_root` (by the socket-LB
 /// load) and reads what it holds.
 pub fn open(bpf_root: &Path) -> Result<HostAddrTable> {
-    PinnedSet::open(&bpf_root.join(HOSTADDR_PIN), "host address")
+    PinnedSet::open(bpf_root, MapName::HostAddresses)
 }
 
 #[cfg(test)]

@@ -2,6 +2,8 @@
 //! per ordered step of a plan, so a full sync of 100k entries costs a few
 //! syscalls per thousand entries instead of one per entry.
 
+#![deny(unsafe_code)]
+
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
@@ -10,14 +12,16 @@ use std::path::Path;
 use ipnet::IpNet;
 use libbpf_rs::{ErrorKind, MapCore, MapFlags, MapHandle, MapType};
 
-use crate::datapath::layout::{self, as_bytes, from_bytes, Pod};
+use crate::datapath::layout;
 use crate::datapath::maps::{
     BackendEntry, BackendId, Capacity, LbMaps, MaglevTable, MaglevTableInfo, MapError, MapName,
     ServiceId, Snapshot, SvcValue,
 };
+use crate::datapath::pins;
 use crate::datapath::skel::sock_lb::types::{
     lb_affinity_key, lb_affinity_val, lb_backend, lb_srcrange_key, lb_svc_key, lb_svc_val,
 };
+use crate::datapath::sys::{as_bytes, from_bytes, to_io, Pod};
 use crate::model::Frontend;
 
 /// Handles on the pinned load-balancer maps.
@@ -34,22 +38,11 @@ pub struct KernelMaps {
 /// Name of the Maglev tables (inner maps), as `bpftool map` shows them.
 const MAGLEV_TABLE_NAME: &str = "kpr_maglev_tbl";
 
-/// libbpf-rs errors carry an errno-like kind; keep the errno where it matters.
-pub(crate) fn to_io(err: libbpf_rs::Error) -> io::Error {
-    match err.kind() {
-        ErrorKind::NotFound => io::Error::from_raw_os_error(libc::ENOENT),
-        ErrorKind::TooBig => io::Error::from_raw_os_error(libc::E2BIG),
-        ErrorKind::OutOfMemory => io::Error::from_raw_os_error(libc::ENOMEM),
-        ErrorKind::PermissionDenied => io::Error::from_raw_os_error(libc::EPERM),
-        _ => io::Error::other(err.to_string()),
-    }
-}
-
 impl KernelMaps {
-    /// Opens the maps pinned under `bpf_root` (see `loader::pin_path`).
+    /// Opens the maps pinned under `bpf_root` (see `pins::pin_path`).
     pub fn open(bpf_root: &Path) -> Result<KernelMaps, MapError> {
         let open = |name: MapName| {
-            let path = crate::datapath::loader::pin_path(bpf_root, name);
+            let path = pins::pin_path(bpf_root, name);
             MapHandle::from_pinned_path(&path).map_err(|e| {
                 MapError::new(
                     "open",
@@ -71,28 +64,48 @@ impl KernelMaps {
         })
     }
 
-    fn handle(&self, name: MapName) -> &MapHandle {
+    /// The handle of one of [`MapName::LOAD_BALANCER`]; None for the others.
+    fn handle(&self, name: MapName) -> Option<&MapHandle> {
         match name {
-            MapName::Services => &self.services,
-            MapName::Backends => &self.backends,
-            MapName::Affinity => &self.affinity,
-            MapName::SockRevNat => &self.sock_revnat,
-            MapName::SourceRanges => &self.source_ranges,
-            MapName::Maglev => &self.maglev,
+            MapName::Services => Some(&self.services),
+            MapName::Backends => Some(&self.backends),
+            MapName::Affinity => Some(&self.affinity),
+            MapName::SockRevNat => Some(&self.sock_revnat),
+            MapName::SourceRanges => Some(&self.source_ranges),
+            MapName::Maglev => Some(&self.maglev),
+            MapName::HostAddresses
+            | MapName::Conntrack
+            | MapName::Dsr
+            | MapName::PeerDevices
+            | MapName::NodePortStats
+            | MapName::Fragments => None,
         }
     }
 
-    pub fn max_entries(&self, name: MapName) -> usize {
-        self.handle(name).max_entries() as usize
+    /// The handle of a load-balancer map, for the operations below.
+    fn lb(&self, name: MapName) -> Result<&MapHandle, MapError> {
+        self.handle(name).ok_or_else(|| {
+            MapError::new(
+                "open",
+                name,
+                io::Error::other("not one of the load balancer's maps"),
+            )
+        })
     }
 
-    /// Number of entries in a map (walks its keys).
+    /// Capacity of one of [`MapName::LOAD_BALANCER`] (0 for the others).
+    pub fn max_entries(&self, name: MapName) -> usize {
+        self.handle(name).map_or(0, |m| m.max_entries() as usize)
+    }
+
+    /// Number of entries of one of [`MapName::LOAD_BALANCER`] (walks its
+    /// keys; 0 for the others).
     pub fn entry_count(&self, name: MapName) -> usize {
-        self.handle(name).keys().count()
+        self.handle(name).map_or(0, |m| m.keys().count())
     }
 
     fn entries<K: Pod, V: Pod>(&self, name: MapName) -> Result<Vec<(K, V)>, MapError> {
-        let map = self.handle(name);
+        let map = self.lb(name)?;
         let mut out = Vec::new();
         for key in map.keys() {
             // An entry deleted between the key walk and the lookup is skipped.
@@ -123,7 +136,7 @@ impl KernelMaps {
             keys.extend_from_slice(as_bytes(k));
             values.extend_from_slice(as_bytes(v));
         }
-        self.handle(name)
+        self.lb(name)?
             .update_batch(
                 &keys,
                 &values,
@@ -223,7 +236,7 @@ impl KernelMaps {
         if keys.is_empty() {
             return Ok(());
         }
-        let map = self.handle(name);
+        let map = self.lb(name)?;
         let bytes: Vec<u8> = keys.iter().flat_map(|k| as_bytes(k).to_vec()).collect();
         match map.delete_batch(&bytes, keys.len() as u32, MapFlags::ANY, MapFlags::ANY) {
             Ok(()) => Ok(()),

@@ -4,71 +4,32 @@
 //! `fake::FakeMaps` in memory (with fault injection) for tests.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use ipnet::IpNet;
 use serde::Serialize;
 
-use crate::model::{BackendState, Frontend, FrontendOptions, L4Addr, ServiceType};
+use crate::model::{BackendState, Frontend, FrontendOptions, L4Addr, Protocol, ServiceType};
 
 /// Id of a backend in the backends map. 0 is invalid ("no backend").
 pub type BackendId = u32;
 /// Id of a frontend (Cilium's rev-NAT index). 0 is invalid.
 pub type ServiceId = u32;
 
-/// The maps of the load balancer, as named in metrics and errors.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum MapName {
-    Services,
-    Backends,
-    Affinity,
-    SockRevNat,
-    /// loadBalancerSourceRanges: (frontend id, prefix), an LPM trie.
-    SourceRanges,
-    /// Frontend id -> Maglev table (north-south).
-    Maglev,
-}
+pub use crate::datapath::pins::MapName;
 
-impl MapName {
-    pub const ALL: [MapName; 6] = [
-        MapName::Services,
-        MapName::Backends,
-        MapName::Affinity,
-        MapName::SockRevNat,
-        MapName::SourceRanges,
-        MapName::Maglev,
-    ];
-
-    /// The map's pinned name; the suffix is the layout version.
-    pub fn pin_name(self) -> &'static str {
-        match self {
-            MapName::Services => "kpr_svc_v1",
-            MapName::Backends => "kpr_backends_v1",
-            MapName::Affinity => "kpr_affinity_v1",
-            MapName::SockRevNat => "kpr_sockrnat_v1",
-            MapName::SourceRanges => "kpr_srcrange_v1",
-            MapName::Maglev => "kpr_maglev_v1",
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MapName::Services => "services",
-            MapName::Backends => "backends",
-            MapName::Affinity => "affinity",
-            MapName::SockRevNat => "sock_revnat",
-            MapName::SourceRanges => "source_ranges",
-            MapName::Maglev => "maglev",
-        }
-    }
-}
-
-impl fmt::Display for MapName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
+/// A key of the DSR map (`datapath::dsr`), in domain terms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DsrKey {
+    /// The frontend address (LoadBalancer, externalIP), or the family's
+    /// unspecified address for a NodePort (any node's address).
+    pub frontend: IpAddr,
+    /// The local backend's address: the outer destination of the packet.
+    pub backend: IpAddr,
+    /// The frontend port.
+    pub port: u16,
+    pub proto: Protocol,
 }
 
 /// Maximum entries of the maps the reconciler fills.
@@ -240,14 +201,6 @@ pub struct MapError {
 impl MapError {
     pub fn new(op: &'static str, map: MapName, source: std::io::Error) -> MapError {
         MapError { op, map, source }
-    }
-
-    /// The map had no room for the entry.
-    pub fn is_full(&self) -> bool {
-        matches!(
-            self.source.raw_os_error(),
-            Some(libc::E2BIG) | Some(libc::ENOSPC) | Some(libc::ENOMEM)
-        )
     }
 }
 

@@ -1,22 +1,40 @@
 //! The BPF side of kpr as the control plane sees it: the generated
 //! skeletons, the encoding of map entries, the `LbMaps` seam with a kernel
-//! and an in-memory implementation, and the loader that pins maps and
-//! attaches programs.
+//! and an in-memory implementation, and the loaders that pin maps and
+//! attach programs.
+//!
+//! Layers (a module imports only from layers above it):
+//! - `skel`, `sys` (the FFI boundary), `pins` (names, paths, sizing),
+//!   `maps` (domain types), `config`, `hooks`, `interfaces`, `counters`;
+//! - `layout` (encoding), `link` (attach or swap), `pinned_table`;
+//! - `kernel`, `fake`, `ct`, `dsr`, `host_addrs`, `peer_devices`,
+//!   `devices`, `netlink_events`, `cleanup`;
+//! - `loader` (socket LB), `nodeport` (north-south).
 
+#![deny(unsafe_code)]
+
+pub mod cleanup;
+pub mod config;
+pub mod counters;
 pub mod ct;
 pub mod devices;
 pub mod dsr;
 pub mod fake;
+pub mod hooks;
 pub mod host_addrs;
+pub mod interfaces;
 pub mod kernel;
 pub mod layout;
+pub mod link;
 pub mod loader;
 pub mod maps;
 pub mod netlink_events;
 pub mod nodeport;
 pub mod peer_devices;
-pub mod pinned_set;
+pub mod pinned_table;
+pub mod pins;
 pub mod skel;
+pub mod sys;
 
 pub use maps::{
     BackendEntry, BackendId, Capacity, FrontendEntries, LbMaps, MapError, MapName, MasterEntry,

@@ -3,10 +3,14 @@
 //! (`--devices`) or addresses (the host address map) again on each wake-up
 //! instead of parsing messages, so a lost or merged message loses nothing.
 
+#![deny(unsafe_code)]
+
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 
 use tokio::io::unix::AsyncFd;
+
+use crate::datapath::sys;
 
 /// rtnetlink multicast group of link changes (RTMGRP_LINK).
 const RTMGRP_LINK: u32 = 0x1;
@@ -34,35 +38,10 @@ impl NetlinkEvents {
     }
 
     fn subscribe(groups: u32) -> io::Result<NetlinkEvents> {
-        // SAFETY: socket(2) and bind(2) with a zeroed, then filled
-        // sockaddr_nl of the right size; the fd is owned right away.
-        let fd = unsafe {
-            let raw = libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-                libc::NETLINK_ROUTE,
-            );
-            if raw < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let fd = OwnedFd::from_raw_fd(raw);
-            let mut addr: libc::sockaddr_nl = std::mem::zeroed();
-            addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-            addr.nl_groups = groups;
-            let ret = libc::bind(
-                fd.as_raw_fd(),
-                (&addr as *const libc::sockaddr_nl).cast(),
-                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            );
-            if ret != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            fd
-        };
-        // SAFETY: the OwnedFd is open and moves into the AsyncFd, which
-        // owns it (same descriptor) until dropped.
-        let fd = unsafe { AsyncFd::register(fd) }?;
-        Ok(NetlinkEvents { fd })
+        let fd = sys::netlink_route_socket(groups, true)?;
+        Ok(NetlinkEvents {
+            fd: sys::async_fd(fd)?,
+        })
     }
 
     /// Waits until something changed, then drains what is queued (a burst is
@@ -92,18 +71,5 @@ impl NetlinkEvents {
 }
 
 fn recv(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: buf is valid for writes of its length.
-    let n = unsafe {
-        libc::recv(
-            fd.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_DONTWAIT,
-        )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+    sys::recv(fd.as_fd(), buf, libc::MSG_DONTWAIT)
 }

@@ -1,5 +1,6 @@
 //! The generated libbpf-rs skeletons; the only place they are included.
 #![allow(
+    unsafe_code,
     clippy::all,
     missing_docs,
     non_camel_case_types,

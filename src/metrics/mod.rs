@@ -7,10 +7,12 @@
 //! text, and every label value is created up front so that zeros are
 //! exported before the first event.
 
+#![deny(unsafe_code)]
+
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -19,192 +21,15 @@ use prometheus_client::registry::{Registry, Unit};
 
 use crate::skip::SkipReason;
 
+mod labels;
+pub use labels::{
+    GcStatus, MapLabel, MapName, NodePortEvent, SyncErrorReason, SyncResult, TrafficPolicy,
+    WatchKind,
+};
+
 /// kube-proxy's sync duration buckets: `0.001 * 2^i` s for i in 0..15, i.e.
 /// 1 ms to 16.384 s, plus the implicit `+Inf` (16 `le` series in all).
 pub const SYNC_DURATION_BUCKETS: (f64, f64, u16) = (0.001, 2.0, 15);
-
-/// Defines a label enum: the variants with their label values, `ALL` in label
-/// order, `as_label`, `Display` and Prometheus label encoding. Adding a
-/// variant here is all it takes to export it.
-macro_rules! label_enum {
-    (
-        $(#[$meta:meta])*
-        pub enum $name:ident {
-            $( $(#[$vmeta:meta])* $variant:ident => $label:literal, )+
-        }
-    ) => {
-        $(#[$meta])*
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub enum $name {
-            $( $(#[$vmeta])* $variant, )+
-        }
-
-        impl $name {
-            /// Every value, in label order.
-            pub const ALL: &'static [$name] = &[$($name::$variant),+];
-
-            /// The metric label value.
-            pub fn as_label(self) -> &'static str {
-                match self {
-                    $( $name::$variant => $label, )+
-                }
-            }
-        }
-
-        impl std::fmt::Display for $name {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str(self.as_label())
-            }
-        }
-
-        impl EncodeLabelValue for $name {
-            fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
-                EncodeLabelValue::encode(&self.as_label(), encoder)
-            }
-        }
-    };
-}
-
-label_enum! {
-    /// A BPF map, as the `map` label of `kpr_bpf_map_entries` and
-    /// `kpr_bpf_map_capacity`.
-    pub enum MapLabel {
-        /// The services (frontend and backend slot) map.
-        Services => "services",
-        /// The backends map.
-        Backends => "backends",
-        /// The session affinity LRU map.
-        Affinity => "affinity",
-        /// The socket reverse-NAT LRU map (for `getpeername` and UDP replies).
-        SockRevNat => "sock_revnat",
-        /// The north-south conntrack LRU map (zero without --devices).
-        Conntrack => "conntrack",
-        /// The DSR map: north-south frontends' local backends (zero
-        /// without --devices).
-        Dsr => "dsr",
-        /// The loadBalancerSourceRanges LPM trie.
-        SourceRanges => "source_ranges",
-        /// The node's own addresses (NodePorts on every address, socket path).
-        HostAddresses => "host_addresses",
-        /// The pods' devices the north-south datapath redirects into
-        /// (zero without --devices).
-        PeerDevices => "peer_devices",
-    }
-}
-
-label_enum! {
-    /// The outcome of a conntrack GC pass, as the `status` label of
-    /// `kpr_ct_gc_runs_total` (Cilium's `datapath_conntrack_gc_runs_total`).
-    pub enum GcStatus {
-        /// The pass walked the whole map.
-        Completed => "completed",
-        /// The map could not be read or an entry not deleted.
-        Failed => "failed",
-    }
-}
-
-label_enum! {
-    /// What the north-south datapath did with a packet or flow, as the
-    /// `event` label of `kpr_nodeport_events_total` (enum np_stat).
-    pub enum NodePortEvent {
-        /// A flow was created.
-        FlowNew => "flow_new",
-        /// A flow was created with SNAT (remote backend).
-        FlowSnat => "flow_snat",
-        /// A packet was translated toward a backend.
-        Forward => "forward",
-        /// A reply was translated back toward the client.
-        Reply => "reply",
-        /// Dropped: the frontend has no usable backend (drop mode, a Local
-        /// external policy without local backend, or a reject that could
-        /// not be built).
-        DropNoBackend => "drop_no_backend",
-        /// Dropped: no free port in the SNAT range.
-        DropSnatExhausted => "drop_snat_exhausted",
-        /// Dropped: no route or neighbour toward the backend or client.
-        DropFib => "drop_fib",
-        /// Dropped: a conntrack entry could not be written.
-        DropConntrack => "drop_conntrack",
-        /// Dropped: TTL exhausted.
-        DropTtl => "drop_ttl",
-        /// A packet XDP translated and redirected itself.
-        XdpForward => "xdp_forward",
-        /// A new flow to a frontend without backend was answered with ICMP
-        /// port unreachable (--service-no-backend-response reject).
-        RejectNoBackend => "reject_no_backend",
-        /// Dropped: the source is outside the frontend's loadBalancerSourceRanges.
-        DropSourceRange => "drop_source_range",
-        /// A flow was created with DSR (remote backend, IPIP to its node).
-        FlowDsr => "flow_dsr",
-        /// A packet another node encapsulated for DSR reached a local backend.
-        DsrDecap => "dsr_decap",
-        /// An IPIP packet matched no local backend of a frontend (left alone).
-        DsrMiss => "dsr_miss",
-        /// Dropped: too big to encapsulate for DSR (ICMP fragmentation-needed sent).
-        DropDsrTooBig => "drop_dsr_too_big",
-        /// A DSR SYN-ACK's TCP MSS was lowered to leave room for the encapsulation.
-        MssClamp => "mss_clamp",
-        /// A flow to a local backend got another client source port: its
-        /// reply tuple was a live flow's of another frontend.
-        PortRemap => "port_remap",
-        /// A packet to a local backend was handed straight into its pod's
-        /// namespace (bpf_redirect_peer), not transmitted on the host side.
-        PeerRedirect => "peer_redirect",
-        /// An ICMP error about a translated flow was translated in turn and
-        /// sent where the flow goes (path MTU, port unreachable, ...).
-        IcmpError => "icmp_error",
-        /// A later IP fragment was given its datagram's ports and followed
-        /// its flow.
-        FragmentFollowed => "fragment_followed",
-        /// A later IP fragment of a datagram whose first fragment was not
-        /// seen (left alone), or whose flow was never opened (dropped).
-        FragmentUnknown => "fragment_unknown",
-    }
-}
-
-label_enum! {
-    /// Why (part of) a sync failed, as the `reason` label of `kpr_sync_errors_total`.
-    pub enum SyncErrorReason {
-        /// A Service did not fit in the maps (or ran out of ids) and was refused.
-        Capacity => "capacity",
-        /// A BPF map update or delete failed.
-        MapUpdate => "map_update",
-        /// The source delivered something unusable as a whole (e.g. conflicting frontends).
-        Source => "source",
-    }
-}
-
-label_enum! {
-    /// The outcome of a sync, as the `result` label of `kpr_syncs_total`.
-    pub enum SyncResult {
-        /// Everything the source asked for is programmed.
-        Success => "success",
-        /// Something was refused or failed; the sync will be retried.
-        Failure => "failure",
-    }
-}
-
-label_enum! {
-    /// A Local traffic policy, as kube-proxy's `traffic_policy` label.
-    pub enum TrafficPolicy {
-        /// internalTrafficPolicy: Local.
-        Internal => "internal",
-        /// externalTrafficPolicy: Local.
-        External => "external",
-    }
-}
-
-label_enum! {
-    /// A watched kind, as the `kind` label of the watch metrics.
-    pub enum WatchKind {
-        /// v1 Services.
-        Service => "service",
-        /// discovery.k8s.io/v1 EndpointSlices.
-        EndpointSlice => "endpointslice",
-        /// The agent's own v1 Node.
-        Node => "node",
-    }
-}
 
 /// Buckets of `kubeproxy_network_programming_duration_seconds`: kube-proxy's
 /// (0.25 s .. 300 s) preceded by finer ones, since kpr programs in
@@ -218,15 +43,9 @@ fn network_programming_buckets() -> Vec<f64> {
     b
 }
 
-impl EncodeLabelValue for SkipReason {
-    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
-        EncodeLabelValue::encode(&self.as_label(), encoder)
-    }
-}
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MapLabels {
-    map: MapLabel,
+    map: MapName,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -274,7 +93,7 @@ struct NodePortEventLabels {
 /// | `kubeproxy_sync_proxy_rules_duration_seconds` | histogram | |
 /// | `kubeproxy_sync_proxy_rules_last_timestamp_seconds` | gauge (unix s) | |
 /// | `kpr_services`, `kpr_frontends`, `kpr_backends` | gauge | |
-/// | `kpr_bpf_map_entries`, `kpr_bpf_map_capacity` | gauge | `map` ([`MapLabel`]) |
+/// | `kpr_bpf_map_entries`, `kpr_bpf_map_capacity` | gauge | `map` ([`MapName`]) |
 /// | `kpr_sync_errors_total` | counter | `reason` ([`SyncErrorReason`]) |
 /// | `kpr_skipped_objects_total` | counter | `reason` ([`SkipReason`]) |
 /// | `kpr_syncs_total` | counter | `result` ([`SyncResult`]) |
@@ -372,7 +191,7 @@ impl Metrics {
             let _ = metrics.relists.get_or_create(&WatchKindLabels { kind });
         }
         // `get_or_create` creates the series; the returned guard is not needed.
-        for &map in MapLabel::ALL {
+        for map in MapName::FILL_EXPORTED {
             let _ = metrics.map_entries.get_or_create(&MapLabels { map });
             let _ = metrics.map_capacity.get_or_create(&MapLabels { map });
         }
@@ -655,7 +474,7 @@ impl Metrics {
 
     /// Sets `kpr_bpf_map_entries{map}` and `kpr_bpf_map_capacity{map}`
     /// (entries, and the map's max_entries).
-    pub fn set_map(&self, map: MapLabel, entries: usize, capacity: usize) {
+    pub fn set_map(&self, map: MapName, entries: usize, capacity: usize) {
         let labels = MapLabels { map };
         self.map_entries
             .get_or_create(&labels)
@@ -714,192 +533,4 @@ impl Drop for SyncTimer<'_> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::collections::BTreeSet;
-
-    /// The value of the sample whose name and labels are exactly `series`.
-    #[track_caller]
-    fn sample(text: &str, series: &str) -> f64 {
-        let found: Vec<f64> = text
-            .lines()
-            .filter_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-            .map(|value| {
-                let value = value.split(' ').next().unwrap_or(value);
-                value
-                    .parse()
-                    .unwrap_or_else(|e| panic!("{series}: {value}: {e}"))
-            })
-            .collect();
-        match found[..] {
-            [value] => value,
-            _ => panic!("{series}: {} samples in\n{text}", found.len()),
-        }
-    }
-
-    #[test]
-    fn every_family_is_exposed_under_its_exact_name_and_type() {
-        let text = Metrics::new().encode();
-
-        let types: BTreeSet<&str> = text
-            .lines()
-            .filter_map(|l| l.strip_prefix("# TYPE "))
-            .collect();
-        let expected: BTreeSet<&str> = [
-            "kubeproxy_sync_proxy_rules_duration_seconds histogram",
-            "kubeproxy_sync_proxy_rules_last_timestamp_seconds gauge",
-            "kpr_services gauge",
-            "kpr_frontends gauge",
-            "kpr_backends gauge",
-            "kpr_bpf_map_entries gauge",
-            "kpr_bpf_map_capacity gauge",
-            "kpr_sync_errors counter",
-            "kpr_skipped_objects counter",
-            "kpr_syncs counter",
-            "kubeproxy_network_programming_duration_seconds histogram",
-            "kubeproxy_sync_proxy_rules_endpoint_changes counter",
-            "kubeproxy_sync_proxy_rules_service_changes counter",
-            "kubeproxy_sync_proxy_rules_no_local_endpoints_total gauge",
-            "kpr_watch_errors counter",
-            "kpr_relists counter",
-            "kpr_ct_gc_runs counter",
-            "kpr_ct_gc_deleted_entries counter",
-            "kpr_ct_entries gauge",
-            "kpr_nodeport_events counter",
-            "kpr_nodeport_devices gauge",
-            "kpr_nodeport_device_syncs counter",
-        ]
-        .into_iter()
-        .collect();
-        assert_eq!(types, expected, "\n{text}");
-        assert!(text.ends_with("# EOF\n"));
-    }
-
-    #[test]
-    fn every_label_value_is_exported_at_zero_before_any_event() {
-        let text = Metrics::new().encode();
-
-        for map in MapLabel::ALL {
-            assert_eq!(
-                sample(&text, &format!("kpr_bpf_map_entries{{map=\"{map}\"}}")),
-                0.0
-            );
-            assert_eq!(
-                sample(&text, &format!("kpr_bpf_map_capacity{{map=\"{map}\"}}")),
-                0.0
-            );
-        }
-        for reason in SyncErrorReason::ALL {
-            let series = format!("kpr_sync_errors_total{{reason=\"{reason}\"}}");
-            assert_eq!(sample(&text, &series), 0.0);
-        }
-        for reason in SkipReason::ALL {
-            let series = format!("kpr_skipped_objects_total{{reason=\"{reason}\"}}");
-            assert_eq!(sample(&text, &series), 0.0);
-        }
-        for result in ["success", "failure"] {
-            let series = format!("kpr_syncs_total{{result=\"{result}\"}}");
-            assert_eq!(sample(&text, &series), 0.0);
-        }
-    }
-
-    #[test]
-    fn updates_show_up_under_the_exact_names() {
-        let metrics = Metrics::new();
-        metrics.observe_sync(Duration::from_millis(3));
-        metrics.record_sync_result(true, UNIX_EPOCH + Duration::from_millis(1_700_000_000_500));
-        metrics.record_sync_result(false, UNIX_EPOCH + Duration::from_secs(1_800_000_000));
-        metrics.set_services(3);
-        metrics.set_frontends(7);
-        metrics.set_backends(12);
-        metrics.set_map(MapLabel::SockRevNat, 40, 65_536);
-        metrics.inc_sync_error(SyncErrorReason::Capacity);
-        metrics.inc_sync_error(SyncErrorReason::Capacity);
-        metrics.inc_skipped(SkipReason::UnsupportedKind);
-
-        let text = metrics.encode();
-
-        let s = |series: &str| sample(&text, series);
-        assert_eq!(s("kubeproxy_sync_proxy_rules_duration_seconds_count"), 1.0);
-        assert_eq!(s("kubeproxy_sync_proxy_rules_duration_seconds_sum"), 0.003);
-        assert_eq!(
-            s("kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.002\"}"),
-            0.0
-        );
-        assert_eq!(
-            s("kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.004\"}"),
-            1.0
-        );
-        // The last *successful* sync, not the failed one after it.
-        assert_eq!(
-            s("kubeproxy_sync_proxy_rules_last_timestamp_seconds"),
-            1_700_000_000.5
-        );
-        assert_eq!(s("kpr_services"), 3.0);
-        assert_eq!(s("kpr_frontends"), 7.0);
-        assert_eq!(s("kpr_backends"), 12.0);
-        assert_eq!(s("kpr_bpf_map_entries{map=\"sock_revnat\"}"), 40.0);
-        assert_eq!(s("kpr_bpf_map_capacity{map=\"sock_revnat\"}"), 65_536.0);
-        assert_eq!(s("kpr_bpf_map_entries{map=\"services\"}"), 0.0);
-        assert_eq!(s("kpr_sync_errors_total{reason=\"capacity\"}"), 2.0);
-        assert_eq!(s("kpr_sync_errors_total{reason=\"map_update\"}"), 0.0);
-        assert_eq!(
-            s("kpr_skipped_objects_total{reason=\"unsupported_kind\"}"),
-            1.0
-        );
-        assert_eq!(s("kpr_syncs_total{result=\"success\"}"), 1.0);
-        assert_eq!(s("kpr_syncs_total{result=\"failure\"}"), 1.0);
-    }
-
-    #[test]
-    fn the_duration_histogram_has_kube_proxys_buckets() {
-        let text = Metrics::new().encode();
-
-        let bounds: Vec<&str> = text
-            .lines()
-            .filter_map(|l| {
-                l.strip_prefix("kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"")
-            })
-            .filter_map(|l| l.split('"').next())
-            .collect();
-        assert_eq!(bounds.len(), 16, "{bounds:?}");
-        assert_eq!(bounds[0], "0.001");
-        assert_eq!(bounds[14], "16.384");
-        assert_eq!(bounds[15], "+Inf");
-    }
-
-    #[test]
-    fn a_sync_timer_observes_once_when_stopped_or_dropped() {
-        let metrics = Metrics::new();
-
-        let elapsed = metrics.sync_timer().stop();
-        {
-            let _timer = metrics.sync_timer();
-        }
-
-        let text = metrics.encode();
-        assert_eq!(
-            sample(&text, "kubeproxy_sync_proxy_rules_duration_seconds_count"),
-            2.0
-        );
-        assert!(elapsed < Duration::from_secs(5));
-    }
-
-    #[test]
-    fn label_values_are_distinct_snake_case() {
-        let labels: Vec<&str> = MapLabel::ALL
-            .iter()
-            .map(|m| m.as_label())
-            .chain(SyncErrorReason::ALL.iter().map(|r| r.as_label()))
-            .chain(SyncResult::ALL.iter().map(|r| r.as_label()))
-            .collect();
-        for label in &labels {
-            assert!(
-                label.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
-                "{label}"
-            );
-        }
-        let distinct: BTreeSet<&str> = MapLabel::ALL.iter().map(|m| m.as_label()).collect();
-        assert_eq!(distinct.len(), MapLabel::ALL.len());
-    }
-}
+mod tests;

@@ -1,0 +1,181 @@
+//! The bpf root itself — mounting bpffs where there is none — and undoing
+//! everything kpr put there (`kpr cleanup`), or attached to a cgroup when
+//! the pins were lost.
+
+#![deny(unsafe_code)]
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use libbpf_rs::query::LinkTypeInfo;
+use libbpf_rs::Link;
+use serde::Serialize;
+
+use crate::datapath::pins;
+use crate::datapath::sys;
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// The cgroup id of a cgroup v2 directory (its inode number).
+pub(crate) fn cgroup_id(cgroup: &Path) -> Result<u64> {
+    Ok(fs::metadata(cgroup)
+        .with_context(|| format!("cgroup {}", cgroup.display()))?
+        .ino())
+}
+
+/// Makes sure `bpf_root` is a directory on a BPF filesystem. When its
+/// nearest existing ancestor is not on one, bpffs is mounted: on that
+/// ancestor if it is an empty directory that cannot hold new ones (the
+/// kernel's /sys/fs/bpf mount point, as Cilium does), else on `bpf_root`.
+pub fn ensure_bpffs(bpf_root: &Path) -> Result<()> {
+    let mut ancestor = bpf_root;
+    while !ancestor.exists() {
+        ancestor = ancestor.parent().unwrap_or(Path::new("/"));
+    }
+    if !is_bpffs(ancestor)? && ancestor != bpf_root && fs::create_dir_all(bpf_root).is_err() {
+        mount_bpffs(ancestor)?;
+    }
+    fs::create_dir_all(bpf_root)
+        .with_context(|| format!("creating bpf root {}", bpf_root.display()))?;
+    if !is_bpffs(bpf_root)? {
+        mount_bpffs(bpf_root)?;
+    }
+    Ok(())
+}
+
+fn mount_bpffs(at: &Path) -> Result<()> {
+    nix::mount::mount(
+        Some("bpffs"),
+        at,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .with_context(|| format!("mounting bpffs at {}", at.display()))
+}
+
+fn is_bpffs(path: &Path) -> Result<bool> {
+    let st =
+        nix::sys::statfs::statfs(path).with_context(|| format!("statfs {}", path.display()))?;
+    Ok(st.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+}
+
+/// What `kpr cleanup` removed.
+#[derive(Debug, Default, Serialize)]
+pub struct CleanupReport {
+    pub detached: Vec<String>,
+    pub removed_pins: Vec<PathBuf>,
+    pub unmounted: bool,
+}
+
+/// Detaches every program kpr attached under `bpf_root` and removes every
+/// pin, then the root itself. Idempotent.
+pub fn cleanup(bpf_root: &Path) -> Result<CleanupReport> {
+    let mut report = CleanupReport::default();
+    if !bpf_root.exists() {
+        return Ok(report);
+    }
+    let links = pins::links_dir(bpf_root);
+    if links.exists() {
+        for entry in fs::read_dir(&links)? {
+            let path = entry?.path();
+            match Link::open(&path) {
+                Ok(link) => {
+                    // Best effort: a link whose cgroup is gone is already detached.
+                    let _ = link.detach();
+                    report.detached.push(
+                        path.file_name()
+                            .unwrap_or_default()
+                            .to_string_lossy()
+                            .into_owned(),
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(pin = %path.display(), error = %e, "not a link; removing the pin")
+                }
+            }
+            remove_pin(&path, &mut report)?;
+        }
+        fs::remove_dir(&links).with_context(|| format!("removing {}", links.display()))?;
+    }
+    for entry in fs::read_dir(bpf_root)? {
+        let path = entry?.path();
+        if path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("kpr_"))
+        {
+            remove_pin(&path, &mut report)?;
+        }
+    }
+    // The root is ours only if kpr mounted it (a bpffs mount at the root).
+    if is_mountpoint(bpf_root)? && is_bpffs(bpf_root)? {
+        // Busy while another process still holds a descriptor of it (a
+        // child that inherited one, a reader of the pins): detached now,
+        // gone once the last one closes.
+        match nix::mount::umount(bpf_root) {
+            Err(nix::errno::Errno::EBUSY) => {
+                nix::mount::umount2(bpf_root, nix::mount::MntFlags::MNT_DETACH)
+            }
+            other => other,
+        }
+        .with_context(|| format!("unmounting {}", bpf_root.display()))?;
+        report.unmounted = true;
+    }
+    match fs::remove_dir(bpf_root) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::DirectoryNotEmpty => {
+            tracing::warn!(root = %bpf_root.display(), "bpf root holds files kpr did not create; left in place")
+        }
+        Err(e) => return Err(e).with_context(|| format!("removing {}", bpf_root.display())),
+    }
+    Ok(report)
+}
+
+/// Detaches every kpr program (name `kpr_*`) linked to `cgroup`, pinned or
+/// not: the way out when pins were lost (a bpffs unmounted under a running
+/// node, a wiped bpf root). Returns the attach points detached.
+pub fn detach_from_cgroup(cgroup: &Path) -> Result<Vec<String>> {
+    use libbpf_rs::query::{LinkInfoIter, ProgInfoIter};
+    let cgroup_id = cgroup_id(cgroup)?;
+    let kpr_progs: std::collections::HashMap<u32, String> = ProgInfoIter::default()
+        .filter(|p| p.name.to_string_lossy().starts_with("kpr_"))
+        .map(|p| (p.id, p.name.to_string_lossy().into_owned()))
+        .collect();
+    let mut detached = Vec::new();
+    for link in LinkInfoIter::default() {
+        let LinkTypeInfo::Cgroup(info) = &link.info else {
+            continue;
+        };
+        let Some(name) = kpr_progs.get(&link.prog_id) else {
+            continue;
+        };
+        if info.cgroup_id != cgroup_id {
+            continue;
+        }
+        match sys::detach_link_by_id(link.id) {
+            Ok(true) => detached.push(name.clone()),
+            Ok(false) => {} // gone meanwhile
+            Err(e) => bail!(
+                "detaching link {} ({name}) from {}: {e}",
+                link.id,
+                cgroup.display()
+            ),
+        }
+    }
+    Ok(detached)
+}
+
+fn remove_pin(path: &Path, report: &mut CleanupReport) -> Result<()> {
+    fs::remove_file(path).with_context(|| format!("removing pin {}", path.display()))?;
+    report.removed_pins.push(path.to_path_buf());
+    Ok(())
+}
+
+fn is_mountpoint(path: &Path) -> Result<bool> {
+    let meta = fs::metadata(path)?;
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    Ok(meta.dev() != fs::metadata(parent)?.dev())
+}
