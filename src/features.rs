@@ -11,15 +11,17 @@ use std::ffi::CString;
 use std::path::Path;
 
 use clap::ValueEnum;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use libbpf_sys as sys;
 
 /// `--kube-proxy-replacement`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KprMode {
-    /// Every feature is required; a missing one is a start-up error.
+    /// Every feature is required; a missing one is a start-up error (the
+    /// flag's default).
+    #[default]
     Strict,
     /// Run with the features the kernel has; report the missing ones.
     Partial,

@@ -49,7 +49,7 @@ pub const FRAG_PIN: &str = "kpr_frag_v1";
 pub const PINS: [&str; 5] = [CT_PIN, STATS_PIN, DSR_PIN, PEERDEV_PIN, FRAG_PIN];
 
 /// How NodePort traffic reaches a backend on another node.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum NodePortMode {
     /// Source-NAT to the node: replies come back through this node.
@@ -101,7 +101,7 @@ pub fn devices_dsr_mss(devices: &std::collections::BTreeMap<String, u32>) -> Res
 
 /// Whether north-south ingress is handled in XDP before the stack (tc
 /// stays attached for what XDP hands on and for egress).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Acceleration {
     /// tc (tcx) only.
