@@ -19,8 +19,8 @@ use libbpf_sys as sys;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KprMode {
-    /// Every feature is required; a missing one is a start-up error (the
-    /// flag's default).
+    /// Every feature is required; a missing one is a start-up error.
+    // The flag's default too.
     #[default]
     Strict,
     /// Run with the features the kernel has; report the missing ones.
