@@ -2,7 +2,6 @@
 //! state the reconciler programs. Independent of BPF encodings (see
 //! datapath::layout) and of Kubernetes objects (see translate).
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 
@@ -249,6 +248,3 @@ impl fmt::Display for ServiceRef {
         }
     }
 }
-
-/// What the maps must hold: every frontend with its backends.
-pub type DesiredState = BTreeMap<Frontend, FrontendSpec>;
