@@ -11,7 +11,7 @@
 
 use std::path::Path;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use libbpf_sys as sys;
 
@@ -19,10 +19,12 @@ use crate::datapath::hooks::{HookKind, SockHook};
 use crate::datapath::sys as ffi;
 
 /// `--kube-proxy-replacement`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KprMode {
     /// Every feature is required; a missing one is a start-up error.
+    // The flag's default too.
+    #[default]
     Strict,
     /// Run with the features the kernel has; report the missing ones.
     Partial,

@@ -2,12 +2,11 @@
 //! state the reconciler programs. Independent of BPF encodings (see
 //! datapath::layout) and of Kubernetes objects (see translate).
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// L4 protocol of a frontend or backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -131,7 +130,9 @@ impl BackendState {
 /// How the north-south datapath picks the backend of a new flow
 /// (`--lb-algorithm`, the `service.kpr.io/lb-algorithm` annotation;
 /// Cilium's `loadBalancer.algorithm`). The socket hooks always pick at random.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum LbAlgorithm {
     /// Uniformly at random among the frontend's backends.
@@ -247,6 +248,3 @@ impl fmt::Display for ServiceRef {
         }
     }
 }
-
-/// What the maps must hold: every frontend with its backends.
-pub type DesiredState = BTreeMap<Frontend, FrontendSpec>;

@@ -17,12 +17,41 @@ use serde::{Deserialize, Serialize};
 use crate::datapath::kernel::KernelMaps;
 use crate::datapath::loader;
 use crate::datapath::maps::{LbMaps, MapName};
+use crate::datapath::nodeport::{Acceleration, NodePortMode};
+use crate::features::KprMode;
+use crate::model::LbAlgorithm;
+
+/// What a watcher is doing (`state` in `/status`).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum WatcherState {
+    /// Created, no list sent yet.
+    #[default]
+    Starting,
+    /// Listing: the initial state (or a relist) is being read.
+    Listing,
+    /// The list is complete and changes are being watched.
+    Watching,
+    /// The last request failed; the watcher retries.
+    Failing,
+}
+
+/// Where the agent reads Services and EndpointSlices from (`source` in
+/// `/status`).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    /// `--manifests`: YAML files.
+    #[default]
+    Manifests,
+    /// The Kubernetes API.
+    Kubernetes,
+}
 
 /// What a watcher is doing.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct WatcherStatus {
-    /// "starting", "listing", "watching" or "failing".
-    pub state: String,
+    pub state: WatcherState,
     pub last_error: Option<String>,
     pub errors: u64,
     pub relists: u64,
@@ -31,15 +60,14 @@ pub struct WatcherStatus {
 /// The agent's own state, as `/status` serves it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct AgentStatus {
-    /// "manifests" or "kubernetes".
-    pub source: String,
+    pub source: SourceKind,
     pub api_server: Option<String>,
     pub node_name: Option<String>,
     /// Kubernetes mode: whether the Node object of `node_name` exists.
     #[serde(default)]
     pub own_node_found: Option<bool>,
-    /// "strict" or "partial".
-    pub kube_proxy_replacement: String,
+    /// `--kube-proxy-replacement`.
+    pub kube_proxy_replacement: KprMode,
     pub cgroup: String,
     pub watchers: BTreeMap<String, WatcherStatus>,
     /// RFC 3339 time of the last fully successful sync.
@@ -53,17 +81,17 @@ pub struct AgentStatus {
     pub features: BTreeMap<String, bool>,
     /// North-south backend selection without annotation (`--lb-algorithm`).
     #[serde(default)]
-    pub lb_algorithm: Option<String>,
+    pub lb_algorithm: Option<LbAlgorithm>,
     /// Slots of a Maglev table (`--maglev-table-size`).
     #[serde(default)]
     pub maglev_table_size: Option<u32>,
     /// How remote backends are reached (`--nodeport-mode`); None without
     /// `--devices`.
     #[serde(default)]
-    pub nodeport_mode: Option<String>,
+    pub nodeport_mode: Option<NodePortMode>,
     /// `--nodeport-acceleration`; None without `--devices`.
     #[serde(default)]
-    pub nodeport_acceleration: Option<String>,
+    pub nodeport_acceleration: Option<Acceleration>,
     /// The north-south devices, when `--devices` is given.
     #[serde(default)]
     pub devices: Option<DeviceStatus>,
@@ -212,8 +240,12 @@ pub fn format_text(r: &Report) -> String {
     let _ = writeln!(o, "KubeProxyReplacement Details:");
     match &r.agent {
         Ok(a) => {
-            let _ = writeln!(o, "  Mode:                 {}", a.kube_proxy_replacement);
-            let _ = writeln!(o, "  Source:               {}", a.source);
+            let _ = writeln!(
+                o,
+                "  Mode:                 {}",
+                name(&a.kube_proxy_replacement)
+            );
+            let _ = writeln!(o, "  Source:               {}", name(&a.source));
             if let Some(api) = &a.api_server {
                 let _ = writeln!(o, "  API server:           {api}");
             }
@@ -233,7 +265,9 @@ pub fn format_text(r: &Report) -> String {
                 let _ = writeln!(
                     o,
                     "  Watcher {kind:<13} {} (errors {}, relists {}{err})",
-                    w.state, w.errors, w.relists
+                    name(&w.state),
+                    w.errors,
+                    w.relists
                 );
             }
             let _ = writeln!(
@@ -270,11 +304,16 @@ pub fn format_text(r: &Report) -> String {
                     .unwrap_or_default();
                 let _ = writeln!(o, "  Backend selection:    {alg}{size}");
             }
-            if let (Some(mode), Some(accel)) = (&a.nodeport_mode, &a.nodeport_acceleration) {
-                let carrier = if mode == "snat" { "" } else { " (IPIP)" };
+            if let (Some(mode), Some(accel)) = (a.nodeport_mode, a.nodeport_acceleration) {
+                let carrier = match mode {
+                    NodePortMode::Snat => "",
+                    NodePortMode::Dsr | NodePortMode::Hybrid => " (IPIP)",
+                };
                 let _ = writeln!(
                     o,
-                    "  NodePort mode:        {mode}{carrier}, XDP acceleration {accel}"
+                    "  NodePort mode:        {}{carrier}, XDP acceleration {}",
+                    name(&mode),
+                    name(&accel)
                 );
             }
             if let Some(d) = &a.devices {
@@ -348,4 +387,76 @@ pub fn format_text(r: &Report) -> String {
         );
     }
     o
+}
+
+/// A value as `/status` spells it (its serde name): the text shows the
+/// same words as the JSON.
+fn name(value: &impl Serialize) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent() -> AgentStatus {
+        let mut a = AgentStatus {
+            source: SourceKind::Kubernetes,
+            kube_proxy_replacement: KprMode::Partial,
+            lb_algorithm: Some(LbAlgorithm::Maglev),
+            maglev_table_size: Some(16381),
+            nodeport_mode: Some(NodePortMode::Hybrid),
+            nodeport_acceleration: Some(Acceleration::Disabled),
+            ..AgentStatus::default()
+        };
+        a.watchers.insert(
+            "services".into(),
+            WatcherStatus {
+                state: WatcherState::Watching,
+                ..WatcherStatus::default()
+            },
+        );
+        a
+    }
+
+    #[test]
+    fn status_json_spells_typed_values_as_the_flags_do() {
+        let json = serde_json::to_value(agent()).unwrap();
+        assert_eq!(json["source"], "kubernetes");
+        assert_eq!(json["kube_proxy_replacement"], "partial");
+        assert_eq!(json["lb_algorithm"], "maglev");
+        assert_eq!(json["nodeport_mode"], "hybrid");
+        assert_eq!(json["nodeport_acceleration"], "disabled");
+        assert_eq!(json["watchers"]["services"]["state"], "watching");
+        let back: AgentStatus = serde_json::from_value(json).unwrap();
+        assert_eq!(back.nodeport_mode, Some(NodePortMode::Hybrid));
+    }
+
+    #[test]
+    fn status_text_names_mode_source_watchers_and_nodeport_mode() {
+        let report = Report {
+            agent: Ok(agent()),
+            bpf_root: "/sys/fs/bpf/kpr".into(),
+            attached_hooks: Vec::new(),
+            nodeport_devices: Vec::new(),
+            conntrack: None,
+            pod_devices: None,
+            maps: Vec::new(),
+            frontends: 0,
+            backends: 0,
+        };
+        let text = format_text(&report);
+        for line in [
+            "  Mode:                 partial\n",
+            "  Source:               kubernetes\n",
+            "  Watcher services      watching (errors 0, relists 0)\n",
+            "  Backend selection:    maglev (Maglev table size 16381)\n",
+            "  NodePort mode:        hybrid (IPIP), XDP acceleration disabled\n",
+        ] {
+            assert!(text.contains(line), "{line:?} not in\n{text}");
+        }
+    }
 }

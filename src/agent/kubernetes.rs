@@ -14,7 +14,7 @@ use crate::metrics::{Metrics, WatchKind};
 use crate::reconcile::ServiceFrontends;
 use crate::source::kube::{self as kube_source, WatchEvent};
 use crate::source::store::{Changes, Kind, ObjectStore, Watched};
-use crate::status::StatusHandle;
+use crate::status::{StatusHandle, WatcherState};
 use crate::translate::{self, ServiceTranslation};
 
 /// Syncs the maps to the API's Services and EndpointSlices until the agent
@@ -28,7 +28,9 @@ pub(super) async fn run(
 ) -> Result<()> {
     let (metrics, status) = (ctx.metrics, ctx.status);
     for kind in Kind::ALL {
-        status.watcher(watch_kind(kind).as_label(), |w| w.state = "starting".into());
+        status.watcher(watch_kind(kind).as_label(), |w| {
+            w.state = WatcherState::Starting
+        });
     }
     let client = kube_source::client(&config.api).await?;
     let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
@@ -171,7 +173,7 @@ fn handle_watch_event(
         WatchEvent::Failed(kind, error) => {
             metrics.inc_watch_error(watch_kind(kind));
             status.watcher(watch_kind(kind).as_label(), |w| {
-                w.state = "failing".into();
+                w.state = WatcherState::Failing;
                 w.errors += 1;
                 w.last_error = Some(error.clone());
             });
@@ -191,12 +193,12 @@ fn on_watcher_event<K: Watched>(
     let label = watch_kind(K::KIND).as_label();
     match event {
         Event::Init => {
-            status.watcher(label, |w| w.state = "listing".into());
+            status.watcher(label, |w| w.state = WatcherState::Listing);
             store.begin_relist(K::KIND)
         }
         Event::InitApply(o) => o.relist(store),
         Event::InitDone => {
-            status.watcher(label, |w| w.state = "watching".into());
+            status.watcher(label, |w| w.state = WatcherState::Watching);
             if store.is_listed(K::KIND) {
                 metrics.inc_relist(watch_kind(K::KIND));
                 status.watcher(label, |w| w.relists += 1);

@@ -14,7 +14,7 @@ use crate::datapath::loader;
 use crate::datapath::nodeport::{self, NodePortConfig};
 use crate::datapath::peer_devices;
 use crate::features::{self, KprMode};
-use crate::status::{AgentStatus, DeviceStatus, StatusHandle};
+use crate::status::{AgentStatus, DeviceStatus, SourceKind, StatusHandle};
 
 /// What startup hands the tasks.
 pub(super) struct Started {
@@ -97,8 +97,8 @@ fn check_features(mode: KprMode) -> Result<(Vec<SockHook>, Vec<features::Feature
 fn initial_status(config: &AgentConfig, features: &[features::Feature]) -> AgentStatus {
     AgentStatus {
         source: match &config.source {
-            SourceConfig::Manifests(_) => "manifests".into(),
-            SourceConfig::Kubernetes(_) => "kubernetes".into(),
+            SourceConfig::Manifests(_) => SourceKind::Manifests,
+            SourceConfig::Kubernetes(_) => SourceKind::Kubernetes,
         },
         api_server: match &config.source {
             SourceConfig::Kubernetes(k) => k.api.api_server.clone().or_else(|| {
@@ -110,19 +110,16 @@ fn initial_status(config: &AgentConfig, features: &[features::Feature]) -> Agent
             SourceConfig::Manifests(_) => None,
         },
         node_name: Some(config.node_name.clone()),
-        kube_proxy_replacement: format!("{:?}", config.kpr_mode).to_lowercase(),
+        kube_proxy_replacement: config.kpr_mode,
         cgroup: config.cgroup.display().to_string(),
         features: features
             .iter()
             .map(|f| (f.name.to_string(), f.available))
             .collect(),
-        lb_algorithm: Some(config.lb_algorithm.to_string()),
+        lb_algorithm: Some(config.lb_algorithm),
         maglev_table_size: Some(config.maglev.table_size()),
-        nodeport_mode: config.nodeport.as_ref().map(|np| value_name(np.mode)),
-        nodeport_acceleration: config
-            .nodeport
-            .as_ref()
-            .map(|np| value_name(np.acceleration)),
+        nodeport_mode: config.nodeport.as_ref().map(|np| np.mode),
+        nodeport_acceleration: config.nodeport.as_ref().map(|np| np.acceleration),
         ..AgentStatus::default()
     }
 }
@@ -211,12 +208,4 @@ fn attach_north_south(
         attached: report.devices,
         attached_mss: report.dsr_mss,
     })
-}
-
-/// A flag value as it is spelled on the command line.
-fn value_name(value: impl clap::ValueEnum) -> String {
-    value
-        .to_possible_value()
-        .map(|v| v.get_name().to_string())
-        .unwrap_or_default()
 }

@@ -5,12 +5,12 @@
 #![deny(unsafe_code)]
 
 use anyhow::{bail, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::datapath::devices;
 
 /// How NodePort traffic reaches a backend on another node.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NodePortMode {
     /// Source-NAT to the node: replies come back through this node.
@@ -37,7 +37,7 @@ impl NodePortMode {
 
 /// Whether north-south ingress is handled in XDP before the stack (tc
 /// stays attached for what XDP hands on and for egress).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Acceleration {
     /// tc (tcx) only.
