@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use apiserver::{ApiServer, Kind};
-use kpr::testbed::{BedPlan, ProbeSpec, SocketLbBed};
+use kpr_testbed::{BedPlan, ProbeSpec, SocketLbBed};
 use serde_json::{json, Value};
 
 const KPR: &str = env!("CARGO_BIN_EXE_kpr");
@@ -542,7 +542,7 @@ fn a_restart_while_the_api_is_unreachable_keeps_the_pinned_state_until_it_return
         reached(&spread(&bed, "10.96.0.50:80", 40)),
         set(&["10.244.0.11:8080", "10.244.0.12:8080"])
     );
-    let (status, _) = kpr::testbed::agent::http_get(bed.agent.healthz_addr, "/healthz").unwrap();
+    let (status, _) = kpr_testbed::agent::http_get(bed.agent.healthz_addr, "/healthz").unwrap();
     assert_eq!(status, 503, "healthy before any sync with the API");
 
     // The API returns with a change: the agent converges on it.

@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 
-use kpr::testbed::bed::UNTRANSLATED;
-use kpr::testbed::{BedPlan, ProbeSpec, SocketLbBed};
+use kpr_testbed::bed::UNTRANSLATED;
+use kpr_testbed::{BedPlan, ProbeSpec, SocketLbBed};
 
 const KPR: &str = env!("CARGO_BIN_EXE_kpr");
 
@@ -155,14 +155,14 @@ fn agent_with_missing_feature(
     mode: &str,
     missing: &str,
 ) -> (
-    kpr::testbed::AgentProcess,
-    kpr::testbed::TestCgroup,
+    kpr_testbed::AgentProcess,
+    kpr_testbed::TestCgroup,
     tempfile::TempDir,
 ) {
-    let cgroup = kpr::testbed::TestCgroup::create(prefix).unwrap();
+    let cgroup = kpr_testbed::TestCgroup::create(prefix).unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("svc.yaml"), MANIFEST).unwrap();
-    let agent = kpr::testbed::AgentProcess::start_with_env(
+    let agent = kpr_testbed::AgentProcess::start_with_env(
         Path::new(KPR),
         &dir.path().join("svc.yaml"),
         cgroup.path(),

@@ -21,10 +21,10 @@ use kpr::datapath::layout::{CtDir, CtRecord};
 use kpr::datapath::nodeport::attached_devices;
 use kpr::datapath::{host_addrs, peer_devices};
 use kpr::model::Protocol;
-use kpr::testbed::cluster::{client_ip, NODE_CLIENT_IF, NODE_PEER_IF, NODE_PODS_IF};
-use kpr::testbed::nodeport_bed::{nodeport_manifest, POD_TCP};
-use kpr::testbed::server::split_reply;
-use kpr::testbed::{Cluster, ClusterPlan, NodePortBed, ProbeSpec};
+use kpr_testbed::cluster::{client_ip, NODE_CLIENT_IF, NODE_PEER_IF, NODE_PODS_IF};
+use kpr_testbed::nodeport_bed::{nodeport_manifest, POD_TCP};
+use kpr_testbed::server::split_reply;
+use kpr_testbed::{Cluster, ClusterPlan, NodePortBed, ProbeSpec};
 use support::*;
 
 #[test]
@@ -598,7 +598,7 @@ endpoints:
 {endpoints}"#
         )
     };
-    let pod_udp = kpr::testbed::nodeport_bed::POD_UDP;
+    let pod_udp = kpr_testbed::nodeport_bed::POD_UDP;
     manifest(cluster)
         + &format!(
             r#"
@@ -847,7 +847,7 @@ fn one_udp_flow_follows_endpoints_from_none_to_a_remote_pod_to_a_local_one() {
     assert_eq!(flow.len(), 1, "{flow:?}");
     assert_eq!(
         flow[0].nat_dst,
-        SocketAddr::new(local, kpr::testbed::nodeport_bed::POD_UDP),
+        SocketAddr::new(local, kpr_testbed::nodeport_bed::POD_UDP),
         "{flow:?}"
     );
     assert!(!flow[0].snat, "a local backend sees the client: {flow:?}");

@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 
 use kpr::datapath::layout::{CtDir, CtRecord};
 use kpr::model::Protocol;
-use kpr::testbed::cluster::{client_ip, NODE_PEER_IF};
-use kpr::testbed::nodeport_bed::POD_UDP;
-use kpr::testbed::server::split_reply;
-use kpr::testbed::{Cluster, ClusterPlan, Netns, NodePortBed, NsThread};
+use kpr_testbed::cluster::{client_ip, NODE_PEER_IF};
+use kpr_testbed::nodeport_bed::POD_UDP;
+use kpr_testbed::server::split_reply;
+use kpr_testbed::{Cluster, ClusterPlan, Netns, NodePortBed, NsThread};
 use support::*;
 
 /// NodePort of `bulk` (TCP to [`BULK_PORT`] on node2's pods only: through

@@ -25,9 +25,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kpr::testbed::cluster::client_ip;
-use kpr::testbed::nodeport_bed::POD_UDP;
-use kpr::testbed::{Cluster, ClusterPlan, NodePortBed};
+use kpr_testbed::cluster::client_ip;
+use kpr_testbed::nodeport_bed::POD_UDP;
+use kpr_testbed::{Cluster, ClusterPlan, NodePortBed};
 use support::*;
 
 /// A UDP port nothing in the pods listens on.
@@ -209,7 +209,7 @@ fn send_icmp(to: Ipv4Addr, icmp: &[u8]) -> std::io::Result<()> {
 }
 
 /// The MTU `ip route get dst` reports in `ns` (a path MTU exception), if any.
-fn route_mtu(ns: &kpr::testbed::Netns, dst: Ipv4Addr) -> Option<u16> {
+fn route_mtu(ns: &kpr_testbed::Netns, dst: Ipv4Addr) -> Option<u16> {
     let out = ns
         .ip_output(&["-4", "route", "get", &dst.to_string()])
         .unwrap();
@@ -278,7 +278,7 @@ fn fragmentation_needed_for_a_nodeport_reply_reaches_the_backend_local_or_remote
 
 /// `Icmp: InDestUnreachs` of the namespace `ns`: destination unreachable
 /// errors its own stack received.
-fn dest_unreachs_received(ns: &kpr::testbed::Netns) -> u64 {
+fn dest_unreachs_received(ns: &kpr_testbed::Netns) -> u64 {
     let snmp = ns
         .enter_thread(|| std::fs::read_to_string("/proc/thread-self/net/snmp"))
         .unwrap()
@@ -327,10 +327,10 @@ fn an_icmp_error_about_an_untracked_packet_reaches_the_node_itself() {
 /// until `stop` is set (or 60 s have passed). Returns once the socket is
 /// bound, so that no datagram sent after it meets a closed port.
 fn echo_server(
-    ns: &kpr::testbed::Netns,
+    ns: &kpr_testbed::Netns,
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
-) -> kpr::testbed::NsThread<std::io::Result<u64>> {
+) -> kpr_testbed::NsThread<std::io::Result<u64>> {
     let (bound_tx, bound_rx) = std::sync::mpsc::sync_channel::<()>(1);
     let thread = ns
         .spawn_thread(move || {

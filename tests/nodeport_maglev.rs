@@ -12,10 +12,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use kpr::testbed::cluster::client_ip;
-use kpr::testbed::nodeport_bed::POD_TCP;
-use kpr::testbed::server::split_reply;
-use kpr::testbed::{Cluster, ClusterPlan, NodePortBed};
+use kpr_testbed::cluster::client_ip;
+use kpr_testbed::nodeport_bed::POD_TCP;
+use kpr_testbed::server::split_reply;
+use kpr_testbed::{Cluster, ClusterPlan, NodePortBed};
 use support::*;
 
 /// Polls `kpr svc list -o json` on both nodes until `done` holds for

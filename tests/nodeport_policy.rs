@@ -14,10 +14,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use kpr::testbed::cluster::CLIENT_TO_NODE1_IF;
-use kpr::testbed::errno::error_name;
-use kpr::testbed::server::split_reply;
-use kpr::testbed::{run_probe, NodePortBed, ProbeSpec};
+use kpr_testbed::cluster::CLIENT_TO_NODE1_IF;
+use kpr_testbed::errno::error_name;
+use kpr_testbed::server::split_reply;
+use kpr_testbed::{run_probe, NodePortBed, ProbeSpec};
 use support::*;
 
 #[test]

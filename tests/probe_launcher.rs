@@ -10,9 +10,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use kpr::testbed::probe::{ProbeResult, ProbeSpec};
-use kpr::testbed::topology::{backend_v4, backend_v6};
-use kpr::testbed::{probe_main, run_probe, Netns, Server, TestCgroup, Topology};
+use kpr_testbed::probe::{ProbeResult, ProbeSpec};
+use kpr_testbed::topology::{backend_v4, backend_v6};
+use kpr_testbed::{probe_main, run_probe, Netns, Server, TestCgroup, Topology};
 
 /// What kpr passes before the spec JSON.
 const PROBE_ARGS: &[&str] = &["probe", "--spec"];

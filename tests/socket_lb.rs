@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use kpr::testbed::bed::UNTRANSLATED;
-use kpr::testbed::{BedPlan, ProbeSpec, SocketLbBed};
+use kpr_testbed::bed::UNTRANSLATED;
+use kpr_testbed::{BedPlan, ProbeSpec, SocketLbBed};
 
 const KPR: &str = env!("CARGO_BIN_EXE_kpr");
 
@@ -544,7 +544,7 @@ fn a_service_that_overflows_the_maps_is_refused_and_the_earlier_ones_are_unaffec
     );
     // One refused Service must not drain the node: load balancers probe
     // /healthz, and 503 would take every other Service down with it.
-    let (status, _) = kpr::testbed::agent::http_get(bed.agent.healthz_addr, "/healthz").unwrap();
+    let (status, _) = kpr_testbed::agent::http_get(bed.agent.healthz_addr, "/healthz").unwrap();
     assert_eq!(
         status, 200,
         "a refused Service must not make the node unhealthy"

@@ -8,9 +8,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use kpr::testbed::probe::{ProbeResult, ProbeSpec};
-use kpr::testbed::topology::{backend_v4, backend_v6};
-use kpr::testbed::{cgroup2_mount, Server, TestCgroup, Topology};
+use kpr_testbed::probe::{ProbeResult, ProbeSpec};
+use kpr_testbed::topology::{backend_v4, backend_v6};
+use kpr_testbed::{cgroup2_mount, Server, TestCgroup, Topology};
 
 fn is_root() -> bool {
     nix::unistd::Uid::effective().is_root()
@@ -286,7 +286,7 @@ fn sweeping_removes_leftovers_of_dead_runs_but_not_live_test_beds() {
 
     let live = Topology::build("tbs").expect("topology builds");
     let live_cg = TestCgroup::create("tbs").expect("cgroup is created");
-    let swept = kpr::testbed::sweep_stale("tbs").expect("sweep runs");
+    let swept = kpr_testbed::sweep_stale("tbs").expect("sweep runs");
     assert_eq!(swept.netns, vec![stale_ns.clone()]);
     assert_eq!(swept.cgroups, vec![stale_cg.display().to_string()]);
     assert!(!netns_names().contains(&stale_ns));
@@ -297,7 +297,7 @@ fn sweeping_removes_leftovers_of_dead_runs_but_not_live_test_beds() {
 
 /// Runs `spec` on a thread inside `ns`.
 #[track_caller]
-fn run_in_ns(ns: &kpr::testbed::Netns, spec: ProbeSpec) -> ProbeResult {
+fn run_in_ns(ns: &kpr_testbed::Netns, spec: ProbeSpec) -> ProbeResult {
     ns.enter_thread(|| spec.run())
         .expect("probe thread ran")
         .expect("probe spec ran")
@@ -306,9 +306,9 @@ fn run_in_ns(ns: &kpr::testbed::Netns, spec: ProbeSpec) -> ProbeResult {
 #[test]
 fn a_cluster_routes_client_nodes_and_pods_without_kpr_and_drop_removes_it() {
     require_root!();
-    use kpr::testbed::cluster::client_ip;
-    use kpr::testbed::server::split_reply;
-    use kpr::testbed::{Cluster, ClusterPlan};
+    use kpr_testbed::cluster::client_ip;
+    use kpr_testbed::server::split_reply;
+    use kpr_testbed::{Cluster, ClusterPlan};
 
     let names;
     {

@@ -24,11 +24,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kpr::datapath::nodeport::attached_devices;
-use kpr::testbed::cluster::client_ip;
-use kpr::testbed::nodeport_bed::{nodeport_manifest, POD_TCP};
-use kpr::testbed::probe::{ConnectReport, RequestsReport, UdpReport};
-use kpr::testbed::server::split_reply;
-use kpr::testbed::{
+use kpr_testbed::cluster::client_ip;
+use kpr_testbed::nodeport_bed::{nodeport_manifest, POD_TCP};
+use kpr_testbed::probe::{ConnectReport, RequestsReport, UdpReport};
+use kpr_testbed::server::split_reply;
+use kpr_testbed::{
     Cluster, ClusterNode, ClusterPlan, Netns, NodePortBed, NsThread, ProbeResult, ProbeSpec,
 };
 
@@ -390,7 +390,7 @@ pub fn add_shared_client_address(bed: &NodePortBed) {
                 "via",
                 &via,
                 "dev",
-                kpr::testbed::cluster::NODE_CLIENT_IF,
+                kpr_testbed::cluster::NODE_CLIENT_IF,
             ])
             .unwrap();
     }
