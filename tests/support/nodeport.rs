@@ -11,8 +11,8 @@
 //! use support::*;
 //! ```
 //!
-//! Needs root (namespaces, BPF, tcx): every test starts with
-//! `if !root() { return; }`, which says why it skips.
+//! Needs root (namespaces, BPF, tcx): every test is
+//! `#[ignore = "needs root"]` and starts with [`require_root`].
 
 #![allow(dead_code)] // each test crate uses its own part
 
@@ -32,21 +32,14 @@ use kpr_testbed::{
     Cluster, ClusterNode, ClusterPlan, Netns, NodePortBed, NsThread, ProbeResult, ProbeSpec,
 };
 
+pub use kpr_testbed::require_root;
+
 /// The kpr binary under test.
 pub const KPR: &str = env!("CARGO_BIN_EXE_kpr");
 /// NodePort of `web`, TCP (every pod of both nodes behind it).
 pub const NODE_PORT_TCP: u16 = 30080;
 /// NodePort of `web`, UDP.
 pub const NODE_PORT_UDP: u16 = 30053;
-
-/// Whether we run as root; says why the test skips when not.
-pub fn root() -> bool {
-    let root = nix::unistd::Uid::effective().is_root();
-    if !root {
-        eprintln!("!!! SKIPPED: NodePort tests need root (namespaces, BPF, tcx)");
-    }
-    root
-}
 
 /// NodePort of `web-local` (externalTrafficPolicy Local, pods on both nodes).
 pub const NODE_PORT_LOCAL: u16 = 30081;
