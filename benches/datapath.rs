@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 
-use kpr::testbed::{BedPlan, ProbeSpec, SocketLbBed};
+use kpr_testbed::{BedPlan, ProbeSpec, SocketLbBed};
 
 const MANIFEST: &str = r#"
 apiVersion: v1
@@ -73,7 +73,7 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(6000);
     // One CPU for client, servers and agent (see pin_to_cpu0).
-    let _one_cpu = kpr::testbed::pin_to_cpu0().expect("pinning to cpu 0");
+    let _one_cpu = kpr_testbed::pin_to_cpu0().expect("pinning to cpu 0");
     let bed = SocketLbBed::start(
         "bench",
         Path::new(env!("CARGO_BIN_EXE_kpr")),

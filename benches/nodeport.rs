@@ -13,7 +13,7 @@
 //!    delivered rate of each XDP mode over tc's is printed as "x tc".
 //!
 //! The latency runs (1 and 2) pin client, servers and agents to one CPU
-//! (see `kpr::testbed::pin_to_cpu0`); the flood runs on every CPU.
+//! (see `kpr_testbed::pin_to_cpu0`); the flood runs on every CPU.
 //!
 //! Needs root; without it, it says so and measures nothing.
 //! `cargo bench --bench nodeport` (KPR_BENCH_REQUESTS, KPR_BENCH_DATAGRAMS).
@@ -22,9 +22,9 @@ use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use kpr::testbed::cluster::client_ip;
-use kpr::testbed::nodeport_bed::{nodeport_manifest, POD_TCP, POD_UDP};
-use kpr::testbed::{Cluster, ClusterPlan, NodePortBed, ProbeSpec};
+use kpr_testbed::cluster::client_ip;
+use kpr_testbed::nodeport_bed::{nodeport_manifest, POD_TCP, POD_UDP};
+use kpr_testbed::{Cluster, ClusterPlan, NodePortBed, ProbeSpec};
 
 const NODE_PORT_TCP: u16 = 30080;
 const NODE_PORT_UDP: u16 = 30053;
@@ -147,7 +147,7 @@ fn main() {
     // Client, servers and agents on one CPU for the latency runs (see
     // pin_to_cpu0); the flood below gets every CPU back, as a receiver
     // draining a NIC would have.
-    let one_cpu = kpr::testbed::pin_to_cpu0().expect("pinning to cpu 0");
+    let one_cpu = kpr_testbed::pin_to_cpu0().expect("pinning to cpu 0");
     for (prefix, accel) in [("npbt", "disabled"), ("npbg", "generic")] {
         let bed = bed(prefix, accel);
         let ((v50, v90), (d50, d90)) = latency(&bed, 2, rounds);

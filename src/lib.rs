@@ -16,5 +16,4 @@ pub mod skip;
 pub mod source;
 pub mod status;
 pub mod svc_list;
-pub mod testbed;
 pub mod translate;

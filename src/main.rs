@@ -14,7 +14,7 @@ use kpr::agent::{self, AgentConfig};
 use kpr::cli::{AgentArgs, CleanupArgs, Cli, Command, CtCommand, OutputFormat, SvcCommand};
 use kpr::datapath::kernel::KernelMaps;
 use kpr::datapath::{ct, loader, LbMaps};
-use kpr::{selftest, status, svc_list, testbed};
+use kpr::{selftest, status, svc_list};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -51,7 +51,7 @@ fn run(command: Command) -> Result<ExitCode> {
             output,
         } => show_status(metrics_addr, &bpf_root.bpf_root, output)?,
         Command::Selftest => return selftest::run(),
-        Command::Probe { spec } => testbed::probe::probe_main(&spec)?,
+        Command::Probe { spec } => selftest::probe::probe_main(&spec)?,
     }
     Ok(ExitCode::SUCCESS)
 }

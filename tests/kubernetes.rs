@@ -1,7 +1,8 @@
 //! kpr against a Kubernetes API (the project's stand-in, speaking the real
 //! list/watch protocol) with the datapath live in network namespaces: every
-//! check is real traffic plus `kpr svc list -o json`. Needs root; without it
-//! every test says so and skips.
+//! check is real traffic plus `kpr svc list -o json`. Needs root: every
+//! test is `#[ignore = "needs root"]` (run them with `--include-ignored`)
+//! and fails at once without root.
 
 #[path = "support/apiserver.rs"]
 mod apiserver;
@@ -12,19 +13,12 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use apiserver::{ApiServer, Kind};
-use kpr::testbed::{BedPlan, ProbeSpec, SocketLbBed};
+use kpr_testbed::require_root;
+use kpr_testbed::{BedPlan, ProbeSpec, SocketLbBed};
 use serde_json::{json, Value};
 
 const KPR: &str = env!("CARGO_BIN_EXE_kpr");
 const NODE: &str = "node-a";
-
-fn root() -> bool {
-    let root = nix::unistd::Uid::effective().is_root();
-    if !root {
-        eprintln!("!!! SKIPPED: Kubernetes datapath tests need root (namespaces, cgroups, BPF)");
-    }
-    root
-}
 
 fn service(name: &str, spec: Value) -> Value {
     json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "t"}, "spec": spec})
@@ -122,10 +116,9 @@ fn wait_backends(bed: &SocketLbBed, frontend: &str, want: Option<&[&str]>) {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn services_and_slices_are_followed_through_create_update_and_delete() {
-    if !root() {
-        return;
-    }
+    require_root();
     let api = ApiServer::start();
     let bed = start("kcrud", &api, 4);
     // Named targetPort: the slice port "web" carries 8080.
@@ -194,10 +187,9 @@ fn services_and_slices_are_followed_through_create_update_and_delete() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn kube_proxy_semantics_on_live_traffic() {
-    if !root() {
-        return;
-    }
+    require_root();
     let api = ApiServer::start();
     let bed = start("ksem", &api, 4);
     // Terminating fallback: no ready endpoint, one serving+terminating.
@@ -362,10 +354,9 @@ fn kube_proxy_semantics_on_live_traffic() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn session_affinity_from_the_api_holds_and_lapses() {
-    if !root() {
-        return;
-    }
+    require_root();
     let api = ApiServer::start();
     let bed = start("kaff", &api, 3);
     api.apply(&service("sticky", json!({"clusterIP": "10.96.0.30", "sessionAffinity": "ClientIP",
@@ -402,10 +393,9 @@ fn session_affinity_from_the_api_holds_and_lapses() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn dropped_watches_and_410_gone_relist_and_apply_deletions_made_while_disconnected() {
-    if !root() {
-        return;
-    }
+    require_root();
     let api = ApiServer::start();
     let bed = start("kgone", &api, 4);
     api.apply(&service(
@@ -510,10 +500,9 @@ fn dropped_watches_and_410_gone_relist_and_apply_deletions_made_while_disconnect
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_restart_while_the_api_is_unreachable_keeps_the_pinned_state_until_it_returns() {
-    if !root() {
-        return;
-    }
+    require_root();
     let api = ApiServer::start();
     let mut bed = start("kdown", &api, 3);
     api.apply(&service(
@@ -542,7 +531,7 @@ fn a_restart_while_the_api_is_unreachable_keeps_the_pinned_state_until_it_return
         reached(&spread(&bed, "10.96.0.50:80", 40)),
         set(&["10.244.0.11:8080", "10.244.0.12:8080"])
     );
-    let (status, _) = kpr::testbed::agent::http_get(bed.agent.healthz_addr, "/healthz").unwrap();
+    let (status, _) = kpr_testbed::agent::http_get(bed.agent.healthz_addr, "/healthz").unwrap();
     assert_eq!(status, 503, "healthy before any sync with the API");
 
     // The API returns with a change: the agent converges on it.
@@ -584,10 +573,9 @@ fn histogram_quantile(metrics: &str, name: &str, q: f64) -> Option<f64> {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn network_programming_latency_with_1000_services() {
-    if !root() {
-        return;
-    }
+    require_root();
     let api = ApiServer::start();
     for i in 0..1000 {
         let name = format!("s{i}");

@@ -1,13 +1,15 @@
 //! Datapath lifecycle: `kpr cleanup` removes every attachment and pin, and
 //! maps of an older layout version are dropped when a new agent takes over.
-//! Needs root; without it every test says so and skips.
+//! Needs root: every test is `#[ignore = "needs root"]` (run them with
+//! `--include-ignored`) and fails at once without root.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 
-use kpr::testbed::bed::UNTRANSLATED;
-use kpr::testbed::{BedPlan, ProbeSpec, SocketLbBed};
+use kpr_testbed::bed::UNTRANSLATED;
+use kpr_testbed::require_root;
+use kpr_testbed::{BedPlan, ProbeSpec, SocketLbBed};
 
 const KPR: &str = env!("CARGO_BIN_EXE_kpr");
 
@@ -24,14 +26,6 @@ addressType: IPv4
 ports: [{port: 8080}]
 endpoints: [{addresses: [10.244.0.11]}]
 "#;
-
-fn root() -> bool {
-    let root = nix::unistd::Uid::effective().is_root();
-    if !root {
-        eprintln!("!!! SKIPPED: lifecycle tests need root (namespaces, cgroups, BPF)");
-    }
-    root
-}
 
 fn bed(prefix: &str) -> SocketLbBed {
     let plan = BedPlan {
@@ -72,10 +66,9 @@ fn kpr(args: &[&str]) -> String {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn cleanup_detaches_every_program_and_removes_every_pin() {
-    if !root() {
-        return;
-    }
+    require_root();
     let mut bed = bed("clean");
     assert_eq!(vip_answer(&bed), "10.244.0.11:8080");
     bed.agent.stop().unwrap();
@@ -100,10 +93,9 @@ fn cleanup_detaches_every_program_and_removes_every_pin() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn cleanup_with_a_cgroup_detaches_kpr_programs_pinned_elsewhere() {
-    if !root() {
-        return;
-    }
+    require_root();
     let bed = bed("cgclean");
     let elsewhere = tempfile::tempdir().unwrap();
     let other_root = elsewhere.path().join("bpf");
@@ -119,10 +111,9 @@ fn cleanup_with_a_cgroup_detaches_kpr_programs_pinned_elsewhere() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn maps_of_an_older_layout_version_are_removed_when_a_new_agent_takes_over() {
-    if !root() {
-        return;
-    }
+    require_root();
     use libbpf_rs::{MapHandle, MapType};
     let mut bed = bed("layout");
     bed.agent.stop().unwrap();
@@ -155,14 +146,14 @@ fn agent_with_missing_feature(
     mode: &str,
     missing: &str,
 ) -> (
-    kpr::testbed::AgentProcess,
-    kpr::testbed::TestCgroup,
+    kpr_testbed::AgentProcess,
+    kpr_testbed::TestCgroup,
     tempfile::TempDir,
 ) {
-    let cgroup = kpr::testbed::TestCgroup::create(prefix).unwrap();
+    let cgroup = kpr_testbed::TestCgroup::create(prefix).unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("svc.yaml"), MANIFEST).unwrap();
-    let agent = kpr::testbed::AgentProcess::start_with_env(
+    let agent = kpr_testbed::AgentProcess::start_with_env(
         Path::new(KPR),
         &dir.path().join("svc.yaml"),
         cgroup.path(),
@@ -175,10 +166,9 @@ fn agent_with_missing_feature(
 }
 
 #[test]
+#[ignore = "needs root"]
 fn strict_mode_refuses_to_start_without_a_required_feature_and_names_it() {
-    if !root() {
-        return;
-    }
+    require_root();
     let (mut agent, _cgroup, _dir) =
         agent_with_missing_feature("strict", "strict", "cgroup_getpeername6");
     let status = agent
@@ -197,10 +187,9 @@ fn strict_mode_refuses_to_start_without_a_required_feature_and_names_it() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn partial_mode_runs_without_the_missing_hook() {
-    if !root() {
-        return;
-    }
+    require_root();
     let (mut agent, _cgroup, _dir) = agent_with_missing_feature(
         "partial",
         "partial",
@@ -223,10 +212,9 @@ fn partial_mode_runs_without_the_missing_hook() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn status_reports_the_agent_the_hooks_and_the_map_fill() {
-    if !root() {
-        return;
-    }
+    require_root();
     let bed = bed("status");
     let root = bed.agent.bpf_root.to_str().unwrap().to_string();
     let addr = bed.agent.metrics_addr.to_string();

@@ -1,8 +1,9 @@
 //! Maglev tables in the real, pinned maps: the reconciler on `KernelMaps`
 //! writes one inner array per backend set, reads them back after a
 //! restart without rewriting them, and rewrites them when the table size
-//! changes. Needs root (bpffs, BPF maps); without it every test says so
-//! and passes.
+//! changes. Needs root (bpffs, BPF maps): every test is
+//! `#[ignore = "needs root"]` (run them with `--include-ignored`) and
+//! fails at once without root.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -18,14 +19,7 @@ use kpr::model::{
     Backend, Frontend, FrontendOptions, FrontendSpec, L4Addr, Protocol, ServiceRef, ServiceType,
 };
 use kpr::reconcile::{DesiredByService, Reconciler, ServiceFrontends};
-
-fn root() -> bool {
-    let root = nix::unistd::Uid::effective().is_root();
-    if !root {
-        eprintln!("!!! SKIPPED: Maglev map tests need root (bpffs, BPF maps)");
-    }
-    root
-}
+use kpr_testbed::require_root;
 
 /// Pinned maps in a temporary bpf root, removed on drop.
 struct Maps {
@@ -115,10 +109,9 @@ fn service(name: &str, port: u16, first_backend: u8, n: u8) -> (String, ServiceF
 }
 
 #[test]
+#[ignore = "needs root"]
 fn tables_are_shared_per_backend_set_survive_a_restart_unwritten_and_follow_the_table_size() {
-    if !root() {
-        return;
-    }
+    require_root();
     let maps = Maps::new();
     let d: DesiredByService = [service("web", 30080, 11, 3), service("api", 30081, 20, 5)]
         .into_iter()
@@ -176,10 +169,9 @@ fn tables_are_shared_per_backend_set_survive_a_restart_unwritten_and_follow_the_
 }
 
 #[test]
+#[ignore = "needs root"]
 fn kpr_cleanup_removes_the_maglev_map() {
-    if !root() {
-        return;
-    }
+    require_root();
     let maps = Maps::new();
     let pin = maps.root().join("kpr_maglev_v1");
     assert!(pin.exists());

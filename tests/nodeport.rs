@@ -7,8 +7,9 @@
 //! ranges, no-backend response, bind protection) have their own
 //! `nodeport_*.rs`; the bed is tests/support/nodeport.rs.
 //!
-//! Needs root (namespaces, BPF, tcx); without it every test says so and
-//! passes.
+//! Needs root (namespaces, BPF, tcx): every test is `#[ignore = "needs
+//! root"]` (run them with `--include-ignored`) and fails at once without
+//! root.
 
 #[path = "support/nodeport.rs"]
 mod support;
@@ -21,17 +22,16 @@ use kpr::datapath::layout::{CtDir, CtRecord};
 use kpr::datapath::nodeport::attached_devices;
 use kpr::datapath::{host_addrs, peer_devices};
 use kpr::model::Protocol;
-use kpr::testbed::cluster::{client_ip, NODE_CLIENT_IF, NODE_PEER_IF, NODE_PODS_IF};
-use kpr::testbed::nodeport_bed::{nodeport_manifest, POD_TCP};
-use kpr::testbed::server::split_reply;
-use kpr::testbed::{Cluster, ClusterPlan, NodePortBed, ProbeSpec};
+use kpr_testbed::cluster::{client_ip, NODE_CLIENT_IF, NODE_PEER_IF, NODE_PODS_IF};
+use kpr_testbed::nodeport_bed::{nodeport_manifest, POD_TCP};
+use kpr_testbed::server::split_reply;
+use kpr_testbed::{Cluster, ClusterPlan, NodePortBed, ProbeSpec};
 use support::*;
 
 #[test]
+#[ignore = "needs root"]
 fn nodeport_on_both_nodes_spreads_over_backends_on_both_nodes_with_snat_for_remote_ones() {
-    if !root() {
-        return;
-    }
+    require_root();
     let bed = Bed::start("npsp", &[]);
     spreads_with_snat_for_remote_backends(&bed);
     check_conntrack_and_tools(&bed);
@@ -57,10 +57,9 @@ fn spreads_with_snat_for_remote_backends(bed: &NodePortBed) {
 /// same holds for the node's own clients (socket path), also on an
 /// address added while the agent runs.
 #[test]
+#[ignore = "needs root"]
 fn nodeport_is_served_on_another_local_address_of_the_node() {
-    if !root() {
-        return;
-    }
+    require_root();
     let bed = Bed::start("npwc", &[]);
     nodeport_on_another_local_address(&bed, |reply| check_source(bed.node(1), reply));
     // Conntrack keeps the address the client used as the frontend.
@@ -193,10 +192,9 @@ fn check_conntrack_and_tools(bed: &NodePortBed) {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn an_agent_restart_under_load_keeps_programs_and_conntrack_without_failed_connections() {
-    if !root() {
-        return;
-    }
+    require_root();
     let mut bed = Bed::start("nprs", &[]);
     let target = node_port(bed.node(1), NODE_PORT_TCP);
 
@@ -239,10 +237,9 @@ fn an_agent_restart_under_load_keeps_programs_and_conntrack_without_failed_conne
 }
 
 #[test]
+#[ignore = "needs root"]
 fn conntrack_entries_expire_and_are_collected_and_cleanup_detaches_tcx() {
-    if !root() {
-        return;
-    }
+    require_root();
     // A short UDP lifetime, so entries expire within the test.
     let mut bed = Bed::start("npgc", &["--ct-udp-timeout", "2s"]);
     let target = node_port(bed.node(2), NODE_PORT_UDP);
@@ -338,18 +335,16 @@ fn through_xdp(prefix: &str, mode: &str) {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn nodeport_through_generic_xdp_spreads_and_snats_like_tc() {
-    if !root() {
-        return;
-    }
+    require_root();
     through_xdp("npxg", "generic");
 }
 
 #[test]
+#[ignore = "needs root"]
 fn nodeport_through_native_xdp_on_veth_spreads_and_snats_like_tc() {
-    if !root() {
-        return;
-    }
+    require_root();
     through_xdp("npxn", "native");
 }
 
@@ -358,10 +353,9 @@ fn nodeport_through_native_xdp_on_veth_spreads_and_snats_like_tc() {
 /// came in on the pod interface (no kpr program) and was answered by RST.
 /// A closing flow's reply tuple now gives way to the new flow.
 #[test]
+#[ignore = "needs root"]
 fn a_client_port_reused_across_frontends_of_one_local_backend_still_connects() {
-    if !root() {
-        return;
-    }
+    require_root();
     let bed = Bed::start("npreuse", &[]);
     let node = bed.node(1);
     let (first, second) = (
@@ -406,10 +400,9 @@ fn a_client_port_reused_across_frontends_of_one_local_backend_still_connects() {
 /// egress program, and never connected. A direct SYN now retires the
 /// translated flow's entries.
 #[test]
+#[ignore = "needs root"]
 fn a_client_port_reused_to_reach_a_local_backend_directly_still_connects() {
-    if !root() {
-        return;
-    }
+    require_root();
     let bed = Bed::start("npdir", &[]);
     let via = node_port(bed.node(1), NODE_PORT_LOCAL);
     let client = IpAddr::V4(client_ip(1));
@@ -475,10 +468,9 @@ fn agent_devices_once_attached(
 /// appears (netlink link notification), NodePort traffic entering through
 /// it is load-balanced, and when it goes its links are forgotten.
 #[test]
+#[ignore = "needs root"]
 fn a_device_that_appears_later_is_attached_and_serves_nodeport_traffic() {
-    if !root() {
-        return;
-    }
+    require_root();
     let mut bed = Bed::start("nplate", &["--devices", "eth-late"]);
     let root1 = bed.bpf_root(1);
     assert_eq!(attached_links(&root1, "eth-late"), 0);
@@ -598,7 +590,7 @@ endpoints:
 {endpoints}"#
         )
     };
-    let pod_udp = kpr::testbed::nodeport_bed::POD_UDP;
+    let pod_udp = kpr_testbed::nodeport_bed::POD_UDP;
     manifest(cluster)
         + &format!(
             r#"
@@ -671,10 +663,9 @@ fn svc_list_rows(table: &str) -> BTreeMap<String, (String, usize)> {
 /// replies from the frontend address; `kpr svc list` shows the NodePort,
 /// LoadBalancer and ExternalIPs frontends as `cilium service list` does.
 #[test]
+#[ignore = "needs root"]
 fn loadbalancer_ips_and_external_ips_are_served_from_outside_and_listed() {
-    if !root() {
-        return;
-    }
+    require_root();
     let bed = Bed::with_manifest("nplbx", &ClusterPlan::default(), external_manifest, &[]);
     let client = bed.cluster.client();
     for (ip, n) in [(LB_IP, 1u8), (EXTERNAL_IP, 2)] {
@@ -753,10 +744,9 @@ fn loadbalancer_ips_and_external_ips_are_served_from_outside_and_listed() {
 /// rejected first, then answered by the remote pod, then by the local pod
 /// as soon as the agents have synced, and conntrack holds the new backend.
 #[test]
+#[ignore = "needs root"]
 fn one_udp_flow_follows_endpoints_from_none_to_a_remote_pod_to_a_local_one() {
-    if !root() {
-        return;
-    }
+    require_root();
     const TCP: u16 = 30180;
     const UDP: u16 = 30153;
     let endpoints_of = |pod: Option<(IpAddr, u8)>| match pod {
@@ -847,7 +837,7 @@ fn one_udp_flow_follows_endpoints_from_none_to_a_remote_pod_to_a_local_one() {
     assert_eq!(flow.len(), 1, "{flow:?}");
     assert_eq!(
         flow[0].nat_dst,
-        SocketAddr::new(local, kpr::testbed::nodeport_bed::POD_UDP),
+        SocketAddr::new(local, kpr_testbed::nodeport_bed::POD_UDP),
         "{flow:?}"
     );
     assert!(!flow[0].snat, "a local backend sees the client: {flow:?}");
@@ -860,10 +850,9 @@ fn one_udp_flow_follows_endpoints_from_none_to_a_remote_pod_to_a_local_one() {
 /// north-south devices (veths to other hosts here) are never taken for
 /// pod devices, and a pod device that comes later, or goes, is followed.
 #[test]
+#[ignore = "needs root"]
 fn packets_to_local_pods_enter_the_pod_namespace_directly_and_pod_devices_are_followed() {
-    if !root() {
-        return;
-    }
+    require_root();
     let bed = Bed::start("nppeer", &[]);
     let node = bed.node(1);
     let listed = || peer_devices::open(&bed.bpf_root(1)).unwrap().keys().clone();
@@ -969,10 +958,9 @@ fn requests_to_a_local_pod(bed: &NodePortBed, requests: u32) -> (u64, u64) {
 /// local pods are transmitted on the host side of their link (where a
 /// CNI bandwidth plugin's qdisc sees them), and still answered.
 #[test]
+#[ignore = "needs root"]
 fn without_peer_redirect_packets_to_local_pods_take_the_host_side_of_their_link() {
-    if !root() {
-        return;
-    }
+    require_root();
     let bed = Bed::start("npnopr", &["--nodeport-redirect-peer=false"]);
     let requests = 50;
     let (redirected, transmitted) = requests_to_a_local_pod(&bed, requests);

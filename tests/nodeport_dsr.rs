@@ -3,8 +3,9 @@
 //! the client directly: remote backends see the client and answer it
 //! without passing back through the node it addressed.
 //!
-//! Needs root (namespaces, BPF, tcx); without it every test says so and
-//! passes.
+//! Needs root (namespaces, BPF, tcx): every test is `#[ignore = "needs
+//! root"]` (run them with `--include-ignored`) and fails at once without
+//! root.
 
 #[path = "support/nodeport.rs"]
 mod support;
@@ -17,10 +18,10 @@ use std::time::{Duration, Instant};
 
 use kpr::datapath::layout::{CtDir, CtRecord};
 use kpr::model::Protocol;
-use kpr::testbed::cluster::{client_ip, NODE_PEER_IF};
-use kpr::testbed::nodeport_bed::POD_UDP;
-use kpr::testbed::server::split_reply;
-use kpr::testbed::{Cluster, ClusterPlan, Netns, NodePortBed, NsThread};
+use kpr_testbed::cluster::{client_ip, NODE_PEER_IF};
+use kpr_testbed::nodeport_bed::POD_UDP;
+use kpr_testbed::server::split_reply;
+use kpr_testbed::{Cluster, ClusterPlan, Netns, NodePortBed, NsThread};
 use support::*;
 
 /// NodePort of `bulk` (TCP to [`BULK_PORT`] on node2's pods only: through
@@ -488,35 +489,31 @@ fn dsr_end_to_end(prefix: &str, xdp: Option<&str>) -> NodePortBed {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn dsr_nodeport_reaches_backends_on_both_nodes_which_see_the_client_and_answer_it_directly() {
-    if !root() {
-        return;
-    }
+    require_root();
     let bed = dsr_end_to_end("npdsr", None);
     dsr_map_follows_endpoints(&bed);
 }
 
 #[test]
+#[ignore = "needs root"]
 fn dsr_through_generic_xdp_encapsulates_and_decapsulates_in_xdp() {
-    if !root() {
-        return;
-    }
+    require_root();
     dsr_end_to_end("npdsrg", Some("generic"));
 }
 
 #[test]
+#[ignore = "needs root"]
 fn dsr_through_native_xdp_on_veth_encapsulates_and_decapsulates_in_xdp() {
-    if !root() {
-        return;
-    }
+    require_root();
     dsr_end_to_end("npdsrn", Some("native"));
 }
 
 #[test]
+#[ignore = "needs root"]
 fn hybrid_mode_returns_tcp_directly_and_snats_udp() {
-    if !root() {
-        return;
-    }
+    require_root();
     let bed = start_dsr_bed("nphyb", None, "hybrid");
     dsr_spreads_with_the_client_address(&bed, false);
     check_dsr_conntrack(&bed, false);
@@ -542,10 +539,9 @@ fn hybrid_mode_returns_tcp_directly_and_snats_udp() {
 /// the pinned links carry every connection over, and long-lived UDP flows
 /// keep their backend.
 #[test]
+#[ignore = "needs root"]
 fn dsr_agents_restarted_under_load_fail_no_connection_and_keep_udp_flows() {
-    if !root() {
-        return;
-    }
+    require_root();
     let mut bed = start_dsr_bed("npdsrr", None, "dsr");
     let target = node_port(bed.node(1), NODE_PORT_TCP);
     let first = udp_flows_answers(bed.cluster.client(), bed.node(1), 8, None);
@@ -645,18 +641,16 @@ fn dsr_with_maglev(prefix: &str, xdp: Option<&str>) {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn dsr_with_maglev_sends_a_client_to_one_backend_through_either_node_which_sees_the_client() {
-    if !root() {
-        return;
-    }
+    require_root();
     dsr_with_maglev("npdsrm", None);
 }
 
 #[test]
+#[ignore = "needs root"]
 fn dsr_with_maglev_in_generic_xdp_sends_a_client_to_one_backend_through_either_node() {
-    if !root() {
-        return;
-    }
+    require_root();
     dsr_with_maglev("npdsrmg", Some("generic"));
 }
 
@@ -670,10 +664,9 @@ const LATE_MTU: u32 = 1400;
 /// the new smallest MTU minus 60, which the next connection's client
 /// learns; both nodes' NodePorts still send remote flows by DSR.
 #[test]
+#[ignore = "needs root"]
 fn dsr_follows_a_device_that_appears_later_and_its_mtu() {
-    if !root() {
-        return;
-    }
+    require_root();
     let bed = start_dsr_bed_with("npdsrl", None, "dsr", &["--devices", "eth-late"]);
     let mss_before = bulk_upload_to_sinks(&bed);
     assert!(

@@ -12,8 +12,9 @@
 //! Fragments: a UDP datagram larger than the MTU to a NodePort, and its
 //! echo, arrive whole, for a local and for a remote backend.
 //!
-//! Needs root (namespaces, BPF, tcx, raw sockets); without it every test
-//! says so and passes.
+//! Needs root (namespaces, BPF, tcx, raw sockets): every test is
+//! `#[ignore = "needs root"]` (run them with `--include-ignored`) and
+//! fails at once without root.
 
 #[path = "support/nodeport.rs"]
 mod support;
@@ -25,9 +26,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kpr::testbed::cluster::client_ip;
-use kpr::testbed::nodeport_bed::POD_UDP;
-use kpr::testbed::{Cluster, ClusterPlan, NodePortBed};
+use kpr_testbed::cluster::client_ip;
+use kpr_testbed::nodeport_bed::POD_UDP;
+use kpr_testbed::{Cluster, ClusterPlan, NodePortBed};
 use support::*;
 
 /// A UDP port nothing in the pods listens on.
@@ -96,10 +97,9 @@ fn bed(prefix: &str) -> NodePortBed {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_closed_udp_backend_port_refuses_the_client_at_once_local_or_remote() {
-    if !root() {
-        return;
-    }
+    require_root();
     let bed = bed("npicmpu");
     let node1 = bed.node(1);
     let before = bed.stats(1).unwrap().icmp_errors;
@@ -209,7 +209,7 @@ fn send_icmp(to: Ipv4Addr, icmp: &[u8]) -> std::io::Result<()> {
 }
 
 /// The MTU `ip route get dst` reports in `ns` (a path MTU exception), if any.
-fn route_mtu(ns: &kpr::testbed::Netns, dst: Ipv4Addr) -> Option<u16> {
+fn route_mtu(ns: &kpr_testbed::Netns, dst: Ipv4Addr) -> Option<u16> {
     let out = ns
         .ip_output(&["-4", "route", "get", &dst.to_string()])
         .unwrap();
@@ -224,10 +224,9 @@ fn route_mtu(ns: &kpr::testbed::Netns, dst: Ipv4Addr) -> Option<u16> {
 /// own packet, backend -> client (local backend) or backend -> node1's
 /// SNAT address (remote backend), so that it lowers its path MTU.
 #[test]
+#[ignore = "needs root"]
 fn fragmentation_needed_for_a_nodeport_reply_reaches_the_backend_local_or_remote() {
-    if !root() {
-        return;
-    }
+    require_root();
     let bed = bed("npicmpf");
     let node1 = bed.node(1);
     let client = client_ip(1);
@@ -278,7 +277,7 @@ fn fragmentation_needed_for_a_nodeport_reply_reaches_the_backend_local_or_remote
 
 /// `Icmp: InDestUnreachs` of the namespace `ns`: destination unreachable
 /// errors its own stack received.
-fn dest_unreachs_received(ns: &kpr::testbed::Netns) -> u64 {
+fn dest_unreachs_received(ns: &kpr_testbed::Netns) -> u64 {
     let snmp = ns
         .enter_thread(|| std::fs::read_to_string("/proc/thread-self/net/snmp"))
         .unwrap()
@@ -295,10 +294,9 @@ fn dest_unreachs_received(ns: &kpr::testbed::Netns) -> u64 {
 /// An ICMP error about a flow kpr does not track is none of its business:
 /// it reaches the node's own stack untouched (not translated, not dropped).
 #[test]
+#[ignore = "needs root"]
 fn an_icmp_error_about_an_untracked_packet_reaches_the_node_itself() {
-    if !root() {
-        return;
-    }
+    require_root();
     let bed = bed("npicmpn");
     let node1 = bed.node(1);
     let before = (
@@ -327,10 +325,10 @@ fn an_icmp_error_about_an_untracked_packet_reaches_the_node_itself() {
 /// until `stop` is set (or 60 s have passed). Returns once the socket is
 /// bound, so that no datagram sent after it meets a closed port.
 fn echo_server(
-    ns: &kpr::testbed::Netns,
+    ns: &kpr_testbed::Netns,
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
-) -> kpr::testbed::NsThread<std::io::Result<u64>> {
+) -> kpr_testbed::NsThread<std::io::Result<u64>> {
     let (bound_tx, bound_rx) = std::sync::mpsc::sync_channel::<()>(1);
     let thread = ns
         .spawn_thread(move || {
@@ -370,10 +368,9 @@ fn serve_echo(sock: UdpSocket, stop: &AtomicBool) -> std::io::Result<u64> {
 /// leaves through node1's egress) and a remote one behind SNAT (the echo
 /// comes back through node1's ingress).
 #[test]
+#[ignore = "needs root"]
 fn a_udp_datagram_larger_than_the_mtu_and_its_echo_cross_a_nodeport_whole() {
-    if !root() {
-        return;
-    }
+    require_root();
     let bed = bed("npfrag");
     let (followed, attempts) = big_datagrams_cross_whole(&bed);
     assert_eq!(attempts, [1, 1], "each datagram crossed the first time");
@@ -392,10 +389,9 @@ fn a_udp_datagram_larger_than_the_mtu_and_its_echo_cross_a_nodeport_whole() {
 /// cannot fragment it: its flow is SNATed instead of dropped, and the
 /// datagram crosses the first time.
 #[test]
+#[ignore = "needs root"]
 fn in_dsr_mode_a_datagram_too_big_for_the_tunnel_opens_a_snat_flow_and_crosses_whole() {
-    if !root() {
-        return;
-    }
+    require_root();
     let plan = ClusterPlan {
         direct_return: true,
         ..ClusterPlan::default()

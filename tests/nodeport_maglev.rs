@@ -2,8 +2,9 @@
 //! (tests/support/nodeport.rs): one client, whichever node it enters,
 //! meets one backend; the per-Service annotation; Maglev in XDP.
 //!
-//! Needs root (namespaces, BPF, tcx); without it every test says so and
-//! passes.
+//! Needs root (namespaces, BPF, tcx): every test is `#[ignore = "needs
+//! root"]` (run them with `--include-ignored`) and fails at once without
+//! root.
 
 #[path = "support/nodeport.rs"]
 mod support;
@@ -12,10 +13,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use kpr::testbed::cluster::client_ip;
-use kpr::testbed::nodeport_bed::POD_TCP;
-use kpr::testbed::server::split_reply;
-use kpr::testbed::{Cluster, ClusterPlan, NodePortBed};
+use kpr_testbed::cluster::client_ip;
+use kpr_testbed::nodeport_bed::POD_TCP;
+use kpr_testbed::server::split_reply;
+use kpr_testbed::{Cluster, ClusterPlan, NodePortBed};
 use support::*;
 
 /// Polls `kpr svc list -o json` on both nodes until `done` holds for
@@ -41,11 +42,10 @@ fn wait_for_svc_list(bed: &NodePortBed, what: &str, done: impl Fn(&str) -> bool)
 }
 
 #[test]
+#[ignore = "needs root"]
 fn maglev_sends_a_client_to_the_same_backend_through_either_node_and_keeps_flows_when_a_backend_goes(
 ) {
-    if !root() {
-        return;
-    }
+    require_root();
     let plan = ClusterPlan {
         pods_per_node: 3,
         ..ClusterPlan::default()
@@ -167,10 +167,9 @@ endpoints:
 }
 
 #[test]
+#[ignore = "needs root"]
 fn the_lb_algorithm_annotation_switches_one_service_to_maglev_while_another_stays_random() {
-    if !root() {
-        return;
-    }
+    require_root();
     // Agents with the default --lb-algorithm random.
     let bed = Bed::with_manifest("npann", &ClusterPlan::default(), annotated_manifest, &[]);
     add_shared_client_address(&bed);
@@ -242,10 +241,9 @@ fn the_lb_algorithm_annotation_switches_one_service_to_maglev_while_another_stay
 }
 
 #[test]
+#[ignore = "needs root"]
 fn maglev_in_generic_xdp_sends_a_client_to_the_same_backend_through_either_node() {
-    if !root() {
-        return;
-    }
+    require_root();
     let plan = ClusterPlan {
         xdp_ready: true,
         ..ClusterPlan::default()
@@ -285,10 +283,9 @@ fn maglev_in_generic_xdp_sends_a_client_to_the_same_backend_through_either_node(
 /// client's own address. (Before, the second flow was dropped: a lost
 /// datagram in about one DSR test run in six.)
 #[test]
+#[ignore = "needs root"]
 fn one_client_port_to_two_frontends_of_a_local_backend_keeps_both_flows() {
-    if !root() {
-        return;
-    }
+    require_root();
     let bed = Bed::start("npmgr", &["--lb-algorithm", "maglev"]);
     let node1 = bed.node(1);
     let frontends = [

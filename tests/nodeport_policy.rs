@@ -3,8 +3,9 @@
 //! loadBalancerSourceRanges, --service-no-backend-response and NodePort
 //! bind protection.
 //!
-//! Needs root (namespaces, BPF, tcx); without it every test says so and
-//! passes.
+//! Needs root (namespaces, BPF, tcx): every test is `#[ignore = "needs
+//! root"]` (run them with `--include-ignored`) and fails at once without
+//! root.
 
 #[path = "support/nodeport.rs"]
 mod support;
@@ -14,17 +15,16 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use kpr::testbed::cluster::CLIENT_TO_NODE1_IF;
-use kpr::testbed::errno::error_name;
-use kpr::testbed::server::split_reply;
-use kpr::testbed::{run_probe, NodePortBed, ProbeSpec};
+use kpr_testbed::cluster::CLIENT_TO_NODE1_IF;
+use kpr_testbed::errno::error_name;
+use kpr_testbed::server::split_reply;
+use kpr_testbed::{run_probe, NodePortBed, ProbeSpec};
 use support::*;
 
 #[test]
+#[ignore = "needs root"]
 fn external_traffic_policy_local_keeps_the_client_address_and_drops_without_local_backends() {
-    if !root() {
-        return;
-    }
+    require_root();
     let bed = Bed::start("npetp", &[]);
     let client = bed.cluster.client();
     for n in [1u8, 2] {
@@ -71,10 +71,9 @@ fn external_traffic_policy_local_keeps_the_client_address_and_drops_without_loca
 /// and pods' own namespaces are left alone; the port is free again once
 /// its Service is gone.
 #[test]
+#[ignore = "needs root"]
 fn host_sockets_cannot_bind_a_nodeport_in_use_until_its_service_is_deleted() {
-    if !root() {
-        return;
-    }
+    require_root();
     let mut bed = Bed::start("npbind", &[]);
     // In node1's namespace, or (pods) its pods', always in its agent's cgroup.
     let bind =
@@ -201,10 +200,9 @@ fn wait_event_metric(bed: &NodePortBed, n: u8, event: &str, at_least: u64) -> f6
 /// client outside them gets no answer (dropped), the NodePort of the same
 /// Service stays open to it, and node-local clients are checked too.
 #[test]
+#[ignore = "needs root"]
 fn load_balancer_source_ranges_admit_listed_clients_only_and_leave_the_node_port_open() {
-    if !root() {
-        return;
-    }
+    require_root();
     let bed = Bed::start("npsrc", &[]);
     let client = bed.cluster.client();
     let node1 = bed.node(1);
@@ -326,10 +324,9 @@ fn load_balancer_source_ranges_admit_listed_clients_only_and_leave_the_node_port
 /// of a frontend without any backend learn it at once from an ICMP port
 /// unreachable, on both nodes; the rejects are counted.
 #[test]
+#[ignore = "needs root"]
 fn a_frontend_without_backends_rejects_tcp_and_udp_with_icmp_by_default() {
-    if !root() {
-        return;
-    }
+    require_root();
     let bed = Bed::start("nprej", &[]);
     let client = bed.cluster.client();
     for n in [1u8, 2] {
@@ -359,10 +356,9 @@ fn a_frontend_without_backends_rejects_tcp_and_udp_with_icmp_by_default() {
 /// --service-no-backend-response drop: no answer at all, so clients time
 /// out (bounded here); the drops are counted.
 #[test]
+#[ignore = "needs root"]
 fn with_no_backend_response_drop_a_frontend_without_backends_stays_silent() {
-    if !root() {
-        return;
-    }
+    require_root();
     let bed = Bed::start("npdrop", &["--service-no-backend-response", "drop"]);
     let client = bed.cluster.client();
     let target = node_port(bed.node(1), NODE_PORT_EMPTY);

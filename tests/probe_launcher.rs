@@ -2,6 +2,10 @@
 //! namespace and test cgroup. This binary is its own probe: started as
 //! `<this> probe --spec JSON` it behaves like `kpr probe --spec JSON`;
 //! otherwise it runs the tests below (custom harness, libtest-style output).
+//!
+//! Like every root-only test, these are ignored ("needs root") unless run
+//! with `--include-ignored` or `--ignored`, and then each starts with
+//! `require_root()`, so a run without root fails instead of passing.
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::MetadataExt as _;
@@ -10,9 +14,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use kpr::testbed::probe::{ProbeResult, ProbeSpec};
-use kpr::testbed::topology::{backend_v4, backend_v6};
-use kpr::testbed::{probe_main, run_probe, Netns, Server, TestCgroup, Topology};
+use kpr_testbed::probe::{ProbeResult, ProbeSpec};
+use kpr_testbed::topology::{backend_v4, backend_v6};
+use kpr_testbed::{probe_main, require_root, run_probe, Netns, Server, TestCgroup, Topology};
 
 /// What kpr passes before the spec JSON.
 const PROBE_ARGS: &[&str] = &["probe", "--spec"];
@@ -69,6 +73,11 @@ fn run_tests(args: &[String]) -> ExitCode {
         .map(String::as_str)
         .collect();
     let exact = args.iter().any(|a| a == "--exact");
+    // Every test here needs root, so all are `#[ignore = "needs root"]` in
+    // libtest's terms: they run only when ignored tests are asked for.
+    let run_ignored = args
+        .iter()
+        .any(|a| a == "--include-ignored" || a == "--ignored");
     let selected: Vec<_> = TESTS
         .iter()
         .filter(|(name, _)| {
@@ -81,7 +90,7 @@ fn run_tests(args: &[String]) -> ExitCode {
     let filtered_out = TESTS.len() - selected.len();
     let start = Instant::now();
     println!("\nrunning {} tests", selected.len());
-    if !nix::unistd::Uid::effective().is_root() {
+    if !run_ignored {
         for (name, _) in &selected {
             println!("test {name} ... ignored, needs root");
         }
@@ -141,6 +150,7 @@ fn probe(netns: &Netns, cgroup: Option<&TestCgroup>, spec: ProbeSpec) -> ProbeRe
 }
 
 fn probe_runs_in_the_client_namespace_and_test_cgroup() {
+    require_root();
     let topo = Topology::build("plp").expect("topology builds");
     let cgroup = TestCgroup::create("plp").expect("cgroup is created");
     let r = probe(topo.client(), Some(&cgroup), ProbeSpec::Placement {});
@@ -154,6 +164,7 @@ fn probe_runs_in_the_client_namespace_and_test_cgroup() {
 }
 
 fn probe_reaches_servers_over_tcp_and_udp_on_v4_and_v6() {
+    require_root();
     let topo = Topology::build("plr").expect("topology builds");
     let cgroup = TestCgroup::create("plr").expect("cgroup is created");
     let b = topo.backends();
@@ -246,6 +257,7 @@ fn probe_reaches_servers_over_tcp_and_udp_on_v4_and_v6() {
 }
 
 fn probe_without_cgroup_still_runs_in_the_namespace() {
+    require_root();
     let topo = Topology::build("pln").expect("topology builds");
     let r = probe(topo.client(), None, ProbeSpec::Placement {});
     let client_ino = std::fs::metadata(topo.client().path()).unwrap().ino();
@@ -258,6 +270,7 @@ fn any_spec() -> ProbeSpec {
 }
 
 fn a_hanging_probe_is_killed_at_the_timeout() {
+    require_root();
     let topo = Topology::build("plt").expect("topology builds");
     let cgroup = TestCgroup::create("plt").expect("cgroup is created");
     let start = Instant::now();
@@ -277,6 +290,7 @@ fn a_hanging_probe_is_killed_at_the_timeout() {
 }
 
 fn probe_failures_and_garbage_output_are_errors_with_stderr() {
+    require_root();
     let topo = Topology::build("plf").expect("topology builds");
     let run = |script: &str| {
         run_probe(

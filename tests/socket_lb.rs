@@ -1,24 +1,18 @@
 //! Socket-LB end to end: a real agent on a bed of network namespaces,
 //! real sockets from a probe process inside (or outside) the agent's
-//! cgroup. Needs root; without it every test says so and skips.
+//! cgroup. Needs root: every test is `#[ignore = "needs root"]` (run them
+//! with `--include-ignored`) and fails at once without root.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use kpr::testbed::bed::UNTRANSLATED;
-use kpr::testbed::{BedPlan, ProbeSpec, SocketLbBed};
+use kpr_testbed::bed::UNTRANSLATED;
+use kpr_testbed::require_root;
+use kpr_testbed::{BedPlan, ProbeSpec, SocketLbBed};
 
 const KPR: &str = env!("CARGO_BIN_EXE_kpr");
-
-fn root() -> bool {
-    let root = nix::unistd::Uid::effective().is_root();
-    if !root {
-        eprintln!("!!! SKIPPED: socket-LB tests need root (namespaces, cgroups, BPF)");
-    }
-    root
-}
 
 fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
@@ -164,10 +158,9 @@ fn backend_addrs(json: &serde_json::Value, fe: &str) -> Vec<String> {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn tcp_connects_to_a_vip_spread_over_its_endpoints_only() {
-    if !root() {
-        return;
-    }
+    require_root();
     let bed = default_bed("tcp");
     let spread = tcp_spread(&bed, "10.96.0.10:80", 200);
     println!("200 connects to 10.96.0.10:80: {spread:?}");
@@ -182,10 +175,9 @@ fn tcp_connects_to_a_vip_spread_over_its_endpoints_only() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_process_outside_the_cgroup_is_not_translated() {
-    if !root() {
-        return;
-    }
+    require_root();
     let bed = default_bed("out");
     let r = bed
         .probe(
@@ -208,10 +200,9 @@ fn a_process_outside_the_cgroup_is_not_translated() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn udp_replies_come_from_the_vip_and_getpeername_reports_it() {
-    if !root() {
-        return;
-    }
+    require_root();
     let bed = default_bed("udp");
     let udp_backends = ["10.244.0.11:5353", "10.244.0.12:5353", "10.244.0.13:5353"];
 
@@ -272,10 +263,9 @@ fn udp_replies_come_from_the_vip_and_getpeername_reports_it() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn an_ipv6_vip_reaches_ipv6_endpoints() {
-    if !root() {
-        return;
-    }
+    require_root();
     let bed = default_bed("six");
     let spread = tcp_spread(&bed, "[fd00:10:96::10]:80", 100);
     assert_spread_over(
@@ -302,10 +292,9 @@ fn an_ipv6_vip_reaches_ipv6_endpoints() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn connecting_to_a_service_without_endpoints_fails_at_once_with_econnrefused() {
-    if !root() {
-        return;
-    }
+    require_root();
     let bed = default_bed("empty");
     let mut elapsed = Vec::new();
     for _ in 0..5 {
@@ -329,10 +318,9 @@ fn connecting_to_a_service_without_endpoints_fails_at_once_with_econnrefused() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn an_endpoint_edit_moves_new_connections_and_frees_the_removed_backend_id() {
-    if !root() {
-        return;
-    }
+    require_root();
     let bed = bed(
         "edit",
         WEB_AND_OTHER,
@@ -394,10 +382,9 @@ fn an_endpoint_edit_moves_new_connections_and_frees_the_removed_backend_id() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn translation_survives_sigkill_and_a_restarted_agent_adopts_the_same_maps() {
-    if !root() {
-        return;
-    }
+    require_root();
     let mut bed = default_bed("kill");
     let table_before = bed.svc_list().unwrap();
     bed.agent.kill().unwrap();
@@ -452,10 +439,9 @@ fn translation_survives_sigkill_and_a_restarted_agent_adopts_the_same_maps() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_malformed_document_is_counted_and_the_other_services_keep_working() {
-    if !root() {
-        return;
-    }
+    require_root();
     let bed = default_bed("bad");
     bed.write_manifest(
         "broken.yaml",
@@ -489,10 +475,9 @@ fn a_malformed_document_is_counted_and_the_other_services_keep_working() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_service_that_overflows_the_maps_is_refused_and_the_earlier_ones_are_unaffected() {
-    if !root() {
-        return;
-    }
+    require_root();
     // 16 entries: web (2 frontends x 4 entries + 2 x 3 for IPv6 = 14)... keep
     // it simple: only `other` and `empty` fit comfortably.
     let small = WEB_AND_OTHER
@@ -544,7 +529,7 @@ fn a_service_that_overflows_the_maps_is_refused_and_the_earlier_ones_are_unaffec
     );
     // One refused Service must not drain the node: load balancers probe
     // /healthz, and 503 would take every other Service down with it.
-    let (status, _) = kpr::testbed::agent::http_get(bed.agent.healthz_addr, "/healthz").unwrap();
+    let (status, _) = kpr_testbed::agent::http_get(bed.agent.healthz_addr, "/healthz").unwrap();
     assert_eq!(
         status, 200,
         "a refused Service must not make the node unhealthy"
@@ -589,10 +574,9 @@ endpoints: [{addresses: [10.244.0.11]}, {addresses: [10.244.0.12]}, {addresses: 
 "#;
 
 #[test]
+#[ignore = "needs root"]
 fn client_ip_affinity_holds_within_its_timeout_and_lapses_after_it() {
-    if !root() {
-        return;
-    }
+    require_root();
     let bed = bed(
         "sticky",
         STICKY,

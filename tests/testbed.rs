@@ -1,6 +1,7 @@
-//! Root-only: the test bed builds real namespaces, servers answer real
-//! traffic from the client side, and nothing is left behind after Drop.
-//! Without root each test prints why it is skipped and passes.
+//! The test bed builds real namespaces, servers answer real traffic from
+//! the client side, and nothing is left behind after Drop. Root-only tests
+//! are `#[ignore = "needs root"]` (run them with `--include-ignored`) and
+//! fail at once without root.
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::MetadataExt as _;
@@ -8,22 +9,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use kpr::testbed::probe::{ProbeResult, ProbeSpec};
-use kpr::testbed::topology::{backend_v4, backend_v6};
-use kpr::testbed::{cgroup2_mount, Server, TestCgroup, Topology};
-
-fn is_root() -> bool {
-    nix::unistd::Uid::effective().is_root()
-}
-
-macro_rules! require_root {
-    () => {
-        if !is_root() {
-            eprintln!("skipped: needs root (network namespaces, cgroups)");
-            return;
-        }
-    };
-}
+use kpr_testbed::probe::{ProbeResult, ProbeSpec};
+use kpr_testbed::require_root;
+use kpr_testbed::topology::{backend_v4, backend_v6};
+use kpr_testbed::{cgroup2_mount, Server, TestCgroup, Topology};
 
 fn netns_names() -> Vec<String> {
     let out = Command::new("ip")
@@ -49,8 +38,9 @@ fn ms(n: u64) -> Duration {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn servers_answer_the_client_directly_on_v4_and_v6_and_drop_removes_everything() {
-    require_root!();
+    require_root();
     let (client_name, backends_name, cgroup_dir);
     {
         let topo = Topology::build("tbd").expect("topology builds");
@@ -152,8 +142,9 @@ fn servers_answer_the_client_directly_on_v4_and_v6_and_drop_removes_everything()
 }
 
 #[test]
+#[ignore = "needs root"]
 fn an_untranslated_vip_is_answered_by_the_server_on_the_vip() {
-    require_root!();
+    require_root();
     let topo = Topology::build("tbv").expect("topology builds");
     let vip4: IpAddr = "10.96.0.10".parse().unwrap();
     let vip6: IpAddr = "fd00:10:96::a".parse().unwrap();
@@ -192,8 +183,9 @@ fn an_untranslated_vip_is_answered_by_the_server_on_the_vip() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn enter_thread_moves_only_that_thread_into_the_namespace() {
-    require_root!();
+    require_root();
     let topo = Topology::build("tbe").expect("topology builds");
     let own = || {
         std::fs::metadata("/proc/thread-self/ns/net")
@@ -212,8 +204,9 @@ fn enter_thread_moves_only_that_thread_into_the_namespace() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn the_test_cgroup_takes_child_pids_but_never_the_test_process() {
-    require_root!();
+    require_root();
     let mount = cgroup2_mount().expect("cgroup2 is mounted");
     let cgroup = TestCgroup::create("tbc").expect("cgroup is created");
     assert_eq!(cgroup.path().parent(), Some(mount.as_path()));
@@ -244,8 +237,9 @@ fn bad_prefixes_are_rejected_before_anything_is_created() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_panic_while_the_test_bed_is_up_still_removes_it() {
-    require_root!();
+    require_root();
     let mut names = Vec::new();
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let topo = Topology::build("tbp").expect("topology builds");
@@ -268,8 +262,9 @@ fn a_panic_while_the_test_bed_is_up_still_removes_it() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn sweeping_removes_leftovers_of_dead_runs_but_not_live_test_beds() {
-    require_root!();
+    require_root();
     let mut gone = Command::new("true").spawn().expect("true starts");
     let dead = gone.id();
     gone.wait().expect("true exits");
@@ -286,7 +281,7 @@ fn sweeping_removes_leftovers_of_dead_runs_but_not_live_test_beds() {
 
     let live = Topology::build("tbs").expect("topology builds");
     let live_cg = TestCgroup::create("tbs").expect("cgroup is created");
-    let swept = kpr::testbed::sweep_stale("tbs").expect("sweep runs");
+    let swept = kpr_testbed::sweep_stale("tbs").expect("sweep runs");
     assert_eq!(swept.netns, vec![stale_ns.clone()]);
     assert_eq!(swept.cgroups, vec![stale_cg.display().to_string()]);
     assert!(!netns_names().contains(&stale_ns));
@@ -297,18 +292,19 @@ fn sweeping_removes_leftovers_of_dead_runs_but_not_live_test_beds() {
 
 /// Runs `spec` on a thread inside `ns`.
 #[track_caller]
-fn run_in_ns(ns: &kpr::testbed::Netns, spec: ProbeSpec) -> ProbeResult {
+fn run_in_ns(ns: &kpr_testbed::Netns, spec: ProbeSpec) -> ProbeResult {
     ns.enter_thread(|| spec.run())
         .expect("probe thread ran")
         .expect("probe spec ran")
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_cluster_routes_client_nodes_and_pods_without_kpr_and_drop_removes_it() {
-    require_root!();
-    use kpr::testbed::cluster::client_ip;
-    use kpr::testbed::server::split_reply;
-    use kpr::testbed::{Cluster, ClusterPlan};
+    require_root();
+    use kpr_testbed::cluster::client_ip;
+    use kpr_testbed::server::split_reply;
+    use kpr_testbed::{Cluster, ClusterPlan};
 
     let names;
     {

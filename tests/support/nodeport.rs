@@ -11,8 +11,8 @@
 //! use support::*;
 //! ```
 //!
-//! Needs root (namespaces, BPF, tcx): every test starts with
-//! `if !root() { return; }`, which says why it skips.
+//! Needs root (namespaces, BPF, tcx): every test is
+//! `#[ignore = "needs root"]` and starts with [`require_root`].
 
 #![allow(dead_code)] // each test crate uses its own part
 
@@ -24,13 +24,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kpr::datapath::nodeport::attached_devices;
-use kpr::testbed::cluster::client_ip;
-use kpr::testbed::nodeport_bed::{nodeport_manifest, POD_TCP};
-use kpr::testbed::probe::{ConnectReport, RequestsReport, UdpReport};
-use kpr::testbed::server::split_reply;
-use kpr::testbed::{
+use kpr_testbed::cluster::client_ip;
+use kpr_testbed::nodeport_bed::{nodeport_manifest, POD_TCP};
+use kpr_testbed::probe::{ConnectReport, RequestsReport, UdpReport};
+use kpr_testbed::server::split_reply;
+use kpr_testbed::{
     Cluster, ClusterNode, ClusterPlan, Netns, NodePortBed, NsThread, ProbeResult, ProbeSpec,
 };
+
+pub use kpr_testbed::require_root;
 
 /// The kpr binary under test.
 pub const KPR: &str = env!("CARGO_BIN_EXE_kpr");
@@ -38,15 +40,6 @@ pub const KPR: &str = env!("CARGO_BIN_EXE_kpr");
 pub const NODE_PORT_TCP: u16 = 30080;
 /// NodePort of `web`, UDP.
 pub const NODE_PORT_UDP: u16 = 30053;
-
-/// Whether we run as root; says why the test skips when not.
-pub fn root() -> bool {
-    let root = nix::unistd::Uid::effective().is_root();
-    if !root {
-        eprintln!("!!! SKIPPED: NodePort tests need root (namespaces, BPF, tcx)");
-    }
-    root
-}
 
 /// NodePort of `web-local` (externalTrafficPolicy Local, pods on both nodes).
 pub const NODE_PORT_LOCAL: u16 = 30081;
@@ -390,7 +383,7 @@ pub fn add_shared_client_address(bed: &NodePortBed) {
                 "via",
                 &via,
                 "dev",
-                kpr::testbed::cluster::NODE_CLIENT_IF,
+                kpr_testbed::cluster::NODE_CLIENT_IF,
             ])
             .unwrap();
     }

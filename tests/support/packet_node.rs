@@ -46,16 +46,10 @@ use kpr::reconcile::Reconciler;
 use kpr::source::manifests;
 use kpr::translate::{self, NodeContext};
 
-/// Panics unless running as root: the caller is `#[ignore = "needs root"]`
-/// and runs only when asked to (`-- --include-ignored`, as CI does), so a
-/// run without root fails loudly instead of passing without testing.
-#[track_caller]
-pub fn require_root() {
-    assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "this test needs root (bpffs, BPF programs, a network namespace of its own)"
-    );
-}
+/// Panics unless running as root; the caller is `#[ignore = "needs root"]`
+/// (the convention every root-only test follows, see `kpr_testbed`).
+#[allow(unused_imports)] // benches/packet.rs includes this file too
+pub use kpr_testbed::require_root;
 
 /// The node's address on its device `ext0`: the NodePort address.
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);

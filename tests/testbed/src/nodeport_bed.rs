@@ -18,8 +18,8 @@ use super::cluster::{Cluster, ClusterNode, ClusterPlan};
 use super::error::{Result, TestbedError};
 use super::server::Server;
 use super::sweep::sweep_stale;
-use crate::datapath::ct::{CtMap, NodePortStats};
-use crate::datapath::layout::CtRecord;
+use kpr::datapath::ct::{CtMap, NodePortStats};
+use kpr::datapath::layout::CtRecord;
 
 /// Port of the TCP identity servers on every pod.
 pub const POD_TCP: u16 = 8080;
@@ -87,7 +87,7 @@ impl NodePortBed {
         extra_args: &[&str],
     ) -> Result<NodePortBed> {
         // The node cgroups are `<prefix>1` and `<prefix>2`.
-        if prefix.len() >= super::MAX_PREFIX_LEN {
+        if prefix.len() >= kpr::selftest::prefix::MAX_PREFIX_LEN {
             return Err(TestbedError::InvalidName {
                 name: prefix.to_string(),
                 why: "a NodePort bed prefix is 1 to 7 characters of [a-z0-9]",

@@ -4,6 +4,28 @@
 //! (manifests/selftest.yaml), sends real TCP and UDP traffic through the
 //! VIPs and reports per check, with per-backend counts. Everything is
 //! removed afterwards, also on failure or Ctrl-C.
+//!
+//! Its submodules are the bed it builds; the integration tests and benches
+//! reuse them through the dev-only `kpr-testbed` crate (tests/testbed/),
+//! which adds the multi-node beds only tests need. `probe` is also the
+//! `kpr probe` subcommand the bed runs inside its namespaces and cgroup.
+//! Nothing here attaches BPF to or creates interfaces in the host's root
+//! namespace.
+
+#![warn(missing_docs)]
+
+pub mod agent;
+pub mod bed;
+pub mod cgroup;
+pub mod errno;
+pub mod error;
+pub mod launch;
+pub mod netns;
+pub mod prefix;
+pub mod probe;
+pub mod server;
+pub mod sweep;
+pub mod topology;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -12,11 +34,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, Context, Result};
 
-use crate::testbed::bed::UNTRANSLATED;
-use crate::testbed::{sweep_stale, BedPlan, ProbeSpec, SocketLbBed};
+use bed::{BedPlan, SocketLbBed, UNTRANSLATED};
+use probe::ProbeSpec;
+use sweep::sweep_stale;
 
 /// The example manifest selftest programs.
-pub const MANIFEST: &str = include_str!("../manifests/selftest.yaml");
+pub const MANIFEST: &str = include_str!("../../manifests/selftest.yaml");
 const PREFIX: &str = "kprst";
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -69,6 +92,8 @@ fn balanced(
         })
 }
 
+/// Runs `kpr selftest`: builds the bed, runs the checks, prints a verdict
+/// per check; fails when one failed (or without root).
 pub fn run() -> Result<ExitCode> {
     if !nix::unistd::Uid::effective().is_root() {
         bail!("selftest needs root: it creates network namespaces, a cgroup and BPF programs");

@@ -1,6 +1,20 @@
 //! Two namespaces joined by a veth pair: a client side whose sockets kpr
 //! translates, and a backends side with pod addresses and untranslated VIPs.
 //!
+//! ```text
+//!  client netns  "<prefix>c<pid>"            backends netns "<prefix>b<pid>"
+//!  +-----------------------------+          +------------------------------+
+//!  | probe process (test cgroup) |          | Server threads (TCP / UDP)   |
+//!  | veth-c 10.244.0.1/24        |<-------->| veth-b 10.244.0.254/24       |
+//!  |        fd00:10:244::1/64    |   veth   |        fd00:10:244::fe/64    |
+//!  | 10.96.0.0/12 via .254       |          |        + backends /32, /128  |
+//!  | fd00:10:96::/112 via ::fe   |          | lo: untranslated VIPs        |
+//!  +-----------------------------+          +------------------------------+
+//! ```
+//!
+//! The veth pair is created inside the client namespace with its peer
+//! placed directly in the backends namespace.
+//!
 //! Neighbour entries are static, IPv6 addresses skip DAD, and every step
 //! waits (bounded) until the kernel has really finished it (link watch,
 //! IPv6 local routes), so the first packet of a test is never lost or
@@ -78,9 +92,9 @@ impl Topology {
     /// (prefix: 1..=8 of `[a-z0-9]`), the veth pair, addresses, VIP routes
     /// and static neighbours; returns once the link is up.
     pub fn build(prefix: &str) -> Result<Topology> {
-        super::validate_prefix(prefix)?;
+        super::prefix::validate_prefix(prefix)?;
         let pid = std::process::id();
-        let suffix = super::unique_suffix();
+        let suffix = super::prefix::unique_suffix();
         let client = Netns::create(&format!("{prefix}c{pid}{suffix}"))?;
         let backends = Netns::create(&format!("{prefix}b{pid}{suffix}"))?;
         let topo = Topology { client, backends };
@@ -223,7 +237,8 @@ impl Topology {
     }
 }
 
-pub(crate) fn static_neighbour(ns: &Netns, dev: &str, ip: IpAddr, mac: &str) -> Result<()> {
+/// Sets a permanent neighbour entry, so no first packet waits for ARP/ND.
+pub fn static_neighbour(ns: &Netns, dev: &str, ip: IpAddr, mac: &str) -> Result<()> {
     ns.ip(&[
         "neigh",
         "replace",
@@ -244,7 +259,7 @@ pub(crate) fn static_neighbour(ns: &Netns, dev: &str, ip: IpAddr, mac: &str) -> 
 /// packet, for the real one asynchronously, and a SYN lost there costs a
 /// one-second retransmit. So wait for `state UP` and a qdisc other than
 /// `noop` as well.
-pub(crate) fn wait_link_up(ns: &Netns, dev: &str) -> Result<()> {
+pub fn wait_link_up(ns: &Netns, dev: &str) -> Result<()> {
     let start = Instant::now();
     while start.elapsed() < LINK_WAIT {
         let out = ns.ip_output(&["-o", "link", "show", "dev", dev])?;

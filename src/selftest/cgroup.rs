@@ -41,12 +41,12 @@ pub struct TestCgroup {
 impl TestCgroup {
     /// Creates the cgroup. `prefix` is 1..=8 characters of `[a-z0-9]`.
     pub fn create(prefix: &str) -> Result<TestCgroup> {
-        super::validate_prefix(prefix)?;
+        super::prefix::validate_prefix(prefix)?;
         let parent = cgroup2_mount()?;
         let name = format!(
             "kpr-test-{prefix}-{}{}",
             std::process::id(),
-            super::unique_suffix()
+            super::prefix::unique_suffix()
         );
         let path = parent.join(name);
         std::fs::create_dir(&path)

@@ -26,7 +26,7 @@ pub struct Swept {
 /// `kpr-test-<prefix>-<pid>[-<n>]` whose pid is not running; call it
 /// before building a test bed so one killed run does not break the next.
 pub fn sweep_stale(prefix: &str) -> Result<Swept> {
-    super::validate_prefix(prefix)?;
+    super::prefix::validate_prefix(prefix)?;
     let mut swept = Swept::default();
     let list = run(Command::new("ip").args(["netns", "list"]))?;
     for name in list.lines().filter_map(|l| l.split_whitespace().next()) {

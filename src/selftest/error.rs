@@ -79,7 +79,7 @@ pub enum TestbedError {
 
 impl TestbedError {
     /// Wraps an `io::Error` with what was being done.
-    pub(crate) fn io(what: impl Into<String>, source: io::Error) -> Self {
+    pub fn io(what: impl Into<String>, source: io::Error) -> Self {
         TestbedError::Io {
             what: what.into(),
             source,

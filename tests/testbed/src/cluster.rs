@@ -184,14 +184,18 @@ impl Cluster {
     /// Builds the network (prefix: 1..=8 of `[a-z0-9]`) and returns once
     /// every link forwards.
     pub fn build(prefix: &str, plan: &ClusterPlan) -> Result<Cluster> {
-        super::validate_prefix(prefix)?;
+        kpr::selftest::prefix::validate_prefix(prefix)?;
         if plan.pods_per_node == 0 || plan.pods_per_node > MAX_PODS_PER_NODE {
             return Err(TestbedError::InvalidSpec(format!(
                 "pods_per_node {} is outside 1..={MAX_PODS_PER_NODE}",
                 plan.pods_per_node
             )));
         }
-        let tag = format!("{}{}", std::process::id(), super::unique_suffix());
+        let tag = format!(
+            "{}{}",
+            std::process::id(),
+            kpr::selftest::prefix::unique_suffix()
+        );
         let ns = |role: &str| Netns::create(&format!("{prefix}-{role}-{tag}"));
         // Each namespace is owned as soon as it exists, so an error on the
         // way drops (deletes) the ones created before.

@@ -11,9 +11,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::agent::AgentProcess;
+use super::cgroup::TestCgroup;
 use super::error::{Result, TestbedError};
+use super::launch::run_probe;
+use super::probe::{ProbeResult, ProbeSpec};
+use super::server::Server;
+use super::topology::Topology;
 use super::topology::{backend_v4, backend_v6};
-use super::{run_probe, ProbeResult, ProbeSpec, Server, TestCgroup, Topology};
 
 /// Port of the TCP identity servers on every backend address.
 pub const BACKEND_TCP_PORT: u16 = 8080;

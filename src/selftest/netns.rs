@@ -242,7 +242,7 @@ fn validate_name(name: &str) -> Result<()> {
 
 /// Runs a helper command to completion; non-zero exit is an error carrying
 /// the command line and its stderr. Returns stdout.
-pub(crate) fn run(cmd: &mut Command) -> Result<String> {
+pub fn run(cmd: &mut Command) -> Result<String> {
     let line = std::iter::once(cmd.get_program())
         .chain(cmd.get_args())
         .map(|s| s.to_string_lossy())
