@@ -26,6 +26,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent: load and attach the datapath, keep its maps equal to the Services.
+    /// SIGINT and SIGTERM stop it (the datapath stays); SIGHUP is ignored, with a log line.
     Agent(Box<AgentArgs>),
     /// Inspect services as the datapath holds them.
     Svc {
@@ -64,8 +65,10 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct BpfRootArg {
-    /// Directory on a BPF filesystem where kpr pins its maps and links
-    /// (bpffs is mounted there when none is).
+    /// Directory on a BPF filesystem where kpr pins its maps and links.
+    /// When it does not exist, kpr creates it and, unless it is inside a
+    /// bpffs already, mounts bpffs there (mode 0700); an existing directory
+    /// must be on bpffs. Never under /proc, /dev or /sys (but /sys/fs/bpf).
     #[arg(long, default_value = DEFAULT_BPF_ROOT)]
     pub bpf_root: PathBuf,
 }
@@ -107,7 +110,13 @@ pub struct AgentArgs {
     pub cgroup: Option<PathBuf>,
     #[command(flatten)]
     pub bpf_root: BpfRootArg,
-    /// Address of the Prometheus metrics endpoint (/metrics) and of /status
+    /// Let this agent move the pinned links of --bpf-root to --cgroup when
+    /// an earlier agent attached them to another cgroup (which then loses
+    /// translation). Default: such a change is refused.
+    #[arg(long)]
+    pub force_cgroup_change: bool,
+    /// Address of the Prometheus metrics endpoint (/metrics) and of /status;
+    /// /status answers only clients connecting from a loopback address
     /// (kube-proxy's default: loopback only).
     #[arg(long, default_value = "127.0.0.1:10249")]
     pub metrics_addr: SocketAddr,
@@ -249,6 +258,10 @@ pub struct CleanupArgs {
     /// pins are gone [default: only what is pinned under --bpf-root].
     #[arg(long)]
     pub cgroup: Option<PathBuf>,
+    /// Clean up even while an agent holds --bpf-root (it keeps running,
+    /// translating nothing). Default: refused, naming the agent's pid.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// Gives a config type of the datapath its flag values: the type itself

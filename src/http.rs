@@ -6,7 +6,9 @@
 //!
 //! [`Health`] is the single source of truth for `/healthz`: the syncer
 //! records each sync, the endpoint reports whether the last one succeeded.
-//! Both endpoints share one server loop ([`serve`]) with graceful shutdown.
+//! Both endpoints share one server loop ([`serve`]) with graceful shutdown,
+//! bounded in connections, time and memory per connection (see
+//! [`bounded`]): health answers keep coming while clients misbehave.
 
 use std::future::Future;
 use std::io;
@@ -21,6 +23,9 @@ use axum::Router;
 use tokio::net::TcpListener;
 
 use crate::metrics::Metrics;
+
+mod bounded;
+pub use bounded::{Limits, Routes};
 
 /// The content type of `GET /metrics`: OpenMetrics text, as
 /// [`Metrics::encode`] produces.
@@ -159,26 +164,95 @@ async fn serve_with_grace(
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> Result<(), HttpError> {
+    serve_routes(listener, endpoint, Routes::all(router), shutdown, grace).await;
+    Ok(())
+}
+
+/// Serves `routes` on `listener` within [`Limits::default`] until
+/// `shutdown` completes, then lets open connections finish for up to
+/// `grace`.
+async fn serve_routes(
+    listener: TcpListener,
+    endpoint: &'static str,
+    routes: Routes,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) {
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(endpoint, %addr, "serving");
     }
-    let (stopping_tx, mut stopping) = tokio::sync::watch::channel(false);
-    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
+    let server = bounded::accept_loop(listener, endpoint, routes, Limits::default(), stopping);
+    let grace_over = async move {
         shutdown.await;
         let _ = stopping_tx.send(true);
-    });
-    let grace_over = async move {
-        // An error means the server is gone, and then the select is over anyway.
-        let _ = stopping.wait_for(|stopping| *stopping).await;
         tokio::time::sleep(grace).await;
     };
     tokio::select! {
-        result = server => result.map_err(|source| HttpError::Serve { endpoint, source }),
+        () = server => {}
         () = grace_over => {
             tracing::warn!(endpoint, ?grace, "connections still open after the shutdown grace period; not waiting for them");
-            Ok(())
         }
     }
+}
+
+/// Serves `GET /metrics` to everyone and `status` (the `/status` routes:
+/// paths, node name, error texts) only to clients connecting from a
+/// loopback address, on `listener`, until `shutdown` completes. So with
+/// `--metrics-addr 0.0.0.0:10249` Prometheus scrapes from anywhere while
+/// `kpr status` works on the node only; a request for `/status` from
+/// elsewhere gets 404.
+pub async fn serve_metrics_with_status(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    status: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), HttpError> {
+    let public = metrics_router(metrics);
+    let routes = Routes {
+        loopback: public.clone().merge(status),
+        public,
+    };
+    serve_routes(listener, "metrics", routes, shutdown, SHUTDOWN_GRACE).await;
+    Ok(())
+}
+
+/// Binds endpoint `endpoint`'s listening socket outside any runtime (the
+/// agent binds before it touches the datapath); hand it to a server with
+/// [`from_std`].
+///
+/// # Errors
+/// [`HttpError::Bind`], naming the endpoint and the address.
+pub fn bind_std(
+    addr: SocketAddr,
+    endpoint: &'static str,
+) -> Result<std::net::TcpListener, HttpError> {
+    let bind_err = |source| HttpError::Bind {
+        endpoint,
+        addr,
+        source,
+    };
+    let listener = std::net::TcpListener::bind(addr).map_err(bind_err)?;
+    listener.set_nonblocking(true).map_err(bind_err)?;
+    Ok(listener)
+}
+
+/// A listener from [`bind_std`] for the running tokio runtime.
+///
+/// # Errors
+/// [`HttpError::Bind`] when the runtime cannot register it.
+pub fn from_std(
+    listener: std::net::TcpListener,
+    endpoint: &'static str,
+) -> Result<TcpListener, HttpError> {
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    TcpListener::from_std(listener).map_err(|source| HttpError::Bind {
+        endpoint,
+        addr,
+        source,
+    })
 }
 
 /// Whether the agent keeps the node's maps in sync; cheap to clone (one
@@ -490,6 +564,105 @@ mod tests {
 
         server.stop().await;
         drop(stuck);
+    }
+
+    /// Serves `router` under `limits` on a loopback port until the
+    /// returned sender is dropped.
+    async fn start_bounded(
+        router: Router,
+        limits: Limits,
+    ) -> (SocketAddr, tokio::sync::watch::Sender<bool>) {
+        let listener = bind("127.0.0.1:0".parse().unwrap(), "test").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopping) = tokio::sync::watch::channel(false);
+        tokio::spawn(bounded::accept_loop(
+            listener,
+            "test",
+            Routes::all(router),
+            limits,
+            stopping,
+        ));
+        (addr, stop)
+    }
+
+    /// Whether the server closed `stream` within `within` (EOF or reset).
+    async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+        let mut buf = [0u8; 256];
+        let read = async {
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => continue,
+                }
+            }
+        };
+        tokio::time::timeout(within, read).await.is_ok()
+    }
+
+    #[tokio::test]
+    async fn at_the_connection_limit_the_least_active_connection_is_shed_and_health_answers() {
+        let limits = Limits {
+            max_connections: 4,
+            idle_timeout: Duration::from_secs(60),
+            header_read_timeout: Duration::from_secs(60),
+            ..Limits::default()
+        };
+        let (addr, _stop) = start_bounded(healthz_router(Health::new()), limits).await;
+        let mut idle = Vec::new();
+        for _ in 0..4 {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        assert_eq!(get(addr, "/livez").await.status, 200);
+
+        assert!(
+            closed_within(&mut idle[0], TIMEOUT).await,
+            "the oldest is shed"
+        );
+        assert!(!closed_within(&mut idle[3], Duration::from_millis(200)).await);
+    }
+
+    #[tokio::test]
+    async fn idle_and_half_sent_connections_are_closed_after_the_idle_timeout() {
+        let limits = Limits {
+            idle_timeout: Duration::from_millis(300),
+            ..Limits::default()
+        };
+        let (addr, _stop) = start_bounded(healthz_router(Health::new()), limits).await;
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        let mut half = TcpStream::connect(addr).await.unwrap();
+        half.write_all(b"GET /livez HTTP/1.1\r\n").await.unwrap();
+
+        assert!(closed_within(&mut idle, Duration::from_secs(3)).await);
+        assert!(closed_within(&mut half, Duration::from_secs(3)).await);
+        assert_eq!(get(addr, "/livez").await.status, 200);
+    }
+
+    #[tokio::test]
+    async fn status_is_served_to_loopback_clients_only() {
+        let status = Router::new().route("/status", axum::routing::get(|| async { "{}" }));
+        let routes = Routes {
+            loopback: metrics_router(Arc::new(Metrics::new())).merge(status),
+            public: metrics_router(Arc::new(Metrics::new())),
+        };
+        let listener = bind("127.0.0.1:0".parse().unwrap(), "metrics")
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_stop, stopping) = tokio::sync::watch::channel(false);
+        tokio::spawn(bounded::accept_loop(
+            listener,
+            "metrics",
+            routes.clone(),
+            Limits::default(),
+            stopping,
+        ));
+        assert_eq!(get(addr, "/status").await.status, 200, "from 127.0.0.1");
+        assert!(routes.is_loopback_peer("[::ffff:127.0.0.1]:1".parse().unwrap()));
+        assert!(routes.is_loopback_peer("[::1]:1".parse().unwrap()));
+        assert!(!routes.is_loopback_peer("192.0.2.1:1".parse().unwrap()));
+        assert!(!routes.is_loopback_peer("[fd00::1]:1".parse().unwrap()));
     }
 
     #[tokio::test]

@@ -1,6 +1,7 @@
 //! kpr: a kube-proxy replacement. See README.md for the data flow.
 
 pub mod agent;
+pub mod bpf_root;
 pub mod cli;
 pub mod datapath;
 pub mod features;
@@ -10,6 +11,7 @@ pub mod http;
 pub mod maglev;
 pub mod metrics;
 pub mod model;
+pub mod preflight;
 pub mod reconcile;
 pub mod selftest;
 pub mod skip;

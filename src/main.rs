@@ -11,10 +11,11 @@ use anyhow::{Context, Result};
 use clap::Parser;
 
 use kpr::agent::{self, AgentConfig};
+use kpr::bpf_root::{Owner, OwnerError};
 use kpr::cli::{AgentArgs, CleanupArgs, Cli, Command, CtCommand, OutputFormat, SvcCommand};
 use kpr::datapath::kernel::KernelMaps;
 use kpr::datapath::{ct, loader, LbMaps};
-use kpr::{selftest, status, svc_list};
+use kpr::{preflight, selftest, status, svc_list};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -56,15 +57,31 @@ fn run(command: Command) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `kpr agent`: the agent on a two-thread runtime until it is asked to stop.
+/// `kpr agent`: the checks of [`preflight`] (nothing is touched before they
+/// pass), then the agent on a two-thread runtime until it is asked to stop.
 fn run_agent(args: AgentArgs) -> Result<()> {
+    preflight::ignore_sighup()?;
+    let nofile = preflight::raise_nofile_limit()?;
+    tracing::debug!(nofile, "descriptor limit");
+    let force_cgroup_change = args.force_cgroup_change;
     let config = AgentConfig::from_args(args)?;
+    let held = preflight::check(&preflight::Input {
+        cgroup: &config.cgroup,
+        bpf_root: &config.bpf_root,
+        metrics_addr: config.metrics_addr,
+        healthz_addr: config.healthz_addr,
+        map_sizes: config.map_sizes,
+        force_cgroup_change,
+    })?;
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?
-        .block_on(agent::run(config))
+        .block_on(async {
+            tokio::spawn(preflight::log_sighups());
+            agent::run(config, held).await
+        })
 }
 
 /// `kpr svc list`.
@@ -96,8 +113,18 @@ fn ct_list(bpf_root: &Path, output: OutputFormat) -> Result<()> {
     Ok(())
 }
 
-/// `kpr cleanup`.
+/// `kpr cleanup`: refused while an agent holds the bpf root, unless
+/// `--force`; the root is held while cleaning up, so no agent starts meanwhile.
 fn cleanup(args: &CleanupArgs) -> Result<()> {
+    let _owner = match Owner::acquire(&args.bpf_root.bpf_root) {
+        Ok(owner) => Some(owner),
+        Err(e @ OwnerError::Held { .. }) if !args.force => {
+            return Err(anyhow::Error::from(e).context(
+                "refusing to clean up under a running agent (stop it first, or pass --force)",
+            ))
+        }
+        Err(_) => None,
+    };
     let report = loader::cleanup(&args.bpf_root.bpf_root)?;
     let unpinned = match &args.cgroup {
         Some(cgroup) => loader::detach_from_cgroup(cgroup)?,

@@ -47,14 +47,18 @@ use crate::status::StatusHandle;
 /// How often the LRU map gauges are refreshed.
 const LRU_GAUGE_PERIOD: Duration = Duration::from_secs(10);
 
-/// Runs the agent until SIGINT or SIGTERM.
-pub async fn run(config: AgentConfig) -> Result<()> {
+/// Runs the agent until SIGINT or SIGTERM, with what
+/// [`crate::preflight::check`] found in order (the bound listeners, the hold
+/// on the bpf root, kept until the agent ends).
+pub async fn run(config: AgentConfig, held: crate::preflight::Held) -> Result<()> {
+    let _owner = held.owner;
     let started = startup::start(&config)?;
     let status = started.status;
     let metrics = Arc::new(Metrics::new());
     let health = Health::new();
     let shutdown = Shutdown::new();
-    let mut tasks = serve::spawn(&config, &metrics, &health, &status, &shutdown).await?;
+    let listeners = (held.metrics, held.healthz);
+    let mut tasks = serve::spawn(listeners, &metrics, &health, &status, &shutdown)?;
     if let Some(watch) = started.devices {
         tasks.push(devices::spawn(watch, metrics.clone(), shutdown.requested()));
     }

@@ -1,34 +1,35 @@
 //! The agent's HTTP endpoints as tasks: /metrics with /status on the
 //! metrics address (error texts and paths stay on the loopback-only
 //! address), /healthz and /livez on the health address load balancers and
-//! kubelet probes reach. Both listeners are bound before anything is
-//! served, so a taken port stops the agent at once.
+//! kubelet probes reach. Both listeners were bound by the preflight
+//! checks, before anything was attached, so a taken port stops the agent
+//! before it touches the datapath.
 
 use std::sync::Arc;
 
 use anyhow::Result;
 use tokio::task::JoinHandle;
 
-use super::{AgentConfig, Shutdown};
+use super::Shutdown;
 use crate::http::{self, Health};
 use crate::metrics::Metrics;
 use crate::status::{status_router, StatusHandle};
 
-/// Binds both endpoints and serves them until `shutdown`.
-pub(super) async fn spawn(
-    config: &AgentConfig,
+/// Serves both endpoints on their bound (metrics, healthz) listeners until
+/// `shutdown`; /status only to loopback clients.
+pub(super) fn spawn(
+    (metrics_listener, healthz_listener): (std::net::TcpListener, std::net::TcpListener),
     metrics: &Arc<Metrics>,
     health: &Health,
     status: &StatusHandle,
     shutdown: &Shutdown,
 ) -> Result<Vec<JoinHandle<()>>> {
-    let metrics_listener = http::bind(config.metrics_addr, "metrics").await?;
-    let healthz_listener = http::bind(config.healthz_addr, "healthz").await?;
-    let metrics_router = http::metrics_router(metrics.clone()).merge(status_router(status.clone()));
-    let metrics_server = http::serve(
+    let metrics_listener = http::from_std(metrics_listener, "metrics")?;
+    let healthz_listener = http::from_std(healthz_listener, "healthz")?;
+    let metrics_server = http::serve_metrics_with_status(
         metrics_listener,
-        "metrics",
-        metrics_router,
+        metrics.clone(),
+        status_router(status.clone()),
         shutdown.requested(),
     );
     let healthz_server =

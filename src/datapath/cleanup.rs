@@ -1,4 +1,4 @@
-//! The bpf root itself — mounting bpffs where there is none — and undoing
+//! The bpf root itself — mounted by the safe rules of `crate::bpf_root` — and undoing
 //! everything kpr put there (`kpr cleanup`), or attached to a cgroup when
 //! the pins were lost.
 
@@ -17,8 +17,6 @@ use serde::Serialize;
 use crate::datapath::pins;
 use crate::datapath::sys;
 
-const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-
 /// The cgroup id of a cgroup v2 directory (its inode number).
 pub(crate) fn cgroup_id(cgroup: &Path) -> Result<u64> {
     Ok(fs::metadata(cgroup)
@@ -26,41 +24,10 @@ pub(crate) fn cgroup_id(cgroup: &Path) -> Result<u64> {
         .ino())
 }
 
-/// Makes sure `bpf_root` is a directory on a BPF filesystem. When its
-/// nearest existing ancestor is not on one, bpffs is mounted: on that
-/// ancestor if it is an empty directory that cannot hold new ones (the
-/// kernel's /sys/fs/bpf mount point, as Cilium does), else on `bpf_root`.
+/// Makes sure `bpf_root` is a directory on a BPF filesystem, by the safe
+/// mount rules of [`crate::bpf_root`].
 pub fn ensure_bpffs(bpf_root: &Path) -> Result<()> {
-    let mut ancestor = bpf_root;
-    while !ancestor.exists() {
-        ancestor = ancestor.parent().unwrap_or(Path::new("/"));
-    }
-    if !is_bpffs(ancestor)? && ancestor != bpf_root && fs::create_dir_all(bpf_root).is_err() {
-        mount_bpffs(ancestor)?;
-    }
-    fs::create_dir_all(bpf_root)
-        .with_context(|| format!("creating bpf root {}", bpf_root.display()))?;
-    if !is_bpffs(bpf_root)? {
-        mount_bpffs(bpf_root)?;
-    }
-    Ok(())
-}
-
-fn mount_bpffs(at: &Path) -> Result<()> {
-    nix::mount::mount(
-        Some("bpffs"),
-        at,
-        Some("bpf"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
-    )
-    .with_context(|| format!("mounting bpffs at {}", at.display()))
-}
-
-fn is_bpffs(path: &Path) -> Result<bool> {
-    let st =
-        nix::sys::statfs::statfs(path).with_context(|| format!("statfs {}", path.display()))?;
-    Ok(st.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+    crate::bpf_root::ensure(bpf_root).map(drop)
 }
 
 /// What `kpr cleanup` removed.
@@ -110,24 +77,15 @@ pub fn cleanup(bpf_root: &Path) -> Result<CleanupReport> {
             remove_pin(&path, &mut report)?;
         }
     }
-    // The root is ours only if kpr mounted it (a bpffs mount at the root).
-    if is_mountpoint(bpf_root)? && is_bpffs(bpf_root)? {
-        // Busy while another process still holds a descriptor of it (a
-        // child that inherited one, a reader of the pins): detached now,
-        // gone once the last one closes.
-        match nix::mount::umount(bpf_root) {
-            Err(nix::errno::Errno::EBUSY) => {
-                nix::mount::umount2(bpf_root, nix::mount::MntFlags::MNT_DETACH)
-            }
-            other => other,
-        }
-        .with_context(|| format!("unmounting {}", bpf_root.display()))?;
-        report.unmounted = true;
-    }
+    // Only a mount kpr made (and recorded) is undone.
+    report.unmounted = crate::bpf_root::release(bpf_root)?;
     match fs::remove_dir(bpf_root) {
         Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::DirectoryNotEmpty => {
-            tracing::warn!(root = %bpf_root.display(), "bpf root holds files kpr did not create; left in place")
+        Err(e)
+            if e.kind() == io::ErrorKind::DirectoryNotEmpty
+                || e.kind() == io::ErrorKind::ResourceBusy =>
+        {
+            tracing::warn!(root = %bpf_root.display(), "bpf root holds files or a mount kpr did not create; left in place")
         }
         Err(e) => return Err(e).with_context(|| format!("removing {}", bpf_root.display())),
     }
@@ -172,10 +130,4 @@ fn remove_pin(path: &Path, report: &mut CleanupReport) -> Result<()> {
     fs::remove_file(path).with_context(|| format!("removing pin {}", path.display()))?;
     report.removed_pins.push(path.to_path_buf());
     Ok(())
-}
-
-fn is_mountpoint(path: &Path) -> Result<bool> {
-    let meta = fs::metadata(path)?;
-    let parent = path.parent().unwrap_or(Path::new("/"));
-    Ok(meta.dev() != fs::metadata(parent)?.dev())
 }

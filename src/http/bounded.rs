@@ -1,0 +1,288 @@
+//! The accept loop behind every endpoint, bounded so that no client can
+//! exhaust the agent's descriptors or memory, nor starve health checks.
+//!
+//! - At most [`Limits::max_connections`] connections per listener. At the
+//!   limit a new connection is still accepted and the connection with the
+//!   oldest activity is closed instead: idle or stalled clients are shed,
+//!   a health check (connect, ask, go) gets through.
+//! - A request head must arrive within [`Limits::header_read_timeout`]
+//!   (hyper's timer) and at most [`Limits::max_buf_size`] bytes are buffered
+//!   per connection; no endpoint reads a request body.
+//! - A connection with no byte in either direction for
+//!   [`Limits::idle_timeout`] is closed (idle keep-alive, half-sent requests).
+//! - Requests from a loopback peer may see more routes than others
+//!   (`/status`, see [`super::serve_metrics_with_status`]).
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// What one listener allows its clients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Open connections per listener (default 256).
+    pub max_connections: usize,
+    /// Time to send a complete request head (default 5 s).
+    pub header_read_timeout: Duration,
+    /// Time without a byte either way before a connection is closed
+    /// (default 5 s).
+    pub idle_timeout: Duration,
+    /// Read buffer per connection, the largest request head (default 16 KiB;
+    /// hyper's floor is 8 KiB).
+    pub max_buf_size: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 256,
+            header_read_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(5),
+            max_buf_size: 16 * 1024,
+        }
+    }
+}
+
+/// The routes of one listener: what every client gets, and what a client
+/// from a loopback address gets.
+#[derive(Clone)]
+pub struct Routes {
+    pub public: Router,
+    pub loopback: Router,
+}
+
+impl Routes {
+    /// The same routes for every client.
+    pub fn all(router: Router) -> Routes {
+        Routes {
+            public: router.clone(),
+            loopback: router,
+        }
+    }
+
+    fn for_peer(&self, peer: SocketAddr) -> Router {
+        if self.is_loopback_peer(peer) {
+            self.loopback.clone()
+        } else {
+            self.public.clone()
+        }
+    }
+
+    /// Whether `peer` connects from a loopback address (IPv4-mapped too).
+    pub fn is_loopback_peer(&self, peer: SocketAddr) -> bool {
+        match peer.ip() {
+            std::net::IpAddr::V4(ip) => ip.is_loopback(),
+            std::net::IpAddr::V6(ip) => {
+                ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+            }
+        }
+    }
+}
+
+/// The open connections of one listener, oldest activity first to go.
+#[derive(Default)]
+struct Registry {
+    next_id: u64,
+    open: BTreeMap<u64, Slot>,
+}
+
+struct Slot {
+    activity: Arc<Activity>,
+    close: Arc<Notify>,
+}
+
+/// Milliseconds since the listener started at the last byte read or written.
+struct Activity {
+    epoch: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// Accepts on `listener` until `stopping` turns true, serving each
+/// connection within `limits`; then asks open connections to finish and
+/// returns once they have (the caller bounds that wait).
+pub(super) async fn accept_loop(
+    listener: TcpListener,
+    endpoint: &'static str,
+    routes: Routes,
+    limits: Limits,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) {
+    let registry = Arc::new(Mutex::new(Registry::default()));
+    let epoch = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut shed: u64 = 0;
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => Some(accepted),
+            _ = stopping.wait_for(|s| *s) => None,
+        };
+        let (stream, peer) = match accepted {
+            None => break,
+            Some(Ok(a)) => a,
+            Some(Err(e)) => {
+                // EMFILE and friends: back off a little instead of spinning.
+                tracing::warn!(endpoint, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        while tasks.try_join_next().is_some() {}
+        let activity = Arc::new(Activity {
+            epoch,
+            last_ms: AtomicU64::new(0),
+        });
+        activity.touch();
+        let close = Arc::new(Notify::new());
+        let id = {
+            let mut reg = registry.lock().unwrap_or_else(PoisonError::into_inner);
+            if reg.open.len() >= limits.max_connections {
+                let oldest = reg
+                    .open
+                    .iter()
+                    .min_by_key(|(_, slot)| slot.activity.last_ms.load(Ordering::Relaxed))
+                    .map(|(id, _)| *id);
+                if let Some(slot) = oldest.and_then(|id| reg.open.remove(&id)) {
+                    slot.close.notify_one();
+                    shed += 1;
+                    if shed.is_power_of_two() {
+                        tracing::warn!(
+                            endpoint,
+                            limit = limits.max_connections,
+                            shed,
+                            "connection limit reached: closing the least active connections"
+                        );
+                    }
+                }
+            }
+            reg.next_id += 1;
+            let id = reg.next_id;
+            reg.open.insert(
+                id,
+                Slot {
+                    activity: activity.clone(),
+                    close: close.clone(),
+                },
+            );
+            id
+        };
+        let registry = registry.clone();
+        let router = routes.for_peer(peer);
+        let stopping = stopping.clone();
+        tasks.spawn(async move {
+            serve_connection(stream, router, limits, activity, close, stopping).await;
+            registry
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .open
+                .remove(&id);
+        });
+    }
+    drop(listener);
+    while tasks.join_next().await.is_some() {}
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    router: Router,
+    limits: Limits,
+    activity: Arc<Activity>,
+    close: Arc<Notify>,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) {
+    let io = TokioIo::new(Tracked {
+        inner: stream,
+        activity: activity.clone(),
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_buf_size)
+        .keep_alive(true);
+    let conn = builder.serve_connection(io, TowerToHyperService::new(router));
+    tokio::pin!(conn);
+    let mut graceful = false;
+    loop {
+        let idle_deadline = activity.last() + limits.idle_timeout;
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            () = close.notified() => return,
+            () = tokio::time::sleep_until(idle_deadline) => {
+                if activity.last() + limits.idle_timeout <= Instant::now() {
+                    return;
+                }
+            }
+            _ = stopping.wait_for(|s| *s), if !graceful => {
+                graceful = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}
+
+/// A stream that records when bytes last moved.
+struct Tracked {
+    inner: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for Tracked {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.touch();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Tracked {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
