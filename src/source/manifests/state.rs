@@ -430,7 +430,7 @@ impl SourceState {
                 retry_at: now,
             });
         if failing.attempts == 0 || failing.error.reason != error.reason {
-            tracing::warn!(path = ?error.path, reason = %error.reason, detail = ?error.detail, "manifest path not read; keeping the last state it produced, retrying with backoff");
+            tracing::warn!(path = ?error.path, reason = %error.reason, detail = %escape(&error.detail), "manifest path not read; keeping the last state it produced, retrying with backoff");
         }
         failing.error = error.clone();
         failing.attempts = failing.attempts.saturating_add(1);
@@ -626,7 +626,7 @@ fn log_report(report: &ReloadReport) {
         .filter(|s| s.reason != SkipReason::Unreadable)
         .partition(|s| s.reason == SkipReason::UnsupportedKind);
     for s in skipped.iter().take(MAX_LOGGED_SKIPS) {
-        tracing::warn!(file = ?s.file, document = s.index, reason = %s.reason, detail = ?s.detail, "manifest skipped");
+        tracing::warn!(file = ?s.file, document = s.index, reason = %s.reason, detail = %s.detail, "manifest skipped");
     }
     if skipped.len() > MAX_LOGGED_SKIPS {
         tracing::warn!(
@@ -635,6 +635,6 @@ fn log_report(report: &ReloadReport) {
         );
     }
     if let Some(first) = ignored.first() {
-        tracing::info!(documents = ignored.len(), first_file = ?first.file, first_document = first.index, first = ?first.detail, "manifest documents of kinds kpr does not read were ignored");
+        tracing::info!(documents = ignored.len(), first_file = ?first.file, first_document = first.index, first = %first.detail, "manifest documents of kinds kpr does not read were ignored");
     }
 }
