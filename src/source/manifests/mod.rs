@@ -23,11 +23,13 @@
 //! - [`documents`]: splitting a file into documents, the nesting pre-check;
 //! - [`parse`]: a document into objects;
 //! - [`validate`]: the API server's rules;
-//! - [`state`]: what each file produced, incremental reloads, the object store.
+//! - [`state`]: what each file produced, incremental reloads, the object store;
+//! - [`report`]: what a reload reports and logs.
 
 pub mod documents;
 pub mod files;
 pub mod parse;
+pub mod report;
 pub mod state;
 pub mod validate;
 pub mod watch;
@@ -39,7 +41,7 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 pub use files::{resolve_paths, ReadError, ReadErrorReason};
-pub use state::ReloadReport;
+pub use report::ReloadReport;
 pub use validate::{Rules, DEFAULT_NODE_PORT_RANGE};
 pub use watch::WatchError;
 

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant, SystemTime};
 use super::documents::{split_json, split_yaml};
 use super::files::{self, Identity, Read, ReadError, ReadErrorReason};
 use super::parse::{escape, parse_document, Object, ObjectKey, ObjectKind};
+use super::report::{log_report, ReloadReport};
 use super::watch::Hints;
 use super::{Limits, Rules, SkippedDocument};
 use crate::skip::SkipReason;
@@ -45,8 +46,6 @@ const CHANGING_RETRY: Duration = Duration::from_millis(50);
 /// First and longest wait before reading a failing path again.
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
-/// Skipped documents logged one by one per reload, before a summary line.
-const MAX_LOGGED_SKIPS: usize = 20;
 
 /// A file: the index of the configured path it comes from, and its path.
 /// Ordered as objects are: by configured path, then by name.
@@ -76,19 +75,6 @@ struct Failing {
     error: ReadError,
     attempts: u32,
     retry_at: Instant,
-}
-
-/// What one reload did; skips and errors are new ones, to count.
-#[derive(Debug, Default)]
-pub struct ReloadReport {
-    /// Documents (or files) skipped in this reload, in the order met.
-    pub skipped: Vec<SkippedDocument>,
-    /// Read failures in this reload (a failing path counts on every try).
-    pub read_errors: Vec<ReadError>,
-    /// Files read, and documents parsed or reused from their last read.
-    pub files_read: usize,
-    pub documents_parsed: usize,
-    pub documents_reused: usize,
 }
 
 /// The source's state; see the module documentation.
@@ -614,27 +600,5 @@ impl SourceState {
                 });
             }
         }
-    }
-}
-
-/// Logs a reload's skips: each one up to a bound, then a count; documents
-/// of kinds kpr does not read only as one summary line.
-fn log_report(report: &ReloadReport) {
-    let (ignored, skipped): (Vec<&SkippedDocument>, Vec<&SkippedDocument>) = report
-        .skipped
-        .iter()
-        .filter(|s| s.reason != SkipReason::Unreadable)
-        .partition(|s| s.reason == SkipReason::UnsupportedKind);
-    for s in skipped.iter().take(MAX_LOGGED_SKIPS) {
-        tracing::warn!(file = ?s.file, document = s.index, reason = %s.reason, detail = %s.detail, "manifest skipped");
-    }
-    if skipped.len() > MAX_LOGGED_SKIPS {
-        tracing::warn!(
-            more = skipped.len() - MAX_LOGGED_SKIPS,
-            "more manifest documents skipped (counted in kpr_skipped_objects_total)"
-        );
-    }
-    if let Some(first) = ignored.first() {
-        tracing::info!(documents = ignored.len(), first_file = ?first.file, first_document = first.index, first = %first.detail, "manifest documents of kinds kpr does not read were ignored");
     }
 }
