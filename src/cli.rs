@@ -132,8 +132,27 @@ pub struct AgentArgs {
     #[arg(long, value_enum, default_value_t = KprMode::Strict)]
     pub kube_proxy_replacement: KprMode,
     /// Wait after a manifest change before syncing, so a burst of edits is one sync (ms).
+    /// A completed write (a close after writing, a rename into place) is
+    /// applied at once, without this wait.
     #[arg(long, default_value_t = 100)]
     pub debounce_ms: u64,
+    /// Largest manifest file read, in bytes; a larger file is skipped
+    /// (standalone mode).
+    #[arg(long, default_value_t = 64 << 20, value_name = "BYTES")]
+    pub manifest_max_file_bytes: u64,
+    /// Largest manifest document parsed, in bytes; a larger one is skipped
+    /// (standalone mode).
+    #[arg(long, default_value_t = 3 << 20, value_name = "BYTES")]
+    pub manifest_max_document_bytes: usize,
+    /// Deepest nesting of lists and maps in a manifest document; a deeper one
+    /// is skipped before it is parsed (standalone mode).
+    #[arg(long, default_value_t = 64, value_name = "LEVELS")]
+    pub manifest_max_depth: usize,
+    /// The NodePort range, MIN-MAX (kube-apiserver's flag): in standalone
+    /// mode a Service whose nodePort or healthCheckNodePort lies outside it
+    /// is skipped, as the API server would refuse it.
+    #[arg(long, default_value = "30000-32767", value_name = "MIN-MAX")]
+    pub service_node_port_range: PortRange,
     /// Interfaces that carry north-south traffic (NodePort, LoadBalancer and
     /// externalIP frontends reached from outside the node), comma-separated
     /// or repeated; kpr attaches to their tc (tcx) ingress and egress. A

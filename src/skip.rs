@@ -26,11 +26,22 @@ pub enum SkipReason {
     /// An annotation kpr reads has a value it does not know; the
     /// annotation is ignored (the object is programmed without it).
     InvalidAnnotation,
+    /// A name or namespace that is not a DNS-1123 label or subdomain as the
+    /// API server requires (`/`, control characters, upper case...).
+    InvalidName,
+    /// A manifest file or document over its size limit
+    /// (`--manifest-max-file-bytes`, `--manifest-max-document-bytes`).
+    TooLarge,
+    /// A document nested deeper than `--manifest-max-depth`.
+    TooDeep,
+    /// A manifest path that is a FIFO, socket, device or directory where a
+    /// file is expected: refused without being opened.
+    NotRegularFile,
 }
 
 impl SkipReason {
     /// Every reason, in label order.
-    pub const ALL: [SkipReason; 9] = [
+    pub const ALL: [SkipReason; 13] = [
         SkipReason::Malformed,
         SkipReason::UnsupportedKind,
         SkipReason::UnsupportedProtocol,
@@ -40,6 +51,10 @@ impl SkipReason {
         SkipReason::Duplicate,
         SkipReason::Unreadable,
         SkipReason::InvalidAnnotation,
+        SkipReason::InvalidName,
+        SkipReason::TooLarge,
+        SkipReason::TooDeep,
+        SkipReason::NotRegularFile,
     ];
 
     /// The metric label value.
@@ -54,6 +69,10 @@ impl SkipReason {
             SkipReason::Duplicate => "duplicate",
             SkipReason::Unreadable => "unreadable",
             SkipReason::InvalidAnnotation => "invalid_annotation",
+            SkipReason::InvalidName => "invalid_name",
+            SkipReason::TooLarge => "too_large",
+            SkipReason::TooDeep => "too_deep",
+            SkipReason::NotRegularFile => "not_regular_file",
         }
     }
 }
@@ -94,6 +113,10 @@ mod tests {
             SkipReason::Duplicate => 6,
             SkipReason::Unreadable => 7,
             SkipReason::InvalidAnnotation => 8,
+            SkipReason::InvalidName => 9,
+            SkipReason::TooLarge => 10,
+            SkipReason::TooDeep => 11,
+            SkipReason::NotRegularFile => 12,
         };
         for (i, r) in SkipReason::ALL.iter().enumerate() {
             assert_eq!(position(*r), i);

@@ -16,12 +16,13 @@ use crate::host;
 use crate::maglev::MaglevParams;
 use crate::model::LbAlgorithm;
 use crate::source::kube::ApiConfig;
+use crate::source::manifests::{self, ManifestOptions};
 
 /// Where Services and EndpointSlices come from.
 #[derive(Clone, Debug)]
 pub enum SourceConfig {
     /// Standalone: manifest files and directories, watched.
-    Manifests(Vec<PathBuf>),
+    Manifests(ManifestOptions),
     /// The Kubernetes API.
     Kubernetes(KubeSourceConfig),
 }
@@ -52,8 +53,6 @@ pub struct AgentConfig {
     pub healthz_addr: SocketAddr,
     /// Capacities of maps when they are created.
     pub map_sizes: MapSizes,
-    /// Standalone mode: wait after a manifest change before reloading.
-    pub debounce: Duration,
     /// Whether a missing kernel feature is fatal.
     pub kpr_mode: KprMode,
     /// This node's name (standalone mode: decides which endpoints are local).
@@ -99,7 +98,21 @@ impl AgentConfig {
                 sync_period: args.sync_period,
             })
         } else {
-            SourceConfig::Manifests(args.manifests)
+            SourceConfig::Manifests(ManifestOptions {
+                paths: manifests::resolve_paths(&args.manifests).map_err(anyhow::Error::msg)?,
+                debounce: Duration::from_millis(args.debounce_ms),
+                limits: manifests::Limits {
+                    max_file_bytes: args.manifest_max_file_bytes,
+                    max_document_bytes: args.manifest_max_document_bytes,
+                    max_depth: args.manifest_max_depth,
+                },
+                rules: manifests::Rules {
+                    node_port_range: (
+                        args.service_node_port_range.min,
+                        args.service_node_port_range.max,
+                    ),
+                },
+            })
         };
         let secs = |d: Duration| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX);
         // The size was checked by the flag's parser; this cannot fail.
@@ -146,7 +159,6 @@ impl AgentConfig {
             },
             nodeport,
             ct_gc_interval: args.ct_gc_interval,
-            debounce: Duration::from_millis(args.debounce_ms),
             kpr_mode: args.kube_proxy_replacement,
             node_name,
             node_ips: args.node_ips,

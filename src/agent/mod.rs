@@ -97,9 +97,7 @@ pub async fn run(config: AgentConfig, held: crate::preflight::Held) -> Result<()
         config: &config,
     };
     let result = match &config.source {
-        SourceConfig::Manifests(paths) => {
-            standalone::run(syncer, paths, config.debounce, &ctx).await
-        }
+        SourceConfig::Manifests(options) => standalone::run(syncer, options, &ctx).await,
         SourceConfig::Kubernetes(kube) => kubernetes::run(syncer, kube, &ctx).await,
     };
     tracing::info!("stopping; programs stay attached and maps pinned");

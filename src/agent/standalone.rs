@@ -1,37 +1,36 @@
-//! Standalone mode's source loop: Service and EndpointSlice manifests on
-//! disk, watched. The files are the whole truth on every read, so every
-//! change is a full translation and sync; a sync that did not end clean is
-//! retried on its own (see [`retry_delay`]).
-
-use std::path::PathBuf;
-use std::time::Duration;
+//! Standalone mode's source loop: the manifest source reloads what changed
+//! on disk into its object store, and the Services it marks changed are
+//! translated and synced. Every sync is full until a complete read has
+//! pruned the maps once (so a restart with a file that cannot be read
+//! prunes nothing); a path that cannot be read keeps its last state and
+//! turns health red. A sync that did not end clean is retried on its own,
+//! as a full one (see [`retry_delay`]).
 
 use anyhow::{Context, Result};
 use tokio::time::Instant;
 
 use super::node::node_context;
 use super::schedule::retry_delay;
-use super::syncer::{PolicyState, Syncer};
+use super::syncer::{PolicyState, Synced, Syncer};
 use super::{sleep_until_opt, stop_requested, SourceContext, LRU_GAUGE_PERIOD};
-use crate::reconcile::DesiredByService;
-use crate::source::manifests;
-use crate::translate;
+use crate::reconcile::ServiceFrontends;
+use crate::source::manifests::{ManifestOptions, ManifestSource};
+use crate::translate::{self, ServiceTranslation};
 
-/// Syncs the maps to the manifests under `paths` until the agent is asked
-/// to stop; a burst of edits within `debounce` is one reload.
+/// Syncs the maps to the manifests of `options` until the agent is asked
+/// to stop.
 pub(super) async fn run(
     mut syncer: Syncer,
-    paths: &[PathBuf],
-    debounce: Duration,
+    options: &ManifestOptions,
     ctx: &SourceContext<'_>,
 ) -> Result<()> {
-    let mut watch = manifests::watch(paths, debounce).context("watching the manifests")?;
+    let mut source = ManifestSource::open(options).context("watching the manifests")?;
     let mut lru_tick = tokio::time::interval(LRU_GAUGE_PERIOD);
     let stop = stop_requested();
     tokio::pin!(stop);
     let mut reload = true;
     let mut retry_at: Option<Instant> = None;
-    let mut desired = DesiredByService::new();
+    let mut pruned = false;
     let mut policies = PolicyState::default();
     // No Node object in standalone mode: --node-name and --node-ip say
     // which endpoints are local and where NodePorts listen.
@@ -43,24 +42,74 @@ pub(super) async fn run(
     );
     loop {
         if reload {
-            let paths = paths.to_vec();
-            let set = tokio::task::spawn_blocking(move || manifests::load(&paths)).await?;
-            for doc in &set.skipped {
+            let (reloaded, report) = tokio::task::spawn_blocking(move || {
+                let report = source.reload();
+                (source, report)
+            })
+            .await?;
+            source = reloaded;
+            for doc in &report.skipped {
                 ctx.metrics.inc_skipped(doc.reason);
             }
-            let translation = translate::translate(&set.services, &set.slices, &node);
-            syncer.record_skipped(&translation.skipped);
-            policies.replace_all(&translation);
-            desired = translation.desired;
+            // kpr_source_read_errors_total{reason} (manifests::ReadErrorReason)
+            // is counted here once metrics.rs has the family.
+            let health = source.health();
+            ctx.status.watcher("manifests", |w| {
+                w.state = if health.is_ok() {
+                    "watching"
+                } else {
+                    "failing"
+                }
+                .into();
+                w.errors += report.read_errors.len() as u64;
+                if let Err(e) = &health {
+                    w.last_error = Some(e.clone());
+                }
+            });
+            // Not healthy before the first complete read: a file still being
+            // written at start is not served yet.
+            syncer.set_source_health(health.is_ok() && (pruned || source.is_complete()));
         }
         if reload || retry_at.is_some_and(|at| at <= Instant::now()) {
-            let synced = syncer.sync_full(&desired, true);
+            let changes = source.take_changes();
+            let store = source.store();
+            let synced = if !pruned || retry_at.is_some() {
+                let complete = source.is_complete();
+                let services: Vec<_> = store.services().cloned().collect();
+                let slices: Vec<_> = store.slices().cloned().collect();
+                let translation = translate::translate(&services, &slices, &node);
+                syncer.record_skipped(&translation.skipped);
+                policies.replace_all(&translation);
+                let synced = syncer.sync_full(&translation.desired, complete);
+                pruned |= complete && synced != Synced::Failed;
+                synced
+            } else {
+                let mut skipped = Vec::new();
+                let mut updates: Vec<(String, ServiceFrontends)> = Vec::new();
+                for key in &changes.services {
+                    let t = match store.service(key) {
+                        Some(svc) => translate::translate_service(
+                            svc,
+                            &store.slices_of(key),
+                            &node,
+                            &mut skipped,
+                        ),
+                        None => ServiceTranslation::default(),
+                    };
+                    policies.replace_service(key, &t);
+                    updates.push((key.clone(), t.frontends));
+                }
+                syncer.record_skipped(&skipped);
+                syncer.sync_services(updates)
+            };
             policies.publish(ctx.metrics, ctx.health_checks).await;
+            ctx.metrics
+                .add_changes(changes.service_changes, changes.endpoint_changes);
             retry_at = retry_delay(synced).map(|delay| Instant::now() + delay);
         }
         reload = false;
         tokio::select! {
-            _ = watch.changed() => reload = true,
+            () = source.changed() => reload = true,
             _ = sleep_until_opt(retry_at) => {}
             _ = lru_tick.tick() => syncer.update_lru_gauges(),
             _ = &mut stop => return Ok(()),

@@ -42,6 +42,10 @@ pub struct Syncer {
     /// The DSR map may differ from the services map: just opened, or its
     /// last sync failed.
     dsr_stale: bool,
+    /// Whether the source read everything at its last try: health needs
+    /// both the maps and the source (a source that cannot read keeps its
+    /// last state, which must not look healthy).
+    source_healthy: bool,
 }
 
 /// How a sync ended.
@@ -81,6 +85,7 @@ impl Syncer {
             refused: BTreeSet::new(),
             dsr: None,
             dsr_stale: true,
+            source_healthy: true,
         })
     }
 
@@ -127,6 +132,11 @@ impl Syncer {
 
     /// Syncs the maps to `desired`; `complete` says the source delivered
     /// its whole state, so entries nobody claims may be pruned.
+    /// Whether the source read everything; recorded in health by the next sync.
+    pub fn set_source_health(&mut self, healthy: bool) {
+        self.source_healthy = healthy;
+    }
+
     pub fn sync_full(&mut self, desired: &DesiredByService, complete: bool) -> Synced {
         let timer = self.metrics.sync_timer();
         let result = self.reconciler.sync_full(desired, complete);
@@ -203,7 +213,7 @@ impl Syncer {
         // the node and with it every other Service.
         let maps_ok = synced != Synced::Failed;
         self.metrics.record_sync_result(maps_ok, SystemTime::now());
-        self.health.record_sync(maps_ok);
+        self.health.record_sync(maps_ok && self.source_healthy);
         self.status
             .record_sync(maps_ok, self.refused.iter().cloned().collect());
         self.update_gauges();

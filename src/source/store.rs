@@ -7,6 +7,7 @@
 //! deleted while the watch was down are removed (Cilium #48050's bug).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -56,8 +57,9 @@ pub struct ObjectStore {
     /// Trigger times before this are not this agent's to measure (kube-proxy
     /// ignores them the same way).
     started: Timestamp,
-    services: BTreeMap<String, Service>,
-    slices: BTreeMap<String, EndpointSlice>,
+    /// Shared, not copied: the manifest source keeps the same objects.
+    services: BTreeMap<String, Arc<Service>>,
+    slices: BTreeMap<String, Arc<EndpointSlice>>,
     slices_by_service: BTreeMap<String, BTreeSet<String>>,
     node: Option<Node>,
     /// Objects of a relist in progress, per kind.
@@ -103,15 +105,25 @@ impl ObjectStore {
     }
 
     pub fn services(&self) -> impl Iterator<Item = &Service> {
-        self.services.values()
+        self.services.values().map(|s| &**s)
     }
 
     pub fn service(&self, key: &str) -> Option<&Service> {
+        self.services.get(key).map(|s| &**s)
+    }
+
+    /// The Service stored under `key` (`namespace/name`), shared.
+    pub fn service_shared(&self, key: &str) -> Option<&Arc<Service>> {
         self.services.get(key)
     }
 
     pub fn slices(&self) -> impl Iterator<Item = &EndpointSlice> {
-        self.slices.values()
+        self.slices.values().map(|s| &**s)
+    }
+
+    /// The EndpointSlice stored under `key` (`namespace/name`), shared.
+    pub fn slice_shared(&self, key: &str) -> Option<&Arc<EndpointSlice>> {
+        self.slices.get(key)
     }
 
     /// The EndpointSlices of a Service.
@@ -120,7 +132,7 @@ impl ObjectStore {
             .get(service_key)
             .into_iter()
             .flatten()
-            .filter_map(|k| self.slices.get(k))
+            .filter_map(|k| self.slices.get(k).map(|s| &**s))
             .collect()
     }
 
@@ -132,7 +144,8 @@ impl ObjectStore {
         (self.services.len(), self.slices.len())
     }
 
-    pub fn apply_service(&mut self, svc: Service) {
+    pub fn apply_service(&mut self, svc: impl Into<Arc<Service>>) {
+        let svc = svc.into();
         let key = object_key(&svc.metadata);
         self.pending.services.insert(key.clone());
         self.pending.service_changes += 1;
@@ -146,13 +159,13 @@ impl ObjectStore {
         self.services.remove(&key);
     }
 
-    pub fn apply_slice(&mut self, slice: EndpointSlice) {
-        self.put_slice(slice, true);
+    pub fn apply_slice(&mut self, slice: impl Into<Arc<EndpointSlice>>) {
+        self.put_slice(slice.into(), true);
     }
 
     /// Stores a slice; `measure` says whether its trigger time is a change
     /// this agent should time (not for slices a relist merely re-delivers).
-    fn put_slice(&mut self, slice: EndpointSlice, measure: bool) {
+    fn put_slice(&mut self, slice: Arc<EndpointSlice>, measure: bool) {
         let key = object_key(&slice.metadata);
         let unchanged = self.slices.get(&key) == Some(&slice);
         if let Some(old) = self.slices.remove(&key) {
@@ -267,13 +280,13 @@ impl ObjectStore {
                 }
             }
             Kind::EndpointSlice => {
-                let old: Vec<EndpointSlice> = self.slices.values().cloned().collect();
+                let old: Vec<Arc<EndpointSlice>> = self.slices.values().cloned().collect();
                 for slice in &old {
                     self.delete_slice(slice);
                 }
                 for item in items {
                     if let Relisted::Slice(slice) = item {
-                        self.put_slice(*slice, false);
+                        self.put_slice(Arc::new(*slice), false);
                     }
                 }
             }

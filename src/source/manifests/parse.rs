@@ -1,0 +1,269 @@
+//! One document into objects: read its apiVersion/kind, decode the kinds
+//! kpr consumes, flatten a `v1` `List`, default the namespace, and hand
+//! each object to [`validate`](super::validate). Pure: no I/O, no state, so
+//! a document whose text did not change never needs to come back here.
+
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::{Metadata, Resource};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use super::documents::{exceeds_depth, Document};
+use super::validate::{self, Rules};
+use super::{Limits, DEFAULT_NAMESPACE};
+use crate::skip::SkipReason;
+
+/// The kinds a manifest can define.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ObjectKind {
+    Service,
+    EndpointSlice,
+}
+
+impl ObjectKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ObjectKind::Service => Service::KIND,
+            ObjectKind::EndpointSlice => EndpointSlice::KIND,
+        }
+    }
+}
+
+/// Which object: kind, namespace, name (what the API server keeps unique).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    pub kind: ObjectKind,
+    pub namespace: String,
+    pub name: String,
+}
+
+/// A decoded, validated object, shared with the object store (never copied).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Object {
+    Service(Arc<Service>),
+    EndpointSlice(Arc<EndpointSlice>),
+}
+
+impl Object {
+    /// Same object: the same allocation, or equal content.
+    pub fn same(&self, other: &Object) -> bool {
+        match (self, other) {
+            (Object::Service(a), Object::Service(b)) => Arc::ptr_eq(a, b) || a == b,
+            (Object::EndpointSlice(a), Object::EndpointSlice(b)) => Arc::ptr_eq(a, b) || a == b,
+            _ => false,
+        }
+    }
+}
+
+/// Something in a document that was not used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Skip {
+    pub reason: SkipReason,
+    /// Escaped, single-line specifics (a `List` item's start with `items[N]: `).
+    pub detail: String,
+}
+
+/// What one document yields.
+#[derive(Clone, Debug, Default)]
+pub struct Parsed {
+    /// Objects in document order (a List's in item order).
+    pub objects: Vec<(ObjectKey, Object)>,
+    pub skipped: Vec<Skip>,
+}
+
+/// Parses one document of a YAML (`json: false`) or JSON file.
+pub fn parse_document(doc: &Document<'_>, json: bool, limits: &Limits, rules: &Rules) -> Parsed {
+    let mut out = Parsed::default();
+    if doc.body.len() > limits.max_document_bytes {
+        out.skip(
+            None,
+            SkipReason::TooLarge,
+            format!(
+                "document of {} bytes, over --manifest-max-document-bytes {}",
+                doc.body.len(),
+                limits.max_document_bytes
+            ),
+        );
+    } else if exceeds_depth(doc.body, limits.max_depth) {
+        out.skip(
+            None,
+            SkipReason::TooDeep,
+            format!(
+                "nested deeper than --manifest-max-depth {}",
+                limits.max_depth
+            ),
+        );
+    } else {
+        let body = if json {
+            Body::Json(doc)
+        } else {
+            Body::Yaml(doc)
+        };
+        out.document(&body, None, rules);
+    }
+    out
+}
+
+/// The apiVersion/kind of a document, read before choosing the type to decode.
+#[derive(Deserialize)]
+struct TypeMeta {
+    #[serde(rename = "apiVersion")]
+    api_version: Option<String>,
+    kind: Option<String>,
+}
+
+/// A `v1` `List`; items stay generic until their own apiVersion/kind is read.
+#[derive(Deserialize)]
+struct ListDoc {
+    #[serde(default)]
+    items: Option<Vec<serde_json::Value>>,
+}
+
+/// One document's source, decodable into any type.
+enum Body<'a> {
+    Yaml(&'a Document<'a>),
+    Json(&'a Document<'a>),
+    /// A `List` item.
+    Item(&'a serde_json::Value),
+}
+
+impl Body<'_> {
+    fn decode<T: DeserializeOwned>(&self) -> Result<T, String> {
+        match self {
+            Body::Yaml(doc) => doc.decode(|text| serde_yaml_ng::from_str::<T>(text)),
+            Body::Json(doc) => doc.decode(|text| serde_json::from_str::<T>(text)),
+            Body::Item(value) => T::deserialize(*value).map_err(|e| e.to_string()),
+        }
+    }
+}
+
+impl Parsed {
+    fn skip(&mut self, item: Option<usize>, reason: SkipReason, detail: impl Into<String>) {
+        let detail = escape(&detail.into());
+        let detail = match item {
+            None => detail,
+            Some(item) => format!("items[{item}]: {detail}"),
+        };
+        self.skipped.push(Skip { reason, detail });
+    }
+
+    fn document(&mut self, body: &Body<'_>, item: Option<usize>, rules: &Rules) {
+        let meta = match body.decode::<Option<TypeMeta>>() {
+            Ok(Some(meta)) => meta,
+            Ok(None) => return, // an explicit `null` / `~` document
+            Err(e) => return self.skip(item, SkipReason::Malformed, e),
+        };
+        let (Some(api_version), Some(kind)) = (meta.api_version, meta.kind) else {
+            return self.skip(
+                item,
+                SkipReason::Malformed,
+                "apiVersion and kind are required",
+            );
+        };
+        match (api_version.as_str(), kind.as_str()) {
+            (Service::API_VERSION, Service::KIND) => {
+                if let Some((key, svc)) = self.object::<Service>(body, item, ObjectKind::Service, rules) {
+                    self.objects.push((key, Object::Service(Arc::new(svc))));
+                }
+            }
+            (EndpointSlice::API_VERSION, EndpointSlice::KIND) => {
+                if let Some((key, slice)) =
+                    self.object::<EndpointSlice>(body, item, ObjectKind::EndpointSlice, rules)
+                {
+                    self.objects.push((key, Object::EndpointSlice(Arc::new(slice))));
+                }
+            }
+            ("v1", "List") if item.is_some() => {
+                self.skip(item, SkipReason::UnsupportedKind, "a List nested in a List")
+            }
+            ("v1", "List") => match body.decode::<ListDoc>() {
+                Err(e) => self.skip(item, SkipReason::Malformed, e),
+                Ok(list) => {
+                    for (i, value) in list.items.unwrap_or_default().iter().enumerate() {
+                        self.document(&Body::Item(value), Some(i), rules);
+                    }
+                }
+            },
+            _ => self.skip(
+                item,
+                SkipReason::UnsupportedKind,
+                format!("{api_version}/{kind} (kpr reads v1/Service and discovery.k8s.io/v1/EndpointSlice)"),
+            ),
+        }
+    }
+
+    /// Decodes, checks the name, defaults the namespace and validates.
+    fn object<T>(
+        &mut self,
+        body: &Body<'_>,
+        item: Option<usize>,
+        kind: ObjectKind,
+        rules: &Rules,
+    ) -> Option<(ObjectKey, T)>
+    where
+        T: DeserializeOwned + Metadata<Ty = ObjectMeta> + validate::Validate,
+    {
+        let mut object: T = match body.decode() {
+            Ok(object) => object,
+            Err(e) => {
+                self.skip(item, SkipReason::Malformed, e);
+                return None;
+            }
+        };
+        let meta = object.metadata_mut();
+        let name = match meta.name.as_deref() {
+            Some(name) if !name.is_empty() => name.to_string(),
+            _ => {
+                self.skip(
+                    item,
+                    SkipReason::Malformed,
+                    format!("{} without metadata.name", kind.name()),
+                );
+                return None;
+            }
+        };
+        let namespace = match meta.namespace.as_deref() {
+            Some(namespace) if !namespace.is_empty() => namespace.to_string(),
+            _ => DEFAULT_NAMESPACE.to_string(),
+        };
+        meta.namespace = Some(namespace.clone());
+        if let Err((reason, detail)) = object.validate(rules) {
+            let detail = format!(
+                "{} {:?}: {detail}",
+                kind.name(),
+                format!("{namespace}/{name}")
+            );
+            self.skip(item, reason, detail);
+            return None;
+        }
+        Some((
+            ObjectKey {
+                kind,
+                namespace,
+                name,
+            },
+            object,
+        ))
+    }
+}
+
+/// `text` on one line with control characters escaped (as Rust's `{:?}`
+/// does, without the quotes): text from a manifest never forges a log line.
+pub fn escape(text: &str) -> String {
+    if !text.chars().any(char::is_control) {
+        return text.to_string();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
