@@ -13,19 +13,12 @@ use std::time::{Duration, Instant};
 
 use kpr::datapath::kernel::KernelMaps;
 use kpr::datapath::LbMaps;
-use kpr::testbed::{AgentProcess, TestCgroup};
+use kpr_testbed::{require_root, AgentProcess, TestCgroup};
 
 const KPR: &str = env!("CARGO_BIN_EXE_kpr");
 const CANARIES: usize = 20;
 /// Bound of every wait for the agent to react.
 const REACT: Duration = Duration::from_secs(10);
-
-fn require_root() {
-    assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "needs root (BPF, cgroups): run as root, or leave the ignored tests out"
-    );
-}
 
 fn service(ns: &str, name: &str, vip: &str, backends: &[String]) -> String {
     let endpoints: Vec<String> = backends
@@ -159,7 +152,7 @@ impl Case {
     }
 
     fn healthz(&self) -> u16 {
-        kpr::testbed::agent::http_get(self.agent.healthz_addr, "/healthz")
+        kpr_testbed::agent::http_get(self.agent.healthz_addr, "/healthz")
             .map_or(0, |(code, _)| code)
     }
 

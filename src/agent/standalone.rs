@@ -16,6 +16,7 @@ use super::{sleep_until_opt, stop_requested, SourceContext, LRU_GAUGE_PERIOD};
 use crate::reconcile::ServiceFrontends;
 use crate::source::manifests::{ManifestOptions, ManifestSource};
 use crate::translate::{self, ServiceTranslation};
+use crate::status::WatcherState;
 
 /// Syncs the maps to the manifests of `options` until the agent is asked
 /// to stop.
@@ -56,11 +57,10 @@ pub(super) async fn run(
             let health = source.health();
             ctx.status.watcher("manifests", |w| {
                 w.state = if health.is_ok() {
-                    "watching"
+                    WatcherState::Watching
                 } else {
-                    "failing"
-                }
-                .into();
+                    WatcherState::Failing
+                };
                 w.errors += report.read_errors.len() as u64;
                 if let Err(e) = &health {
                     w.last_error = Some(e.clone());
