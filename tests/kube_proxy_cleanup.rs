@@ -173,7 +173,9 @@ COMMIT
 const NFTABLES: &str = r#"
 table ip kube-proxy {
 	comment "rules for kube-proxy"
-	chain mark-for-masquerade { meta mark set meta mark | 0x4000 }
+	chain mark-for-masquerade {
+		meta mark set meta mark | 0x4000
+	}
 	chain masquerading {
 		meta mark & 0x4000 == 0 return
 		meta mark set meta mark ^ 0x4000
@@ -192,18 +194,36 @@ table ip kube-proxy {
 		comment "ClusterIP, ExternalIP and LoadBalancer IP traffic"
 		elements = { 10.96.0.10 . tcp . 80 : goto service-ULMVA6XW-t/web/tcp/ }
 	}
-	chain services { ip daddr . meta l4proto . th dport vmap @service-ips }
-	chain nat-prerouting { type nat hook prerouting priority dstnat; policy accept; jump services }
-	chain nat-output { type nat hook output priority dstnat; policy accept; jump services }
-	chain nat-postrouting { type nat hook postrouting priority srcnat; policy accept; jump masquerading }
+	chain services {
+		ip daddr . meta l4proto . th dport vmap @service-ips
+	}
+	chain nat-prerouting {
+		type nat hook prerouting priority dstnat; policy accept;
+		jump services
+	}
+	chain nat-output {
+		type nat hook output priority -100; policy accept;
+		jump services
+	}
+	chain nat-postrouting {
+		type nat hook postrouting priority srcnat; policy accept;
+		jump masquerading
+	}
 }
 table ip6 kube-proxy {
 	comment "rules for kube-proxy"
-	chain services { }
-	chain nat-output { type nat hook output priority dstnat; policy accept; jump services }
+	chain services {
+	}
+	chain nat-output {
+		type nat hook output priority -100; policy accept;
+		jump services
+	}
 }
 table inet admin {
-	chain input { type filter hook input priority filter; policy accept; tcp dport 22 accept comment "admin ssh" }
+	chain input {
+		type filter hook input priority filter; policy accept;
+		tcp dport 22 accept comment "admin ssh"
+	}
 }
 "#;
 
@@ -281,7 +301,21 @@ fn cleanup_kube_proxy_removes_its_chains_tables_and_device_and_keeps_the_rest() 
     in_ns(&ns, "iptables-nft-restore", &[], IPVS_MODE_V4);
     in_ns(&ns, "ip6tables-nft-restore", &[], &iptables_mode_v6());
     in_ns(&ns, "nft", &["-f", "-"], NFTABLES);
+    // kube-proxy's is a dummy device; kernels without the dummy driver get
+    // a veth of the same name (the cleanup goes by name).
     ns.ip(&["link", "add", "kube-ipvs0", "type", "dummy"])
+        .or_else(|_| {
+            ns.ip(&[
+                "link",
+                "add",
+                "kube-ipvs0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "kpr-ipvs-peer",
+            ])
+        })
         .expect("kube-ipvs0");
     ns.ip(&["addr", "add", "10.96.0.10/32", "dev", "kube-ipvs0"])
         .expect("a ClusterIP on kube-ipvs0");
