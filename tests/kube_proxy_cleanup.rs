@@ -9,17 +9,9 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use kpr_testbed::Netns;
+use kpr_testbed::{require_root, Netns};
 
 const KPR: &str = env!("CARGO_BIN_EXE_kpr");
-
-#[track_caller]
-fn require_root() {
-    assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "this test needs root (network namespaces, iptables, nft)"
-    );
-}
 
 /// What kube-proxy 1.3x in iptables mode writes for one Service with a
 /// NodePort and one endpoint, one Service without endpoints, and kubelet's
