@@ -281,6 +281,13 @@ pub struct CleanupArgs {
     /// translating nothing). Default: refused, naming the agent's pid.
     #[arg(long)]
     pub force: bool,
+    /// Instead of kpr's datapath, remove kube-proxy's leftovers from this
+    /// network namespace, as `kube-proxy --cleanup`: its iptables and
+    /// ip6tables chains (legacy and nft backends) and the rules jumping to
+    /// them, its nftables tables and the IPVS device kube-ipvs0. kpr's own
+    /// programs keep running. Default: false.
+    #[arg(long, conflicts_with_all = ["cgroup", "force"])]
+    pub kube_proxy: bool,
 }
 
 /// Gives a config type of the datapath its flag values: the type itself

@@ -8,6 +8,7 @@ pub mod features;
 pub mod healthcheck;
 pub mod host;
 pub mod http;
+pub mod kube_proxy_cleanup;
 pub mod maglev;
 pub mod metrics;
 pub mod model;

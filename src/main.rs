@@ -45,6 +45,9 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Ct {
             command: CtCommand::List { bpf_root, output },
         } => ct_list(&bpf_root.bpf_root, output)?,
+        Command::Cleanup(args) if args.kube_proxy => {
+            println!("{}", kpr::kube_proxy_cleanup::cleanup()?.summary())
+        }
         Command::Cleanup(args) => cleanup(&args)?,
         Command::Status {
             bpf_root,

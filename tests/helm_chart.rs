@@ -167,7 +167,22 @@ bpf: {autoMount: {enabled: false}}
 cgroup: {autoMount: {enabled: false}, hostRoot: /sys/fs/cgroup}
 "#,
 );
+/// The monitoring objects on: the dashboard ConfigMap and the PrometheusRule.
+const MONITORING: ValueSet = values(
+    "monitoring",
+    r#"
+metrics: {bind: hostIP}
+serviceMonitor: {enabled: true}
+dashboards:
+  enabled: true
+  namespace: monitoring
+  labelValue: kpr
+  annotations: {grafana_folder: Networking}
+prometheusRule: {enabled: true, labels: {release: kube-prometheus-stack}}
+"#,
+);
 const ALL_VALUE_SETS: &[&ValueSet] = &[
+    &MONITORING,
     &DEFAULTS,
     &CILIUM,
     &LEGACY,
@@ -485,18 +500,18 @@ fn every_rendered_object_passes_the_strict_schemas_of_kubernetes_1_25_to_1_37() 
         for file in &files {
             let docs = parse(&std::fs::read_to_string(file).expect("a render")).docs;
             objects += docs.len();
-            custom += docs
-                .iter()
-                .filter(|d| d["kind"] == "ServiceMonitor")
-                .count();
+            custom += docs.iter().filter(|d| is_custom(d)).count();
         }
         let (lines, out) = validate(&files, version);
         let passed = lines.iter().filter(|l| l.contains(" passed ")).count();
-        // The ServiceMonitor is a custom resource: no schema in
-        // kubernetes-validate (its fields are checked below).
+        // The ServiceMonitor and PrometheusRule are custom resources: no
+        // schema in kubernetes-validate (their fields are checked below).
         let no_schema = lines
             .iter()
-            .filter(|l| l.starts_with("WARN") && l.contains("kind ServiceMonitor"))
+            .filter(|l| {
+                l.starts_with("WARN")
+                    && (l.contains("kind ServiceMonitor") || l.contains("kind PrometheusRule"))
+            })
             .count();
         if !out.ok || passed != objects - custom || no_schema != custom {
             failures.push(format!(
@@ -508,6 +523,11 @@ fn every_rendered_object_passes_the_strict_schemas_of_kubernetes_1_25_to_1_37() 
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The Prometheus Operator's kinds, which kubernetes-validate has no schema of.
+fn is_custom(doc: &Value) -> bool {
+    doc["kind"] == "ServiceMonitor" || doc["kind"] == "PrometheusRule"
 }
 
 #[test]
@@ -1541,4 +1561,129 @@ fn a_misspelt_service_monitor_key_is_refused_by_its_type() {
     sm["spec"]["endpoints"][0]["metricRelabelling"] = json!([]);
     let err = serde_json::from_value::<ServiceMonitor>(sm).expect_err("a misspelt key");
     assert!(err.to_string().contains("metricRelabelling"), "{err}");
+}
+
+// ------------------------------------------- dashboard and alert rules --
+
+#[test]
+fn dashboard_and_rules_only_when_enabled() {
+    for set in ALL_VALUE_SETS.iter().filter(|s| s.name != MONITORING.name) {
+        let kinds = render(set).kinds().join(",");
+        assert!(
+            !kinds.contains("ConfigMap") && !kinds.contains("PrometheusRule"),
+            "{}: {kinds}",
+            set.name
+        );
+    }
+}
+
+#[test]
+fn the_dashboard_config_map_carries_the_dashboard_and_the_sidecar_label() {
+    let r = render(&MONITORING);
+    let cm: k8s_openapi::api::core::v1::ConfigMap = r.typed("ConfigMap");
+    assert_eq!(cm.metadata.name.as_deref(), Some("kpr-dashboard"));
+    assert_eq!(cm.metadata.namespace.as_deref(), Some("monitoring"));
+    let labels = cm.metadata.labels.as_ref().expect("labels");
+    assert_eq!(
+        labels.get("grafana_dashboard").map(String::as_str),
+        Some("kpr")
+    );
+    let annotations = cm.metadata.annotations.as_ref().expect("annotations");
+    assert_eq!(
+        annotations.get("grafana_folder").map(String::as_str),
+        Some("Networking")
+    );
+    let data = cm.data.as_ref().expect("data");
+    let rendered: Value = serde_json::from_str(&data["kpr-dashboard.json"]).expect("JSON");
+    let file: Value = serde_json::from_str(&read("files/kpr-dashboard.json")).expect("JSON");
+    assert_eq!(rendered, file);
+    assert_eq!(rendered["uid"], "kpr-overview");
+    // The default label is the Grafana chart's.
+    let r = render_yaml("dashboards-default", "dashboards: {enabled: true}", &[]);
+    let cm = r.one("ConfigMap");
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+    assert_eq!(cm["metadata"]["namespace"], NAMESPACE);
+}
+
+#[test]
+fn the_prometheus_rule_holds_the_alert_rules_file() {
+    let r = render(&MONITORING);
+    let rule = r.one("PrometheusRule");
+    assert_eq!(rule["apiVersion"], "monitoring.coreos.com/v1");
+    assert_eq!(rule["metadata"]["name"], "kpr");
+    assert_eq!(rule["metadata"]["namespace"], NAMESPACE);
+    assert_eq!(
+        rule["metadata"]["labels"]["release"],
+        "kube-prometheus-stack"
+    );
+    let file: Value =
+        serde_yaml_ng::from_str(&read("files/kpr-alerts.yaml")).expect("the rules file is YAML");
+    assert_eq!(rule["spec"], file);
+    let alerts: Vec<&str> = rule["spec"]["groups"][0]["rules"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .filter_map(|r| r["alert"].as_str())
+        .collect();
+    assert!(alerts.contains(&"KprSyncFailing"), "{alerts:?}");
+    // Only the fields a PrometheusRule has.
+    for group in rule["spec"]["groups"].as_array().expect("groups") {
+        for rule in group["rules"].as_array().expect("rules") {
+            for key in rule.as_object().expect("a rule").keys() {
+                assert!(
+                    ["alert", "expr", "for", "labels", "annotations"].contains(&key.as_str()),
+                    "{key}"
+                );
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------ uninstall --
+
+#[test]
+fn the_cleanup_daemonset_matches_the_chart_and_passes_the_schemas() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/kpr-cleanup.yaml");
+    for minor in [OLDEST_MINOR, NEWEST_MINOR] {
+        let (lines, out) = validate(std::slice::from_ref(&path), &format!("1.{minor}.0"));
+        assert!(
+            out.ok && lines.iter().any(|l| l.contains(" passed ")),
+            "{}{}",
+            out.stdout,
+            out.stderr
+        );
+    }
+    let text = std::fs::read_to_string(&path).expect("docs/kpr-cleanup.yaml");
+    let cleanup: DaemonSet =
+        serde_json::from_value(parse(&text).docs[0].clone()).expect("a DaemonSet");
+    let chart = render(&DEFAULTS).daemonset();
+    // The same image, bpf root and cgroup root as the chart's agent.
+    let step = init_container(&cleanup, "cleanup").expect("the cleanup init container");
+    assert_eq!(step.image, agent(&chart).image);
+    let script = step.command.as_ref().expect("command").join(" ");
+    let agent_args = args(&chart);
+    let chart_value = |flag: &str| {
+        agent_args
+            .iter()
+            .find_map(|a| a.strip_prefix(&format!("{flag}=")))
+            .expect("the chart passes it")
+            .to_string()
+    };
+    let bpf_root = chart_value("--bpf-root");
+    assert!(
+        script.contains(&format!("--bpf-root {bpf_root}")),
+        "{script}"
+    );
+    let env = step.env.as_ref().expect("env");
+    assert_eq!(env[0].name, "CGROUP_ROOT");
+    assert_eq!(
+        env[0].value.as_deref(),
+        Some(chart_value("--cgroup").as_str())
+    );
+    assert!(script.contains("--cgroup \"$CGROUP_ROOT\""), "{script}");
+    // Tolerates what the agent tolerates: it must reach every node.
+    assert_eq!(
+        to_json(&pod_spec(&cleanup).tolerations),
+        to_json(&pod_spec(&chart).tolerations)
+    );
 }

@@ -65,6 +65,22 @@ fn kpr(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// kpr programs (name `kpr_*`) linked to `cgroup`, pinned or not, as the
+/// kernel lists its links: what `bpftool cgroup show` would print.
+fn kpr_links_on(cgroup: &Path) -> Vec<String> {
+    use libbpf_rs::query::{LinkInfoIter, LinkTypeInfo, ProgInfoIter};
+    use std::os::unix::fs::MetadataExt;
+    let cgroup_id = std::fs::metadata(cgroup).unwrap().ino();
+    let kpr_progs: std::collections::HashMap<u32, String> = ProgInfoIter::default()
+        .filter(|p| p.name.to_string_lossy().starts_with("kpr_"))
+        .map(|p| (p.id, p.name.to_string_lossy().into_owned()))
+        .collect();
+    LinkInfoIter::default()
+        .filter(|l| matches!(&l.info, LinkTypeInfo::Cgroup(c) if c.cgroup_id == cgroup_id))
+        .filter_map(|l| kpr_progs.get(&l.prog_id).cloned())
+        .collect()
+}
+
 #[test]
 #[ignore = "needs root"]
 fn cleanup_detaches_every_program_and_removes_every_pin() {
@@ -78,11 +94,20 @@ fn cleanup_detaches_every_program_and_removes_every_pin() {
         "a stopped agent leaves the datapath in place"
     );
 
+    assert_eq!(kpr_links_on(bed.cgroup.path()).len(), 10);
+
+    // What the uninstall DaemonSet (docs/kpr-cleanup.yaml) runs on a node.
     let root = bed.agent.bpf_root.to_str().unwrap().to_string();
-    let out = kpr(&["cleanup", "--bpf-root", &root]);
+    let cgroup = bed.cgroup.path().to_str().unwrap().to_string();
+    let out = kpr(&["cleanup", "--bpf-root", &root, "--cgroup", &cgroup]);
     assert!(out.contains("detached 10 program links"), "{out}");
     assert!(!Path::new(&root).exists(), "bpf root {root} still exists");
     assert!(kpr::datapath::loader::attached_hooks(Path::new(&root)).is_empty());
+    assert_eq!(
+        kpr_links_on(bed.cgroup.path()),
+        Vec::<String>::new(),
+        "kpr programs still linked to the cgroup"
+    );
     assert_eq!(
         vip_answer(&bed),
         UNTRANSLATED,
@@ -108,6 +133,7 @@ fn cleanup_with_a_cgroup_detaches_kpr_programs_pinned_elsewhere() {
     ]);
     assert!(out.contains("detached 10 program links"), "{out}");
     assert_eq!(vip_answer(&bed), UNTRANSLATED);
+    assert_eq!(kpr_links_on(bed.cgroup.path()), Vec::<String>::new());
 }
 
 #[test]
