@@ -15,8 +15,8 @@ use super::syncer::{PolicyState, Synced, Syncer};
 use super::{sleep_until_opt, stop_requested, SourceContext, LRU_GAUGE_PERIOD};
 use crate::reconcile::ServiceFrontends;
 use crate::source::manifests::{ManifestOptions, ManifestSource};
-use crate::translate::{self, ServiceTranslation};
 use crate::status::WatcherState;
+use crate::translate::{self, ServiceTranslation};
 
 /// Syncs the maps to the manifests of `options` until the agent is asked
 /// to stop.
