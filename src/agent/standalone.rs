@@ -52,8 +52,9 @@ pub(super) async fn run(
             for doc in &report.skipped {
                 ctx.metrics.inc_skipped(doc.reason);
             }
-            // kpr_source_read_errors_total{reason} (manifests::ReadErrorReason)
-            // is counted here once metrics.rs has the family.
+            for error in &report.read_errors {
+                ctx.metrics.inc_source_read_error(error.reason);
+            }
             let health = source.health();
             ctx.status.watcher("manifests", |w| {
                 w.state = if health.is_ok() {

@@ -20,6 +20,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::skip::SkipReason;
+use crate::source::manifests::ReadErrorReason;
 
 mod labels;
 pub use labels::{
@@ -56,6 +57,11 @@ struct SyncErrorLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SkipLabels {
     reason: SkipReason,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReadErrorLabels {
+    reason: ReadErrorReason,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -96,6 +102,7 @@ struct NodePortEventLabels {
 /// | `kpr_bpf_map_entries`, `kpr_bpf_map_capacity` | gauge | `map` ([`MapName`]) |
 /// | `kpr_sync_errors_total` | counter | `reason` ([`SyncErrorReason`]) |
 /// | `kpr_skipped_objects_total` | counter | `reason` ([`SkipReason`]) |
+/// | `kpr_source_read_errors_total` | counter | `reason` ([`ReadErrorReason`]) |
 /// | `kpr_syncs_total` | counter | `result` ([`SyncResult`]) |
 /// | `kpr_ct_gc_runs_total` | counter | `status` ([`GcStatus`]) |
 /// | `kpr_ct_gc_deleted_entries_total` | counter | |
@@ -115,6 +122,7 @@ pub struct Metrics {
     map_capacity: Family<MapLabels, Gauge>,
     sync_errors: Family<SyncErrorLabels, Counter>,
     skipped: Family<SkipLabels, Counter>,
+    source_read_errors: Family<ReadErrorLabels, Counter>,
     syncs: Family<SyncResultLabels, Counter>,
     network_programming: Histogram,
     endpoint_changes: Counter,
@@ -157,6 +165,7 @@ impl Metrics {
             map_capacity: Family::default(),
             sync_errors: Family::default(),
             skipped: Family::default(),
+            source_read_errors: Family::default(),
             syncs: Family::default(),
             network_programming: Histogram::new(network_programming_buckets()),
             endpoint_changes: Counter::default(),
@@ -202,6 +211,11 @@ impl Metrics {
         }
         for reason in SkipReason::ALL {
             let _ = metrics.skipped.get_or_create(&SkipLabels { reason });
+        }
+        for reason in ReadErrorReason::ALL {
+            let _ = metrics
+                .source_read_errors
+                .get_or_create(&ReadErrorLabels { reason });
         }
         for &result in SyncResult::ALL {
             let _ = metrics.syncs.get_or_create(&SyncResultLabels { result });
@@ -262,6 +276,11 @@ impl Metrics {
             "kpr_skipped_objects",
             "Manifest documents, objects, ports or endpoints skipped, by reason",
             self.skipped.clone(),
+        );
+        r.register(
+            "kpr_source_read_errors",
+            "Errors reading the manifests (the last good state of the path is kept), by reason",
+            self.source_read_errors.clone(),
         );
         r.register(
             "kpr_syncs",
@@ -449,6 +468,14 @@ impl Metrics {
     pub fn inc_sync_error(&self, reason: SyncErrorReason) {
         self.sync_errors
             .get_or_create(&SyncErrorLabels { reason })
+            .inc();
+    }
+
+    /// Counts one failed read of a manifest path in
+    /// `kpr_source_read_errors_total{reason}`.
+    pub fn inc_source_read_error(&self, reason: ReadErrorReason) {
+        self.source_read_errors
+            .get_or_create(&ReadErrorLabels { reason })
             .inc();
     }
 

@@ -40,6 +40,7 @@ fn every_family_is_exposed_under_its_exact_name_and_type() {
         "kpr_bpf_map_capacity gauge",
         "kpr_sync_errors counter",
         "kpr_skipped_objects counter",
+        "kpr_source_read_errors counter",
         "kpr_syncs counter",
         "kubeproxy_network_programming_duration_seconds histogram",
         "kubeproxy_sync_proxy_rules_endpoint_changes counter",
@@ -80,6 +81,13 @@ fn every_label_value_is_exported_at_zero_before_any_event() {
     }
     for reason in SkipReason::ALL {
         let series = format!("kpr_skipped_objects_total{{reason=\"{reason}\"}}");
+        assert_eq!(sample(&text, &series), 0.0);
+    }
+    for reason in ReadErrorReason::ALL {
+        let series = format!(
+            "kpr_source_read_errors_total{{reason=\"{}\"}}",
+            reason.as_label()
+        );
         assert_eq!(sample(&text, &series), 0.0);
     }
     for result in ["success", "failure"] {
