@@ -19,11 +19,12 @@
 
 use std::fs;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 
 /// The directory inside a bpffs mount that says kpr made the mount.
 pub const MOUNT_MARKER: &str = "kpr-mounted";
@@ -244,7 +245,7 @@ fn is_mountpoint(path: &Path) -> Result<bool> {
 /// directory, released when dropped (or when the process dies).
 #[derive(Debug)]
 pub struct Owner {
-    _dir: fs::File,
+    _lock: Flock<fs::File>,
 }
 
 /// Why the bpf root could not be taken.
@@ -279,20 +280,19 @@ impl Owner {
             source,
         };
         let dir = fs::File::open(root).map_err(io_err)?;
-        // SAFETY: flock on a descriptor this function owns.
-        if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
-                return Err(io_err(e));
+        match Flock::lock(dir, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok(Owner { _lock: lock }),
+            Err((dir, Errno::EWOULDBLOCK)) => {
+                let pid = holder_pid(&dir);
+                Err(OwnerError::Held {
+                    root: root.to_path_buf(),
+                    holder: pid
+                        .map_or_else(|| "another process".into(), |p| format!("kpr pid {p}")),
+                    pid,
+                })
             }
-            let pid = holder_pid(&dir);
-            return Err(OwnerError::Held {
-                root: root.to_path_buf(),
-                holder: pid.map_or_else(|| "another process".into(), |p| format!("kpr pid {p}")),
-                pid,
-            });
+            Err((_, errno)) => Err(io_err(io::Error::from(errno))),
         }
-        Ok(Owner { _dir: dir })
     }
 }
 

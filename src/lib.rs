@@ -1,5 +1,9 @@
 //! kpr: a kube-proxy replacement. See README.md for the data flow.
 
+// FFI lives in `sys` (process) and `datapath::sys` (BPF, netlink); they
+// allow `unsafe`, nothing else does.
+#![deny(unsafe_code)]
+
 pub mod agent;
 pub mod bpf_root;
 pub mod cli;
@@ -19,4 +23,5 @@ pub mod skip;
 pub mod source;
 pub mod status;
 pub mod svc_list;
+pub mod sys;
 pub mod translate;

@@ -66,21 +66,12 @@ pub fn check(input: &Input<'_>) -> Result<Held> {
 /// agent's sockets, maps and manifest reads share it); returns the new
 /// limit.
 pub fn raise_nofile_limit() -> Result<u64> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit on a struct this function owns.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("reading RLIMIT_NOFILE");
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("reading RLIMIT_NOFILE")?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).context("raising RLIMIT_NOFILE")?;
     }
-    if limit.rlim_cur < limit.rlim_max {
-        limit.rlim_cur = limit.rlim_max;
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
-            return Err(std::io::Error::last_os_error()).context("raising RLIMIT_NOFILE");
-        }
-    }
-    Ok(limit.rlim_max)
+    Ok(hard)
 }
 
 /// SIGHUP is ignored: the agent has no configuration file to reload (it
@@ -88,10 +79,7 @@ pub fn raise_nofile_limit() -> Result<u64> {
 /// it. Each SIGHUP is logged. Call before the async runtime starts (the
 /// ignore covers the moment until [`log_sighups`] takes over).
 pub fn ignore_sighup() -> Result<()> {
-    use nix::sys::signal::{signal, SigHandler, Signal};
-    // SAFETY: installs SIG_IGN, no handler code runs.
-    unsafe { signal(Signal::SIGHUP, SigHandler::SigIgn) }.context("ignoring SIGHUP")?;
-    Ok(())
+    crate::sys::ignore_signal(nix::sys::signal::Signal::SIGHUP).context("ignoring SIGHUP")
 }
 
 /// Logs every SIGHUP (and otherwise ignores it) for as long as it runs.
@@ -217,38 +205,13 @@ pub fn check_map_sizes(bpf_root: &Path, sizes: &MapSizes) -> Result<()> {
         if loader::pin_path(bpf_root, map).exists() {
             continue;
         }
-        probe_hash_map(entries).map_err(|e| {
+        crate::datapath::sys::probe_hash_map(entries).map_err(|e| {
             anyhow::anyhow!(
                 "{flag} {entries}: the kernel refuses a map of {entries} entries ({e}); \
                  choose a smaller size"
             )
         })?;
     }
-    Ok(())
-}
-
-/// Creates (and drops at once) a preallocated hash map of `entries`
-/// small entries.
-fn probe_hash_map(entries: u32) -> std::io::Result<()> {
-    let opts = libbpf_sys::bpf_map_create_opts {
-        sz: std::mem::size_of::<libbpf_sys::bpf_map_create_opts>() as _,
-        ..Default::default()
-    };
-    // SAFETY: plain syscall wrapper; the descriptor is closed right away.
-    let fd = unsafe {
-        libbpf_sys::bpf_map_create(
-            libbpf_sys::BPF_MAP_TYPE_HASH,
-            c"kpr_probe".as_ptr(),
-            4,
-            4,
-            entries,
-            &opts,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::from_raw_os_error(-fd));
-    }
-    unsafe { libc::close(fd) };
     Ok(())
 }
 
@@ -280,14 +243,7 @@ mod tests {
     #[test]
     fn the_soft_descriptor_limit_is_raised_to_the_hard_one() {
         let hard = raise_nofile_limit().unwrap();
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        assert_eq!(
-            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
-            0
-        );
-        assert_eq!((limit.rlim_cur, limit.rlim_max), (hard, hard));
+        let limits = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE);
+        assert_eq!(limits.unwrap(), (hard, hard));
     }
 }

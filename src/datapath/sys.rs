@@ -348,3 +348,29 @@ pub fn async_fd(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
     // (same descriptor) until dropped.
     Ok(unsafe { AsyncFd::register(fd) }?)
 }
+
+/// Creates (and drops at once) a preallocated hash map of `entries`
+/// small entries: whether the kernel takes a map of that size.
+pub fn probe_hash_map(entries: u32) -> std::io::Result<()> {
+    let opts = libbpf_sys::bpf_map_create_opts {
+        sz: std::mem::size_of::<libbpf_sys::bpf_map_create_opts>() as _,
+        ..Default::default()
+    };
+    // SAFETY: plain syscall wrapper; the descriptor is closed right away.
+    let fd = unsafe {
+        libbpf_sys::bpf_map_create(
+            libbpf_sys::BPF_MAP_TYPE_HASH,
+            c"kpr_probe".as_ptr(),
+            4,
+            4,
+            entries,
+            &opts,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::from_raw_os_error(-fd));
+    }
+    // SAFETY: fd is the map just created, owned here and closed once.
+    drop(unsafe { OwnedFd::from_raw_fd(fd) });
+    Ok(())
+}

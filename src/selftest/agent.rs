@@ -9,7 +9,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt as _;
 
 use super::error::{Result, TestbedError};
 use super::netns::Netns;
@@ -188,16 +187,7 @@ impl AgentProcess {
             .transpose()?;
         if let Some(fd) = &netns_fd {
             let raw = fd.as_raw_fd();
-            // SAFETY: runs in the child between fork and exec and only calls
-            // setns(2) on a descriptor the parent opened.
-            unsafe {
-                command.pre_exec(move || {
-                    if libc::setns(raw, libc::CLONE_NEWNET) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+            crate::sys::enter_before_exec(&mut command, None, raw);
         }
         command.arg("agent");
         if let Some(manifests) = &self.manifests {

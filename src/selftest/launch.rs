@@ -6,8 +6,7 @@
 
 use std::fs::OpenOptions;
 use std::io::Read;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::process::CommandExt as _;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread::JoinHandle;
@@ -126,55 +125,8 @@ impl Placement {
     fn install(&self, cmd: &mut Command) {
         let netns_fd = self.netns.as_raw_fd();
         let procs_fd = self.cgroup_procs.as_ref().map(|fd| fd.as_raw_fd());
-        // SAFETY: the closure runs in the forked child before exec and only
-        // calls getpid(2), write(2) and setns(2) on descriptors opened by the
-        // parent, formatting into a stack buffer: no allocation, no locks.
-        unsafe {
-            cmd.pre_exec(move || enter_in_child(procs_fd, netns_fd));
-        }
+        crate::sys::enter_before_exec(cmd, procs_fd, netns_fd);
     }
-}
-
-/// The child's side: join the cgroup first (so nothing runs outside it
-/// after exec), then the network namespace.
-fn enter_in_child(procs_fd: Option<RawFd>, netns_fd: RawFd) -> std::io::Result<()> {
-    if let Some(fd) = procs_fd {
-        // SAFETY: getpid has no preconditions.
-        let pid = unsafe { libc::getpid() };
-        let mut buf = [0u8; 24];
-        let len = format_pid(pid, &mut buf);
-        // SAFETY: buf is valid for len bytes; fd was opened by the parent.
-        let n = unsafe { libc::write(fd, buf.as_ptr().cast(), len) };
-        if n < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    // SAFETY: netns_fd is an open namespace file from the parent.
-    if unsafe { libc::setns(netns_fd, libc::CLONE_NEWNET) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Writes `pid` and a newline into `buf` without allocating; returns the
-/// length. Non-positive pids are written as "0" (the caller itself).
-fn format_pid(pid: libc::pid_t, buf: &mut [u8; 24]) -> usize {
-    let mut digits = [0u8; 20];
-    let mut n = 0;
-    let mut v = if pid > 0 { pid as u32 } else { 0 };
-    loop {
-        digits[n] = b'0' + (v % 10) as u8;
-        n += 1;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    for i in 0..n {
-        buf[i] = digits[n - 1 - i];
-    }
-    buf[n] = b'\n';
-    n + 1
 }
 
 /// The probe child; killed by its pid and reaped if still running when
@@ -266,24 +218,6 @@ fn quote(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn formatted(pid: libc::pid_t) -> String {
-        let mut buf = [0u8; 24];
-        let len = format_pid(pid, &mut buf);
-        String::from_utf8(buf[..len].to_vec()).unwrap()
-    }
-
-    #[test]
-    fn pids_format_without_allocation_as_decimal_lines() {
-        assert_eq!(formatted(1), "1\n");
-        assert_eq!(formatted(0), "0\n");
-        assert_eq!(formatted(4194304), "4194304\n");
-        assert_eq!(
-            formatted(libc::pid_t::MAX),
-            format!("{}\n", libc::pid_t::MAX)
-        );
-        assert_eq!(formatted(-5), "0\n");
-    }
 
     #[test]
     fn long_stderr_is_cut_when_quoted() {

@@ -98,10 +98,15 @@ pub fn run() -> Result<ExitCode> {
     if !nix::unistd::Uid::effective().is_root() {
         bail!("selftest needs root: it creates network namespaces, a cgroup and BPF programs");
     }
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic.
-        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
-    }
+    // The handler only stores to an atomic.
+    crate::sys::on_signals(
+        &[
+            nix::sys::signal::Signal::SIGINT,
+            nix::sys::signal::Signal::SIGTERM,
+        ],
+        on_signal,
+    )
+    .context("installing the interrupt handler")?;
     let swept = sweep_stale(PREFIX).context("removing leftovers of an interrupted selftest")?;
     if !swept.netns.is_empty() {
         println!("removed leftovers of an earlier run: {:?}", swept.netns);
