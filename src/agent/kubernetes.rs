@@ -11,11 +11,9 @@ use super::schedule::{Scope, SyncScheduler};
 use super::syncer::{PolicyState, Synced, Syncer};
 use super::{stop_requested, KubeSourceConfig, SourceContext, LRU_GAUGE_PERIOD};
 use crate::metrics::{Metrics, WatchKind};
-use crate::reconcile::ServiceFrontends;
 use crate::source::kube::{self as kube_source, WatchEvent};
 use crate::source::store::{Changes, Kind, ObjectStore, Watched};
 use crate::status::{StatusHandle, WatcherState};
-use crate::translate::{self, ServiceTranslation};
 
 /// Syncs the maps to the API's Services and EndpointSlices until the agent
 /// is asked to stop. Nothing is written before every watcher's initial list
@@ -109,32 +107,9 @@ impl SourceState {
             ctx.config.lb_algorithm,
         );
         let synced = match scope {
-            Scope::Everything => {
-                let services: Vec<_> = store.services().cloned().collect();
-                let slices: Vec<_> = store.slices().cloned().collect();
-                let translation = translate::translate(&services, &slices, &node);
-                syncer.record_skipped(&translation.skipped);
-                self.policies.replace_all(&translation);
-                syncer.sync_full(&translation.desired, true)
-            }
+            Scope::Everything => syncer.sync_everything(&mut self.policies, store, &node, true),
             Scope::Changed => {
-                let mut skipped = Vec::new();
-                let mut updates: Vec<(String, ServiceFrontends)> = Vec::new();
-                for key in &changes.services {
-                    let t = match store.service(key) {
-                        Some(svc) => translate::translate_service(
-                            svc,
-                            &store.slices_of(key),
-                            &node,
-                            &mut skipped,
-                        ),
-                        None => ServiceTranslation::default(),
-                    };
-                    self.policies.replace_service(key, &t);
-                    updates.push((key.clone(), t.frontends));
-                }
-                syncer.record_skipped(&skipped);
-                syncer.sync_services(updates)
+                syncer.sync_changed(&mut self.policies, store, &node, &changes.services)
             }
         };
         self.policies.publish(metrics, ctx.health_checks).await;

@@ -13,10 +13,8 @@ use super::node::node_context;
 use super::schedule::retry_delay;
 use super::syncer::{PolicyState, Synced, Syncer};
 use super::{sleep_until_opt, stop_requested, SourceContext, LRU_GAUGE_PERIOD};
-use crate::reconcile::ServiceFrontends;
 use crate::source::manifests::{ManifestOptions, ManifestSource};
 use crate::status::WatcherState;
-use crate::translate::{self, ServiceTranslation};
 
 /// Syncs the maps to the manifests of `options` until the agent is asked
 /// to stop.
@@ -76,32 +74,11 @@ pub(super) async fn run(
             let store = source.store();
             let synced = if !pruned || retry_at.is_some() {
                 let complete = source.is_complete();
-                let services: Vec<_> = store.services().cloned().collect();
-                let slices: Vec<_> = store.slices().cloned().collect();
-                let translation = translate::translate(&services, &slices, &node);
-                syncer.record_skipped(&translation.skipped);
-                policies.replace_all(&translation);
-                let synced = syncer.sync_full(&translation.desired, complete);
+                let synced = syncer.sync_everything(&mut policies, store, &node, complete);
                 pruned |= complete && synced != Synced::Failed;
                 synced
             } else {
-                let mut skipped = Vec::new();
-                let mut updates: Vec<(String, ServiceFrontends)> = Vec::new();
-                for key in &changes.services {
-                    let t = match store.service(key) {
-                        Some(svc) => translate::translate_service(
-                            svc,
-                            &store.slices_of(key),
-                            &node,
-                            &mut skipped,
-                        ),
-                        None => ServiceTranslation::default(),
-                    };
-                    policies.replace_service(key, &t);
-                    updates.push((key.clone(), t.frontends));
-                }
-                syncer.record_skipped(&skipped);
-                syncer.sync_services(updates)
+                syncer.sync_changed(&mut policies, store, &node, &changes.services)
             };
             policies.publish(ctx.metrics, ctx.health_checks).await;
             ctx.metrics

@@ -22,9 +22,11 @@ use crate::metrics::{MapLabel, Metrics, SyncErrorReason};
 use crate::reconcile::{
     DesiredByService, Reconciler, RefusalReason, ServiceFrontends, SyncError, SyncOutcome,
 };
+use crate::source::store::ObjectStore;
 use crate::status::StatusHandle;
 use crate::translate::{
-    HealthCheck, NoLocalEndpoints, ServiceTranslation, Skipped, TrafficPolicy, Translation,
+    self, HealthCheck, NoLocalEndpoints, NodeContext, ServiceTranslation, Skipped, TrafficPolicy,
+    Translation,
 };
 
 /// The reconciler with the reporting around it: every sync is timed,
@@ -260,6 +262,49 @@ impl Syncer {
             tracing::warn!(object = %s.object, reason = %s.reason, detail = %s.detail, "skipped");
             self.metrics.inc_skipped(s.reason);
         }
+    }
+
+    /// Translates every Service of `store` and syncs the maps to the
+    /// result; what it does not name is pruned only when the store is
+    /// `complete` (both sources' guard against pruning on a partial read).
+    pub(super) fn sync_everything(
+        &mut self,
+        policies: &mut PolicyState,
+        store: &ObjectStore,
+        node: &NodeContext,
+        complete: bool,
+    ) -> Synced {
+        let services: Vec<_> = store.services().cloned().collect();
+        let slices: Vec<_> = store.slices().cloned().collect();
+        let translation = translate::translate(&services, &slices, node);
+        self.record_skipped(&translation.skipped);
+        policies.replace_all(&translation);
+        self.sync_full(&translation.desired, complete)
+    }
+
+    /// Translates only the Services named in `changed` (one gone from the
+    /// store to nothing, which removes it) and syncs just their frontends.
+    pub(super) fn sync_changed(
+        &mut self,
+        policies: &mut PolicyState,
+        store: &ObjectStore,
+        node: &NodeContext,
+        changed: &BTreeSet<String>,
+    ) -> Synced {
+        let mut skipped = Vec::new();
+        let mut updates: Vec<(String, ServiceFrontends)> = Vec::new();
+        for key in changed {
+            let t = match store.service(key) {
+                Some(svc) => {
+                    translate::translate_service(svc, &store.slices_of(key), node, &mut skipped)
+                }
+                None => ServiceTranslation::default(),
+            };
+            policies.replace_service(key, &t);
+            updates.push((key.clone(), t.frontends));
+        }
+        self.record_skipped(&skipped);
+        self.sync_services(updates)
     }
 }
 
