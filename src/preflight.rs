@@ -143,7 +143,6 @@ pub fn check_privileges(effective: u64) -> Result<()> {
 
 /// `--cgroup` must be a directory of the cgroup v2 file system.
 pub fn check_cgroup(cgroup: &Path) -> Result<()> {
-    const CGROUP2_SUPER_MAGIC: i64 = 0x63677270;
     let meta =
         std::fs::metadata(cgroup).with_context(|| format!("--cgroup {}", cgroup.display()))?;
     if !meta.is_dir() {
@@ -152,15 +151,7 @@ pub fn check_cgroup(cgroup: &Path) -> Result<()> {
             cgroup.display()
         );
     }
-    let fs = nix::sys::statfs::statfs(cgroup)
-        .with_context(|| format!("--cgroup {}", cgroup.display()))?;
-    if fs.filesystem_type().0 as i64 != CGROUP2_SUPER_MAGIC {
-        bail!(
-            "--cgroup {} is not a cgroup v2 directory (socket LB attaches to cgroup2 only)",
-            cgroup.display()
-        );
-    }
-    Ok(())
+    loader::ensure_cgroup2(cgroup)
 }
 
 /// Refuses to move pinned links that attach kpr to another cgroup (the

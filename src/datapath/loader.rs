@@ -135,15 +135,9 @@ impl Default for DatapathOptions {
     }
 }
 
-/// Loads the socket-LB programs with their maps pinned under `bpf_root`
-/// and attaches them to `cgroup` (a cgroup v2 directory), reusing pinned
-/// maps and links.
-pub fn load_and_attach(
-    bpf_root: &Path,
-    cgroup: &Path,
-    sizes: &MapSizes,
-    options: &DatapathOptions,
-) -> Result<LoadReport> {
+/// `cgroup` must be on the cgroup v2 file system: socket LB attaches to
+/// cgroup2 only.
+pub fn ensure_cgroup2(cgroup: &Path) -> Result<()> {
     const CGROUP2_SUPER_MAGIC: i64 = 0x63677270;
     let fs = nix::sys::statfs::statfs(cgroup)
         .with_context(|| format!("--cgroup {}", cgroup.display()))?;
@@ -153,6 +147,19 @@ pub fn load_and_attach(
             cgroup.display()
         );
     }
+    Ok(())
+}
+
+/// Loads the socket-LB programs with their maps pinned under `bpf_root`
+/// and attaches them to `cgroup` (a cgroup v2 directory), reusing pinned
+/// maps and links.
+pub fn load_and_attach(
+    bpf_root: &Path,
+    cgroup: &Path,
+    sizes: &MapSizes,
+    options: &DatapathOptions,
+) -> Result<LoadReport> {
+    ensure_cgroup2(cgroup)?;
     let cgroup_dir =
         fs::File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
     let target = Target::Cgroup {
