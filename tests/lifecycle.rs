@@ -167,14 +167,17 @@ fn maps_of_an_older_layout_version_are_removed_when_a_new_agent_takes_over() {
     assert_eq!(vip_answer(&bed), "10.244.0.11:8080");
 }
 
+/// The agent comes last: bindings drop in reverse order, so the agent's
+/// cleanup (which unmounts the bpffs it made) runs before the directory
+/// holding that mount is removed, not after it was emptied under the mount.
 fn agent_with_missing_feature(
     prefix: &str,
     mode: &str,
     missing: &str,
 ) -> (
-    kpr_testbed::AgentProcess,
-    kpr_testbed::TestCgroup,
     tempfile::TempDir,
+    kpr_testbed::TestCgroup,
+    kpr_testbed::AgentProcess,
 ) {
     let cgroup = kpr_testbed::TestCgroup::create(prefix).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -188,14 +191,14 @@ fn agent_with_missing_feature(
         &[("KPR_TEST_MISSING_FEATURES", missing)],
     )
     .unwrap();
-    (agent, cgroup, dir)
+    (dir, cgroup, agent)
 }
 
 #[test]
 #[ignore = "needs root"]
 fn strict_mode_refuses_to_start_without_a_required_feature_and_names_it() {
     require_root();
-    let (mut agent, _cgroup, _dir) =
+    let (_dir, _cgroup, mut agent) =
         agent_with_missing_feature("strict", "strict", "cgroup_getpeername6");
     let status = agent
         .wait_exit(std::time::Duration::from_secs(20))
@@ -216,7 +219,7 @@ fn strict_mode_refuses_to_start_without_a_required_feature_and_names_it() {
 #[ignore = "needs root"]
 fn partial_mode_runs_without_the_missing_hook() {
     require_root();
-    let (mut agent, _cgroup, _dir) = agent_with_missing_feature(
+    let (_dir, _cgroup, mut agent) = agent_with_missing_feature(
         "partial",
         "partial",
         "cgroup_getpeername6,helper_set_retval,cgroup_post_bind6",
