@@ -72,14 +72,7 @@ fn with_loaded<R>(
         rodata.host_netns_cookie = options.host_netns_cookie;
     }
     let maps = &mut open.maps;
-    for (map, name) in [
-        (&mut maps.kpr_svc_v1, MapName::Services),
-        (&mut maps.kpr_backends_v1, MapName::Backends),
-        (&mut maps.kpr_affinity_v1, MapName::Affinity),
-        (&mut maps.kpr_sockrnat_v1, MapName::SockRevNat),
-        (&mut maps.kpr_srcrange_v1, MapName::SourceRanges),
-        (&mut maps.kpr_maglev_v1, MapName::Maglev),
-    ] {
+    for (map, name) in pins::load_balancer_maps!(maps) {
         if pins::size_and_pin(map, bpf_root, name, sizes)? {
             report.reused_maps.push(name);
         }

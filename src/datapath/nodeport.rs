@@ -252,13 +252,10 @@ macro_rules! configure_open {
         // The load balancer's maps are the socket path's pins, reused;
         // then the north-south maps both objects share.
         let maps = &mut $open.maps;
+        for (map, name) in pins::load_balancer_maps!(maps) {
+            pins::size_and_pin(map, $bpf_root, name, $sizes)?;
+        }
         for (map, name) in [
-            (&mut maps.kpr_svc_v1, MapName::Services),
-            (&mut maps.kpr_backends_v1, MapName::Backends),
-            (&mut maps.kpr_affinity_v1, MapName::Affinity),
-            (&mut maps.kpr_sockrnat_v1, MapName::SockRevNat),
-            (&mut maps.kpr_srcrange_v1, MapName::SourceRanges),
-            (&mut maps.kpr_maglev_v1, MapName::Maglev),
             (&mut maps.kpr_ct_v1, MapName::Conntrack),
             (&mut maps.kpr_dsr_v1, MapName::Dsr),
             (&mut maps.kpr_npstats_v2, MapName::NodePortStats),

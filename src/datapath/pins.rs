@@ -295,6 +295,24 @@ pub fn remove_other_versions(bpf_root: &Path) -> Result<Vec<PathBuf>> {
     Ok(removed)
 }
 
+/// The load-balancer maps ([`MapName::LOAD_BALANCER`]) of an open
+/// skeleton, each with its identity: every object that shares them (the
+/// socket hooks, tc, XDP) pins them from this one list, so their skeleton
+/// fields and names cannot drift apart.
+macro_rules! load_balancer_maps {
+    ($maps:expr) => {
+        [
+            (&mut $maps.kpr_svc_v1, MapName::Services),
+            (&mut $maps.kpr_backends_v1, MapName::Backends),
+            (&mut $maps.kpr_affinity_v1, MapName::Affinity),
+            (&mut $maps.kpr_sockrnat_v1, MapName::SockRevNat),
+            (&mut $maps.kpr_srcrange_v1, MapName::SourceRanges),
+            (&mut $maps.kpr_maglev_v1, MapName::Maglev),
+        ]
+    };
+}
+pub(crate) use load_balancer_maps;
+
 #[cfg(test)]
 mod tests {
     use super::*;
