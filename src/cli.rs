@@ -123,10 +123,18 @@ pub struct AgentArgs {
     /// Address of the health endpoint (/healthz, /livez).
     #[arg(long, default_value = "0.0.0.0:10256")]
     pub healthz_addr: SocketAddr,
-    /// Capacity of the services, backends and source-range maps, in
-    /// entries, when they are created (pinned maps keep theirs).
+    /// Fixed capacity of the services, backends and source-range maps, in
+    /// entries, when they are created (pinned maps keep theirs). Without
+    /// it the maps start at --lb-map-initial and grow on their own as the
+    /// cluster needs (up to 1/32 of the node's memory), switched over with
+    /// no connection lost; with it they never grow and Services that do
+    /// not fit are refused (counted, shown by `kpr status`).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(16..))]
+    pub lb_map_max: Option<u32>,
+    /// Capacity the services, backends and source-range maps are created
+    /// with when --lb-map-max is not given; they grow from there.
     #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(16..))]
-    pub lb_map_max: u32,
+    pub lb_map_initial: u32,
     /// strict: every kernel feature kpr uses must be there, or the agent
     /// exits naming the missing one; partial: run with what there is.
     #[arg(long, value_enum, default_value_t = KprMode::Strict)]

@@ -189,8 +189,16 @@ pub fn check_cgroup_change(bpf_root: &Path, cgroup: &Path, force: bool) -> Resul
 /// already pinned keep theirs), so a size it refuses is named as such.
 pub fn check_map_sizes(bpf_root: &Path, sizes: &MapSizes) -> Result<()> {
     let flags = [
-        ("--lb-map-max", sizes.services, MapName::Services),
-        ("--lb-map-max", sizes.backends, MapName::Backends),
+        (
+            "--lb-map-max/--lb-map-initial",
+            sizes.services,
+            MapName::Services,
+        ),
+        (
+            "--lb-map-max/--lb-map-initial",
+            sizes.backends,
+            MapName::Backends,
+        ),
     ];
     for (flag, entries, map) in flags {
         if loader::pin_path(bpf_root, map).exists() {

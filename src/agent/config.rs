@@ -53,6 +53,9 @@ pub struct AgentConfig {
     pub healthz_addr: SocketAddr,
     /// Capacities of maps when they are created.
     pub map_sizes: MapSizes,
+    /// The load balancer's maps grow when the cluster outgrows them (no
+    /// explicit --lb-map-max).
+    pub map_growth: bool,
     /// Whether a missing kernel feature is fatal.
     pub kpr_mode: KprMode,
     /// This node's name (standalone mode: decides which endpoints are local).
@@ -143,6 +146,7 @@ impl AgentConfig {
                 "--lb-algorithm maglev needs --devices (it selects backends for north-south traffic)"
             );
         }
+        let lb_map_size = args.lb_map_max.unwrap_or(args.lb_map_initial);
         Ok(AgentConfig {
             source,
             cgroup,
@@ -150,13 +154,14 @@ impl AgentConfig {
             metrics_addr: args.metrics_addr,
             healthz_addr: args.healthz_addr,
             map_sizes: MapSizes {
-                services: args.lb_map_max,
-                backends: args.lb_map_max,
-                source_ranges: args.lb_map_max,
+                services: lb_map_size,
+                backends: lb_map_size,
+                source_ranges: lb_map_size,
                 ct: args.ct_map_max,
-                maglev: args.lb_map_max,
+                maglev: lb_map_size,
                 ..MapSizes::default()
             },
+            map_growth: args.lb_map_max.is_none(),
             nodeport,
             ct_gc_interval: args.ct_gc_interval,
             kpr_mode: args.kube_proxy_replacement,

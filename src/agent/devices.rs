@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,6 +47,9 @@ pub(super) struct DeviceWatch {
     pub attached: BTreeMap<String, u32>,
     /// The DSR MSS clamp the attached programs were loaded with.
     pub attached_mss: u16,
+    /// False while new maps wait for their first sync: the programs
+    /// attached keep the old ones, and nothing is attached meanwhile.
+    pub ready: Arc<AtomicBool>,
 }
 
 /// Publishes the number of devices attached, then runs the watcher until
@@ -144,6 +148,9 @@ impl DeviceWatch {
     /// Lists the links, brings the peer device map up to date and attaches
     /// again when the north-south devices or their DSR MSS changed.
     async fn rescan(&mut self, metrics: &Metrics) {
+        if !self.ready.load(Ordering::Acquire) {
+            return;
+        }
         let present = match devices::matching(&self.config.devices) {
             Ok(p) => p,
             Err(e) => {

@@ -24,6 +24,7 @@ mod schedule;
 mod serve;
 mod standalone;
 mod startup;
+mod switch_over;
 mod syncer;
 
 use std::future::Future;
@@ -88,6 +89,7 @@ pub async fn run(config: AgentConfig, held: crate::preflight::Held) -> Result<()
             .with_dsr(&config.bpf_root)
             .context("opening the DSR map")?;
     }
+    let syncer = syncer.with_switch_over(started.switch_over);
     let health_checks =
         HealthCheckServer::new(config.health_check_bind).with_proxy_health(health.clone());
     let ctx = SourceContext {

@@ -8,11 +8,13 @@ use anyhow::{Context, Result};
 
 use super::addresses::{self, AddressWatch};
 use super::devices::{self, DeviceWatch};
+use super::switch_over::{Growth, SwitchOver};
 use super::{AgentConfig, SourceConfig};
 use crate::datapath::hooks::{HookKind, SockHook};
 use crate::datapath::loader;
 use crate::datapath::nodeport::{self, NodePortConfig};
 use crate::datapath::peer_devices;
+use crate::datapath::resize;
 use crate::features::{self, KprMode};
 use crate::status::{AgentStatus, DeviceStatus, SourceKind, StatusHandle};
 
@@ -24,6 +26,8 @@ pub(super) struct Started {
     pub devices: Option<DeviceWatch>,
     /// The host address watcher's start.
     pub addresses: AddressWatch,
+    /// Grows the maps and switches programs over to new ones (the syncer's).
+    pub switch_over: SwitchOver,
 }
 
 /// Checks the configuration and the kernel, and sets the datapath up.
@@ -33,8 +37,40 @@ pub(super) fn start(config: &AgentConfig) -> Result<Started> {
     }
     let (skip_hooks, features) = check_features(config.kpr_mode)?;
     let status = StatusHandle::new(initial_status(config, &features));
-    attach_socket_lb(config, skip_hooks, &features)?;
+    let options = datapath_options(skip_hooks, &features);
+    // An upgrade to a new layout of a map: the previous agent's programs
+    // keep serving from the old maps until the new ones are filled.
+    let fill_first = loader::fill_before_attach(&config.bpf_root);
+    if fill_first {
+        loader::create_maps(&config.bpf_root, &config.map_sizes)
+            .context("creating the maps of the new layout")?;
+        if let Some(np) = &config.nodeport {
+            nodeport::create_maps(&config.bpf_root, &config.map_sizes, np)
+                .context("creating the north-south maps of the new layout")?;
+        }
+        tracing::info!("maps of a new layout created: the attached programs keep the old ones until the first sync has filled them");
+    } else {
+        attach_socket_lb(config, &options)?;
+    }
+    let growth = if config.map_growth {
+        let memory = resize::mem_total_bytes().context("sizing the maps' growth")?;
+        Growth::Auto {
+            ceiling: resize::growth_ceiling_entries(memory),
+        }
+    } else {
+        Growth::Fixed
+    };
+    let switch_over = SwitchOver::new(
+        config.bpf_root.clone(),
+        config.cgroup.clone(),
+        options,
+        config.nodeport.clone(),
+        config.map_sizes,
+        growth,
+        fill_first,
+    );
     let devices = match &config.nodeport {
+        Some(np) if fill_first => Some(north_south_after_switch(config, np, &status)?),
         Some(np) => Some(attach_north_south(config, np, &status)?),
         None => {
             let detached = nodeport::remove(&config.bpf_root)
@@ -46,10 +82,15 @@ pub(super) fn start(config: &AgentConfig) -> Result<Started> {
         }
     };
     let addresses = addresses::start(&config.bpf_root)?;
+    let devices = devices.map(|mut watch| {
+        watch.ready = switch_over.north_south_ready();
+        watch
+    });
     Ok(Started {
         status,
         devices,
         addresses,
+        switch_over,
     })
 }
 
@@ -124,31 +165,30 @@ fn initial_status(config: &AgentConfig, features: &[features::Feature]) -> Agent
     }
 }
 
-/// Loads the socket-LB programs and attaches them to --cgroup, without
-/// the hooks `skip_hooks` names.
-fn attach_socket_lb(
-    config: &AgentConfig,
+/// What the socket-LB programs are loaded with: without the hooks
+/// `skip_hooks` names, and with the features found.
+fn datapath_options(
     skip_hooks: Vec<SockHook>,
     features: &[features::Feature],
-) -> Result<()> {
+) -> loader::DatapathOptions {
     let use_set_retval = features
         .iter()
         .any(|f| f.name == "helper_set_retval" && f.available);
     // Bind protection is for the node's own sockets: those of the agent's
     // network namespace.
     let host_netns_cookie = features::own_netns_cookie().unwrap_or(0);
-    let options = loader::DatapathOptions {
+    loader::DatapathOptions {
         skip_hooks,
         use_set_retval,
         host_netns_cookie,
-    };
-    let report = loader::load_and_attach(
-        &config.bpf_root,
-        &config.cgroup,
-        &config.map_sizes,
-        &options,
-    )
-    .context("setting up the datapath")?;
+    }
+}
+
+/// Loads the socket-LB programs and attaches them to --cgroup.
+fn attach_socket_lb(config: &AgentConfig, options: &loader::DatapathOptions) -> Result<()> {
+    let report =
+        loader::load_and_attach(&config.bpf_root, &config.cgroup, &config.map_sizes, options)
+            .context("setting up the datapath")?;
     tracing::info!(
         cgroup = %config.cgroup.display(),
         bpf_root = %config.bpf_root.display(),
@@ -207,5 +247,34 @@ fn attach_north_south(
         events,
         attached: report.devices,
         attached_mss: report.dsr_mss,
+        ready: Default::default(),
+    })
+}
+
+/// The device watcher's start when the north-south programs wait for the
+/// new maps' first sync ([`SwitchOver`] attaches them): nothing attached
+/// by this agent yet.
+fn north_south_after_switch(
+    config: &AgentConfig,
+    np: &NodePortConfig,
+    status: &StatusHandle,
+) -> Result<DeviceWatch> {
+    status.update(|s| {
+        s.devices = Some(DeviceStatus {
+            patterns: np.devices.clone(),
+            ..DeviceStatus::default()
+        })
+    });
+    Ok(DeviceWatch {
+        bpf_root: config.bpf_root.clone(),
+        sizes: config.map_sizes,
+        config: np.clone(),
+        status: status.clone(),
+        peer_devices: peer_devices::open(&config.bpf_root)
+            .context("opening the peer device map")?,
+        events: devices::subscribe(),
+        attached: Default::default(),
+        attached_mss: 0,
+        ready: Default::default(),
     })
 }

@@ -6,15 +6,17 @@
 //! endpoint) per Service, so that incremental syncs can update it.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
 
+use super::switch_over::SwitchOver;
 use crate::datapath::dsr::{self, DsrTable};
 use crate::datapath::kernel::KernelMaps;
 use crate::datapath::maps::MapName;
+use crate::datapath::resize::Demand;
 use crate::healthcheck::HealthCheckServer;
 use crate::http::Health;
 use crate::metrics::TrafficPolicy as MetricPolicy;
@@ -48,6 +50,12 @@ pub struct Syncer {
     /// both the maps and the source (a source that cannot read keeps its
     /// last state, which must not look healthy).
     source_healthy: bool,
+    bpf_root: PathBuf,
+    /// A sync of a complete source state succeeded: the maps hold it all.
+    filled: bool,
+    /// Grows the maps and switches the programs over (the agent's; None:
+    /// the maps are what they are).
+    switch_over: Option<SwitchOver>,
 }
 
 /// How a sync ended.
@@ -88,7 +96,17 @@ impl Syncer {
             dsr: None,
             dsr_stale: true,
             source_healthy: true,
+            bpf_root: bpf_root.to_path_buf(),
+            filled: false,
+            switch_over: None,
         })
+    }
+
+    /// Lets the syncer grow the maps, and switch the programs over to new
+    /// ones once they are filled.
+    pub(super) fn with_switch_over(mut self, switch_over: SwitchOver) -> Syncer {
+        self.switch_over = Some(switch_over);
+        self
     }
 
     /// Also keeps the DSR map pinned under `bpf_root` (created by the
@@ -140,16 +158,103 @@ impl Syncer {
     }
 
     pub fn sync_full(&mut self, desired: &DesiredByService, complete: bool) -> Synced {
-        let timer = self.metrics.sync_timer();
-        let result = self.reconciler.sync_full(desired, complete);
-        self.report(timer.stop(), result)
+        self.sync_growing(complete, |r| r.sync_full(desired, complete))
     }
 
     /// Syncs the maps for the Services in `changes` only.
     pub fn sync_services(&mut self, changes: Vec<(String, ServiceFrontends)>) -> Synced {
-        let timer = self.metrics.sync_timer();
-        let result = self.reconciler.sync_services(changes);
+        self.sync_growing(false, |r| r.sync_services(changes.clone()))
+    }
+
+    /// Runs `sync`; when Services were refused because a map is full and
+    /// the maps may grow, grows them (programs switched over to larger
+    /// copies) and runs it again, a few rounds at most (each round grows
+    /// the maps the previous one found short). Then switches the programs
+    /// over if new maps waited to be filled, once a sync of the source's
+    /// `complete` state has filled them.
+    fn sync_growing(
+        &mut self,
+        complete: bool,
+        mut sync: impl FnMut(&mut Reconciler<KernelMaps>) -> Result<SyncOutcome, SyncError>,
+    ) -> Synced {
+        const MAX_GROWTH_ROUNDS: usize = 3;
+        let metrics = self.metrics.clone();
+        let timer = metrics.sync_timer();
+        let mut result = sync(&mut self.reconciler);
+        for _ in 0..MAX_GROWTH_ROUNDS {
+            let Ok(outcome) = &result else { break };
+            let demand = self.demand(outcome);
+            if demand == Demand::default() {
+                break;
+            }
+            match self.grow(&demand) {
+                Ok(true) => result = sync(&mut self.reconciler),
+                Ok(false) => break,
+                Err(e) => {
+                    result = Err(switch_over_failed(e));
+                    break;
+                }
+            }
+        }
+        self.filled |= complete && result.is_ok();
+        if result.is_ok() && self.filled {
+            if let Some(switch) = self.switch_over.as_mut().filter(|s| s.pending()) {
+                if let Err(e) = switch.attach() {
+                    result = Err(switch_over_failed(e));
+                }
+            }
+        }
         self.report(timer.stop(), result)
+    }
+
+    /// What the maps must hold for the Services `outcome` refused for
+    /// capacity, besides what they hold: zero when nothing was refused
+    /// for capacity.
+    fn demand(&self, outcome: &SyncOutcome) -> Demand {
+        let mut short = Demand::default();
+        for refusal in &outcome.refused {
+            if let RefusalReason::Capacity { map, needed, .. } = refusal.reason {
+                match map {
+                    MapName::Services => short.services += needed,
+                    MapName::Backends => short.backends += needed,
+                    MapName::SourceRanges => short.source_ranges += needed,
+                    MapName::Maglev => short.maglev += needed,
+                    _ => {}
+                }
+            }
+        }
+        if short == Demand::default() {
+            return short;
+        }
+        let r = &self.reconciler;
+        let in_use = |n: usize| move |short: usize| if short == 0 { 0 } else { n + short };
+        Demand {
+            services: in_use(r.service_entries())(short.services),
+            backends: in_use(r.snapshot().backends.len())(short.backends),
+            source_ranges: in_use(r.snapshot().source_range_entries())(short.source_ranges),
+            maglev: in_use(r.snapshot().maglev.len())(short.maglev),
+        }
+    }
+
+    /// Grows the maps for `demand` and points the reconciler and the DSR
+    /// table at the new pins; false when they do not grow.
+    fn grow(&mut self, demand: &Demand) -> Result<bool> {
+        let Some(switch) = self.switch_over.as_mut() else {
+            return Ok(false);
+        };
+        let Some(grown) = switch.grow(demand)? else {
+            return Ok(false);
+        };
+        let maps = KernelMaps::open(&self.bpf_root).context("opening the grown maps")?;
+        *self.reconciler.maps_mut() = maps;
+        if self.dsr.is_some() {
+            self.dsr = Some(DsrTable::open(&self.bpf_root).context("opening the grown DSR map")?);
+            self.dsr_stale = true;
+        }
+        for g in &grown {
+            self.metrics.inc_map_growth(g.map);
+        }
+        Ok(true)
     }
 
     /// Logs, counts and publishes a sync that took `elapsed` (already
@@ -306,6 +411,16 @@ impl Syncer {
         self.record_skipped(&skipped);
         self.sync_services(updates)
     }
+}
+
+/// A failed growth or switch-over, as the sync error it makes: health
+/// turns unhealthy and the next sync retries.
+fn switch_over_failed(e: anyhow::Error) -> SyncError {
+    SyncError(crate::datapath::MapError::new(
+        "switch over",
+        MapName::Services,
+        std::io::Error::other(format!("{e:#}")),
+    ))
 }
 
 /// What translation says besides frontends, kept per Service so that

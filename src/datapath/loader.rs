@@ -105,6 +105,19 @@ pub fn create_maps(bpf_root: &Path, sizes: &MapSizes) -> Result<LoadReport> {
     Ok(report)
 }
 
+/// Whether programs of an earlier agent are attached (pinned socket-LB
+/// links) while one of the load balancer's maps is not pinned: an upgrade
+/// to a new layout version of that map. Its new map must then be filled
+/// (create it with [`create_maps`], sync) before [`load_and_attach`] swaps
+/// the programs, or they would serve from an empty map meanwhile.
+pub fn fill_before_attach(bpf_root: &Path) -> bool {
+    let links = pins::pinned_links(bpf_root, SOCK_LINK_PREFIX).unwrap_or_default();
+    !links.is_empty()
+        && MapName::LOAD_BALANCER
+            .iter()
+            .any(|m| !pin_path(bpf_root, *m).exists())
+}
+
 /// What the kernel lets the datapath use (`--kube-proxy-replacement partial`).
 #[derive(Clone, Debug)]
 pub struct DatapathOptions {

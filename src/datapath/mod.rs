@@ -8,7 +8,7 @@
 //!   `maps` (domain types), `config`, `hooks`, `interfaces`, `counters`;
 //! - `layout` (encoding), `link` (attach or swap), `pinned_table`;
 //! - `kernel`, `fake`, `ct`, `dsr`, `host_addrs`, `peer_devices`,
-//!   `devices`, `netlink_events`, `cleanup`;
+//!   `devices`, `netlink_events`, `cleanup`, `resize`;
 //! - `loader` (socket LB), `nodeport` (north-south).
 
 #![deny(unsafe_code)]
@@ -33,6 +33,7 @@ pub mod nodeport;
 pub mod peer_devices;
 pub mod pinned_table;
 pub mod pins;
+pub mod resize;
 pub mod skel;
 pub mod sys;
 

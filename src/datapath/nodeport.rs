@@ -98,6 +98,9 @@ pub struct NodePortReport {
     pub missing_devices: Vec<String>,
 }
 
+/// Held while the north-south programs are loaded and attached.
+static ATTACHING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Loads the north-south programs (maps shared with the socket path and
 /// pinned under `bpf_root`, which `loader::load_and_attach` set up) and
 /// attaches them to every device present that `config` means; detaches
@@ -108,6 +111,10 @@ pub fn load_and_attach(
     config: &NodePortConfig,
 ) -> Result<NodePortReport> {
     config.validate()?;
+    // The device watcher and a map switch-over both attach: one at a time.
+    let _one_at_a_time = ATTACHING
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let present = devices::matching(&config.devices).context("listing the network interfaces")?;
     // Set whatever the mode: a node takes DSR flows in from nodes in dsr
     // or hybrid mode also while it runs in snat mode itself. Read on every
@@ -177,6 +184,14 @@ pub fn load_and_attach(
         .detached_links
         .extend(detach_other_xdp(bpf_root, &keep)?);
     Ok(report)
+}
+
+/// Creates (or reuses) the north-south maps pinned under `bpf_root`
+/// without attaching a program: an upgrade's new maps, filled before the
+/// programs are swapped ([`super::loader::fill_before_attach`]).
+pub fn create_maps(bpf_root: &Path, sizes: &MapSizes, config: &NodePortConfig) -> Result<()> {
+    let mut storage = MaybeUninit::uninit();
+    load_tc(&mut storage, bpf_root, sizes, config, 0).map(drop)
 }
 
 /// Opens and loads the tc object (bpf/nodeport.bpf.c) with `config`'s

@@ -100,6 +100,7 @@ struct NodePortEventLabels {
 /// | `kubeproxy_sync_proxy_rules_last_timestamp_seconds` | gauge (unix s) | |
 /// | `kpr_services`, `kpr_frontends`, `kpr_backends` | gauge | |
 /// | `kpr_bpf_map_entries`, `kpr_bpf_map_capacity` | gauge | `map` ([`MapName`]) |
+/// | `kpr_bpf_map_grown_total` | counter | `map` ([`MapName`]) |
 /// | `kpr_sync_errors_total` | counter | `reason` ([`SyncErrorReason`]) |
 /// | `kpr_skipped_objects_total` | counter | `reason` ([`SkipReason`]) |
 /// | `kpr_source_read_errors_total` | counter | `reason` ([`ReadErrorReason`]) |
@@ -120,6 +121,7 @@ pub struct Metrics {
     backends: Gauge,
     map_entries: Family<MapLabels, Gauge>,
     map_capacity: Family<MapLabels, Gauge>,
+    map_grown: Family<MapLabels, Counter>,
     sync_errors: Family<SyncErrorLabels, Counter>,
     skipped: Family<SkipLabels, Counter>,
     source_read_errors: Family<ReadErrorLabels, Counter>,
@@ -163,6 +165,7 @@ impl Metrics {
             backends: Gauge::default(),
             map_entries: Family::default(),
             map_capacity: Family::default(),
+            map_grown: Family::default(),
             sync_errors: Family::default(),
             skipped: Family::default(),
             source_read_errors: Family::default(),
@@ -266,6 +269,11 @@ impl Metrics {
             "kpr_bpf_map_capacity",
             "Maximum entries of a BPF map",
             self.map_capacity.clone(),
+        );
+        r.register(
+            "kpr_bpf_map_grown",
+            "Times a BPF map was replaced by a larger copy (the cluster outgrew it)",
+            self.map_grown.clone(),
         );
         r.register(
             "kpr_sync_errors",
@@ -509,6 +517,11 @@ impl Metrics {
         self.map_capacity
             .get_or_create(&labels)
             .set(gauge_value(capacity));
+    }
+
+    /// Counts `map` replaced by a larger copy.
+    pub fn inc_map_growth(&self, map: MapName) {
+        self.map_grown.get_or_create(&MapLabels { map }).inc();
     }
 
     /// The registry in the OpenMetrics text format, ending in `# EOF`.
