@@ -158,12 +158,38 @@ impl Syncer {
     }
 
     pub fn sync_full(&mut self, desired: &DesiredByService, complete: bool) -> Synced {
+        self.grow_ahead(desired.values());
         self.sync_growing(complete, |r| r.sync_full(desired, complete))
     }
 
     /// Syncs the maps for the Services in `changes` only.
     pub fn sync_services(&mut self, changes: Vec<(String, ServiceFrontends)>) -> Synced {
+        self.grow_ahead(changes.iter().map(|(_, fes)| fes));
         self.sync_growing(false, |r| r.sync_services(changes.clone()))
+    }
+
+    /// Grows the maps before a sync that would not fit them (the first
+    /// sync of a large cluster, a burst of new Services): one growth and
+    /// one sync, rather than a sync that refuses, a growth and a second
+    /// sync. A failure here is left to the sync and its refusals.
+    fn grow_ahead<'a>(&mut self, services: impl IntoIterator<Item = &'a ServiceFrontends>) {
+        if self.switch_over.is_none() {
+            return;
+        }
+        let peak = self.reconciler.peak_use(services);
+        let cap = self.reconciler.capacity();
+        let short = |needed: usize, capacity: usize| if needed > capacity { needed } else { 0 };
+        let demand = Demand {
+            services: short(peak.services, cap.services),
+            backends: short(peak.backends, cap.backends),
+            source_ranges: short(peak.source_ranges, cap.source_ranges),
+            maglev: short(peak.maglev, cap.maglev),
+        };
+        if demand != Demand::default() {
+            if let Err(e) = self.grow(&demand) {
+                tracing::warn!(error = %format!("{e:#}"), "growing the maps ahead of a sync");
+            }
+        }
     }
 
     /// Runs `sync`; when Services were refused because a map is full and

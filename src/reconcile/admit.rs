@@ -98,6 +98,36 @@ impl<M: LbMaps> Reconciler<M> {
         admitted
     }
 
+    /// Entries each map would hold at the peak of a sync that admitted
+    /// every one of `services` (what admission checks against capacity):
+    /// what the maps must hold for none to be refused.
+    pub fn peak_use<'a>(
+        &self,
+        services: impl IntoIterator<Item = &'a ServiceFrontends>,
+    ) -> Capacity {
+        let mut used = MapUse {
+            services: self.service_entries(),
+            backends: self.actual.backends.len(),
+            source_ranges: self.actual.source_range_entries(),
+            maglev: self.actual.maglev.len(),
+        };
+        let mut new_backends: HashSet<L4Addr> = HashSet::new();
+        for fes in services {
+            let added_backends = self.added_backends(fes, &new_backends);
+            used.add(&MapUse {
+                backends: added_backends.len(),
+                ..self.added_entries(fes)
+            });
+            new_backends.extend(added_backends);
+        }
+        Capacity {
+            services: used.services,
+            backends: used.backends,
+            source_ranges: used.source_ranges,
+            maglev: used.maglev,
+        }
+    }
+
     /// What is programmed for a frontend now.
     fn programmed(&self, fe: &Frontend) -> Option<&FrontendEntries> {
         self.actual.frontends.get(fe)
