@@ -75,10 +75,12 @@ pub fn attach_or_replace(
     point: TcAttachPoint,
 ) -> Result<Attached> {
     let mut hook = hook(prog.as_fd(), ifindex, point)?;
-    // Exists already: fine (libbpf-rs takes EEXIST as success).
-    hook.create()
-        .context("creating the clsact qdisc (CONFIG_NET_SCH_INGRESS)")?;
     let before = program_in_place(&mut hook);
+    if before.is_none() {
+        // A qdisc there already is fine (libbpf-rs takes EEXIST as success).
+        hook.create()
+            .context("creating the clsact qdisc (CONFIG_NET_SCH_INGRESS)")?;
+    }
     if let Some(id) = before.filter(|id| !is_kprs(*id)) {
         bail!(
             "the tc filter at handle {HANDLE:#x} priority {PRIORITY} holds program {id}, not kpr's; \
@@ -171,14 +173,16 @@ pub fn detach_all(bpf_root: &Path) -> Result<Vec<String>> {
 }
 
 /// Where the next program is pinned before it replaces the marker:
-/// `links/.tc_<device>_<direction>` (no marker prefix, so never taken for
-/// one; `kpr cleanup` removes it with the rest).
+/// `links/tcnew_<device>_<direction>` (not the marker prefix, so never
+/// taken for one; `kpr cleanup` removes it with the rest). bpffs refuses
+/// names with a dot.
 fn aside(marker: &Path) -> PathBuf {
     let name = marker
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    marker.with_file_name(format!(".{name}"))
+    let rest = name.strip_prefix(TC_MARKER_PREFIX).unwrap_or(&name);
+    marker.with_file_name(format!("tcnew_{rest}"))
 }
 
 fn pin(prog: &ProgramMut<'_>, at: &Path) -> Result<()> {
@@ -193,6 +197,7 @@ mod tests {
     #[test]
     fn a_new_program_is_staged_beside_the_marker_under_no_marker_name() {
         let staged = aside(Path::new("/b/links/tc_eth0_ingress"));
-        assert_eq!(staged, Path::new("/b/links/.tc_eth0_ingress"));
+        assert_eq!(staged, Path::new("/b/links/tcnew_eth0_ingress"));
+        assert!(!"tcnew_eth0_ingress".starts_with(TC_MARKER_PREFIX));
     }
 }
