@@ -183,7 +183,7 @@ pub const DEFAULT_SNAT_PORTS: PortRange = PortRange {
 /// Everything the north-south datapath needs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct NodePortConfig {
-    /// Interfaces to attach to (tcx ingress and egress): names, or prefix
+    /// Interfaces to attach to (tc ingress and egress): names, or prefix
     /// patterns with a trailing `+` or `*` (see [`super::devices`]).
     pub devices: Vec<String>,
     pub mode: NodePortMode,
