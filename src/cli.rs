@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::datapath::loader::DEFAULT_BPF_ROOT;
-use crate::datapath::nodeport::{Acceleration, NoBackendResponse, NodePortMode, PortRange};
+use crate::datapath::nodeport::{
+    Acceleration, NoBackendResponse, NodePortMode, PortRange, TcAttach,
+};
 use crate::features::KprMode;
 use crate::healthcheck;
 use crate::maglev;
@@ -186,6 +188,14 @@ pub struct AgentArgs {
     /// device. XDP assumes packets carry full checksums, as from a wire.
     #[arg(long, value_enum, default_value_t = Acceleration::Disabled)]
     pub nodeport_acceleration: Acceleration,
+    /// How the north-south programs attach to --devices. auto: tcx where
+    /// the kernel has it (6.6+), else classic tc. tcx: tcx links (refused
+    /// on a kernel without tcx). legacy: classic tc, a clsact qdisc and a
+    /// cls_bpf direct-action filter per direction (any kernel kpr runs
+    /// on). Switching mode moves the attachments over on start. Default:
+    /// auto.
+    #[arg(long, value_enum, default_value_t = TcAttach::Auto)]
+    pub tc_attach: TcAttach,
     /// Hand packets for a local backend straight into its pod's network
     /// namespace (bpf_redirect_peer through the pod's veth or netkit
     /// device), skipping the host side of the pod's link. false: transmit
@@ -326,6 +336,12 @@ value_enum!(Acceleration {
     Disabled => "disabled": "tc (tcx) only",
     Native => "native": "XDP in the driver (XDP_FLAGS_DRV_MODE); fails on devices without it",
     Generic => "generic": "XDP in generic (skb) mode, on any device",
+});
+
+value_enum!(TcAttach {
+    Auto => "auto": "tcx where the kernel has it (6.6+), classic tc otherwise",
+    Tcx => "tcx": "tcx links; refused on a kernel without tcx",
+    Legacy => "legacy": "Classic tc: clsact qdisc and cls_bpf direct-action filters",
 });
 
 value_enum!(NoBackendResponse {

@@ -44,6 +44,15 @@ pub struct Feature {
     pub required: bool,
 }
 
+/// tcx: where it is missing, north-south attaches through classic tc
+/// (`--tc-attach auto`), so it is reported, never required.
+pub const TCX: &str = "tcx";
+
+/// Whether `features` say tcx is there.
+pub fn has_tcx(features: &[Feature]) -> bool {
+    features.iter().any(|f| f.name == TCX && f.available)
+}
+
 /// The feature bind protection needs besides its hooks: telling the node's
 /// own sockets from pods' by network namespace cookie.
 pub const NETNS_COOKIE_SOCKOPT: &str = "sockopt_netns_cookie";
@@ -91,18 +100,6 @@ fn sock_hook_supported(attach: sys::bpf_attach_type) -> bool {
 /// 5.14+), the value `bpf_get_netns_cookie` gives for its sockets.
 pub fn own_netns_cookie() -> Option<u64> {
     ffi::own_netns_cookie()
-}
-
-fn kernel_at_least(major: u32, minor: u32) -> bool {
-    let Ok(uts) = nix::sys::utsname::uname() else {
-        return false;
-    };
-    let release = uts.release().to_string_lossy().into_owned();
-    let mut parts = release
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|p| p.parse::<u32>().ok());
-    let (a, b) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    (a, b) >= (major, minor)
 }
 
 /// Probes every feature kpr uses.
@@ -207,10 +204,10 @@ pub fn probe() -> Vec<Feature> {
             required: true,
         },
         Feature {
-            name: "tcx",
+            name: TCX,
             kernel_config: "CONFIG_NET_XGRESS (kernel >= 6.6)",
-            used_for: "tc programs without qdiscs",
-            available: bpf && kernel_at_least(6, 6),
+            used_for: "north-south tc programs as pinned links (else classic tc filters)",
+            available: bpf && ffi::tcx_supported(),
             required: true,
         },
     ]);
@@ -218,9 +215,9 @@ pub fn probe() -> Vec<Feature> {
         if missing_override.iter().any(|m| m == f.name) {
             f.available = false;
         }
-        // BTF and the north-south hooks are not used by the datapath loaded
-        // today: report them, don't require them (a 6.1 kernel without tcx
-        // runs socket LB fine).
+        // BTF and the north-south hooks are not used by the socket path:
+        // report them, don't require them (a 6.1 kernel without tcx runs
+        // socket LB fine, and north-south through classic tc).
         f.required = !matches!(f.name, "btf" | "xdp" | "tc_bpf" | "tcx");
     }
     features

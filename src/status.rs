@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::datapath::kernel::KernelMaps;
 use crate::datapath::loader;
 use crate::datapath::maps::{LbMaps, MapName};
-use crate::datapath::nodeport::{Acceleration, NodePortMode};
+use crate::datapath::nodeport::{Acceleration, NodePortMode, TcAttach};
 use crate::features::KprMode;
 use crate::model::LbAlgorithm;
 
@@ -92,6 +92,10 @@ pub struct AgentStatus {
     /// `--nodeport-acceleration`; None without `--devices`.
     #[serde(default)]
     pub nodeport_acceleration: Option<Acceleration>,
+    /// How the north-south tc programs are attached, `--tc-attach`
+    /// resolved (`tcx` or `legacy`); None without `--devices`.
+    #[serde(default)]
+    pub tc_attach: Option<TcAttach>,
     /// The north-south devices, when `--devices` is given.
     #[serde(default)]
     pub devices: Option<DeviceStatus>,
@@ -234,6 +238,21 @@ pub fn gather(agent_addr: SocketAddr, bpf_root: &Path) -> Report {
     }
 }
 
+/// How the north-south programs are attached, and why when not by tcx.
+fn tc_attachment(a: &AgentStatus, attach: TcAttach) -> String {
+    match attach {
+        TcAttach::Legacy => {
+            let why = if a.features.get(crate::features::TCX) == Some(&false) {
+                "the kernel has no tcx"
+            } else {
+                "--tc-attach legacy"
+            };
+            format!("classic tc (clsact qdisc, cls_bpf filters; {why})")
+        }
+        other => other.as_str().to_string(),
+    }
+}
+
 /// The report as text, in the spirit of `cilium status --verbose`.
 pub fn format_text(r: &Report) -> String {
     let mut o = String::new();
@@ -315,6 +334,9 @@ pub fn format_text(r: &Report) -> String {
                     name(&mode),
                     name(&accel)
                 );
+            }
+            if let Some(attach) = a.tc_attach {
+                let _ = writeln!(o, "  tc attachment:        {}", tc_attachment(a, attach));
             }
             if let Some(d) = &a.devices {
                 let mut line = if d.attached.is_empty() {
@@ -458,5 +480,40 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line:?} not in\n{text}");
         }
+        assert!(!text.contains("tc attachment"), "none without --devices");
+    }
+
+    #[test]
+    fn status_text_says_how_north_south_attaches_and_why_not_by_tcx() {
+        let line = |attach, tcx: bool| {
+            let mut a = agent();
+            a.features.insert("tcx".into(), tcx);
+            tc_attachment(&a, attach)
+        };
+        assert_eq!(line(TcAttach::Tcx, true), "tcx");
+        assert_eq!(
+            line(TcAttach::Legacy, false),
+            "classic tc (clsact qdisc, cls_bpf filters; the kernel has no tcx)"
+        );
+        assert_eq!(
+            line(TcAttach::Legacy, true),
+            "classic tc (clsact qdisc, cls_bpf filters; --tc-attach legacy)"
+        );
+        let mut legacy = agent();
+        legacy.tc_attach = Some(TcAttach::Legacy);
+        let report = Report {
+            agent: Ok(legacy.clone()),
+            bpf_root: String::new(),
+            attached_hooks: Vec::new(),
+            nodeport_devices: Vec::new(),
+            conntrack: None,
+            pod_devices: None,
+            maps: Vec::new(),
+            frontends: 0,
+            backends: 0,
+        };
+        assert!(format_text(&report).contains("  tc attachment:        classic tc ("));
+        let json = serde_json::to_value(legacy).unwrap();
+        assert_eq!(json["tc_attach"], "legacy");
     }
 }

@@ -7,7 +7,7 @@
 //! ranges, no-backend response, bind protection) have their own
 //! `nodeport_*.rs`; the bed is tests/support/nodeport.rs.
 //!
-//! Needs root (namespaces, BPF, tcx): every test is `#[ignore = "needs
+//! Needs root (namespaces, BPF, tc): every test is `#[ignore = "needs
 //! root"]` (run them with `--include-ignored`) and fails at once without
 //! root.
 
@@ -19,7 +19,6 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use kpr::datapath::layout::{CtDir, CtRecord};
-use kpr::datapath::nodeport::attached_devices;
 use kpr::datapath::{host_addrs, peer_devices};
 use kpr::model::Protocol;
 use kpr_testbed::cluster::{client_ip, NODE_CLIENT_IF, NODE_PEER_IF, NODE_PODS_IF};
@@ -223,7 +222,7 @@ fn an_agent_restart_under_load_keeps_programs_and_conntrack_without_failed_conne
         )
         .count()
             >= 2,
-        "both restarts swapped the programs behind the pinned tcx links:\n{log}"
+        "both restarts swapped the programs in place (tcx links or tc filters):\n{log}"
     );
     assert!(log.matches("reused_ct=true").count() >= 2, "{log}");
 
@@ -238,7 +237,7 @@ fn an_agent_restart_under_load_keeps_programs_and_conntrack_without_failed_conne
 
 #[test]
 #[ignore = "needs root"]
-fn conntrack_entries_expire_and_are_collected_and_cleanup_detaches_tcx() {
+fn conntrack_entries_expire_and_are_collected_and_cleanup_detaches_tc() {
     require_root();
     // A short UDP lifetime, so entries expire within the test.
     let mut bed = Bed::start("npgc", &["--ct-udp-timeout", "2s"]);
@@ -263,12 +262,18 @@ fn conntrack_entries_expire_and_are_collected_and_cleanup_detaches_tcx() {
         .unwrap();
     assert!(gc.unwrap_or(0.0) >= 10.0, "{gc:?}");
 
-    // cleanup: no tcx link left, NodePorts no longer translated.
-    let root2 = bed.bpf_root(2);
-    assert_eq!(attached_devices(&root2).len(), 4);
+    // cleanup: no tc program left (tcx link or classic tc filter), no
+    // NodePort translated any more.
+    assert_eq!(attachments(&bed, 2).len(), 4);
     bed.agent(2).stop().unwrap();
     kpr_on(&bed, 2, &["cleanup"]);
-    assert!(attached_devices(&root2).is_empty());
+    assert!(attachments(&bed, 2).is_empty());
+    for dev in ["eth-c", "eth-n"] {
+        for dir in ["ingress", "egress"] {
+            let filters = tc_filters(&bed, 2, dev, dir);
+            assert!(!filters.contains("kpr_"), "{dev} {dir}: {filters}");
+        }
+    }
     let target = node_port(bed.node(2), NODE_PORT_TCP);
     assert_eq!(
         tcp_connect(bed.cluster.client(), target, 1000).outcome(),
@@ -464,7 +469,7 @@ fn agent_devices_once_attached(
 }
 
 /// A `--devices` interface that does not exist when the agent starts is
-/// not an error: the agent waits for it, attaches tcx as soon as it
+/// not an error: the agent waits for it, attaches tc as soon as it
 /// appears (netlink link notification), NodePort traffic entering through
 /// it is load-balanced, and when it goes its links are forgotten.
 #[test]
@@ -472,8 +477,7 @@ fn agent_devices_once_attached(
 fn a_device_that_appears_later_is_attached_and_serves_nodeport_traffic() {
     require_root();
     let mut bed = Bed::start("nplate", &["--devices", "eth-late"]);
-    let root1 = bed.bpf_root(1);
-    assert_eq!(attached_links(&root1, "eth-late"), 0);
+    assert_eq!(attached_links(&bed, 1, "eth-late"), 0);
     let (attached, missing) = agent_devices(&mut bed);
     assert_eq!((attached.len(), missing), (2, vec!["eth-late".to_string()]));
     let text = status_text(&bed, 1);
@@ -553,11 +557,11 @@ fn a_device_that_appears_later_is_attached_and_serves_nodeport_traffic() {
     // it anew, and traffic takes the old path through eth-c.
     bed.cluster.remove_late_link(1, "eth-late").unwrap();
     assert!(
-        wait_for(Duration::from_secs(30), || attached_devices(&root1)
+        wait_for(Duration::from_secs(30), || attachments(&bed, 1)
             .iter()
             .all(|d| d.device != "eth-late")),
         "{:?}",
-        attached_devices(&root1)
+        attachments(&bed, 1)
     );
     let (attached, missing) = agent_devices_once_attached(&mut bed, &["eth-c", "eth-n"]);
     assert_eq!(attached, ["eth-c", "eth-n"]);

@@ -124,6 +124,7 @@ impl AgentConfig {
             devices: args.devices.clone(),
             mode: args.nodeport_mode,
             acceleration: args.nodeport_acceleration,
+            tc_attach: args.tc_attach,
             snat_ports: args.nodeport_snat_ports,
             no_backend: args.service_no_backend_response,
             redirect_peer: args.nodeport_redirect_peer,

@@ -12,7 +12,7 @@ use super::switch_over::{Growth, SwitchOver};
 use super::{AgentConfig, SourceConfig};
 use crate::datapath::hooks::{HookKind, SockHook};
 use crate::datapath::loader;
-use crate::datapath::nodeport::{self, NodePortConfig};
+use crate::datapath::nodeport::{self, NodePortConfig, TcAttach};
 use crate::datapath::peer_devices;
 use crate::datapath::resize;
 use crate::features::{self, KprMode};
@@ -36,7 +36,13 @@ pub(super) fn start(config: &AgentConfig) -> Result<Started> {
         np.validate()?;
     }
     let (skip_hooks, features) = check_features(config.kpr_mode)?;
-    let status = StatusHandle::new(initial_status(config, &features));
+    // --tc-attach resolved once: every later attachment (device changes,
+    // map switch-overs) uses the same mode.
+    let north_south = match &config.nodeport {
+        Some(np) => Some(resolve_tc_attach(np, config.kpr_mode, &features)?),
+        None => None,
+    };
+    let status = StatusHandle::new(initial_status(config, north_south.as_ref(), &features));
     let options = datapath_options(skip_hooks, &features);
     // An upgrade to a new layout of a map: the previous agent's programs
     // keep serving from the old maps until the new ones are filled.
@@ -44,7 +50,7 @@ pub(super) fn start(config: &AgentConfig) -> Result<Started> {
     if fill_first {
         loader::create_maps(&config.bpf_root, &config.map_sizes)
             .context("creating the maps of the new layout")?;
-        if let Some(np) = &config.nodeport {
+        if let Some(np) = &north_south {
             nodeport::create_maps(&config.bpf_root, &config.map_sizes, np)
                 .context("creating the north-south maps of the new layout")?;
         }
@@ -64,12 +70,12 @@ pub(super) fn start(config: &AgentConfig) -> Result<Started> {
         config.bpf_root.clone(),
         config.cgroup.clone(),
         options,
-        config.nodeport.clone(),
+        north_south.clone(),
         config.map_sizes,
         growth,
         fill_first,
     );
-    let devices = match &config.nodeport {
+    let devices = match &north_south {
         Some(np) if fill_first => Some(north_south_after_switch(config, np, &status)?),
         Some(np) => Some(attach_north_south(config, np, &status)?),
         None => {
@@ -133,9 +139,44 @@ fn check_features(mode: KprMode) -> Result<(Vec<SockHook>, Vec<features::Feature
     Ok((skip, probed))
 }
 
-/// What `kpr status` shows before the first sync: the configuration and
-/// the kernel features probed.
-fn initial_status(config: &AgentConfig, features: &[features::Feature]) -> AgentStatus {
+/// `--tc-attach` on this kernel: `auto` becomes tcx, or classic tc where
+/// tcx is missing (logged; strict mode requires nothing of tcx, classic tc
+/// does the same work); `tcx` on a kernel without it is refused.
+fn resolve_tc_attach(
+    np: &NodePortConfig,
+    mode: KprMode,
+    features: &[features::Feature],
+) -> Result<NodePortConfig> {
+    let has_tcx = features::has_tcx(features);
+    if np.tc_attach == TcAttach::Tcx && !has_tcx {
+        anyhow::bail!(
+            "--tc-attach tcx: the kernel has no tcx (needs CONFIG_NET_XGRESS, kernel >= 6.6); \
+             use --tc-attach auto or legacy (classic tc)"
+        );
+    }
+    let resolved = np.tc_attach.resolve(has_tcx);
+    if np.tc_attach == TcAttach::Auto && resolved == TcAttach::Legacy {
+        tracing::info!(
+            kube_proxy_replacement = ?mode,
+            tc_attach = resolved.as_str(),
+            "the kernel has no tcx (CONFIG_NET_XGRESS, kernel >= 6.6): the north-south programs \
+             attach through classic tc (clsact qdisc, cls_bpf direct-action filters)"
+        );
+    }
+    Ok(NodePortConfig {
+        tc_attach: resolved,
+        ..np.clone()
+    })
+}
+
+/// What `kpr status` shows before the first sync: the configuration (the
+/// north-south one with `--tc-attach` resolved) and the kernel features
+/// probed.
+fn initial_status(
+    config: &AgentConfig,
+    north_south: Option<&NodePortConfig>,
+    features: &[features::Feature],
+) -> AgentStatus {
     AgentStatus {
         source: match &config.source {
             SourceConfig::Manifests(_) => SourceKind::Manifests,
@@ -161,6 +202,7 @@ fn initial_status(config: &AgentConfig, features: &[features::Feature]) -> Agent
         maglev_table_size: Some(config.maglev.table_size()),
         nodeport_mode: config.nodeport.as_ref().map(|np| np.mode),
         nodeport_acceleration: config.nodeport.as_ref().map(|np| np.acceleration),
+        tc_attach: north_south.map(|np| np.tc_attach),
         ..AgentStatus::default()
     }
 }
@@ -215,6 +257,7 @@ fn attach_north_south(
         devices = ?np.devices,
         attached = ?report.devices.keys().collect::<Vec<_>>(),
         mode = ?np.mode,
+        tc_attach = report.tc_attach.as_str(),
         snat_ports = %np.snat_ports,
         dsr_mss = report.dsr_mss,
         reused_ct = report.reused_ct,

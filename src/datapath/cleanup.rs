@@ -14,6 +14,7 @@ use libbpf_rs::query::LinkTypeInfo;
 use libbpf_rs::Link;
 use serde::Serialize;
 
+use crate::datapath::classic_tc;
 use crate::datapath::pins;
 use crate::datapath::sys;
 
@@ -45,6 +46,8 @@ pub fn cleanup(bpf_root: &Path) -> Result<CleanupReport> {
     if !bpf_root.exists() {
         return Ok(report);
     }
+    // Filters have no link to detach: removed by their markers first.
+    report.detached = classic_tc::detach_all(bpf_root)?;
     let links = pins::links_dir(bpf_root);
     if links.exists() {
         for entry in fs::read_dir(&links)? {

@@ -67,6 +67,42 @@ impl Acceleration {
     }
 }
 
+/// How the north-south tc programs are attached (`--tc-attach`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TcAttach {
+    /// tcx where the kernel has it (6.6+), classic tc otherwise.
+    #[default]
+    Auto,
+    /// tcx: pinned BPF links; a restart swaps the program behind them.
+    Tcx,
+    /// Classic tc: a clsact qdisc and one cls_bpf direct-action filter per
+    /// direction; a restart replaces the filter in place (same handle and
+    /// priority, NLM_F_REPLACE).
+    Legacy,
+}
+
+impl TcAttach {
+    /// What `self` comes to on a kernel with or without tcx: `Tcx` or
+    /// `Legacy`, never `Auto`.
+    pub fn resolve(self, tcx_available: bool) -> TcAttach {
+        match self {
+            TcAttach::Auto if tcx_available => TcAttach::Tcx,
+            TcAttach::Auto => TcAttach::Legacy,
+            forced => forced,
+        }
+    }
+
+    /// `auto`, `tcx` or `legacy`, as the flag spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TcAttach::Auto => "auto",
+            TcAttach::Tcx => "tcx",
+            TcAttach::Legacy => "legacy",
+        }
+    }
+}
+
 /// What a north-south client opening a flow to a frontend without any
 /// backend gets (Cilium's --service-no-backend-response).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -147,11 +183,13 @@ pub const DEFAULT_SNAT_PORTS: PortRange = PortRange {
 /// Everything the north-south datapath needs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct NodePortConfig {
-    /// Interfaces to attach to (tcx ingress and egress): names, or prefix
+    /// Interfaces to attach to (tc ingress and egress): names, or prefix
     /// patterns with a trailing `+` or `*` (see [`super::devices`]).
     pub devices: Vec<String>,
     pub mode: NodePortMode,
     pub acceleration: Acceleration,
+    /// tcx or classic tc; `Auto` is resolved by probing the kernel.
+    pub tc_attach: TcAttach,
     pub snat_ports: PortRange,
     /// Answer to new flows to frontends without backend.
     pub no_backend: NoBackendResponse,
@@ -196,6 +234,7 @@ mod tests {
             devices: vec!["eth0".into()],
             mode: NodePortMode::Snat,
             acceleration: Acceleration::Disabled,
+            tc_attach: TcAttach::Auto,
             snat_ports: DEFAULT_SNAT_PORTS,
             no_backend: NoBackendResponse::Reject,
             redirect_peer: true,
@@ -227,6 +266,14 @@ mod tests {
             ..ok
         };
         assert!(none.validate().is_err());
+    }
+
+    #[test]
+    fn auto_attach_is_tcx_where_the_kernel_has_it_and_classic_tc_elsewhere() {
+        assert_eq!(TcAttach::Auto.resolve(true), TcAttach::Tcx);
+        assert_eq!(TcAttach::Auto.resolve(false), TcAttach::Legacy);
+        assert_eq!(TcAttach::Legacy.resolve(true), TcAttach::Legacy);
+        assert_eq!(TcAttach::Tcx.resolve(false), TcAttach::Tcx);
     }
 
     #[test]

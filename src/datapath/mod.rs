@@ -7,12 +7,14 @@
 //! - `skel`, `sys` (the FFI boundary), `pins` (names, paths, sizing),
 //!   `maps` (domain types), `config`, `hooks`, `interfaces`, `counters`;
 //! - `layout` (encoding), `link` (attach or swap), `pinned_table`;
+//! - `classic_tc` (tc filters where tcx is missing);
 //! - `kernel`, `fake`, `ct`, `dsr`, `host_addrs`, `peer_devices`,
 //!   `devices`, `netlink_events`, `cleanup`, `resize`;
 //! - `loader` (socket LB), `nodeport` (north-south).
 
 #![deny(unsafe_code)]
 
+pub mod classic_tc;
 pub mod cleanup;
 pub mod config;
 pub mod counters;

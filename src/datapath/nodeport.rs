@@ -1,16 +1,20 @@
 //! The north-south datapath's lifecycle: loading bpf/nodeport.bpf.c (and
 //! bpf/nodeport_xdp.bpf.c) with their knobs, sharing the load balancer's
 //! pinned maps, pinning their own, and attaching to the devices
-//! `--devices` means on tcx ingress and egress (and XDP) with pinned
-//! links; and what is attached, for `kpr status`.
+//! `--devices` means on tc ingress and egress (and XDP): tcx with pinned
+//! links, or classic tc filters where the kernel has no tcx
+//! ([`classic_tc`], `--tc-attach`); and what is attached, for `kpr status`.
 //!
-//! Restart safety is the socket path's ([`link::attach_or_swap`]), and
-//! conntrack survives in its pinned map. `--devices` names or patterns
+//! Restart safety is the socket path's ([`link::attach_or_swap`]) or the
+//! filter's in-place replacement, and conntrack survives in its pinned
+//! map. Attaching in one tc mode detaches what the other left (the new
+//! first, then the old). `--devices` names or patterns
 //! are resolved against the links present ([`super::devices`]): a device
 //! no longer meant by them, or gone, is detached and its pins removed; one
 //! that does not exist yet is reported and attached when it appears (the
 //! agent calls [`load_and_attach`] again on link changes). `kpr cleanup`
-//! detaches every link under the bpf root, tcx ones included.
+//! detaches every link under the bpf root, tcx ones included, and kpr's
+//! classic tc filters.
 
 #![deny(unsafe_code)]
 
@@ -24,18 +28,22 @@ use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::OpenObject;
 use serde::Serialize;
 
+use crate::datapath::classic_tc;
 pub use crate::datapath::config::{
-    Acceleration, CtTimeouts, NoBackendResponse, NodePortConfig, NodePortMode, PortRange,
+    Acceleration, CtTimeouts, NoBackendResponse, NodePortConfig, NodePortMode, PortRange, TcAttach,
     DEFAULT_SNAT_PORTS,
 };
 use crate::datapath::devices;
 pub use crate::datapath::devices::{devices_dsr_mss, dsr_mss};
+use crate::datapath::interfaces;
 use crate::datapath::link::{self, Attached, Attachment, Target};
-use crate::datapath::pins::{self, MapName, MapSizes, TCX_LINK_PREFIX, XDP_LINK_PREFIX};
+use crate::datapath::pins::{
+    self, MapName, MapSizes, TCX_LINK_PREFIX, TC_MARKER_PREFIX, XDP_LINK_PREFIX,
+};
 use crate::datapath::skel::nodeport::{NodeportSkel, NodeportSkelBuilder};
 use crate::datapath::skel::nodeport_xdp::{NodeportXdpSkel, NodeportXdpSkelBuilder};
 
-/// A direction of a tcx attachment.
+/// A direction of a tc attachment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
@@ -60,6 +68,13 @@ impl Direction {
             Direction::Egress => libbpf_sys::BPF_TCX_EGRESS,
         }
     }
+
+    fn tc_attach_point(self) -> libbpf_rs::TcAttachPoint {
+        match self {
+            Direction::Ingress => libbpf_rs::TC_INGRESS,
+            Direction::Egress => libbpf_rs::TC_EGRESS,
+        }
+    }
 }
 
 /// The pin of a tcx link: `links/tcx_<device>_<direction>`.
@@ -67,6 +82,15 @@ fn tcx_link_pin(bpf_root: &Path, device: &str, dir: Direction) -> PathBuf {
     pins::link_pin(
         bpf_root,
         TCX_LINK_PREFIX,
+        &format!("{device}_{}", dir.as_str()),
+    )
+}
+
+/// The marker of a classic tc filter: `links/tc_<device>_<direction>`.
+fn tc_marker_pin(bpf_root: &Path, device: &str, dir: Direction) -> PathBuf {
+    pins::link_pin(
+        bpf_root,
+        TC_MARKER_PREFIX,
         &format!("{device}_{}", dir.as_str()),
     )
 }
@@ -79,6 +103,8 @@ fn xdp_link_pin(bpf_root: &Path, device: &str, mode: &str) -> PathBuf {
 /// What attaching did, for logs and `kpr status`.
 #[derive(Debug, Default, Serialize)]
 pub struct NodePortReport {
+    /// How the tc programs are attached: `Tcx` or `Legacy`.
+    pub tc_attach: TcAttach,
     /// `device/direction` whose pinned link got the new program.
     pub updated_links: Vec<String>,
     /// `device/direction` attached anew.
@@ -120,7 +146,13 @@ pub fn load_and_attach(
     // or hybrid mode also while it runs in snat mode itself. Read on every
     // (re-)attachment, so a device that appears later counts too.
     let mss = devices_dsr_mss(&present)?;
+    // The agent resolves `auto` once at start; resolved here for callers
+    // that did not.
+    let mode = config
+        .tc_attach
+        .resolve(crate::datapath::sys::tcx_supported());
     let mut report = NodePortReport {
+        tc_attach: mode,
         reused_ct: pins::pin_path(bpf_root, MapName::Conntrack).exists(),
         dsr_mss: mss,
         missing_devices: devices::missing(&config.devices, &present),
@@ -139,12 +171,18 @@ pub fn load_and_attach(
                 Direction::Egress => &skel.progs.kpr_np_egress,
             };
             let what = format!("{device}/{}", dir.as_str());
-            let target = Target::Tcx {
-                ifindex: *index,
-                attach_type: dir.attach_type(),
+            let attached = if mode == TcAttach::Legacy {
+                let marker = tc_marker_pin(bpf_root, device, dir);
+                classic_tc::attach_or_replace(&marker, prog, *index, dir.tc_attach_point())
+                    .with_context(|| format!("attaching to classic tc {what}"))?
+            } else {
+                let target = Target::Tcx {
+                    ifindex: *index,
+                    attach_type: dir.attach_type(),
+                };
+                link::attach_or_swap(&tcx_link_pin(bpf_root, device, dir), prog, target)
+                    .with_context(|| format!("attaching to tcx {what}"))?
             };
-            let attached = link::attach_or_swap(&tcx_link_pin(bpf_root, device, dir), prog, target)
-                .with_context(|| format!("attaching to tcx {what}"))?;
             match attached {
                 Attached::Created => report.created_links.push(what),
                 Attached::Swapped => report.updated_links.push(what),
@@ -152,7 +190,7 @@ pub fn load_and_attach(
         }
     }
     let names: Vec<String> = report.devices.keys().cloned().collect();
-    report.detached_links = detach_other_devices(bpf_root, &names)?;
+    report.detached_links = detach_other_devices(bpf_root, &names, Some(mode))?;
 
     // XDP last: tc is in place for everything it hands on.
     let mut xdp_storage = MaybeUninit::uninit();
@@ -294,22 +332,55 @@ fn detach_other_xdp(bpf_root: &Path, keep: &[(String, &str)]) -> Result<Vec<Stri
     Ok(detached)
 }
 
-/// Detaches and unpins tcx links of devices not in `keep`.
-fn detach_other_devices(bpf_root: &Path, keep: &[String]) -> Result<Vec<String>> {
+/// Detaches tc attachments of devices not in `keep` and every one of
+/// the other mode than `mode` (all of them without a mode), tcx links and
+/// classic tc filters alike, and removes their pins.
+fn detach_other_devices(
+    bpf_root: &Path,
+    keep: &[String],
+    mode: Option<TcAttach>,
+) -> Result<Vec<String>> {
+    let kept = |device: &String, of: TcAttach| mode == Some(of) && keep.contains(device);
     let mut detached = Vec::new();
-    for (device, dir, pin) in pinned_tcx_links(bpf_root)? {
-        if keep.contains(&device) {
+    for (device, dir, pin) in pinned_by_direction(bpf_root, TCX_LINK_PREFIX)? {
+        if kept(&device, TcAttach::Tcx) {
             continue;
         }
         link::detach_and_unpin(&pin)?;
         detached.push(format!("{device}/{}", dir.as_str()));
     }
+    detached.extend(detach_markers(bpf_root, |device| {
+        kept(device, TcAttach::Legacy)
+    })?);
     Ok(detached)
 }
 
-/// (device, direction, pin) of every pinned tcx link under `bpf_root`.
-fn pinned_tcx_links(bpf_root: &Path) -> Result<Vec<(String, Direction, PathBuf)>> {
-    Ok(pins::pinned_links(bpf_root, TCX_LINK_PREFIX)?
+/// Removes kpr's classic tc filters of the devices `keep` refuses, and
+/// their markers; `device/direction` of each.
+fn detach_markers(bpf_root: &Path, keep: impl Fn(&String) -> bool) -> Result<Vec<String>> {
+    let markers: Vec<_> = pinned_by_direction(bpf_root, TC_MARKER_PREFIX)?
+        .into_iter()
+        .filter(|(device, ..)| !keep(device))
+        .collect();
+    if markers.is_empty() {
+        return Ok(Vec::new());
+    }
+    // A device gone took its filters along: only the marker is left.
+    let present = interfaces::by_name().context("listing the network interfaces")?;
+    let mut detached = Vec::new();
+    for (device, dir, marker) in markers {
+        let index = present.get(&device).copied();
+        classic_tc::detach(&marker, index, dir.tc_attach_point())
+            .with_context(|| format!("detaching classic tc {device}/{}", dir.as_str()))?;
+        detached.push(format!("{device}/{}", dir.as_str()));
+    }
+    Ok(detached)
+}
+
+/// (device, direction, pin) of every pin under `bpf_root` named
+/// `links/<prefix><device>_<direction>`: tcx links or classic tc markers.
+fn pinned_by_direction(bpf_root: &Path, prefix: &str) -> Result<Vec<(String, Direction, PathBuf)>> {
+    Ok(pins::pinned_links(bpf_root, prefix)?
         .into_iter()
         .filter_map(|(rest, pin)| {
             Direction::BOTH.into_iter().find_map(|d| {
@@ -320,29 +391,52 @@ fn pinned_tcx_links(bpf_root: &Path) -> Result<Vec<(String, Direction, PathBuf)>
         .collect())
 }
 
-/// A tcx attachment as found in the bpf root, for `kpr status` and tests.
+/// A tc attachment as found in the bpf root, for `kpr status` and tests.
 #[derive(Debug, Serialize, PartialEq, Eq)]
 pub struct AttachedDevice {
     pub device: String,
     pub direction: Direction,
-    /// The interface index it is attached to; None when defunct.
+    /// `Tcx` (a pinned link) or `Legacy` (a classic tc filter).
+    pub attach: TcAttach,
+    /// The interface index it is attached to; None when defunct (for a
+    /// classic tc filter: when kpr's filter is not on the device).
     pub ifindex: Option<u32>,
 }
 
-/// The tcx attachments pinned under `bpf_root`.
+/// The tc attachments pinned under `bpf_root`: tcx links, then classic
+/// tc filters.
 pub fn attached_devices(bpf_root: &Path) -> Vec<AttachedDevice> {
-    pinned_tcx_links(bpf_root)
+    let tcx = pinned_by_direction(bpf_root, TCX_LINK_PREFIX)
         .unwrap_or_default()
         .into_iter()
         .map(|(device, direction, pin)| AttachedDevice {
             device,
             direction,
+            attach: TcAttach::Tcx,
             ifindex: match link::attachment_of(&pin) {
                 Some(Attachment::Tcx { ifindex, .. }) => Some(ifindex),
                 _ => None,
             },
-        })
-        .collect()
+        });
+    let markers = pinned_by_direction(bpf_root, TC_MARKER_PREFIX).unwrap_or_default();
+    let present = if markers.is_empty() {
+        BTreeMap::new()
+    } else {
+        interfaces::by_name().unwrap_or_default()
+    };
+    let classic = markers.into_iter().map(|(device, direction, marker)| {
+        let ifindex = present
+            .get(&device)
+            .copied()
+            .filter(|index| classic_tc::is_attached(&marker, *index, direction.tc_attach_point()));
+        AttachedDevice {
+            device,
+            direction,
+            attach: TcAttach::Legacy,
+            ifindex,
+        }
+    });
+    tcx.chain(classic).collect()
 }
 
 /// The XDP attachments pinned under `bpf_root`, as `device/xdp-<mode>`.
@@ -360,10 +454,11 @@ pub fn attached_xdp(bpf_root: &Path) -> Vec<String> {
 }
 
 /// Turns the north-south datapath off: detaches every tcx and XDP link and
-/// removes the pins of its own maps (an agent started without --devices).
+/// classic tc filter and removes the pins of its own maps (an agent
+/// started without --devices).
 pub fn remove(bpf_root: &Path) -> Result<Vec<String>> {
     let mut detached = detach_other_xdp(bpf_root, &[])?;
-    detached.extend(detach_other_devices(bpf_root, &[])?);
+    detached.extend(detach_other_devices(bpf_root, &[], None)?);
     for map in MapName::NORTH_SOUTH {
         let path = pins::pin_path(bpf_root, map);
         if path.exists() {
@@ -402,6 +497,8 @@ mod tests {
     fn tcx_link_pins_name_device_and_direction() {
         let p = tcx_link_pin(Path::new("/b"), "eth-c", Direction::Egress);
         assert_eq!(p, Path::new("/b/links/tcx_eth-c_egress"));
+        let t = tc_marker_pin(Path::new("/b"), "eth-c", Direction::Ingress);
+        assert_eq!(t, Path::new("/b/links/tc_eth-c_ingress"));
         let x = xdp_link_pin(Path::new("/b"), "eth-c", "native");
         assert_eq!(x, Path::new("/b/links/xdp_eth-c_native"));
     }

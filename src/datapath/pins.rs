@@ -165,6 +165,9 @@ pub fn links_dir(bpf_root: &Path) -> PathBuf {
 pub const SOCK_LINK_PREFIX: &str = "sock_";
 /// Prefix of the tcx links: `links/tcx_<device>_<ingress|egress>`.
 pub const TCX_LINK_PREFIX: &str = "tcx_";
+/// Prefix of the classic tc markers (the program of a cls_bpf filter, no
+/// link): `links/tc_<device>_<ingress|egress>`.
+pub const TC_MARKER_PREFIX: &str = "tc_";
 /// Prefix of the XDP links: `links/xdp_<device>_<native|generic>`.
 pub const XDP_LINK_PREFIX: &str = "xdp_";
 

@@ -4,8 +4,8 @@
 //!
 //! What is here: byte views of plain-old-data map structs ([`Pod`]),
 //! libbpf calls that libbpf-rs 0.27 does not wrap (tcx and XDP links,
-//! probes, link detach by id), and the raw socket calls of netlink and of
-//! two ioctls.
+//! probes, tcx among them, link detach by id), and the raw socket calls of
+//! netlink and of two ioctls.
 
 #![allow(unsafe_code)]
 
@@ -192,10 +192,15 @@ pub fn attach_xdp_pinned(
     // SAFETY: fd is a fresh link fd we own (closed when dropped, after
     // pinning).
     let link_fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    pin_fd(link_fd.as_fd(), pin)
+}
+
+/// Pins the BPF object (map, program, link) behind `fd` at `pin`.
+pub fn pin_fd(fd: BorrowedFd<'_>, pin: &Path) -> io::Result<()> {
     let path = CString::new(pin.as_os_str().as_encoded_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     // SAFETY: a valid fd and NUL-terminated path.
-    let ret = unsafe { libbpf_sys::bpf_obj_pin(link_fd.as_raw_fd(), path.as_ptr()) };
+    let ret = unsafe { libbpf_sys::bpf_obj_pin(fd.as_raw_fd(), path.as_ptr()) };
     if ret != 0 {
         return Err(io::Error::from_raw_os_error(-ret));
     }
@@ -223,6 +228,20 @@ pub fn detach_link_by_id(id: u32) -> io::Result<bool> {
 pub fn probe_prog_type(t: libbpf_sys::bpf_prog_type) -> bool {
     // SAFETY: a probe with no options.
     unsafe { libbpf_sys::libbpf_probe_bpf_prog_type(t, std::ptr::null()) == 1 }
+}
+
+/// Whether the kernel has tcx (6.6+): a BPF_PROG_QUERY of tcx ingress on
+/// the loopback device (ifindex 1 in every network namespace) succeeds,
+/// with no program, where a kernel without tcx refuses the attach type.
+/// Reads only; attaches nothing.
+pub fn tcx_supported() -> bool {
+    let mut opts = libbpf_sys::bpf_prog_query_opts {
+        sz: std::mem::size_of::<libbpf_sys::bpf_prog_query_opts>() as libbpf_sys::size_t,
+        ..Default::default()
+    };
+    // SAFETY: opts is a valid bpf_prog_query_opts with its size set and no
+    // id arrays (the kernel only writes the counts).
+    unsafe { libbpf_sys::bpf_prog_query_opts(1, libbpf_sys::BPF_TCX_INGRESS, &mut opts) == 0 }
 }
 
 /// Whether programs of type `t` may call `helper` (libbpf's probe).

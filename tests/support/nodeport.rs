@@ -11,7 +11,7 @@
 //! use support::*;
 //! ```
 //!
-//! Needs root (namespaces, BPF, tcx): every test is
+//! Needs root (namespaces, BPF, tc): every test is
 //! `#[ignore = "needs root"]` and starts with [`require_root`].
 
 #![allow(dead_code)] // each test crate uses its own part
@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kpr::datapath::nodeport::attached_devices;
+use kpr::datapath::nodeport::AttachedDevice;
 use kpr_testbed::cluster::client_ip;
 use kpr_testbed::nodeport_bed::{nodeport_manifest, POD_TCP};
 use kpr_testbed::probe::{ConnectReport, RequestsReport, UdpReport};
@@ -567,21 +567,55 @@ pub fn tcp_connect(client: &Netns, target: SocketAddr, timeout_ms: u64) -> Conne
     r.as_connect().expect("a connect report").clone()
 }
 
-/// `kpr <args> --bpf-root <node n's>`: its output.
+/// `kpr <args> --bpf-root <node n's>` inside node `n`'s namespace, as on
+/// the node itself (classic tc filters are found by device name there):
+/// its output.
 #[track_caller]
 pub fn kpr_on(bed: &NodePortBed, n: u8, args: &[&str]) -> String {
     let root = bed.bpf_root(n);
     let mut args = args.to_vec();
     args.extend(["--bpf-root", root.to_str().unwrap()]);
-    bed.kpr(&args).unwrap()
+    bed.node(n)
+        .ns()
+        .enter_thread(|| bed.kpr(&args))
+        .unwrap()
+        .unwrap()
 }
 
-/// How many tcx links of `device` the bpf root `root` has attached.
-pub fn attached_links(root: &Path, device: &str) -> usize {
-    attached_devices(root)
+/// Node `n`'s north-south attachments (tcx links or classic tc filters).
+#[track_caller]
+pub fn attachments(bed: &NodePortBed, n: u8) -> Vec<AttachedDevice> {
+    bed.attached_devices(n).unwrap()
+}
+
+/// How many tc attachments of `device` node `n` has.
+#[track_caller]
+pub fn attached_links(bed: &NodePortBed, n: u8, device: &str) -> usize {
+    attachments(bed, n)
         .iter()
         .filter(|d| d.device == device && d.ifindex.is_some())
         .count()
+}
+
+/// `tc <args>` inside node `n`'s namespace, as an admin runs it there: its
+/// output (it must succeed).
+#[track_caller]
+pub fn tc(bed: &NodePortBed, n: u8, args: &[&str]) -> String {
+    let out = bed
+        .node(n)
+        .ns()
+        .enter_thread(|| std::process::Command::new("tc").args(args).output())
+        .unwrap()
+        .unwrap();
+    assert!(out.status.success(), "tc {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The classic tc filters of `dev` in direction `dir` (`ingress` or
+/// `egress`) on node `n`, as `tc filter show` lists them.
+#[track_caller]
+pub fn tc_filters(bed: &NodePortBed, n: u8, dev: &str, dir: &str) -> String {
+    tc(bed, n, &["filter", "show", "dev", dev, dir])
 }
 
 /// Steady TCP load from `client` to `target` in batches of 20 requests (at
@@ -661,16 +695,15 @@ pub fn udp_reaches_every_pod_and_keeps_a_flow(
     assert_eq!(u.identities.len(), 1, "one flow, one backend: {u:?}");
 }
 
-/// Waits (at most 30 s) until node `n`'s agent has attached both tcx
-/// links of `device`.
+/// Waits (at most 30 s) until node `n`'s agent has attached both tc
+/// programs of `device`.
 #[track_caller]
 pub fn wait_attached(bed: &NodePortBed, n: u8, device: &str) {
-    let root = bed.bpf_root(n);
     assert!(
-        wait_for(Duration::from_secs(30), || attached_links(&root, device)
+        wait_for(Duration::from_secs(30), || attached_links(bed, n, device)
             == 2),
         "{device} not attached: {:?}\n{}",
-        attached_devices(&root),
+        attachments(bed, n),
         bed.agents[usize::from(n - 1)].log()
     );
 }

@@ -35,7 +35,7 @@ use kpr::datapath::kernel::KernelMaps;
 use kpr::datapath::loader::{self, MapSizes};
 use kpr::datapath::nodeport::{
     self, Acceleration, CtTimeouts, NoBackendResponse, NodePortConfig, NodePortMode, PortRange,
-    DEFAULT_SNAT_PORTS,
+    TcAttach, DEFAULT_SNAT_PORTS,
 };
 use kpr::datapath::skel::nodeport::NodeportSkel;
 use kpr::datapath::skel::nodeport_xdp::NodeportXdpSkel;
@@ -242,6 +242,7 @@ pub fn config() -> NodePortConfig {
         devices: vec!["ext0".into()],
         mode: NodePortMode::Snat,
         acceleration: Acceleration::Native,
+        tc_attach: TcAttach::Auto,
         snat_ports: DEFAULT_SNAT_PORTS,
         no_backend: NoBackendResponse::Reject,
         redirect_peer: true,

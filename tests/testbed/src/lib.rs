@@ -29,7 +29,7 @@ pub use cpu::{pin_to_cpu0, CpuPin};
 pub use error::{Result, TestbedError};
 pub use launch::run_probe;
 pub use netns::{Netns, NsThread};
-pub use nodeport_bed::NodePortBed;
+pub use nodeport_bed::{NodePortBed, TC_ATTACH_ENV};
 pub use probe::{probe_main, ProbeResult, ProbeSpec};
 pub use server::Server;
 pub use sweep::sweep_stale;

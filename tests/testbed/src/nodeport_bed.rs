@@ -20,6 +20,7 @@ use super::server::Server;
 use super::sweep::sweep_stale;
 use kpr::datapath::ct::{CtMap, NodePortStats};
 use kpr::datapath::layout::CtRecord;
+use kpr::datapath::nodeport::{attached_devices, AttachedDevice, TcAttach};
 
 /// Port of the TCP identity servers on every pod.
 pub const POD_TCP: u16 = 8080;
@@ -61,6 +62,32 @@ endpoints:
     )
 }
 
+/// The environment variable that runs every bed's agents with
+/// `--tc-attach <its value>` (`tcx` or `legacy`) unless a test gives
+/// `--tc-attach` itself: CI runs the north-south suites once without it
+/// (tcx on its kernel) and once with `legacy` (classic tc). The bed checks
+/// that the agents attached that way.
+pub const TC_ATTACH_ENV: &str = "KPR_TEST_TC_ATTACH";
+
+/// `--tc-attach` from [`TC_ATTACH_ENV`]; None when unset or when
+/// `extra_args` choose it.
+fn tc_attach_from_env(extra_args: &[&str]) -> Result<Option<TcAttach>> {
+    let Ok(value) = std::env::var(TC_ATTACH_ENV) else {
+        return Ok(None);
+    };
+    if extra_args.contains(&"--tc-attach") {
+        return Ok(None);
+    }
+    match value.as_str() {
+        "tcx" => Ok(Some(TcAttach::Tcx)),
+        "legacy" => Ok(Some(TcAttach::Legacy)),
+        _ => Err(TestbedError::InvalidName {
+            name: value,
+            why: "KPR_TEST_TC_ATTACH is tcx or legacy",
+        }),
+    }
+}
+
 /// A running bed; everything is removed on Drop.
 pub struct NodePortBed {
     /// The agents, node1's first.
@@ -93,6 +120,7 @@ impl NodePortBed {
                 why: "a NodePort bed prefix is 1 to 7 characters of [a-z0-9]",
             });
         }
+        let tc_attach = tc_attach_from_env(extra_args)?;
         sweep_stale(prefix)?;
         let cluster = Cluster::build(prefix, plan)?;
         let mut servers = Vec::new();
@@ -146,6 +174,9 @@ impl NodePortBed {
                 "1s",
             ];
             args.extend_from_slice(extra_args);
+            if let Some(mode) = tc_attach {
+                args.extend(["--tc-attach", mode.as_str()]);
+            }
             let agent = AgentProcess::start_in_netns(
                 exe,
                 &manifests,
@@ -159,6 +190,17 @@ impl NodePortBed {
         }
         for agent in &mut bed.agents {
             agent.wait_healthy(Duration::from_secs(30))?;
+        }
+        if let Some(mode) = tc_attach {
+            for n in [1u8, 2] {
+                let found = bed.attached_devices(n)?;
+                if found.is_empty() || found.iter().any(|d| d.attach != mode) {
+                    return Err(TestbedError::Agent(format!(
+                        "node{n}: {TC_ATTACH_ENV}={} but attached {found:?}",
+                        mode.as_str()
+                    )));
+                }
+            }
         }
         Ok(bed)
     }
@@ -229,6 +271,15 @@ impl NodePortBed {
             )));
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Node `n`'s north-south attachments, read inside its namespace (a
+    /// classic tc filter is found by its device's name there).
+    pub fn attached_devices(&self, n: u8) -> Result<Vec<AttachedDevice>> {
+        let root = self.bpf_root(n);
+        self.node(n)
+            .ns()
+            .enter_thread(move || attached_devices(&root))
     }
 
     /// The directory holding the manifests and bpf roots.
