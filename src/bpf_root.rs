@@ -245,7 +245,7 @@ fn is_mountpoint(path: &Path) -> Result<bool> {
 /// directory, released when dropped (or when the process dies).
 #[derive(Debug)]
 pub struct Owner {
-    _lock: Flock<fs::File>,
+    lock: Flock<fs::File>,
 }
 
 /// Why the bpf root could not be taken.
@@ -281,7 +281,7 @@ impl Owner {
         };
         let dir = fs::File::open(root).map_err(io_err)?;
         match Flock::lock(dir, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => Ok(Owner { _lock: lock }),
+            Ok(lock) => Ok(Owner { lock }),
             Err((dir, Errno::EWOULDBLOCK)) => {
                 let pid = holder_pid(&dir);
                 Err(OwnerError::Held {
@@ -292,6 +292,17 @@ impl Owner {
                 })
             }
             Err((_, errno)) => Err(io_err(io::Error::from(errno))),
+        }
+    }
+}
+
+impl Owner {
+    /// Whether the lock is on the directory now at `root` (not on one
+    /// removed, or unmounted, since).
+    pub fn holds(&self, root: &Path) -> bool {
+        match (self.lock.metadata(), fs::metadata(root)) {
+            (Ok(locked), Ok(now)) => locked.dev() == now.dev() && locked.ino() == now.ino(),
+            _ => false,
         }
     }
 }

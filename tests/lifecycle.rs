@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use kpr_testbed::bed::UNTRANSLATED;
 use kpr_testbed::require_root;
@@ -165,6 +166,118 @@ fn maps_of_an_older_layout_version_are_removed_when_a_new_agent_takes_over() {
         bed.agent.log()
     );
     assert_eq!(vip_answer(&bed), "10.244.0.11:8080");
+}
+
+/// Polls `f` every 100 ms for up to `within`; true once it holds.
+fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    f()
+}
+
+/// `GET /healthz` of the bed's agent: its status, 0 when nothing answered.
+fn healthz(bed: &SocketLbBed) -> u16 {
+    kpr::http::blocking_get(bed.agent.healthz_addr, "/healthz").map_or(0, |(s, _)| s)
+}
+
+#[test]
+#[ignore = "needs root"]
+fn a_forced_cleanup_under_a_running_agent_is_restored_within_seconds() {
+    require_root();
+    let bed = bed("restore");
+    assert_eq!(vip_answer(&bed), "10.244.0.11:8080");
+    let root = bed.agent.bpf_root.to_str().unwrap().to_string();
+
+    let out = kpr(&["cleanup", "--force", "--bpf-root", &root]);
+    assert!(out.contains("detached 10 program links"), "{out}");
+    let cleaned = Instant::now();
+
+    // Within a few seconds the agent has its pins back and translates.
+    assert!(
+        eventually(Duration::from_secs(8), || Path::new(&root)
+            .join("links/sock_connect4")
+            .exists()),
+        "the links were not pinned again:\n{}",
+        bed.agent.log()
+    );
+    assert_eq!(vip_answer(&bed), "10.244.0.11:8080");
+    let restored = cleaned.elapsed();
+    assert!(restored < Duration::from_secs(8), "{restored:?}");
+    assert_eq!(
+        kpr_links_on(bed.cgroup.path()).len(),
+        10,
+        "one link per hook, no more"
+    );
+    let list = kpr(&["svc", "list", "--bpf-root", &root]);
+    assert!(list.contains("10.96.0.10:80/TCP"), "{list}");
+    assert_eq!(healthz(&bed), 200);
+    assert!(
+        bed.agent
+            .log()
+            .contains("pins removed under the agent: restored"),
+        "{}",
+        bed.agent.log()
+    );
+    // The restored root is held again: cleanup is refused as before.
+    let refused = Command::new(KPR)
+        .args(["cleanup", "--bpf-root", &root])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success(), "cleanup was not refused");
+}
+
+#[test]
+#[ignore = "needs root"]
+fn a_pin_replaced_under_a_running_agent_turns_it_unhealthy_with_the_reason() {
+    require_root();
+    use libbpf_rs::{MapHandle, MapType};
+    let bed = bed("replaced");
+    assert_eq!(healthz(&bed), 200);
+    let pin = bed.agent.bpf_root.join("kpr_svc_v1");
+    std::fs::remove_file(&pin).unwrap();
+    let opts = libbpf_sys::bpf_map_create_opts {
+        sz: std::mem::size_of::<libbpf_sys::bpf_map_create_opts>() as _,
+        ..Default::default()
+    };
+    let mut foreign = MapHandle::create(MapType::Hash, Some("foreign"), 16, 16, 16, &opts).unwrap();
+    foreign.pin(&pin).unwrap();
+
+    assert!(
+        eventually(Duration::from_secs(6), || healthz(&bed) == 503),
+        "still healthy with a foreign services map:\n{}",
+        bed.agent.log()
+    );
+    let status = bed.agent.status_json().unwrap();
+    let reason = status["watchers"]["pins"]["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(reason.contains("pin kpr_svc_v1 replaced"), "{status}");
+    assert_eq!(
+        vip_answer(&bed),
+        "10.244.0.11:8080",
+        "the programs keep the agent's map"
+    );
+
+    // The foreign pin goes: the agent's map is pinned again, health back.
+    std::fs::remove_file(&pin).unwrap();
+    assert!(
+        eventually(Duration::from_secs(6), || healthz(&bed) == 200),
+        "not healthy again:\n{}",
+        bed.agent.log()
+    );
+    let list = kpr(&[
+        "svc",
+        "list",
+        "--bpf-root",
+        bed.agent.bpf_root.to_str().unwrap(),
+    ]);
+    assert!(list.contains("10.96.0.10:80/TCP"), "{list}");
 }
 
 /// The agent comes last: bindings drop in reverse order, so the agent's

@@ -7,9 +7,10 @@ use anyhow::Result;
 use tokio::time::Instant;
 
 use super::node::node_context;
+use super::pin_watch::PinWatch;
 use super::schedule::{Scope, SyncScheduler};
 use super::syncer::{PolicyState, Synced, Syncer};
-use super::{stop_requested, KubeSourceConfig, SourceContext, LRU_GAUGE_PERIOD};
+use super::{pin_ticks, stop_requested, KubeSourceConfig, SourceContext, LRU_GAUGE_PERIOD};
 use crate::metrics::{Metrics, WatchKind};
 use crate::source::kube::{self as kube_source, WatchEvent};
 use crate::source::store::{Changes, Kind, ObjectStore, Watched};
@@ -21,6 +22,7 @@ use crate::status::{StatusHandle, WatcherState};
 /// state serving.
 pub(super) async fn run(
     mut syncer: Syncer,
+    pins: &mut PinWatch,
     config: &KubeSourceConfig,
     ctx: &SourceContext<'_>,
 ) -> Result<()> {
@@ -39,6 +41,7 @@ pub(super) async fn run(
         warned_no_node: false,
     };
     let mut lru_tick = tokio::time::interval(LRU_GAUGE_PERIOD);
+    let mut pin_tick = pin_ticks();
     let mut schedule =
         SyncScheduler::new(config.min_sync_period, config.sync_period, Instant::now());
     let stop = stop_requested();
@@ -66,6 +69,9 @@ pub(super) async fn run(
                 schedule.finished(synced, Instant::now());
             },
             _ = lru_tick.tick() => syncer.update_lru_gauges(),
+            _ = pin_tick.tick() => if pins.check(&mut syncer, status) {
+                schedule.resync_now();
+            },
             _ = &mut stop => break,
         }
     }

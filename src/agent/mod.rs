@@ -12,6 +12,8 @@
 //!   syncs when the `schedule` (a pure state machine) says;
 //! - `devices`, `addresses`: the north-south device and host address watchers;
 //! - `ct_gc`: conntrack garbage collection and datapath counters;
+//! - `pin_watch`: the pins compared with what the agent holds, restored
+//!   when removed under it (checked from the source loops);
 //! - `serve`: the metrics, status and health endpoints.
 
 mod addresses;
@@ -20,6 +22,7 @@ mod ct_gc;
 mod devices;
 mod kubernetes;
 mod node;
+mod pin_watch;
 mod schedule;
 mod serve;
 mod standalone;
@@ -52,7 +55,6 @@ const LRU_GAUGE_PERIOD: Duration = Duration::from_secs(10);
 /// [`crate::preflight::check`] found in order (the bound listeners, the hold
 /// on the bpf root, kept until the agent ends).
 pub async fn run(config: AgentConfig, held: crate::preflight::Held) -> Result<()> {
-    let _owner = held.owner;
     let started = startup::start(&config)?;
     let status = started.status;
     let metrics = Arc::new(Metrics::new());
@@ -90,6 +92,9 @@ pub async fn run(config: AgentConfig, held: crate::preflight::Held) -> Result<()
             .context("opening the DSR map")?;
     }
     let syncer = syncer.with_switch_over(started.switch_over);
+    // Holds the bpf root from here on (and moves the hold to a root made
+    // again after a cleanup).
+    let mut pins = pin_watch::PinWatch::new(&config, held.owner, started.socket_lb)?;
     let health_checks =
         HealthCheckServer::new(config.health_check_bind).with_proxy_health(health.clone());
     let ctx = SourceContext {
@@ -99,8 +104,8 @@ pub async fn run(config: AgentConfig, held: crate::preflight::Held) -> Result<()
         config: &config,
     };
     let result = match &config.source {
-        SourceConfig::Manifests(options) => standalone::run(syncer, options, &ctx).await,
-        SourceConfig::Kubernetes(kube) => kubernetes::run(syncer, kube, &ctx).await,
+        SourceConfig::Manifests(options) => standalone::run(syncer, &mut pins, options, &ctx).await,
+        SourceConfig::Kubernetes(kube) => kubernetes::run(syncer, &mut pins, kube, &ctx).await,
     };
     tracing::info!("stopping; programs stay attached and maps pinned");
     shutdown.stop(tasks).await;
@@ -155,6 +160,16 @@ async fn stop_requested() {
         _ = tokio::signal::ctrl_c() => {}
         _ = sigterm.recv() => {}
     }
+}
+
+/// The pin check's ticks: the first one period after start.
+fn pin_ticks() -> tokio::time::Interval {
+    let mut ticks = tokio::time::interval_at(
+        Instant::now() + pin_watch::PIN_CHECK_PERIOD,
+        pin_watch::PIN_CHECK_PERIOD,
+    );
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks
 }
 
 /// Sleeps until `at`; forever when None.

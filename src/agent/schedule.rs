@@ -101,6 +101,12 @@ impl SyncScheduler {
         self.pending = true;
     }
 
+    /// Everything is to be synced again (the datapath's pins were
+    /// restored), as when a resync period ends.
+    pub fn resync_now(&mut self) {
+        self.resync_due = self.synced_once;
+    }
+
     /// When the loop must wake next (asked at `now`): for a sync, or to
     /// start the next resync period.
     pub fn next_wake(&self, now: Instant) -> Instant {

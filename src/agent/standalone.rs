@@ -4,15 +4,17 @@
 //! pruned the maps once (so a restart with a file that cannot be read
 //! prunes nothing); a path that cannot be read keeps its last state and
 //! turns health red. A sync that did not end clean is retried on its own,
-//! as a full one (see [`retry_delay`]).
+//! as a full one (see [`retry_delay`]), and so is one after the pins were
+//! restored (see `pin_watch`).
 
 use anyhow::{Context, Result};
 use tokio::time::Instant;
 
 use super::node::node_context;
+use super::pin_watch::PinWatch;
 use super::schedule::retry_delay;
 use super::syncer::{PolicyState, Synced, Syncer};
-use super::{sleep_until_opt, stop_requested, SourceContext, LRU_GAUGE_PERIOD};
+use super::{pin_ticks, sleep_until_opt, stop_requested, SourceContext, LRU_GAUGE_PERIOD};
 use crate::source::manifests::{ManifestOptions, ManifestSource};
 use crate::status::WatcherState;
 
@@ -20,11 +22,13 @@ use crate::status::WatcherState;
 /// to stop.
 pub(super) async fn run(
     mut syncer: Syncer,
+    pins: &mut PinWatch,
     options: &ManifestOptions,
     ctx: &SourceContext<'_>,
 ) -> Result<()> {
     let mut source = ManifestSource::open(options).context("watching the manifests")?;
     let mut lru_tick = tokio::time::interval(LRU_GAUGE_PERIOD);
+    let mut pin_tick = pin_ticks();
     let stop = stop_requested();
     tokio::pin!(stop);
     let mut reload = true;
@@ -90,6 +94,10 @@ pub(super) async fn run(
             () = source.changed() => reload = true,
             _ = sleep_until_opt(retry_at) => {}
             _ = lru_tick.tick() => syncer.update_lru_gauges(),
+            _ = pin_tick.tick() => if pins.check(&mut syncer, ctx.status) {
+                // Restored: a full sync, as a retry is.
+                retry_at = Some(Instant::now());
+            },
             _ = &mut stop => return Ok(()),
         }
     }

@@ -28,6 +28,9 @@ pub(super) struct Started {
     pub addresses: AddressWatch,
     /// Grows the maps and switches programs over to new ones (the syncer's).
     pub switch_over: SwitchOver,
+    /// What the socket-LB programs were loaded with: they are loaded the
+    /// same way again when their links are lost (`pin_watch`).
+    pub socket_lb: loader::DatapathOptions,
 }
 
 /// Checks the configuration and the kernel, and sets the datapath up.
@@ -66,6 +69,7 @@ pub(super) fn start(config: &AgentConfig) -> Result<Started> {
     } else {
         Growth::Fixed
     };
+    let socket_lb = options.clone();
     let switch_over = SwitchOver::new(
         config.bpf_root.clone(),
         config.cgroup.clone(),
@@ -97,6 +101,7 @@ pub(super) fn start(config: &AgentConfig) -> Result<Started> {
         devices,
         addresses,
         switch_over,
+        socket_lb,
     })
 }
 

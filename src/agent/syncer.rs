@@ -56,6 +56,12 @@ pub struct Syncer {
     /// Grows the maps and switches the programs over (the agent's; None:
     /// the maps are what they are).
     switch_over: Option<SwitchOver>,
+    /// Why the pinned datapath is not the agent's (pins removed or
+    /// replaced and not restored): health stays red while there is one.
+    datapath_fault: Option<String>,
+    /// Counts the switch-overs (maps grown, programs moved to new maps):
+    /// pins the agent itself replaced, for `pin_watch` to take again.
+    switch_overs: u64,
 }
 
 /// How a sync ended.
@@ -99,6 +105,8 @@ impl Syncer {
             bpf_root: bpf_root.to_path_buf(),
             filled: false,
             switch_over: None,
+            datapath_fault: None,
+            switch_overs: 0,
         })
     }
 
@@ -150,13 +158,28 @@ impl Syncer {
         ok
     }
 
-    /// Syncs the maps to `desired`; `complete` says the source delivered
-    /// its whole state, so entries nobody claims may be pruned.
     /// Whether the source read everything; recorded in health by the next sync.
     pub fn set_source_health(&mut self, healthy: bool) {
         self.source_healthy = healthy;
     }
 
+    /// How many switch-overs the syncer has made (or tried): each may
+    /// replace pins, which are then the agent's own.
+    pub(super) fn switch_overs(&self) -> u64 {
+        self.switch_overs
+    }
+
+    /// Why the pinned datapath is not the agent's, or None once it is;
+    /// a fault turns health red at once, its end with the next sync.
+    pub fn set_datapath_fault(&mut self, fault: Option<String>) {
+        if fault.is_some() {
+            self.health.record_sync(false);
+        }
+        self.datapath_fault = fault;
+    }
+
+    /// Syncs the maps to `desired`; `complete` says the source delivered
+    /// its whole state, so entries nobody claims may be pruned.
     pub fn sync_full(&mut self, desired: &DesiredByService, complete: bool) -> Synced {
         self.grow_ahead(desired.values());
         self.sync_growing(complete, |r| r.sync_full(desired, complete))
@@ -225,6 +248,8 @@ impl Syncer {
         self.filled |= complete && result.is_ok();
         if result.is_ok() && self.filled {
             if let Some(switch) = self.switch_over.as_mut().filter(|s| s.pending()) {
+                // Counted tried or not: a failed one may have moved pins.
+                self.switch_overs += 1;
                 if let Err(e) = switch.attach() {
                     result = Err(switch_over_failed(e));
                 }
@@ -268,6 +293,7 @@ impl Syncer {
         let Some(switch) = self.switch_over.as_mut() else {
             return Ok(false);
         };
+        self.switch_overs += 1;
         let Some(grown) = switch.grow(demand)? else {
             return Ok(false);
         };
@@ -346,7 +372,8 @@ impl Syncer {
         // the node and with it every other Service.
         let maps_ok = synced != Synced::Failed;
         self.metrics.record_sync_result(maps_ok, SystemTime::now());
-        self.health.record_sync(maps_ok && self.source_healthy);
+        self.health
+            .record_sync(maps_ok && self.source_healthy && self.datapath_fault.is_none());
         self.status
             .record_sync(maps_ok, self.refused.iter().cloned().collect());
         self.update_gauges();

@@ -9,7 +9,7 @@
 //! - `layout` (encoding), `link` (attach or swap), `pinned_table`;
 //! - `classic_tc` (tc filters where tcx is missing);
 //! - `kernel`, `fake`, `ct`, `dsr`, `host_addrs`, `peer_devices`,
-//!   `devices`, `netlink_events`, `cleanup`, `resize`;
+//!   `devices`, `netlink_events`, `cleanup`, `resize`, `held_pins`;
 //! - `loader` (socket LB), `nodeport` (north-south).
 
 #![deny(unsafe_code)]
@@ -22,6 +22,7 @@ pub mod ct;
 pub mod devices;
 pub mod dsr;
 pub mod fake;
+pub mod held_pins;
 pub mod hooks;
 pub mod host_addrs;
 pub mod interfaces;
