@@ -25,7 +25,9 @@ use tokio::net::TcpListener;
 use crate::metrics::Metrics;
 
 mod bounded;
+mod liveness;
 pub use bounded::{Limits, Routes};
+pub use liveness::{Liveness, DEFAULT_LIVENESS_TIMEOUT};
 
 /// The content type of `GET /metrics`: OpenMetrics text, as
 /// [`Metrics::encode`] produces.
@@ -110,8 +112,10 @@ pub fn metrics_router(metrics: Arc<Metrics>) -> Router {
 
 /// `GET /healthz`: 200 when [`HealthState::healthy`], else 503, with a JSON
 /// body like kube-proxy's (see [`HealthState::to_json`]). `GET /livez`: 200
-/// while the process serves requests.
+/// unless a queued change has stayed unapplied past the health timeout
+/// (see [`Liveness`]), then 503 saying for how long.
 pub fn healthz_router(health: Health) -> Router {
+    let live = health.clone();
     Router::new()
         .route(
             "/healthz",
@@ -120,7 +124,28 @@ pub fn healthz_router(health: Health) -> Router {
                 async move { healthz_response(health.state(), SystemTime::now()) }
             }),
         )
-        .route("/livez", get(|| async { "ok\n" }))
+        .route(
+            "/livez",
+            get(move || {
+                let live = live.clone();
+                async move { livez_response(live.liveness(), tokio::time::Instant::now()) }
+            }),
+        )
+}
+
+fn livez_response(liveness: Liveness, now: tokio::time::Instant) -> Response {
+    match liveness.overdue(now) {
+        None => "ok\n".into_response(),
+        Some(waited) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "a queued change has not been applied for {}s (timeout {}s)\n",
+                waited.as_secs(),
+                liveness.timeout.as_secs()
+            ),
+        )
+            .into_response(),
+    }
 }
 
 fn healthz_response(state: HealthState, now: SystemTime) -> Response {
@@ -260,6 +285,8 @@ pub fn from_std(
 #[derive(Clone, Debug, Default)]
 pub struct Health {
     state: Arc<Mutex<HealthState>>,
+    /// What `/livez` judges: changes queued and not yet applied.
+    liveness: Arc<Mutex<Liveness>>,
 }
 
 /// What [`Health`] knows at one moment.
@@ -291,7 +318,33 @@ impl Health {
         state.last_sync_ok = Some(ok);
         if ok {
             state.last_updated = Some(at);
+            self.liveness
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .applied();
         }
+    }
+
+    /// A change was queued for the next sync (what `/livez` times).
+    pub fn change_queued(&self) {
+        self.liveness
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .queued(tokio::time::Instant::now());
+    }
+
+    /// How long a queued change may stay unapplied before `/livez` fails
+    /// (default [`DEFAULT_LIVENESS_TIMEOUT`]).
+    pub fn set_liveness_timeout(&self, timeout: Duration) {
+        self.liveness
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .timeout = timeout;
+    }
+
+    /// What `/livez` judges now.
+    pub fn liveness(&self) -> Liveness {
+        *self.liveness.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The current state.

@@ -58,6 +58,10 @@ pub(super) async fn run(
                     }
                     if state.store.has_changes() {
                         schedule.changed();
+                        // Timed by /livez once a sync may apply it.
+                        if state.store.initial_lists_complete() {
+                            ctx.health.change_queued();
+                        }
                     }
                 }
                 None => anyhow::bail!("the Kubernetes watchers stopped"),

@@ -59,6 +59,10 @@ pub async fn run(config: AgentConfig, held: crate::preflight::Held) -> Result<()
     let status = started.status;
     let metrics = Arc::new(Metrics::new());
     let health = Health::new();
+    if let SourceConfig::Kubernetes(kube) = &config.source {
+        // kube-proxy's health timeout: twice the sync period.
+        health.set_liveness_timeout(kube.sync_period.saturating_mul(2));
+    }
     let shutdown = Shutdown::new();
     let listeners = (held.metrics, held.healthz);
     let mut tasks = serve::spawn(listeners, &metrics, &health, &status, &shutdown)?;
@@ -101,6 +105,7 @@ pub async fn run(config: AgentConfig, held: crate::preflight::Held) -> Result<()
         metrics: &metrics,
         status: &status,
         health_checks: &health_checks,
+        health: &health,
         config: &config,
     };
     let result = match &config.source {
@@ -117,6 +122,8 @@ struct SourceContext<'a> {
     metrics: &'a Metrics,
     status: &'a StatusHandle,
     health_checks: &'a HealthCheckServer,
+    /// Told of every change queued, for `/livez`.
+    health: &'a Health,
     config: &'a AgentConfig,
 }
 

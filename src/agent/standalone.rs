@@ -91,7 +91,10 @@ pub(super) async fn run(
         }
         reload = false;
         tokio::select! {
-            () = source.changed() => reload = true,
+            () = source.changed() => {
+                reload = true;
+                ctx.health.change_queued();
+            }
             _ = sleep_until_opt(retry_at) => {}
             _ = lru_tick.tick() => syncer.update_lru_gauges(),
             _ = pin_tick.tick() => if pins.check(&mut syncer, ctx.status) {

@@ -85,6 +85,35 @@ impl Server {
 }
 
 #[tokio::test]
+async fn livez_fails_while_a_queued_change_stays_unapplied_past_the_timeout() {
+    let health = Health::new();
+    assert_eq!(health.liveness().timeout, Duration::from_secs(60));
+    health.set_liveness_timeout(Duration::from_millis(200));
+    let server = Server::start("healthz", healthz_router(health.clone()), SHUTDOWN_GRACE).await;
+
+    health.change_queued();
+    assert_eq!(
+        get(server.addr, "/livez").await.status,
+        200,
+        "within the timeout"
+    );
+    // A failed sync applies nothing: the change keeps waiting.
+    health.record_sync(false);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stuck = get(server.addr, "/livez").await;
+    assert_eq!(stuck.status, 503);
+    assert!(
+        stuck.body.contains("a queued change has not been applied"),
+        "{}",
+        stuck.body
+    );
+
+    health.record_sync(true);
+    assert_eq!(get(server.addr, "/livez").await.status, 200, "applied");
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn healthz_is_503_until_a_sync_succeeds_and_again_after_a_failure() {
     let health = Health::new();
     let server = Server::start("healthz", healthz_router(health.clone()), SHUTDOWN_GRACE).await;
