@@ -170,8 +170,16 @@ impl HealthCheckServer {
             let addr = listener.local_addr().unwrap_or(addr);
             let state = Arc::new(RwLock::new(state));
             let router = router(state.clone(), self.proxy_health.clone());
+            // Bounded as the agent's own endpoints (connections, timeouts,
+            // the process's descriptor budget); stopped by aborting the task.
             let task = tokio::spawn(async move {
-                if let Err(error) = axum::serve(listener, router).await {
+                let serving = crate::http::serve(
+                    listener,
+                    "health check node port",
+                    router,
+                    std::future::pending(),
+                );
+                if let Err(error) = serving.await {
                     tracing::error!(%addr, %error, "health check node port stopped");
                 }
             });

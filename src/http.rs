@@ -26,7 +26,7 @@ use crate::metrics::Metrics;
 
 mod bounded;
 mod liveness;
-pub use bounded::{Limits, Routes};
+pub use bounded::{connection_budget, Limits, Routes, DESCRIPTOR_RESERVE};
 pub use liveness::{Liveness, DEFAULT_LIVENESS_TIMEOUT};
 
 /// The content type of `GET /metrics`: OpenMetrics text, as

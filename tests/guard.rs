@@ -450,17 +450,46 @@ fn a_taken_health_address_is_refused_before_anything_is_pinned() {
 #[test]
 #[ignore = "needs root"]
 fn idle_connections_beyond_the_descriptor_limit_leave_health_and_syncs_working() {
+    idle_connections_leave_the_reserve("gfd", 1024);
+}
+
+#[test]
+#[ignore = "needs root"]
+fn idle_connections_under_a_low_descriptor_limit_leave_the_reserve() {
+    // 400: the process-wide connection budget, not the per-listener
+    // limit (256, which would leave ~110 free), is what stops the flood.
+    idle_connections_leave_the_reserve("gfd400", 400);
+}
+
+/// Descriptors the agent has open, from /proc.
+fn open_descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// 1,100 idle connections to an agent limited to `nofile` descriptors:
+/// health answers within 2 s, an edit is applied, no Service is lost, and
+/// the descriptors held in reserve for syncs stay free.
+fn idle_connections_leave_the_reserve(prefix: &str, nofile: u64) {
     require_root();
     raise_own_nofile();
-    let world = World::new("gfd");
+    let world = World::new(prefix);
     let root = world.bpf_root();
-    let mut agent = Agent::spawn(&world, "fd", world.cgroup.path(), &root, &[], Some(1024));
+    let mut agent = Agent::spawn(&world, "fd", world.cgroup.path(), &root, &[], Some(nofile));
     agent.wait_healthy();
 
     let idle: Vec<TcpStream> = (0..1100)
         .filter_map(|_| TcpStream::connect_timeout(&agent.healthz, Duration::from_secs(2)).ok())
         .collect();
     assert!(idle.len() >= 1000, "only {} connections opened", idle.len());
+    let free = nofile as usize - open_descriptors(agent.pid());
+    // Some of the reserve goes to what the agent opened after it took its
+    // budget (the manifest watch, a pin check): 64 at most.
+    assert!(
+        free >= kpr::http::DESCRIPTOR_RESERVE - 64,
+        "only {free} of {nofile} descriptors free under the flood"
+    );
 
     let asked = Instant::now();
     assert_eq!(healthz(agent.healthz), Some(200), "{}", agent.log());
@@ -523,6 +552,71 @@ fn half_sent_requests_are_closed_by_the_agent_within_the_timeout() {
         "{} connections still open after 10 s",
         half.len()
     );
+}
+
+/// The agent's resident memory in KiB (VmRSS of /proc/PID/status).
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+#[ignore = "needs root"]
+fn ten_thousand_half_sent_requests_leave_the_agents_memory_within_20_mb_of_the_start() {
+    require_root();
+    raise_own_nofile();
+    let world = World::new("grss");
+    let root = world.bpf_root();
+    let mut agent = world.agent("rss", &root, &[]);
+    agent.wait_healthy();
+    // Warm up: the allocator's arenas and the runtime's first connections.
+    for _ in 0..50 {
+        healthz(agent.healthz);
+    }
+    let start = rss_kib(agent.pid());
+
+    let mut half = Vec::new();
+    let mut peak = start;
+    for i in 0..10_000 {
+        if let Ok(mut s) = TcpStream::connect_timeout(&agent.healthz, Duration::from_secs(2)) {
+            // A request head cut short, with a header of a few KiB.
+            let partial = format!(
+                "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: {}",
+                "a".repeat(4000)
+            );
+            if s.write_all(partial.as_bytes()).is_ok() {
+                half.push(s);
+            }
+        }
+        if i % 1000 == 999 {
+            peak = peak.max(rss_kib(agent.pid()));
+        }
+    }
+    assert!(half.len() >= 9_000, "only {} requests sent", half.len());
+    assert_eq!(
+        healthz(agent.healthz),
+        Some(200),
+        "health answers meanwhile"
+    );
+    drop(half);
+
+    // Closed by the clients; the agent's timeouts are 5 s.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut now = rss_kib(agent.pid());
+    while now > start + 20 * 1024 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(250));
+        now = rss_kib(agent.pid());
+    }
+    eprintln!("agent VmRSS: start {start} KiB, peak {peak} KiB, after {now} KiB");
+    assert!(
+        now <= start + 20 * 1024,
+        "VmRSS {now} KiB after the requests closed, {start} KiB at the start (peak {peak} KiB)"
+    );
+    assert_eq!(healthz(agent.healthz), Some(200));
 }
 
 /// Whether the agent has not closed `stream` yet (reads what it sent).

@@ -5,6 +5,13 @@
 //!   limit a new connection is still accepted and the connection with the
 //!   oldest activity is closed instead: idle or stalled clients are shed,
 //!   a health check (connect, ask, go) gets through.
+//! - Descriptors in reserve: all listeners of the process together hold at
+//!   most [`connection_budget`] connections, what the descriptor limit
+//!   leaves after the descriptors open when serving starts and
+//!   [`DESCRIPTOR_RESERVE`] more. So an accept flood never takes what a
+//!   sync needs (map descriptors, Maglev tables, manifest files): over the
+//!   budget a listener sheds its own oldest connection, or refuses the new
+//!   one when it holds none.
 //! - A request head must arrive within [`Limits::header_read_timeout`]
 //!   (hyper's timer) and at most [`Limits::max_buf_size`] bytes are buffered
 //!   per connection; no endpoint reads a request body.
@@ -17,8 +24,8 @@ use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -53,6 +60,59 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(5),
             max_buf_size: 16 * 1024,
         }
+    }
+}
+
+/// Descriptors no HTTP client may take: those a sync needs (a descriptor
+/// per Maglev table it writes, the manifest files it reads, pins it opens),
+/// netlink's and the runtime's.
+pub const DESCRIPTOR_RESERVE: usize = 256;
+
+/// The fewest connections the budget allows, however low the limit.
+const MIN_BUDGET: usize = 16;
+
+/// How many connections all listeners together may hold when `open`
+/// descriptors are in use and the limit is `nofile`: the rest, less
+/// [`DESCRIPTOR_RESERVE`].
+pub fn connection_budget(nofile: u64, open: usize) -> usize {
+    let nofile = usize::try_from(nofile).unwrap_or(usize::MAX);
+    nofile
+        .saturating_sub(open)
+        .saturating_sub(DESCRIPTOR_RESERVE)
+        .max(MIN_BUDGET)
+}
+
+/// Open connections of every listener of the process.
+static OPEN_CONNECTIONS: AtomicUsize = AtomicUsize::new(0);
+
+/// The process's budget, taken when the first listener starts serving
+/// (after the datapath is set up, so its descriptors are counted).
+fn process_budget() -> usize {
+    static BUDGET: OnceLock<usize> = OnceLock::new();
+    *BUDGET.get_or_init(|| {
+        let nofile = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map_or(1024, |(soft, _)| soft);
+        let open = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
+        let budget = connection_budget(nofile, open);
+        tracing::debug!(nofile, open, budget, "HTTP connection budget");
+        budget
+    })
+}
+
+/// One connection in [`OPEN_CONNECTIONS`], for as long as it lives (also
+/// when its task is dropped unfinished).
+struct Counted;
+
+impl Counted {
+    fn new() -> Counted {
+        OPEN_CONNECTIONS.fetch_add(1, Ordering::Relaxed);
+        Counted
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        OPEN_CONNECTIONS.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -135,6 +195,7 @@ pub(super) async fn accept_loop(
     let epoch = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     let mut shed: u64 = 0;
+    let budget = process_budget();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => Some(accepted),
@@ -157,9 +218,16 @@ pub(super) async fn accept_loop(
         });
         activity.touch();
         let close = Arc::new(Notify::new());
+        let over_budget = OPEN_CONNECTIONS.load(Ordering::Relaxed) >= budget;
         let id = {
             let mut reg = registry.lock().unwrap_or_else(PoisonError::into_inner);
-            if reg.open.len() >= limits.max_connections {
+            if over_budget && reg.open.is_empty() {
+                // The other listeners hold the budget: refused, so that
+                // the reserve stays (they shed their own within seconds).
+                drop(stream);
+                continue;
+            }
+            if reg.open.len() >= limits.max_connections || over_budget {
                 let oldest = reg
                     .open
                     .iter()
@@ -172,6 +240,7 @@ pub(super) async fn accept_loop(
                         tracing::warn!(
                             endpoint,
                             limit = limits.max_connections,
+                            budget,
                             shed,
                             "connection limit reached: closing the least active connections"
                         );
@@ -189,10 +258,23 @@ pub(super) async fn accept_loop(
             );
             id
         };
+        if over_budget {
+            // The shed connection closes in its own task: wait for it
+            // (briefly), so the descriptors in use outgrow the budget by
+            // this one connection at most.
+            for _ in 0..20 {
+                if OPEN_CONNECTIONS.load(Ordering::Relaxed) < budget {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
         let registry = registry.clone();
         let router = routes.for_peer(peer);
         let stopping = stopping.clone();
+        let counted = Counted::new();
         tasks.spawn(async move {
+            let _counted = counted;
             serve_connection(stream, router, limits, activity, close, stopping).await;
             registry
                 .lock()

@@ -361,3 +361,17 @@ fn health_is_unhealthy_before_any_sync_and_follows_the_last_one() {
         r#"{"currentTime":"2023-11-14T22:13:20Z","healthy":true,"lastUpdated":"2023-11-14T22:13:20Z"}"#
     );
 }
+
+#[test]
+fn http_clients_never_get_the_descriptors_held_in_reserve() {
+    // 1,024 descriptors, 60 open at start: 708 for clients, 256 kept.
+    assert_eq!(connection_budget(1024, 60), 1024 - 60 - DESCRIPTOR_RESERVE);
+    assert_eq!(DESCRIPTOR_RESERVE, 256);
+    // A raised limit leaves the reserve as it is.
+    assert_eq!(
+        connection_budget(1 << 20, 60),
+        (1 << 20) - 60 - DESCRIPTOR_RESERVE
+    );
+    // A limit too low for the reserve still serves a few health checks.
+    assert_eq!(connection_budget(256, 60), 16);
+}
