@@ -41,6 +41,7 @@ pub enum Command {
         command: CtCommand,
     },
     /// Show the agent's and the datapath's state (like `cilium status --verbose`).
+    /// Exits 1 when the agent reports Services it could not program.
     Status {
         #[command(flatten)]
         bpf_root: BpfRootArg,

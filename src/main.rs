@@ -53,7 +53,7 @@ fn run(command: Command) -> Result<ExitCode> {
             bpf_root,
             metrics_addr,
             output,
-        } => show_status(metrics_addr, &bpf_root.bpf_root, output)?,
+        } => return show_status(metrics_addr, &bpf_root.bpf_root, output),
         Command::Selftest => return selftest::run(),
         Command::Probe { spec } => selftest::probe::probe_main(&spec)?,
     }
@@ -146,12 +146,21 @@ fn cleanup(args: &CleanupArgs) -> Result<()> {
     Ok(())
 }
 
-/// `kpr status`.
-fn show_status(metrics_addr: SocketAddr, bpf_root: &Path, output: OutputFormat) -> Result<()> {
+/// `kpr status`: exits 1 when the agent reports problems (Services it
+/// could not program), so scripts and probes can tell.
+fn show_status(
+    metrics_addr: SocketAddr,
+    bpf_root: &Path,
+    output: OutputFormat,
+) -> Result<ExitCode> {
     let report = status::gather(metrics_addr, bpf_root);
     match output {
         OutputFormat::Table => print!("{}", status::format_text(&report)),
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
     }
-    Ok(())
+    Ok(if report.has_problems() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }

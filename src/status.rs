@@ -74,9 +74,10 @@ pub struct AgentStatus {
     pub last_successful_sync: Option<String>,
     pub last_sync_ok: Option<bool>,
     pub syncs: u64,
-    /// Services the last sync refused (capacity, conflicts), with why.
+    /// Services not programmed now (refused by the maps, or by
+    /// translation), one entry each, sorted by Service.
     #[serde(default)]
-    pub refused: Vec<String>,
+    pub unprogrammed: Vec<UnprogrammedService>,
     /// Kernel features: name -> available.
     pub features: BTreeMap<String, bool>,
     /// North-south backend selection without annotation (`--lb-algorithm`).
@@ -99,6 +100,17 @@ pub struct AgentStatus {
     /// The north-south devices, when `--devices` is given.
     #[serde(default)]
     pub devices: Option<DeviceStatus>,
+}
+
+/// A Service that is not programmed, and why (`unprogrammed` in `/status`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UnprogrammedService {
+    /// `namespace/name`.
+    pub service: String,
+    /// The `reason` label of `kpr_services_unprogrammed`.
+    pub reason: String,
+    /// What a person needs to fix it.
+    pub message: String,
 }
 
 /// What `--devices` means right now.
@@ -135,11 +147,11 @@ impl StatusHandle {
         self.0.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
-    pub fn record_sync(&self, ok: bool, refused: Vec<String>) {
+    pub fn record_sync(&self, ok: bool, unprogrammed: Vec<UnprogrammedService>) {
         self.update(|s| {
             s.syncs += 1;
             s.last_sync_ok = Some(ok);
-            s.refused = refused;
+            s.unprogrammed = unprogrammed;
             if ok {
                 s.last_successful_sync = Some(k8s_openapi::jiff::Timestamp::now().to_string());
             }
@@ -187,6 +199,16 @@ pub struct Report {
     pub maps: Vec<MapFill>,
     pub frontends: usize,
     pub backends: usize,
+}
+
+impl Report {
+    /// Whether the agent reports something a person must act on (`kpr
+    /// status` then exits 1): Services it could not program.
+    pub fn has_problems(&self) -> bool {
+        self.agent
+            .as_ref()
+            .is_ok_and(|a| !a.unprogrammed.is_empty())
+    }
 }
 
 /// Gathers the report: the agent's `/status` at `agent_addr` (its metrics
@@ -300,6 +322,7 @@ pub fn format_text(r: &Report) -> String {
                     None => "-",
                 }
             );
+            write_unprogrammed(&mut o, &a.unprogrammed);
             let missing: Vec<&str> = a
                 .features
                 .iter()
@@ -409,6 +432,22 @@ pub fn format_text(r: &Report) -> String {
         );
     }
     o
+}
+
+/// One line per Service the agent could not program, under a count
+/// (nothing when every Service is programmed).
+fn write_unprogrammed(o: &mut String, services: &[UnprogrammedService]) {
+    if services.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "  Unprogrammed:         {} Services NOT programmed",
+        services.len()
+    );
+    for u in services {
+        let _ = writeln!(o, "    {} ({}): {}", u.service, u.reason, u.message);
+    }
 }
 
 /// A value as `/status` spells it (its serde name): the text shows the

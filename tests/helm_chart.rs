@@ -1395,23 +1395,24 @@ fn read_only() -> BTreeMap<(String, String), BTreeSet<String>> {
 }
 
 #[test]
-fn the_cluster_role_only_reads_services_nodes_and_endpointslices() {
+fn the_cluster_role_reads_services_nodes_and_endpointslices_and_creates_events() {
     let role: ClusterRole = render(&DEFAULTS).typed("ClusterRole");
-    assert_eq!(grants(&role), read_only());
+    let mut want = read_only();
+    // What the agent creates: events.k8s.io/v1 Events, never patched.
+    want.insert(
+        ("events.k8s.io".to_string(), "events".to_string()),
+        ["create".to_string()].into(),
+    );
+    assert_eq!(grants(&role), want);
     let text = serde_json::to_string(&role).expect("JSON");
     assert!(!text.contains('*'), "no wildcard: {text}");
 }
 
 #[test]
-fn events_enabled_adds_only_create_and_patch_on_events() {
+fn events_disabled_leaves_the_cluster_role_read_only() {
     let role: ClusterRole =
-        render_yaml("events", "events: {enabled: true}", &[]).typed("ClusterRole");
-    let mut want = read_only();
-    let verbs: BTreeSet<String> = ["create", "patch"].map(String::from).into();
-    for group in ["", "events.k8s.io"] {
-        want.insert((group.to_string(), "events".to_string()), verbs.clone());
-    }
-    assert_eq!(grants(&role), want);
+        render_yaml("events", "events: {enabled: false}", &[]).typed("ClusterRole");
+    assert_eq!(grants(&role), read_only());
 }
 
 #[test]

@@ -46,6 +46,11 @@ fn node() -> Value {
 
 /// An API server with this node, and a bed whose agent watches it.
 fn start(prefix: &str, api: &ApiServer, v4_backends: u16) -> SocketLbBed {
+    start_with(prefix, api, v4_backends, &[])
+}
+
+/// [`start`] with extra agent arguments.
+fn start_with(prefix: &str, api: &ApiServer, v4_backends: u16, args: &[&str]) -> SocketLbBed {
     api.apply(&node());
     let kubeconfig =
         std::env::temp_dir().join(format!("kpr-{prefix}-{}.kubeconfig", std::process::id()));
@@ -54,6 +59,7 @@ fn start(prefix: &str, api: &ApiServer, v4_backends: u16) -> SocketLbBed {
         v4_backends,
         v6_backends: 2,
         kubernetes: Some((kubeconfig, NODE.to_string())),
+        agent_args: args.iter().map(|a| a.to_string()).collect(),
         ..BedPlan::default()
     };
     let bed = SocketLbBed::start(prefix, Path::new(KPR), "", &plan);
@@ -658,4 +664,170 @@ fn network_programming_latency_with_1000_services() {
     );
     // Target p99 <= 50 ms; asserted with room for this VM's pauses.
     assert!(p99 <= 0.5, "p99 {p99} s");
+}
+
+/// `kpr status` against the bed's agent: (exit code, stdout).
+fn kpr_status(bed: &SocketLbBed, extra: &[&str]) -> (i32, String) {
+    let root = bed.agent.bpf_root.to_str().unwrap().to_string();
+    let addr = bed.agent.metrics_addr.to_string();
+    let mut args = vec!["status", "--bpf-root", &root, "--metrics-addr", &addr];
+    args.extend_from_slice(extra);
+    let out = std::process::Command::new(KPR)
+        .args(&args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// `kpr_services_unprogrammed{reason}` of the bed's agent.
+fn unprogrammed(bed: &SocketLbBed, reason: &str) -> f64 {
+    bed.agent
+        .metric_value("kpr_services_unprogrammed", &format!("reason=\"{reason}\""))
+        .unwrap()
+        .unwrap_or(-1.0)
+}
+
+/// Waits (bounded) until `check` holds.
+#[track_caller]
+fn wait_until(what: &str, bed: &SocketLbBed, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !check() {
+        assert!(
+            Instant::now() < deadline,
+            "{what}; agent log:\n{}",
+            bed.agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The Events the stand-in recorded about Service t/`name`.
+fn events_about(api: &ApiServer, name: &str) -> Vec<Value> {
+    api.events()
+        .into_iter()
+        .filter(|e| e["regarding"]["kind"] == "Service" && e["regarding"]["name"] == name)
+        .collect()
+}
+
+#[test]
+#[ignore = "needs root"]
+fn an_unprogrammable_service_shows_in_the_gauge_in_status_and_as_one_event() {
+    require_root();
+    let api = ApiServer::start();
+    // Full syncs every second: a refused Service is retried (and would be
+    // re-announced, were Events not deduplicated) on each.
+    let bed = start_with("kunprog", &api, 2, &["--sync-period", "1s"]);
+    api.apply(&service(
+        "first",
+        json!({"clusterIP": "10.96.0.30", "ports": [{"port": 80, "targetPort": 8080}]}),
+    ));
+    api.apply(&slice(
+        "first-a",
+        "first",
+        json!([{"port": 8080}]),
+        json!([ep("10.244.0.11")]),
+    ));
+    wait_backends(&bed, "10.96.0.30:80/TCP", Some(&["10.244.0.11:8080"]));
+    // Refused by the maps: its frontend is the first one's.
+    api.apply(&service(
+        "second",
+        json!({"clusterIP": "10.96.0.30", "ports": [{"port": 80, "targetPort": 9090}]}),
+    ));
+    // Refused by translation: the API server refuses a loopback clusterIP.
+    api.apply(&service(
+        "loopback",
+        json!({"clusterIP": "127.0.0.5", "ports": [{"port": 80}]}),
+    ));
+
+    wait_until("the gauge counts both", &bed, || {
+        unprogrammed(&bed, "frontend_conflict") == 1.0 && unprogrammed(&bed, "invalid") == 1.0
+    });
+    assert_eq!(unprogrammed(&bed, "capacity"), 0.0);
+
+    let (code, text) = kpr_status(&bed, &[]);
+    assert_eq!(
+        code, 1,
+        "kpr status must fail with unprogrammed Services:\n{text}"
+    );
+    assert!(
+        text.contains("  Unprogrammed:         2 Services NOT programmed\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("    t/second (frontend_conflict): service t/second: frontend 10.96.0.30:80/TCP is already programmed for service t/first"),
+        "{text}"
+    );
+    assert!(text.contains("    t/loopback (invalid): "), "{text}");
+    let (code, json) = kpr_status(&bed, &["-o", "json"]);
+    assert_eq!(code, 1);
+    let json: Value = serde_json::from_str(&json).unwrap();
+    let listed: Vec<(String, String)> = json["agent"]["Ok"]["unprogrammed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| {
+            assert!(!u["message"].as_str().unwrap().is_empty(), "{u}");
+            (
+                u["service"].as_str().unwrap().into(),
+                u["reason"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("t/loopback".to_string(), "invalid".to_string()),
+            ("t/second".to_string(), "frontend_conflict".to_string())
+        ]
+    );
+
+    // One Warning Event each, against the Service by uid...
+    wait_until("an Event on each", &bed, || {
+        !events_about(&api, "second").is_empty() && !events_about(&api, "loopback").is_empty()
+    });
+    let uid = api
+        .get::<Value>(Kind::Service, Some("t"), "second")
+        .unwrap()["metadata"]["uid"]
+        .clone();
+    let event = &events_about(&api, "second")[0];
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["reason"], "ServiceNotProgrammed");
+    assert_eq!(event["metadata"]["namespace"], "t");
+    assert_eq!(event["regarding"]["uid"], uid);
+    assert!(
+        event["note"].as_str().unwrap().contains("t/first"),
+        "{event}"
+    );
+    // ...and not one per sync: several full syncs later, still one.
+    let syncs = || {
+        bed.agent
+            .metric_value("kpr_syncs_total", "result=\"success\"")
+            .unwrap()
+            .unwrap_or(0.0)
+    };
+    let before = syncs();
+    wait_until("three more syncs", &bed, || syncs() >= before + 3.0);
+    assert_eq!(events_about(&api, "second").len(), 1, "{:#?}", api.events());
+    assert_eq!(
+        events_about(&api, "loopback").len(),
+        1,
+        "{:#?}",
+        api.events()
+    );
+    // /healthz keeps kube-proxy's meaning: one Service does not fail the node.
+    let (health, _) = kpr_testbed::agent::http_get(bed.agent.healthz_addr, "/healthz").unwrap();
+    assert_eq!(health, 200);
+
+    // The conflict goes: the second Service is programmed, the gauge drops.
+    api.delete(Kind::Service, Some("t"), "first");
+    api.delete(Kind::Service, Some("t"), "loopback");
+    wait_until("the gauge back at zero", &bed, || {
+        unprogrammed(&bed, "frontend_conflict") == 0.0 && unprogrammed(&bed, "invalid") == 0.0
+    });
+    let (code, text) = kpr_status(&bed, &[]);
+    assert_eq!(code, 0, "{text}");
+    assert!(!text.contains("Unprogrammed"), "{text}");
 }

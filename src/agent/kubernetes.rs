@@ -6,6 +6,7 @@
 use anyhow::Result;
 use tokio::time::Instant;
 
+use super::events::ServiceEvents;
 use super::node::node_context;
 use super::pin_watch::PinWatch;
 use super::schedule::{Scope, SyncScheduler};
@@ -21,7 +22,7 @@ use crate::status::{StatusHandle, WatcherState};
 /// is complete, so a restart while the API is unreachable keeps the pinned
 /// state serving.
 pub(super) async fn run(
-    mut syncer: Syncer,
+    syncer: Syncer,
     pins: &mut PinWatch,
     config: &KubeSourceConfig,
     ctx: &SourceContext<'_>,
@@ -33,6 +34,8 @@ pub(super) async fn run(
         });
     }
     let client = kube_source::client(&config.api).await?;
+    let mut syncer =
+        syncer.with_events(ServiceEvents::spawn(client.clone(), &ctx.config.node_name));
     let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
     let watchers = kube_source::spawn_watchers(client, &ctx.config.node_name, tx);
     let mut state = SourceState {

@@ -20,6 +20,7 @@ mod addresses;
 mod config;
 mod ct_gc;
 mod devices;
+mod events;
 mod kubernetes;
 mod node;
 mod pin_watch;
@@ -29,6 +30,7 @@ mod standalone;
 mod startup;
 mod switch_over;
 mod syncer;
+mod unprogrammed;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -13,6 +13,8 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result};
 
 use super::switch_over::SwitchOver;
+use super::events::ServiceEvents;
+use super::unprogrammed::Unprogrammed;
 use crate::datapath::dsr::{self, DsrTable};
 use crate::datapath::kernel::KernelMaps;
 use crate::datapath::maps::MapName;
@@ -38,8 +40,11 @@ pub struct Syncer {
     metrics: Arc<Metrics>,
     health: Health,
     status: StatusHandle,
-    /// Refusals of the last sync, to log each only when it first appears.
-    refused: BTreeSet<String>,
+    /// The Services not programmed now, kept exact across full and
+    /// incremental syncs.
+    unprogrammed: Unprogrammed,
+    /// Kubernetes mode: Warning Events on the unprogrammed Services.
+    events: Option<ServiceEvents>,
     /// The DSR map, kept in step with the services map after every sync
     /// that wrote to it (north-south datapath only).
     dsr: Option<DsrTable>,
@@ -98,7 +103,8 @@ impl Syncer {
             metrics,
             health,
             status,
-            refused: BTreeSet::new(),
+            unprogrammed: Unprogrammed::default(),
+            events: None,
             dsr: None,
             dsr_stale: true,
             source_healthy: true,
@@ -122,6 +128,12 @@ impl Syncer {
     pub fn with_dsr(mut self, bpf_root: &Path) -> Result<Syncer> {
         self.dsr = Some(DsrTable::open(bpf_root)?);
         Ok(self)
+    }
+
+    /// Also records a Warning Event on each Service it cannot program.
+    pub fn with_events(mut self, events: ServiceEvents) -> Syncer {
+        self.events = Some(events);
+        self
     }
 
     /// Brings the DSR map to what the services map now holds, when the
@@ -182,13 +194,14 @@ impl Syncer {
     /// its whole state, so entries nobody claims may be pruned.
     pub fn sync_full(&mut self, desired: &DesiredByService, complete: bool) -> Synced {
         self.grow_ahead(desired.values());
-        self.sync_growing(complete, |r| r.sync_full(desired, complete))
+        self.sync_growing(complete, None, |r| r.sync_full(desired, complete))
     }
 
     /// Syncs the maps for the Services in `changes` only.
     pub fn sync_services(&mut self, changes: Vec<(String, ServiceFrontends)>) -> Synced {
         self.grow_ahead(changes.iter().map(|(_, fes)| fes));
-        self.sync_growing(false, |r| r.sync_services(changes.clone()))
+        let synced: Vec<String> = changes.iter().map(|(key, _)| key.clone()).collect();
+        self.sync_growing(false, Some(&synced), |r| r.sync_services(changes.clone()))
     }
 
     /// Grows the maps before a sync that would not fit them (the first
@@ -220,10 +233,12 @@ impl Syncer {
     /// copies) and runs it again, a few rounds at most (each round grows
     /// the maps the previous one found short). Then switches the programs
     /// over if new maps waited to be filled, once a sync of the source's
-    /// `complete` state has filled them.
+    /// `complete` state has filled them. `synced`: the Services synced, or
+    /// None for all of them.
     fn sync_growing(
         &mut self,
         complete: bool,
+        synced: Option<&[String]>,
         mut sync: impl FnMut(&mut Reconciler<KernelMaps>) -> Result<SyncOutcome, SyncError>,
     ) -> Synced {
         const MAX_GROWTH_ROUNDS: usize = 3;
@@ -255,7 +270,7 @@ impl Syncer {
                 }
             }
         }
-        self.report(timer.stop(), result)
+        self.report(timer.stop(), result, synced)
     }
 
     /// What the maps must hold for the Services `outcome` refused for
@@ -310,24 +325,30 @@ impl Syncer {
     }
 
     /// Logs, counts and publishes a sync that took `elapsed` (already
-    /// observed by the sync timer).
-    fn report(&mut self, elapsed: Duration, result: Result<SyncOutcome, SyncError>) -> Synced {
+    /// observed by the sync timer) of every Service (`synced` None) or of
+    /// the Services `synced`.
+    fn report(
+        &mut self,
+        elapsed: Duration,
+        result: Result<SyncOutcome, SyncError>,
+        synced: Option<&[String]>,
+    ) -> Synced {
         // A failed sync re-read the maps: what they hold may have moved.
         let changed = result
             .as_ref()
             .map_or(true, |o| o.writes > 0 || o.pruned_frontends > 0);
         let synced = match result {
             Ok(outcome) => {
-                let refused: BTreeSet<String> =
-                    outcome.refused.iter().map(|r| r.to_string()).collect();
-                for (refusal, text) in outcome
-                    .refused
-                    .iter()
-                    .zip(outcome.refused.iter().map(|r| r.to_string()))
-                {
+                let known = self.unprogrammed.messages();
+                match synced {
+                    None => self.unprogrammed.replace_refused(&outcome.refused),
+                    Some(keys) => self.unprogrammed.update_refused(keys, &outcome.refused),
+                }
+                for refusal in &outcome.refused {
                     // Counted every time, logged when new: a refusal repeats
                     // on every retry until the cause goes away.
-                    if !self.refused.contains(&text) {
+                    let text = refusal.to_string();
+                    if !known.contains(&text) {
                         tracing::error!("{text}");
                     }
                     self.metrics.inc_sync_error(match refusal.reason {
@@ -338,7 +359,6 @@ impl Syncer {
                         RefusalReason::FrontendConflict { .. } => SyncErrorReason::Source,
                     });
                 }
-                self.refused = refused;
                 if outcome.writes > 0 || outcome.pruned_frontends > 0 {
                     tracing::info!(
                         services = outcome.applied_services,
@@ -374,8 +394,8 @@ impl Syncer {
         self.metrics.record_sync_result(maps_ok, SystemTime::now());
         self.health
             .record_sync(maps_ok && self.source_healthy && self.datapath_fault.is_none());
-        self.status
-            .record_sync(maps_ok, self.refused.iter().cloned().collect());
+        self.status.record_sync(maps_ok, self.unprogrammed.list());
+        self.unprogrammed.publish(&self.metrics);
         self.update_gauges();
         synced
     }
@@ -437,7 +457,18 @@ impl Syncer {
         let translation = translate::translate(&services, &slices, node);
         self.record_skipped(&translation.skipped);
         policies.replace_all(&translation);
-        self.sync_full(&translation.desired, complete)
+        self.unprogrammed.replace_invalid(&translation);
+        let synced = self.sync_full(&translation.desired, complete);
+        self.send_events(store);
+        synced
+    }
+
+    /// Offers the Warning Events of the unprogrammed Services (Kubernetes
+    /// mode).
+    fn send_events(&mut self, store: &ObjectStore) {
+        if let Some(events) = self.events.as_mut() {
+            events.update(&self.unprogrammed.list(), store);
+        }
     }
 
     /// Translates only the Services named in `changed` (one gone from the
@@ -452,17 +483,22 @@ impl Syncer {
         let mut skipped = Vec::new();
         let mut updates: Vec<(String, ServiceFrontends)> = Vec::new();
         for key in changed {
-            let t = match store.service(key) {
-                Some(svc) => {
-                    translate::translate_service(svc, &store.slices_of(key), node, &mut skipped)
-                }
-                None => ServiceTranslation::default(),
+            let (t, present) = match store.service(key) {
+                Some(svc) => (
+                    translate::translate_service(svc, &store.slices_of(key), node, &mut skipped),
+                    true,
+                ),
+                None => (ServiceTranslation::default(), false),
             };
             policies.replace_service(key, &t);
+            self.unprogrammed
+                .update_invalid(key, present.then_some(&t), &skipped);
             updates.push((key.clone(), t.frontends));
         }
         self.record_skipped(&skipped);
-        self.sync_services(updates)
+        let synced = self.sync_services(updates);
+        self.send_events(store);
+        synced
     }
 }
 

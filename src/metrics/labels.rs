@@ -79,6 +79,27 @@ label_enum! {
 }
 
 label_enum! {
+    /// Why a Service is not programmed, as the `reason` label of
+    /// `kpr_services_unprogrammed`.
+    pub enum UnprogrammedReason {
+        /// Programming it would overflow a BPF map.
+        Capacity => "capacity",
+        /// Another Service already owns one of its frontends.
+        FrontendConflict => "frontend_conflict",
+        /// No free backend or frontend id.
+        IdsExhausted => "ids_exhausted",
+        /// A frontend has more backends than slots can number.
+        TooManyBackends => "too_many_backends",
+        /// A frontend's Maglev table cannot be built.
+        Maglev => "maglev",
+        /// Translation refused the Service (what the API server would
+        /// refuse, or nothing kpr can program): none of its frontends is
+        /// programmed.
+        Invalid => "invalid",
+    }
+}
+
+label_enum! {
     /// The outcome of a sync, as the `result` label of `kpr_syncs_total`.
     pub enum SyncResult {
         /// Everything the source asked for is programmed.

@@ -25,7 +25,7 @@ use crate::source::manifests::ReadErrorReason;
 mod labels;
 pub use labels::{
     GcStatus, MapLabel, MapName, NodePortEvent, SyncErrorReason, SyncResult, TrafficPolicy,
-    WatchKind,
+    UnprogrammedReason, WatchKind,
 };
 
 /// kube-proxy's sync duration buckets: `0.001 * 2^i` s for i in 0..15, i.e.
@@ -57,6 +57,11 @@ struct SyncErrorLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SkipLabels {
     reason: SkipReason,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UnprogrammedLabels {
+    reason: UnprogrammedReason,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -102,6 +107,7 @@ struct NodePortEventLabels {
 /// | `kpr_bpf_map_entries`, `kpr_bpf_map_capacity` | gauge | `map` ([`MapName`]) |
 /// | `kpr_bpf_map_grown_total` | counter | `map` ([`MapName`]) |
 /// | `kpr_sync_errors_total` | counter | `reason` ([`SyncErrorReason`]) |
+/// | `kpr_services_unprogrammed` | gauge | `reason` ([`UnprogrammedReason`]) |
 /// | `kpr_skipped_objects_total` | counter | `reason` ([`SkipReason`]) |
 /// | `kpr_source_read_errors_total` | counter | `reason` ([`ReadErrorReason`]) |
 /// | `kpr_syncs_total` | counter | `result` ([`SyncResult`]) |
@@ -123,6 +129,7 @@ pub struct Metrics {
     map_capacity: Family<MapLabels, Gauge>,
     map_grown: Family<MapLabels, Counter>,
     sync_errors: Family<SyncErrorLabels, Counter>,
+    unprogrammed: Family<UnprogrammedLabels, Gauge>,
     skipped: Family<SkipLabels, Counter>,
     source_read_errors: Family<ReadErrorLabels, Counter>,
     syncs: Family<SyncResultLabels, Counter>,
@@ -167,6 +174,7 @@ impl Metrics {
             map_capacity: Family::default(),
             map_grown: Family::default(),
             sync_errors: Family::default(),
+            unprogrammed: Family::default(),
             skipped: Family::default(),
             source_read_errors: Family::default(),
             syncs: Family::default(),
@@ -211,6 +219,11 @@ impl Metrics {
             let _ = metrics
                 .sync_errors
                 .get_or_create(&SyncErrorLabels { reason });
+        }
+        for &reason in UnprogrammedReason::ALL {
+            let _ = metrics
+                .unprogrammed
+                .get_or_create(&UnprogrammedLabels { reason });
         }
         for reason in SkipReason::ALL {
             let _ = metrics.skipped.get_or_create(&SkipLabels { reason });
@@ -279,6 +292,11 @@ impl Metrics {
             "kpr_sync_errors",
             "Errors during syncs, by reason",
             self.sync_errors.clone(),
+        );
+        r.register(
+            "kpr_services_unprogrammed",
+            "Services not programmed now (each listed by kpr status), by reason",
+            self.unprogrammed.clone(),
         );
         r.register(
             "kpr_skipped_objects",
@@ -490,6 +508,14 @@ impl Metrics {
     /// Counts one skipped document or object in `kpr_skipped_objects_total{reason}`.
     pub fn inc_skipped(&self, reason: SkipReason) {
         self.skipped.get_or_create(&SkipLabels { reason }).inc();
+    }
+
+    /// Sets `kpr_services_unprogrammed{reason}`: Services not programmed
+    /// now for `reason`.
+    pub fn set_unprogrammed(&self, reason: UnprogrammedReason, services: usize) {
+        self.unprogrammed
+            .get_or_create(&UnprogrammedLabels { reason })
+            .set(gauge_value(services));
     }
 
     /// Sets `kpr_services`: Services programmed.

@@ -39,6 +39,7 @@ fn every_family_is_exposed_under_its_exact_name_and_type() {
         "kpr_bpf_map_entries gauge",
         "kpr_bpf_map_capacity gauge",
         "kpr_sync_errors counter",
+        "kpr_services_unprogrammed gauge",
         "kpr_skipped_objects counter",
         "kpr_source_read_errors counter",
         "kpr_syncs counter",
@@ -77,6 +78,10 @@ fn every_label_value_is_exported_at_zero_before_any_event() {
     }
     for reason in SyncErrorReason::ALL {
         let series = format!("kpr_sync_errors_total{{reason=\"{reason}\"}}");
+        assert_eq!(sample(&text, &series), 0.0);
+    }
+    for reason in UnprogrammedReason::ALL {
+        let series = format!("kpr_services_unprogrammed{{reason=\"{reason}\"}}");
         assert_eq!(sample(&text, &series), 0.0);
     }
     for reason in SkipReason::ALL {

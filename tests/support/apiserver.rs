@@ -35,7 +35,10 @@
 //!   `.../{name}`), the same under `/apis/discovery.k8s.io/v1/` for
 //!   `endpointslices`, `/api/v1/nodes` and `/api/v1/nodes/{name}`, and
 //!   `/version`. No discovery endpoints (typed `Api` does not use them).
-//!   Anything else: 404 `Status`; other methods: 405.
+//!   Anything else: 404 `Status`.
+//! - `POST` of Events (`events.k8s.io/v1` and core v1), validated as the
+//!   apiserver does and recorded ([`ApiServer::events`]); other methods and
+//!   other `POST`s: 405.
 //! - One global resourceVersion counter for all kinds, like etcd's revision.
 //!   Objects get `resourceVersion`, `uid`, `creationTimestamp` and (Service,
 //!   EndpointSlice) `generation` filled in as the apiserver fills them.
@@ -79,6 +82,8 @@
 
 // Paths are spelled out: this file is included by `#[path]`, which
 // resolves child modules next to it rather than in `apiserver/`.
+#[path = "apiserver/events.rs"]
+mod events;
 #[path = "apiserver/selector.rs"]
 pub mod selector;
 #[path = "apiserver/server.rs"]
@@ -342,6 +347,13 @@ impl ApiServer {
     pub fn requests(&self) -> Vec<String> {
         let log = self.shared.requests.lock();
         log.unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The Events created so far (`POST .../events`), as stored, in
+    /// arrival order.
+    pub fn events(&self) -> Vec<Value> {
+        let events = self.shared.events.lock();
+        events.unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Watch streams open now, all kinds.

@@ -25,6 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 
+use super::events;
 use super::selector::{FieldSelector, LabelSelector};
 use super::store::{Change, Key, Kind, Store, VersionError};
 use super::Options;
@@ -51,6 +52,8 @@ pub struct Shared {
     next_watch_id: AtomicU64,
     /// `METHOD path?query` of every request, in arrival order.
     pub requests: Mutex<Vec<String>>,
+    /// Events created, as stored, in arrival order.
+    pub events: Mutex<Vec<Value>>,
 }
 
 impl Shared {
@@ -67,6 +70,7 @@ impl Shared {
             open: Mutex::new(HashMap::new()),
             next_watch_id: AtomicU64::new(1),
             requests: Mutex::new(Vec::new()),
+            events: Mutex::new(Vec::new()),
         }
     }
 
@@ -135,9 +139,21 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, mut kill: watc
         }
     }
     let live = Live(shared.clone());
-    let service = hyper::service::service_fn(move |req| {
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let shared = shared.clone();
-        async move { Ok::<_, Infallible>(handle(&shared, &req)) }
+        async move {
+            if req.method() != Method::POST {
+                return Ok::<_, Infallible>(handle(&shared, &req));
+            }
+            log_request(&shared, &req);
+            let (parts, body) = req.into_parts();
+            let body = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .map_err(|e| e.to_string());
+            Ok(events::post(&shared, &parts, body))
+        }
     });
     let conn =
         hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
@@ -165,7 +181,7 @@ impl std::fmt::Display for Aborted {
 
 impl std::error::Error for Aborted {}
 
-type Body = UnsyncBoxBody<Bytes, Aborted>;
+pub type Body = UnsyncBoxBody<Bytes, Aborted>;
 
 /// Where a request points.
 struct Target {
@@ -174,12 +190,16 @@ struct Target {
     name: Option<String>,
 }
 
-fn handle(shared: &Arc<Shared>, req: &Request<Incoming>) -> Response<Body> {
+fn log_request(shared: &Shared, req: &Request<Incoming>) {
     shared
         .requests
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .push(format!("{} {}", req.method(), req.uri()));
+}
+
+fn handle(shared: &Arc<Shared>, req: &Request<Incoming>) -> Response<Body> {
+    log_request(shared, req);
     let path = req.uri().path();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     if req.method() != Method::GET {
@@ -778,11 +798,11 @@ pub fn status_json(code: StatusCode, reason: &str, message: &str, details: Optio
     status
 }
 
-fn error(code: StatusCode, reason: &str, message: String) -> Response<Body> {
+pub fn error(code: StatusCode, reason: &str, message: String) -> Response<Body> {
     json_response(code, &status_json(code, reason, &message, None))
 }
 
-fn json_response(code: StatusCode, body: &Value) -> Response<Body> {
+pub fn json_response(code: StatusCode, body: &Value) -> Response<Body> {
     let bytes = serde_json::to_vec(body)
         .unwrap_or_else(|e| panic!("apiserver stand-in: encode response: {e}"));
     let mut response = Response::new(
