@@ -7,8 +7,10 @@
  * back, so applications only ever see the frontend address.
  *
  * Hook entry points are thin: they never fail a syscall except when the
- * destination is a frontend without a usable backend, which fails with
- * ECONNREFUSED at once (what kube-proxy's REJECT rule gives a client),
+ * destination is a frontend without a usable backend, or a ClusterIP on a
+ * port or protocol its Service does not define (its port-reject entry),
+ * which fails with ECONNREFUSED at once (what kube-proxy's REJECT rule
+ * gives a client),
  * whatever --service-no-backend-response says (it is about what remote
  * clients are told; a local one is better told at once), or one whose
  * loadBalancerSourceRanges refuse the client, which fails with EPERM; and
@@ -169,8 +171,13 @@ static __always_inline int sock_translate(struct bpf_sock_addr *ctx,
 	master = lb_lookup_master(&key);
 	if (!master)
 		master = lb_host_nodeport_lookup(&key);
-	if (!master)
-		return 0;
+	if (!master) {
+		/* A ClusterIP on a port or protocol its Service lacks: refused
+		 * as an empty Service is, not sent off untranslated. (The
+		 * NodePort lookup may have moved the key's address.) */
+		__builtin_memcpy(key.addr, rval.addr, sizeof(key.addr));
+		return lb_port_rejected(&key) ? -no_backend_errno : 0;
+	}
 	if (!sock_src_allowed(ctx, fam, op, master))
 		return -EPERM;
 

@@ -512,6 +512,25 @@ static __always_inline struct lb_svc_val *np_wildcard_lookup(void *ctx, __u32 if
 	return master;
 }
 
+/* A packet that no frontend matches, to a ClusterIP (on a port or
+ * protocol its Service does not define): answered as a new flow to a
+ * frontend without backend is (--service-no-backend-response; counted the
+ * same), as kube-proxy rejects traffic to invalid ports of ClusterIPs.
+ * NP_V_PASS when the destination is no ClusterIP. */
+static __always_inline int np_invalid_port(const struct pkt4 *p)
+{
+	struct lb_svc_key key = {};
+
+	lb_addr_set_v4(key.addr, p->daddr);
+	if (!lb_port_rejected(&key))
+		return NP_V_PASS;
+	if (!no_backend_reject || p->frag == PKT_FRAG_LATER || !np_can_reject(p)) {
+		np_count(NP_STAT_NO_BACKEND);
+		return NP_V_DROP;
+	}
+	return NP_V_REJECT;
+}
+
 /* The decision for a packet that entered on @ifindex: a SNATed flow's
  * reply, a packet to a frontend (tracked or new), or not ours. On NP_V_FWD
  * the packet is to be rewritten as @fwd says, its TTL decremented, and
@@ -554,6 +573,8 @@ static __always_inline int np_ingress(void *ctx, __u32 ifindex, const struct pkt
 	master = lb_lookup_master(&skey);
 	if (!master)
 		master = np_wildcard_lookup(ctx, ifindex, p, &skey, opts);
+	if (!master && (v = np_invalid_port(p)) != NP_V_PASS)
+		return v;
 	if (!master || !(master->flags & NP_SVC_TYPES)) {
 		if (is_tcp_syn(p))
 			np_direct_syn(p);

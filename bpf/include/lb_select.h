@@ -36,6 +36,22 @@ lb_lookup_master(struct lb_svc_key *key)
 	return bpf_map_lookup_elem(&kpr_svc_v1, key);
 }
 
+/* Whether the address of @key is a ClusterIP whose port-reject entry
+ * says that a port (or protocol) no frontend of it defines is refused.
+ * Looked up only after the exact lookup missed; @key's port, protocol,
+ * slot and scope are overwritten. */
+static __always_inline int lb_port_rejected(struct lb_svc_key *key)
+{
+	struct lb_svc_val *val;
+
+	key->port = 0;
+	key->proto = 0;
+	key->slot = 0;
+	key->scope = LB_SCOPE_EXT;
+	val = bpf_map_lookup_elem(&kpr_svc_v1, key);
+	return val && (val->flags & SVC_F_PORT_REJECT);
+}
+
 static __always_inline struct lb_backend *
 lb_lookup_backend(__u32 backend_id)
 {

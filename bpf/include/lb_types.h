@@ -20,7 +20,10 @@
  * giving meaning to bits or bytes that were always zero, when zero (what
  * every older writer left there) means the old behaviour:
  * struct lb_backend.flags, SVC_F_SRC_RANGE, SVC_F_SRC_RANGE_NODE,
- * SVC_F_MAGLEV, CT_F_DSR_ENCAP, CT_F_DSR_DECAP.
+ * SVC_F_MAGLEV, CT_F_DSR_ENCAP, CT_F_DSR_DECAP; and the port-reject
+ * entries of the services map (SVC_F_PORT_REJECT), whose key has proto 0,
+ * which no writer used before: older programs never look such a key up
+ * and older agents skip it when they read the map.
  */
 #ifndef KPR_LB_TYPES_H
 #define KPR_LB_TYPES_H
@@ -54,6 +57,12 @@ enum lb_svc_flags {
 	SVC_F_MAGLEV        = 1 << 10, /* north-south new flows pick from the
 					  * frontend's Maglev table (kpr_maglev_v1[svc_id]);
 					  * zero, as every older writer left it, is random */
+	SVC_F_PORT_REJECT   = 1 << 11, /* the port-reject entry of a ClusterIP (key
+					  * port 0, proto 0, slot 0, scope EXT; no other
+					  * field set): a destination on this address that
+					  * no frontend matches is refused as an empty
+					  * Service is (kube-proxy's "Reject traffic to
+					  * invalid ports of ClusterIPs") */
 };
 
 /* Backend states (struct lb_backend.state). */

@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
+use std::net::IpAddr;
 
 use ipnet::IpNet;
 
@@ -16,7 +17,7 @@ use crate::datapath::maps::{
     BackendEntry, BackendId, Capacity, LbMaps, MaglevTable, MaglevTableInfo, MapError, MapName,
     ServiceId, Snapshot, SvcValue,
 };
-use crate::model::Frontend;
+use crate::model::{Frontend, ServiceType};
 
 #[derive(Debug, Default)]
 pub struct FakeMaps {
@@ -28,6 +29,8 @@ pub struct FakeMaps {
     pub source_ranges: BTreeSet<(ServiceId, IpNet)>,
     /// svc_id -> Maglev table.
     pub maglev: BTreeMap<ServiceId, MaglevTable>,
+    /// ClusterIPs with a port-reject entry (in the services map).
+    pub port_rejects: BTreeSet<IpAddr>,
     capacity: Option<Capacity>,
     /// Entry writes left before every write fails with EIO; None = never.
     pub fail_after_writes: Option<usize>,
@@ -63,6 +66,7 @@ impl FakeMaps {
             .iter()
             .map(|(id, t)| (*id, MaglevTableInfo::of(t)))
             .collect();
+        s.port_rejects = self.port_rejects.clone();
         s
     }
 
@@ -231,7 +235,8 @@ impl LbMaps for FakeMaps {
         for (fe, slot, value) in entries {
             self.write(MapName::Services, "update")?;
             let key = (*fe, *slot);
-            if !self.services.contains_key(&key) && self.services.len() >= self.capacity().services
+            if !self.services.contains_key(&key)
+                && self.services.len() + self.port_rejects.len() >= self.capacity().services
             {
                 return Err(MapError::new(
                     "update",
@@ -279,6 +284,42 @@ impl LbMaps for FakeMaps {
             self.write(MapName::Services, "delete")?;
             self.services.remove(key);
             self.check_frontend(&key.0, "delete service entry");
+        }
+        Ok(())
+    }
+
+    fn put_port_rejects(&mut self, ips: &[IpAddr]) -> Result<(), MapError> {
+        for ip in ips {
+            self.write(MapName::Services, "update")?;
+            if !self.port_rejects.contains(ip)
+                && self.services.len() + self.port_rejects.len() >= self.capacity().services
+            {
+                return Err(MapError::new(
+                    "update",
+                    MapName::Services,
+                    io::Error::from_raw_os_error(libc::E2BIG),
+                ));
+            }
+            // Written after the frontends it guards: a port about to be
+            // served must never be refused.
+            let served = self.services.iter().any(|((fe, slot), v)| {
+                *slot == 0
+                    && fe.addr.ip == *ip
+                    && matches!(v, SvcValue::Master(m) if m.svc_type == ServiceType::ClusterIP)
+            });
+            if !served {
+                self.violations
+                    .push(format!("put port reject: {ip} has no ClusterIP frontend"));
+            }
+            self.port_rejects.insert(*ip);
+        }
+        Ok(())
+    }
+
+    fn delete_port_rejects(&mut self, ips: &[IpAddr]) -> Result<(), MapError> {
+        for ip in ips {
+            self.write(MapName::Services, "delete")?;
+            self.port_rejects.remove(ip);
         }
         Ok(())
     }

@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
+use std::net::IpAddr;
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 
@@ -268,8 +269,8 @@ impl LbMaps for KernelMaps {
     }
 
     fn snapshot(&self) -> Result<Snapshot, MapError> {
-        let svc = self.entries::<lb_svc_key, lb_svc_val>(MapName::Services)?;
-        let svc = svc.iter().filter_map(|(k, v)| {
+        let raw_svc = self.entries::<lb_svc_key, lb_svc_val>(MapName::Services)?;
+        let svc = raw_svc.iter().filter_map(|(k, v)| {
             let (fe, slot) = layout::decode_svc_key(k)?;
             Some((fe, slot, layout::decode_svc_value(slot, v)?))
         });
@@ -279,6 +280,10 @@ impl LbMaps for KernelMaps {
             .filter_map(|(id, v)| Some((*id, layout::decode_backend(v)?)))
             .collect();
         let mut snapshot = Snapshot::from_entries(svc, backends);
+        snapshot.port_rejects = raw_svc
+            .iter()
+            .filter_map(|(k, v)| layout::decode_port_reject(k, v))
+            .collect();
         // An LPM trie's lookup matches prefixes, not keys: walk the keys.
         for key in self.source_ranges.keys() {
             if let Some((svc_id, net)) =
@@ -323,6 +328,20 @@ impl LbMaps for KernelMaps {
             .iter()
             .map(|(fe, slot)| layout::svc_key(fe, *slot))
             .collect();
+        self.delete_batch(MapName::Services, &raw)
+    }
+
+    fn put_port_rejects(&mut self, ips: &[IpAddr]) -> Result<(), MapError> {
+        let value = layout::port_reject_value();
+        let raw: Vec<(lb_svc_key, lb_svc_val)> = ips
+            .iter()
+            .map(|ip| (layout::port_reject_key(*ip), value))
+            .collect();
+        self.update_batch(MapName::Services, &raw)
+    }
+
+    fn delete_port_rejects(&mut self, ips: &[IpAddr]) -> Result<(), MapError> {
+        let raw: Vec<lb_svc_key> = ips.iter().map(|ip| layout::port_reject_key(*ip)).collect();
         self.delete_batch(MapName::Services, &raw)
     }
 

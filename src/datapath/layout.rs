@@ -31,6 +31,7 @@ const SVC_F_ITP_LOCAL: u16 = lb_svc_flags::SVC_F_ITP_LOCAL.0 as u16;
 const SVC_F_SRC_RANGE: u16 = lb_svc_flags::SVC_F_SRC_RANGE.0 as u16;
 const SVC_F_SRC_RANGE_NODE: u16 = lb_svc_flags::SVC_F_SRC_RANGE_NODE.0 as u16;
 const SVC_F_MAGLEV: u16 = lb_svc_flags::SVC_F_MAGLEV.0 as u16;
+const SVC_F_PORT_REJECT: u16 = lb_svc_flags::SVC_F_PORT_REJECT.0 as u16;
 const BE_STATE_ACTIVE: u8 = lb_backend_state::BE_STATE_ACTIVE.0 as u8;
 const BE_STATE_TERMINATING: u8 = lb_backend_state::BE_STATE_TERMINATING.0 as u8;
 const BE_F_LOCAL: u8 = lb_backend_flags::BE_F_LOCAL.0 as u8;
@@ -79,6 +80,34 @@ pub fn svc_key(fe: &Frontend, slot: u16) -> lb_svc_key {
         },
         pad: [0; 2],
     }
+}
+
+/// The key of the port-reject entry of ClusterIP `ip`: port 0, protocol
+/// 0 (no frontend has either), slot 0, scope External.
+pub fn port_reject_key(ip: IpAddr) -> lb_svc_key {
+    lb_svc_key {
+        addr: encode_ip(ip),
+        scope: LB_SCOPE_EXT,
+        ..Default::default()
+    }
+}
+
+/// The value of every port-reject entry: the flag alone.
+pub fn port_reject_value() -> lb_svc_val {
+    lb_svc_val {
+        flags: SVC_F_PORT_REJECT,
+        ..Default::default()
+    }
+}
+
+/// The ClusterIP of a port-reject entry; None for any other entry.
+pub fn decode_port_reject(key: &lb_svc_key, val: &lb_svc_val) -> Option<IpAddr> {
+    (key.proto == 0
+        && key.port == 0
+        && key.slot == 0
+        && key.scope == LB_SCOPE_EXT
+        && val.flags == SVC_F_PORT_REJECT)
+        .then(|| decode_ip(&key.addr))
 }
 
 /// The frontend and slot of a key; None for a key kpr never writes.

@@ -255,3 +255,33 @@ fn backend_golden_encoding() {
     let old = lb_backend { flags: 0, ..v };
     assert_eq!(decode_backend(&old).map(|b| b.local), Some(false));
 }
+
+#[test]
+fn port_reject_golden_encoding_and_roundtrip() {
+    let k = port_reject_key("10.96.0.10".parse().unwrap());
+    assert_eq!(
+        hex(&k),
+        //  ::ffff:10.96.0.10                 port slot  proto scope pad
+        "00000000000000000000ffff0a60000a".to_string() + "0000" + "0000" + "00" + "00" + "0000"
+    );
+    let v = port_reject_value();
+    // backend_id count svc_id affinity flags (1 << 11) pad
+    assert_eq!(
+        hex(&v),
+        "00000000".to_string() + "00000000" + "00000000" + "00000000" + "0008" + "0000"
+    );
+    assert_eq!(
+        decode_port_reject(&k, &v),
+        Some("10.96.0.10".parse().unwrap())
+    );
+    // Not a frontend key (no protocol), and a frontend's master is no
+    // port-reject entry.
+    assert_eq!(decode_svc_key(&k), None);
+    let fe = Frontend::new("10.96.0.10".parse().unwrap(), 80, Protocol::Tcp);
+    assert_eq!(decode_port_reject(&svc_key(&fe, 0), &v), None);
+    let v6 = port_reject_key("fd00:10:96::a".parse().unwrap());
+    assert_eq!(
+        decode_port_reject(&v6, &v),
+        Some("fd00:10:96::a".parse().unwrap())
+    );
+}

@@ -126,6 +126,9 @@ pub struct Snapshot {
     /// without a master or beyond its count, left by an interrupted apply.
     /// They are never selected by the datapath and are removed on prune.
     pub stray_entries: Vec<(Frontend, u16)>,
+    /// ClusterIPs with a port-reject entry: a port or protocol no frontend
+    /// of theirs has is refused (one services-map entry each).
+    pub port_rejects: BTreeSet<IpAddr>,
 }
 
 impl Snapshot {
@@ -179,6 +182,7 @@ impl Snapshot {
             source_ranges: BTreeMap::new(),
             maglev: BTreeMap::new(),
             stray_entries: stray,
+            port_rejects: BTreeSet::new(),
         }
     }
 
@@ -217,6 +221,9 @@ pub trait LbMaps {
         entries: &[(Frontend, u16, SvcValue)],
     ) -> Result<(), MapError>;
     fn delete_service_entries(&mut self, keys: &[(Frontend, u16)]) -> Result<(), MapError>;
+    /// Writes the port-reject entries of these ClusterIPs (services map).
+    fn put_port_rejects(&mut self, ips: &[IpAddr]) -> Result<(), MapError>;
+    fn delete_port_rejects(&mut self, ips: &[IpAddr]) -> Result<(), MapError>;
     /// Adds allowed (frontend id, prefix) pairs to the source-range map.
     fn put_source_ranges(&mut self, entries: &[(ServiceId, IpNet)]) -> Result<(), MapError>;
     fn delete_source_ranges(&mut self, entries: &[(ServiceId, IpNet)]) -> Result<(), MapError>;

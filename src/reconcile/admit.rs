@@ -142,7 +142,8 @@ impl<M: LbMaps> Reconciler<M> {
                 let existing = self.programmed(fe).map_or(0, |e| 1 + e.slots.len());
                 (1 + spec.backends.len()).saturating_sub(existing)
             })
-            .sum();
+            .sum::<usize>()
+            + self.added_port_rejects(fes);
         let source_ranges = fes
             .iter()
             .map(|(fe, spec)| {

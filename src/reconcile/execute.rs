@@ -17,6 +17,7 @@ impl<M: LbMaps> Reconciler<M> {
         self.write_slots(plan)?;
         self.write_maglev_tables(plan)?;
         self.write_masters(plan)?;
+        self.write_port_rejects(plan)?;
         self.remove_shrunk_slots(plan)?;
         self.remove_frontends(plan)?;
         self.remove_unreferenced(plan)?;
@@ -55,19 +56,28 @@ impl<M: LbMaps> Reconciler<M> {
         self.maps.put_service_entries(&external)
     }
 
+    /// 4b. Port-reject entries of new ClusterIPs, after their masters: a
+    ///     port about to be served is never refused.
+    fn write_port_rejects(&mut self, plan: &Plan) -> Result<(), MapError> {
+        self.maps.put_port_rejects(&plan.put_port_rejects)
+    }
+
     /// 5. Slots beyond a shrunk count (the master no longer counts them).
     fn remove_shrunk_slots(&mut self, plan: &Plan) -> Result<(), MapError> {
         self.maps.delete_service_entries(&plan.delete_shrunk_slots)
     }
 
-    /// 6. Removed frontends: master first, then their slots; then source
-    ///    ranges no frontend wants any more (after the master that stopped
-    ///    enforcing them, so a client is never refused by a range set
-    ///    halfway between the old and the new one), and unused Maglev tables.
+    /// 6. Removed frontends: master first, then their slots, then the
+    ///    port-reject entries of ClusterIPs left without any frontend; then
+    ///    source ranges no frontend wants any more (after the master that
+    ///    stopped enforcing them, so a client is never refused by a range
+    ///    set halfway between the old and the new one), and unused Maglev
+    ///    tables.
     fn remove_frontends(&mut self, plan: &Plan) -> Result<(), MapError> {
         self.maps.delete_service_entries(&plan.delete_masters)?;
         self.maps
             .delete_service_entries(&plan.delete_removed_slots)?;
+        self.maps.delete_port_rejects(&plan.delete_port_rejects)?;
         self.maps.delete_source_ranges(&plan.delete_ranges)?;
         self.maps.delete_maglev_tables(&plan.delete_maglev)
     }

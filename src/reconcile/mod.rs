@@ -8,9 +8,11 @@
 //!     source ranges they gain (before the master that enforces them);
 //!  3. Maglev tables of new and changed frontends are written (before a
 //!     master flags Maglev, and before it counts the backends they hold);
-//!  4. their master entries (with the new count) are written;
+//!  4. their master entries (with the new count) are written, then the
+//!     port-reject entries of new ClusterIPs (`port_reject`);
 //!  5. slots beyond a shrunk count are removed;
-//!  6. removed frontends lose their master entry, then their slots; then
+//!  6. removed frontends lose their master entry, then their slots, then
+//!     the port-reject entry of a ClusterIP left without frontend; then
 //!     source ranges no frontend wants any more go (after the master that
 //!     stopped enforcing them, so a client is never refused by a range
 //!     set halfway between the old and the new one), and Maglev tables no
@@ -41,6 +43,7 @@ mod maglev_plan;
 #[cfg(test)]
 mod maglev_tests;
 mod plan;
+mod port_reject;
 mod prune;
 mod refusal;
 #[cfg(test)]
@@ -107,6 +110,8 @@ pub struct Reconciler<M: LbMaps> {
     /// Affinity entries have not been checked since the maps were read:
     /// a previous agent may have left entries for ids that are gone.
     affinity_unchecked: bool,
+    /// Port-reject entries have not been checked since the maps were read.
+    port_rejects_unchecked: bool,
     /// Table size and seed of Maglev tables.
     maglev: MaglevParams,
     /// Maglev tables known to be right (written or checked since the maps
@@ -138,6 +143,7 @@ impl<M: LbMaps> Reconciler<M> {
             owners: HashMap::new(),
             applied: HashMap::new(),
             affinity_unchecked: true,
+            port_rejects_unchecked: true,
         };
         r.reload()?;
         Ok(r)
@@ -163,6 +169,7 @@ impl<M: LbMaps> Reconciler<M> {
         self.owners
             .retain(|fe, _| actual.frontends.contains_key(fe));
         self.maglev_sources.clear();
+        self.port_rejects_unchecked = true;
         Ok(())
     }
 
@@ -194,7 +201,9 @@ impl<M: LbMaps> Reconciler<M> {
 
     /// Entries the services map holds.
     pub fn service_entries(&self) -> usize {
-        self.actual.service_entries() + self.actual.stray_entries.len()
+        self.actual.service_entries()
+            + self.actual.stray_entries.len()
+            + self.actual.port_rejects.len()
     }
 
     /// Brings the maps to `desired`, touching only Services that changed.
@@ -255,6 +264,7 @@ impl<M: LbMaps> Reconciler<M> {
             outcome.pruned_frontends = self.plan_prune(&mut plan);
         }
         self.plan_unreferenced_backends(&mut plan);
+        self.plan_port_rejects(&mut plan);
         outcome.writes = plan.writes();
         if let Err(e) = self.execute(&plan) {
             // The maps are consistent but not what we planned: re-read them
@@ -267,6 +277,7 @@ impl<M: LbMaps> Reconciler<M> {
             return Err(SyncError(e));
         }
         self.affinity_unchecked = false;
+        self.port_rejects_unchecked = false;
         self.release_ids(plan);
         Ok(outcome)
     }

@@ -4,6 +4,7 @@
 //! backend index and reference counts) in step with the planned writes.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
 
 use ipnet::IpNet;
 
@@ -28,6 +29,9 @@ pub(super) struct Plan {
     pub delete_ranges: Vec<(ServiceId, IpNet)>,
     pub delete_maglev: Vec<ServiceId>,
     pub delete_backends: Vec<BackendId>,
+    /// ClusterIPs that gain or lose their port-reject entry.
+    pub put_port_rejects: Vec<IpAddr>,
+    pub delete_port_rejects: Vec<IpAddr>,
     pub prune_affinity: bool,
     /// Maglev tables built in this sync, by their sorted backend addresses:
     /// frontends with the same set get the same table (one `Arc`).
@@ -53,6 +57,8 @@ impl Plan {
             + self.delete_ranges.len()
             + self.delete_maglev.len()
             + self.delete_backends.len()
+            + self.put_port_rejects.len()
+            + self.delete_port_rejects.len()
     }
 }
 

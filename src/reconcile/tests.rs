@@ -110,6 +110,13 @@ fn assert_maps_hold(r: &Reconciler<FakeMaps>, d: &DesiredByService) {
         .collect();
     let stored: HashSet<BackendId> = snap.backends.keys().copied().collect();
     assert_eq!(referenced, stored, "unreferenced or missing backends");
+    let cluster_ips: std::collections::BTreeSet<IpAddr> = d
+        .values()
+        .flatten()
+        .filter(|(_, s)| s.svc_type == ServiceType::ClusterIP)
+        .map(|(f, _)| f.addr.ip)
+        .collect();
+    assert_eq!(snap.port_rejects, cluster_ips, "port-reject entries");
     assert!(
         r.maps().violations.is_empty(),
         "datapath invariant broken: {:?}",
@@ -136,7 +143,8 @@ fn a_new_service_is_written_backends_first_then_slots_then_master() {
     let mut r = Reconciler::new(FakeMaps::new()).unwrap();
     let d = desired(vec![web3()]);
     let out = r.sync_full(&d, true).unwrap();
-    assert_eq!(out.writes, 3 + 3 + 1);
+    // Backends, slots, master, and the ClusterIP's port-reject entry.
+    assert_eq!(out.writes, 3 + 3 + 1 + 1);
     assert_maps_hold(&r, &d);
     let e = &r.snapshot().frontends[&fe("10.96.0.10", 80)];
     assert_eq!(e.master.svc_id, 1);
