@@ -518,6 +518,90 @@ fn snat_node_translates_flows_both_ways_and_leaves_other_traffic_alone() {
 /// known in advance.
 #[test]
 #[ignore = "needs root"]
+fn a_cluster_ip_on_a_port_or_protocol_its_service_lacks_is_answered_as_an_empty_service() {
+    require_root();
+    let node = TestNode::start(config());
+    // Service remote: ClusterIP 10.96.0.10 with TCP 80 and UDP 53.
+    let cluster_ip = Ipv4Addr::new(10, 96, 0, 10);
+    let bad_port = tcp((C, 40100), (cluster_ip, 81), TCP_SYN);
+    let udp_side_of_tcp_port = udp((C, 40101), (cluster_ip, 80), b"query");
+    let tcp_side_of_udp_port = tcp((C, 40102), (cluster_ip, 53), TCP_SYN);
+    let defined_port = tcp((C, 40103), (cluster_ip, 80), TCP_SYN);
+    let no_cluster_ip = tcp((C, 40104), (Ipv4Addr::new(10, 96, 0, 99), 81), TCP_SYN);
+    let node_ip_other_port = tcp((C, 40105), (N, 22), TCP_SYN);
+    let cases = vec![
+        Case {
+            what:
+                "XDP: a SYN to a ClusterIP port the Service lacks goes on to tc, which answers it",
+            hook: Hook::Xdp,
+            input: from(CLIENT_MAC, bad_port.clone()),
+            verdict: Verdict::XdpPass,
+            output: Out::Unchanged,
+            counts: &[],
+        },
+        Case {
+            what: "tc: that SYN becomes ICMP port unreachable from the ClusterIP, sent back",
+            hook: Hook::TcIngress,
+            input: from(CLIENT_MAC, bad_port.clone()),
+            verdict: Verdict::TcRedirect,
+            output: Out::Frame(port_unreachable(&bad_port)),
+            counts: &[("reject_no_backend", 1)],
+        },
+        Case {
+            what: "tc: so does UDP to a port the Service has for TCP only",
+            hook: Hook::TcIngress,
+            input: from(CLIENT_MAC, udp_side_of_tcp_port.clone()),
+            verdict: Verdict::TcRedirect,
+            output: Out::Frame(port_unreachable(&udp_side_of_tcp_port)),
+            counts: &[("reject_no_backend", 1)],
+        },
+        Case {
+            what: "tc: and TCP to a port the Service has for UDP only",
+            hook: Hook::TcIngress,
+            input: from(CLIENT_MAC, tcp_side_of_udp_port.clone()),
+            verdict: Verdict::TcRedirect,
+            output: Out::Frame(port_unreachable(&tcp_side_of_udp_port)),
+            counts: &[("reject_no_backend", 1)],
+        },
+        Case {
+            what: "tc: a RST to such a port is dropped, not answered",
+            hook: Hook::TcIngress,
+            input: from(CLIENT_MAC, tcp((C, 40106), (cluster_ip, 81), TCP_RST)),
+            verdict: Verdict::TcShot,
+            output: Out::Unchanged,
+            counts: &[("drop_no_backend", 1)],
+        },
+        Case {
+            what: "tc: a port the Service defines goes on untouched (ClusterIPs are not served \
+                   north-south)",
+            hook: Hook::TcIngress,
+            input: from(CLIENT_MAC, defined_port),
+            verdict: Verdict::TcNext,
+            output: Out::Unchanged,
+            counts: &[],
+        },
+        Case {
+            what: "tc: an address that is no ClusterIP goes on untouched",
+            hook: Hook::TcIngress,
+            input: from(CLIENT_MAC, no_cluster_ip),
+            verdict: Verdict::TcNext,
+            output: Out::Unchanged,
+            counts: &[],
+        },
+        Case {
+            what: "tc: the node's own address on a port that is no NodePort goes on untouched",
+            hook: Hook::TcIngress,
+            input: from(CLIENT_MAC, node_ip_other_port),
+            verdict: Verdict::TcNext,
+            output: Out::Unchanged,
+            counts: &[],
+        },
+    ];
+    run_table(&node, cases);
+}
+
+#[test]
+#[ignore = "needs root"]
 fn fragments_follow_their_first_fragment_s_flow() {
     require_root();
     let node = TestNode::start(config());

@@ -736,10 +736,11 @@ fn an_unprogrammable_service_shows_in_the_gauge_in_status_and_as_one_event() {
         "second",
         json!({"clusterIP": "10.96.0.30", "ports": [{"port": 80, "targetPort": 9090}]}),
     ));
-    // Refused by translation: the API server refuses a loopback clusterIP.
+    // Refused by translation: kpr balances no SCTP, and the Service has
+    // nothing else.
     api.apply(&service(
-        "loopback",
-        json!({"clusterIP": "127.0.0.5", "ports": [{"port": 80}]}),
+        "sctp",
+        json!({"clusterIP": "10.96.0.31", "ports": [{"port": 80, "protocol": "SCTP"}]}),
     ));
 
     wait_until("the gauge counts both", &bed, || {
@@ -760,7 +761,7 @@ fn an_unprogrammable_service_shows_in_the_gauge_in_status_and_as_one_event() {
         text.contains("    t/second (frontend_conflict): service t/second: frontend 10.96.0.30:80/TCP is already programmed for service t/first"),
         "{text}"
     );
-    assert!(text.contains("    t/loopback (invalid): "), "{text}");
+    assert!(text.contains("    t/sctp (invalid): "), "{text}");
     let (code, json) = kpr_status(&bed, &["-o", "json"]);
     assert_eq!(code, 1);
     let json: Value = serde_json::from_str(&json).unwrap();
@@ -779,14 +780,14 @@ fn an_unprogrammable_service_shows_in_the_gauge_in_status_and_as_one_event() {
     assert_eq!(
         listed,
         [
-            ("t/loopback".to_string(), "invalid".to_string()),
-            ("t/second".to_string(), "frontend_conflict".to_string())
+            ("t/sctp".to_string(), "invalid".to_string()),
+            ("t/second".to_string(), "frontend_conflict".to_string()),
         ]
     );
 
     // One Warning Event each, against the Service by uid...
     wait_until("an Event on each", &bed, || {
-        !events_about(&api, "second").is_empty() && !events_about(&api, "loopback").is_empty()
+        !events_about(&api, "second").is_empty() && !events_about(&api, "sctp").is_empty()
     });
     let uid = api
         .get::<Value>(Kind::Service, Some("t"), "second")
@@ -811,19 +812,14 @@ fn an_unprogrammable_service_shows_in_the_gauge_in_status_and_as_one_event() {
     let before = syncs();
     wait_until("three more syncs", &bed, || syncs() >= before + 3.0);
     assert_eq!(events_about(&api, "second").len(), 1, "{:#?}", api.events());
-    assert_eq!(
-        events_about(&api, "loopback").len(),
-        1,
-        "{:#?}",
-        api.events()
-    );
+    assert_eq!(events_about(&api, "sctp").len(), 1, "{:#?}", api.events());
     // /healthz keeps kube-proxy's meaning: one Service does not fail the node.
     let (health, _) = kpr_testbed::agent::http_get(bed.agent.healthz_addr, "/healthz").unwrap();
     assert_eq!(health, 200);
 
     // The conflict goes: the second Service is programmed, the gauge drops.
     api.delete(Kind::Service, Some("t"), "first");
-    api.delete(Kind::Service, Some("t"), "loopback");
+    api.delete(Kind::Service, Some("t"), "sctp");
     wait_until("the gauge back at zero", &bed, || {
         unprogrammed(&bed, "frontend_conflict") == 0.0 && unprogrammed(&bed, "invalid") == 0.0
     });

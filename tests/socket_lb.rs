@@ -319,6 +319,91 @@ fn connecting_to_a_service_without_endpoints_fails_at_once_with_econnrefused() {
 
 #[test]
 #[ignore = "needs root"]
+fn a_port_or_protocol_a_cluster_ip_does_not_define_is_refused_at_once_as_an_empty_service() {
+    require_root();
+    let bed = default_bed("badport");
+    // web: TCP 80 and UDP 53 on 10.96.0.10 and fd00:10:96::10.
+    for target in [
+        "10.96.0.10:81",
+        "[fd00:10:96::10]:81",
+        // The TCP side of a UDP-only port.
+        "10.96.0.10:53",
+        "[fd00:10:96::10]:53",
+    ] {
+        let started = Instant::now();
+        let r = bed
+            .probe(
+                &ProbeSpec::TcpConnectError {
+                    target: addr(target),
+                    timeout_ms: 3000,
+                },
+                true,
+            )
+            .unwrap();
+        let r = r.as_connect().unwrap();
+        assert_eq!(r.error.as_deref(), Some("ECONNREFUSED"), "{target}: {r:?}");
+        assert!(
+            started.elapsed() < Duration::from_millis(1500),
+            "{target}: refused only after {:?}",
+            started.elapsed()
+        );
+    }
+    // UDP, unconnected (sendmsg) and connected (connect), both families;
+    // the UDP side of a TCP-only port too.
+    for (target, connected, failure) in [
+        ("10.96.0.10:54", false, "send:ECONNREFUSED"),
+        ("[fd00:10:96::10]:54", false, "send:ECONNREFUSED"),
+        ("10.96.0.10:80", true, "connect:ECONNREFUSED"),
+        ("[fd00:10:96::10]:80", true, "connect:ECONNREFUSED"),
+    ] {
+        let (target, count, timeout_ms) = (addr(target), 3, 1000);
+        let spec = if connected {
+            ProbeSpec::UdpConnected {
+                target,
+                count,
+                timeout_ms,
+            }
+        } else {
+            ProbeSpec::UdpUnconnected {
+                target,
+                count,
+                timeout_ms,
+            }
+        };
+        let r = bed.probe(&spec, true).unwrap();
+        let r = r.as_udp().unwrap();
+        assert_eq!(
+            r.failures,
+            std::collections::BTreeMap::from([(failure.to_string(), 3)]),
+            "{target}: {r:?}"
+        );
+    }
+    // The ports the Service defines are served as before.
+    assert_eq!(
+        tcp_spread(&bed, "10.96.0.10:80", 12).values().sum::<u64>(),
+        12
+    );
+    assert_eq!(
+        tcp_spread(&bed, "[fd00:10:96::10]:80", 6)
+            .values()
+            .sum::<u64>(),
+        6
+    );
+    let r = bed
+        .probe(
+            &ProbeSpec::UdpUnconnected {
+                target: addr("10.96.0.10:53"),
+                count: 3,
+                timeout_ms: 2000,
+            },
+            true,
+        )
+        .unwrap();
+    assert!(r.as_udp().unwrap().failures.is_empty(), "{r:?}");
+}
+
+#[test]
+#[ignore = "needs root"]
 fn an_endpoint_edit_moves_new_connections_and_frees_the_removed_backend_id() {
     require_root();
     let bed = bed(
