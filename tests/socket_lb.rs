@@ -321,7 +321,16 @@ fn connecting_to_a_service_without_endpoints_fails_at_once_with_econnrefused() {
 #[ignore = "needs root"]
 fn a_port_or_protocol_a_cluster_ip_does_not_define_is_refused_at_once_as_an_empty_service() {
     require_root();
-    let bed = default_bed("badport");
+    // No untranslated server on the VIP: nothing but kpr may refuse.
+    let bed = bed(
+        "badport",
+        WEB_AND_OTHER,
+        BedPlan {
+            v4_backends: 4,
+            v6_backends: 2,
+            ..BedPlan::default()
+        },
+    );
     // web: TCP 80 and UDP 53 on 10.96.0.10 and fd00:10:96::10.
     for target in [
         "10.96.0.10:81",
@@ -378,6 +387,17 @@ fn a_port_or_protocol_a_cluster_ip_does_not_define_is_refused_at_once_as_an_empt
             "{target}: {r:?}"
         );
     }
+    // An address that is no ClusterIP is left alone (here nothing answers).
+    let r = bed
+        .probe(
+            &ProbeSpec::TcpConnectError {
+                target: addr("10.96.0.99:81"),
+                timeout_ms: 300,
+            },
+            true,
+        )
+        .unwrap();
+    assert_eq!(r.as_connect().unwrap().outcome(), "TIMEOUT", "{r:?}");
     // The ports the Service defines are served as before.
     assert_eq!(
         tcp_spread(&bed, "10.96.0.10:80", 12).values().sum::<u64>(),
