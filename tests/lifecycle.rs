@@ -383,7 +383,8 @@ fn status_reports_the_agent_the_hooks_and_the_map_fill() {
         .iter()
         .find(|m| m["map"] == "services")
         .unwrap();
-    assert_eq!(services["entries"], 2);
+    // The frontend's master and slot, and its ClusterIP's port-reject entry.
+    assert_eq!(services["entries"], 3);
     let text = kpr(&["status", "--bpf-root", &root, "--metrics-addr", &addr]);
     assert!(
         text.contains("KubeProxyReplacement Details:") && text.contains("connect4"),
