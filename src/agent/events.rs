@@ -161,6 +161,75 @@ mod tests {
         assert_eq!(truncate("short", NOTE_MAX), "short");
     }
 
+    fn unprogrammed(service: &str, message: &str) -> UnprogrammedService {
+        UnprogrammedService {
+            service: service.into(),
+            reason: "frontend_conflict".into(),
+            message: message.into(),
+        }
+    }
+
+    #[test]
+    fn one_event_per_service_and_distinct_message_and_again_after_it_was_programmed() {
+        let (tx, mut rx) = mpsc::channel(QUEUE);
+        let mut events = ServiceEvents {
+            tx,
+            sent: BTreeMap::new(),
+            instance: "kpr-node1".into(),
+        };
+        let mut store = ObjectStore::new();
+        let mut svc = k8s_openapi::api::core::v1::Service::default();
+        svc.metadata.name = Some("web".into());
+        svc.metadata.namespace = Some("t".into());
+        store.apply_service(svc);
+        let mut sent = || {
+            let mut notes = Vec::new();
+            while let Ok(e) = rx.try_recv() {
+                notes.push(e.note.unwrap_or_default());
+            }
+            notes
+        };
+
+        let first = [unprogrammed("t/web", "taken by t/a")];
+        events.update(&first, &store);
+        events.update(&first, &store);
+        assert_eq!(sent(), ["taken by t/a"], "one Event, not one per sync");
+        let other = [unprogrammed("t/web", "taken by t/b")];
+        events.update(&other, &store);
+        assert_eq!(sent(), ["taken by t/b"], "a new message is a new Event");
+        // Programmed, then refused again: a new Event.
+        events.update(&[], &store);
+        events.update(&other, &store);
+        assert_eq!(sent(), ["taken by t/b"]);
+        // A Service gone from the store gets none.
+        events.update(&[unprogrammed("t/gone", "x")], &store);
+        assert!(sent().is_empty());
+    }
+
+    #[test]
+    fn a_full_queue_is_offered_again_by_the_next_sync() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let mut events = ServiceEvents {
+            tx,
+            sent: BTreeMap::new(),
+            instance: "kpr-node1".into(),
+        };
+        let mut store = ObjectStore::new();
+        for name in ["a", "b"] {
+            let mut svc = k8s_openapi::api::core::v1::Service::default();
+            svc.metadata.name = Some(name.into());
+            svc.metadata.namespace = Some("t".into());
+            store.apply_service(svc);
+        }
+        let both = [unprogrammed("t/a", "m"), unprogrammed("t/b", "m")];
+        events.update(&both, &store);
+        assert!(rx.try_recv().is_ok());
+        assert!(rx.try_recv().is_err(), "the queue held one");
+        events.update(&both, &store);
+        let e = rx.try_recv().expect("t/b offered again");
+        assert_eq!(e.regarding.and_then(|r| r.name).as_deref(), Some("b"));
+    }
+
     #[test]
     fn the_event_is_a_warning_regarding_the_service_by_uid() {
         let meta = ObjectMeta {

@@ -12,8 +12,8 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
 
-use super::switch_over::SwitchOver;
 use super::events::ServiceEvents;
+use super::switch_over::SwitchOver;
 use super::unprogrammed::Unprogrammed;
 use crate::datapath::dsr::{self, DsrTable};
 use crate::datapath::kernel::KernelMaps;
