@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::switch_over::SwitchOver;
 use crate::datapath::dsr::{self, DsrTable};
@@ -432,12 +433,20 @@ impl Syncer {
         node: &NodeContext,
         complete: bool,
     ) -> Synced {
-        let services: Vec<_> = store.services().cloned().collect();
-        let slices: Vec<_> = store.slices().cloned().collect();
-        let translation = translate::translate(&services, &slices, node);
+        // One Service's slices rebuilt at a time: never all of them at once.
+        let mut translation = Translation::default();
+        for (key, svc) in store.services_by_key() {
+            let slices = store.slices_of(key);
+            let slices: Vec<&EndpointSlice> = slices.iter().collect();
+            translation.add(key.clone(), svc, &slices, node);
+        }
+        let translation = translation.finish();
         self.record_skipped(&translation.skipped);
         policies.replace_all(&translation);
-        self.sync_full(&translation.desired, complete)
+        let synced = self.sync_full(&translation.desired, complete);
+        drop(translation);
+        crate::sys::release_free_memory();
+        synced
     }
 
     /// Translates only the Services named in `changed` (one gone from the
@@ -454,7 +463,9 @@ impl Syncer {
         for key in changed {
             let t = match store.service(key) {
                 Some(svc) => {
-                    translate::translate_service(svc, &store.slices_of(key), node, &mut skipped)
+                    let slices = store.slices_of(key);
+                    let slices: Vec<&EndpointSlice> = slices.iter().collect();
+                    translate::translate_service(svc, &slices, node, &mut skipped)
                 }
                 None => ServiceTranslation::default(),
             };
