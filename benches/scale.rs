@@ -522,13 +522,14 @@ fn endpoint_changes(
     n: usize,
     count: usize,
 ) -> Result<Vec<Duration>> {
-    let maps = KernelMaps::open(&bed.agent.bpf_root)?;
     let i = n / 2 + 1;
     let fe = Frontend::new(IpAddr::V4(cluster_ip(i)), 80, Protocol::Tcp);
     let full = ENDPOINTS;
     let mut out = Vec::new();
     for round in 0..count {
         let want = if round % 2 == 0 { full - 1 } else { full };
+        // Opened each round: a map that grew is pinned anew.
+        let maps = KernelMaps::open(&bed.agent.bpf_root)?;
         let started = match source {
             Source::Manifests => {
                 let dir = bed
