@@ -222,7 +222,7 @@ fn endpoint(i: usize, j: usize) -> (Ipv4Addr, u16) {
 }
 
 fn node_port(i: usize) -> Option<usize> {
-    (i % 10 == 0).then_some(NODE_PORT_MIN + i / 10)
+    i.is_multiple_of(10).then_some(NODE_PORT_MIN + i / 10)
 }
 
 fn service(i: usize, with_server_fields: bool) -> Value {
