@@ -63,6 +63,9 @@ fn run(command: Command) -> Result<ExitCode> {
 /// `kpr agent`: the checks of [`preflight`] (nothing is touched before they
 /// pass), then the agent on a two-thread runtime until it is asked to stop.
 fn run_agent(args: AgentArgs) -> Result<()> {
+    // Two arenas for two runtime threads: freed memory is reused across
+    // threads instead of kept resident per arena.
+    kpr::sys::limit_malloc_arenas(2);
     preflight::ignore_sighup()?;
     let nofile = preflight::raise_nofile_limit()?;
     tracing::debug!(nofile, "descriptor limit");

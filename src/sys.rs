@@ -86,6 +86,28 @@ fn format_pid(pid: libc::pid_t, buf: &mut [u8; 24]) -> usize {
     n + 1
 }
 
+/// Caps glibc malloc's arenas at `max` (`M_ARENA_MAX`). By default each
+/// thread that allocates while another holds an arena may get its own
+/// (up to 8 per CPU), and memory freed in one arena is never reused by
+/// another: with the runtime's and the blocking pool's threads that kept
+/// tens of MiB of freed memory resident. Returns whether glibc took it
+/// (other allocators ignore it).
+pub fn limit_malloc_arenas(max: i32) -> bool {
+    // SAFETY: mallopt only sets an allocator parameter; it is called
+    // before the runtime starts its threads.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, max) == 1 }
+}
+
+/// Returns the allocator's free memory to the kernel (`malloc_trim(0)`),
+/// after a full sync freed its translation and plan: resident memory then
+/// follows what the agent keeps, not the sync's peak.
+pub fn release_free_memory() {
+    // SAFETY: malloc_trim has no preconditions and is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

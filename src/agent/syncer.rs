@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::events::ServiceEvents;
 use super::switch_over::SwitchOver;
@@ -452,13 +453,20 @@ impl Syncer {
         node: &NodeContext,
         complete: bool,
     ) -> Synced {
-        let services: Vec<_> = store.services().cloned().collect();
-        let slices: Vec<_> = store.slices().cloned().collect();
-        let translation = translate::translate(&services, &slices, node);
+        // One Service's slices rebuilt at a time: never all of them at once.
+        let mut translation = Translation::default();
+        for (key, svc) in store.services_by_key() {
+            let slices = store.slices_of(key);
+            let slices: Vec<&EndpointSlice> = slices.iter().collect();
+            translation.add(key.clone(), svc, &slices, node);
+        }
+        let translation = translation.finish();
         self.record_skipped(&translation.skipped);
         policies.replace_all(&translation);
         self.unprogrammed.replace_invalid(&translation);
         let synced = self.sync_full(&translation.desired, complete);
+        drop(translation);
+        crate::sys::release_free_memory();
         self.send_events(store);
         synced
     }
@@ -484,10 +492,14 @@ impl Syncer {
         let mut updates: Vec<(String, ServiceFrontends)> = Vec::new();
         for key in changed {
             let (t, present) = match store.service(key) {
-                Some(svc) => (
-                    translate::translate_service(svc, &store.slices_of(key), node, &mut skipped),
-                    true,
-                ),
+                Some(svc) => {
+                    let slices = store.slices_of(key);
+                    let slices: Vec<&EndpointSlice> = slices.iter().collect();
+                    (
+                        translate::translate_service(svc, &slices, node, &mut skipped),
+                        true,
+                    )
+                }
                 None => (ServiceTranslation::default(), false),
             };
             policies.replace_service(key, &t);

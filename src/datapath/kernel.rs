@@ -105,6 +105,19 @@ impl KernelMaps {
         self.handle(name).map_or(0, |m| m.keys().count())
     }
 
+    /// One entry of the services map (`slot` 0: the master), looked up by
+    /// key: what a bench polls to see a change land without walking the map.
+    pub fn service_entry(&self, fe: &Frontend, slot: u16) -> Result<Option<SvcValue>, MapError> {
+        let value = self
+            .services
+            .lookup(as_bytes(&layout::svc_key(fe, slot)), MapFlags::ANY)
+            .map_err(|e| MapError::new("lookup", MapName::Services, to_io(e)))?;
+        Ok(value
+            .as_deref()
+            .and_then(from_bytes::<lb_svc_val>)
+            .and_then(|v| layout::decode_svc_value(slot, &v)))
+    }
+
     fn entries<K: Pod, V: Pod>(&self, name: MapName) -> Result<Vec<(K, V)>, MapError> {
         let map = self.lb(name)?;
         let mut out = Vec::new();

@@ -105,8 +105,9 @@ pub struct Reconciler<M: LbMaps> {
     /// Which Service programmed a frontend. Frontends restored from pinned
     /// maps have no owner until a Service claims them or they are pruned.
     owners: HashMap<Frontend, String>,
-    /// Frontends last applied per Service.
-    applied: HashMap<String, ServiceFrontends>,
+    /// Frontends last applied per Service, in frontend order: a slice, not
+    /// a map (a map's node of 11 specs is ~1.8 KB, for one or two).
+    applied: HashMap<String, Box<[(Frontend, FrontendSpec)]>>,
     /// Affinity entries have not been checked since the maps were read:
     /// a previous agent may have left entries for ids that are gone.
     affinity_unchecked: bool,
@@ -219,7 +220,10 @@ impl<M: LbMaps> Reconciler<M> {
             .iter()
             // Changed, and not an empty Service that was never programmed.
             .filter(|(key, fes)| {
-                self.applied.get(*key) != Some(*fes)
+                !self
+                    .applied
+                    .get(*key)
+                    .is_some_and(|applied| applied.iter().map(|(f, s)| (f, s)).eq(fes.iter()))
                     && (!fes.is_empty() || self.applied.contains_key(*key))
             })
             .map(|(key, fes)| (key.clone(), fes.clone()))
@@ -256,9 +260,11 @@ impl<M: LbMaps> Reconciler<M> {
             prune_affinity: self.affinity_unchecked,
             ..Plan::default()
         };
-        for (service, frontends) in &admitted {
-            self.plan_service(service, frontends, &mut plan, &mut outcome.refused);
+        let mut planned = Vec::with_capacity(admitted.len());
+        for (service, frontends) in admitted {
+            self.plan_service(&service, frontends, &mut plan, &mut outcome.refused);
             outcome.applied_services += 1;
+            planned.push(service);
         }
         if prune {
             outcome.pruned_frontends = self.plan_prune(&mut plan);
@@ -270,7 +276,7 @@ impl<M: LbMaps> Reconciler<M> {
             // The maps are consistent but not what we planned: re-read them
             // and forget what was applied for the Services of this sync so
             // the next sync retries them.
-            for (service, _) in &admitted {
+            for service in &planned {
                 self.applied.remove(service);
             }
             self.reload()?;

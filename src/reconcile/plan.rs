@@ -68,34 +68,38 @@ impl<M: LbMaps> Reconciler<M> {
     pub(super) fn plan_service(
         &mut self,
         service: &String,
-        frontends: &ServiceFrontends,
+        frontends: ServiceFrontends,
         plan: &mut Plan,
         refused: &mut Vec<Refusal>,
     ) {
         let previous: Vec<Frontend> = self
             .applied
             .get(service)
-            .map(|fes| fes.keys().copied().collect())
+            .map(|fes| fes.iter().map(|(fe, _)| *fe).collect())
             .unwrap_or_default();
-        let mut programmed = ServiceFrontends::new();
+        // In frontend order, as `frontends` iterates.
+        let mut programmed = Vec::with_capacity(frontends.len());
         for (fe, spec) in frontends {
-            match self.plan_owned_frontend(service, fe, spec, plan) {
-                Ok(()) => {
-                    programmed.insert(*fe, spec.clone());
-                }
+            match self.plan_owned_frontend(service, &fe, &spec, plan) {
+                // Moved, not copied: the applied state is the one copy kept.
+                Ok(()) => programmed.push((fe, spec)),
                 Err(reason) => refused.push(Refusal {
                     service: service.clone(),
                     reason,
                 }),
             }
         }
-        for fe in previous.iter().filter(|fe| !programmed.contains_key(*fe)) {
+        for fe in previous
+            .iter()
+            .filter(|fe| programmed.binary_search_by(|(p, _)| p.cmp(fe)).is_err())
+        {
             self.plan_frontend_removal(fe, plan);
         }
         if programmed.is_empty() {
             self.applied.remove(service);
         } else {
-            self.applied.insert(service.clone(), programmed);
+            self.applied
+                .insert(service.clone(), programmed.into_boxed_slice());
         }
     }
 

@@ -124,6 +124,23 @@ impl AgentProcess {
         AgentProcess::launch(exe, None, cgroup, bpf_root, &args, &[], None)
     }
 
+    /// Like [`AgentProcess::start_kubernetes`], with the agent inside
+    /// network namespace `netns` (the API server must listen there).
+    pub fn start_kubernetes_in_netns(
+        exe: &Path,
+        kubeconfig: &Path,
+        node_name: &str,
+        cgroup: &Path,
+        bpf_root: &Path,
+        extra_args: &[&str],
+        netns: &Netns,
+    ) -> Result<AgentProcess> {
+        let kubeconfig = kubeconfig.to_string_lossy();
+        let mut args = vec!["--kubeconfig", &kubeconfig, "--node-name", node_name];
+        args.extend_from_slice(extra_args);
+        AgentProcess::launch(exe, None, cgroup, bpf_root, &args, &[], Some(netns.path()))
+    }
+
     fn launch(
         exe: &Path,
         manifests: Option<&Path>,

@@ -5,4 +5,5 @@
 
 pub mod kube;
 pub mod manifests;
+pub mod slim;
 pub mod store;

@@ -14,7 +14,8 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::jiff::Timestamp;
 use serde::Serialize;
 
-use crate::translate::{object_key, slice_service_key};
+use crate::source::slim::{self, SlimSlice};
+use crate::translate::object_key;
 
 /// Annotation the EndpointSlice controller sets to when the change that led
 /// to this slice version happened (kube-proxy's network programming latency).
@@ -59,7 +60,7 @@ pub struct ObjectStore {
     started: Timestamp,
     /// Shared, not copied: the manifest source keeps the same objects.
     services: BTreeMap<String, Arc<Service>>,
-    slices: BTreeMap<String, Arc<EndpointSlice>>,
+    slices: BTreeMap<String, Arc<SlimSlice>>,
     slices_by_service: BTreeMap<String, BTreeSet<String>>,
     node: Option<Node>,
     /// Objects of a relist in progress, per kind.
@@ -70,7 +71,7 @@ pub struct ObjectStore {
 
 enum Relisted {
     Service(Box<Service>),
-    Slice(Box<EndpointSlice>),
+    Slice(Box<SlimSlice>),
     Node(Box<Node>),
 }
 
@@ -117,22 +118,27 @@ impl ObjectStore {
         self.services.get(key)
     }
 
-    pub fn slices(&self) -> impl Iterator<Item = &EndpointSlice> {
-        self.slices.values().map(|s| &**s)
+    /// Every Service with its `namespace/name` key.
+    pub fn services_by_key(&self) -> impl Iterator<Item = (&String, &Service)> {
+        self.services.iter().map(|(k, s)| (k, &**s))
     }
 
     /// The EndpointSlice stored under `key` (`namespace/name`), shared.
-    pub fn slice_shared(&self, key: &str) -> Option<&Arc<EndpointSlice>> {
+    pub fn slice_shared(&self, key: &str) -> Option<&Arc<SlimSlice>> {
         self.slices.get(key)
     }
 
-    /// The EndpointSlices of a Service.
-    pub fn slices_of(&self, service_key: &str) -> Vec<&EndpointSlice> {
+    /// The EndpointSlices of a Service that kube-proxy would see (not
+    /// labelled for another proxy or headless), rebuilt as API objects
+    /// for translation.
+    pub fn slices_of(&self, service_key: &str) -> Vec<EndpointSlice> {
         self.slices_by_service
             .get(service_key)
             .into_iter()
             .flatten()
-            .filter_map(|k| self.slices.get(k).map(|s| &**s))
+            .filter_map(|k| self.slices.get(k))
+            .filter(|s| s.is_for_default_proxy())
+            .map(|s| s.to_k8s())
             .collect()
     }
 
@@ -159,20 +165,20 @@ impl ObjectStore {
         self.services.remove(&key);
     }
 
-    pub fn apply_slice(&mut self, slice: impl Into<Arc<EndpointSlice>>) {
+    pub fn apply_slice(&mut self, slice: impl Into<Arc<SlimSlice>>) {
         self.put_slice(slice.into(), true);
     }
 
     /// Stores a slice; `measure` says whether its trigger time is a change
     /// this agent should time (not for slices a relist merely re-delivers).
-    fn put_slice(&mut self, slice: Arc<EndpointSlice>, measure: bool) {
-        let key = object_key(&slice.metadata);
+    fn put_slice(&mut self, slice: Arc<SlimSlice>, measure: bool) {
+        let key = slice.key();
         let unchanged = self.slices.get(&key) == Some(&slice);
         if let Some(old) = self.slices.remove(&key) {
             self.unindex_slice(&key, &old);
         }
         self.note_slice_change(&slice, measure && !unchanged);
-        if let Some(svc) = slice_service_key(&slice) {
+        if let Some(svc) = slice.service_key() {
             self.slices_by_service
                 .entry(svc)
                 .or_default()
@@ -181,16 +187,16 @@ impl ObjectStore {
         self.slices.insert(key, slice);
     }
 
-    pub fn delete_slice(&mut self, slice: &EndpointSlice) {
-        let key = object_key(&slice.metadata);
+    pub fn delete_slice(&mut self, slice: &SlimSlice) {
+        let key = slice.key();
         if let Some(old) = self.slices.remove(&key) {
             self.unindex_slice(&key, &old);
         }
         self.note_slice_change(slice, false);
     }
 
-    fn unindex_slice(&mut self, key: &str, old: &EndpointSlice) {
-        if let Some(svc) = slice_service_key(old) {
+    fn unindex_slice(&mut self, key: &str, old: &SlimSlice) {
+        if let Some(svc) = old.service_key() {
             self.pending.services.insert(svc.clone());
             if let Some(set) = self.slices_by_service.get_mut(&svc) {
                 set.remove(key);
@@ -201,19 +207,15 @@ impl ObjectStore {
         }
     }
 
-    fn note_slice_change(&mut self, slice: &EndpointSlice, measure: bool) {
+    fn note_slice_change(&mut self, slice: &SlimSlice, measure: bool) {
         self.pending.endpoint_changes += 1;
-        if let Some(svc) = slice_service_key(slice) {
+        if let Some(svc) = slice.service_key() {
             self.pending.services.insert(svc);
         }
         if !measure {
             return;
         }
-        let trigger = slice
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION));
+        let trigger = slice.annotation(TRIGGER_TIME_ANNOTATION);
         if let Some(t) = trigger
             .and_then(|t| t.parse::<Timestamp>().ok())
             .filter(|t| *t >= self.started)
@@ -252,7 +254,7 @@ impl ObjectStore {
             .push(Relisted::Service(Box::new(svc)));
     }
 
-    pub fn relist_slice(&mut self, slice: EndpointSlice) {
+    pub fn relist_slice(&mut self, slice: SlimSlice) {
         self.relist
             .entry(Kind::EndpointSlice)
             .or_default()
@@ -280,7 +282,7 @@ impl ObjectStore {
                 }
             }
             Kind::EndpointSlice => {
-                let old: Vec<Arc<EndpointSlice>> = self.slices.values().cloned().collect();
+                let old: Vec<Arc<SlimSlice>> = self.slices.values().cloned().collect();
                 for slice in &old {
                     self.delete_slice(slice);
                 }
@@ -315,7 +317,8 @@ impl ObjectStore {
     }
 }
 
-/// A watched kind: how its objects enter the store.
+/// A watched kind: how its objects enter the store (slimmed: see
+/// [`slim`]).
 pub trait Watched: Sized {
     const KIND: Kind;
     fn apply(self, store: &mut ObjectStore);
@@ -326,39 +329,39 @@ pub trait Watched: Sized {
 impl Watched for Service {
     const KIND: Kind = Kind::Service;
     fn apply(self, store: &mut ObjectStore) {
-        store.apply_service(self)
+        store.apply_service(slim::service(self))
     }
     fn delete(self, store: &mut ObjectStore) {
         store.delete_service(&self)
     }
     fn relist(self, store: &mut ObjectStore) {
-        store.relist_service(self)
+        store.relist_service(slim::service(self))
     }
 }
 
 impl Watched for EndpointSlice {
     const KIND: Kind = Kind::EndpointSlice;
     fn apply(self, store: &mut ObjectStore) {
-        store.apply_slice(self)
+        store.apply_slice(SlimSlice::from(self))
     }
     fn delete(self, store: &mut ObjectStore) {
-        store.delete_slice(&self)
+        store.delete_slice(&SlimSlice::from(self))
     }
     fn relist(self, store: &mut ObjectStore) {
-        store.relist_slice(self)
+        store.relist_slice(SlimSlice::from(self))
     }
 }
 
 impl Watched for Node {
     const KIND: Kind = Kind::Node;
     fn apply(self, store: &mut ObjectStore) {
-        store.set_node(Some(self))
+        store.set_node(Some(slim::node(self)))
     }
     fn delete(self, store: &mut ObjectStore) {
         store.set_node(None)
     }
     fn relist(self, store: &mut ObjectStore) {
-        store.relist_node(self)
+        store.relist_node(slim::node(self))
     }
 }
 
@@ -374,13 +377,18 @@ mod tests {
         .unwrap()
     }
 
-    fn slice(name: &str, svc: &str) -> EndpointSlice {
-        serde_json::from_value(serde_json::json!({
+    fn slice(name: &str, svc: &str) -> SlimSlice {
+        slice_triggered(name, svc, &Timestamp::now().to_string())
+    }
+
+    fn slice_triggered(name: &str, svc: &str, trigger: &str) -> SlimSlice {
+        let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
             "metadata": {"name": name, "namespace": "ns", "labels": {"kubernetes.io/service-name": svc},
-                         "annotations": {TRIGGER_TIME_ANNOTATION: Timestamp::now().to_string()}},
+                         "annotations": {TRIGGER_TIME_ANNOTATION: trigger}},
             "addressType": "IPv4", "endpoints": [{"addresses": ["10.244.0.1"]}]
         }))
-        .unwrap()
+        .unwrap();
+        SlimSlice::from(slice)
     }
 
     #[test]
@@ -436,15 +444,7 @@ mod tests {
             s.take_changes().trigger_times.is_empty(),
             "a relist is not a change to time"
         );
-        let mut old = slice("a-1", "a");
-        old.metadata.annotations = Some(
-            [(
-                TRIGGER_TIME_ANNOTATION.to_string(),
-                "2020-01-01T00:00:00Z".to_string(),
-            )]
-            .into(),
-        );
-        s.apply_slice(old);
+        s.apply_slice(slice_triggered("a-1", "a", "2020-01-01T00:00:00Z"));
         assert!(
             s.take_changes().trigger_times.is_empty(),
             "a trigger before the agent started is not ours"

@@ -202,13 +202,18 @@ pub fn is_for_default_proxy(meta: &ObjectMeta) -> bool {
 }
 
 /// Translates every Service with the EndpointSlices that belong to it.
-pub fn translate(
-    services: &[Service],
-    slices: &[EndpointSlice],
+/// Takes references: the agent's objects are translated where they are
+/// stored, never copied.
+pub fn translate<'a>(
+    services: impl IntoIterator<Item = &'a Service>,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
     node: &NodeContext,
 ) -> Translation {
     let mut by_service: BTreeMap<String, Vec<&EndpointSlice>> = BTreeMap::new();
-    for slice in slices.iter().filter(|s| is_for_default_proxy(&s.metadata)) {
+    for slice in slices
+        .into_iter()
+        .filter(|s| is_for_default_proxy(&s.metadata))
+    {
         if let Some(key) = slice_service_key(slice) {
             by_service.entry(key).or_default().push(slice);
         }
@@ -216,23 +221,44 @@ pub fn translate(
     let mut out = Translation::default();
     for svc in services {
         let key = object_key(&svc.metadata);
-        if out.desired.contains_key(&key) {
-            out.skipped.push(Skipped {
+        let slices = by_service.get(&key).map(Vec::as_slice).unwrap_or(&[]);
+        out.add(key, svc, slices, node);
+    }
+    out.finish()
+}
+
+impl Translation {
+    /// Translates one more Service (`key` is its `namespace/name`) with
+    /// its EndpointSlices; a second Service of the same key is a skip.
+    /// For callers that hold slices per Service; [`Translation::finish`]
+    /// once every Service is added.
+    pub fn add(
+        &mut self,
+        key: String,
+        svc: &Service,
+        slices: &[&EndpointSlice],
+        node: &NodeContext,
+    ) {
+        if self.desired.contains_key(&key) {
+            self.skipped.push(Skipped {
                 object: format!("Service {key}"),
                 reason: SkipReason::Duplicate,
                 detail: "a Service with this namespace/name was already read".into(),
             });
-            continue;
+            return;
         }
-        let slices = by_service.get(&key).map(Vec::as_slice).unwrap_or(&[]);
-        let t = translate_service(svc, slices, node, &mut out.skipped);
-        out.desired.insert(key, t.frontends);
-        out.no_local_endpoints.extend(t.no_local_endpoints);
-        out.health_checks.extend(t.health_check);
+        let t = translate_service(svc, slices, node, &mut self.skipped);
+        self.desired.insert(key, t.frontends);
+        self.no_local_endpoints.extend(t.no_local_endpoints);
+        self.health_checks.extend(t.health_check);
     }
-    out.no_local_endpoints.sort();
-    out.health_checks.sort();
-    out
+
+    /// Puts what [`Translation::add`] gathered in its order.
+    pub fn finish(mut self) -> Translation {
+        self.no_local_endpoints.sort();
+        self.health_checks.sort();
+        self
+    }
 }
 
 /// Records skips against one object.

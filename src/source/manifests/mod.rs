@@ -26,6 +26,7 @@
 //! - [`state`]: what each file produced, incremental reloads, the object store;
 //! - [`report`]: what a reload reports and logs.
 
+mod claims;
 pub mod documents;
 pub mod files;
 pub mod parse;
@@ -135,7 +136,7 @@ pub fn load(paths: &[PathBuf]) -> ManifestSet {
     for object in state.objects() {
         match object {
             Object::Service(s) => set.services.push((**s).clone()),
-            Object::EndpointSlice(s) => set.slices.push((**s).clone()),
+            Object::EndpointSlice(s) => set.slices.push(s.to_k8s()),
         }
     }
     set

@@ -16,6 +16,7 @@ use super::documents::{exceeds_depth, Document};
 use super::validate::{self, Rules};
 use super::{Limits, DEFAULT_NAMESPACE};
 use crate::skip::SkipReason;
+use crate::source::slim::{self, SlimSlice};
 
 /// The kinds a manifest can define.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -45,7 +46,7 @@ pub struct ObjectKey {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Object {
     Service(Arc<Service>),
-    EndpointSlice(Arc<EndpointSlice>),
+    EndpointSlice(Arc<SlimSlice>),
 }
 
 impl Object {
@@ -167,14 +168,15 @@ impl Parsed {
         match (api_version.as_str(), kind.as_str()) {
             (Service::API_VERSION, Service::KIND) => {
                 if let Some((key, svc)) = self.object::<Service>(body, item, ObjectKind::Service, rules) {
-                    self.objects.push((key, Object::Service(Arc::new(svc))));
+                    self.objects.push((key, Object::Service(Arc::new(slim::service(svc)))));
                 }
             }
             (EndpointSlice::API_VERSION, EndpointSlice::KIND) => {
                 if let Some((key, slice)) =
                     self.object::<EndpointSlice>(body, item, ObjectKind::EndpointSlice, rules)
                 {
-                    self.objects.push((key, Object::EndpointSlice(Arc::new(slice))));
+                    self.objects
+                        .push((key, Object::EndpointSlice(Arc::new(SlimSlice::from(slice)))));
                 }
             }
             ("v1", "List") if item.is_some() => {

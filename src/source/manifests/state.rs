@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use super::claims::Claims;
 use super::documents::{split_json, split_yaml};
 use super::files::{self, Identity, Read, ReadError, ReadErrorReason};
 use super::parse::{escape, parse_document, Object, ObjectKey, ObjectKind};
@@ -51,7 +52,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// Ordered as objects are: by configured path, then by name.
 pub type FilePos = (usize, PathBuf);
 /// A definition: file, document index, object index in the document.
-type ClaimPos = (FilePos, usize, usize);
+pub type ClaimPos = (FilePos, usize, usize);
 
 /// One document's result, shared between reloads while its text is unchanged.
 #[derive(Debug)]
@@ -87,7 +88,7 @@ pub struct SourceState {
     grace: Duration,
     hasher: RandomState,
     files: BTreeMap<FilePos, FileState>,
-    claims: BTreeMap<ObjectKey, BTreeMap<ClaimPos, Object>>,
+    claims: BTreeMap<ObjectKey, Claims>,
     store: ObjectStore,
     errors: BTreeMap<PathBuf, Failing>,
     /// Files skipped whole without a state to keep (FIFO, too large), with

@@ -614,7 +614,11 @@ fn an_unchanged_file_is_not_read_and_an_unchanged_document_is_not_parsed() {
     assert_eq!((first.files_read, first.documents_parsed), (2, 11));
     state.store_mut().take_changes();
 
-    let edited = numbered_services(10).replace("name: s3}", "name: s3, labels: {x: y}}");
+    // An annotation kpr reads (one it does not read is slimmed away: no change).
+    let edited = numbered_services(10).replace(
+        "name: s3}",
+        "name: s3, annotations: {service.kpr.io/lb-algorithm: maglev}}",
+    );
     write(dir.path(), "a.yaml", &edited);
     let second = state.reload(watch::Hints::default());
 
