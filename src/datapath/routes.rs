@@ -116,9 +116,9 @@ mod tests {
     #[test]
     fn other_routes_name_nothing() {
         let oif = attr(RTA_OIF, &3u32.to_ne_bytes());
-        assert!(default_route_oifs(&route(24, RTN_UNICAST, &[oif.clone()])).is_empty());
+        assert!(default_route_oifs(&route(24, RTN_UNICAST, std::slice::from_ref(&oif))).is_empty());
         // RTN_UNREACHABLE, RTN_LOCAL, ...: not a way out.
-        assert!(default_route_oifs(&route(0, 7, &[oif.clone()])).is_empty());
+        assert!(default_route_oifs(&route(0, 7, std::slice::from_ref(&oif))).is_empty());
         assert!(default_route_oifs(&route(0, 2, &[oif])).is_empty());
         assert!(default_route_oifs(&[0u8; 4]).is_empty());
     }
