@@ -21,7 +21,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
-use kpr::datapath::nodeport::attached_devices;
 use kpr_testbed::cluster::client_ip;
 use kpr_testbed::nodeport_bed::{POD_TCP, POD_UDP};
 use kpr_testbed::server::split_reply;
@@ -115,10 +114,10 @@ fn bed(prefix: &str, plan: &ClusterPlan, extra_args: &[&str]) -> NodePortBed {
 /// Node `n`'s devices with both tcx links attached, as the kernel tells
 /// (the pinned links' attachment ifindex), by name.
 fn attached_by_kernel(bed: &NodePortBed, n: u8) -> BTreeSet<String> {
-    let devices = attached_devices(&bed.bpf_root(n));
+    let devices = attachments(bed, n);
     devices
         .iter()
-        .filter(|d| attached_links(&bed.bpf_root(n), &d.device) == 2)
+        .filter(|d| attached_links(bed, n, &d.device) == 2)
         .map(|d| d.device.clone())
         .collect()
 }
@@ -287,7 +286,7 @@ fn without_devices_snat_requests_reach_backends_behind_the_other_interface() {
     let client_addr = bed.cluster.add_late_link(1, "eth-late", "eth-l1").unwrap();
     wait_attached(&bed, 1, "eth-late");
     let late = link_index(bed.node(1).ns(), "eth-late");
-    let on_late: Vec<_> = attached_devices(&bed.bpf_root(1))
+    let on_late: Vec<_> = attachments(&bed, 1)
         .into_iter()
         .filter(|d| d.device == "eth-late")
         .map(|d| d.ifindex)
@@ -325,11 +324,10 @@ fn without_devices_snat_requests_reach_backends_behind_the_other_interface() {
     bed.cluster.remove_late_link(1, "eth-late").unwrap();
     assert!(
         wait_for(Duration::from_secs(30), || attached_links(
-            &bed.bpf_root(1),
-            "eth-late"
+            &bed, 1, "eth-late"
         ) == 0),
         "{:?}",
-        attached_devices(&bed.bpf_root(1))
+        attachments(&bed, 1)
     );
 
     // Addresses and routes change the set too: a subnet address makes the
@@ -339,10 +337,10 @@ fn without_devices_snat_requests_reach_backends_behind_the_other_interface() {
     let attached_within = |dev: &str, links: usize| {
         let started = std::time::Instant::now();
         let ok = wait_for(Duration::from_secs(30), || {
-            attached_links(&bed.bpf_root(1), dev) == links
+            attached_links(&bed, 1, dev) == links
         });
         println!("{dev}: {links} links after {:?}", started.elapsed());
-        assert!(ok, "{dev}: {:?}", attached_devices(&bed.bpf_root(1)));
+        assert!(ok, "{dev}: {:?}", attachments(&bed, 1));
     };
     node.ip(&["addr", "add", "10.244.6.1/24", "dev", "vpod1"])
         .unwrap();
