@@ -170,10 +170,14 @@ pub struct AgentArgs {
     /// trailing `+` or `*` matches by prefix (`eth+`, as Cilium). Interfaces
     /// are followed as they come and go: one that appears later is attached
     /// then, one that goes is forgotten (a named one missing at start is
-    /// waited for, not an error). Default: none, the north-south datapath
-    /// is off (socket LB only).
-    #[arg(long, value_delimiter = ',', value_name = "DEV")]
-    pub devices: Vec<String>,
+    /// waited for, not an error). Default (no flag): the node's devices are
+    /// detected, as Cilium does: every interface that is up and holds a
+    /// global unicast address or a default route, without loopback, pod,
+    /// tunnel, bridge and other virtual devices (docs/north-south.md), and
+    /// followed as links, addresses and routes change. `--devices=` (empty)
+    /// turns the north-south datapath off (socket LB only).
+    #[arg(long, value_delimiter = ',', num_args = 0.., value_name = "DEV")]
+    pub devices: Option<Vec<String>>,
     /// How north-south traffic reaches a backend on another node. snat:
     /// source-NAT to this node, replies return through it. dsr: the packet
     /// goes IPIP-encapsulated to the backend's node, which must run kpr
@@ -398,6 +402,21 @@ mod tests {
         assert_eq!(
             (a.lb_algorithm, a.maglev_table_size, a.maglev_hash_seed),
             (LbAlgorithm::Maglev, 65521, u64::MAX)
+        );
+    }
+
+    #[test]
+    fn devices_absent_empty_and_named_are_three_different_things() {
+        assert_eq!(agent(&[]).unwrap().devices, None, "absent: detect");
+        for off in [&["--devices="][..], &["--devices"], &["--devices", ""]] {
+            let d = agent(off).unwrap().devices;
+            let d = d.expect("given");
+            assert!(d.iter().all(String::is_empty), "{off:?}: {d:?}");
+        }
+        let named = agent(&["--devices=eth0,eth+", "--devices", "bond0"]).unwrap();
+        assert_eq!(
+            named.devices.as_deref(),
+            Some(&["eth0".to_string(), "eth+".into(), "bond0".into()][..])
         );
     }
 

@@ -86,18 +86,18 @@ pub struct AgentStatus {
     /// Slots of a Maglev table (`--maglev-table-size`).
     #[serde(default)]
     pub maglev_table_size: Option<u32>,
-    /// How remote backends are reached (`--nodeport-mode`); None without
-    /// `--devices`.
+    /// How remote backends are reached (`--nodeport-mode`); None with
+    /// `--devices=`.
     #[serde(default)]
     pub nodeport_mode: Option<NodePortMode>,
-    /// `--nodeport-acceleration`; None without `--devices`.
+    /// `--nodeport-acceleration`; None with `--devices=`.
     #[serde(default)]
     pub nodeport_acceleration: Option<Acceleration>,
     /// How the north-south tc programs are attached, `--tc-attach`
-    /// resolved (`tcx` or `legacy`); None without `--devices`.
+    /// resolved (`tcx` or `legacy`); None with `--devices=`.
     #[serde(default)]
     pub tc_attach: Option<TcAttach>,
-    /// The north-south devices, when `--devices` is given.
+    /// The north-south devices, unless `--devices=` turned it off.
     #[serde(default)]
     pub devices: Option<DeviceStatus>,
 }
@@ -113,11 +113,14 @@ pub struct UnprogrammedService {
     pub message: String,
 }
 
-/// What `--devices` means right now.
+/// What `--devices` (or device detection) means right now.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct DeviceStatus {
-    /// `--devices` as given (names and patterns).
+    /// `--devices` as given (names and patterns); empty when detected.
     pub patterns: Vec<String>,
+    /// No `--devices`: the node's devices are detected.
+    #[serde(default)]
+    pub detected: bool,
     /// Interfaces the north-south programs are attached to.
     pub attached: Vec<String>,
     /// Names in `--devices` no interface has yet (attached when they appear).
@@ -373,11 +376,12 @@ pub fn format_text(r: &Report) -> String {
                 if let Some(e) = &d.last_error {
                     let _ = write!(line, " (last attach FAILED: {e})");
                 }
-                let _ = writeln!(
-                    o,
-                    "  Devices:              {line} [--devices {}]",
-                    d.patterns.join(",")
-                );
+                let how = if d.detected {
+                    "detected".to_string()
+                } else {
+                    format!("--devices {}", d.patterns.join(","))
+                };
+                let _ = writeln!(o, "  Devices:              {line} [{how}]");
             }
         }
         Err(e) => {
@@ -397,7 +401,7 @@ pub fn format_text(r: &Report) -> String {
         o,
         "  North-south:          {}",
         if r.nodeport_devices.is_empty() {
-            "off (no --devices)".into()
+            "off (no device attached)".into()
         } else {
             r.nodeport_devices.join(" ")
         }

@@ -114,6 +114,8 @@ impl Agent {
             .arg(bpf_root)
             .arg("--metrics-addr")
             .arg(metrics.to_string())
+            // This test's namespace is the machine's: no device detection.
+            .arg("--devices=")
             .args(
                 (!extra.contains(&"--healthz-addr"))
                     .then(|| ["--healthz-addr".to_string(), healthz.to_string()])

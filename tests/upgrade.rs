@@ -200,7 +200,9 @@ fn an_agent_of_this_version_takes_over_the_pins_of_the_previous_version_without_
     let _unmount = UnmountLeftover(bpf_root.clone());
     // Declared before `current`, so dropped after it: each Drop stops its
     // agent and removes the pins, which must not happen under a live agent.
-    let mut old = AgentProcess::start(&previous, &manifests, &cgroup, &bpf_root, &[]).unwrap();
+    let mut old =
+        AgentProcess::start_before_detection(&previous, &manifests, &cgroup, &bpf_root, &[])
+            .unwrap();
     old.wait_healthy(Duration::from_secs(30)).unwrap();
     assert!(
         last_attach_line(&old.log()).contains("reused_maps=[]"),

@@ -10,7 +10,9 @@ use anyhow::{Context, Result};
 
 use crate::cli::AgentArgs;
 use crate::datapath::loader::MapSizes;
-use crate::datapath::nodeport::{Acceleration, CtTimeouts, NodePortConfig, NodePortMode};
+use crate::datapath::nodeport::{
+    Acceleration, CtTimeouts, DeviceSelection, NodePortConfig, NodePortMode,
+};
 use crate::features::KprMode;
 use crate::host;
 use crate::maglev::MaglevParams;
@@ -64,7 +66,8 @@ pub struct AgentConfig {
     pub node_ips: Vec<IpAddr>,
     /// Address the health check node port listeners bind to.
     pub health_check_bind: IpAddr,
-    /// The north-south datapath (`--devices`); None: off.
+    /// The north-south datapath (on the devices `--devices` names, or on
+    /// the detected ones without it); None: off (`--devices=`).
     pub nodeport: Option<NodePortConfig>,
     /// How often expired conntrack entries are removed.
     pub ct_gc_interval: Duration,
@@ -77,7 +80,9 @@ pub struct AgentConfig {
 impl AgentConfig {
     /// The configuration `kpr agent` runs with: --cgroup defaults to the
     /// root of the cgroup2 mount, --node-name to $NODE_NAME, else the
-    /// hostname; flags that need --devices are refused without it.
+    /// hostname; `--devices` absent means detected devices, empty means
+    /// off, and flags that need the north-south datapath are refused
+    /// when it is off.
     pub fn from_args(args: AgentArgs) -> Result<AgentConfig> {
         let cgroup = match args.cgroup {
             Some(c) => c,
@@ -120,8 +125,8 @@ impl AgentConfig {
         let secs = |d: Duration| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX);
         // The size was checked by the flag's parser; this cannot fail.
         let maglev = MaglevParams::new(args.maglev_table_size, args.maglev_hash_seed)?;
-        let nodeport = (!args.devices.is_empty()).then(|| NodePortConfig {
-            devices: args.devices.clone(),
+        let nodeport = device_selection(args.devices).map(|devices| NodePortConfig {
+            devices,
             mode: args.nodeport_mode,
             acceleration: args.nodeport_acceleration,
             tc_attach: args.tc_attach,
@@ -140,11 +145,15 @@ impl AgentConfig {
             && (args.nodeport_mode != NodePortMode::Snat
                 || args.nodeport_acceleration != Acceleration::Disabled)
         {
-            anyhow::bail!("--nodeport-mode and --nodeport-acceleration need --devices");
+            anyhow::bail!(
+                "--nodeport-mode and --nodeport-acceleration need the north-south datapath, \
+                 which --devices= (empty) turns off"
+            );
         }
         if nodeport.is_none() && args.lb_algorithm == LbAlgorithm::Maglev {
             anyhow::bail!(
-                "--lb-algorithm maglev needs --devices (it selects backends for north-south traffic)"
+                "--lb-algorithm maglev needs the north-south datapath (it selects backends \
+                 for north-south traffic), which --devices= (empty) turns off"
             );
         }
         let lb_map_size = args.lb_map_max.unwrap_or(args.lb_map_initial);
@@ -172,5 +181,38 @@ impl AgentConfig {
             lb_algorithm: args.lb_algorithm,
             maglev,
         })
+    }
+}
+
+/// What `--devices` asks for: absent, the node's devices, detected; empty
+/// (`--devices=`, or only empty entries), nothing: the north-south
+/// datapath is off; else the names and patterns given.
+fn device_selection(flag: Option<Vec<String>>) -> Option<DeviceSelection> {
+    match flag {
+        None => Some(DeviceSelection::Detected),
+        Some(entries) => {
+            let named: Vec<String> = entries.into_iter().filter(|e| !e.is_empty()).collect();
+            (!named.is_empty()).then_some(DeviceSelection::Named(named))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(items: &[&str]) -> Option<Vec<String>> {
+        Some(items.iter().map(|s| s.to_string()).collect())
+    }
+
+    #[test]
+    fn no_devices_flag_detects_an_empty_one_turns_north_south_off() {
+        assert_eq!(device_selection(None), Some(DeviceSelection::Detected));
+        assert_eq!(device_selection(entries(&[])), None);
+        assert_eq!(device_selection(entries(&[""])), None);
+        assert_eq!(
+            device_selection(entries(&["eth0", "", "eth+"])),
+            Some(DeviceSelection::Named(vec!["eth0".into(), "eth+".into()]))
+        );
     }
 }

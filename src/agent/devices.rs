@@ -1,8 +1,11 @@
 //! The device watcher: the north-south programs belong on exactly the
-//! interfaces `--devices` means, and interfaces come, go and are re-created
-//! while the agent runs; the pods' devices, listed in the peer device map
-//! for redirects straight into a pod, come and go with their pods. Woken by
-//! netlink link notifications, with a periodic rescan as a safety net.
+//! interfaces `--devices` means (without it, the node's devices as
+//! detection finds them), and interfaces come, go and are re-created,
+//! and gain or lose addresses and default routes, while the agent runs;
+//! the pods' devices, listed in the peer device map for redirects straight
+//! into a pod, come and go with their pods. Woken by netlink link
+//! notifications (and, when detecting, address and route ones), with a
+//! periodic rescan as a safety net.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -16,7 +19,7 @@ use tokio::task::JoinHandle;
 use crate::datapath::devices;
 use crate::datapath::loader::MapSizes;
 use crate::datapath::netlink_events::NetlinkEvents;
-use crate::datapath::nodeport::{self, NodePortConfig};
+use crate::datapath::nodeport::{self, DeviceSelection, NodePortConfig};
 use crate::datapath::peer_devices::{self, PeerDeviceTable};
 use crate::metrics::{MapLabel, Metrics};
 use crate::status::StatusHandle;
@@ -25,11 +28,15 @@ use crate::status::StatusHandle;
 /// even without a netlink notification.
 const DEVICE_RESCAN_PERIOD: Duration = Duration::from_secs(10);
 
-/// Subscribes to link changes; None (logged) when netlink refuses, and the
-/// watcher rescans periodically only. Taken before the links are first
-/// listed, so no change is missed.
-pub(super) fn subscribe() -> Option<NetlinkEvents> {
-    NetlinkEvents::links()
+/// Subscribes to what `selection` depends on: link changes, and address
+/// and route changes too when detecting; None (logged) when netlink
+/// refuses, and the watcher rescans periodically only. Taken before the
+/// links are first listed, so no change is missed.
+pub(super) fn subscribe(selection: &DeviceSelection) -> Option<NetlinkEvents> {
+    match selection {
+        DeviceSelection::Named(_) => NetlinkEvents::links(),
+        DeviceSelection::Detected => NetlinkEvents::devices(),
+    }
         .map_err(|e| tracing::warn!(error = %e, "no netlink link subscription; devices are rescanned every {}s only", DEVICE_RESCAN_PERIOD.as_secs()))
         .ok()
 }
@@ -151,15 +158,16 @@ impl DeviceWatch {
         if !self.ready.load(Ordering::Acquire) {
             return;
         }
-        let present = match devices::matching(&self.config.devices) {
+        let present = match devices::resolve(&self.config.devices) {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(error = %e, "listing the network interfaces");
                 return;
             }
         };
-        // The devices --devices means now are north-south ones, attached
-        // below if they are not yet: never pod devices.
+        // The devices --devices means (or detection finds) now are
+        // north-south ones, attached below if they are not yet: never pod
+        // devices.
         sync_peer_devices(&mut self.peer_devices, &present, self.config.redirect_peer);
         let mss = match nodeport::devices_dsr_mss(&present) {
             Ok(m) => m,

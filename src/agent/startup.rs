@@ -1,8 +1,8 @@
 //! Startup: everything the agent does once before its tasks run. Checks
 //! the kernel's features against --kube-proxy-replacement, loads and
 //! attaches the socket-LB datapath, attaches the north-south datapath to
-//! the --devices interfaces (or removes it), and opens the host address
-//! map. Any error here stops the agent before a task starts.
+//! the --devices interfaces or the detected ones (or removes it, with
+//! `--devices=`), and opens the host address map. Any error here stops the agent before a task starts.
 
 use anyhow::{Context, Result};
 
@@ -12,7 +12,7 @@ use super::switch_over::{Growth, SwitchOver};
 use super::{AgentConfig, SourceConfig};
 use crate::datapath::hooks::{HookKind, SockHook};
 use crate::datapath::loader;
-use crate::datapath::nodeport::{self, NodePortConfig, TcAttach};
+use crate::datapath::nodeport::{self, DeviceSelection, NodePortConfig, TcAttach};
 use crate::datapath::peer_devices;
 use crate::datapath::resize;
 use crate::features::{self, KprMode};
@@ -86,7 +86,10 @@ pub(super) fn start(config: &AgentConfig) -> Result<Started> {
             let detached = nodeport::remove(&config.bpf_root)
                 .context("turning the north-south datapath off")?;
             if !detached.is_empty() {
-                tracing::info!(?detached, "no --devices: north-south datapath detached");
+                tracing::info!(
+                    ?detached,
+                    "--devices= (empty): north-south datapath detached"
+                );
             }
             None
         }
@@ -248,18 +251,20 @@ fn attach_socket_lb(config: &AgentConfig, options: &loader::DatapathOptions) -> 
 }
 
 /// Attaches the north-south programs to the --devices interfaces there are
-/// and lists the pods' devices; what the device watcher starts from.
+/// (or the detected ones) and lists the pods' devices; what the device
+/// watcher starts from.
 fn attach_north_south(
     config: &AgentConfig,
     np: &NodePortConfig,
     status: &StatusHandle,
 ) -> Result<DeviceWatch> {
     nodeport::check_port_range(np.snat_ports);
-    let events = devices::subscribe();
+    let events = devices::subscribe(&np.devices);
     let report = nodeport::load_and_attach(&config.bpf_root, &config.map_sizes, np)
         .context("setting up the north-south datapath")?;
     tracing::info!(
         devices = ?np.devices,
+        detected = matches!(np.devices, DeviceSelection::Detected),
         attached = ?report.devices.keys().collect::<Vec<_>>(),
         mode = ?np.mode,
         tc_attach = report.tc_attach.as_str(),
@@ -277,7 +282,8 @@ fn attach_north_south(
     }
     status.update(|s| {
         s.devices = Some(DeviceStatus {
-            patterns: np.devices.clone(),
+            patterns: np.devices.patterns().to_vec(),
+            detected: matches!(np.devices, DeviceSelection::Detected),
             attached: report.devices.keys().cloned().collect(),
             missing: report.missing_devices.clone(),
             ..DeviceStatus::default()
@@ -309,7 +315,8 @@ fn north_south_after_switch(
 ) -> Result<DeviceWatch> {
     status.update(|s| {
         s.devices = Some(DeviceStatus {
-            patterns: np.devices.clone(),
+            patterns: np.devices.patterns().to_vec(),
+            detected: matches!(np.devices, DeviceSelection::Detected),
             ..DeviceStatus::default()
         })
     });
@@ -320,7 +327,7 @@ fn north_south_after_switch(
         status: status.clone(),
         peer_devices: peer_devices::open(&config.bpf_root)
             .context("opening the peer device map")?,
-        events: devices::subscribe(),
+        events: devices::subscribe(&np.devices),
         attached: Default::default(),
         attached_mss: 0,
         ready: Default::default(),

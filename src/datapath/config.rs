@@ -4,10 +4,10 @@
 
 #![deny(unsafe_code)]
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
-use crate::datapath::devices;
+pub use crate::datapath::devices::DeviceSelection;
 
 /// How NodePort traffic reaches a backend on another node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -183,9 +183,10 @@ pub const DEFAULT_SNAT_PORTS: PortRange = PortRange {
 /// Everything the north-south datapath needs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct NodePortConfig {
-    /// Interfaces to attach to (tc ingress and egress): names, or prefix
-    /// patterns with a trailing `+` or `*` (see [`super::devices`]).
-    pub devices: Vec<String>,
+    /// Interfaces to attach to (tc ingress and egress): `--devices` names
+    /// or prefix patterns, or the node's devices, detected (see
+    /// [`super::devices`]).
+    pub devices: DeviceSelection,
     pub mode: NodePortMode,
     pub acceleration: Acceleration,
     /// tcx or classic tc; `Auto` is resolved by probing the kernel.
@@ -203,13 +204,10 @@ pub struct NodePortConfig {
 }
 
 impl NodePortConfig {
-    /// Refuses a configuration the datapath cannot run: no `--devices`
-    /// entry, or a malformed one (named).
+    /// Refuses a configuration the datapath cannot run: an empty
+    /// `--devices` list, or a malformed entry (named).
     pub fn validate(&self) -> Result<()> {
-        if self.devices.is_empty() {
-            bail!("the north-south datapath needs at least one device (--devices)");
-        }
-        devices::validate(&self.devices)
+        self.devices.validate()
     }
 }
 
@@ -231,7 +229,7 @@ mod tests {
     #[test]
     fn every_mode_and_acceleration_is_accepted_with_devices() {
         let ok = NodePortConfig {
-            devices: vec!["eth0".into()],
+            devices: DeviceSelection::Named(vec!["eth0".into()]),
             mode: NodePortMode::Snat,
             acceleration: Acceleration::Disabled,
             tc_attach: TcAttach::Auto,
@@ -256,16 +254,21 @@ mod tests {
             }
         }
         let bad = NodePortConfig {
-            devices: vec!["eth0".into(), "a/b".into()],
+            devices: DeviceSelection::Named(vec!["eth0".into(), "a/b".into()]),
             ..ok.clone()
         };
         let err = bad.validate().unwrap_err().to_string();
         assert!(err.contains("\"a/b\""), "{err}");
         let none = NodePortConfig {
-            devices: Vec::new(),
-            ..ok
+            devices: DeviceSelection::Named(Vec::new()),
+            ..ok.clone()
         };
         assert!(none.validate().is_err());
+        let detected = NodePortConfig {
+            devices: DeviceSelection::Detected,
+            ..ok
+        };
+        assert!(detected.validate().is_ok());
     }
 
     #[test]

@@ -1,14 +1,17 @@
-//! Which interfaces `--devices` means, now and as links come and go.
+//! Which interfaces the north-south programs belong on, now and as links
+//! come and go: those `--devices` names, or, without it, the node's
+//! devices as [`node_devices`] detects them.
 //!
 //! An entry of `--devices` is an interface name (`eth0`) or a prefix
 //! pattern: a trailing `+` (Cilium's spelling, `eth+`) or `*` (`eth*`)
 //! matches every name that starts with what precedes it. The set is
 //! resolved against the links of the agent's network namespace whenever
-//! they change: a netlink subscription to link changes
-//! ([`NetlinkEvents::links`]) is the trigger; the agent then lists the links
-//! again ([`matching`]) and attaches to what is new, detaches from what is
-//! gone. A named device that does not exist yet is not an error: it is
-//! attached when it appears.
+//! they change: a netlink subscription to link changes (and, when
+//! detecting, address and route changes: [`NetlinkEvents::devices`]) is
+//! the trigger; the agent then resolves the set again ([`resolve`]) and
+//! attaches to what is new, detaches from what is gone. A named device
+//! that does not exist yet is not an error: it is attached when it
+//! appears.
 
 #![deny(unsafe_code)]
 
@@ -17,10 +20,49 @@ use std::io;
 
 use anyhow::{bail, Context, Result};
 
-use crate::datapath::{interfaces, sys};
+use crate::datapath::{interfaces, node_devices, sys};
 
 #[cfg(doc)]
 use crate::datapath::netlink_events::NetlinkEvents;
+
+/// Which interfaces carry north-south traffic.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceSelection {
+    /// `--devices`: names and prefix patterns.
+    Named(Vec<String>),
+    /// No `--devices`: the node's devices, detected ([`node_devices`]).
+    Detected,
+}
+
+impl DeviceSelection {
+    /// `--devices` as given; empty when detecting.
+    pub fn patterns(&self) -> &[String] {
+        match self {
+            DeviceSelection::Named(p) => p,
+            DeviceSelection::Detected => &[],
+        }
+    }
+
+    /// Refuses a malformed or empty `--devices` list.
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            DeviceSelection::Named(p) if p.is_empty() => {
+                bail!("the north-south datapath needs at least one device (--devices)")
+            }
+            DeviceSelection::Named(p) => validate(p),
+            DeviceSelection::Detected => Ok(()),
+        }
+    }
+}
+
+/// The interfaces of this namespace `selection` means now, name -> ifindex.
+pub fn resolve(selection: &DeviceSelection) -> io::Result<BTreeMap<String, u32>> {
+    match selection {
+        DeviceSelection::Named(patterns) => matching(patterns),
+        DeviceSelection::Detected => node_devices::detect(),
+    }
+}
 
 /// Checks `--devices` entries: interface names (at most 15 bytes, no `/`,
 /// no whitespace) with an optional trailing `+` or `*`, which may stand
@@ -68,9 +110,10 @@ pub fn matching(patterns: &[String]) -> io::Result<BTreeMap<String, u32>> {
         .collect())
 }
 
-/// The plain names among `patterns` that no interface has (yet).
-pub fn missing(patterns: &[String], present: &BTreeMap<String, u32>) -> Vec<String> {
-    patterns
+/// The plain names of `selection` that no interface has (yet).
+pub fn missing(selection: &DeviceSelection, present: &BTreeMap<String, u32>) -> Vec<String> {
+    selection
+        .patterns()
         .iter()
         .filter(|p| !is_pattern(p) && !present.contains_key(p.as_str()))
         .cloned()
@@ -140,10 +183,9 @@ mod tests {
     #[test]
     fn only_plain_names_can_be_missing() {
         let present: BTreeMap<String, u32> = [("eth-c".to_string(), 2)].into();
-        assert_eq!(
-            missing(&v(&["eth-c", "eth-late", "ens+"]), &present),
-            ["eth-late"]
-        );
+        let named = DeviceSelection::Named(v(&["eth-c", "eth-late", "ens+"]));
+        assert_eq!(missing(&named, &present), ["eth-late"]);
+        assert!(missing(&DeviceSelection::Detected, &present).is_empty());
     }
 
     #[test]

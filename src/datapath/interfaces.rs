@@ -1,7 +1,9 @@
 //! The links of the agent's network namespace, from one netlink
 //! RTM_GETLINK dump: the one way kpr lists interfaces (`--devices`
-//! resolution, the pods' devices). Names, indexes, kinds and whether a
-//! link's peer lives in another namespace all come from it.
+//! resolution, device detection, the pods' devices). Names, indexes,
+//! kinds, flags, masters and whether a link's peer lives in another
+//! namespace all come from it. The dump itself ([`dump`]) also serves
+//! the route listing (`datapath::routes`).
 
 #![deny(unsafe_code)]
 
@@ -25,9 +27,18 @@ pub struct Link {
     /// IFLA_LINK_NETNSID is present: the device's link (a veth's peer)
     /// lives in another network namespace.
     pub link_in_other_netns: bool,
+    /// ifi_flags: IFF_UP, IFF_LOOPBACK, IFF_SLAVE, ...
+    pub flags: u32,
+    /// IFLA_MASTER: the bridge, bond or VRF this link is enslaved to.
+    pub master: Option<u32>,
 }
 
 impl Link {
+    /// Administratively up (IFF_UP).
+    pub fn is_up(&self) -> bool {
+        self.flags & libc::IFF_UP as u32 != 0
+    }
+
     /// Whether a packet may be handed through this device to its peer.
     pub fn has_foreign_peer(&self) -> bool {
         self.link_in_other_netns
@@ -50,6 +61,7 @@ const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_DUMP: u16 = 0x300;
 const IFINFOMSG_LEN: usize = 16;
 const IFLA_IFNAME: u16 = 3;
+const IFLA_MASTER: u16 = 10;
 const IFLA_LINKINFO: u16 = 18;
 const IFLA_LINK_NETNSID: u16 = 37;
 const IFLA_INFO_KIND: u16 = 1;
@@ -64,56 +76,65 @@ pub fn by_name() -> io::Result<BTreeMap<String, u32>> {
         .collect())
 }
 
-/// Every link of this network namespace (one RTM_GETLINK dump; again, up
-/// to three times, when a change interrupted it).
+/// Every link of this network namespace (one RTM_GETLINK dump).
 pub fn list_links() -> io::Result<Vec<Link>> {
+    Ok(dump(RTM_GETLINK, IFINFOMSG_LEN, RTM_NEWLINK)?
+        .iter()
+        .map(|m| parse_link(m))
+        .collect())
+}
+
+/// The payloads of the `reply` messages of one netlink dump of `request`
+/// (AF_UNSPEC, its `header_len`-byte family header zeroed: no filter);
+/// again, up to three times, when a change interrupted it.
+pub(crate) fn dump(request: u16, header_len: usize, reply: u16) -> io::Result<Vec<Vec<u8>>> {
     let mut last = None;
     for _ in 0..3 {
-        match dump_links() {
+        match dump_once(request, header_len, reply) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => last = Some(e),
             other => return other,
         }
     }
-    Err(last.expect("three attempts"))
+    Err(last.unwrap_or_else(|| io::Error::other("netlink dump interrupted")))
 }
 
-fn dump_links() -> io::Result<Vec<Link>> {
+fn dump_once(request: u16, header_len: usize, reply: u16) -> io::Result<Vec<Vec<u8>>> {
     let sock = sys::netlink_route_socket(0, false)?;
     // A dump answers at once; the timeout only bounds a kernel that would not.
     sys::set_recv_timeout(sock.as_fd(), 2)?;
     let seq: u32 = 1;
-    sys::send(sock.as_fd(), &dump_request(seq))?;
-    let mut links = Vec::new();
+    sys::send(sock.as_fd(), &dump_request(request, header_len, seq))?;
+    let mut messages = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     // Each datagram holds whole messages; the dump ends with NLMSG_DONE.
-    // Bounded: a namespace has far fewer links than this many datagrams.
+    // Bounded: far more datagrams than a namespace's links or routes fill.
     for _ in 0..100_000 {
         let n = sys::recv(sock.as_fd(), &mut buf, 0)?;
-        if parse_dump(&buf[..n], seq, &mut links)? {
-            return Ok(links);
+        if parse_dump(&buf[..n], seq, (reply, header_len), &mut messages)? {
+            return Ok(messages);
         }
     }
-    Err(io::Error::other("netlink link dump did not end"))
+    Err(io::Error::other("netlink dump did not end"))
 }
 
-/// RTM_GETLINK with NLM_F_DUMP and an empty ifinfomsg (every family).
-fn dump_request(seq: u32) -> Vec<u8> {
-    let len = NLMSG_HDR_LEN + IFINFOMSG_LEN;
+/// `request` with NLM_F_DUMP and an empty family header (AF_UNSPEC).
+fn dump_request(request: u16, header_len: usize, seq: u32) -> Vec<u8> {
+    let len = NLMSG_HDR_LEN + header_len;
     let mut m = Vec::with_capacity(len);
     m.extend_from_slice(&(len as u32).to_ne_bytes());
-    m.extend_from_slice(&RTM_GETLINK.to_ne_bytes());
+    m.extend_from_slice(&request.to_ne_bytes());
     m.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
     m.extend_from_slice(&seq.to_ne_bytes());
     m.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
-    m.resize(len, 0); // ifinfomsg: AF_UNSPEC, no filter
+    m.resize(len, 0); // family header: AF_UNSPEC, no filter
     m
 }
 
-fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+pub(crate) fn u16_at(b: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
 }
 
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+pub(crate) fn u32_at(b: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
 }
 
@@ -122,7 +143,7 @@ const fn align4(n: usize) -> usize {
 }
 
 /// The attributes (type without flag bits, payload) packed in `b`.
-fn attributes(b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+pub(crate) fn attributes(b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     let mut at = 0;
     std::iter::from_fn(move || {
         let len = u16_at(b, at)? as usize;
@@ -138,9 +159,15 @@ fn c_string(b: &[u8]) -> String {
     String::from_utf8_lossy(&b[..end]).into_owned()
 }
 
-/// Parses one datagram of the dump answering `seq` into `links`; true
-/// once the dump is done.
-fn parse_dump(mut b: &[u8], seq: u32, links: &mut Vec<Link>) -> io::Result<bool> {
+/// Parses one datagram of the dump answering `seq`: the payloads of its
+/// `reply.0` messages at least `reply.1` bytes long go to `out`; true once
+/// the dump is done.
+fn parse_dump(
+    mut b: &[u8],
+    seq: u32,
+    reply: (u16, usize),
+    out: &mut Vec<Vec<u8>>,
+) -> io::Result<bool> {
     let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("netlink: {what}"));
     while b.len() >= NLMSG_HDR_LEN {
         let len = u32_at(b, 0).ok_or_else(|| bad("short header"))? as usize;
@@ -158,7 +185,7 @@ fn parse_dump(mut b: &[u8], seq: u32, links: &mut Vec<Link>) -> io::Result<bool>
         if flags & NLM_F_DUMP_INTR != 0 {
             return Err(io::Error::new(
                 io::ErrorKind::Interrupted,
-                "netlink link dump interrupted by a change",
+                "netlink dump interrupted by a change",
             ));
         }
         match kind {
@@ -176,9 +203,7 @@ fn parse_dump(mut b: &[u8], seq: u32, links: &mut Vec<Link>) -> io::Result<bool>
                     return Err(io::Error::from_raw_os_error(-errno));
                 }
             }
-            RTM_NEWLINK if payload.len() >= IFINFOMSG_LEN => {
-                links.push(parse_link(payload));
-            }
+            k if k == reply.0 && payload.len() >= reply.1 => out.push(payload.to_vec()),
             _ => {}
         }
     }
@@ -192,11 +217,14 @@ fn parse_link(payload: &[u8]) -> Link {
         name: String::new(),
         kind: None,
         link_in_other_netns: false,
+        flags: u32_at(payload, 8).unwrap_or(0),
+        master: None,
     };
     for (kind, data) in attributes(&payload[IFINFOMSG_LEN..]) {
         match kind {
             IFLA_IFNAME => link.name = c_string(data),
             IFLA_LINK_NETNSID => link.link_in_other_netns = true,
+            IFLA_MASTER => link.master = u32_at(data, 0).filter(|&m| m != 0),
             IFLA_LINKINFO => {
                 link.kind = attributes(data)
                     .find(|(k, _)| *k == IFLA_INFO_KIND)
@@ -231,6 +259,16 @@ mod tests {
         m.extend_from_slice(payload);
         m.resize(align4(m.len()), 0);
         m
+    }
+
+    const LINKS: (u16, usize) = (RTM_NEWLINK, IFINFOMSG_LEN);
+
+    /// [`parse_dump`] of a link dump, parsed into `links`.
+    fn parse_links(d: &[u8], seq: u32, links: &mut Vec<Link>) -> io::Result<bool> {
+        let mut payloads = Vec::new();
+        let done = parse_dump(d, seq, LINKS, &mut payloads)?;
+        links.extend(payloads.iter().map(|p| parse_link(p)));
+        Ok(done)
     }
 
     fn newlink(index: u32, name: &str, kind: Option<&str>, netnsid: bool) -> Vec<u8> {
@@ -277,8 +315,8 @@ mod tests {
             &newlink(9, "other", Some("veth"), true),
         ));
         let mut links = Vec::new();
-        assert!(!parse_dump(&d, 7, &mut links).unwrap());
-        assert!(parse_dump(&message(NLMSG_DONE, 7, &[0; 4]), 7, &mut links).unwrap());
+        assert!(!parse_links(&d, 7, &mut links).unwrap());
+        assert!(parse_links(&message(NLMSG_DONE, 7, &[0; 4]), 7, &mut links).unwrap());
         let names: Vec<_> = links.iter().map(|l| l.name.as_str()).collect();
         assert_eq!(names, ["lo", "eth-p", "v-a", "nk0", "br0"]);
         assert_eq!(links[1].kind.as_deref(), Some("veth"));
@@ -291,24 +329,38 @@ mod tests {
     }
 
     #[test]
+    fn a_link_carries_its_flags_and_master() {
+        let mut p = newlink(3, "eth1", None, false);
+        p[8..12].copy_from_slice(&(libc::IFF_UP as u32 | libc::IFF_SLAVE as u32).to_ne_bytes());
+        p.extend(attr(IFLA_MASTER, &9u32.to_ne_bytes()));
+        let link = parse_link(&p);
+        assert!(link.is_up());
+        assert_eq!(link.flags & libc::IFF_SLAVE as u32, libc::IFF_SLAVE as u32);
+        assert_eq!(link.master, Some(9));
+        let free = parse_link(&newlink(4, "eth2", None, false));
+        assert!(!free.is_up());
+        assert_eq!(free.master, None);
+    }
+
+    #[test]
     fn an_interrupted_dump_or_one_that_failed_part_way_is_an_error() {
         let mut intr = message(RTM_NEWLINK, 3, &newlink(2, "x", None, false));
         intr[6..8].copy_from_slice(&NLM_F_DUMP_INTR.to_ne_bytes());
-        let e = parse_dump(&intr, 3, &mut Vec::new()).unwrap_err();
+        let e = parse_dump(&intr, 3, LINKS, &mut Vec::new()).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::Interrupted);
         let done = message(NLMSG_DONE, 3, &(-libc::ENOBUFS).to_ne_bytes());
-        let e = parse_dump(&done, 3, &mut Vec::new()).unwrap_err();
+        let e = parse_dump(&done, 3, LINKS, &mut Vec::new()).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ENOBUFS));
     }
 
     #[test]
     fn a_netlink_error_or_a_bad_length_is_an_error() {
         let err = message(NLMSG_ERROR, 1, &(-libc::EPERM).to_ne_bytes());
-        let e = parse_dump(&err, 1, &mut Vec::new()).unwrap_err();
+        let e = parse_dump(&err, 1, LINKS, &mut Vec::new()).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EPERM));
         let mut short = message(RTM_NEWLINK, 1, &newlink(2, "x", None, false));
         short[0] = 200; // longer than the datagram
-        assert!(parse_dump(&short, 1, &mut Vec::new()).is_err());
+        assert!(parse_dump(&short, 1, LINKS, &mut Vec::new()).is_err());
     }
 
     #[test]

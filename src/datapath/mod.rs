@@ -6,6 +6,7 @@
 //! Layers (a module imports only from layers above it):
 //! - `skel`, `sys` (the FFI boundary), `pins` (names, paths, sizing),
 //!   `maps` (domain types), `config`, `hooks`, `interfaces`, `counters`;
+//! - `routes`, `node_devices` (device detection);
 //! - `layout` (encoding), `link` (attach or swap), `pinned_table`;
 //! - `classic_tc` (tc filters where tcx is missing);
 //! - `kernel`, `fake`, `ct`, `dsr`, `host_addrs`, `peer_devices`,
@@ -32,11 +33,13 @@ pub mod link;
 pub mod loader;
 pub mod maps;
 pub mod netlink_events;
+pub mod node_devices;
 pub mod nodeport;
 pub mod peer_devices;
 pub mod pinned_table;
 pub mod pins;
 pub mod resize;
+pub mod routes;
 pub mod skel;
 pub mod sys;
 

@@ -1,7 +1,8 @@
-//! Netlink subscriptions to link and address changes of the agent's
-//! network namespace, used as triggers only: the agent lists links
-//! (`--devices`) or addresses (the host address map) again on each wake-up
-//! instead of parsing messages, so a lost or merged message loses nothing.
+//! Netlink subscriptions to link, address and route changes of the
+//! agent's network namespace, used as triggers only: the agent lists links
+//! (`--devices`), links, addresses and routes (device detection) or
+//! addresses (the host address map) again on each wake-up instead of
+//! parsing messages, so a lost or merged message loses nothing.
 
 #![deny(unsafe_code)]
 
@@ -17,6 +18,9 @@ const RTMGRP_LINK: u32 = 0x1;
 /// rtnetlink multicast groups of IPv4 and IPv6 address changes
 /// (RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR).
 const RTMGRP_ADDRESSES: u32 = 0x10 | 0x100;
+/// rtnetlink multicast groups of IPv4 and IPv6 route changes
+/// (RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE).
+const RTMGRP_ROUTES: u32 = 0x40 | 0x400;
 
 /// A netlink socket subscribed to changes of this namespace's links or
 /// addresses. Messages are not parsed: each wake-up means "list them
@@ -30,6 +34,12 @@ impl NetlinkEvents {
     /// Needs a tokio runtime.
     pub fn links() -> io::Result<NetlinkEvents> {
         Self::subscribe(RTMGRP_LINK)
+    }
+
+    /// What device detection depends on: link, address (IPv4 and IPv6)
+    /// and route changes. Needs a tokio runtime.
+    pub fn devices() -> io::Result<NetlinkEvents> {
+        Self::subscribe(RTMGRP_LINK | RTMGRP_ADDRESSES | RTMGRP_ROUTES)
     }
 
     /// Address changes, IPv4 and IPv6. Needs a tokio runtime.

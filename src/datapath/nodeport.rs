@@ -1,9 +1,10 @@
 //! The north-south datapath's lifecycle: loading bpf/nodeport.bpf.c (and
 //! bpf/nodeport_xdp.bpf.c) with their knobs, sharing the load balancer's
 //! pinned maps, pinning their own, and attaching to the devices
-//! `--devices` means on tc ingress and egress (and XDP): tcx with pinned
-//! links, or classic tc filters where the kernel has no tcx
-//! ([`classic_tc`], `--tc-attach`); and what is attached, for `kpr status`.
+//! `--devices` means (without it, the node's devices, detected) on tc
+//! ingress and egress (and XDP): tcx with pinned links, or classic tc
+//! filters where the kernel has no tcx ([`classic_tc`], `--tc-attach`);
+//! and what is attached, for `kpr status`.
 //!
 //! Restart safety is the socket path's ([`link::attach_or_swap`]) or the
 //! filter's in-place replacement, and conntrack survives in its pinned
@@ -30,8 +31,8 @@ use serde::Serialize;
 
 use crate::datapath::classic_tc;
 pub use crate::datapath::config::{
-    Acceleration, CtTimeouts, NoBackendResponse, NodePortConfig, NodePortMode, PortRange, TcAttach,
-    DEFAULT_SNAT_PORTS,
+    Acceleration, CtTimeouts, DeviceSelection, NoBackendResponse, NodePortConfig, NodePortMode,
+    PortRange, TcAttach, DEFAULT_SNAT_PORTS,
 };
 use crate::datapath::devices;
 pub use crate::datapath::devices::{devices_dsr_mss, dsr_mss};
@@ -141,7 +142,7 @@ pub fn load_and_attach(
     let _one_at_a_time = ATTACHING
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let present = devices::matching(&config.devices).context("listing the network interfaces")?;
+    let present = devices::resolve(&config.devices).context("listing the network interfaces")?;
     // Set whatever the mode: a node takes DSR flows in from nodes in dsr
     // or hybrid mode also while it runs in snat mode itself. Read on every
     // (re-)attachment, so a device that appears later counts too.

@@ -2,6 +2,11 @@
 //! bed's cgroup, manifests in a directory, metrics and health on free
 //! loopback ports. Stopped (SIGTERM, then SIGKILL) and its pins removed on
 //! Drop, so a failing test leaves no attachment behind.
+//!
+//! An agent in the caller's own network namespace (no `netns`) shares the
+//! machine's devices: it gets `--devices=` (north-south off) unless the
+//! caller names devices, so that device detection never attaches to an
+//! interface the test did not create.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -34,7 +39,17 @@ pub struct AgentProcess {
     /// The network namespace the agent runs in (its pinned file); None:
     /// the test's own. Metrics and health are then reached from inside it.
     pub netns: Option<PathBuf>,
+    /// Pass `--devices=` (no netns of its own, no --devices given, and a
+    /// version that has device detection).
+    north_south_off: bool,
     log: PathBuf,
+}
+
+/// Whether an agent started with `extra_args` in `netns` must be told
+/// `--devices=`: it would otherwise detect the devices of the namespace
+/// the test runs in, which the test did not create.
+fn needs_north_south_off(netns: Option<&Path>, extra_args: &[&str]) -> bool {
+    netns.is_none() && !extra_args.iter().any(|a| a.starts_with("--devices"))
 }
 
 /// A free loopback TCP port (bound and released; good enough for tests).
@@ -86,6 +101,30 @@ impl AgentProcess {
             &[],
             Some(netns.path()),
         )
+    }
+
+    /// Like [`AgentProcess::start`], for a kpr from before device
+    /// detection (there no `--devices` meant north-south off, and
+    /// `--devices=` is refused): nothing is added to `extra_args`.
+    pub fn start_before_detection(
+        exe: &Path,
+        manifests: &Path,
+        cgroup: &Path,
+        bpf_root: &Path,
+        extra_args: &[&str],
+    ) -> Result<AgentProcess> {
+        let mut agent = AgentProcess::new(
+            exe,
+            Some(manifests),
+            cgroup,
+            bpf_root,
+            extra_args,
+            &[],
+            None,
+        )?;
+        agent.north_south_off = false;
+        agent.spawn()?;
+        Ok(agent)
     }
 
     /// Like [`AgentProcess::start`], with extra environment variables.
@@ -150,7 +189,23 @@ impl AgentProcess {
         env: &[(&str, &str)],
         netns: Option<&Path>,
     ) -> Result<AgentProcess> {
-        let mut agent = AgentProcess {
+        let mut agent =
+            AgentProcess::new(exe, manifests, cgroup, bpf_root, extra_args, env, netns)?;
+        agent.spawn()?;
+        Ok(agent)
+    }
+
+    fn new(
+        exe: &Path,
+        manifests: Option<&Path>,
+        cgroup: &Path,
+        bpf_root: &Path,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+        netns: Option<&Path>,
+    ) -> Result<AgentProcess> {
+        Ok(AgentProcess {
+            north_south_off: needs_north_south_off(netns, extra_args),
             netns: netns.map(Path::to_path_buf),
             child: None,
             exe: exe.to_path_buf(),
@@ -165,9 +220,7 @@ impl AgentProcess {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             log: bpf_root.with_extension("log"),
-        };
-        agent.spawn()?;
-        Ok(agent)
+        })
     }
 
     /// The exit status once the agent has exited by itself (waits up to `timeout`).
@@ -219,6 +272,7 @@ impl AgentProcess {
             .arg(self.metrics_addr.to_string())
             .arg("--healthz-addr")
             .arg(self.healthz_addr.to_string())
+            .args(self.north_south_off.then_some("--devices="))
             .args(&self.extra_args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
@@ -367,4 +421,18 @@ impl Drop for AgentProcess {
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     crate::http::blocking_get(addr, path)
         .map_err(|e| TestbedError::Agent(format!("GET http://{addr}{path}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_agent_sharing_the_callers_namespace_has_north_south_off_unless_devices_are_named() {
+        assert!(needs_north_south_off(None, &["--ct-gc-interval", "1s"]));
+        assert!(!needs_north_south_off(None, &["--devices", "eth-c"]));
+        assert!(!needs_north_south_off(None, &["--devices=eth-c"]));
+        let own = Path::new("/run/netns/t");
+        assert!(!needs_north_south_off(Some(own), &[]));
+    }
 }

@@ -239,7 +239,7 @@ neigh add 10.244.1.11 lladdr 02:00:00:00:01:11 dev pod0 nud permanent
 /// [`MAGLEV_TABLE_SIZE`].
 pub fn config() -> NodePortConfig {
     NodePortConfig {
-        devices: vec!["ext0".into()],
+        devices: kpr::datapath::nodeport::DeviceSelection::Named(vec!["ext0".into()]),
         mode: NodePortMode::Snat,
         acceleration: Acceleration::Native,
         tc_attach: TcAttach::Auto,

@@ -1,7 +1,8 @@
 //! A complete north-south bed: the multi-node [`Cluster`], identity servers
 //! (reporting the peer they saw) on every pod, the caller's manifest, and
 //! a kpr agent per node running inside the node's namespace with its own
-//! bpf root, cgroup and `--devices`. Shared by `tests/nodeport*.rs` (through
+//! bpf root, cgroup and `--devices` (or none: the agent detects the node's
+//! devices). Shared by `tests/nodeport*.rs` (through
 //! tests/support/nodeport.rs) and `benches/nodeport.rs`.
 //!
 //! Fields drop in declaration order: the agents (and their pins and
@@ -113,6 +114,30 @@ impl NodePortBed {
         manifest: impl Fn(&Cluster) -> String,
         extra_args: &[&str],
     ) -> Result<NodePortBed> {
+        NodePortBed::launch(prefix, exe, plan, manifest, extra_args, true)
+    }
+
+    /// Like [`NodePortBed::start`], with agents started without
+    /// `--devices`: each detects its node's devices. (Safe: every agent
+    /// runs in its node's namespace, whose links the bed created.)
+    pub fn start_detecting_devices(
+        prefix: &str,
+        exe: &Path,
+        plan: &ClusterPlan,
+        manifest: impl Fn(&Cluster) -> String,
+        extra_args: &[&str],
+    ) -> Result<NodePortBed> {
+        NodePortBed::launch(prefix, exe, plan, manifest, extra_args, false)
+    }
+
+    fn launch(
+        prefix: &str,
+        exe: &Path,
+        plan: &ClusterPlan,
+        manifest: impl Fn(&Cluster) -> String,
+        extra_args: &[&str],
+        name_devices: bool,
+    ) -> Result<NodePortBed> {
         // The node cgroups are `<prefix>1` and `<prefix>2`.
         if prefix.len() >= kpr::selftest::prefix::MAX_PREFIX_LEN {
             return Err(TestbedError::InvalidName {
@@ -163,16 +188,11 @@ impl NodePortBed {
             let name = format!("node{n}");
             let ip = node.ext_ip().to_string();
             let devices = node.devices().join(",");
-            let mut args = vec![
-                "--node-name",
-                &name,
-                "--node-ip",
-                &ip,
-                "--devices",
-                &devices,
-                "--ct-gc-interval",
-                "1s",
-            ];
+            let mut args = vec!["--node-name", &name, "--node-ip", &ip];
+            if name_devices {
+                args.extend(["--devices", &devices]);
+            }
+            args.extend(["--ct-gc-interval", "1s"]);
             args.extend_from_slice(extra_args);
             if let Some(mode) = tc_attach {
                 args.extend(["--tc-attach", mode.as_str()]);
