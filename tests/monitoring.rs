@@ -274,3 +274,81 @@ fn every_metric_in_the_dashboard_and_the_rules_is_one_kpr_exports() {
         );
     }
 }
+
+/// What `promtool check metrics` says about names kpr keeps as kube-proxy
+/// chose them (so its dashboards and alerts work unchanged): (metric, lint).
+const INHERITED_LINTS: &[(&str, &str)] = &[(
+    // A gauge with a counter's suffix, as kube-proxy's.
+    "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+    "non-counter metrics should not have \"_total\" suffix",
+)];
+
+/// `promtool check metrics` over `/metrics` in the Prometheus text format
+/// 0.0.4 (what the endpoint answers to `Accept: text/plain`): the exit
+/// status and the lint lines.
+fn promtool_check_metrics(text: &str) -> (Option<i32>, Vec<String>) {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("promtool: {e} (tools/setup-deps installs Debian's prometheus package)")
+        });
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(text.as_bytes())
+        .expect("writing to promtool");
+    let out = child.wait_with_output().expect("promtool ran");
+    let lines = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .chain(String::from_utf8_lossy(&out.stderr).lines())
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect();
+    (out.status.code(), lines)
+}
+
+#[test]
+fn promtool_check_metrics_passes_on_the_text_format_but_for_kube_proxys_names() {
+    let metrics = kpr::metrics::Metrics::new();
+    // Samples in the histograms and counters too, not only zeros.
+    metrics.observe_sync(std::time::Duration::from_millis(3));
+    metrics.record_sync_result(true, std::time::SystemTime::now());
+    metrics
+        .kube_proxy()
+        .probes()
+        .count_healthz(kpr::metrics::ProbeCode::Ok);
+    let text = metrics.render(kpr::metrics::Format::PrometheusText);
+
+    let (code, lines) = promtool_check_metrics(&text);
+
+    let expected: Vec<String> = INHERITED_LINTS
+        .iter()
+        .map(|(metric, lint)| format!("{metric} {lint}"))
+        .collect();
+    assert_eq!(lines, expected, "promtool's findings on\n{text}");
+    // promtool exits 3 for lint findings only, 1 for a format error.
+    assert_eq!(code, Some(3), "{lines:?}");
+}
+
+#[test]
+fn promtool_check_metrics_rejects_the_openmetrics_text_it_cannot_read() {
+    // The check above can fail: the OpenMetrics rendering, read as 0.0.4,
+    // is what the endpoint served to everyone before content negotiation.
+    let text = kpr::metrics::Metrics::new().encode();
+    let (code, lines) = promtool_check_metrics(&text);
+    assert_ne!(code, Some(0), "{lines:?}");
+    // Its counter families are named without `_total`: their samples lose
+    // their help and type.
+    assert!(
+        lines.contains(&"kpr_syncs_total no help text".to_string()),
+        "{lines:?}"
+    );
+}

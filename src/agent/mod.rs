@@ -94,6 +94,7 @@ pub async fn run(config: AgentConfig, held: crate::preflight::Held) -> Result<()
         HealthCheckServer::new(config.health_check_bind).with_proxy_health(health.clone());
     let ctx = SourceContext {
         metrics: &metrics,
+        health: &health,
         status: &status,
         health_checks: &health_checks,
         config: &config,
@@ -110,6 +111,8 @@ pub async fn run(config: AgentConfig, held: crate::preflight::Held) -> Result<()
 /// What both source loops share.
 struct SourceContext<'a> {
     metrics: &'a Metrics,
+    /// For the node's eligibility (KEP-3836), from the Kubernetes source.
+    health: &'a Health,
     status: &'a StatusHandle,
     health_checks: &'a HealthCheckServer,
     config: &'a AgentConfig,

@@ -87,7 +87,10 @@ pub(super) async fn run(
         }
         reload = false;
         tokio::select! {
-            () = source.changed() => reload = true,
+            () = source.changed() => {
+                reload = true;
+                ctx.metrics.kube_proxy().record_queued(std::time::SystemTime::now());
+            }
             _ = sleep_until_opt(retry_at) => {}
             _ = lru_tick.tick() => syncer.update_lru_gauges(),
             _ = &mut stop => return Ok(()),
