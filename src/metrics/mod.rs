@@ -32,7 +32,6 @@ pub use labels::{
     GcStatus, MapLabel, MapName, NodePortEvent, ProbeCode, SyncErrorReason, SyncResult,
     TrafficPolicy, WatchKind,
 };
-pub use process::ProcessStats;
 
 /// kube-proxy's sync duration buckets: `0.001 * 2^i` s for i in 0..15, i.e.
 /// 1 ms to 16.384 s, plus the implicit `+Inf` (16 `le` series in all).
