@@ -434,6 +434,17 @@ mod tests {
     }
 
     #[test]
+    fn logs_are_text_unless_json_is_asked_for() {
+        assert_eq!(agent(&[]).unwrap().log_format, LogFormat::Text);
+        assert_eq!(
+            agent(&["--log-format", "json"]).unwrap().log_format,
+            LogFormat::Json
+        );
+        let err = agent(&["--log-format", "xml"]).unwrap_err();
+        assert!(err.contains("text") && err.contains("json"), "{err}");
+    }
+
+    #[test]
     fn bad_maglev_flags_are_refused_with_the_allowed_values() {
         let err = agent(&["--maglev-table-size", "16384"]).unwrap_err();
         assert!(
