@@ -4,7 +4,9 @@
 //! client serves by default, and what `promtool check metrics`, curl and
 //! older scrapers read).
 
-use prometheus_client::encoding::prometheus_text;
+use prometheus_client::encoding::{prometheus_text, text};
+
+use super::Metrics;
 
 /// An exposition format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,6 +61,34 @@ impl Format {
             (Some(om), text) if om > 0.0 && om >= text.unwrap_or(0.0) => Format::OpenMetrics,
             _ => Format::PrometheusText,
         }
+    }
+}
+
+impl Metrics {
+    /// The registry in the OpenMetrics text format, ending in `# EOF`.
+    pub fn encode(&self) -> String {
+        self.render(Format::OpenMetrics)
+    }
+
+    /// The registry in `format`.
+    ///
+    /// Encoding into a `String` cannot fail with these label types; should it
+    /// anyway, the error is logged and an empty exposition returned rather
+    /// than a truncated one.
+    pub fn render(&self, format: Format) -> String {
+        let mut out = String::new();
+        let encoded = match format {
+            Format::OpenMetrics => text::encode(&mut out, &self.registry),
+            Format::PrometheusText => prometheus_text::encode(&mut out, &self.registry),
+        };
+        if let Err(e) = encoded {
+            tracing::error!(error = %e, "encoding metrics");
+            out.clear();
+            if format == Format::OpenMetrics {
+                out.push_str("# EOF\n");
+            }
+        }
+        out
     }
 }
 

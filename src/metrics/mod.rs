@@ -541,33 +541,6 @@ impl Metrics {
     pub fn inc_map_growth(&self, map: MapName) {
         self.map_grown.get_or_create(&MapLabels { map }).inc();
     }
-
-    /// The registry in the OpenMetrics text format, ending in `# EOF`.
-    pub fn encode(&self) -> String {
-        self.render(Format::OpenMetrics)
-    }
-
-    /// The registry in `format`.
-    ///
-    /// Encoding into a `String` cannot fail with these label types; should it
-    /// anyway, the error is logged and an empty exposition returned rather
-    /// than a truncated one.
-    pub fn render(&self, format: Format) -> String {
-        use prometheus_client::encoding::{prometheus_text, text};
-        let mut out = String::new();
-        let encoded = match format {
-            Format::OpenMetrics => text::encode(&mut out, &self.registry),
-            Format::PrometheusText => prometheus_text::encode(&mut out, &self.registry),
-        };
-        if let Err(e) = encoded {
-            tracing::error!(error = %e, "encoding metrics");
-            out.clear();
-            if format == Format::OpenMetrics {
-                out.push_str("# EOF\n");
-            }
-        }
-        out
-    }
 }
 
 /// Times one sync for `kubeproxy_sync_proxy_rules_duration_seconds`; see
