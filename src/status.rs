@@ -543,7 +543,11 @@ mod tests {
         let mut legacy = agent();
         legacy.tc_attach = Some(TcAttach::Legacy);
         let report = Report {
-            agent: Ok(legacy.clone()),
+            health: Health::Healthy,
+            exit_code: 0,
+            problems: Vec::new(),
+            agent: Some(legacy.clone()),
+            error: None,
             bpf_root: String::new(),
             attached_hooks: Vec::new(),
             nodeport_devices: Vec::new(),
