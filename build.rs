@@ -1,7 +1,8 @@
 //! Compiles the BPF programs under bpf/ and generates their libbpf-rs
 //! skeletons into OUT_DIR (included once, by src/datapath/skel.rs), and
 //! the Rust side of the north-south counters from their one list,
-//! bpf/include/lb_np_stats.h (included by src/datapath/counters.rs).
+//! bpf/include/lb_np_stats.h (included by src/datapath/counters.rs), and
+//! the compiler's version for `kpr_build_info`.
 
 use std::env;
 use std::path::PathBuf;
@@ -41,6 +42,17 @@ fn main() {
         .expect("writing np_stats.rs to OUT_DIR");
 
     println!("cargo:rerun-if-env-changed=KPR_CLANG");
+    // `kpr_build_info{rustc}` (src/metrics/process.rs).
+    let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".to_string());
+    let rustc_version = std::process::Command::new(&rustc)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "unknown".to_string());
+    println!("cargo:rustc-env=KPR_RUSTC_VERSION={rustc_version}");
     for dir in ["bpf", "bpf/include"] {
         for entry in std::fs::read_dir(dir).expect("bpf/ exists").flatten() {
             let path = entry.path();

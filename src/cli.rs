@@ -41,7 +41,15 @@ pub enum Command {
         command: CtCommand,
     },
     /// Show the agent's and the datapath's state (like `cilium status --verbose`).
-    /// Exits 1 when the agent reports Services it could not program.
+    ///
+    /// Exit codes (as monitoring plugins): 0 the agent reports no problem;
+    /// 1 the agent reports problems (no sync yet, the last sync failed,
+    /// Services refused, a watcher failing, no Node object, devices missing
+    /// or failing); 2 the agent could not be asked (nothing listens, an
+    /// HTTP error, not kpr's answer); 3 bad usage or the report could not
+    /// be written. With -o json, `health`, `exit_code` and `problems` say
+    /// the same, and `error` is an object {kind, address, http_status,
+    /// message} when the agent could not be asked (`agent` is then null).
     Status {
         #[command(flatten)]
         bpf_root: BpfRootArg,
@@ -54,6 +62,14 @@ pub enum Command {
     },
     /// Detach every kpr program and remove every pinned map and link.
     Cleanup(CleanupArgs),
+    /// Print the shell completion script for SHELL to stdout, e.g.
+    /// `kpr completion bash > /etc/bash_completion.d/kpr` or
+    /// `source <(kpr completion zsh)`.
+    Completion {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Build a throw-away network, run the agent on an example manifest, send
     /// real TCP and UDP traffic through the VIPs, report and remove everything.
     Selftest,
@@ -100,6 +116,12 @@ pub struct AgentArgs {
     /// Address the healthCheckNodePort listeners bind to.
     #[arg(long, default_value_t = healthcheck::DEFAULT_BIND_ADDR)]
     pub health_check_bind_address: std::net::IpAddr,
+    /// How the agent writes its log lines to stderr. text: for people
+    /// (colored on a terminal). json: one JSON object per line, with
+    /// `timestamp`, `level`, `message`, `target` and the event's fields,
+    /// for log collectors. The level filter is $KPR_LOG [default: info].
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// Shortest time between two syncs; changes within it are coalesced
     /// (kube-proxy's --iptables-min-sync-period).
     #[arg(long, default_value = "10ms", value_parser = parse_period)]
@@ -286,6 +308,16 @@ pub enum CtCommand {
     },
 }
 
+/// `--log-format`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum OutputFormat {
     Table,
@@ -418,6 +450,17 @@ mod tests {
             named.devices.as_deref(),
             Some(&["eth0".to_string(), "eth+".into(), "bond0".into()][..])
         );
+    }
+
+    #[test]
+    fn logs_are_text_unless_json_is_asked_for() {
+        assert_eq!(agent(&[]).unwrap().log_format, LogFormat::Text);
+        assert_eq!(
+            agent(&["--log-format", "json"]).unwrap().log_format,
+            LogFormat::Json
+        );
+        let err = agent(&["--log-format", "xml"]).unwrap_err();
+        assert!(err.contains("text") && err.contains("json"), "{err}");
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! health checks.
 //!
 //! [`Health`] is the single source of truth for `/healthz`: the syncer
-//! records each sync, the endpoint reports whether the last one succeeded.
+//! records each sync, the Kubernetes source whether the node is eligible
+//! (KEP-3836), the endpoint reports both.
 //! Both endpoints share one server loop ([`serve`]) with graceful shutdown,
 //! bounded in connections, time and memory per connection (see
 //! [`bounded`]): health answers keep coming while clients misbehave.
@@ -16,23 +17,20 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use tokio::net::TcpListener;
 
-use crate::metrics::Metrics;
+use crate::metrics::{Format, Metrics, ProbeCode, ProbeCounters};
 
 mod bounded;
 mod liveness;
 pub use bounded::{connection_budget, Limits, Routes, DESCRIPTOR_RESERVE};
 pub use liveness::{Liveness, DEFAULT_LIVENESS_TIMEOUT};
 
-/// The content type of `GET /metrics`: OpenMetrics text, as
-/// [`Metrics::encode`] produces.
-pub const OPENMETRICS_CONTENT_TYPE: &str =
-    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub use crate::metrics::{OPENMETRICS_CONTENT_TYPE, PROMETHEUS_TEXT_CONTENT_TYPE};
 
 /// After shutdown is requested, how long open connections may take to finish
 /// before the server stops waiting for them (a stuck client must not hold up
@@ -84,57 +82,85 @@ pub async fn bind(addr: SocketAddr, endpoint: &'static str) -> Result<TcpListene
 }
 
 /// Serves `GET /healthz` and `GET /livez` on `listener` until `shutdown`
-/// completes; see [`serve`] and [`healthz_router`].
+/// completes, counting the answers in `probes`; see [`serve`] and
+/// [`healthz_router`].
 ///
 /// # Errors
 /// [`HttpError::Serve`]; with axum 0.8 this does not happen in practice.
 pub async fn serve_healthz(
     listener: TcpListener,
     health: Health,
+    probes: ProbeCounters,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), HttpError> {
-    serve(listener, "healthz", healthz_router(health), shutdown).await
+    serve(
+        listener,
+        "healthz",
+        healthz_router(health, probes),
+        shutdown,
+    )
+    .await
 }
 
-/// `GET /metrics`: 200 with [`Metrics::encode`]'s text as [`OPENMETRICS_CONTENT_TYPE`].
+/// `GET /metrics`: 200 with [`Metrics::render`]'s text in the format the
+/// `Accept` header asks for ([`Format::negotiate`]): OpenMetrics for
+/// Prometheus, the Prometheus text format 0.0.4 for `text/plain` and
+/// clients that name neither.
 pub fn metrics_router(metrics: Arc<Metrics>) -> Router {
     Router::new().route(
         "/metrics",
-        get(move || {
+        get(move |headers: HeaderMap| {
             let metrics = metrics.clone();
             async move {
-                let content_type = HeaderValue::from_static(OPENMETRICS_CONTENT_TYPE);
-                ([(header::CONTENT_TYPE, content_type)], metrics.encode())
+                let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+                let format = Format::negotiate(accept);
+                let content_type = HeaderValue::from_static(format.content_type());
+                (
+                    [(header::CONTENT_TYPE, content_type)],
+                    metrics.render(format),
+                )
             }
         }),
     )
 }
 
-/// `GET /healthz`: 200 when [`HealthState::healthy`], else 503, with a JSON
-/// body like kube-proxy's (see [`HealthState::to_json`]). `GET /livez`: 200
-/// unless a queued change has stayed unapplied past the health timeout
-/// (see [`Liveness`]), then 503 saying for how long.
-pub fn healthz_router(health: Health) -> Router {
+/// `GET /healthz`: 200 when [`HealthState::serving`] (the last sync
+/// succeeded and the node is eligible), else 503, with a JSON body like
+/// kube-proxy's (see [`HealthState::to_json`]). `GET /livez`: 200 unless a
+/// queued change has stayed unapplied past the health timeout (see
+/// [`Liveness`]), then 503 saying for how long. Every answer is counted in
+/// `probes` by status.
+pub fn healthz_router(health: Health, probes: ProbeCounters) -> Router {
     let live = health.clone();
+    let livez_probes = probes.clone();
     Router::new()
         .route(
             "/healthz",
             get(move || {
-                let health = health.clone();
-                async move { healthz_response(health.state(), SystemTime::now()) }
+                let (health, probes) = (health.clone(), probes.clone());
+                async move { healthz_response(health.state(), SystemTime::now(), &probes) }
             }),
         )
         .route(
             "/livez",
             get(move || {
-                let live = live.clone();
-                async move { livez_response(live.liveness(), tokio::time::Instant::now()) }
+                let (live, probes) = (live.clone(), livez_probes.clone());
+                async move { livez_response(live.liveness(), tokio::time::Instant::now(), &probes) }
             }),
         )
 }
 
-fn livez_response(liveness: Liveness, now: tokio::time::Instant) -> Response {
-    match liveness.overdue(now) {
+fn livez_response(
+    liveness: Liveness,
+    now: tokio::time::Instant,
+    probes: &ProbeCounters,
+) -> Response {
+    let overdue = liveness.overdue(now);
+    probes.count_livez(match overdue {
+        None => ProbeCode::Ok,
+        Some(_) => ProbeCode::Unavailable,
+    });
+    match overdue {
         None => "ok\n".into_response(),
         Some(waited) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -148,10 +174,12 @@ fn livez_response(liveness: Liveness, now: tokio::time::Instant) -> Response {
     }
 }
 
-fn healthz_response(state: HealthState, now: SystemTime) -> Response {
-    let status = if state.healthy() {
+fn healthz_response(state: HealthState, now: SystemTime, probes: &ProbeCounters) -> Response {
+    let status = if state.serving() {
+        probes.count_healthz(ProbeCode::Ok);
         StatusCode::OK
     } else {
+        probes.count_healthz(ProbeCode::Unavailable);
         StatusCode::SERVICE_UNAVAILABLE
     };
     let headers = [
@@ -290,12 +318,27 @@ pub struct Health {
 }
 
 /// What [`Health`] knows at one moment.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HealthState {
     /// When the last successful sync finished; `None` before the first one.
     pub last_updated: Option<SystemTime>,
     /// Whether the last sync succeeded; `None` before the first sync.
     pub last_sync_ok: Option<bool>,
+    /// KEP-3836: false while the agent's Node is being deleted or tainted
+    /// `ToBeDeletedByClusterAutoscaler`, so load balancers drain the node
+    /// before it goes. True until the Node says otherwise (and always in
+    /// standalone mode), as kube-proxy's.
+    pub node_eligible: bool,
+}
+
+impl Default for HealthState {
+    fn default() -> Self {
+        HealthState {
+            last_updated: None,
+            last_sync_ok: None,
+            node_eligible: true,
+        }
+    }
 }
 
 impl Health {
@@ -347,6 +390,13 @@ impl Health {
         *self.liveness.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Records whether the node is eligible for traffic (KEP-3836; see
+    /// [`HealthState::node_eligible`]).
+    pub fn set_node_eligible(&self, eligible: bool) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.node_eligible = eligible;
+    }
+
     /// The current state.
     pub fn state(&self) -> HealthState {
         *self.state.lock().unwrap_or_else(PoisonError::into_inner)
@@ -354,20 +404,29 @@ impl Health {
 }
 
 impl HealthState {
-    /// Healthy: at least one sync happened and the last one succeeded.
+    /// Healthy: at least one sync happened and the last one succeeded
+    /// (what the healthCheckNodePorts follow: the node's eligibility is not
+    /// theirs, as in kube-proxy).
     pub fn healthy(&self) -> bool {
         self.last_sync_ok == Some(true)
     }
 
+    /// What `/healthz` answers 200 for: [`HealthState::healthy`] and the
+    /// node eligible.
+    pub fn serving(&self) -> bool {
+        self.healthy() && self.node_eligible
+    }
+
     /// The `/healthz` body, shaped like kube-proxy's:
-    /// `{"lastUpdated": "2023-11-14T22:13:20.5Z", "currentTime": "...", "healthy": true}`.
+    /// `{"lastUpdated": "2023-11-14T22:13:20.5Z", "currentTime": "...", "healthy": true, "nodeEligible": true}`.
     /// Times are RFC 3339 in UTC; `lastUpdated` (the last successful sync) is
-    /// `null` before the first one.
+    /// `null` before the first one; `healthy` is the sync's health alone.
     pub fn to_json(&self, now: SystemTime) -> String {
         serde_json::json!({
             "lastUpdated": self.last_updated.map(rfc3339),
             "currentTime": rfc3339(now),
             "healthy": self.healthy(),
+            "nodeEligible": self.node_eligible,
         })
         .to_string()
     }

@@ -2,40 +2,76 @@
 //! dispatches each subcommand to the module that implements it; the
 //! functions here only choose the output format.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 
 use kpr::agent::{self, AgentConfig};
 use kpr::bpf_root::{Owner, OwnerError};
-use kpr::cli::{AgentArgs, CleanupArgs, Cli, Command, CtCommand, OutputFormat, SvcCommand};
+use kpr::cli::{
+    AgentArgs, CleanupArgs, Cli, Command, CtCommand, LogFormat, OutputFormat, SvcCommand,
+};
 use kpr::datapath::kernel::KernelMaps;
 use kpr::datapath::{ct, loader, LbMaps};
 use kpr::{preflight, selftest, status, svc_list};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KPR_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let cli = parse();
+    let log_format = match &cli.command {
+        Command::Agent(args) => args.log_format,
+        _ => LogFormat::Text,
+    };
+    init_logging(log_format);
     match run(cli.command) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("kpr: error: {e:#}");
+            match log_format {
+                // Every stderr line of a JSON-logging agent is JSON, its last words too.
+                LogFormat::Json => tracing::error!("kpr: error: {e:#}"),
+                LogFormat::Text => eprintln!("kpr: error: {e:#}"),
+            }
             ExitCode::FAILURE
         }
     }
 }
 
+/// The command line; a usage error of `kpr status` exits 3, its "unknown"
+/// (see `kpr::status::outcome`: 2 means the agent is unreachable there),
+/// any other as clap's (2).
+fn parse() -> Cli {
+    Cli::try_parse().unwrap_or_else(|e| {
+        let in_status = std::env::args_os().nth(1).is_some_and(|a| a == "status");
+        if e.use_stderr() && in_status {
+            let _ = e.print();
+            std::process::exit(i32::from(status::outcome::EXIT_UNKNOWN));
+        }
+        e.exit()
+    })
+}
+
+/// Log lines to stderr, filtered by $KPR_LOG (default `info`), as text or
+/// as one JSON object per line (`--log-format`).
+fn init_logging(format: LogFormat) {
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KPR_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
+}
 fn run(command: Command) -> Result<ExitCode> {
     match command {
         Command::Agent(args) => run_agent(*args)?,
@@ -53,7 +89,8 @@ fn run(command: Command) -> Result<ExitCode> {
             bpf_root,
             metrics_addr,
             output,
-        } => return show_status(metrics_addr, &bpf_root.bpf_root, output),
+        } => return Ok(show_status(metrics_addr, &bpf_root.bpf_root, output)),
+        Command::Completion { shell } => completion(shell)?,
         Command::Selftest => return selftest::run(),
         Command::Probe { spec } => selftest::probe::probe_main(&spec)?,
     }
@@ -149,21 +186,35 @@ fn cleanup(args: &CleanupArgs) -> Result<()> {
     Ok(())
 }
 
-/// `kpr status`: exits 1 when the agent reports problems (Services it
-/// could not program), so scripts and probes can tell.
-fn show_status(
-    metrics_addr: SocketAddr,
-    bpf_root: &Path,
-    output: OutputFormat,
-) -> Result<ExitCode> {
+/// `kpr status`: the report, and the exit code of `kpr::status::outcome`
+/// (3 when the report cannot be written).
+fn show_status(metrics_addr: SocketAddr, bpf_root: &Path, output: OutputFormat) -> ExitCode {
     let report = status::gather(metrics_addr, bpf_root);
-    match output {
-        OutputFormat::Table => print!("{}", status::format_text(&report)),
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+    let text = match output {
+        OutputFormat::Table => Ok(status::format_text(&report)),
+        OutputFormat::Json => serde_json::to_string_pretty(&report).map(|json| json + "\n"),
+    };
+    let written = text.map_err(std::io::Error::from).and_then(|text| {
+        let mut stdout = std::io::stdout().lock();
+        stdout.write_all(text.as_bytes())?;
+        stdout.flush()
+    });
+    match written {
+        Ok(()) => ExitCode::from(report.exit_code()),
+        Err(e) => {
+            eprintln!("kpr: error: writing the status report: {e}");
+            ExitCode::from(status::outcome::EXIT_UNKNOWN)
+        }
     }
-    Ok(if report.has_problems() {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    })
+}
+
+/// `kpr completion SHELL`.
+fn completion(shell: clap_complete::Shell) -> Result<()> {
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "kpr", &mut script);
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(&script)
+        .and_then(|()| stdout.flush())
+        .context("writing the completion script")
 }

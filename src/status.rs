@@ -2,7 +2,8 @@
 //! sync, kernel features, mode), served by the agent at `/status` on its
 //! metrics address, combined with what the pinned datapath shows (attached
 //! hooks, map fill, service and backend counts) — the information of
-//! `cilium status --verbose`'s KubeProxyReplacement block.
+//! `cilium status --verbose`'s KubeProxyReplacement block. What it
+//! concludes, and its exit code, is [`outcome`]'s.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -20,6 +21,9 @@ use crate::datapath::maps::{LbMaps, MapName};
 use crate::datapath::nodeport::{Acceleration, NodePortMode, TcAttach};
 use crate::features::KprMode;
 use crate::model::LbAlgorithm;
+
+pub mod outcome;
+pub use outcome::{AgentError, AgentErrorKind, Health};
 
 /// What a watcher is doing (`state` in `/status`).
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -185,11 +189,20 @@ pub struct MapFill {
     pub capacity: usize,
 }
 
-/// Everything `kpr status` reports.
+/// Everything `kpr status` reports; `-o json` prints it as it is.
 #[derive(Debug, Serialize)]
 pub struct Report {
-    /// The agent's status, or why it could not be read.
-    pub agent: Result<AgentStatus, String>,
+    /// The conclusion; [`Report::exit_code`] follows it.
+    pub health: Health,
+    /// The exit code of `kpr status` (see [`outcome`]).
+    pub exit_code: u8,
+    /// The problems the agent reports, in words (empty when healthy or
+    /// unreachable).
+    pub problems: Vec<String>,
+    /// The agent's status; null when it could not be read.
+    pub agent: Option<AgentStatus>,
+    /// Why the agent's status could not be read; null when it was.
+    pub error: Option<AgentError>,
     pub bpf_root: String,
     pub attached_hooks: Vec<String>,
     /// North-south tcx attachments, `device/direction`.
@@ -204,26 +217,17 @@ pub struct Report {
     pub backends: usize,
 }
 
-impl Report {
-    /// Whether the agent reports something a person must act on (`kpr
-    /// status` then exits 1): Services it could not program.
-    pub fn has_problems(&self) -> bool {
-        self.agent
-            .as_ref()
-            .is_ok_and(|a| !a.unprogrammed.is_empty())
-    }
-}
-
 /// Gathers the report: the agent's `/status` at `agent_addr` (its metrics
 /// address) and the
 /// pinned datapath under `bpf_root`.
 pub fn gather(agent_addr: SocketAddr, bpf_root: &Path) -> Report {
-    let agent = crate::http::blocking_get(agent_addr, "/status")
-        .map_err(|e| format!("agent not reachable at {agent_addr}: {e}"))
-        .and_then(|(code, body)| match code {
-            200 => serde_json::from_str(&body).map_err(|e| format!("bad /status answer: {e}")),
-            code => Err(format!("agent answered {code}")),
-        });
+    let agent = outcome::fetch(agent_addr);
+    let health = outcome::health(&agent);
+    let problems = agent.as_ref().map(outcome::problems).unwrap_or_default();
+    let (agent, error) = match agent {
+        Ok(a) => (Some(a), None),
+        Err(e) => (None, Some(e)),
+    };
     let attached_hooks = loader::attached_hooks(bpf_root)
         .iter()
         .map(|h| h.attach_point.to_string())
@@ -243,7 +247,11 @@ pub fn gather(agent_addr: SocketAddr, bpf_root: &Path) -> Report {
         }
     }
     Report {
+        health,
+        exit_code: health.exit_code(),
+        problems,
         agent,
+        error,
         bpf_root: bpf_root.display().to_string(),
         attached_hooks,
         nodeport_devices: crate::datapath::nodeport::attached_devices(bpf_root)
@@ -278,11 +286,27 @@ fn tc_attachment(a: &AgentStatus, attach: TcAttach) -> String {
     }
 }
 
+impl Report {
+    /// The exit code of `kpr status` for this report.
+    pub fn exit_code(&self) -> u8 {
+        self.health.exit_code()
+    }
+
+    /// The agent's status, or why it could not be read.
+    fn agent_or_error(&self) -> Result<&AgentStatus, &str> {
+        match (&self.agent, &self.error) {
+            (Some(a), _) => Ok(a),
+            (None, Some(e)) => Err(&e.message),
+            (None, None) => Err("no answer"),
+        }
+    }
+}
+
 /// The report as text, in the spirit of `cilium status --verbose`.
 pub fn format_text(r: &Report) -> String {
     let mut o = String::new();
     let _ = writeln!(o, "KubeProxyReplacement Details:");
-    match &r.agent {
+    match r.agent_or_error() {
         Ok(a) => {
             let _ = writeln!(
                 o,
@@ -435,6 +459,9 @@ pub fn format_text(r: &Report) -> String {
             m.capacity
         );
     }
+    if !r.problems.is_empty() {
+        let _ = writeln!(o, "  Problems:             {}", r.problems.join("; "));
+    }
     o
 }
 
@@ -503,7 +530,11 @@ mod tests {
     #[test]
     fn status_text_names_mode_source_watchers_and_nodeport_mode() {
         let report = Report {
-            agent: Ok(agent()),
+            health: Health::Healthy,
+            exit_code: 0,
+            problems: Vec::new(),
+            agent: Some(agent()),
+            error: None,
             bpf_root: "/sys/fs/bpf/kpr".into(),
             attached_hooks: Vec::new(),
             nodeport_devices: Vec::new(),
@@ -545,7 +576,11 @@ mod tests {
         let mut legacy = agent();
         legacy.tc_attach = Some(TcAttach::Legacy);
         let report = Report {
-            agent: Ok(legacy.clone()),
+            health: Health::Healthy,
+            exit_code: 0,
+            problems: Vec::new(),
+            agent: Some(legacy.clone()),
+            error: None,
             bpf_root: String::new(),
             attached_hooks: Vec::new(),
             nodeport_devices: Vec::new(),

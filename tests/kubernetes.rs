@@ -556,6 +556,122 @@ fn a_restart_while_the_api_is_unreachable_keeps_the_pinned_state_until_it_return
     );
 }
 
+/// `/healthz`'s status and its `nodeEligible`, once they are `want`
+/// (bounded wait).
+#[track_caller]
+fn wait_healthz(bed: &SocketLbBed, want: (u16, bool)) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) =
+            kpr_testbed::agent::http_get(bed.agent.healthz_addr, "/healthz").unwrap();
+        let body: Value = serde_json::from_str(&body).unwrap();
+        let got = (status, body["nodeEligible"].as_bool().unwrap());
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/healthz: want {want:?}, got {got:?} {body}\nagent log:\n{}",
+            bed.agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+#[test]
+#[ignore = "needs root"]
+fn healthz_is_503_while_the_node_is_tainted_for_removal_or_being_deleted() {
+    require_root();
+    let api = ApiServer::start();
+    let mut bed = start("kelig", &api, 1);
+    bed.agent.wait_healthy(Duration::from_secs(30)).unwrap();
+    wait_healthz(&bed, (200, true));
+
+    // KEP-3836: the Cluster Autoscaler's taint before it deletes the node.
+    let mut tainted = node();
+    tainted["spec"] = json!({"taints": [
+        {"key": "ToBeDeletedByClusterAutoscaler", "value": "1700000000", "effect": "NoSchedule"}
+    ]});
+    api.apply(&tainted);
+    wait_healthz(&bed, (503, false));
+    let (livez, _) = kpr_testbed::agent::http_get(bed.agent.healthz_addr, "/livez").unwrap();
+    assert_eq!(livez, 200, "the agent itself is alive");
+
+    api.apply(&node());
+    wait_healthz(&bed, (200, true));
+
+    let mut deleting = node();
+    deleting["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+    api.apply(&deleting);
+    wait_healthz(&bed, (503, false));
+
+    let metrics = bed.agent.metrics().unwrap();
+    let answered = |code: &str| {
+        bed.agent
+            .metric_value("kubeproxy_proxy_healthz_total", &format!("code=\"{code}\""))
+            .unwrap()
+            .unwrap_or_else(|| panic!("no healthz {code} counter in\n{metrics}"))
+    };
+    assert!(
+        answered("200") >= 2.0 && answered("503") >= 2.0,
+        "{metrics}"
+    );
+}
+
+#[test]
+#[ignore = "needs root"]
+fn kube_proxys_queue_and_sync_scope_metrics_follow_changes() {
+    require_root();
+    let api = ApiServer::start();
+    let bed = start("kqueue", &api, 2);
+    let metric = |name: &str| {
+        bed.agent
+            .metric_value(name, "")
+            .unwrap()
+            .unwrap_or_else(|| panic!("no {name} in\n{}", bed.agent.metrics().unwrap()))
+    };
+    api.apply(&service(
+        "web",
+        json!({"clusterIP": "10.96.0.60", "ports": [{"port": 80, "targetPort": 8080}]}),
+    ));
+    api.apply(&slice(
+        "web-a",
+        "web",
+        json!([{"port": 8080}]),
+        json!([ep("10.244.0.11")]),
+    ));
+    wait_backends(&bed, "10.96.0.60:80/TCP", Some(&["10.244.0.11:8080"]));
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let partial_before = metric("kubeproxy_sync_partial_proxy_rules_duration_seconds_count");
+
+    api.apply(&slice(
+        "web-a",
+        "web",
+        json!([{"port": 8080}]),
+        json!([ep("10.244.0.11"), ep("10.244.0.12")]),
+    ));
+    wait_backends(
+        &bed,
+        "10.96.0.60:80/TCP",
+        Some(&["10.244.0.11:8080", "10.244.0.12:8080"]),
+    );
+
+    assert!(metric("kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds") >= before - 1.0);
+    assert!(metric("kubeproxy_sync_partial_proxy_rules_duration_seconds_count") > partial_before);
+    assert!(metric("kubeproxy_sync_full_proxy_rules_duration_seconds_count") >= 1.0);
+    assert_eq!(
+        metric("kubeproxy_sync_proxy_rules_endpoint_changes_pending"),
+        0.0
+    );
+    assert_eq!(
+        metric("kubeproxy_sync_proxy_rules_service_changes_pending"),
+        0.0
+    );
+}
+
 /// p-quantile upper bound (seconds) from an OpenMetrics histogram's buckets.
 fn histogram_quantile(metrics: &str, name: &str, q: f64) -> Option<f64> {
     let buckets: Vec<(f64, f64)> = metrics

@@ -370,7 +370,10 @@ fn status_reports_the_agent_the_hooks_and_the_map_fill() {
         "json",
     ]))
     .unwrap();
-    let agent = &json["agent"]["Ok"];
+    let agent = &json["agent"];
+    assert_eq!(json["health"], "healthy", "{json:#}");
+    assert_eq!(json["exit_code"], 0);
+    assert_eq!(json["error"], serde_json::Value::Null);
     assert_eq!(agent["source"], "manifests", "{json:#}");
     assert_eq!(agent["kube_proxy_replacement"], "strict");
     assert_eq!(agent["last_sync_ok"], true);

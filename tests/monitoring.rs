@@ -3,7 +3,9 @@
 //! (tests/monitoring/kpr-alerts.test.yaml: each alert firing and quiet), and
 //! every metric the dashboard's queries and the rules' expressions name is
 //! one kpr exports, as its registry renders them (`kpr::metrics`, what
-//! `/metrics` serves). promtool comes from Debian's `prometheus` package
+//! `/metrics` serves). `/metrics` in the Prometheus text format passes
+//! `promtool check metrics` but for the lints of names kube-proxy chose
+//! (listed). promtool comes from Debian's `prometheus` package
 //! (tools/setup-deps installs it).
 
 use std::collections::BTreeSet;
@@ -273,4 +275,129 @@ fn every_metric_in_the_dashboard_and_the_rules_is_one_kpr_exports() {
             "no panel or rule uses {family}"
         );
     }
+}
+
+/// What `promtool check metrics` says about names kpr keeps as kube-proxy
+/// chose them (so its dashboards and alerts work unchanged): (metric, lint).
+const INHERITED_LINTS: &[(&str, &str)] = &[(
+    // A gauge with a counter's suffix, as kube-proxy's.
+    "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+    "non-counter metrics should not have \"_total\" suffix",
+)];
+
+/// `promtool check metrics` over `text` (read from stdin): the exit status
+/// and the lint lines.
+fn promtool_check_metrics(text: &str) -> (Option<i32>, Vec<String>) {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("promtool: {e} (tools/setup-deps installs Debian's prometheus package)")
+        });
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(text.as_bytes())
+        .expect("writing to promtool");
+    let out = child.wait_with_output().expect("promtool ran");
+    let lines = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .chain(String::from_utf8_lossy(&out.stderr).lines())
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect();
+    (out.status.code(), lines)
+}
+
+/// `GET /metrics` with `Accept: text/plain` from kpr's metrics endpoint
+/// (as `curl -H 'Accept: text/plain' | promtool check metrics` does):
+/// the content type and the body.
+fn scrape_text_plain(metrics: kpr::metrics::Metrics) -> (String, String) {
+    use std::io::{Read, Write};
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let listener = runtime
+        .block_on(kpr::http::bind(
+            "127.0.0.1:0".parse().expect("an address"),
+            "metrics",
+        ))
+        .expect("a loopback port");
+    let addr = listener.local_addr().expect("bound");
+    let router = kpr::http::metrics_router(std::sync::Arc::new(metrics));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = runtime.spawn(kpr::http::serve(listener, "metrics", router, async move {
+        let _ = stopped.await;
+    }));
+    let mut stream = std::net::TcpStream::connect(addr).expect("connecting");
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .expect("a timeout");
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nAccept: text/plain\r\nConnection: close\r\n\r\n"
+    )
+    .expect("sending");
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).expect("receiving");
+    let _ = stop.send(());
+    let _ = runtime.block_on(server);
+    let (head, body) = reply.split_once("\r\n\r\n").expect("a head and a body");
+    let content_type = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-type")
+                .then(|| v.trim().to_string())
+        })
+        .expect("a content type");
+    (content_type, body.to_string())
+}
+
+#[test]
+fn promtool_check_metrics_passes_on_the_text_format_but_for_kube_proxys_names() {
+    let metrics = kpr::metrics::Metrics::new();
+    // Samples in the histograms and counters too, not only zeros.
+    metrics.observe_sync(std::time::Duration::from_millis(3));
+    metrics.record_sync_result(true, std::time::SystemTime::now());
+    metrics
+        .kube_proxy()
+        .probes()
+        .count_healthz(kpr::metrics::ProbeCode::Ok);
+    let (content_type, text) = scrape_text_plain(metrics);
+    assert_eq!(content_type, "text/plain; version=0.0.4; charset=utf-8");
+
+    let (code, lines) = promtool_check_metrics(&text);
+
+    let expected: Vec<String> = INHERITED_LINTS
+        .iter()
+        .map(|(metric, lint)| format!("{metric} {lint}"))
+        .collect();
+    assert_eq!(lines, expected, "promtool's findings on\n{text}");
+    // promtool exits 3 for lint findings only, 1 for a format error.
+    assert_eq!(code, Some(3), "{lines:?}");
+}
+
+#[test]
+fn promtool_check_metrics_rejects_the_openmetrics_text_it_cannot_read() {
+    // The check above can fail: the OpenMetrics rendering, read as 0.0.4,
+    // is what the endpoint served to everyone before content negotiation.
+    let text = kpr::metrics::Metrics::new().encode();
+    let (code, lines) = promtool_check_metrics(&text);
+    assert_ne!(code, Some(0), "{lines:?}");
+    // Its counter families are named without `_total`: their samples lose
+    // their help and type.
+    assert!(
+        lines.contains(&"kpr_syncs_total no help text".to_string()),
+        "{lines:?}"
+    );
 }

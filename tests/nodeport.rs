@@ -181,7 +181,7 @@ fn check_conntrack_and_tools(bed: &NodePortBed) {
     let table = kpr_on(bed, 1, &["ct", "list"]);
     println!("{}", table.lines().take(5).collect::<Vec<_>>().join("\n"));
     assert!(table.contains("192.0.2.11:30080") && table.contains("snat"));
-    let status = kpr_on(bed, 1, &["status"]);
+    let status = status_text(bed, 1);
     assert!(
         status.contains(
             "North-south:          eth-c/egress eth-c/ingress eth-n/egress eth-n/ingress"

@@ -173,7 +173,7 @@ fn host_sockets_cannot_bind_a_nodeport_in_use_until_its_service_is_deleted() {
         outcomes(&others, "EADDRINUSE"),
         "the other Services keep theirs"
     );
-    let status = kpr_on(&bed, 1, &["status"]);
+    let status = status_text(&bed, 1);
     assert!(status.contains("post_bind4 post_bind6"), "{status}");
 }
 

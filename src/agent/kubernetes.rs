@@ -1,13 +1,16 @@
 //! Kubernetes mode's source loop: watchers feed the object store; the
 //! [`SyncScheduler`] says when to sync and whether every Service or only
 //! the changed ones are translated; the syncer writes the result. The
-//! watchers' states and errors are reported in metrics and `kpr status`.
+//! watchers' states and errors are reported in metrics and `kpr status`,
+//! the own Node's eligibility for traffic (KEP-3836) in `/healthz`.
+
+use std::time::SystemTime;
 
 use anyhow::Result;
 use tokio::time::Instant;
 
 use super::events::ServiceEvents;
-use super::node::node_context;
+use super::node::{node_context, node_eligible};
 use super::pin_watch::PinWatch;
 use super::schedule::{Scope, SyncScheduler};
 use super::syncer::{PolicyState, Synced, Syncer};
@@ -55,7 +58,11 @@ pub(super) async fn run(
         tokio::select! {
             event = rx.recv() => match event {
                 Some(event) => {
+                    let node_event = matches!(event, WatchEvent::Node(_));
                     handle_watch_event(&mut state.store, event, metrics, status);
+                    if node_event {
+                        ctx.health.set_node_eligible(node_eligible(state.store.node()));
+                    }
                     if state.store.initial_lists_complete() {
                         schedule.lists_complete();
                     }
@@ -65,7 +72,9 @@ pub(super) async fn run(
                         if state.store.initial_lists_complete() {
                             ctx.health.change_queued();
                         }
+                        metrics.kube_proxy().record_queued(SystemTime::now());
                     }
+                    publish_pending(&state.store, metrics);
                 }
                 None => anyhow::bail!("the Kubernetes watchers stopped"),
             },
@@ -74,6 +83,7 @@ pub(super) async fn run(
                 let scope = schedule.start(&changes);
                 let synced = state.sync(&mut syncer, changes, scope, ctx).await;
                 schedule.finished(synced, Instant::now());
+                publish_pending(&state.store, metrics);
             },
             _ = lru_tick.tick() => syncer.update_lru_gauges(),
             _ = pin_tick.tick() => if pins.check(&mut syncer, status) {
@@ -138,6 +148,15 @@ impl SourceState {
         }
         synced
     }
+}
+
+/// kube-proxy's pending-changes gauges: the events the store holds for
+/// the next sync.
+fn publish_pending(store: &ObjectStore, metrics: &Metrics) {
+    let pending = store.pending();
+    metrics
+        .kube_proxy()
+        .set_pending(pending.service_changes, pending.endpoint_changes);
 }
 
 fn watch_kind(kind: Kind) -> WatchKind {

@@ -105,9 +105,9 @@ pub async fn run(config: AgentConfig, held: crate::preflight::Held) -> Result<()
         HealthCheckServer::new(config.health_check_bind).with_proxy_health(health.clone());
     let ctx = SourceContext {
         metrics: &metrics,
+        health: &health,
         status: &status,
         health_checks: &health_checks,
-        health: &health,
         config: &config,
     };
     let result = match &config.source {
@@ -122,10 +122,11 @@ pub async fn run(config: AgentConfig, held: crate::preflight::Held) -> Result<()
 /// What both source loops share.
 struct SourceContext<'a> {
     metrics: &'a Metrics,
+    /// Told of every change queued (for `/livez`) and of the node's
+    /// eligibility (KEP-3836, from the Kubernetes source).
+    health: &'a Health,
     status: &'a StatusHandle,
     health_checks: &'a HealthCheckServer,
-    /// Told of every change queued, for `/livez`.
-    health: &'a Health,
     config: &'a AgentConfig,
 }
 

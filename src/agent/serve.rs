@@ -32,8 +32,12 @@ pub(super) fn spawn(
         status_router(status.clone()),
         shutdown.requested(),
     );
-    let healthz_server =
-        http::serve_healthz(healthz_listener, health.clone(), shutdown.requested());
+    let healthz_server = http::serve_healthz(
+        healthz_listener,
+        health.clone(),
+        metrics.kube_proxy().probes(),
+        shutdown.requested(),
+    );
     Ok(vec![
         tokio::spawn(async move {
             if let Err(e) = metrics_server.await {

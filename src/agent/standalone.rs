@@ -94,6 +94,7 @@ pub(super) async fn run(
             () = source.changed() => {
                 reload = true;
                 ctx.health.change_queued();
+                ctx.metrics.kube_proxy().record_queued(std::time::SystemTime::now());
             }
             _ = sleep_until_opt(retry_at) => {}
             _ = lru_tick.tick() => syncer.update_lru_gauges(),

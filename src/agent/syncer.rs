@@ -23,7 +23,7 @@ use crate::datapath::resize::Demand;
 use crate::healthcheck::HealthCheckServer;
 use crate::http::Health;
 use crate::metrics::TrafficPolicy as MetricPolicy;
-use crate::metrics::{MapLabel, Metrics, SyncErrorReason};
+use crate::metrics::{MapLabel, Metrics, SyncErrorReason, SyncScope};
 use crate::reconcile::{
     DesiredByService, Reconciler, RefusalReason, ServiceFrontends, SyncError, SyncOutcome,
 };
@@ -195,14 +195,18 @@ impl Syncer {
     /// its whole state, so entries nobody claims may be pruned.
     pub fn sync_full(&mut self, desired: &DesiredByService, complete: bool) -> Synced {
         self.grow_ahead(desired.values());
-        self.sync_growing(complete, None, |r| r.sync_full(desired, complete))
+        self.sync_growing(SyncScope::Full, complete, None, |r| {
+            r.sync_full(desired, complete)
+        })
     }
 
     /// Syncs the maps for the Services in `changes` only.
     pub fn sync_services(&mut self, changes: Vec<(String, ServiceFrontends)>) -> Synced {
         self.grow_ahead(changes.iter().map(|(_, fes)| fes));
         let synced: Vec<String> = changes.iter().map(|(key, _)| key.clone()).collect();
-        self.sync_growing(false, Some(&synced), |r| r.sync_services(changes.clone()))
+        self.sync_growing(SyncScope::Partial, false, Some(&synced), |r| {
+            r.sync_services(changes.clone())
+        })
     }
 
     /// Grows the maps before a sync that would not fit them (the first
@@ -234,10 +238,11 @@ impl Syncer {
     /// copies) and runs it again, a few rounds at most (each round grows
     /// the maps the previous one found short). Then switches the programs
     /// over if new maps waited to be filled, once a sync of the source's
-    /// `complete` state has filled them. `synced`: the Services synced, or
-    /// None for all of them.
+    /// `complete` state has filled them. Timed as a sync of `scope`.
+    /// `synced`: the Services synced, or None for all of them.
     fn sync_growing(
         &mut self,
+        scope: SyncScope,
         complete: bool,
         synced: Option<&[String]>,
         mut sync: impl FnMut(&mut Reconciler<KernelMaps>) -> Result<SyncOutcome, SyncError>,
@@ -271,7 +276,9 @@ impl Syncer {
                 }
             }
         }
-        self.report(timer.stop(), result, synced)
+        let elapsed = timer.stop();
+        metrics.kube_proxy().observe_sync(scope, elapsed);
+        self.report(elapsed, result, synced)
     }
 
     /// What the maps must hold for the Services `outcome` refused for

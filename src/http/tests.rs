@@ -27,10 +27,15 @@ impl Reply {
 
 /// A minimal HTTP/1.1 GET over a fresh connection (`Connection: close`).
 async fn get(addr: SocketAddr, path: &str) -> Reply {
+    get_with(addr, path, "").await
+}
+
+/// [`get`] with extra header lines (each ending in `\r\n`).
+async fn get_with(addr: SocketAddr, path: &str, headers: &str) -> Reply {
     let exchange = async {
         let mut stream = TcpStream::connect(addr).await.expect("connecting");
         let request =
-            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{headers}Connection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await.expect("sending");
         let mut raw = Vec::new();
         stream.read_to_end(&mut raw).await.expect("receiving");
@@ -89,7 +94,12 @@ async fn livez_fails_while_a_queued_change_stays_unapplied_past_the_timeout() {
     let health = Health::new();
     assert_eq!(health.liveness().timeout, Duration::from_secs(60));
     health.set_liveness_timeout(Duration::from_millis(200));
-    let server = Server::start("healthz", healthz_router(health.clone()), SHUTDOWN_GRACE).await;
+    let server = Server::start(
+        "healthz",
+        healthz_router(health.clone(), ProbeCounters::default()),
+        SHUTDOWN_GRACE,
+    )
+    .await;
 
     health.change_queued();
     assert_eq!(
@@ -116,7 +126,12 @@ async fn livez_fails_while_a_queued_change_stays_unapplied_past_the_timeout() {
 #[tokio::test]
 async fn healthz_is_503_until_a_sync_succeeds_and_again_after_a_failure() {
     let health = Health::new();
-    let server = Server::start("healthz", healthz_router(health.clone()), SHUTDOWN_GRACE).await;
+    let server = Server::start(
+        "healthz",
+        healthz_router(health.clone(), ProbeCounters::default()),
+        SHUTDOWN_GRACE,
+    )
+    .await;
 
     assert_eq!(get(server.addr, "/livez").await.status, 200);
     let before = get(server.addr, "/healthz").await;
@@ -148,20 +163,80 @@ async fn healthz_is_503_until_a_sync_succeeds_and_again_after_a_failure() {
 }
 
 #[tokio::test]
-async fn metrics_are_served_as_openmetrics_text() {
+async fn metrics_are_openmetrics_for_prometheus_and_text_0_0_4_for_text_plain() {
     let metrics = Arc::new(Metrics::new());
     metrics.observe_sync(Duration::from_millis(2));
     let server = Server::start("metrics", metrics_router(metrics), SHUTDOWN_GRACE).await;
+    let prometheus = "Accept: application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1\r\n";
 
-    let reply = get(server.addr, "/metrics").await;
+    let reply = get_with(server.addr, "/metrics", prometheus).await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.header("content-type"), Some(OPENMETRICS_CONTENT_TYPE));
     assert!(reply
         .body
         .contains("\nkubeproxy_sync_proxy_rules_duration_seconds_count 1\n"));
+    assert!(reply.body.contains("\n# TYPE kpr_syncs counter\n"));
+    assert!(reply.body.contains("\n# UNIT "));
     assert!(reply.body.ends_with("# EOF\n"));
+
+    for accept in ["Accept: text/plain\r\n", ""] {
+        let reply = get_with(server.addr, "/metrics", accept).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(
+            reply.header("content-type"),
+            Some("text/plain; version=0.0.4; charset=utf-8"),
+            "{accept:?}"
+        );
+        let body = &reply.body;
+        assert!(body.contains("\nkubeproxy_sync_proxy_rules_duration_seconds_count 1\n"));
+        assert!(
+            body.contains("\n# TYPE kpr_syncs_total counter\n"),
+            "{body}"
+        );
+        assert!(body.contains("\n# HELP kpr_syncs_total "), "{body}");
+        assert!(
+            !body.contains("# EOF") && !body.contains("# UNIT"),
+            "{body}"
+        );
+        assert!(!body.contains("_created"), "{body}");
+    }
     assert_eq!(get(server.addr, "/healthz").await.status, 404);
     server.stop().await;
+}
+
+#[tokio::test]
+async fn healthz_is_503_while_the_node_is_ineligible_and_every_answer_is_counted() {
+    let health = Health::new();
+    let metrics = Metrics::new();
+    let router = healthz_router(health.clone(), metrics.kube_proxy().probes());
+    let server = Server::start("healthz", router, SHUTDOWN_GRACE).await;
+    health.record_sync(true);
+    let json = |r: &Reply| serde_json::from_str::<serde_json::Value>(&r.body).unwrap();
+
+    let eligible = get(server.addr, "/healthz").await;
+    assert_eq!(eligible.status, 200);
+    assert_eq!(json(&eligible)["nodeEligible"], true);
+
+    health.set_node_eligible(false);
+    let leaving = get(server.addr, "/healthz").await;
+    assert_eq!(leaving.status, 503);
+    assert_eq!(json(&leaving)["nodeEligible"], false);
+    assert_eq!(json(&leaving)["healthy"], true, "the sync itself is fine");
+    assert_eq!(get(server.addr, "/livez").await.status, 200);
+
+    health.set_node_eligible(true);
+    assert_eq!(get(server.addr, "/healthz").await.status, 200);
+    server.stop().await;
+
+    let text = metrics.render(crate::metrics::Format::PrometheusText);
+    for line in [
+        "kubeproxy_proxy_healthz_total{code=\"200\"} 2\n",
+        "kubeproxy_proxy_healthz_total{code=\"503\"} 1\n",
+        "kubeproxy_proxy_livez_total{code=\"200\"} 1\n",
+        "kubeproxy_proxy_livez_total{code=\"503\"} 0\n",
+    ] {
+        assert!(text.contains(line), "{line:?} not in\n{text}");
+    }
 }
 
 #[tokio::test]
@@ -181,9 +256,14 @@ async fn the_public_serve_functions_stop_on_shutdown() {
             let _ = stopped.await;
         },
     ));
-    let healthz = tokio::spawn(serve_healthz(healthz_listener, Health::new(), async move {
-        let _ = stopped2.await;
-    }));
+    let healthz = tokio::spawn(serve_healthz(
+        healthz_listener,
+        Health::new(),
+        ProbeCounters::default(),
+        async move {
+            let _ = stopped2.await;
+        },
+    ));
 
     assert_eq!(get(metrics_addr, "/metrics").await.status, 200);
     assert_eq!(get(healthz_addr, "/healthz").await.status, 503);
@@ -199,7 +279,12 @@ async fn the_public_serve_functions_stop_on_shutdown() {
 #[tokio::test]
 async fn a_stuck_client_delays_shutdown_only_for_the_grace_period() {
     let grace = Duration::from_millis(200);
-    let server = Server::start("healthz", healthz_router(Health::new()), grace).await;
+    let server = Server::start(
+        "healthz",
+        healthz_router(Health::new(), ProbeCounters::default()),
+        grace,
+    )
+    .await;
     // Half a request: the connection is busy, not idle.
     let mut stuck = TcpStream::connect(server.addr).await.unwrap();
     stuck.write_all(b"GET /livez HTTP/1.1\r\n").await.unwrap();
@@ -250,7 +335,11 @@ async fn at_the_connection_limit_the_least_active_connection_is_shed_and_health_
         header_read_timeout: Duration::from_secs(60),
         ..Limits::default()
     };
-    let (addr, _stop) = start_bounded(healthz_router(Health::new()), limits).await;
+    let (addr, _stop) = start_bounded(
+        healthz_router(Health::new(), ProbeCounters::default()),
+        limits,
+    )
+    .await;
     let mut idle = Vec::new();
     for _ in 0..4 {
         idle.push(TcpStream::connect(addr).await.unwrap());
@@ -272,7 +361,11 @@ async fn idle_and_half_sent_connections_are_closed_after_the_idle_timeout() {
         idle_timeout: Duration::from_millis(300),
         ..Limits::default()
     };
-    let (addr, _stop) = start_bounded(healthz_router(Health::new()), limits).await;
+    let (addr, _stop) = start_bounded(
+        healthz_router(Health::new(), ProbeCounters::default()),
+        limits,
+    )
+    .await;
     let mut idle = TcpStream::connect(addr).await.unwrap();
     let mut half = TcpStream::connect(addr).await.unwrap();
     half.write_all(b"GET /livez HTTP/1.1\r\n").await.unwrap();
@@ -351,14 +444,15 @@ fn health_is_unhealthy_before_any_sync_and_follows_the_last_one() {
         health.state(),
         HealthState {
             last_updated: None,
-            last_sync_ok: Some(false)
+            last_sync_ok: Some(false),
+            node_eligible: true,
         }
     );
     health.record_sync_at(true, t1);
     assert!(health.state().healthy());
     assert_eq!(
         health.state().to_json(t1),
-        r#"{"currentTime":"2023-11-14T22:13:20Z","healthy":true,"lastUpdated":"2023-11-14T22:13:20Z"}"#
+        r#"{"currentTime":"2023-11-14T22:13:20Z","healthy":true,"lastUpdated":"2023-11-14T22:13:20Z","nodeEligible":true}"#
     );
 }
 

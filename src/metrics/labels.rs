@@ -131,6 +131,17 @@ label_enum! {
     }
 }
 
+label_enum! {
+    /// The HTTP status of a `/healthz` or `/livez` answer, as kube-proxy's
+    /// `code` label of `kubeproxy_proxy_{healthz,livez}_total`.
+    pub enum ProbeCode {
+        /// Healthy.
+        Ok => "200",
+        /// Unhealthy (or, for `/healthz`, the node is being removed).
+        Unavailable => "503",
+    }
+}
+
 impl EncodeLabelValue for MapName {
     fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
         EncodeLabelValue::encode(&self.as_str(), encoder)

@@ -22,10 +22,15 @@ use prometheus_client::registry::{Registry, Unit};
 use crate::skip::SkipReason;
 use crate::source::manifests::ReadErrorReason;
 
+mod exposition;
+mod kube_proxy;
 mod labels;
+mod process;
+pub use exposition::{Format, OPENMETRICS_CONTENT_TYPE, PROMETHEUS_TEXT_CONTENT_TYPE};
+pub use kube_proxy::{KubeProxyMetrics, ProbeCounters, SyncScope};
 pub use labels::{
-    GcStatus, MapLabel, MapName, NodePortEvent, SyncErrorReason, SyncResult, TrafficPolicy,
-    UnprogrammedReason, WatchKind,
+    GcStatus, MapLabel, MapName, NodePortEvent, ProbeCode, SyncErrorReason, SyncResult,
+    TrafficPolicy, UnprogrammedReason, WatchKind,
 };
 
 /// kube-proxy's sync duration buckets: `0.001 * 2^i` s for i in 0..15, i.e.
@@ -97,7 +102,7 @@ struct NodePortEventLabels {
 /// The agent's metrics. Cheap to update from any thread; share it as
 /// `Arc<Metrics>` between the syncer and the metrics endpoint.
 ///
-/// Exposed (OpenMetrics text, see [`Metrics::encode`]):
+/// Exposed (see [`Metrics::render`] for the formats):
 ///
 /// | name | type | labels |
 /// |------|------|--------|
@@ -117,6 +122,9 @@ struct NodePortEventLabels {
 /// | `kpr_nodeport_events_total` | counter | `event` ([`NodePortEvent`]) |
 /// | `kpr_nodeport_devices` | gauge | |
 /// | `kpr_nodeport_device_syncs_total` | counter | `result` ([`SyncResult`]) |
+/// | kube-proxy's queue, full/partial sync and probe metrics | see [`KubeProxyMetrics`] | |
+/// | `process_*` (CPU, memory, descriptors, start time) | counter, gauges | |
+/// | `kpr_build_info` | gauge (1) | `version`, `revision`, `rustc` |
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -145,6 +153,7 @@ pub struct Metrics {
     nodeport_events: Family<NodePortEventLabels, Counter>,
     nodeport_devices: Gauge,
     device_syncs: Family<SyncResultLabels, Counter>,
+    kube_proxy: KubeProxyMetrics,
 }
 
 impl Default for Metrics {
@@ -190,6 +199,7 @@ impl Metrics {
             nodeport_events: Family::default(),
             nodeport_devices: Gauge::default(),
             device_syncs: Family::default(),
+            kube_proxy: KubeProxyMetrics::default(),
         };
         for &status in GcStatus::ALL {
             let _ = metrics.ct_gc_runs.get_or_create(&GcStatusLabels { status });
@@ -375,7 +385,15 @@ impl Metrics {
             "Re-attachments of the north-south programs after link changes, by result",
             self.device_syncs.clone(),
         );
+        self.kube_proxy.register(r);
+        r.register_collector(Box::new(process::ProcessCollector));
+        r.register_collector(Box::new(process::BuildInfo::default()));
         self
+    }
+
+    /// kube-proxy's sync-queue, full/partial duration and probe metrics.
+    pub fn kube_proxy(&self) -> &KubeProxyMetrics {
+        &self.kube_proxy
     }
 
     /// Records the devices attached to after a (re-)attachment; `ok` is
@@ -548,21 +566,6 @@ impl Metrics {
     /// Counts `map` replaced by a larger copy.
     pub fn inc_map_growth(&self, map: MapName) {
         self.map_grown.get_or_create(&MapLabels { map }).inc();
-    }
-
-    /// The registry in the OpenMetrics text format, ending in `# EOF`.
-    ///
-    /// Encoding into a `String` cannot fail with these label types; should it
-    /// anyway, the error is logged and an empty exposition returned rather
-    /// than a truncated one.
-    pub fn encode(&self) -> String {
-        let mut out = String::new();
-        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
-            tracing::error!(error = %e, "encoding metrics");
-            out.clear();
-            out.push_str("# EOF\n");
-        }
-        out
     }
 }
 

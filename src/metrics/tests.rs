@@ -55,6 +55,20 @@ fn every_family_is_exposed_under_its_exact_name_and_type() {
         "kpr_nodeport_events counter",
         "kpr_nodeport_devices gauge",
         "kpr_nodeport_device_syncs counter",
+        "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds gauge",
+        "kubeproxy_sync_proxy_rules_endpoint_changes_pending gauge",
+        "kubeproxy_sync_proxy_rules_service_changes_pending gauge",
+        "kubeproxy_sync_full_proxy_rules_duration_seconds histogram",
+        "kubeproxy_sync_partial_proxy_rules_duration_seconds histogram",
+        "kubeproxy_proxy_healthz counter",
+        "kubeproxy_proxy_livez counter",
+        "process_cpu_seconds counter",
+        "process_resident_memory_bytes gauge",
+        "process_virtual_memory_bytes gauge",
+        "process_open_fds gauge",
+        "process_max_fds gauge",
+        "process_start_time_seconds gauge",
+        "kpr_build_info gauge",
     ]
     .into_iter()
     .collect();
@@ -217,4 +231,81 @@ fn the_map_labels_are_the_previous_ones_and_maglev() {
     .into_iter()
     .collect();
     assert_eq!(labels, expected);
+}
+
+#[test]
+fn kube_proxys_queue_and_scope_metrics_show_up_under_its_names() {
+    let m = Metrics::new();
+    let kp = m.kube_proxy();
+    kp.record_queued(UNIX_EPOCH + Duration::from_millis(1_700_000_000_500));
+    kp.set_pending(3, 7);
+    kp.observe_sync(SyncScope::Full, Duration::from_millis(3));
+    kp.observe_sync(SyncScope::Partial, Duration::from_micros(500));
+    kp.observe_sync(SyncScope::Partial, Duration::from_micros(700));
+    let text = m.render(Format::PrometheusText);
+
+    assert_eq!(
+        sample(
+            &text,
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds"
+        ),
+        1_700_000_000.5
+    );
+    assert_eq!(
+        sample(&text, "kubeproxy_sync_proxy_rules_service_changes_pending"),
+        3.0
+    );
+    assert_eq!(
+        sample(&text, "kubeproxy_sync_proxy_rules_endpoint_changes_pending"),
+        7.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "kubeproxy_sync_full_proxy_rules_duration_seconds_count"
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "kubeproxy_sync_partial_proxy_rules_duration_seconds_count"
+        ),
+        2.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "kubeproxy_sync_partial_proxy_rules_duration_seconds_bucket{le=\"0.001\"}"
+        ),
+        2.0,
+        "kube-proxy's buckets, from 1 ms"
+    );
+}
+
+#[test]
+fn process_metrics_and_build_info_are_exported_with_go_clients_names() {
+    let text = Metrics::new().render(Format::PrometheusText);
+
+    assert!(sample(&text, "process_resident_memory_bytes") > 0.0);
+    assert!(sample(&text, "process_virtual_memory_bytes") > 0.0);
+    assert!(sample(&text, "process_open_fds") >= 3.0);
+    assert!(sample(&text, "process_max_fds") >= sample(&text, "process_open_fds"));
+    assert!(sample(&text, "process_cpu_seconds_total") >= 0.0);
+    assert!(sample(&text, "process_start_time_seconds") > 1.5e9);
+    assert!(
+        text.contains("# TYPE process_cpu_seconds_total counter\n"),
+        "{text}"
+    );
+    let build = text
+        .lines()
+        .find(|l| l.starts_with("kpr_build_info{"))
+        .unwrap_or_else(|| panic!("no kpr_build_info in\n{text}"));
+    assert!(
+        build.contains(&format!("version=\"{}\"", env!("CARGO_PKG_VERSION")))
+            && build.contains("revision=\"")
+            && build.contains("rustc=\"rustc ")
+            && build.ends_with("} 1"),
+        "{build}"
+    );
 }

@@ -315,6 +315,11 @@ impl ObjectStore {
     pub fn has_changes(&self) -> bool {
         !self.pending.is_empty()
     }
+
+    /// What changed since the last [`ObjectStore::take_changes`], not taken.
+    pub fn pending(&self) -> &Changes {
+        &self.pending
+    }
 }
 
 /// A watched kind: how its objects enter the store (slimmed: see

@@ -740,7 +740,8 @@ pub fn under_tcp_load(
 }
 
 /// `kpr status` as text, run inside node `n`'s namespace (where its
-/// agent's /status is).
+/// agent's /status is). It must reach the agent: exit 0 (no problem) or 1
+/// (problems the agent reports, such as a device it waits for), not 2.
 pub fn status_text(bed: &NodePortBed, n: u8) -> String {
     let root = bed.bpf_root(n).to_str().unwrap().to_string();
     let addr = bed.agents[usize::from(n - 1)].metrics_addr.to_string();
@@ -754,7 +755,7 @@ pub fn status_text(bed: &NodePortBed, n: u8) -> String {
         })
         .unwrap()
         .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    assert!(matches!(out.status.code(), Some(0 | 1)), "{out:?}");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
