@@ -881,7 +881,7 @@ fn an_unprogrammable_service_shows_in_the_gauge_in_status_and_as_one_event() {
     let (code, json) = kpr_status(&bed, &["-o", "json"]);
     assert_eq!(code, 1);
     let json: Value = serde_json::from_str(&json).unwrap();
-    let listed: Vec<(String, String)> = json["agent"]["Ok"]["unprogrammed"]
+    let listed: Vec<(String, String)> = json["agent"]["unprogrammed"]
         .as_array()
         .unwrap()
         .iter()

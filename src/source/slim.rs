@@ -21,7 +21,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::{Node, NodeStatus, Service, ServiceSpec, ServiceStatus};
+use k8s_openapi::api::core::v1::{Node, NodeSpec, NodeStatus, Service, ServiceSpec, ServiceStatus};
 use k8s_openapi::api::discovery::v1::{
     Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice,
 };
@@ -212,15 +212,21 @@ fn lookup<'a>(pairs: &'a [(Box<str>, Box<str>)], key: &str) -> Option<&'a str> {
     pairs.iter().find(|(k, _)| &**k == key).map(|(_, v)| &**v)
 }
 
-/// The agent's own Node: its labels (zone) and addresses.
+/// The agent's own Node: its labels (zone) and addresses, and what
+/// `/healthz` judges its eligibility by (KEP-3836): its deletion
+/// timestamp and taints.
 pub fn node(node: Node) -> Node {
     Node {
         metadata: ObjectMeta {
             name: node.metadata.name,
             labels: node.metadata.labels,
+            deletion_timestamp: node.metadata.deletion_timestamp,
             ..ObjectMeta::default()
         },
-        spec: None,
+        spec: node.spec.and_then(|s| s.taints).map(|taints| NodeSpec {
+            taints: Some(taints),
+            ..NodeSpec::default()
+        }),
         status: node
             .status
             .and_then(|s| s.addresses)
@@ -313,5 +319,29 @@ mod tests {
                 "maglev".to_string()
             )]))
         );
+    }
+
+    #[test]
+    fn a_slimmed_node_keeps_its_zone_addresses_and_what_eligibility_reads() {
+        let full: Node = serde_json::from_value(json!({
+            "metadata": {"name": "n1", "labels": {"topology.kubernetes.io/zone": "z1"},
+                "deletionTimestamp": "2026-01-01T00:00:00Z",
+                "annotations": {"node.alpha.kubernetes.io/ttl": "0"}},
+            "spec": {"podCIDR": "10.244.1.0/24", "taints": [
+                {"key": "ToBeDeletedByClusterAutoscaler", "value": "1", "effect": "NoSchedule"}]},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.10"}],
+                "capacity": {"cpu": "2"}}
+        }))
+        .unwrap();
+        let slim = node(full.clone());
+        assert_eq!(slim.metadata.labels, full.metadata.labels);
+        assert!(slim.metadata.deletion_timestamp.is_some());
+        assert_eq!(slim.metadata.annotations, None);
+        let spec = slim.spec.expect("taints kept");
+        assert_eq!(spec.taints, full.spec.and_then(|s| s.taints));
+        assert_eq!(spec.pod_cidr, None);
+        let status = slim.status.expect("addresses kept");
+        assert_eq!(status.addresses, full.status.and_then(|s| s.addresses));
+        assert_eq!(status.capacity, None);
     }
 }
