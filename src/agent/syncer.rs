@@ -194,28 +194,31 @@ impl Syncer {
     /// Syncs the maps to `desired`; `complete` says the source delivered
     /// its whole state, so entries nobody claims may be pruned.
     pub fn sync_full(&mut self, desired: &DesiredByService, complete: bool) -> Synced {
-        self.grow_ahead(desired.values());
-        self.sync_growing(SyncScope::Full, complete, None, |r| {
+        let grown = self.grow_ahead(desired.values());
+        self.sync_switching(SyncScope::Full, complete, None, grown, |r| {
             r.sync_full(desired, complete)
         })
     }
 
     /// Syncs the maps for the Services in `changes` only.
     pub fn sync_services(&mut self, changes: Vec<(String, ServiceFrontends)>) -> Synced {
-        self.grow_ahead(changes.iter().map(|(_, fes)| fes));
+        let grown = self.grow_ahead(changes.iter().map(|(_, fes)| fes));
         let synced: Vec<String> = changes.iter().map(|(key, _)| key.clone()).collect();
-        self.sync_growing(SyncScope::Partial, false, Some(&synced), |r| {
-            r.sync_services(changes.clone())
+        self.sync_switching(SyncScope::Partial, false, Some(&synced), grown, |r| {
+            r.sync_services(changes)
         })
     }
 
-    /// Grows the maps before a sync that would not fit them (the first
-    /// sync of a large cluster, a burst of new Services): one growth and
-    /// one sync, rather than a sync that refuses, a growth and a second
-    /// sync. A failure here is left to the sync and its refusals.
-    fn grow_ahead<'a>(&mut self, services: impl IntoIterator<Item = &'a ServiceFrontends>) {
+    /// Grows the maps (programs switched over to larger copies) before a
+    /// sync that would not fit them: the peak use is computed as admission
+    /// computes it, so the sync then refuses nothing for room unless the
+    /// maps may not grow (a fixed --lb-map-max, or the ceiling).
+    fn grow_ahead<'a>(
+        &mut self,
+        services: impl IntoIterator<Item = &'a ServiceFrontends>,
+    ) -> Result<()> {
         if self.switch_over.is_none() {
-            return;
+            return Ok(());
         }
         let peak = self.reconciler.peak_use(services);
         let cap = self.reconciler.capacity();
@@ -227,44 +230,28 @@ impl Syncer {
             maglev: short(peak.maglev, cap.maglev),
         };
         if demand != Demand::default() {
-            if let Err(e) = self.grow(&demand) {
-                tracing::warn!(error = %format!("{e:#}"), "growing the maps ahead of a sync");
-            }
+            self.grow(&demand)?;
         }
+        Ok(())
     }
 
-    /// Runs `sync`; when Services were refused because a map is full and
-    /// the maps may grow, grows them (programs switched over to larger
-    /// copies) and runs it again, a few rounds at most (each round grows
-    /// the maps the previous one found short). Then switches the programs
-    /// over if new maps waited to be filled, once a sync of the source's
-    /// `complete` state has filled them. Timed as a sync of `scope`.
-    /// `synced`: the Services synced, or None for all of them.
-    fn sync_growing(
+    /// Runs `sync` (a failed growth before it, `grown`, fails it too); then
+    /// switches the programs over if new maps waited to be filled, once a
+    /// sync of the source's `complete` state has filled them. Timed as a
+    /// sync of `scope`. `synced`: the Services synced, or None for all.
+    fn sync_switching(
         &mut self,
         scope: SyncScope,
         complete: bool,
         synced: Option<&[String]>,
-        mut sync: impl FnMut(&mut Reconciler<KernelMaps>) -> Result<SyncOutcome, SyncError>,
+        grown: Result<()>,
+        sync: impl FnOnce(&mut Reconciler<KernelMaps>) -> Result<SyncOutcome, SyncError>,
     ) -> Synced {
-        const MAX_GROWTH_ROUNDS: usize = 3;
         let metrics = self.metrics.clone();
         let timer = metrics.sync_timer();
         let mut result = sync(&mut self.reconciler);
-        for _ in 0..MAX_GROWTH_ROUNDS {
-            let Ok(outcome) = &result else { break };
-            let demand = self.demand(outcome);
-            if demand == Demand::default() {
-                break;
-            }
-            match self.grow(&demand) {
-                Ok(true) => result = sync(&mut self.reconciler),
-                Ok(false) => break,
-                Err(e) => {
-                    result = Err(switch_over_failed(e));
-                    break;
-                }
-            }
+        if let Err(e) = grown {
+            result = Err(switch_over_failed(e));
         }
         self.filled |= complete && result.is_ok();
         if result.is_ok() && self.filled {
@@ -279,35 +266,6 @@ impl Syncer {
         let elapsed = timer.stop();
         metrics.kube_proxy().observe_sync(scope, elapsed);
         self.report(elapsed, result, synced)
-    }
-
-    /// What the maps must hold for the Services `outcome` refused for
-    /// capacity, besides what they hold: zero when nothing was refused
-    /// for capacity.
-    fn demand(&self, outcome: &SyncOutcome) -> Demand {
-        let mut short = Demand::default();
-        for refusal in &outcome.refused {
-            if let RefusalReason::Capacity { map, needed, .. } = refusal.reason {
-                match map {
-                    MapName::Services => short.services += needed,
-                    MapName::Backends => short.backends += needed,
-                    MapName::SourceRanges => short.source_ranges += needed,
-                    MapName::Maglev => short.maglev += needed,
-                    _ => {}
-                }
-            }
-        }
-        if short == Demand::default() {
-            return short;
-        }
-        let r = &self.reconciler;
-        let in_use = |n: usize| move |short: usize| if short == 0 { 0 } else { n + short };
-        Demand {
-            services: in_use(r.service_entries())(short.services),
-            backends: in_use(r.snapshot().backends.len())(short.backends),
-            source_ranges: in_use(r.snapshot().source_range_entries())(short.source_ranges),
-            maglev: in_use(r.snapshot().maglev.len())(short.maglev),
-        }
     }
 
     /// Grows the maps for `demand` and points the reconciler and the DSR
