@@ -275,15 +275,22 @@ impl Syncer {
             return Ok(false);
         };
         self.switch_overs += 1;
-        let Some(grown) = switch.grow(demand)? else {
+        let outcome = switch.grow(demand);
+        // A growth that failed after renaming pins left the pinned maps
+        // new: write those, which the programs get once the swap (retried
+        // by the next sync) succeeds, never the old ones.
+        if !matches!(outcome, Ok(None)) {
+            let maps = KernelMaps::open(&self.bpf_root).context("opening the grown maps")?;
+            *self.reconciler.maps_mut() = maps;
+            if self.dsr.is_some() {
+                self.dsr =
+                    Some(DsrTable::open(&self.bpf_root).context("opening the grown DSR map")?);
+                self.dsr_stale = true;
+            }
+        }
+        let Some(grown) = outcome? else {
             return Ok(false);
         };
-        let maps = KernelMaps::open(&self.bpf_root).context("opening the grown maps")?;
-        *self.reconciler.maps_mut() = maps;
-        if self.dsr.is_some() {
-            self.dsr = Some(DsrTable::open(&self.bpf_root).context("opening the grown DSR map")?);
-            self.dsr_stale = true;
-        }
         for g in &grown {
             self.metrics.inc_map_growth(g.map);
         }
