@@ -16,7 +16,9 @@
  * loadBalancerSourceRanges refuse the client, which fails with EPERM; and
  * when a socket of the node itself binds the address of a NodePort,
  * LoadBalancer or externalIP frontend (post_bind4/6: EADDRINUSE, as
- * Cilium's bind protection).
+ * Cilium's bind protection). A pod's unbound socket is judged by those
+ * ranges at its first packet instead (cgroup_skb/egress, lb_src_pending.h),
+ * which drops what they refuse.
  *
  * NodePorts are frontends on every IPv4 address of the node, for both
  * (lb_hostaddr.h): one more lookup only for destinations that are no
@@ -25,6 +27,10 @@
 #include <linux/bpf.h>
 #include <linux/in.h>
 #include <linux/errno.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <stddef.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
@@ -32,6 +38,7 @@
 #include "lb_maps.h"
 #include "lb_select.h"
 #include "lb_hostaddr.h"
+#include "lb_src_pending.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -59,6 +66,12 @@ const volatile __u8 use_set_retval = 1;
  * bind protection applies to its sockets only, pods bind what they like in
  * their own namespaces. 0 (never a cookie) protects nothing. */
 const volatile __u64 host_netns_cookie = 0;
+/* The cgroup_skb/egress program is attached: an unbound socket of another
+ * network namespace (a pod's) is judged by loadBalancerSourceRanges at its
+ * first packet, by its real source address, instead of by the node's
+ * addresses at connect()/sendmsg(). 0 (partial mode on a kernel without
+ * it): every unbound socket is taken for the node's. */
+const volatile __u8 defer_pod_src_ranges = 1;
 
 enum sock_family { FAM_V4, FAM_V6 };
 /* Which hook translates: sendmsg may carry a source address (IP_PKTINFO),
@@ -102,22 +115,37 @@ static __always_inline void ctx_svc_key(const struct bpf_sock_addr *ctx,
 	key->scope = LB_SCOPE_EXT;
 }
 
+/* What loadBalancerSourceRanges say of a client, at connect()/sendmsg(). */
+enum src_verdict {
+	SRC_ALLOW,
+	SRC_REFUSE,
+	SRC_DEFER, /* a pod's unbound socket: judged at its first packet */
+};
+
+/* Whether the socket of @ctx lives in a pod's network namespace and its
+ * source-range decisions wait for its packets (lb_src_pending.h). */
+static __always_inline int sock_in_pod(struct bpf_sock_addr *ctx)
+{
+	return defer_pod_src_ranges && bpf_get_netns_cookie(ctx) != host_netns_cookie;
+}
+
 /* Whether the client of @ctx may reach the frontend of @master under its
  * loadBalancerSourceRanges. kube-proxy checks node-local clients too (its
  * firewall runs on the output path), with the packet's source address.
  * That address is known here when the socket is bound or sendmsg names
- * one; otherwise the kernel picks it after this hook, and the client is
- * taken for the node itself (its source is then a node address, for host
- * processes): let in when a prefix holds a node address
- * (SVC_F_SRC_RANGE_NODE), as kube-proxy's rule for the node does. */
-static __always_inline int sock_src_allowed(struct bpf_sock_addr *ctx, enum sock_family fam,
-					    enum sock_op op, const struct lb_svc_val *master)
+ * one; otherwise the kernel picks it after this hook. A socket of the node
+ * itself then gets a node address: let in when a prefix holds one
+ * (SVC_F_SRC_RANGE_NODE), as kube-proxy's rule for the node does. A pod's
+ * socket gets the pod's address, which only its packets tell: deferred. */
+static __always_inline enum src_verdict sock_src_verdict(struct bpf_sock_addr *ctx,
+							 enum sock_family fam, enum sock_op op,
+							 const struct lb_svc_val *master)
 {
 	struct bpf_sock *sk = ctx->sk;
 	__be32 src[4] = {};
 
 	if (!(master->flags & SVC_F_SRC_RANGE))
-		return 1;
+		return SRC_ALLOW;
 	if (fam == FAM_V4) {
 		if (op == OP_SENDMSG)
 			src[3] = ctx->msg_src_ip4;
@@ -142,9 +170,12 @@ static __always_inline int sock_src_allowed(struct bpf_sock_addr *ctx, enum sock
 		if (lb_addr_is_v4(src) && !src[3])
 			src[2] = 0;
 	}
-	if (!(src[0] | src[1] | src[2] | src[3]))
-		return !!(master->flags & SVC_F_SRC_RANGE_NODE);
-	return lb_src_allowed(master, src);
+	if (!(src[0] | src[1] | src[2] | src[3])) {
+		if (sock_in_pod(ctx))
+			return SRC_DEFER;
+		return (master->flags & SVC_F_SRC_RANGE_NODE) ? SRC_ALLOW : SRC_REFUSE;
+	}
+	return lb_src_allowed(master, src) ? SRC_ALLOW : SRC_REFUSE;
 }
 
 /* Rewrites the destination of @ctx to a backend of the frontend it targets.
@@ -159,10 +190,16 @@ static __always_inline int sock_translate(struct bpf_sock_addr *ctx,
 	struct lb_backend *backend;
 	struct lb_sock_rnat_key rkey = {};
 	struct lb_sock_rnat_val rval = {};
+	enum src_verdict src;
+	__u32 range_id;
 	__u32 backend_id;
 
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
 		return 0;
+	/* A mark of an earlier connect()/sendmsg() of a pod's socket is not
+	 * this one's business (a datagram to another address, a reconnect). */
+	if (sock_in_pod(ctx))
+		lb_src_pending_clear(ctx->sk);
 
 	ctx_svc_key(ctx, fam, proto, &key);
 	/* What the application addressed: its peer, whatever key serves it. */
@@ -178,8 +215,11 @@ static __always_inline int sock_translate(struct bpf_sock_addr *ctx,
 		__builtin_memcpy(key.addr, rval.addr, sizeof(key.addr));
 		return lb_port_rejected(&key) ? -no_backend_errno : 0;
 	}
-	if (!sock_src_allowed(ctx, fam, op, master))
+	src = sock_src_verdict(ctx, fam, op, master);
+	if (src == SRC_REFUSE)
 		return -EPERM;
+	/* The ranges are the frontend's (its external master's). */
+	range_id = master->svc_id;
 
 	/* Node-local traffic uses the internal backend set when the frontend
 	 * has one (externalTrafficPolicy Local must not limit it). */
@@ -197,6 +237,9 @@ static __always_inline int sock_translate(struct bpf_sock_addr *ctx,
 	 * families in a frontend, so this guards against corruption only. */
 	if (fam == FAM_V4 && !lb_addr_is_v4(backend->addr))
 		return -no_backend_errno;
+	/* Without a mark the pod would go unjudged: refused instead. */
+	if (src == SRC_DEFER && lb_src_pending_arm(ctx->sk, range_id))
+		return -EPERM;
 
 	rkey.cookie = bpf_get_socket_cookie(ctx);
 	__builtin_memcpy(rkey.addr, backend->addr, sizeof(rkey.addr));
@@ -343,6 +386,53 @@ static __always_inline int sock_post_bind(struct bpf_sock *ctx, enum sock_family
 	if (use_set_retval)
 		bpf_set_retval(-EADDRINUSE);
 	return SYS_REJECT;
+}
+
+/* Verdicts of cgroup_skb programs. */
+#define SKB_DROP 0
+#define SKB_PASS 1
+
+/* The source address of the IP packet in @skb (IPv4-mapped for IPv4);
+ * -1 when it is no IP packet or too short. */
+static __always_inline int skb_src_addr(struct __sk_buff *skb, __be32 src[4])
+{
+	__be32 v4;
+
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		if (bpf_skb_load_bytes(skb, offsetof(struct iphdr, saddr), &v4, sizeof(v4)))
+			return -1;
+		lb_addr_set_v4(src, v4);
+		return 0;
+	}
+	if (skb->protocol == bpf_htons(ETH_P_IPV6))
+		return bpf_skb_load_bytes(skb, offsetof(struct ipv6hdr, saddr), src, 16) ? -1 : 0;
+	return -1;
+}
+
+/* The first packet of a marked (pod's) socket after connect()/sendmsg():
+ * its source address decides (lb_src_pending.h). Unmarked sockets cost a
+ * socket storage lookup; a socket without storage at all, less. */
+SEC("cgroup_skb/egress")
+int kpr_skb_egress(struct __sk_buff *skb)
+{
+	struct bpf_sock *sk = skb->sk;
+	struct lb_src_pending *p;
+	__be32 src[4] = {};
+
+	if (!sk)
+		return SKB_PASS;
+	sk = bpf_sk_fullsock(sk);
+	if (!sk)
+		return SKB_PASS;
+	p = bpf_sk_storage_get(&kpr_srcpend, sk, 0, 0);
+	if (!p || !p->armed)
+		return SKB_PASS;
+	/* A marked socket's packet that tells no source is not let through
+	 * unjudged. */
+	if (skb_src_addr(skb, src) || !lb_src_in_ranges(p->svc_id, src))
+		return SKB_DROP;
+	p->armed = 0;
+	return SKB_PASS;
 }
 
 SEC("cgroup/post_bind4")

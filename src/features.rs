@@ -158,6 +158,21 @@ pub fn probe() -> Vec<Feature> {
             required: true,
         });
     }
+    for hook in SockHook::of_kind(HookKind::PodSourceRanges) {
+        features.push(Feature {
+            name: hook.feature(),
+            kernel_config: "CONFIG_CGROUP_BPF (cgroup skb egress; socket local storage in it and in connect/sendmsg)",
+            used_for: "loadBalancerSourceRanges of pods' sockets by their real source address",
+            available: sock_addr
+                && prog_type_supported(sys::BPF_PROG_TYPE_CGROUP_SKB)
+                && helper_supported(sys::BPF_PROG_TYPE_CGROUP_SKB, sys::BPF_FUNC_sk_storage_get)
+                && helper_supported(
+                    sys::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+                    sys::BPF_FUNC_sk_storage_get,
+                ),
+            required: true,
+        });
+    }
     features.push(Feature {
         name: NETNS_COOKIE_SOCKOPT,
         kernel_config: "kernel >= 5.14 (SO_NETNS_COOKIE)",

@@ -129,20 +129,27 @@ lb_select_affine(struct lb_svc_key *key, const struct lb_svc_val *master,
 	return backend;
 }
 
+/* Whether a prefix of the loadBalancerSourceRanges of frontend @svc_id
+ * holds @saddr (16 bytes, IPv4-mapped for IPv4). */
+static __always_inline int lb_src_in_ranges(__u32 svc_id, const __be32 saddr[4])
+{
+	struct lb_srcrange_key key;
+
+	key.prefixlen = 32 + 128;
+	key.svc_id = svc_id;
+	__builtin_memcpy(key.addr, saddr, sizeof(key.addr));
+	return bpf_map_lookup_elem(&kpr_srcrange_v1, &key) != NULL;
+}
+
 /* Whether a client at @saddr (16 bytes, IPv4-mapped for IPv4) may open a
  * flow to the frontend of @master: always, unless the frontend has
  * loadBalancerSourceRanges and none of its prefixes holds @saddr. */
 static __always_inline int lb_src_allowed(const struct lb_svc_val *master,
 					  const __be32 saddr[4])
 {
-	struct lb_srcrange_key key;
-
 	if (!(master->flags & SVC_F_SRC_RANGE))
 		return 1;
-	key.prefixlen = 32 + 128;
-	key.svc_id = master->svc_id;
-	__builtin_memcpy(key.addr, saddr, sizeof(key.addr));
-	return bpf_map_lookup_elem(&kpr_srcrange_v1, &key) != NULL;
+	return lb_src_in_ranges(master->svc_id, saddr);
 }
 
 /* The backend for a new flow to the frontend of @master, or NULL when the

@@ -144,6 +144,10 @@ fn check_features(mode: KprMode) -> Result<(Vec<SockHook>, Vec<features::Feature
         tracing::warn!("--kube-proxy-replacement partial: NodePort bind protection is off (host sockets may bind NodePorts)");
         skip.extend(bind_hooks);
     }
+    for hook in SockHook::of_kind(HookKind::PodSourceRanges).filter(|h| lacks(h.feature())) {
+        tracing::warn!("--kube-proxy-replacement partial: pods' sockets are judged by loadBalancerSourceRanges as the node's (by the node's addresses)");
+        skip.push(hook);
+    }
     Ok((skip, probed))
 }
 

@@ -1,7 +1,7 @@
 //! The socket-LB hooks (bpf/sock_lb.bpf.c): one enum, and for each hook
 //! its attach point name, kernel attach type, feature name and program,
 //! all by exhaustive match — a new hook does not compile until every one
-//! is given.
+//! is given. All attach to the agent's cgroup.
 
 #![deny(unsafe_code)]
 
@@ -26,19 +26,27 @@ pub enum SockHook {
     PostBind4,
     /// NodePort bind protection.
     PostBind6,
+    /// loadBalancerSourceRanges of pods' unbound sockets, by the source
+    /// address of their first packet (cgroup_skb/egress).
+    SkbEgress,
 }
 
-/// What a hook is for: translation (cgroup sock_addr programs) or NodePort
-/// bind protection (cgroup sock programs).
+/// What a hook is for: translation (cgroup sock_addr programs), NodePort
+/// bind protection (cgroup sock programs) or pods' source ranges (a
+/// cgroup skb program).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HookKind {
     Translation,
     BindProtection,
+    /// Without it, a pod's unbound socket is judged by the node's
+    /// addresses (partial mode on a kernel that lacks it).
+    PodSourceRanges,
 }
 
 impl SockHook {
-    /// Every hook: the translating ones, then the bind protection ones.
-    pub const ALL: [SockHook; 10] = [
+    /// Every hook: the translating ones, the bind protection ones, then
+    /// the pods' source ranges.
+    pub const ALL: [SockHook; 11] = [
         SockHook::Connect4,
         SockHook::Connect6,
         SockHook::Sendmsg4,
@@ -49,6 +57,7 @@ impl SockHook {
         SockHook::Getpeername6,
         SockHook::PostBind4,
         SockHook::PostBind6,
+        SockHook::SkbEgress,
     ];
 
     /// The attach point, as links are pinned (`links/sock_<attach point>`)
@@ -65,6 +74,7 @@ impl SockHook {
             SockHook::Getpeername6 => "getpeername6",
             SockHook::PostBind4 => "post_bind4",
             SockHook::PostBind6 => "post_bind6",
+            SockHook::SkbEgress => "skb_egress",
         }
     }
 
@@ -81,6 +91,7 @@ impl SockHook {
             SockHook::Getpeername6 => libbpf_sys::BPF_CGROUP_INET6_GETPEERNAME,
             SockHook::PostBind4 => libbpf_sys::BPF_CGROUP_INET4_POST_BIND,
             SockHook::PostBind6 => libbpf_sys::BPF_CGROUP_INET6_POST_BIND,
+            SockHook::SkbEgress => libbpf_sys::BPF_CGROUP_INET_EGRESS,
         }
     }
 
@@ -97,12 +108,14 @@ impl SockHook {
             SockHook::Getpeername6 => "cgroup_getpeername6",
             SockHook::PostBind4 => "cgroup_post_bind4",
             SockHook::PostBind6 => "cgroup_post_bind6",
+            SockHook::SkbEgress => "cgroup_skb_egress",
         }
     }
 
     pub fn kind(self) -> HookKind {
         match self {
             SockHook::PostBind4 | SockHook::PostBind6 => HookKind::BindProtection,
+            SockHook::SkbEgress => HookKind::PodSourceRanges,
             SockHook::Connect4
             | SockHook::Connect6
             | SockHook::Sendmsg4
@@ -133,6 +146,7 @@ impl SockHook {
             SockHook::Getpeername6 => &p.kpr_getpeername6,
             SockHook::PostBind4 => &p.kpr_post_bind4,
             SockHook::PostBind6 => &p.kpr_post_bind6,
+            SockHook::SkbEgress => &p.kpr_skb_egress,
         }
     }
 
@@ -162,5 +176,6 @@ mod tests {
             assert_eq!(h.program_name(), format!("kpr_{}", h.attach_point()));
         }
         assert_eq!(SockHook::of_kind(HookKind::BindProtection).count(), 2);
+        assert_eq!(SockHook::of_kind(HookKind::PodSourceRanges).count(), 1);
     }
 }

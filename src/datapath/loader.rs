@@ -70,6 +70,8 @@ fn with_loaded<R>(
     if let Some(rodata) = open.maps.rodata_data.as_mut() {
         rodata.use_set_retval = u8::from(options.use_set_retval);
         rodata.host_netns_cookie = options.host_netns_cookie;
+        // Pods' sockets wait for their packets only where one is judged.
+        rodata.defer_pod_src_ranges = u8::from(!options.skip_hooks.contains(&SockHook::SkbEgress));
     }
     let maps = &mut open.maps;
     for (map, name) in pins::load_balancer_maps!(maps) {
