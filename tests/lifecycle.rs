@@ -335,7 +335,7 @@ fn partial_mode_runs_without_the_missing_hook() {
     let (_dir, _cgroup, mut agent) = agent_with_missing_feature(
         "partial",
         "partial",
-        "cgroup_getpeername6,helper_set_retval,cgroup_post_bind6",
+        "cgroup_getpeername6,helper_set_retval,cgroup_post_bind6,cgroup_skb_egress",
     );
     agent
         .wait_healthy(std::time::Duration::from_secs(30))
@@ -344,13 +344,16 @@ fn partial_mode_runs_without_the_missing_hook() {
         .iter()
         .map(|h| h.attach_point)
         .collect();
-    // Bind protection goes whole (post_bind4 too), reported, not fatal.
+    // Bind protection goes whole (post_bind4 too), reported, not fatal;
+    // without the egress hook, pods' sockets are judged as the node's.
     assert_eq!(hooks.len(), 7, "{hooks:?}");
     assert!(!hooks.contains(&"getpeername6"));
     assert!(!hooks.contains(&"post_bind4") && !hooks.contains(&"post_bind6"));
+    assert!(!hooks.contains(&"skb_egress"));
     let log = agent.log();
     assert!(log.contains("running without"), "{log}");
     assert!(log.contains("NodePort bind protection is off"), "{log}");
+    assert!(log.contains("pods' sockets are judged"), "{log}");
 }
 
 #[test]

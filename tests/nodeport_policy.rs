@@ -146,7 +146,7 @@ fn host_sockets_cannot_bind_a_nodeport_in_use_until_its_service_is_deleted() {
     bed.agent(1).wait_healthy(Duration::from_secs(30)).unwrap();
     let log = bed.agent(1).log();
     assert!(
-        log.contains(r#""getpeername6", "post_bind4", "post_bind6"] created_links=[]"#),
+        log.contains(r#""post_bind4", "post_bind6", "skb_egress"] created_links=[]"#),
         "{log}"
     );
     assert_eq!(
