@@ -324,7 +324,7 @@ fn cleanup_under_a_running_agent_is_refused_with_its_pid_unless_forced() {
     // Forced, it removes everything (the running agent then restores its
     // pins: tests/lifecycle.rs).
     let out = String::from_utf8_lossy(&forced.stdout);
-    assert!(out.contains("detached 10 program links"), "{out}");
+    assert!(out.contains("detached 11 program links"), "{out}");
 }
 
 #[test]

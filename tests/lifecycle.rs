@@ -95,13 +95,13 @@ fn cleanup_detaches_every_program_and_removes_every_pin() {
         "a stopped agent leaves the datapath in place"
     );
 
-    assert_eq!(kpr_links_on(bed.cgroup.path()).len(), 10);
+    assert_eq!(kpr_links_on(bed.cgroup.path()).len(), 11);
 
     // What the uninstall DaemonSet (docs/kpr-cleanup.yaml) runs on a node.
     let root = bed.agent.bpf_root.to_str().unwrap().to_string();
     let cgroup = bed.cgroup.path().to_str().unwrap().to_string();
     let out = kpr(&["cleanup", "--bpf-root", &root, "--cgroup", &cgroup]);
-    assert!(out.contains("detached 10 program links"), "{out}");
+    assert!(out.contains("detached 11 program links"), "{out}");
     assert!(!Path::new(&root).exists(), "bpf root {root} still exists");
     assert!(kpr::datapath::loader::attached_hooks(Path::new(&root)).is_empty());
     assert_eq!(
@@ -132,7 +132,7 @@ fn cleanup_with_a_cgroup_detaches_kpr_programs_pinned_elsewhere() {
         "--cgroup",
         bed.cgroup.path().to_str().unwrap(),
     ]);
-    assert!(out.contains("detached 10 program links"), "{out}");
+    assert!(out.contains("detached 11 program links"), "{out}");
     assert_eq!(vip_answer(&bed), UNTRANSLATED);
     assert_eq!(kpr_links_on(bed.cgroup.path()), Vec::<String>::new());
 }
@@ -194,7 +194,7 @@ fn a_forced_cleanup_under_a_running_agent_is_restored_within_seconds() {
     let root = bed.agent.bpf_root.to_str().unwrap().to_string();
 
     let out = kpr(&["cleanup", "--force", "--bpf-root", &root]);
-    assert!(out.contains("detached 10 program links"), "{out}");
+    assert!(out.contains("detached 11 program links"), "{out}");
     let cleaned = Instant::now();
 
     // Within a few seconds the agent has its pins back and translates.
@@ -210,7 +210,7 @@ fn a_forced_cleanup_under_a_running_agent_is_restored_within_seconds() {
     assert!(restored < Duration::from_secs(8), "{restored:?}");
     assert_eq!(
         kpr_links_on(bed.cgroup.path()).len(),
-        10,
+        11,
         "one link per hook, no more"
     );
     let list = kpr(&["svc", "list", "--bpf-root", &root]);
@@ -380,7 +380,7 @@ fn status_reports_the_agent_the_hooks_and_the_map_fill() {
     assert_eq!(agent["source"], "manifests", "{json:#}");
     assert_eq!(agent["kube_proxy_replacement"], "strict");
     assert_eq!(agent["last_sync_ok"], true);
-    assert_eq!(json["attached_hooks"].as_array().unwrap().len(), 10);
+    assert_eq!(json["attached_hooks"].as_array().unwrap().len(), 11);
     assert_eq!(json["frontends"], 1);
     assert_eq!(json["backends"], 1);
     let services = json["maps"]
