@@ -55,6 +55,7 @@ const volatile enum lb_backend_flags kpr_btf_backend_flags = BE_F_LOCAL;
 const volatile enum np_stat kpr_btf_np_stat = NP_STAT_FLOW_NEW;
 const volatile enum ct_dir kpr_btf_ct_dir = CT_DIR_ORIG;
 const volatile enum ct_flags kpr_btf_ct_flags = CT_F_SNAT;
+const volatile enum sock_stat kpr_btf_sock_stat = SOCK_STAT_SRC_RANGE;
 
 /* Errno a client gets for a frontend with no usable backend. */
 const volatile __u32 no_backend_errno = ECONNREFUSED;
@@ -429,8 +430,10 @@ int kpr_skb_egress(struct __sk_buff *skb)
 		return SKB_PASS;
 	/* A marked socket's packet that tells no source is not let through
 	 * unjudged. */
-	if (skb_src_addr(skb, src) || !lb_src_in_ranges(p->svc_id, src))
+	if (skb_src_addr(skb, src) || !lb_src_in_ranges(p->svc_id, src)) {
+		sock_count(SOCK_STAT_SRC_RANGE);
 		return SKB_DROP;
+	}
 	p->armed = 0;
 	return SKB_PASS;
 }

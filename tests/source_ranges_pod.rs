@@ -172,6 +172,8 @@ fn source_ranges_from_a_pod_netns_are_decided_by_the_pods_address() {
         );
     }
 
+    assert_eq!(drops(&agent), 0.0, "nothing dropped yet");
+
     // Ranges with a node address and not the pod's: the pod's connect does
     // not establish (its SYNs are dropped), its datagrams do not leave.
     let r = probe(
@@ -200,6 +202,16 @@ fn source_ranges_from_a_pod_netns_are_decided_by_the_pods_address() {
         assert!(u.identities.is_empty(), "{spec:?} got answers: {u:?}");
         // Dropped on the way out: the send itself fails.
         assert_eq!(u.failures.get("send:EPERM"), Some(&3), "{spec:?}: {u:?}");
+    }
+    // Counted: at least the first SYN and the six datagrams.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while drops(&agent) < 7.0 {
+        assert!(
+            Instant::now() < deadline,
+            "drops not counted: {}",
+            drops(&agent)
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
     // After the refusals, the pod's sockets to the open frontend still work
     // (no mark outlives its decision).
@@ -239,6 +251,14 @@ fn source_ranges_from_a_pod_netns_are_decided_by_the_pods_address() {
     let damage = canary_damage(&frontends(&bpf_root));
     assert!(damage.is_empty(), "canaries lost or changed: {damage:?}");
     agent.stop().unwrap();
+}
+
+/// `kpr_socket_source_range_drops_total`.
+fn drops(agent: &AgentProcess) -> f64 {
+    agent
+        .metric_value("kpr_socket_source_range_drops_total", "")
+        .unwrap()
+        .unwrap_or(-1.0)
 }
 
 fn spec_count(spec: &ProbeSpec) -> u64 {

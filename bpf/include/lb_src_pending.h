@@ -44,6 +44,33 @@ struct {
 	__type(value, struct lb_src_pending);
 } kpr_srcpend SEC(".maps");
 
+/* Counters of the socket hooks (index into kpr_sockstats_v1, which has
+ * SOCK_STAT_SLOTS slots: a new counter takes the next index and is no
+ * layout change; an index is never reused for another meaning). */
+enum sock_stat {
+	SOCK_STAT_SRC_RANGE = 0, /* a pod's packet dropped: its source is outside
+				  * the frontend's loadBalancerSourceRanges */
+	SOCK_STAT_MAX,
+};
+#define SOCK_STAT_SLOTS 8
+_Static_assert(SOCK_STAT_MAX <= SOCK_STAT_SLOTS, "kpr_sockstats_v1 has SOCK_STAT_SLOTS slots");
+
+/* counters, enum sock_stat; pinned, read by the agent for its metrics */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, SOCK_STAT_SLOTS);
+} kpr_sockstats_v1 SEC(".maps");
+
+static __always_inline void sock_count(__u32 stat)
+{
+	__u64 *n = bpf_map_lookup_elem(&kpr_sockstats_v1, &stat);
+
+	if (n)
+		*n += 1;
+}
+
 /* Marks @sk: its next packet is judged by the ranges of frontend @svc_id.
  * Returns 0, or -1 when no storage could be had (the caller refuses the
  * socket rather than let it through unjudged). */

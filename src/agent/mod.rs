@@ -12,6 +12,7 @@
 //!   syncs when the `schedule` (a pure state machine) says;
 //! - `devices`, `addresses`: the north-south device and host address watchers;
 //! - `ct_gc`: conntrack garbage collection and datapath counters;
+//! - `socket_stats`: the socket hooks' counters;
 //! - `pin_watch`: the pins compared with what the agent holds, restored
 //!   when removed under it (checked from the source loops);
 //! - `serve`: the metrics, status and health endpoints.
@@ -26,6 +27,7 @@ mod node;
 mod pin_watch;
 mod schedule;
 mod serve;
+mod socket_stats;
 mod standalone;
 mod startup;
 mod switch_over;
@@ -73,6 +75,11 @@ pub async fn run(config: AgentConfig, held: crate::preflight::Held) -> Result<()
     }
     tasks.push(tokio::spawn(addresses::run(
         started.addresses,
+        metrics.clone(),
+        shutdown.requested(),
+    )));
+    tasks.push(tokio::spawn(socket_stats::run(
+        config.bpf_root.clone(),
         metrics.clone(),
         shutdown.requested(),
     )));

@@ -79,7 +79,8 @@ impl KernelMaps {
             | MapName::Dsr
             | MapName::PeerDevices
             | MapName::NodePortStats
-            | MapName::Fragments => None,
+            | MapName::Fragments
+            | MapName::SocketStats => None,
         }
     }
 

@@ -87,6 +87,13 @@ fn with_loaded<R>(
         MapName::HostAddresses,
         sizes,
     )?;
+    // The socket hooks' counters: a few slots.
+    pins::size_and_pin(
+        &mut maps.kpr_sockstats_v1,
+        bpf_root,
+        MapName::SocketStats,
+        sizes,
+    )?;
     let skel: SockLbSkel = open.load().context(
         "loading the socket-LB BPF programs (a pinned map of an incompatible definition? run `kpr cleanup`)",
     )?;

@@ -51,11 +51,13 @@ pub enum MapName {
     NodePortStats,
     /// Later IP fragments' ports, by datagram.
     Fragments,
+    /// The socket hooks' counters (per-CPU array, enum sock_stat).
+    SocketStats,
 }
 
 impl MapName {
     /// Every pinned map.
-    pub const ALL: [MapName; 12] = [
+    pub const ALL: [MapName; 13] = [
         MapName::Services,
         MapName::Backends,
         MapName::Affinity,
@@ -68,6 +70,7 @@ impl MapName {
         MapName::PeerDevices,
         MapName::NodePortStats,
         MapName::Fragments,
+        MapName::SocketStats,
     ];
 
     /// The load balancer's maps (the `LbMaps` seam): created by the
@@ -123,6 +126,7 @@ impl MapName {
             // layout change.
             MapName::NodePortStats => "kpr_npstats_v2",
             MapName::Fragments => "kpr_frag_v1",
+            MapName::SocketStats => "kpr_sockstats_v1",
         }
     }
 
@@ -141,6 +145,7 @@ impl MapName {
             MapName::PeerDevices => "peer_devices",
             MapName::NodePortStats => "nodeport_stats",
             MapName::Fragments => "fragments",
+            MapName::SocketStats => "socket_stats",
         }
     }
 }
@@ -243,7 +248,8 @@ impl MapSizes {
             MapName::HostAddresses
             | MapName::PeerDevices
             | MapName::NodePortStats
-            | MapName::Fragments => None,
+            | MapName::Fragments
+            | MapName::SocketStats => None,
         }
     }
 }
@@ -356,6 +362,7 @@ mod tests {
                 "kpr_peerdev_v1",
                 "kpr_npstats_v2",
                 "kpr_frag_v1",
+                "kpr_sockstats_v1",
             ]
         );
     }

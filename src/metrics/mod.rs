@@ -120,6 +120,7 @@ struct NodePortEventLabels {
 /// | `kpr_ct_gc_deleted_entries_total` | counter | |
 /// | `kpr_ct_entries` | gauge (after the last GC pass) | |
 /// | `kpr_nodeport_events_total` | counter | `event` ([`NodePortEvent`]) |
+/// | `kpr_socket_source_range_drops_total` | counter | |
 /// | `kpr_nodeport_devices` | gauge | |
 /// | `kpr_nodeport_device_syncs_total` | counter | `result` ([`SyncResult`]) |
 /// | kube-proxy's queue, full/partial sync and probe metrics | see [`KubeProxyMetrics`] | |
@@ -151,6 +152,7 @@ pub struct Metrics {
     ct_gc_deleted: Counter,
     ct_entries: Gauge,
     nodeport_events: Family<NodePortEventLabels, Counter>,
+    socket_source_range_drops: Counter,
     nodeport_devices: Gauge,
     device_syncs: Family<SyncResultLabels, Counter>,
     kube_proxy: KubeProxyMetrics,
@@ -197,6 +199,7 @@ impl Metrics {
             ct_gc_deleted: Counter::default(),
             ct_entries: Gauge::default(),
             nodeport_events: Family::default(),
+            socket_source_range_drops: Counter::default(),
             nodeport_devices: Gauge::default(),
             device_syncs: Family::default(),
             kube_proxy: KubeProxyMetrics::default(),
@@ -376,6 +379,11 @@ impl Metrics {
             self.nodeport_events.clone(),
         );
         r.register(
+            "kpr_socket_source_range_drops",
+            "Packets of pods' sockets dropped: their source is outside the frontend's loadBalancerSourceRanges",
+            self.socket_source_range_drops.clone(),
+        );
+        r.register(
             "kpr_nodeport_devices",
             "Interfaces the north-south programs are attached to",
             self.nodeport_devices.clone(),
@@ -445,6 +453,15 @@ impl Metrics {
         let now = c.get();
         if total > now {
             c.inc_by(total - now);
+        }
+    }
+
+    /// Sets `kpr_socket_source_range_drops_total` to the datapath's count
+    /// (only grows, as [`Metrics::set_nodeport_event`]).
+    pub fn set_socket_source_range_drops(&self, total: u64) {
+        let now = self.socket_source_range_drops.get();
+        if total > now {
+            self.socket_source_range_drops.inc_by(total - now);
         }
     }
 

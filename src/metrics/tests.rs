@@ -53,6 +53,7 @@ fn every_family_is_exposed_under_its_exact_name_and_type() {
         "kpr_ct_gc_deleted_entries counter",
         "kpr_ct_entries gauge",
         "kpr_nodeport_events counter",
+        "kpr_socket_source_range_drops counter",
         "kpr_nodeport_devices gauge",
         "kpr_nodeport_device_syncs counter",
         "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds gauge",
