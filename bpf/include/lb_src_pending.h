@@ -19,7 +19,8 @@
  * datagram is judged by the frontend it was sent to. (Two threads sending
  * at once on one unconnected socket to frontends of different ranges may
  * see each other's mark; a pod reaches the backends' addresses directly
- * anyway, so nothing is gained by that.)
+ * anyway, so nothing is gained by that.) Drops are counted in
+ * kpr_sockstats_v1 (kpr_socket_source_range_drops_total).
  */
 #ifndef KPR_LB_SRC_PENDING_H
 #define KPR_LB_SRC_PENDING_H
