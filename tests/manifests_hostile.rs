@@ -123,6 +123,44 @@ impl Case {
             .unwrap_or(0.0)
     }
 
+    /// `kpr_services_unprogrammed{reason="invalid"}`.
+    fn unprogrammed(&self) -> f64 {
+        self.agent
+            .metric_value("kpr_services_unprogrammed", "reason=\"invalid\"")
+            .unwrap()
+            .unwrap_or(-1.0)
+    }
+
+    #[track_caller]
+    fn wait_unprogrammed(&self, n: f64) {
+        let deadline = Instant::now() + REACT;
+        while self.unprogrammed() != n {
+            assert!(
+                Instant::now() < deadline,
+                "{} invalid Services, not {n}\n{}",
+                self.unprogrammed(),
+                self.agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `kpr status`: its exit code and output.
+    fn status(&self) -> (i32, String) {
+        let out = std::process::Command::new(KPR)
+            .arg("status")
+            .arg("--bpf-root")
+            .arg(&self.agent.bpf_root)
+            .arg("--metrics-addr")
+            .arg(self.agent.metrics_addr.to_string())
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+
     #[track_caller]
     fn wait_skipped(&self, reason: &str, at_least: f64) {
         let deadline = Instant::now() + REACT;
@@ -337,6 +375,34 @@ fn invalid_addresses_ports_and_names_are_skipped_counted_and_logged_escaped() {
         !log.lines().any(|l| l.starts_with("FORGED")),
         "a forged log line:\n{log}"
     );
+    // The nine refused Services are unprogrammed, and shown as such.
+    case.wait_unprogrammed(9.0);
+    let (code, text) = case.status();
+    assert_eq!(
+        code, 1,
+        "kpr status must fail with unprogrammed Services:\n{text}"
+    );
+    assert!(
+        text.contains("  Unprogrammed:         9 Services NOT programmed\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("    bad/np-ssh (invalid): service bad/np-ssh not programmed: ")
+            && text.contains("2222"),
+        "{text}"
+    );
+    assert!(
+        !text.lines().any(|l| l.starts_with("FORGED")),
+        "a forged status line:\n{text}"
+    );
+    // Fixed: nothing unprogrammed, status exits 0.
+    case.put(
+        "bad.yaml",
+        &service("bad", "good", "10.96.105.9", &["10.244.105.9".into()]),
+    );
+    case.wait_unprogrammed(0.0);
+    let (code, text) = case.status();
+    assert_eq!(code, 0, "{text}");
     case.assert_canaries();
 }
 

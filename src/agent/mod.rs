@@ -59,6 +59,11 @@ const LRU_GAUGE_PERIOD: Duration = Duration::from_secs(10);
 /// [`crate::preflight::check`] found in order (the bound listeners, the hold
 /// on the bpf root, kept until the agent ends).
 pub async fn run(config: AgentConfig, held: crate::preflight::Held) -> Result<()> {
+    // Standalone: the manifests are read while the datapath loads.
+    let first_read = match &config.source {
+        SourceConfig::Manifests(options) => Some(standalone::read_ahead(options)?),
+        SourceConfig::Kubernetes(_) => None,
+    };
     let started = startup::start(&config)?;
     let status = started.status;
     let metrics = Arc::new(Metrics::new());
@@ -118,7 +123,10 @@ pub async fn run(config: AgentConfig, held: crate::preflight::Held) -> Result<()
         config: &config,
     };
     let result = match &config.source {
-        SourceConfig::Manifests(options) => standalone::run(syncer, &mut pins, options, &ctx).await,
+        SourceConfig::Manifests(_) => match first_read {
+            Some(first) => standalone::run(syncer, &mut pins, first, &ctx).await,
+            None => Err(anyhow::anyhow!("the manifests were not read")),
+        },
         SourceConfig::Kubernetes(kube) => kubernetes::run(syncer, &mut pins, kube, &ctx).await,
     };
     tracing::info!("stopping; programs stay attached and maps pinned");

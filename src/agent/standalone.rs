@@ -8,6 +8,7 @@
 //! restored (see `pin_watch`).
 
 use anyhow::{Context, Result};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::node::node_context;
@@ -15,18 +16,33 @@ use super::pin_watch::PinWatch;
 use super::schedule::retry_delay;
 use super::syncer::{PolicyState, Synced, Syncer};
 use super::{pin_ticks, sleep_until_opt, stop_requested, SourceContext, LRU_GAUGE_PERIOD};
-use crate::source::manifests::{ManifestOptions, ManifestSource};
+use crate::source::manifests::{ManifestOptions, ManifestSource, ReloadReport};
 use crate::status::WatcherState;
 
-/// Syncs the maps to the manifests of `options` until the agent is asked
-/// to stop.
+/// The first read of the manifests, under way while the datapath loads.
+pub(super) type FirstRead = JoinHandle<(ManifestSource, ReloadReport)>;
+
+/// Starts watching the manifests of `options` and reading them, on the
+/// blocking pool: at scale decoding them takes longer than loading the
+/// datapath, and neither needs the other.
+pub(super) fn read_ahead(options: &ManifestOptions) -> Result<FirstRead> {
+    let mut source = ManifestSource::open(options).context("watching the manifests")?;
+    Ok(tokio::task::spawn_blocking(move || {
+        let report = source.reload();
+        (source, report)
+    }))
+}
+
+/// Syncs the maps to the manifests read by `first` (then watched) until
+/// the agent is asked to stop.
 pub(super) async fn run(
     mut syncer: Syncer,
     pins: &mut PinWatch,
-    options: &ManifestOptions,
+    first: FirstRead,
     ctx: &SourceContext<'_>,
 ) -> Result<()> {
-    let mut source = ManifestSource::open(options).context("watching the manifests")?;
+    let (mut source, first_report) = first.await?;
+    let mut first_report = Some(first_report);
     let mut lru_tick = tokio::time::interval(LRU_GAUGE_PERIOD);
     let mut pin_tick = pin_ticks();
     let stop = stop_requested();
@@ -45,12 +61,18 @@ pub(super) async fn run(
     );
     loop {
         if reload {
-            let (reloaded, report) = tokio::task::spawn_blocking(move || {
-                let report = source.reload();
-                (source, report)
-            })
-            .await?;
-            source = reloaded;
+            let report = match first_report.take() {
+                Some(report) => report,
+                None => {
+                    let (reloaded, report) = tokio::task::spawn_blocking(move || {
+                        let report = source.reload();
+                        (source, report)
+                    })
+                    .await?;
+                    source = reloaded;
+                    report
+                }
+            };
             for doc in &report.skipped {
                 ctx.metrics.inc_skipped(doc.reason);
             }
@@ -72,6 +94,7 @@ pub(super) async fn run(
             // Not healthy before the first complete read: a file still being
             // written at start is not served yet.
             syncer.set_source_health(health.is_ok() && (pruned || source.is_complete()));
+            syncer.set_rejected(&source.rejected_services());
         }
         if reload || retry_at.is_some_and(|at| at <= Instant::now()) {
             let changes = source.take_changes();

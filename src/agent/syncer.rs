@@ -27,6 +27,7 @@ use crate::metrics::{MapLabel, Metrics, SyncErrorReason, SyncScope};
 use crate::reconcile::{
     DesiredByService, Reconciler, RefusalReason, ServiceFrontends, SyncError, SyncOutcome,
 };
+use crate::source::manifests::Rejected;
 use crate::source::store::ObjectStore;
 use crate::status::StatusHandle;
 use crate::translate::{
@@ -169,6 +170,16 @@ impl Syncer {
             .set_map(MapLabel::Dsr, table.len(), table.capacity());
         self.dsr_stale = !ok;
         ok
+    }
+
+    /// The Services the manifest source's validation refused (standalone
+    /// mode), by `namespace/name`; shown as unprogrammed from the next sync.
+    pub(super) fn set_rejected(&mut self, rejected: &BTreeMap<String, Rejected>) {
+        self.unprogrammed.replace_rejected(
+            rejected
+                .iter()
+                .map(|(service, r)| (service, r.reason, r.detail.as_str())),
+        );
     }
 
     /// Whether the source read everything; recorded in health by the next sync.

@@ -2,19 +2,22 @@
 //! `kpr_services_unprogrammed{reason}`, `kpr status` and (Kubernetes mode)
 //! the Warning Events show, so that no Service goes unserved unseen.
 //!
-//! Two causes, kept apart because different syncs decide them: the maps
+//! Three causes, kept apart because different steps decide them: the maps
 //! refused the Service (capacity, a frontend another Service owns, ids,
 //! slots, Maglev; the reconciler retries it on every full sync), or
 //! translation refused it (what the API server would refuse, or nothing kpr
-//! can program: it has skips and not one frontend). A full sync replaces
-//! both; an incremental one updates only the Services it synced, so the
-//! table stays exact between full syncs. An entry goes when its Service is
-//! programmed or deleted.
+//! can program: it has skips and not one frontend), or, in standalone mode,
+//! the manifest source's validation refused it before it reached the store
+//! (replaced after every reload). A full sync replaces the first two; an
+//! incremental one updates only the Services it synced, so the table stays
+//! exact between full syncs. An entry goes when its Service is programmed
+//! or deleted.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::metrics::{Metrics, UnprogrammedReason};
 use crate::reconcile::{Refusal, RefusalReason};
+use crate::skip::SkipReason;
 use crate::status::UnprogrammedService;
 use crate::translate::{ServiceTranslation, Skipped, Translation};
 
@@ -25,6 +28,8 @@ pub struct Unprogrammed {
     refused: BTreeMap<String, Entry>,
     /// Refused by translation.
     invalid: BTreeMap<String, Entry>,
+    /// Refused by the manifest source's validation (never in the store).
+    rejected: BTreeMap<String, Entry>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -103,10 +108,30 @@ impl Unprogrammed {
         }
     }
 
+    /// After a reload of the manifests: `rejected` is every Service their
+    /// validation refuses, by `namespace/name`, with the reason and detail.
+    pub fn replace_rejected<'a>(
+        &mut self,
+        rejected: impl IntoIterator<Item = (&'a String, SkipReason, &'a str)>,
+    ) {
+        self.rejected = rejected
+            .into_iter()
+            .map(|(service, reason, detail)| {
+                let entry = Entry {
+                    reason: UnprogrammedReason::Invalid,
+                    message: format!("service {service} not programmed: {detail} ({reason})"),
+                };
+                (service.clone(), entry)
+            })
+            .collect();
+    }
+
     /// One entry per Service, sorted by Service (a Service refused by
-    /// translation has no frontend, so the maps cannot refuse it too).
+    /// translation has no frontend, so the maps cannot refuse it too; one
+    /// the source refused never reached either).
     pub fn list(&self) -> Vec<UnprogrammedService> {
-        let mut all: BTreeMap<&String, &Entry> = self.invalid.iter().collect();
+        let mut all: BTreeMap<&String, &Entry> = self.rejected.iter().collect();
+        all.extend(self.invalid.iter());
         all.extend(self.refused.iter());
         all.into_iter()
             .map(|(service, e)| UnprogrammedService {
@@ -122,6 +147,7 @@ impl Unprogrammed {
         self.refused
             .values()
             .chain(self.invalid.values())
+            .chain(self.rejected.values())
             .map(|e| e.message.clone())
             .collect()
     }
@@ -249,6 +275,29 @@ mod tests {
         // Deleted: gone.
         u.update_invalid("ns/bad", Some(&empty), &skipped);
         u.update_invalid("ns/bad", None, &[]);
+        assert!(u.list().is_empty());
+    }
+
+    #[test]
+    fn a_service_the_source_rejected_is_invalid_until_a_reload_no_longer_rejects_it() {
+        let service = "ns/bad".to_string();
+        let mut u = Unprogrammed::default();
+        u.replace_rejected([(
+            &service,
+            SkipReason::InvalidPort,
+            "nodePort 80 is out of range",
+        )]);
+        // A full sync (nothing refused, nothing invalid) keeps it: the
+        // Service never reached translation.
+        u.replace_refused(&[]);
+        u.replace_invalid(&Translation::default());
+        assert_eq!(reasons(&u), [pair("ns/bad", "invalid")]);
+        assert!(
+            u.list()[0].message.contains("nodePort 80"),
+            "{}",
+            u.list()[0].message
+        );
+        u.replace_rejected([]);
         assert!(u.list().is_empty());
     }
 

@@ -35,6 +35,7 @@ pub mod state;
 pub mod validate;
 pub mod watch;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -49,6 +50,7 @@ pub use watch::WatchError;
 use crate::skip::SkipReason;
 use crate::source::store::{Changes, ObjectStore};
 use parse::Object;
+pub use parse::Rejected;
 use state::SourceState;
 use watch::{Hints, ManifestWatch};
 
@@ -204,6 +206,11 @@ impl ManifestSource {
     /// no file unread): only then may the maps be pruned.
     pub fn is_complete(&self) -> bool {
         self.state.is_complete()
+    }
+
+    /// The Services the validation refused, by `namespace/name`.
+    pub fn rejected_services(&self) -> BTreeMap<String, Rejected> {
+        self.state.rejected_services()
     }
 }
 

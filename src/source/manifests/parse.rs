@@ -5,8 +5,8 @@
 
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::core::v1::{Service, ServiceSpec, ServiceStatus};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::{Metadata, Resource};
 use serde::de::DeserializeOwned;
@@ -68,12 +68,25 @@ pub struct Skip {
     pub detail: String,
 }
 
+/// A Service the validation refused: it is not programmed, and shows as
+/// such (`kpr_services_unprogrammed`, `kpr status`) while a manifest
+/// defines it so.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejected {
+    /// `namespace/name`, escaped.
+    pub service: String,
+    pub reason: SkipReason,
+    pub detail: String,
+}
+
 /// What one document yields.
 #[derive(Clone, Debug, Default)]
 pub struct Parsed {
     /// Objects in document order (a List's in item order).
     pub objects: Vec<(ObjectKey, Object)>,
     pub skipped: Vec<Skip>,
+    /// Services refused by the validation (also in `skipped`).
+    pub rejected: Vec<Rejected>,
 }
 
 /// Parses one document of a YAML (`json: false`) or JSON file.
@@ -106,7 +119,54 @@ pub fn parse_document(doc: &Document<'_>, json: bool, limits: &Limits, rules: &R
         };
         out.document(&body, None, rules);
     }
+    // Kept as long as the document is unchanged: no spare capacity.
+    out.objects.shrink_to_fit();
     out
+}
+
+/// Fewest documents worth a second thread: below, starting it costs more
+/// than it saves.
+const DOCUMENTS_PER_THREAD: usize = 64;
+/// Most threads a file's documents are parsed on.
+const MAX_PARSE_THREADS: usize = 4;
+
+/// Parses `docs` ([`parse_document`] each), on up to [`MAX_PARSE_THREADS`]
+/// threads when there are enough of them: decoding is most of a large
+/// reload's time, and documents are independent. Results in `docs` order.
+pub fn parse_documents(
+    docs: &[&Document<'_>],
+    json: bool,
+    limits: &Limits,
+    rules: &Rules,
+) -> Vec<Parsed> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (docs.len() / DOCUMENTS_PER_THREAD).clamp(1, cores.min(MAX_PARSE_THREADS));
+    let parse = |chunk: &[&Document<'_>]| -> Vec<Parsed> {
+        chunk
+            .iter()
+            .map(|doc| parse_document(doc, json, limits, rules))
+            .collect()
+    };
+    if threads == 1 {
+        return parse(docs);
+    }
+    let chunk = docs.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let (first, rest) = docs.split_at(chunk.min(docs.len()));
+        let others: Vec<_> = rest
+            .chunks(chunk)
+            .map(|part| scope.spawn(move || parse(part)))
+            .collect();
+        let mut out = parse(first);
+        for handle in others {
+            match handle.join() {
+                Ok(parsed) => out.extend(parsed),
+                // A panic is a bug: surface it as the caller's.
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        out
+    })
 }
 
 /// The apiVersion/kind of a document, read before choosing the type to decode.
@@ -115,6 +175,27 @@ struct TypeMeta {
     #[serde(rename = "apiVersion")]
     api_version: Option<String>,
     kind: Option<String>,
+}
+
+/// Every top-level field of the two kinds kpr reads (a Service's and an
+/// EndpointSlice's are disjoint but for `metadata`), so that one decode of
+/// a document yields its kind and its object: parsing the text is most of
+/// a manifest's cost. The fields decode as the API types' own do, which
+/// ignore unknown fields and leave missing ones unset. A document this
+/// does not decode (a field of the other kind that does not fit, a
+/// duplicate field, a syntax error) takes the two-step path instead,
+/// kind first and then the type, whose outcome and errors are reported.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AnyObject {
+    api_version: Option<String>,
+    kind: Option<String>,
+    metadata: Option<ObjectMeta>,
+    spec: Option<ServiceSpec>,
+    status: Option<ServiceStatus>,
+    address_type: Option<String>,
+    endpoints: Option<Vec<Endpoint>>,
+    ports: Option<Vec<EndpointPort>>,
 }
 
 /// A `v1` `List`; items stay generic until their own apiVersion/kind is read.
@@ -153,6 +234,28 @@ impl Parsed {
     }
 
     fn document(&mut self, body: &Body<'_>, item: Option<usize>, rules: &Rules) {
+        if let Ok(Some(any)) = body.decode::<Option<AnyObject>>() {
+            match (any.api_version.as_deref(), any.kind.as_deref()) {
+                (Some(Service::API_VERSION), Some(Service::KIND)) => {
+                    let svc = Service {
+                        metadata: any.metadata.unwrap_or_default(),
+                        spec: any.spec,
+                        status: any.status,
+                    };
+                    return self.service(svc, item, rules);
+                }
+                (Some(EndpointSlice::API_VERSION), Some(EndpointSlice::KIND)) => {
+                    let slice = EndpointSlice {
+                        metadata: any.metadata.unwrap_or_default(),
+                        address_type: any.address_type.unwrap_or_default(),
+                        endpoints: any.endpoints.unwrap_or_default(),
+                        ports: any.ports,
+                    };
+                    return self.slice(slice, item, rules);
+                }
+                _ => {}
+            }
+        }
         let meta = match body.decode::<Option<TypeMeta>>() {
             Ok(Some(meta)) => meta,
             Ok(None) => return, // an explicit `null` / `~` document
@@ -166,19 +269,14 @@ impl Parsed {
             );
         };
         match (api_version.as_str(), kind.as_str()) {
-            (Service::API_VERSION, Service::KIND) => {
-                if let Some((key, svc)) = self.object::<Service>(body, item, ObjectKind::Service, rules) {
-                    self.objects.push((key, Object::Service(Arc::new(slim::service(svc)))));
-                }
-            }
-            (EndpointSlice::API_VERSION, EndpointSlice::KIND) => {
-                if let Some((key, slice)) =
-                    self.object::<EndpointSlice>(body, item, ObjectKind::EndpointSlice, rules)
-                {
-                    self.objects
-                        .push((key, Object::EndpointSlice(Arc::new(SlimSlice::from(slice)))));
-                }
-            }
+            (Service::API_VERSION, Service::KIND) => match body.decode() {
+                Ok(svc) => self.service(svc, item, rules),
+                Err(e) => self.skip(item, SkipReason::Malformed, e),
+            },
+            (EndpointSlice::API_VERSION, EndpointSlice::KIND) => match body.decode() {
+                Ok(slice) => self.slice(slice, item, rules),
+                Err(e) => self.skip(item, SkipReason::Malformed, e),
+            },
             ("v1", "List") if item.is_some() => {
                 self.skip(item, SkipReason::UnsupportedKind, "a List nested in a List")
             }
@@ -198,24 +296,31 @@ impl Parsed {
         }
     }
 
-    /// Decodes, checks the name, defaults the namespace and validates.
+    fn service(&mut self, svc: Service, item: Option<usize>, rules: &Rules) {
+        if let Some((key, svc)) = self.object(svc, item, ObjectKind::Service, rules) {
+            self.objects
+                .push((key, Object::Service(Arc::new(slim::service(svc)))));
+        }
+    }
+
+    fn slice(&mut self, slice: EndpointSlice, item: Option<usize>, rules: &Rules) {
+        if let Some((key, slice)) = self.object(slice, item, ObjectKind::EndpointSlice, rules) {
+            self.objects
+                .push((key, Object::EndpointSlice(Arc::new(SlimSlice::from(slice)))));
+        }
+    }
+
+    /// Checks the name, defaults the namespace and validates.
     fn object<T>(
         &mut self,
-        body: &Body<'_>,
+        mut object: T,
         item: Option<usize>,
         kind: ObjectKind,
         rules: &Rules,
     ) -> Option<(ObjectKey, T)>
     where
-        T: DeserializeOwned + Metadata<Ty = ObjectMeta> + validate::Validate,
+        T: Metadata<Ty = ObjectMeta> + validate::Validate,
     {
-        let mut object: T = match body.decode() {
-            Ok(object) => object,
-            Err(e) => {
-                self.skip(item, SkipReason::Malformed, e);
-                return None;
-            }
-        };
         let meta = object.metadata_mut();
         let name = match meta.name.as_deref() {
             Some(name) if !name.is_empty() => name.to_string(),
@@ -234,6 +339,13 @@ impl Parsed {
         };
         meta.namespace = Some(namespace.clone());
         if let Err((reason, detail)) = object.validate(rules) {
+            if kind == ObjectKind::Service {
+                self.rejected.push(Rejected {
+                    service: escape(&format!("{namespace}/{name}")),
+                    reason,
+                    detail: escape(&detail),
+                });
+            }
             let detail = format!(
                 "{} {:?}: {detail}",
                 kind.name(),

@@ -27,9 +27,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::claims::Claims;
-use super::documents::{split_json, split_yaml};
+use super::documents::{split_json, split_yaml, Document};
 use super::files::{self, Identity, Read, ReadError, ReadErrorReason};
-use super::parse::{escape, parse_document, Object, ObjectKey, ObjectKind};
+use super::parse::{escape, parse_documents, Object, ObjectKey, ObjectKind, Rejected};
 use super::report::{log_report, ReloadReport};
 use super::watch::Hints;
 use super::{Limits, Rules, SkippedDocument};
@@ -59,6 +59,8 @@ pub type ClaimPos = (FilePos, usize, usize);
 struct DocEntry {
     hash: u64,
     objects: Vec<(ObjectKey, Object)>,
+    /// Services of the document the validation refused.
+    rejected: Vec<Rejected>,
 }
 
 /// What a file produced last.
@@ -182,6 +184,7 @@ impl SourceState {
 
     /// Reads what changed; see the module documentation. Blocking I/O.
     pub fn reload(&mut self, hints: Hints) -> ReloadReport {
+        let started = Instant::now();
         let mut pass = Pass {
             hints,
             ..Pass::default()
@@ -194,6 +197,13 @@ impl SourceState {
         }
         self.resolve(&mut pass);
         log_report(&pass.report);
+        tracing::debug!(
+            files_read = pass.report.files_read,
+            documents_parsed = pass.report.documents_parsed,
+            documents_reused = pass.report.documents_reused,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "manifests reloaded"
+        );
         pass.report
     }
 
@@ -210,6 +220,23 @@ impl SourceState {
                     })
             })
         })
+    }
+
+    /// The Services a manifest defines that the validation refused, by
+    /// `namespace/name` (the first definition of each), unless a valid
+    /// definition elsewhere is programmed instead.
+    pub fn rejected_services(&self) -> BTreeMap<String, Rejected> {
+        let mut rejected = BTreeMap::new();
+        for doc in self.files.values().flat_map(|f| &f.docs) {
+            for r in &doc.rejected {
+                if self.store.service(&r.service).is_none() {
+                    rejected
+                        .entry(r.service.clone())
+                        .or_insert_with(|| r.clone());
+                }
+            }
+        }
+        rejected
     }
 
     fn reload_path(&mut self, index: usize, path: &Path, pass: &mut Pass) {
@@ -468,16 +495,29 @@ impl SourceState {
             .get(pos)
             .map(|f| f.docs.iter().map(|d| (d.hash, d.clone())).collect())
             .unwrap_or_default();
+        let hashes: Vec<u64> = documents
+            .iter()
+            .map(|d| self.hasher.hash_one((d.marker, d.body)))
+            .collect();
+        let changed: Vec<&Document<'_>> = documents
+            .iter()
+            .zip(&hashes)
+            .filter(|(_, hash)| !old.contains_key(hash))
+            .map(|(d, _)| d)
+            .collect();
+        let mut parsed_docs =
+            parse_documents(&changed, json, &self.limits, &self.rules).into_iter();
         let mut docs = Vec::with_capacity(documents.len());
-        for (index, document) in documents.iter().enumerate() {
-            let hash = self.hasher.hash_one((document.marker, document.body));
+        for (index, &hash) in hashes.iter().enumerate() {
             if let Some(entry) = old.get(&hash) {
                 pass.report.documents_reused += 1;
                 docs.push(entry.clone());
                 continue;
             }
+            let Some(parsed) = parsed_docs.next() else {
+                break; // one result per changed document: never short
+            };
             pass.report.documents_parsed += 1;
-            let parsed = parse_document(document, json, &self.limits, &self.rules);
             pass.report
                 .skipped
                 .extend(parsed.skipped.into_iter().map(|s| SkippedDocument {
@@ -489,6 +529,7 @@ impl SourceState {
             docs.push(Arc::new(DocEntry {
                 hash,
                 objects: parsed.objects,
+                rejected: parsed.rejected,
             }));
         }
         self.replace(pos, docs, Some(identity), pass);
