@@ -204,10 +204,10 @@ impl Syncer {
 
     /// Syncs the maps to `desired`; `complete` says the source delivered
     /// its whole state, so entries nobody claims may be pruned.
-    pub fn sync_full(&mut self, desired: &DesiredByService, complete: bool) -> Synced {
+    pub fn sync_full(&mut self, desired: DesiredByService, complete: bool) -> Synced {
         let grown = self.grow_ahead(desired.values());
         self.sync_switching(SyncScope::Full, complete, None, grown, |r| {
-            r.sync_full(desired, complete)
+            r.sync_full_owned(desired, complete)
         })
     }
 
@@ -443,11 +443,11 @@ impl Syncer {
             let slices: Vec<&EndpointSlice> = slices.iter().collect();
             translation.add(key.clone(), svc, &slices, node);
         }
-        let translation = translation.finish();
+        let mut translation = translation.finish();
         self.record_skipped(&translation.skipped);
         policies.replace_all(&translation);
         self.unprogrammed.replace_invalid(&translation);
-        let synced = self.sync_full(&translation.desired, complete);
+        let synced = self.sync_full(std::mem::take(&mut translation.desired), complete);
         drop(translation);
         crate::sys::release_free_memory();
         self.send_events(store);

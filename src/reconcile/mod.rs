@@ -218,23 +218,47 @@ impl<M: LbMaps> Reconciler<M> {
     ) -> Result<SyncOutcome, SyncError> {
         let mut changes: Vec<(String, ServiceFrontends)> = desired
             .iter()
-            // Changed, and not an empty Service that was never programmed.
-            .filter(|(key, fes)| {
-                !self
-                    .applied
-                    .get(*key)
-                    .is_some_and(|applied| applied.iter().map(|(f, s)| (f, s)).eq(fes.iter()))
-                    && (!fes.is_empty() || self.applied.contains_key(*key))
-            })
+            .filter(|(key, fes)| self.changes(key, fes))
             .map(|(key, fes)| (key.clone(), fes.clone()))
             .collect();
-        changes.extend(
-            self.applied
-                .keys()
-                .filter(|key| !desired.contains_key(*key))
-                .map(|key| (key.clone(), ServiceFrontends::new())),
-        );
+        changes.extend(self.gone(desired));
         self.apply(changes, prune)
+    }
+
+    /// [`Reconciler::sync_full`] of a desired state it may consume: the
+    /// frontends of changed Services are moved into the applied state, not
+    /// copied (a full sync at scale held two copies at once).
+    pub fn sync_full_owned(
+        &mut self,
+        desired: DesiredByService,
+        prune: bool,
+    ) -> Result<SyncOutcome, SyncError> {
+        let gone = self.gone(&desired);
+        let mut changes: Vec<(String, ServiceFrontends)> = desired
+            .into_iter()
+            .filter(|(key, fes)| self.changes(key, fes))
+            .collect();
+        changes.extend(gone);
+        self.apply(changes, prune)
+    }
+
+    /// Whether `fes` changes the Service `key`: it differs from what was
+    /// applied, and is not an empty Service that was never programmed.
+    fn changes(&self, key: &str, fes: &ServiceFrontends) -> bool {
+        !self
+            .applied
+            .get(key)
+            .is_some_and(|applied| applied.iter().map(|(f, s)| (f, s)).eq(fes.iter()))
+            && (!fes.is_empty() || self.applied.contains_key(key))
+    }
+
+    /// The Services applied that `desired` no longer has, each as a removal.
+    fn gone(&self, desired: &DesiredByService) -> Vec<(String, ServiceFrontends)> {
+        self.applied
+            .keys()
+            .filter(|key| !desired.contains_key(*key))
+            .map(|key| (key.clone(), ServiceFrontends::new()))
+            .collect()
     }
 
     /// Applies the new state of some Services (an empty map removes one).

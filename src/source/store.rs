@@ -61,7 +61,9 @@ pub struct ObjectStore {
     /// Shared, not copied: the manifest source keeps the same objects.
     services: BTreeMap<String, Arc<Service>>,
     slices: BTreeMap<String, Arc<SlimSlice>>,
-    slices_by_service: BTreeMap<String, BTreeSet<String>>,
+    /// Each Service's slice keys, sorted: a vector, as a Service almost
+    /// always has one slice (a set's first node alone is ~300 bytes).
+    slices_by_service: BTreeMap<String, Vec<String>>,
     node: Option<Node>,
     /// Objects of a relist in progress, per kind.
     relist: BTreeMap<Kind, Vec<Relisted>>,
@@ -179,10 +181,11 @@ impl ObjectStore {
         }
         self.note_slice_change(&slice, measure && !unchanged);
         if let Some(svc) = slice.service_key() {
-            self.slices_by_service
-                .entry(svc)
-                .or_default()
-                .insert(key.clone());
+            let keys = self.slices_by_service.entry(svc).or_default();
+            if let Err(i) = keys.binary_search(&key) {
+                keys.reserve_exact(1);
+                keys.insert(i, key.clone());
+            }
         }
         self.slices.insert(key, slice);
     }
@@ -198,9 +201,11 @@ impl ObjectStore {
     fn unindex_slice(&mut self, key: &str, old: &SlimSlice) {
         if let Some(svc) = old.service_key() {
             self.pending.services.insert(svc.clone());
-            if let Some(set) = self.slices_by_service.get_mut(&svc) {
-                set.remove(key);
-                if set.is_empty() {
+            if let Some(keys) = self.slices_by_service.get_mut(&svc) {
+                if let Ok(i) = keys.binary_search_by(|k| k.as_str().cmp(key)) {
+                    keys.remove(i);
+                }
+                if keys.is_empty() {
                     self.slices_by_service.remove(&svc);
                 }
             }

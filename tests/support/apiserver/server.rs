@@ -420,22 +420,17 @@ fn list(shared: &Shared, target: &Target, query: &Query) -> Response<Body> {
         Err(refused) => return refused.into_response(),
     };
     let filter = Filter::new(target, query);
-    let mut matching: Vec<(Key, Value)> = store
-        .snapshot(target.kind, rv)
-        .into_iter()
-        .filter(|(key, _)| {
-            after
-                .as_ref()
-                .is_none_or(|a| (&key.1, &key.2) > (&a.0, &a.1))
-        })
-        .filter(|(key, obj)| filter.matches(key, obj))
-        .collect();
+    let (matching, remaining) = store.page(
+        target.kind,
+        rv,
+        after.as_ref(),
+        |key, obj| filter.matches(key, obj),
+        query.limit,
+    );
     drop(store);
 
     let mut metadata = json!({"resourceVersion": rv.to_string()});
-    if let Some(limit) = query.limit.filter(|&l| l < matching.len()) {
-        let remaining = matching.len() - limit;
-        matching.truncate(limit);
+    if remaining > 0 {
         if let Some((last, _)) = matching.last() {
             metadata["continue"] = json!(continue_token(rv, last));
         }
