@@ -814,3 +814,61 @@ fn relative_paths_are_made_absolute_so_watch_events_match_them() {
     assert!(resolved[0].is_absolute());
     assert_eq!(resolved[0], std::env::current_dir().unwrap());
 }
+
+#[test]
+fn a_service_the_validation_refuses_is_listed_until_fixed_or_defined_validly() {
+    let dir = tempfile::tempdir().unwrap();
+    let service = |node_port: u16| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: np, namespace: t}}\n\
+             spec: {{type: NodePort, clusterIP: 10.96.0.40, ports: [{{port: 80, nodePort: {node_port}}}]}}\n"
+        )
+    };
+    write(dir.path(), "a.yaml", &service(80));
+    let mut state = new_state(dir.path());
+    let report = state.reload(watch::Hints::default());
+    assert_eq!(report.skipped.len(), 1);
+    let rejected = state.rejected_services();
+    assert_eq!(rejected.keys().collect::<Vec<_>>(), ["t/np"]);
+    assert_eq!(rejected["t/np"].reason, SkipReason::InvalidPort);
+    assert!(
+        rejected["t/np"].detail.contains("nodePort 80 is outside"),
+        "{:?}",
+        rejected["t/np"]
+    );
+    // Still listed after a reload that does not parse the file again.
+    state.reload(watch::Hints::default());
+    assert_eq!(state.rejected_services().len(), 1);
+
+    // A valid definition in a later file is programmed instead: not listed.
+    write(dir.path(), "b.yaml", &service(30080));
+    state.reload(watch::Hints::default());
+    assert_eq!(state.store().counts(), (1, 0));
+    assert!(state.rejected_services().is_empty());
+
+    // Fixed in place (and the other file gone): nothing listed.
+    fs::remove_file(dir.path().join("b.yaml")).unwrap();
+    write(dir.path(), "a.yaml", &service(30081));
+    state.reload(watch::Hints::default());
+    assert!(state.rejected_services().is_empty());
+    assert_eq!(state.store().counts(), (1, 0));
+}
+
+#[test]
+fn fields_of_the_other_kind_that_do_not_fit_are_ignored_as_the_api_type_does() {
+    // One decode reads both kinds' fields; `endpoints` and `addressType`
+    // mean nothing on a Service, whose API type ignores them.
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!("{WEB_SERVICE}endpoints: 5\naddressType: [x]\nstatus: {{}}\n");
+    let file = write(dir.path(), "web.yaml", &text);
+    let set = load(std::slice::from_ref(&file));
+    assert!(set.skipped.is_empty(), "{:?}", set.skipped);
+    assert_eq!(set.services.len(), 1);
+    assert_eq!(
+        set.services[0]
+            .spec
+            .as_ref()
+            .and_then(|s| s.cluster_ip.as_deref()),
+        Some("10.96.1.1")
+    );
+}
