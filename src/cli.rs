@@ -60,6 +60,13 @@ pub enum Command {
         #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table)]
         output: OutputFormat,
     },
+    /// Say from the pinned maps what the datapath would do with a new flow
+    /// from --client to --frontend, and why: the frontend and its Service,
+    /// scope and traffic policy, the source-range verdict, and the backend
+    /// with its reason (conntrack entry, session affinity, Maglev slot, or
+    /// random with the candidates), for packets from outside the node
+    /// (tc/XDP) and for sockets on it. Works without the agent.
+    Explain(ExplainArgs),
     /// Detach every kpr program and remove every pinned map and link.
     Cleanup(CleanupArgs),
     /// Print the shell completion script for SHELL to stdout, e.g.
@@ -285,14 +292,57 @@ pub struct AgentArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum SvcCommand {
-    /// List frontends and their backends, like `cilium service list`.
+    /// List frontends and their backends, like `cilium service list`, with
+    /// each frontend's Service from the agent's record.
     List {
         #[command(flatten)]
         bpf_root: BpfRootArg,
         /// Output format.
         #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table)]
         output: OutputFormat,
+        /// Instead of the list, compare the maps with the agent's record of
+        /// what it programmed and print every difference (missing, extra or
+        /// stale frontend or backend, a wrong Maglev table). Exit status: 0
+        /// in sync, 1 a difference, 2 no record (no agent has synced this
+        /// --bpf-root since boot) or the maps cannot be read. Default: off.
+        #[arg(long)]
+        verify: bool,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    #[command(flatten)]
+    pub bpf_root: BpfRootArg,
+    /// The frontend, IP:PORT/PROTO (`10.96.0.10:80/TCP`, `[fd00::1]:53/UDP`;
+    /// PROTO defaults to TCP).
+    #[arg(long, value_parser = parse_frontend)]
+    pub frontend: crate::model::L4Addr,
+    /// The client's address and source port, IP:PORT.
+    #[arg(long)]
+    pub client: SocketAddr,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+}
+
+/// `IP:PORT[/PROTO]`, PROTO TCP or UDP (any case), TCP when left out.
+fn parse_frontend(s: &str) -> Result<crate::model::L4Addr, String> {
+    use crate::model::{L4Addr, Protocol};
+    let (addr, proto) = s.split_once('/').unwrap_or((s, "TCP"));
+    let proto = match proto.to_ascii_uppercase().as_str() {
+        "TCP" => Protocol::Tcp,
+        "UDP" => Protocol::Udp,
+        other => return Err(format!("protocol {other:?} is not TCP or UDP")),
+    };
+    let sa: SocketAddr = addr
+        .parse()
+        .map_err(|e| format!("{addr:?} is not IP:PORT: {e}"))?;
+    Ok(L4Addr {
+        ip: sa.ip(),
+        port: sa.port(),
+        proto,
+    })
 }
 
 #[derive(Debug, Subcommand)]

@@ -5,9 +5,11 @@
 #![deny(unsafe_code)]
 
 pub mod agent;
+pub mod applied_state;
 pub mod bpf_root;
 pub mod cli;
 pub mod datapath;
+pub mod explain;
 pub mod features;
 pub mod healthcheck;
 pub mod host;
@@ -25,3 +27,4 @@ pub mod status;
 pub mod svc_list;
 pub mod sys;
 pub mod translate;
+pub mod verify;

@@ -70,6 +70,43 @@ impl MaglevParams {
     }
 }
 
+/// The datapath's hash of an IPv4 flow from `saddr:sport` to a frontend's
+/// `dport`/`proto` (bpf/include/lb_maglev.h, lb_flow_hash4: the kernel's
+/// jhash_3words), seeded with [`MaglevParams::flow_hash_seed`]: a new
+/// north-south flow of a Maglev frontend takes slot `hash % table size`.
+pub fn flow_hash4(saddr: std::net::Ipv4Addr, sport: u16, dport: u16, proto: u8, seed: u32) -> u32 {
+    jhash_3words(
+        u32::from(saddr),
+        (u32::from(sport) << 16) | u32::from(dport),
+        u32::from(proto),
+        seed,
+    )
+}
+
+/// The kernel's jhash_3words() (Bob Jenkins' lookup3 final mix).
+fn jhash_3words(a: u32, b: u32, c: u32, initval: u32) -> u32 {
+    let init = initval.wrapping_add(0xdead_beef).wrapping_add(3 << 2);
+    let (mut a, mut b, mut c) = (
+        a.wrapping_add(init),
+        b.wrapping_add(init),
+        c.wrapping_add(init),
+    );
+    c ^= b;
+    c = c.wrapping_sub(b.rotate_left(14));
+    a ^= c;
+    a = a.wrapping_sub(c.rotate_left(11));
+    b ^= a;
+    b = b.wrapping_sub(a.rotate_left(25));
+    c ^= b;
+    c = c.wrapping_sub(b.rotate_left(16));
+    a ^= c;
+    a = a.wrapping_sub(c.rotate_left(4));
+    b ^= a;
+    b = b.wrapping_sub(a.rotate_left(14));
+    c ^= b;
+    c.wrapping_sub(b.rotate_left(24))
+}
+
 /// `--maglev-table-size`: one of [`TABLE_SIZES`], else an error listing them.
 pub fn parse_table_size(s: &str) -> Result<u32, String> {
     let n: u32 = s

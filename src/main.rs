@@ -76,11 +76,22 @@ fn run(command: Command) -> Result<ExitCode> {
     match command {
         Command::Agent(args) => run_agent(*args)?,
         Command::Svc {
-            command: SvcCommand::List { bpf_root, output },
+            command:
+                SvcCommand::List {
+                    bpf_root,
+                    output,
+                    verify: true,
+                },
+        } => return Ok(svc_verify(&bpf_root.bpf_root, output)),
+        Command::Svc {
+            command: SvcCommand::List {
+                bpf_root, output, ..
+            },
         } => svc_list(&bpf_root.bpf_root, output)?,
         Command::Ct {
             command: CtCommand::List { bpf_root, output },
         } => ct_list(&bpf_root.bpf_root, output)?,
+        Command::Explain(args) => explain(&args)?,
         Command::Cleanup(args) if args.kube_proxy => {
             println!("{}", kpr::kube_proxy_cleanup::cleanup()?.summary())
         }
@@ -135,7 +146,15 @@ fn svc_list(bpf_root: &Path, output: OutputFormat) -> Result<()> {
             bpf_root.display()
         )
     })?;
-    let rows = svc_list::rows(&maps.snapshot()?);
+    // Names are a help, not a need: the maps are listed without them.
+    let names = match kpr::applied_state::read(bpf_root) {
+        Ok(state) => state.map(|s| s.names()).unwrap_or_default(),
+        Err(e) => {
+            eprintln!("kpr: warning: no Service names: {e:#}");
+            Default::default()
+        }
+    };
+    let rows = svc_list::rows(&maps.snapshot()?, &names);
     print!(
         "{}",
         match output {
@@ -143,6 +162,84 @@ fn svc_list(bpf_root: &Path, output: OutputFormat) -> Result<()> {
             OutputFormat::Json => svc_list::format_json(&rows),
         }
     );
+    Ok(())
+}
+
+/// `kpr svc list --verify`: 0 in sync, 1 differences, 2 nothing to compare.
+fn svc_verify(bpf_root: &Path, output: OutputFormat) -> ExitCode {
+    let compared = (|| -> Result<_> {
+        let record = kpr::applied_state::read(bpf_root)?.with_context(|| {
+            format!(
+                "no record of an agent's sync for --bpf-root {} (none has synced since boot, \
+                 or kpr cleanup ran)",
+                bpf_root.display()
+            )
+        })?;
+        let maps = KernelMaps::open(bpf_root)
+            .with_context(|| format!("no kpr maps under {}", bpf_root.display()))?;
+        let snapshot = maps.snapshot()?;
+        let diffs = kpr::verify::compare(&record, &snapshot, &|id| {
+            maps.maglev_table(id).ok().flatten()
+        });
+        Ok((record, diffs))
+    })();
+    let (record, diffs) = match compared {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("kpr: error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    match output {
+        OutputFormat::Table => print!("{}", kpr::verify::format_text(&record, &diffs)),
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::json!({
+                "in_sync": diffs.is_empty(),
+                "record_written_at": record.written_at,
+                "frontends": record.frontends.len(),
+                "refused": record.refused,
+                "differences": diffs,
+            })
+        ),
+    }
+    ExitCode::from(u8::from(!diffs.is_empty()))
+}
+
+/// `kpr explain`.
+fn explain(args: &kpr::cli::ExplainArgs) -> Result<()> {
+    let bpf_root = &args.bpf_root.bpf_root;
+    let maps = KernelMaps::open(bpf_root).with_context(|| {
+        format!(
+            "no kpr maps under {} (has an agent run with this --bpf-root?)",
+            bpf_root.display()
+        )
+    })?;
+    let record = kpr::applied_state::read(bpf_root).unwrap_or_else(|e| {
+        eprintln!("kpr: warning: no record of the agent: {e:#}");
+        None
+    });
+    let table = |id| maps.maglev_table(id).ok().flatten();
+    let reader = kpr::explain::MapReader {
+        maglev_table: &table,
+        affinity: maps.affinity_entries()?,
+        // Without the north-south datapath there is no conntrack map.
+        conntrack: ct::CtMap::open(bpf_root)
+            .and_then(|ct| ct.entries())
+            .unwrap_or_default(),
+        now_ns: ct::monotonic_ns(),
+    };
+    let e = kpr::explain::explain(
+        args.frontend,
+        args.client,
+        &maps.snapshot()?,
+        record.as_ref(),
+        &reader,
+    );
+    match args.output {
+        OutputFormat::Table => print!("{}", kpr::explain::format_text(&e)),
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&e)?),
+    }
     Ok(())
 }
 
@@ -168,6 +265,8 @@ fn cleanup(args: &CleanupArgs) -> Result<()> {
         }
         Err(_) => None,
     };
+    // The record first: resolving its path needs the root to exist.
+    kpr::applied_state::remove(&args.bpf_root.bpf_root)?;
     let report = loader::cleanup(&args.bpf_root.bpf_root)?;
     let unpinned = match &args.cgroup {
         Some(cgroup) => loader::detach_from_cgroup(cgroup)?,

@@ -1,11 +1,15 @@
 //! `kpr svc list`: the services map as `cilium service list` shows it, read
 //! straight from the maps (so it shows what the datapath uses, whether or
-//! not an agent runs), plus the same data as JSON for scripts.
+//! not an agent runs), plus the same data as JSON for scripts. The Service
+//! of each frontend comes from the agent's record (`applied_state`).
+
+use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use crate::applied_state::frontend_label;
 use crate::datapath::maps::{BackendId, ServiceId, Snapshot};
-use crate::model::{BackendState, Frontend, L4Addr, LbAlgorithm, Scope, ServiceType};
+use crate::model::{BackendState, L4Addr, LbAlgorithm, Scope, ServiceType};
 
 /// One frontend with its backends, as printed.
 #[derive(Debug, Serialize, PartialEq)]
@@ -13,6 +17,9 @@ pub struct ServiceRow {
     pub id: ServiceId,
     /// `ip:port/PROTO`, `[ip6]:port/PROTO`; `/i` marks the internal scope.
     pub frontend: String,
+    /// `namespace/name:port-name` of the frontend's Service, from the
+    /// agent's record; None when the record does not name it.
+    pub service: Option<String>,
     pub address: String,
     pub port: u16,
     pub protocol: &'static str,
@@ -39,22 +46,18 @@ pub struct BackendRow {
     pub state: BackendState,
 }
 
-fn frontend_label(fe: &Frontend) -> String {
-    match fe.scope {
-        Scope::External => fe.addr.to_string(),
-        Scope::Internal => format!("{}/i", fe.addr),
-    }
-}
-
-/// Rows in frontend order. A slot whose backend is missing (which the
-/// reconciler's ordering rules out) shows as id with address "?".
-pub fn rows(snapshot: &Snapshot) -> Vec<ServiceRow> {
+/// Rows in frontend order, each named by `names` (frontend label ->
+/// Service, see [`crate::applied_state::AppliedState::names`]). A slot
+/// whose backend is missing (which the reconciler's ordering rules out)
+/// shows as id with address "?".
+pub fn rows(snapshot: &Snapshot, names: &BTreeMap<String, String>) -> Vec<ServiceRow> {
     snapshot
         .frontends
         .iter()
         .map(|(fe, entries)| ServiceRow {
             id: entries.master.svc_id,
             frontend: frontend_label(fe),
+            service: names.get(&frontend_label(fe)).cloned(),
             address: fe.addr.ip.to_string(),
             port: fe.addr.port,
             protocol: fe.addr.proto.as_str(),
@@ -126,10 +129,11 @@ fn cilium_type(t: ServiceType) -> &'static str {
 
 /// The table: columns padded like Go's tabwriter (min width 5, padding 3).
 /// A frontend's backends go on continuation lines, as in Cilium's; so do
-/// its source ranges, under its type (`allow PREFIX`).
+/// its source ranges, under its type (`allow PREFIX`). The Service column
+/// (kpr's, not Cilium's) shows `-` for a frontend the record does not name.
 pub fn format_table(rows: &[ServiceRow]) -> String {
-    let header = ["ID", "Frontend", "Service Type", "Backend"];
-    let mut lines: Vec<[String; 4]> = vec![header.map(String::from)];
+    let header = ["ID", "Frontend", "Service", "Service Type", "Backend"];
+    let mut lines: Vec<[String; 5]> = vec![header.map(String::from)];
     for row in rows {
         let svc_type = match row.lb_algorithm {
             LbAlgorithm::Random => cilium_type(row.svc_type).to_string(),
@@ -145,27 +149,33 @@ pub fn format_table(rows: &[ServiceRow]) -> String {
             .map(|(i, b)| format!("{} => {}", i + 1, backend_label(b)))
             .collect();
         for i in 0..types.len().max(backends.len()).max(1) {
-            let (id, frontend) = match i {
-                0 => (row.id.to_string(), row.frontend.clone()),
-                _ => (String::new(), String::new()),
+            let (id, frontend, service) = match i {
+                0 => (
+                    row.id.to_string(),
+                    row.frontend.clone(),
+                    row.service.clone().unwrap_or_else(|| "-".into()),
+                ),
+                _ => (String::new(), String::new(), String::new()),
             };
             let cell = |col: &[String]| col.get(i).cloned().unwrap_or_default();
-            lines.push([id, frontend, cell(&types), cell(&backends)]);
+            lines.push([id, frontend, service, cell(&types), cell(&backends)]);
         }
     }
     let width = |col: usize| (lines.iter().map(|l| l[col].len()).max().unwrap_or(0) + 3).max(5);
-    let widths = [width(0), width(1), width(2)];
+    let widths = [width(0), width(1), width(2), width(3)];
     let mut out = String::new();
     for l in &lines {
         let line = format!(
-            "{:w0$}{:w1$}{:w2$}{}",
+            "{:w0$}{:w1$}{:w2$}{:w3$}{}",
             l[0],
             l[1],
             l[2],
             l[3],
+            l[4],
             w0 = widths[0],
             w1 = widths[1],
-            w2 = widths[2]
+            w2 = widths[2],
+            w3 = widths[3]
         );
         out.push_str(line.trim_end());
         out.push('\n');

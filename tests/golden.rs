@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+use kpr::applied_state::AppliedState;
 use kpr::datapath::fake::FakeMaps;
 use kpr::reconcile::Reconciler;
 use kpr::source::manifests;
@@ -36,7 +37,9 @@ fn render(manifest: &Path) -> String {
     let out = r.sync_full(&t.desired, true).unwrap();
     assert!(out.refused.is_empty());
     assert!(r.maps().violations.is_empty(), "{:?}", r.maps().violations);
-    let mut text = svc_list::format_table(&svc_list::rows(&r.maps().snapshot_for_tests()));
+    // Named as the agent's record names them.
+    let names = AppliedState::new(r.applied_frontends(), Vec::new(), r.maglev_params()).names();
+    let mut text = svc_list::format_table(&svc_list::rows(&r.maps().snapshot_for_tests(), &names));
     for h in &t.health_checks {
         text.push_str(&format!(
             "# health check node port {} for {}: {} local endpoint(s)\n",

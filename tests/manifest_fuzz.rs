@@ -189,7 +189,7 @@ fn maps_after(
     let mut r = Reconciler::new(FakeMaps::new()).expect("fake maps");
     r.sync_full(&t.desired, true)
         .expect("a sync of the fake maps");
-    kpr::svc_list::rows(r.snapshot())
+    kpr::svc_list::rows(r.snapshot(), &Default::default())
         .into_iter()
         .map(|row| {
             let ip: IpAddr = row.address.parse().expect("an address");

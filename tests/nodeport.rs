@@ -649,8 +649,8 @@ fn svc_list_rows(table: &str) -> BTreeMap<String, (String, usize)> {
             }
             // a source range line without a backend
             ["allow", _] => {}
-            // ID Frontend Type [N => backend (state)]
-            [_, frontend, svc_type, ref backend @ ..] => {
+            // ID Frontend Service Type [N => backend (state)]
+            [_, frontend, _service, svc_type, ref backend @ ..] => {
                 let n = usize::from(!backend.is_empty());
                 rows.insert(frontend.to_string(), (svc_type.to_string(), n));
                 last = Some(frontend.to_string());

@@ -18,6 +18,7 @@
 //! - `serve`: the metrics, status and health endpoints.
 
 mod addresses;
+mod applied_record;
 mod config;
 mod ct_gc;
 mod devices;

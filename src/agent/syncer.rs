@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
+use super::applied_record::AppliedRecord;
 use super::events::ServiceEvents;
 use super::switch_over::SwitchOver;
 use super::unprogrammed::Unprogrammed;
@@ -69,6 +70,9 @@ pub struct Syncer {
     /// Counts the switch-overs (maps grown, programs moved to new maps):
     /// pins the agent itself replaced, for `pin_watch` to take again.
     switch_overs: u64,
+    /// The record of what the maps hold, for `kpr svc list` (names) and
+    /// `--verify`.
+    applied_record: AppliedRecord,
 }
 
 /// How a sync ended.
@@ -115,6 +119,7 @@ impl Syncer {
             switch_over: None,
             datapath_fault: None,
             switch_overs: 0,
+            applied_record: AppliedRecord::new(bpf_root),
         })
     }
 
@@ -381,6 +386,15 @@ impl Syncer {
         self.status.record_sync(maps_ok, self.unprogrammed.list());
         self.unprogrammed.publish(&self.metrics);
         self.update_gauges();
+        if maps_ok {
+            let refused = self.unprogrammed.list().into_iter().map(|u| u.service);
+            self.applied_record.after_sync(
+                &self.reconciler,
+                changed,
+                self.filled,
+                refused.collect(),
+            );
+        }
         synced
     }
 

@@ -214,6 +214,34 @@ impl KernelMaps {
         Ok(())
     }
 
+    /// Every session-affinity entry: (client, frontend id, backend id,
+    /// CLOCK_MONOTONIC ns of its last use). The client is a network
+    /// namespace cookie (socket LB) or, with the top bit set, an IPv4
+    /// client address (north-south).
+    pub fn affinity_entries(&self) -> Result<Vec<(u64, ServiceId, BackendId, u64)>, MapError> {
+        Ok(self
+            .entries::<lb_affinity_key, lb_affinity_val>(MapName::Affinity)?
+            .into_iter()
+            .map(|(k, v)| (k.client, k.svc_id, v.backend_id, v.last_used_ns))
+            .collect())
+    }
+
+    /// The Maglev table of frontend `svc_id`: the backend id of every slot;
+    /// None when it has none.
+    pub fn maglev_table(&self, svc_id: ServiceId) -> Result<Option<Vec<BackendId>>, MapError> {
+        let inner = self
+            .maglev
+            .lookup(&svc_id.to_ne_bytes(), MapFlags::ANY)
+            .map_err(|e| MapError::new("lookup", MapName::Maglev, to_io(e)))?;
+        let Some(inner_id) = inner.as_deref().and_then(from_bytes::<u32>) else {
+            return Ok(None);
+        };
+        let Ok(table) = MapHandle::from_map_id(inner_id) else {
+            return Ok(None);
+        };
+        read_table(&table).map(Some)
+    }
+
     /// The Maglev tables, read back (a table shared by several frontends
     /// is read once).
     fn maglev_tables(&self) -> Result<BTreeMap<ServiceId, MaglevTableInfo>, MapError> {
@@ -228,19 +256,7 @@ impl KernelMaps {
             let Ok(table) = MapHandle::from_map_id(inner_id) else {
                 continue;
             };
-            let size = table.max_entries() as usize;
-            let mut slots = vec![0 as BackendId; size];
-            let batch = table
-                .lookup_batch(table.max_entries().max(1), MapFlags::ANY, MapFlags::ANY)
-                .map_err(|e| MapError::new("lookup", MapName::Maglev, to_io(e)))?;
-            for (k, v) in batch {
-                if let (Some(k), Some(v)) = (from_bytes::<u32>(&k), from_bytes::<u32>(&v)) {
-                    if let Some(slot) = slots.get_mut(k as usize) {
-                        *slot = v;
-                    }
-                }
-            }
-            let info = MaglevTableInfo::of(&slots);
+            let info = MaglevTableInfo::of(&read_table(&table)?);
             by_inner.insert(inner_id, info);
             out.insert(svc_id, info);
         }
@@ -448,4 +464,20 @@ impl LbMaps for KernelMaps {
         self.delete_batch(MapName::Affinity, &stale)?;
         Ok(stale.len())
     }
+}
+
+/// Every slot of a Maglev table (an inner array map).
+fn read_table(table: &MapHandle) -> Result<Vec<BackendId>, MapError> {
+    let mut slots = vec![0 as BackendId; table.max_entries() as usize];
+    let batch = table
+        .lookup_batch(table.max_entries().max(1), MapFlags::ANY, MapFlags::ANY)
+        .map_err(|e| MapError::new("lookup", MapName::Maglev, to_io(e)))?;
+    for (k, v) in batch {
+        if let (Some(k), Some(v)) = (from_bytes::<u32>(&k), from_bytes::<u32>(&v)) {
+            if let Some(slot) = slots.get_mut(k as usize) {
+                *slot = v;
+            }
+        }
+    }
+    Ok(slots)
 }

@@ -195,6 +195,17 @@ impl<M: LbMaps> Reconciler<M> {
         self.maps.capacity()
     }
 
+    /// Every frontend programmed, with the spec it was programmed from
+    /// (Services in no order, frontends of one in frontend order).
+    pub fn applied_frontends(&self) -> impl Iterator<Item = &(Frontend, FrontendSpec)> {
+        self.applied.values().flat_map(|fes| fes.iter())
+    }
+
+    /// Table size and seed of the Maglev tables it writes.
+    pub fn maglev_params(&self) -> MaglevParams {
+        self.maglev
+    }
+
     /// Services currently programmed.
     pub fn service_count(&self) -> usize {
         self.applied.len()

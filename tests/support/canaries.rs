@@ -44,7 +44,7 @@ pub fn frontends(bpf_root: &Path) -> BTreeMap<String, Vec<String>> {
     let snapshot = KernelMaps::open(bpf_root)
         .and_then(|m| m.snapshot())
         .expect("reading the pinned maps");
-    kpr::svc_list::rows(&snapshot)
+    kpr::svc_list::rows(&snapshot, &Default::default())
         .into_iter()
         .map(|row| {
             let backends = row.backends.iter().map(|b| b.address.clone()).collect();
