@@ -265,8 +265,6 @@ fn cleanup(args: &CleanupArgs) -> Result<()> {
         }
         Err(_) => None,
     };
-    // The record first: resolving its path needs the root to exist.
-    kpr::applied_state::remove(&args.bpf_root.bpf_root)?;
     let report = loader::cleanup(&args.bpf_root.bpf_root)?;
     let unpinned = match &args.cgroup {
         Some(cgroup) => loader::detach_from_cgroup(cgroup)?,

@@ -380,12 +380,7 @@ impl Syncer {
         // refuse (too big, conflicting) must not make load balancers drain
         // the node and with it every other Service.
         let maps_ok = synced != Synced::Failed;
-        self.metrics.record_sync_result(maps_ok, SystemTime::now());
-        self.health
-            .record_sync(maps_ok && self.source_healthy && self.datapath_fault.is_none());
-        self.status.record_sync(maps_ok, self.unprogrammed.list());
-        self.unprogrammed.publish(&self.metrics);
-        self.update_gauges();
+        // Before health: a node that reports healthy names its Services.
         if maps_ok {
             let refused = self.unprogrammed.list().into_iter().map(|u| u.service);
             self.applied_record.after_sync(
@@ -395,6 +390,12 @@ impl Syncer {
                 refused.collect(),
             );
         }
+        self.metrics.record_sync_result(maps_ok, SystemTime::now());
+        self.health
+            .record_sync(maps_ok && self.source_healthy && self.datapath_fault.is_none());
+        self.status.record_sync(maps_ok, self.unprogrammed.list());
+        self.unprogrammed.publish(&self.metrics);
+        self.update_gauges();
         synced
     }
 

@@ -37,12 +37,17 @@ pub struct CleanupReport {
     pub detached: Vec<String>,
     pub removed_pins: Vec<PathBuf>,
     pub unmounted: bool,
+    /// The agent's record of what it applied (`crate::applied_state`).
+    pub removed_record: bool,
 }
 
 /// Detaches every program kpr attached under `bpf_root` and removes every
-/// pin, then the root itself. Idempotent.
+/// pin, then the root itself, and the agent's record of what it applied.
+/// Idempotent.
 pub fn cleanup(bpf_root: &Path) -> Result<CleanupReport> {
     let mut report = CleanupReport::default();
+    // The agent's record goes first: its name follows the resolved root.
+    report.removed_record = crate::applied_state::remove(bpf_root)?;
     if !bpf_root.exists() {
         return Ok(report);
     }
