@@ -249,7 +249,7 @@ async fn serve_routes(
     }
 }
 
-/// Serves `GET /metrics` to everyone and `status` (the `/status` routes:
+/// Serves `GET /metrics` and the `ui` routes (the web view) to everyone and `status` (the `/status` routes:
 /// paths, node name, error texts) only to clients connecting from a
 /// loopback address, on `listener`, until `shutdown` completes. So with
 /// `--metrics-addr 0.0.0.0:10249` Prometheus scrapes from anywhere while
@@ -258,10 +258,11 @@ async fn serve_routes(
 pub async fn serve_metrics_with_status(
     listener: TcpListener,
     metrics: Arc<Metrics>,
+    ui: Router,
     status: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), HttpError> {
-    let public = metrics_router(metrics);
+    let public = metrics_router(metrics).merge(ui);
     let routes = Routes {
         loopback: public.clone().merge(status),
         public,

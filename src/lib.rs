@@ -28,3 +28,4 @@ pub mod svc_list;
 pub mod sys;
 pub mod translate;
 pub mod verify;
+pub mod web_ui;

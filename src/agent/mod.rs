@@ -32,6 +32,7 @@ mod socket_stats;
 mod standalone;
 mod startup;
 mod switch_over;
+mod sync_event;
 mod syncer;
 mod unprogrammed;
 
@@ -75,7 +76,10 @@ pub async fn run(config: AgentConfig, held: crate::preflight::Held) -> Result<()
     }
     let shutdown = Shutdown::new();
     let listeners = (held.metrics, held.healthz);
-    let mut tasks = serve::spawn(listeners, &metrics, &health, &status, &shutdown)?;
+    // The web view's live tail; the syncer publishes to it.
+    let feed = crate::web_ui::EventFeed::new();
+    let ui = crate::web_ui::router(config.bpf_root.clone(), metrics.clone(), feed.clone());
+    let mut tasks = serve::spawn(listeners, &metrics, &health, &status, ui, &shutdown)?;
     if let Some(watch) = started.devices {
         tasks.push(devices::spawn(watch, metrics.clone(), shutdown.requested()));
     }
@@ -104,7 +108,8 @@ pub async fn run(config: AgentConfig, held: crate::preflight::Held) -> Result<()
         metrics.clone(),
         health.clone(),
         status.clone(),
-    )?;
+    )?
+    .with_event_sink(Arc::new(feed));
     if config.nodeport.is_some() {
         syncer = syncer
             .with_dsr(&config.bpf_root)

@@ -1,7 +1,7 @@
 //! The agent's HTTP endpoints as tasks: /metrics with /status on the
 //! metrics address (error texts and paths stay on the loopback-only
 //! address), /healthz and /livez on the health address load balancers and
-//! kubelet probes reach. Both listeners were bound by the preflight
+//! kubelet probes reach; the web view (`/ui`) on the metrics address. Both listeners were bound by the preflight
 //! checks, before anything was attached, so a taken port stops the agent
 //! before it touches the datapath.
 
@@ -22,6 +22,7 @@ pub(super) fn spawn(
     metrics: &Arc<Metrics>,
     health: &Health,
     status: &StatusHandle,
+    ui: axum::Router,
     shutdown: &Shutdown,
 ) -> Result<Vec<JoinHandle<()>>> {
     let metrics_listener = http::from_std(metrics_listener, "metrics")?;
@@ -29,6 +30,7 @@ pub(super) fn spawn(
     let metrics_server = http::serve_metrics_with_status(
         metrics_listener,
         metrics.clone(),
+        ui,
         status_router(status.clone()),
         shutdown.requested(),
     );

@@ -35,6 +35,7 @@ use crate::translate::{
     self, HealthCheck, NoLocalEndpoints, NodeContext, ServiceTranslation, Skipped, TrafficPolicy,
     Translation,
 };
+use crate::web_ui::EventSink;
 
 /// The reconciler with the reporting around it: every sync is timed,
 /// counted and reflected in health.
@@ -73,6 +74,8 @@ pub struct Syncer {
     /// The record of what the maps hold, for `kpr svc list` (names) and
     /// `--verify`.
     applied_record: AppliedRecord,
+    /// Where each sync that changed something is told (the web view's tail).
+    events_sink: Option<Arc<dyn EventSink>>,
 }
 
 /// How a sync ended.
@@ -120,6 +123,7 @@ impl Syncer {
             datapath_fault: None,
             switch_overs: 0,
             applied_record: AppliedRecord::new(bpf_root),
+            events_sink: None,
         })
     }
 
@@ -135,6 +139,13 @@ impl Syncer {
     pub fn with_dsr(mut self, bpf_root: &Path) -> Result<Syncer> {
         self.dsr = Some(DsrTable::open(bpf_root)?);
         Ok(self)
+    }
+
+    /// Also tells `sink` of every sync that changed the maps, refused a
+    /// Service or failed, as a JSON line (`"kind":"sync"`).
+    pub fn with_event_sink(mut self, sink: Arc<dyn EventSink>) -> Syncer {
+        self.events_sink = Some(sink);
+        self
     }
 
     /// Also records a Warning Event on each Service it cannot program.
@@ -348,6 +359,10 @@ impl Syncer {
                         RefusalReason::FrontendConflict { .. } => SyncErrorReason::Source,
                     });
                 }
+                if outcome.writes > 0 || outcome.pruned_frontends > 0 || !outcome.refused.is_empty()
+                {
+                    self.publish_sync(elapsed, Some(&outcome));
+                }
                 if outcome.writes > 0 || outcome.pruned_frontends > 0 {
                     tracing::info!(
                         services = outcome.applied_services,
@@ -364,6 +379,7 @@ impl Syncer {
                 }
             }
             Err(e) => {
+                self.publish_sync(elapsed, None);
                 tracing::error!(error = %e, "sync failed; will retry");
                 self.metrics.inc_sync_error(SyncErrorReason::MapUpdate);
                 Synced::Failed
@@ -397,6 +413,13 @@ impl Syncer {
         self.unprogrammed.publish(&self.metrics);
         self.update_gauges();
         synced
+    }
+
+    /// Tells the event sink of a sync (`outcome` None: it failed).
+    fn publish_sync(&self, elapsed: Duration, outcome: Option<&SyncOutcome>) {
+        if let Some(sink) = &self.events_sink {
+            sink.publish(super::sync_event::line(elapsed, outcome));
+        }
     }
 
     fn update_gauges(&self) {
