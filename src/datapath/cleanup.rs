@@ -45,9 +45,11 @@ pub struct CleanupReport {
 /// pin, then the root itself, and the agent's record of what it applied.
 /// Idempotent.
 pub fn cleanup(bpf_root: &Path) -> Result<CleanupReport> {
-    let mut report = CleanupReport::default();
     // The agent's record goes first: its name follows the resolved root.
-    report.removed_record = crate::applied_state::remove(bpf_root)?;
+    let mut report = CleanupReport {
+        removed_record: crate::applied_state::remove(bpf_root)?,
+        ..CleanupReport::default()
+    };
     if !bpf_root.exists() {
         return Ok(report);
     }
