@@ -1,8 +1,9 @@
 //! Keeps the agent's record of what it applied (`crate::applied_state`)
 //! in step with the maps: written after a sync that changed them, once the
-//! source has been read completely, at most as often as a few dozen writes'
-//! time allows (a 100k-Service record takes a while to encode); a change
-//! that comes too soon is written by the next sync after it.
+//! source has been read completely; a record that takes 5 ms or more to
+//! write (tens of thousands of Services) at most once per 20 times its
+//! write time, a change that comes sooner being written by the next sync
+//! after it.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -11,8 +12,10 @@ use crate::applied_state::{self, AppliedState};
 use crate::datapath::kernel::KernelMaps;
 use crate::reconcile::Reconciler;
 
-/// Least time between two writes, as a multiple of the last write's time.
+/// Least time between two writes, as a multiple of the last write's time,
+/// once a write takes [`SPACED_FROM`] or more.
 const SPACING: u32 = 20;
+const SPACED_FROM: Duration = Duration::from_millis(5);
 
 pub(super) struct AppliedRecord {
     path: PathBuf,
@@ -64,8 +67,11 @@ impl AppliedRecord {
                 tracing::warn!(error = %format!("{e:#}"), "record of the applied state not written; svc list may lack names")
             }
         }
+        // A small record costs nothing worth spacing: written every time.
         let took = started.elapsed();
-        self.not_before =
-            Instant::now() + took.saturating_mul(SPACING).min(Duration::from_secs(10));
+        if took >= SPACED_FROM {
+            self.not_before =
+                Instant::now() + took.saturating_mul(SPACING).min(Duration::from_secs(10));
+        }
     }
 }
