@@ -712,7 +712,7 @@ fn loadbalancer_ips_and_external_ips_are_served_from_outside_and_listed() {
     assert!(
         table.starts_with("ID   Frontend ")
             && header.split_whitespace().collect::<Vec<_>>()
-                == ["ID", "Frontend", "Service", "Type", "Backend"],
+                == ["ID", "Frontend", "Service", "Service", "Type", "Backend"],
         "{table}"
     );
     let rows = svc_list_rows(&table);
