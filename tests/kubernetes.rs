@@ -526,7 +526,21 @@ fn a_restart_while_the_api_is_unreachable_keeps_the_pinned_state_until_it_return
         "10.96.0.50:80/TCP",
         Some(&["10.244.0.11:8080", "10.244.0.12:8080"]),
     );
-    let before = bed.svc_list().unwrap();
+    // The agent writes its record of names right after the maps: wait for
+    // it too, so `before` is the listing as it stays.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let before = loop {
+        let table = bed.svc_list().unwrap();
+        if table.contains("t/web") || Instant::now() > deadline {
+            break table;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        before.contains("t/web"),
+        "no Service name in
+{before}"
+    );
 
     api.set_unavailable(true);
     bed.agent.restart().unwrap();
