@@ -145,6 +145,12 @@ pub struct AgentArgs {
     /// (kube-proxy's default: loopback only).
     #[arg(long, default_value = "127.0.0.1:10249")]
     pub metrics_addr: SocketAddr,
+    /// The per-frontend load-balancing metrics carry the frontend and its
+    /// Service (namespace, name, port name), and the per-backend ones the
+    /// backend, while the node programs at most this many Services; above
+    /// it they are summed over frontends (one series per verdict). 0: never.
+    #[arg(long, default_value_t = crate::metrics::DEFAULT_PER_FRONTEND_MAX)]
+    pub metrics_frontend_labels_max: usize,
     /// Address of the health endpoint (/healthz, /livez).
     #[arg(long, default_value = "0.0.0.0:10256")]
     pub healthz_addr: SocketAddr,
