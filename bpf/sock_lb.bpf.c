@@ -62,6 +62,8 @@ const volatile enum lb_verdict kpr_btf_verdict = LB_V_TRANSLATED;
 const volatile enum lb_hook kpr_btf_hook = LB_HOOK_CONNECT;
 const volatile enum lb_reason kpr_btf_reason = LB_R_NONE;
 const volatile enum lb_monitor_stat kpr_btf_monitor_stat = LB_MON_EMITTED;
+/* ...and the ring buffer's record, which no map type names. */
+const volatile struct lb_event kpr_btf_event = {};
 
 /* Errno a client gets for a frontend with no usable backend. */
 const volatile __u32 no_backend_errno = ECONNREFUSED;

@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use kpr_testbed::require_root;
 use kpr_testbed::{BedPlan, ProbeSpec, SocketLbBed};
@@ -165,4 +166,144 @@ fn every_socket_decision_is_counted_once_under_its_frontend_and_verdict() {
         )
         .unwrap();
     assert!(named.is_some_and(|v| v >= 20.0), "{named:?}");
+}
+
+/// A running `kpr monitor`, its output lines gathered by threads.
+struct Monitor {
+    child: std::process::Child,
+    stdout: std::sync::mpsc::Receiver<String>,
+    stderr: std::sync::mpsc::Receiver<String>,
+}
+
+impl Monitor {
+    /// Starts `kpr monitor -o json ARGS` on the bed's maps and waits
+    /// (bounded) until it listens.
+    fn start(bed: &SocketLbBed, args: &[&str]) -> Monitor {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(KPR)
+            .args(["monitor", "-o", "json", "--bpf-root"])
+            .arg(&bed.agent.bpf_root)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = |r: Box<dyn std::io::Read + Send>| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(r).lines().map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            });
+            rx
+        };
+        let stdout = lines(Box::new(child.stdout.take().unwrap()));
+        let stderr = lines(Box::new(child.stderr.take().unwrap()));
+        let m = Monitor {
+            child,
+            stdout,
+            stderr,
+        };
+        let first = m.stderr.recv_timeout(Duration::from_secs(10));
+        assert!(
+            first.as_deref().is_ok_and(|l| l.contains("listening")),
+            "monitor did not start: {first:?}"
+        );
+        m
+    }
+
+    /// Waits (bounded) for the monitor to stop on its own; its JSON event
+    /// lines and its summary.
+    fn finish(mut self) -> (Vec<serde_json::Value>, serde_json::Value) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("kpr monitor did not stop within its bounds");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let events = self
+            .stdout
+            .try_iter()
+            .map(|l| serde_json::from_str(&l).unwrap())
+            .collect();
+        let summary = self
+            .stderr
+            .recv_timeout(Duration::from_secs(5))
+            .ok()
+            .and_then(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
+            .unwrap_or_default();
+        (events, summary["summary"].clone())
+    }
+}
+
+#[test]
+#[ignore = "needs root"]
+fn monitor_shows_a_connect_s_frontend_backend_and_reason_and_a_refusal_s_verdict() {
+    require_root();
+    let bed = bed("lbmon");
+    let m = Monitor::start(&bed, &["--count", "2", "--duration", "20s"]);
+    bed.tcp_spread(addr("10.96.0.10:80"), 1).unwrap();
+    refused(&bed, "10.96.0.30:80", 1, "ECONNREFUSED");
+    let (events, summary) = m.finish();
+    assert_eq!(events.len(), 2, "{events:#?}");
+    let connect = &events[0];
+    assert_eq!(connect["hook"], "connect");
+    assert_eq!(connect["verdict"], "translated");
+    assert_eq!(connect["reason"], "random");
+    assert_eq!(connect["frontend"], "10.96.0.10:80/TCP");
+    let backend = connect["backend"].as_str().unwrap_or_default();
+    assert!(
+        ["10.244.0.11:8080/TCP", "10.244.0.12:8080/TCP"].contains(&backend),
+        "{connect}"
+    );
+    assert!(connect["netns_cookie"].as_u64().is_some_and(|c| c != 0));
+    assert!(connect["cgroup"].as_str().is_some(), "{connect}");
+    let refusal = &events[1];
+    assert_eq!(refusal["verdict"], "no_backend");
+    assert_eq!(refusal["frontend"], "10.96.0.30:80/TCP");
+    assert!(refusal["backend"].is_null());
+    assert_eq!(summary["shown"], 2, "{summary}");
+    let emitted = summary["datapath"]["emitted"].as_u64().unwrap();
+    assert!(emitted >= 2, "{summary}");
+}
+
+#[test]
+#[ignore = "needs root"]
+fn a_flood_is_sampled_and_rate_limited_and_the_monitor_says_how_much() {
+    require_root();
+    let bed = bed("lbflood");
+    let m = Monitor::start(
+        &bed,
+        &[
+            "--sample-every",
+            "2",
+            "--rate",
+            "20",
+            "--burst",
+            "5",
+            "--duration",
+            "6s",
+        ],
+    );
+    bed.tcp_spread(addr("10.96.0.10:80"), 300).unwrap();
+    let (events, summary) = m.finish();
+    let d = &summary["datapath"];
+    let n = |k: &str| d[k].as_u64().unwrap_or_else(|| panic!("{summary}"));
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    // Every decision went one of three ways; one in two was sampled out.
+    assert_eq!(
+        n("emitted") + n("sampled_out") + n("rate_limited") + n("lost"),
+        300,
+        "{summary}"
+    );
+    assert!(n("sampled_out").abs_diff(150) <= cpus, "{summary}");
+    // 150 sampled in, far more than 5 at once + 20/s per CPU over the run.
+    assert!(n("rate_limited") > 0, "{summary}");
+    assert!(n("emitted") <= cpus * (5 + 20 * 7), "{summary}");
+    assert_eq!(events.len() as u64, summary["shown"].as_u64().unwrap());
+    assert_eq!(n("lost"), 0, "{summary}");
 }

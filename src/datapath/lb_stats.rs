@@ -212,6 +212,7 @@ pub struct MonitorStats {
     /// Left out by the rate limit.
     pub rate_limited: u64,
     /// Lost: the ring buffer was full.
+    #[serde(rename = "lost")]
     pub ringbuf_full: u64,
 }
 

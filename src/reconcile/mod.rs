@@ -207,7 +207,7 @@ impl<M: LbMaps> Reconciler<M> {
             .flat_map(|fes| fes.iter())
             .filter_map(|(fe, spec)| {
                 let id = self.actual.frontends.get(fe)?.master.svc_id;
-                Some((id, fe.clone(), spec.service.clone()))
+                Some((id, *fe, spec.service.clone()))
             })
             .collect()
     }
