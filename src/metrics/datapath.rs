@@ -151,10 +151,16 @@ impl Collector for DatapathCounters {
         let mut flows = FamilyRows::new();
         let mut packets = FamilyRows::new();
         let mut bytes = FamilyRows::new();
-        for v in Verdict::ALL.iter().filter(|_| !detailed) {
-            // Every verdict present from the start, at zero.
-            sock.add(vec![("verdict", v.as_str().into())], 0);
-            flows.add(vec![("verdict", v.as_str().into())], 0);
+        if !detailed {
+            // Every series of the summed families present from the start.
+            for v in Verdict::ALL {
+                sock.add(vec![("verdict", v.as_str().into())], 0);
+                flows.add(vec![("verdict", v.as_str().into())], 0);
+            }
+            for d in Direction::ALL {
+                packets.add(vec![("direction", d.as_str().into())], 0);
+                bytes.add(vec![("direction", d.as_str().into())], 0);
+            }
         }
         for (id, s) in &frontends {
             for v in Verdict::ALL {
@@ -224,6 +230,10 @@ fn encode_backends(
     let backends = lb_stats::read_backends(bpf_root).unwrap_or_default();
     let mut packets = FamilyRows::new();
     let mut bytes = FamilyRows::new();
+    for d in Direction::ALL.iter().filter(|_| !detailed) {
+        packets.add(vec![("direction", d.as_str().into())], 0);
+        bytes.add(vec![("direction", d.as_str().into())], 0);
+    }
     for (id, s) in &backends {
         for d in Direction::ALL {
             let i = d as usize;
