@@ -505,7 +505,7 @@ int kpr_skb_egress(struct __sk_buff *skb)
 		return SKB_PASS;
 	/* A marked socket's packet that tells no source is not let through
 	 * unjudged. */
-	if (skb_src_addr(skb, src) || !lb_src_in_ranges(p->range_id, src)) {
+	if (skb_src_addr(skb, src) || !lb_src_in_ranges(p->svc_id, src)) {
 		sock_count(SOCK_STAT_SRC_RANGE);
 		return SKB_DROP;
 	}
