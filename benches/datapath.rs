@@ -1,7 +1,11 @@
 //! Datapath latency: connect + request + close through a VIP (socket-LB
 //! translation) against the same requests sent straight to the backends,
 //! in one run on one bed, interleaved in rounds so host noise hits both.
-//! Prints p50/p90 side by side and the ratio (target: p50 ratio <= 1.02).
+//! Prints p50/p90 side by side and the ratio (target: p50 ratio <= 1.02),
+//! with the always-on counters counting (they cannot be turned off) and no
+//! monitor; then the same with a `kpr monitor` reading every event (no
+//! sampling, no rate limit, output to /dev/null), and the cost per connect
+//! that adds.
 //!
 //! Needs root; without it, it says so and measures nothing.
 //! `cargo bench --bench datapath` (KPR_BENCH_REQUESTS to change the count).
@@ -131,9 +135,77 @@ fn main() {
         }
     }
     println!(
-        "ratio p50 {:.3}  p90 {:.3}  IQ-mean {:.3}  (target p50 <= 1.02)",
+        "ratio p50 {:.3}  p90 {:.3}  IQ-mean {:.3}  (counters on, monitor off; target p50 <= 1.02)",
         v50 / d50,
         v90 / d90,
         vm / dm
+    );
+    monitor_cost(&bed, &targets, total / 3, (v50, vm), (d50, dm));
+}
+
+/// The same rounds with a `kpr monitor` reporting every decision: the
+/// VIP's p50 and IQ-mean beside the first run's, against this run's
+/// direct floor (host drift between the two runs shows there).
+fn monitor_cost(
+    bed: &SocketLbBed,
+    targets: &[&str],
+    rounds: u32,
+    (off50, off_mean): (f64, f64),
+    (floor50, floor_mean): (f64, f64),
+) {
+    let mut monitor = std::process::Command::new(env!("CARGO_BIN_EXE_kpr"))
+        .args([
+            "monitor",
+            "-o",
+            "json",
+            "--sample-every",
+            "1",
+            "--rate",
+            "0",
+        ])
+        .args(["--duration", "600s", "--bpf-root"])
+        .arg(&bed.agent.bpf_root)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("kpr monitor");
+    // Bounded wait until it has turned the reporting on.
+    let switch = bed.agent.bpf_root.join("kpr_monstats_v1");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let emitted = || {
+        kpr::datapath::lb_stats::MonitorStats::read(&bed.agent.bpf_root).map_or(0, |s| s.emitted)
+    };
+    let before = emitted();
+    while emitted() == before && std::time::Instant::now() < deadline {
+        interleaved(bed, &targets[..1], 1);
+    }
+    assert!(
+        switch.exists() && emitted() > before,
+        "kpr monitor did not start"
+    );
+    let mut runs = interleaved(bed, targets, rounds);
+    // Ctrl-C: it turns the reporting off as it leaves.
+    let pid = nix::unistd::Pid::from_raw(monitor.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+    let _ = monitor.wait();
+    let mut via_vip = runs.remove("10.96.0.10:80").expect("VIP durations");
+    let mut direct: Vec<u64> = runs.into_values().flatten().collect();
+    via_vip.sort_unstable();
+    direct.sort_unstable();
+    let v50 = percentile(&via_vip, 0.5) as f64 / 1000.0;
+    let d50 = percentile(&direct, 0.5) as f64 / 1000.0;
+    let (vm, dm) = (
+        interquartile_mean(&via_vip) / 1000.0,
+        interquartile_mean(&direct) / 1000.0,
+    );
+    println!(
+        "monitor on (every event): via VIP p50 {v50} us, IQ-mean {vm:.2} us; direct p50 {d50} us, IQ-mean {dm:.2} us; ratio p50 {:.3}",
+        v50 / d50
+    );
+    // Against each run's own floor, so drift between the runs cancels.
+    let cost = (vm - dm) - (off_mean - floor_mean);
+    println!(
+        "monitor cost per connect: {cost:.2} us IQ-mean ({:.2} us p50) over monitor off (p50 {off50} us)",
+        (v50 - d50) - (off50 - floor50)
     );
 }

@@ -45,6 +45,8 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
+/* Bytes of the packet, for the per-frontend and per-backend counters. */
+#define NP_FRAME_LEN(ctx) (((struct __sk_buff *)(ctx))->len)
 #include "lb_nodeport.h"
 #include "lb_reject.h"
 #include "lb_peerdev.h"
@@ -239,6 +241,7 @@ int kpr_np_egress(struct __sk_buff *skb)
 		return NP_PASS;
 	ct_touch(&key, e, pkt_ct_flags(&p, CT_DIR_REPLY), now);
 	np_count(NP_STAT_REPLY);
+	np_count_packet(skb, e->svc_id, e->backend_id, LB_DIR_REPLY);
 	/* A DSR flow's client sends through another node, which adds 20
 	 * bytes: the SYN-ACK tells it to send segments that still fit. */
 	if ((e->flags & CT_F_DSR_DECAP) && (p.tcp_flags & TCP_FLAG_SYN) &&

@@ -37,6 +37,8 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
+/* Bytes of the frame, for the per-frontend and per-backend counters. */
+#define NP_FRAME_LEN(ctx) ((__u32)bpf_xdp_get_buff_len(ctx))
 #include "lb_nodeport.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

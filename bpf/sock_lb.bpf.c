@@ -39,6 +39,8 @@
 #include "lb_select.h"
 #include "lb_hostaddr.h"
 #include "lb_src_pending.h"
+#include "lb_verdict.h"
+#include "lb_monitor.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -56,6 +58,12 @@ const volatile enum np_stat kpr_btf_np_stat = NP_STAT_FLOW_NEW;
 const volatile enum ct_dir kpr_btf_ct_dir = CT_DIR_ORIG;
 const volatile enum ct_flags kpr_btf_ct_flags = CT_F_SNAT;
 const volatile enum sock_stat kpr_btf_sock_stat = SOCK_STAT_SRC_RANGE;
+const volatile enum lb_verdict kpr_btf_verdict = LB_V_TRANSLATED;
+const volatile enum lb_hook kpr_btf_hook = LB_HOOK_CONNECT;
+const volatile enum lb_reason kpr_btf_reason = LB_R_NONE;
+const volatile enum lb_monitor_stat kpr_btf_monitor_stat = LB_MON_EMITTED;
+/* ...and the ring buffer's record, which no map type names. */
+const volatile struct lb_event kpr_btf_event = {};
 
 /* Errno a client gets for a frontend with no usable backend. */
 const volatile __u32 no_backend_errno = ECONNREFUSED;
@@ -179,6 +187,50 @@ static __always_inline enum src_verdict sock_src_verdict(struct bpf_sock_addr *c
 	return lb_src_allowed(master, src) ? SRC_ALLOW : SRC_REFUSE;
 }
 
+/* Counts the decision @verdict of a socket hook for frontend @svc_id
+ * (lb_verdict.h) and, while `kpr monitor` runs, reports it with the
+ * client and the address it asked for (@asked: the frontend). */
+static __always_inline void sock_report(struct bpf_sock_addr *ctx, enum sock_family fam,
+					enum sock_op op, __u8 proto,
+					const struct lb_sock_rnat_val *asked, __u32 svc_id,
+					__u32 backend_id, __u32 verdict, __u32 reason)
+{
+	struct bpf_sock *sk = ctx->sk;
+	struct lb_event *ev;
+
+	lb_count_sock(svc_id, verdict);
+	ev = lb_monitor_reserve();
+	if (!ev)
+		return;
+	ev->netns_cookie = bpf_get_netns_cookie(ctx);
+	ev->cgroup_id = bpf_get_current_cgroup_id();
+	__builtin_memset(ev->client, 0, sizeof(ev->client));
+	ev->client_port = 0;
+	if (sk) {
+		if (fam == FAM_V4) {
+			lb_addr_set_v4(ev->client, sk->src_ip4);
+		} else {
+			ev->client[0] = sk->src_ip6[0];
+			ev->client[1] = sk->src_ip6[1];
+			ev->client[2] = sk->src_ip6[2];
+			ev->client[3] = sk->src_ip6[3];
+		}
+		/* host byte order in struct bpf_sock */
+		ev->client_port = bpf_htons((__u16)sk->src_port);
+	}
+	__builtin_memcpy(ev->frontend, asked->addr, sizeof(ev->frontend));
+	ev->frontend_port = asked->port;
+	ev->svc_id = svc_id;
+	ev->backend_id = backend_id;
+	ev->pid = bpf_get_current_pid_tgid() >> 32;
+	ev->hook = op == OP_CONNECT ? LB_HOOK_CONNECT : LB_HOOK_SENDMSG;
+	ev->verdict = verdict;
+	ev->reason = reason;
+	ev->proto = proto;
+	ev->pad = 0;
+	bpf_ringbuf_submit(ev, 0);
+}
+
 /* Rewrites the destination of @ctx to a backend of the frontend it targets.
  * Returns 0 when translated or not a frontend, -errno when the frontend has
  * no usable backend (ECONNREFUSED) or refuses the client's source (EPERM,
@@ -214,33 +266,49 @@ static __always_inline int sock_translate(struct bpf_sock_addr *ctx,
 		 * as an empty Service is, not sent off untranslated. (The
 		 * NodePort lookup may have moved the key's address.) */
 		__builtin_memcpy(key.addr, rval.addr, sizeof(key.addr));
-		return lb_port_rejected(&key) ? -no_backend_errno : 0;
+		if (!lb_port_rejected(&key))
+			return 0;
+		sock_report(ctx, fam, op, proto, &rval, 0, 0, LB_V_INVALID_PORT, LB_R_NONE);
+		return -no_backend_errno;
 	}
 	src = sock_src_verdict(ctx, fam, op, master);
-	if (src == SRC_REFUSE)
-		return -EPERM;
-	/* The ranges are the frontend's (its external master's). */
+	/* The ranges are the frontend's (its external master's), and so
+	 * are its counters. */
 	range_id = master->svc_id;
+	if (src == SRC_REFUSE) {
+		sock_report(ctx, fam, op, proto, &rval, range_id, 0, LB_V_SOURCE_RANGE, LB_R_NONE);
+		return -EPERM;
+	}
 
 	/* Node-local traffic uses the internal backend set when the frontend
 	 * has one (externalTrafficPolicy Local must not limit it). */
 	if (master->flags & SVC_F_HAS_INT_SCOPE) {
 		key.scope = LB_SCOPE_INT;
 		master = lb_lookup_master(&key);
-		if (!master)
+		if (!master) {
+			sock_report(ctx, fam, op, proto, &rval, range_id, 0, LB_V_NO_BACKEND,
+				    LB_R_NONE);
 			return -no_backend_errno;
+		}
 	}
 
 	backend = lb_select_backend(&key, master, bpf_get_netns_cookie(ctx), &backend_id);
-	if (!backend)
-		return -no_backend_errno;
 	/* A v4 socket can only reach an IPv4 backend; the agent never mixes
 	 * families in a frontend, so this guards against corruption only. */
-	if (fam == FAM_V4 && !lb_addr_is_v4(backend->addr))
+	if (!backend || (fam == FAM_V4 && !lb_addr_is_v4(backend->addr))) {
+		/* internalTrafficPolicy Local without a backend on this node
+		 * (or without any: the two look alike here). */
+		sock_report(ctx, fam, op, proto, &rval, range_id, 0,
+			    master->count == 0 && (master->flags & SVC_F_ITP_LOCAL) ?
+				    LB_V_LOCAL_POLICY : LB_V_NO_BACKEND,
+			    LB_R_NONE);
 		return -no_backend_errno;
+	}
 	/* Without a mark the pod would go unjudged: refused instead. */
-	if (src == SRC_DEFER && lb_src_pending_arm(ctx->sk, range_id))
+	if (src == SRC_DEFER && lb_src_pending_arm(ctx->sk, range_id)) {
+		sock_report(ctx, fam, op, proto, &rval, range_id, 0, LB_V_SOURCE_RANGE, LB_R_NONE);
 		return -EPERM;
+	}
 
 	rkey.cookie = bpf_get_socket_cookie(ctx);
 	__builtin_memcpy(rkey.addr, backend->addr, sizeof(rkey.addr));
@@ -248,6 +316,9 @@ static __always_inline int sock_translate(struct bpf_sock_addr *ctx,
 	rval.svc_id = master->svc_id;
 	/* Best effort: without the entry only the reported peer is wrong. */
 	bpf_map_update_elem(&kpr_sockrnat_v1, &rkey, &rval, BPF_ANY);
+
+	sock_report(ctx, fam, op, proto, &rval, range_id, backend_id, LB_V_TRANSLATED,
+		    master->flags & SVC_F_AFFINITY ? LB_R_AFFINITY : LB_R_RANDOM);
 
 	ctx_set_addr(ctx, fam, backend->addr);
 	ctx->user_port = backend->port;
@@ -334,7 +405,7 @@ int kpr_getpeername6(struct bpf_sock_addr *ctx)
 	return SYS_PROCEED;
 }
 
-/* Whether a socket bound to @addr:@port would take the traffic of a
+/* The frontend id (never 0) whose traffic a socket bound to @addr:@port would take, of a
  * NodePort, LoadBalancer or externalIP frontend: the exact frontend, or,
  * for a wildcard address or any other IPv4 address of the node
  * (lb_hostaddr.h), a NodePort of the family. NodePorts of IPv4 are always
@@ -343,8 +414,8 @@ int kpr_getpeername6(struct bpf_sock_addr *ctx)
  * (bpf_sock does not say whether IPV6_V6ONLY is set), so it is checked
  * against IPv4 NodePorts too; IPv6 NodePorts have no such surrogate, so
  * only their exact node addresses are protected. */
-static __always_inline int bind_takes_frontend(__be32 addr[4], __be16 port,
-					       __u8 proto, int v6_any)
+static __always_inline __u32 bind_takes_frontend(__be32 addr[4], __be16 port,
+						 __u8 proto, int v6_any)
 {
 	struct lb_svc_key key = { .port = port, .proto = proto, .scope = LB_SCOPE_EXT };
 	struct lb_svc_val *master;
@@ -353,19 +424,21 @@ static __always_inline int bind_takes_frontend(__be32 addr[4], __be16 port,
 	master = lb_lookup_master(&key);
 	if (master && (master->flags & (SVC_F_NODE_PORT | SVC_F_LOADBALANCER |
 					SVC_F_EXTERNAL_IP)))
-		return 1;
+		return master->svc_id;
 	if (v6_any || (lb_addr_is_v4(addr) && addr[3] == 0)) {
 		lb_addr_set_v4(key.addr, bpf_htonl(0x7f000001));
 		master = lb_lookup_master(&key);
-		return master && (master->flags & SVC_F_NODE_PORT) != 0;
+		return master && (master->flags & SVC_F_NODE_PORT) ? master->svc_id : 0;
 	}
-	return lb_host_nodeport_lookup(&key) != NULL;
+	master = lb_host_nodeport_lookup(&key);
+	return master ? master->svc_id : 0;
 }
 
 static __always_inline int sock_post_bind(struct bpf_sock *ctx, enum sock_family fam)
 {
 	__u8 proto = ctx->protocol;
 	__be32 addr[4];
+	__u32 svc_id;
 	int v6_any;
 
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
@@ -382,8 +455,10 @@ static __always_inline int sock_post_bind(struct bpf_sock *ctx, enum sock_family
 	}
 	v6_any = !(addr[0] | addr[1] | addr[2] | addr[3]);
 	/* src_port is in host byte order in struct bpf_sock. */
-	if (!bind_takes_frontend(addr, bpf_htons((__u16)ctx->src_port), proto, v6_any))
+	svc_id = bind_takes_frontend(addr, bpf_htons((__u16)ctx->src_port), proto, v6_any);
+	if (!svc_id)
 		return SYS_PROCEED;
+	lb_count_sock(svc_id, LB_V_BIND_REFUSED);
 	if (use_set_retval)
 		bpf_set_retval(-EADDRINUSE);
 	return SYS_REJECT;

@@ -67,6 +67,13 @@ pub enum Command {
     /// random with the candidates), for packets from outside the node
     /// (tc/XDP) and for sockets on it. Works without the agent.
     Explain(ExplainArgs),
+    /// Print the load balancer's decisions as they happen (connects,
+    /// datagrams, binds, north-south flows): client, frontend, backend,
+    /// why that backend, verdict. Reads the pinned ring buffer; works
+    /// without the agent. Turns the datapath's reporting on while it runs
+    /// and off at exit (Ctrl-C too); says at exit how many events were
+    /// sampled out, rate-limited or lost.
+    Monitor(MonitorArgs),
     /// Detach every kpr program and remove every pinned map and link.
     Cleanup(CleanupArgs),
     /// Print the shell completion script for SHELL to stdout, e.g.
@@ -152,6 +159,12 @@ pub struct AgentArgs {
     /// (kube-proxy's default: loopback only).
     #[arg(long, default_value = "127.0.0.1:10249")]
     pub metrics_addr: SocketAddr,
+    /// The per-frontend load-balancing metrics carry the frontend and its
+    /// Service (namespace, name, port name), and the per-backend ones the
+    /// backend, while the node programs at most this many Services; above
+    /// it they are summed over frontends (one series per verdict). 0: never.
+    #[arg(long, default_value_t = crate::metrics::DEFAULT_PER_FRONTEND_MAX)]
+    pub metrics_frontend_labels_max: usize,
     /// Address of the health endpoint (/healthz, /livez).
     #[arg(long, default_value = "0.0.0.0:10256")]
     pub healthz_addr: SocketAddr,
@@ -372,6 +385,45 @@ pub enum LogFormat {
 pub enum OutputFormat {
     Table,
     Json,
+}
+
+#[derive(Debug, Args)]
+pub struct MonitorArgs {
+    #[command(flatten)]
+    pub bpf_root: BpfRootArg,
+    /// Output: readable lines (table) or JSON lines.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+    /// Only events of this frontend: `10.96.0.10:80/TCP`, `10.96.0.10:80`,
+    /// `10.96.0.10` or its id.
+    #[arg(long)]
+    pub frontend: Option<String>,
+    /// Only events of this Service: its frontend, as --frontend (Service
+    /// names are not in the pinned maps yet).
+    #[arg(long)]
+    pub service: Option<String>,
+    /// Only events whose chosen backend is this one (address, address:port or id).
+    #[arg(long)]
+    pub backend: Option<String>,
+    /// Only events of this verdict (translated, no_backend, source_range,
+    /// local_policy, invalid_port, bind_refused, flow_failed).
+    #[arg(long, value_parser = crate::monitor::parse_verdict)]
+    pub verdict: Option<crate::datapath::lb_stats::Verdict>,
+    /// Stop after this many events shown.
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Stop after this long (e.g. `30s`, `5m`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<std::time::Duration>,
+    /// Keep one decision in this many (1: every one).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub sample_every: u32,
+    /// Events a second per CPU the datapath may report (0: unlimited).
+    #[arg(long, default_value_t = 10_000)]
+    pub rate: u32,
+    /// Events per CPU reported at once above --rate.
+    #[arg(long, default_value_t = 1_000)]
+    pub burst: u32,
 }
 
 #[derive(Debug, Args)]

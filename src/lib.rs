@@ -18,6 +18,7 @@ pub mod kube_proxy_cleanup;
 pub mod maglev;
 pub mod metrics;
 pub mod model;
+pub mod monitor;
 pub mod preflight;
 pub mod reconcile;
 pub mod selftest;

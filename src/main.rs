@@ -96,6 +96,7 @@ fn run(command: Command) -> Result<ExitCode> {
             println!("{}", kpr::kube_proxy_cleanup::cleanup()?.summary())
         }
         Command::Cleanup(args) => cleanup(&args)?,
+        Command::Monitor(args) => monitor(&args)?,
         Command::Status {
             bpf_root,
             metrics_addr,
@@ -139,6 +140,30 @@ fn run_agent(args: AgentArgs) -> Result<()> {
 }
 
 /// `kpr svc list`.
+/// `kpr monitor`: events until a bound or a signal, then the summary on stderr.
+fn monitor(args: &kpr::cli::MonitorArgs) -> Result<()> {
+    let json = args.output == OutputFormat::Json;
+    let opts = kpr::monitor::Options {
+        bpf_root: args.bpf_root.bpf_root.clone(),
+        json,
+        filters: kpr::monitor::Filters {
+            frontend: args.frontend.clone().or_else(|| args.service.clone()),
+            backend: args.backend.clone(),
+            verdict: args.verdict,
+        },
+        count: args.count,
+        duration: args.duration,
+        budget: kpr::monitor::Budget {
+            sample_every: args.sample_every,
+            rate: args.rate,
+            burst: args.burst,
+        },
+    };
+    let summary = kpr::monitor::run(&opts)?;
+    eprintln!("{}", kpr::monitor::summary_line(&summary, json));
+    Ok(())
+}
+
 fn svc_list(bpf_root: &Path, output: OutputFormat) -> Result<()> {
     let maps = KernelMaps::open(bpf_root).with_context(|| {
         format!(

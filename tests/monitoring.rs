@@ -90,10 +90,23 @@ fn every_alert_is_tested_firing_and_quiet() {
     }
 }
 
+/// The agent's registry: its families and the datapath's counters (read
+/// from a bpf root without maps: every summed series at zero).
+fn registry() -> kpr::metrics::Metrics {
+    let counters = kpr::metrics::DatapathCounters::new(
+        std::env::temp_dir().join("kpr-monitoring-test-no-maps"),
+        0,
+        true,
+    );
+    kpr::metrics::Metrics::new()
+        .with_datapath_counters(counters)
+        .0
+}
+
 /// The sample names kpr's registry renders: what `/metrics` serves
 /// (`_total`, `_bucket`, `_sum`, `_count` included).
 fn exported() -> BTreeSet<String> {
-    let text = kpr::metrics::Metrics::new().encode();
+    let text = registry().encode();
     text.lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
         .filter_map(|l| l.split(['{', ' ']).next())
@@ -262,7 +275,7 @@ fn every_metric_in_the_dashboard_and_the_rules_is_one_kpr_exports() {
         }
     }
     // The dashboard shows every family kpr exports.
-    let families: BTreeSet<String> = kpr::metrics::Metrics::new()
+    let families: BTreeSet<String> = registry()
         .encode()
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
@@ -365,7 +378,7 @@ fn scrape_text_plain(metrics: kpr::metrics::Metrics) -> (String, String) {
 
 #[test]
 fn promtool_check_metrics_passes_on_the_text_format_but_for_kube_proxys_names() {
-    let metrics = kpr::metrics::Metrics::new();
+    let metrics = registry();
     // Samples in the histograms and counters too, not only zeros.
     metrics.observe_sync(std::time::Duration::from_millis(3));
     metrics.record_sync_result(true, std::time::SystemTime::now());

@@ -42,6 +42,8 @@
 #include "lb_ct.h"
 #include "lb_nat.h"
 #include "lb_dsr.h"
+#include "lb_verdict.h"
+#include "lb_monitor.h"
 
 /* The SNAT port range, host order; the agent keeps it out of the node's
  * ephemeral port range (net.ipv4.ip_local_port_range). */
@@ -183,6 +185,65 @@ enum np_opts {
 				   * (np_dsr_unfit): a new flow it opens to a
 				   * remote backend takes SNAT */
 };
+
+/* Reports a north-south decision to `kpr monitor` (lb_monitor.h): @ids is
+ * svc_id | backend_id << 32, @what verdict | reason << 8 | hook << 16.
+ * Not inlined, and packed so: the programs' stack is short, and this
+ * subprogram must fit in what is left (a few bytes). */
+static __noinline __attribute__((unused)) void np_emit(const struct pkt4 *p, __u64 ids,
+							__u32 what)
+{
+	struct lb_event *ev = lb_monitor_reserve();
+
+	if (!ev)
+		return;
+	ev->netns_cookie = 0;
+	ev->cgroup_id = 0;
+	lb_addr_set_v4(ev->client, p->saddr);
+	lb_addr_set_v4(ev->frontend, p->daddr);
+	ev->client_port = p->sport;
+	ev->frontend_port = p->dport;
+	ev->svc_id = (__u32)ids;
+	ev->backend_id = ids >> 32;
+	ev->pid = 0;
+	ev->verdict = what & 0xff;
+	ev->reason = (what >> 8) & 0xff;
+	ev->hook = (what >> 16) & 0xff;
+	ev->proto = p->proto;
+	ev->pad = 0;
+	bpf_ringbuf_submit(ev, 0);
+}
+
+/* The frame's length, for the byte counters: each program object says
+ * how its context tells it (NP_FRAME_LEN, defined before this header). */
+#ifndef NP_FRAME_LEN
+#error "define NP_FRAME_LEN(ctx) before including lb_nodeport.h"
+#endif
+
+/* Counts a forwarded packet for its frontend and backend (lb_verdict.h).
+ * Not inlined: the programs' stack is short. */
+static __noinline __attribute__((unused)) void np_count_packet(void *ctx, __u32 svc_id,
+								__u32 backend_id, __u32 dir)
+{
+	lb_count_packet(svc_id, backend_id, dir, NP_FRAME_LEN(ctx));
+}
+
+/* Counts the new-flow decision @verdict for frontend @svc_id
+ * (lb_verdict.h; a conntrack hit is no decision) and reports it to `kpr
+ * monitor`. @v is what the hook does with @p: a packet XDP
+ * (NP_O_NEED_NEIGH) passes on is decided again by tc, and counted there
+ * only. */
+static __always_inline void np_report(const struct pkt4 *p, __u32 svc_id, __u32 backend_id,
+				      __u32 verdict, __u32 reason, int v, __u32 opts)
+{
+	__u32 hook = (opts & NP_O_NEED_NEIGH) ? LB_HOOK_XDP : LB_HOOK_TC;
+
+	if ((opts & NP_O_NEED_NEIGH) && v != NP_V_FWD && v != NP_V_DROP)
+		return;
+	if (reason != LB_R_CONNTRACK)
+		lb_count_np(svc_id, verdict);
+	np_emit(p, svc_id | (__u64)backend_id << 32, verdict | reason << 8 | hook << 16);
+}
 
 /* NP_O_NO_DSR when @p may open a DSR flow but could not be sent through
  * the tunnel: DF clear (a first fragment, or a sender that does not do
@@ -402,21 +463,24 @@ static __always_inline int np_can_reject(const struct pkt4 *p)
  * backends (a slot changing under the reconciler) is dropped as well. */
 static __always_inline int np_no_backend(struct lb_svc_key *skey,
 					 const struct lb_svc_val *master,
-					 const struct pkt4 *p)
+					 const struct pkt4 *p, __u32 opts)
 {
 	struct lb_svc_val *cluster;
+	int local = 0;
 
-	if (!no_backend_reject || master->count != 0 || !np_can_reject(p))
-		goto drop;
-	if (master->flags & SVC_F_ETP_LOCAL) {
+	if (master->count == 0 && (master->flags & SVC_F_ETP_LOCAL)) {
 		skey->scope = LB_SCOPE_INT;
 		cluster = lb_lookup_master(skey);
 		skey->scope = LB_SCOPE_EXT;
-		if (cluster && cluster->count != 0)
-			goto drop;
+		local = cluster && cluster->count != 0;
 	}
+	if (!no_backend_reject || master->count != 0 || local || !np_can_reject(p))
+		goto drop;
+	np_report(p, master->svc_id, 0, LB_V_NO_BACKEND, LB_R_NONE, NP_V_REJECT, opts);
 	return NP_V_REJECT;
 drop:
+	np_report(p, master->svc_id, 0, local ? LB_V_LOCAL_POLICY : LB_V_NO_BACKEND, LB_R_NONE,
+		  NP_V_DROP, opts);
 	np_count(NP_STAT_NO_BACKEND);
 	return NP_V_DROP;
 }
@@ -434,18 +498,27 @@ static __always_inline int np_new_flow(void *ctx, __u32 ifindex, const struct pk
 	 * bit keeps client addresses apart from them. */
 	__u64 client = (1ULL << 63) | bpf_ntohl(p->saddr);
 	__u32 backend_id;
+	int v;
 
 	backend = lb_select_backend_hashed(skey, master, client,
 					   lb_flow_hash4(p->saddr, p->sport, p->dport, p->proto),
 					   &backend_id);
 	if (!backend)
-		return np_no_backend(skey, master, p);
+		return np_no_backend(skey, master, p, opts);
 	if (!lb_addr_is_v4(backend->addr)) {
+		np_report(p, master->svc_id, 0, LB_V_NO_BACKEND, LB_R_NONE, NP_V_DROP, opts);
 		np_count(NP_STAT_NO_BACKEND);
 		return NP_V_DROP;
 	}
-	return np_open_flow(ctx, ifindex, p, backend, backend_id, master->svc_id, okey, fwd,
-			    opts, 0);
+	v = np_open_flow(ctx, ifindex, p, backend, backend_id, master->svc_id, okey, fwd,
+			 opts, 0);
+	np_report(p, master->svc_id, backend_id,
+		  v == NP_V_DROP ? LB_V_FLOW_FAILED : LB_V_TRANSLATED,
+		  (master->flags & SVC_F_AFFINITY) ? LB_R_AFFINITY :
+		  (master->flags & SVC_F_MAGLEV)   ? LB_R_MAGLEV : LB_R_RANDOM, v, opts);
+	if (v == NP_V_FWD)
+		np_count_packet(ctx, master->svc_id, backend_id, LB_DIR_ORIG);
+	return v;
 }
 
 /* A TCP SYN to no frontend may open the very tuple a local backend's reply
@@ -559,8 +632,10 @@ static __always_inline int np_ingress(void *ctx, __u32 ifindex, const struct pkt
 					return NP_V_DROP;
 				v = np_follow(ctx, ifindex, p, &key, e, pkt_ct_flags(p, CT_DIR_REPLY),
 					      now, fwd, opts);
-				if (v == NP_V_FWD)
+				if (v == NP_V_FWD) {
 					np_count(NP_STAT_REPLY);
+					np_count_packet(ctx, e->svc_id, e->backend_id, LB_DIR_REPLY);
+				}
 				return v;
 			}
 		}
@@ -573,8 +648,10 @@ static __always_inline int np_ingress(void *ctx, __u32 ifindex, const struct pkt
 	master = lb_lookup_master(&skey);
 	if (!master)
 		master = np_wildcard_lookup(ctx, ifindex, p, &skey, opts);
-	if (!master && (v = np_invalid_port(p)) != NP_V_PASS)
+	if (!master && (v = np_invalid_port(p)) != NP_V_PASS) {
+		np_report(p, 0, 0, LB_V_INVALID_PORT, LB_R_NONE, v, opts);
 		return v;
+	}
 	if (!master || !(master->flags & NP_SVC_TYPES)) {
 		if (is_tcp_syn(p))
 			np_direct_syn(p);
@@ -595,8 +672,12 @@ static __always_inline int np_ingress(void *ctx, __u32 ifindex, const struct pkt
 		    !(is_tcp_syn(p) && (e->flags & CT_F_CLOSING))) {
 			v = np_follow(ctx, ifindex, p, &key, e, pkt_orig_flags(p, e->flags), now,
 				      fwd, opts);
-			if (v == NP_V_FWD)
+			if (v == NP_V_FWD) {
 				np_count(NP_STAT_FWD);
+				np_count_packet(ctx, e->svc_id, e->backend_id, LB_DIR_ORIG);
+				np_report(p, e->svc_id, e->backend_id, LB_V_TRANSLATED,
+					  LB_R_CONNTRACK, v, opts);
+			}
 			return v;
 		}
 		ct_delete_pair(&key, e);
@@ -614,6 +695,8 @@ static __always_inline int np_ingress(void *ctx, __u32 ifindex, const struct pkt
 
 		lb_addr_set_v4(saddr, p->saddr);
 		if (!lb_src_allowed(master, saddr)) {
+			np_report(p, master->svc_id, 0, LB_V_SOURCE_RANGE, LB_R_NONE, NP_V_DROP,
+				  opts);
 			np_count(NP_STAT_SRC_RANGE);
 			return NP_V_DROP;
 		}
@@ -664,6 +747,7 @@ static __always_inline int np_dsr_ingress(void *ctx, __u32 ifindex, const struct
 			if (v == NP_V_FWD) {
 				np_count(NP_STAT_FWD);
 				np_count(NP_STAT_DSR_DECAP);
+				np_count_packet(ctx, 0, backend_id, LB_DIR_ORIG);
 			}
 			return v;
 		}
@@ -679,6 +763,7 @@ static __always_inline int np_dsr_ingress(void *ctx, __u32 ifindex, const struct
 	if (v == NP_V_FWD) {
 		np_count(NP_STAT_FWD);
 		np_count(NP_STAT_DSR_DECAP);
+		np_count_packet(ctx, 0, backend_id, LB_DIR_ORIG);
 	}
 	return v;
 }

@@ -53,6 +53,8 @@ pub struct AgentConfig {
     pub metrics_addr: SocketAddr,
     /// Address of /healthz and /livez.
     pub healthz_addr: SocketAddr,
+    /// Per-frontend metric labels up to this many Services (0: never).
+    pub metrics_frontend_labels_max: usize,
     /// Capacities of maps when they are created.
     pub map_sizes: MapSizes,
     /// The load balancer's maps grow when the cluster outgrows them (no
@@ -163,6 +165,7 @@ impl AgentConfig {
             bpf_root: args.bpf_root.bpf_root,
             metrics_addr: args.metrics_addr,
             healthz_addr: args.healthz_addr,
+            metrics_frontend_labels_max: args.metrics_frontend_labels_max,
             map_sizes: MapSizes {
                 services: lb_map_size,
                 backends: lb_map_size,

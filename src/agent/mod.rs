@@ -51,7 +51,7 @@ pub use syncer::{Synced, Syncer};
 
 use crate::healthcheck::HealthCheckServer;
 use crate::http::Health;
-use crate::metrics::Metrics;
+use crate::metrics::{DatapathCounters, Metrics};
 use crate::status::StatusHandle;
 
 /// How often the LRU map gauges are refreshed.
@@ -68,7 +68,12 @@ pub async fn run(config: AgentConfig, held: crate::preflight::Held) -> Result<()
     };
     let started = startup::start(&config)?;
     let status = started.status;
-    let metrics = Arc::new(Metrics::new());
+    let (metrics, datapath_names) = Metrics::new().with_datapath_counters(DatapathCounters::new(
+        config.bpf_root.clone(),
+        config.metrics_frontend_labels_max,
+        config.nodeport.is_some(),
+    ));
+    let metrics = Arc::new(metrics);
     let health = Health::new();
     if let SourceConfig::Kubernetes(kube) = &config.source {
         // kube-proxy's health timeout: twice the sync period.
@@ -115,7 +120,9 @@ pub async fn run(config: AgentConfig, held: crate::preflight::Held) -> Result<()
             .with_dsr(&config.bpf_root)
             .context("opening the DSR map")?;
     }
-    let syncer = syncer.with_switch_over(started.switch_over);
+    let syncer = syncer
+        .with_switch_over(started.switch_over)
+        .with_datapath_names(datapath_names, config.metrics_frontend_labels_max);
     // Holds the bpf root from here on (and moves the hold to a root made
     // again after a cleanup).
     let mut pins = pin_watch::PinWatch::new(&config, held.owner, started.socket_lb)?;

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
@@ -24,7 +24,7 @@ use crate::datapath::resize::Demand;
 use crate::healthcheck::HealthCheckServer;
 use crate::http::Health;
 use crate::metrics::TrafficPolicy as MetricPolicy;
-use crate::metrics::{MapLabel, Metrics, SyncErrorReason, SyncScope};
+use crate::metrics::{DatapathNames, FrontendLabel, MapLabel, Metrics, SyncErrorReason, SyncScope};
 use crate::reconcile::{
     DesiredByService, Reconciler, RefusalReason, ServiceFrontends, SyncError, SyncOutcome,
 };
@@ -52,6 +52,9 @@ pub struct Syncer {
     /// The DSR map, kept in step with the services map after every sync
     /// that wrote to it (north-south datapath only).
     dsr: Option<DsrTable>,
+    /// The metric labels of frontend and backend ids (`DatapathCounters`),
+    /// refreshed after each sync while detailed labels are on.
+    datapath_names: Option<(Arc<RwLock<DatapathNames>>, usize)>,
     /// The DSR map may differ from the services map: just opened, or its
     /// last sync failed.
     dsr_stale: bool,
@@ -115,6 +118,7 @@ impl Syncer {
             unprogrammed: Unprogrammed::default(),
             events: None,
             dsr: None,
+            datapath_names: None,
             dsr_stale: true,
             source_healthy: true,
             bpf_root: bpf_root.to_path_buf(),
@@ -129,6 +133,42 @@ impl Syncer {
 
     /// Lets the syncer grow the maps, and switch the programs over to new
     /// ones once they are filled.
+    /// Keeps `names` current for the datapath metrics, while the Services
+    /// are at most `max` (their labels are off above).
+    pub(super) fn with_datapath_names(
+        mut self,
+        names: Arc<RwLock<DatapathNames>>,
+        max: usize,
+    ) -> Syncer {
+        self.datapath_names = Some((names, max));
+        self
+    }
+
+    /// Refreshes the datapath metrics' names of frontend and backend ids.
+    fn update_datapath_names(&self) {
+        let Some((names, max)) = &self.datapath_names else {
+            return;
+        };
+        let r = &self.reconciler;
+        let mut next = DatapathNames {
+            services: r.service_count(),
+            ..DatapathNames::default()
+        };
+        if next.services <= *max {
+            for (id, fe, service) in r.frontend_services() {
+                let frontend = fe.addr.to_string();
+                next.frontends
+                    .insert(id, FrontendLabel { frontend, service });
+            }
+            for (id, b) in &r.snapshot().backends {
+                next.backends.insert(*id, b.addr.to_string());
+            }
+        }
+        if let Ok(mut n) = names.write() {
+            *n = next;
+        }
+    }
+
     pub(super) fn with_switch_over(mut self, switch_over: SwitchOver) -> Syncer {
         self.switch_over = Some(switch_over);
         self
@@ -423,6 +463,7 @@ impl Syncer {
     }
 
     fn update_gauges(&self) {
+        self.update_datapath_names();
         let r = &self.reconciler;
         let cap = r.capacity();
         self.metrics.set_services(r.service_count());

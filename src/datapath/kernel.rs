@@ -80,7 +80,12 @@ impl KernelMaps {
             | MapName::PeerDevices
             | MapName::NodePortStats
             | MapName::Fragments
-            | MapName::SocketStats => None,
+            | MapName::SocketStats
+            | MapName::FrontendStats
+            | MapName::BackendStats
+            | MapName::Events
+            | MapName::MonitorControl
+            | MapName::MonitorStats => None,
         }
     }
 

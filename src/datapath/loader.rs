@@ -79,6 +79,9 @@ fn with_loaded<R>(
             report.reused_maps.push(name);
         }
     }
+    for (map, name) in pins::observability_maps!(maps) {
+        pins::size_and_pin(map, bpf_root, name, sizes)?;
+    }
     // The node's addresses: a handful; the agent keeps them
     // (datapath::host_addrs).
     pins::size_and_pin(

@@ -29,6 +29,7 @@ pub mod host_addrs;
 pub mod interfaces;
 pub mod kernel;
 pub mod layout;
+pub mod lb_stats;
 pub mod link;
 pub mod loader;
 pub mod maps;

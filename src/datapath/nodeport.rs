@@ -309,6 +309,9 @@ macro_rules! configure_open {
         for (map, name) in pins::load_balancer_maps!(maps) {
             pins::size_and_pin(map, $bpf_root, name, $sizes)?;
         }
+        for (map, name) in pins::observability_maps!(maps) {
+            pins::size_and_pin(map, $bpf_root, name, $sizes)?;
+        }
         for (map, name) in [
             (&mut maps.kpr_ct_v1, MapName::Conntrack),
             (&mut maps.kpr_dsr_v1, MapName::Dsr),

@@ -53,11 +53,21 @@ pub enum MapName {
     Fragments,
     /// The socket hooks' counters (per-CPU array, enum sock_stat).
     SocketStats,
+    /// Verdicts, packets and bytes per frontend id (per CPU; lb_verdict.h).
+    FrontendStats,
+    /// North-south packets and bytes per backend id (per CPU).
+    BackendStats,
+    /// `kpr monitor`'s ring buffer of load-balancing events (lb_monitor.h).
+    Events,
+    /// `kpr monitor`'s switch, sampling and rate (one entry).
+    MonitorControl,
+    /// Events emitted, sampled out, rate-limited and lost (per CPU).
+    MonitorStats,
 }
 
 impl MapName {
     /// Every pinned map.
-    pub const ALL: [MapName; 13] = [
+    pub const ALL: [MapName; 18] = [
         MapName::Services,
         MapName::Backends,
         MapName::Affinity,
@@ -71,6 +81,21 @@ impl MapName {
         MapName::NodePortStats,
         MapName::Fragments,
         MapName::SocketStats,
+        MapName::FrontendStats,
+        MapName::BackendStats,
+        MapName::Events,
+        MapName::MonitorControl,
+        MapName::MonitorStats,
+    ];
+
+    /// The observability maps: created by the socket-LB object and shared
+    /// by the north-south ones (every hook counts and reports into them).
+    pub const OBSERVABILITY: [MapName; 5] = [
+        MapName::FrontendStats,
+        MapName::BackendStats,
+        MapName::Events,
+        MapName::MonitorControl,
+        MapName::MonitorStats,
     ];
 
     /// The load balancer's maps (the `LbMaps` seam): created by the
@@ -127,6 +152,11 @@ impl MapName {
             MapName::NodePortStats => "kpr_npstats_v2",
             MapName::Fragments => "kpr_frag_v1",
             MapName::SocketStats => "kpr_sockstats_v1",
+            MapName::FrontendStats => "kpr_festats_v1",
+            MapName::BackendStats => "kpr_bestats_v1",
+            MapName::Events => "kpr_events_v1",
+            MapName::MonitorControl => "kpr_monitor_v1",
+            MapName::MonitorStats => "kpr_monstats_v1",
         }
     }
 
@@ -146,6 +176,11 @@ impl MapName {
             MapName::NodePortStats => "nodeport_stats",
             MapName::Fragments => "fragments",
             MapName::SocketStats => "socket_stats",
+            MapName::FrontendStats => "frontend_stats",
+            MapName::BackendStats => "backend_stats",
+            MapName::Events => "events",
+            MapName::MonitorControl => "monitor_control",
+            MapName::MonitorStats => "monitor_stats",
         }
     }
 }
@@ -245,11 +280,18 @@ impl MapSizes {
             // One entry per north-south frontend and local backend: never
             // more than the services map has slots.
             MapName::Dsr => Some(self.services),
+            // One entry per frontend or backend id: never more than the
+            // services and backends maps have entries.
+            MapName::FrontendStats => Some(self.services),
+            MapName::BackendStats => Some(self.backends),
             MapName::HostAddresses
             | MapName::PeerDevices
             | MapName::NodePortStats
             | MapName::Fragments
-            | MapName::SocketStats => None,
+            | MapName::SocketStats
+            | MapName::Events
+            | MapName::MonitorControl
+            | MapName::MonitorStats => None,
         }
     }
 }
@@ -322,6 +364,21 @@ macro_rules! load_balancer_maps {
 }
 pub(crate) use load_balancer_maps;
 
+/// The observability maps ([`MapName::OBSERVABILITY`]) of an open
+/// skeleton, each with its identity, as [`load_balancer_maps`].
+macro_rules! observability_maps {
+    ($maps:expr) => {
+        [
+            (&mut $maps.kpr_festats_v1, MapName::FrontendStats),
+            (&mut $maps.kpr_bestats_v1, MapName::BackendStats),
+            (&mut $maps.kpr_events_v1, MapName::Events),
+            (&mut $maps.kpr_monitor_v1, MapName::MonitorControl),
+            (&mut $maps.kpr_monstats_v1, MapName::MonitorStats),
+        ]
+    };
+}
+pub(crate) use observability_maps;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -363,6 +420,11 @@ mod tests {
                 "kpr_npstats_v2",
                 "kpr_frag_v1",
                 "kpr_sockstats_v1",
+                "kpr_festats_v1",
+                "kpr_bestats_v1",
+                "kpr_events_v1",
+                "kpr_monitor_v1",
+                "kpr_monstats_v1",
             ]
         );
     }

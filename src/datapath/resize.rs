@@ -24,14 +24,17 @@ use serde::Serialize;
 
 use crate::datapath::pins::{self, MapName, MapSizes};
 
-/// The maps whose size follows the cluster (the agent writes every entry):
-/// the ones that grow. The LRU maps keep their size; they evict.
-pub const GROWABLE: [MapName; 5] = [
+/// The maps whose size follows the cluster (the agent writes every entry,
+/// or the datapath one per frontend or backend id): the ones that grow.
+/// The LRU maps keep their size; they evict.
+pub const GROWABLE: [MapName; 7] = [
     MapName::Services,
     MapName::Backends,
     MapName::SourceRanges,
     MapName::Maglev,
     MapName::Dsr,
+    MapName::FrontendStats,
+    MapName::BackendStats,
 ];
 
 /// One map replaced by a larger copy.
@@ -121,6 +124,16 @@ fn copy_larger(old: &MapHandle, max_entries: u32) -> Result<(MapHandle, usize)> 
     .with_context(|| format!("creating a map of {max_entries} entries"))?;
     let mut copied = 0;
     for key in old.keys() {
+        // Per-CPU counters are copied CPU by CPU (the datapath may count
+        // into the old map until the programs are swapped: a few lost).
+        if ty == MapType::PercpuHash {
+            let Some(values) = old.lookup_percpu(&key, MapFlags::ANY)? else {
+                continue;
+            };
+            new.update_percpu(&key, &values, MapFlags::ANY)?;
+            copied += 1;
+            continue;
+        }
         let Some(value) = old.lookup(&key, MapFlags::ANY)? else {
             continue; // deleted meanwhile
         };

@@ -22,10 +22,12 @@ use prometheus_client::registry::{Registry, Unit};
 use crate::skip::SkipReason;
 use crate::source::manifests::ReadErrorReason;
 
+mod datapath;
 mod exposition;
 mod kube_proxy;
 mod labels;
 mod process;
+pub use datapath::{DatapathCounters, DatapathNames, FrontendLabel, DEFAULT_PER_FRONTEND_MAX};
 pub use exposition::{Format, OPENMETRICS_CONTENT_TYPE, PROMETHEUS_TEXT_CONTENT_TYPE};
 pub use kube_proxy::{KubeProxyMetrics, ProbeCounters, SyncScope};
 pub use labels::{
@@ -119,8 +121,14 @@ struct NodePortEventLabels {
 /// | `kpr_ct_gc_runs_total` | counter | `status` ([`GcStatus`]) |
 /// | `kpr_ct_gc_deleted_entries_total` | counter | |
 /// | `kpr_ct_entries` | gauge (after the last GC pass) | |
-/// | `kpr_nodeport_events_total` | counter | `event` ([`NodePortEvent`]) |
 /// | `kpr_socket_source_range_drops_total` | counter | |
+/// | `kpr_nodeport_events_total` | counter | `event` ([`NodePortEvent`]); kept for the chart's alerts and dashboard, superseded by the three below |
+/// | `kpr_nodeport_flow_events_total`, `kpr_nodeport_packet_events_total` | counter | `event` |
+/// | `kpr_nodeport_drops_total` | counter | `reason` |
+/// | `kpr_socket_lb_decisions_total`, `kpr_nodeport_new_flows_total` | counter | `verdict` (+ frontend labels) |
+/// | `kpr_nodeport_frontend_{packets,bytes}_total` | counter | `direction` (+ frontend labels) |
+/// | `kpr_nodeport_backend_{packets,bytes}_total` | counter | `direction` (+ `backend`) |
+/// | `kpr_monitor_events_total` | counter | `outcome` |
 /// | `kpr_nodeport_devices` | gauge | |
 /// | `kpr_nodeport_device_syncs_total` | counter | `result` ([`SyncResult`]) |
 /// | kube-proxy's queue, full/partial sync and probe metrics | see [`KubeProxyMetrics`] | |
@@ -433,6 +441,17 @@ impl Metrics {
             .inc();
         self.ct_gc_deleted.inc_by(deleted as u64);
         self.ct_entries.set(gauge_value(alive));
+    }
+
+    /// Adds the datapath's load-balancing counters, read from the pinned
+    /// maps at each scrape; returns the names table the syncer keeps.
+    pub fn with_datapath_counters(
+        mut self,
+        counters: DatapathCounters,
+    ) -> (Metrics, std::sync::Arc<std::sync::RwLock<DatapathNames>>) {
+        let names = counters.names();
+        self.registry.register_collector(Box::new(counters));
+        (self, names)
     }
 
     /// Records a conntrack GC pass that failed.

@@ -53,7 +53,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use crate::datapath::maps::{BackendId, Capacity, LbMaps, MapError, ServiceId, Snapshot};
 use crate::maglev::MaglevParams;
-use crate::model::{Frontend, FrontendSpec, L4Addr};
+use crate::model::{Frontend, FrontendSpec, L4Addr, ServiceRef};
 use ids::IdAllocator;
 use plan::Plan;
 
@@ -209,6 +209,18 @@ impl<M: LbMaps> Reconciler<M> {
     /// Services currently programmed.
     pub fn service_count(&self) -> usize {
         self.applied.len()
+    }
+
+    /// Every programmed frontend's id, address and Service (metric labels).
+    pub fn frontend_services(&self) -> Vec<(ServiceId, Frontend, ServiceRef)> {
+        self.applied
+            .values()
+            .flat_map(|fes| fes.iter())
+            .filter_map(|(fe, spec)| {
+                let id = self.actual.frontends.get(fe)?.master.svc_id;
+                Some((id, *fe, spec.service.clone()))
+            })
+            .collect()
     }
 
     /// Entries the services map holds.
