@@ -22,7 +22,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::mem::MaybeUninit;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -84,6 +84,14 @@ pub const GUARDED_LB_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 /// `unrouted`'s endpoint, behind [`UNRESOLVED_ROUTER`].
 pub const UNRESOLVED_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 3, 51);
 
+/// The IPv6 side of the same link: the node's NodePort address, the
+/// client, node2 (next hop to fd00:0:244:2::/64) and the pods.
+pub const NODE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0xc, 0, 0, 0, 0, 1);
+pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0xc, 0, 0, 0, 0, 9);
+pub const NODE2_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0xc, 0, 0, 0, 0, 2);
+pub const LOCAL_POD6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0x244, 1, 0, 0, 0, 0x11);
+pub const REMOTE_POD6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0x244, 2, 0, 0, 0, 0x21);
+
 /// Pods' ports.
 pub const POD_TCP: u16 = 8080;
 pub const POD_UDP: u16 = 5353;
@@ -97,6 +105,10 @@ pub const NP_EMPTY_TCP: u16 = 30083;
 pub const NP_EMPTY_UDP: u16 = 30085;
 pub const NP_GUARDED: u16 = 30084;
 pub const NP_UNROUTED: u16 = 30086;
+/// NodePorts of the IPv6-only Services `remote6` (TCP, UDP) and `local6`.
+pub const NP6_REMOTE_TCP: u16 = 30090;
+pub const NP6_REMOTE_UDP: u16 = 30092;
+pub const NP6_LOCAL: u16 = 30091;
 /// Maglev table size of the node (one of the allowed primes).
 pub const MAGLEV_TABLE_SIZE: u32 = 251;
 
@@ -216,6 +228,46 @@ ports:
 - {name: http, protocol: TCP, port: 8080}
 endpoints:
 - {addresses: [10.244.3.51], nodeName: node3}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: remote6, namespace: t}
+spec:
+  type: NodePort
+  ipFamilies: [IPv6]
+  clusterIP: "fd00:96::16"
+  ports:
+  - {name: http, protocol: TCP, port: 80, targetPort: 8080, nodePort: 30090}
+  - {name: dns, protocol: UDP, port: 53, targetPort: 5353, nodePort: 30092}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: remote6-1, namespace: t, labels: {kubernetes.io/service-name: remote6}}
+addressType: IPv6
+ports:
+- {name: http, protocol: TCP, port: 8080}
+- {name: dns, protocol: UDP, port: 5353}
+endpoints:
+- {addresses: ["fd00:0:244:2::21"], nodeName: node2}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: local6, namespace: t}
+spec:
+  type: NodePort
+  ipFamilies: [IPv6]
+  clusterIP: "fd00:96::17"
+  ports:
+  - {name: http, protocol: TCP, port: 80, targetPort: 8080, nodePort: 30091}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: local6-1, namespace: t, labels: {kubernetes.io/service-name: local6}}
+addressType: IPv6
+ports:
+- {name: http, protocol: TCP, port: 8080}
+endpoints:
+- {addresses: ["fd00:0:244:1::11"], nodeName: node1}
 "#;
 
 /// The network of the node's namespace, for `ip -batch -`.
@@ -232,6 +284,12 @@ route add 10.244.2.0/24 via 192.0.2.2 dev ext0
 route add 10.244.3.0/24 via 192.0.2.3 dev ext0
 route add 10.244.1.0/24 dev pod0
 neigh add 10.244.1.11 lladdr 02:00:00:00:01:11 dev pod0 nud permanent
+addr add fd00:0:c::1/64 dev ext0 nodad
+neigh add fd00:0:c::9 lladdr 02:00:00:00:00:09 dev ext0 nud permanent
+neigh add fd00:0:c::2 lladdr 02:00:00:00:00:02 dev ext0 nud permanent
+route add fd00:0:244:2::/64 via fd00:0:c::2 dev ext0
+route add fd00:0:244:1::/64 dev pod0
+neigh add fd00:0:244:1::11 lladdr 02:00:00:00:01:11 dev pod0 nud permanent
 ";
 
 /// The agent's north-south configuration for the node: `ext0`, SNAT mode,
@@ -391,7 +449,7 @@ impl TestNode {
         let node = NodeContext {
             node_name: "node1".into(),
             zone: None,
-            node_ips: vec![IpAddr::V4(NODE_IP)],
+            node_ips: vec![IpAddr::V4(NODE_IP), IpAddr::V6(NODE_IP6)],
             lb_algorithm: LbAlgorithm::Random,
         };
         let translation = translate::translate(&set.services, &set.slices, &node);
@@ -590,4 +648,5 @@ fn enter_own_netns() {
     let status = ip.wait().expect("waiting for ip");
     assert!(status.success(), "ip -batch failed: {status}");
     std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("forwarding on");
+    std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1").expect("IPv6 forwarding on");
 }
