@@ -286,6 +286,63 @@ fn ipv6_nodeport_flows_are_snated_to_remote_backends_kept_for_local_ones_and_tra
         assert_eq!(moved(&node, &before), counts(&want), "{hook:?}");
     }
 
+    // Packet Too Big about the flow, from either side: translated and sent
+    // where the flow goes, about the packet its receiver sent (the ICMPv6
+    // checksum, which covers addresses and quote, must hold).
+    let quote = |f: Frame6| f.build()[14..14 + 48].to_vec();
+    let too_big = |src: Ipv6Addr, dst: Ipv6Addr, quoted: Frame6| Frame6 {
+        proto: PROTO_ICMPV6,
+        payload: [&[2u8, 0][..], &1280u32.to_be_bytes(), &quote(quoted)].concat(),
+        ..tcp6((src, 0), (dst, 0), 0)
+    };
+    let cases = [
+        (
+            "from the backend's side, to the client",
+            too_big(
+                NODE2_IP6,
+                N6,
+                tcp6((N6, port), (REMOTE_POD6, POD_TCP), TCP_ACK).hop(63),
+            )
+            .macs(NODE2_MAC, NODE_MAC),
+            too_big(
+                N6,
+                C6,
+                tcp6((C6, 40000), (N6, NP6_REMOTE_TCP), TCP_ACK).hop(63),
+            )
+            .macs(NODE_MAC, CLIENT_MAC)
+            .hop(63),
+        ),
+        (
+            "from the client's side, to the backend",
+            too_big(
+                C6,
+                N6,
+                tcp6((N6, NP6_REMOTE_TCP), (C6, 40000), TCP_ACK).hop(62),
+            )
+            .macs(CLIENT_MAC, NODE_MAC),
+            too_big(
+                N6,
+                REMOTE_POD6,
+                tcp6((REMOTE_POD6, POD_TCP), (N6, port), TCP_ACK).hop(62),
+            )
+            .macs(NODE_MAC, NODE2_MAC)
+            .hop(63),
+        ),
+    ];
+    for (what, input, expected) in cases {
+        let before = node.counters();
+        let out = run(&node, Hook::TcIngress, &input, Verdict::TcRedirect, what);
+        assert_eq!(Frame6::parse(&out), Ok(expected), "{what}");
+        assert_eq!(
+            moved(&node, &before),
+            counts(&[("icmp_errors", 1)]),
+            "{what}"
+        );
+        // XDP leaves ICMPv6 to tc.
+        let out = run(&node, Hook::Xdp, &input, Verdict::XdpPass, what);
+        assert_eq!(out, input.build(), "{what}");
+    }
+
     // The flow is an IPv6 pair in conntrack.
     let entries = node.ct().entries().unwrap();
     assert_eq!(entries.len(), 2, "{entries:?}");

@@ -22,7 +22,8 @@
  * Not (yet) served over IPv6: DSR (--nodeport-mode dsr|hybrid SNATs IPv6
  * flows, whose replies then come back through this node: correct, not
  * direct), the wildcard NodePort on node addresses that are no node IP,
- * fragments and ICMPv6 errors about translated flows (left to the stack).
+ * and fragments (left to the stack). ICMPv6 errors about translated flows
+ * are lb_icmp_err6.h's.
  */
 #ifndef KPR_LB_NODEPORT6_H
 #define KPR_LB_NODEPORT6_H
