@@ -411,6 +411,41 @@ fn ipv6_nodeport_flows_are_snated_to_remote_backends_kept_for_local_ones_and_tra
     );
     assert_eq!(moved(&node, &before), counts(&[("packets_reply", 1)]));
 
+    // loadBalancerSourceRanges over IPv6: the client's /128 opens a flow
+    // to the load balancer address, another address of its link is
+    // dropped, counted, on both hooks.
+    let before = node.counters();
+    let allowed = tcp6((C6, 40004), (GUARDED_LB_IP6, 80), TCP_SYN);
+    let out = run(&node, Hook::Xdp, &allowed, Verdict::XdpRedirect, "in range");
+    let out = Frame6::parse(&out).unwrap();
+    assert_eq!((out.dst, out.dport, out.src), (GUARDED_POD6, POD_TCP, N6));
+    let outsider: Ipv6Addr = "fd00:0:c::a".parse().unwrap();
+    let refused = tcp6((outsider, 40005), (GUARDED_LB_IP6, 80), TCP_SYN);
+    run(
+        &node,
+        Hook::Xdp,
+        &refused,
+        Verdict::XdpDrop,
+        "outside the range",
+    );
+    run(
+        &node,
+        Hook::TcIngress,
+        &refused,
+        Verdict::TcShot,
+        "outside the range",
+    );
+    assert_eq!(
+        moved(&node, &before),
+        counts(&[
+            ("flows_new", 1),
+            ("flows_snat", 1),
+            ("packets_fwd", 1),
+            ("xdp_fwd", 1),
+            ("drop_source_range", 2)
+        ])
+    );
+
     // Not ours: another port of the node, and neighbour discovery, go on
     // untouched on both hooks.
     let other = tcp6((C6, 40003), (N6, 22), TCP_SYN);

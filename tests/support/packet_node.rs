@@ -109,6 +109,11 @@ pub const NP_UNROUTED: u16 = 30086;
 pub const NP6_REMOTE_TCP: u16 = 30090;
 pub const NP6_REMOTE_UDP: u16 = 30092;
 pub const NP6_LOCAL: u16 = 30091;
+/// NodePort of `guarded6` (LoadBalancer [`GUARDED_LB_IP6`], source range
+/// [`CLIENT_IP6`]/128 only, a pod behind node2).
+pub const NP6_GUARDED: u16 = 30093;
+pub const GUARDED_LB_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0xb, 0, 0, 0, 0, 0x10);
+pub const GUARDED_POD6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0x244, 2, 0, 0, 0, 0x41);
 /// Maglev table size of the node (one of the allowed primes).
 pub const MAGLEV_TABLE_SIZE: u32 = 251;
 
@@ -268,6 +273,29 @@ ports:
 - {name: http, protocol: TCP, port: 8080}
 endpoints:
 - {addresses: ["fd00:0:244:1::11"], nodeName: node1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: guarded6, namespace: t}
+spec:
+  type: LoadBalancer
+  ipFamilies: [IPv6]
+  clusterIP: "fd00:96::18"
+  loadBalancerSourceRanges: ["fd00:0:c::9/128"]
+  ports:
+  - {name: http, protocol: TCP, port: 80, targetPort: 8080, nodePort: 30093}
+status:
+  loadBalancer:
+    ingress: [{ip: "fd00:0:b::10"}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: guarded6-1, namespace: t, labels: {kubernetes.io/service-name: guarded6}}
+addressType: IPv6
+ports:
+- {name: http, protocol: TCP, port: 8080}
+endpoints:
+- {addresses: ["fd00:0:244:2::41"], nodeName: node2}
 "#;
 
 /// The network of the node's namespace, for `ip -batch -`.
