@@ -14,7 +14,9 @@ use std::collections::BTreeMap;
 use std::net::Ipv6Addr;
 
 use kpr::datapath::nodeport::DEFAULT_SNAT_PORTS;
+use kpr::model::Protocol;
 use packet_node::*;
+use std::net::IpAddr;
 
 const PROTO_TCP: u8 = 6;
 const PROTO_UDP: u8 = 17;
@@ -467,4 +469,78 @@ fn ipv6_nodeport_flows_are_snated_to_remote_backends_kept_for_local_ones_and_tra
         }
         assert!(moved(&node, &before).is_empty());
     }
+}
+
+/// jhash_3words of lb_maglev.h (tests/bpf_prog.rs has the same).
+fn jhash_3words(a: u32, b: u32, c: u32, initval: u32) -> u32 {
+    let init = initval.wrapping_add(0xdeadbeef).wrapping_add(3 << 2);
+    let (mut a, mut b, mut c) = (
+        a.wrapping_add(init),
+        b.wrapping_add(init),
+        c.wrapping_add(init),
+    );
+    c ^= b;
+    c = c.wrapping_sub(b.rotate_left(14));
+    a ^= c;
+    a = a.wrapping_sub(c.rotate_left(11));
+    b ^= a;
+    b = b.wrapping_sub(a.rotate_left(25));
+    c ^= b;
+    c = c.wrapping_sub(b.rotate_left(16));
+    a ^= c;
+    a = a.wrapping_sub(c.rotate_left(4));
+    b ^= a;
+    b = b.wrapping_sub(a.rotate_left(14));
+    c ^= b;
+    c = c.wrapping_sub(b.rotate_left(24));
+    c
+}
+
+/// lb_flow_hash6 of lb_nodeport6.h: the IPv6 flow hash, a function of the
+/// packet and the seed only, so every node picks the same backend.
+fn flow_hash6(src: Ipv6Addr, sport: u16, dport: u16, proto: u8, seed: u32) -> u32 {
+    let w: Vec<u32> = src
+        .octets()
+        .chunks(4)
+        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let h = jhash_3words(w[0], w[1], w[2], seed);
+    jhash_3words(
+        h ^ w[3],
+        (u32::from(sport) << 16) | u32::from(dport),
+        u32::from(proto),
+        seed,
+    )
+}
+
+#[test]
+#[ignore = "needs root"]
+fn ipv6_maglev_frontends_send_each_new_flow_to_the_backend_its_table_names() {
+    require_root();
+    let node = TestNode::start(config());
+    let svc = node.svc_id_at(IpAddr::V6(N6), NP6_MAGLEV, Protocol::Tcp);
+    let table = node.maglev_table(svc);
+    let seed = node.config.maglev.flow_hash_seed();
+    let mut picked = BTreeMap::new();
+    for i in 0..16u16 {
+        let port = 42000 + i;
+        let (hook, verdict) = if i % 2 == 0 {
+            (Hook::Xdp, Verdict::XdpRedirect)
+        } else {
+            (Hook::TcIngress, Verdict::TcRedirect)
+        };
+        let syn = tcp6((C6, port), (N6, NP6_MAGLEV), TCP_SYN);
+        let got = Frame6::parse(&run(&node, hook, &syn, verdict, "maglev"))
+            .unwrap()
+            .dst;
+        let hash = flow_hash6(C6, port, NP6_MAGLEV, PROTO_TCP, seed);
+        let want = node.backend_ip(table[(hash % MAGLEV_TABLE_SIZE) as usize]);
+        assert_eq!(IpAddr::V6(got), want, "{hook:?}, client port {port}");
+        assert!(MAGLEV_PODS6.contains(&got));
+        *picked.entry(got).or_insert(0) += 1;
+    }
+    assert!(
+        picked.len() >= 2,
+        "16 flows all went to one backend: {picked:?}"
+    );
 }

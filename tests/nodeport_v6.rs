@@ -307,6 +307,30 @@ fn ipv6_nodeport_external_ip_and_local_policy_are_served_on_tc_and_a_dual_stack_
     serves_ipv6_north_south(&bed);
 }
 
+#[test]
+#[ignore = "needs root"]
+fn an_agent_restart_under_ipv6_load_fails_no_connection() {
+    require_root();
+    let mut bed = Bed::with_manifest("np6rs", &dual_stack_plan(false), manifest, &[]);
+    let target = node_port6(bed.node(1), DUAL_TCP);
+    let r = under_tcp_load(&mut bed, target, |bed| {
+        for crash in [true, false] {
+            restart_agent(bed, 1, crash);
+        }
+    });
+    let answered: u64 = r.identities.values().sum();
+    println!("{answered} requests answered across two restarts: {r:?}");
+    assert!(answered >= 100, "{answered}");
+    assert!(
+        r.failures.is_empty(),
+        "{:?}\n{}",
+        r.failures,
+        bed.diagnostics()
+    );
+    let seen = tally(&r.identities, |reply| check_source6(bed.node(1), reply));
+    assert_eq!(pods(&seen), all_pods6(&bed), "{seen:?}");
+}
+
 /// The same through XDP in `mode`: XDP must have forwarded IPv6 packets
 /// itself.
 fn through_xdp(prefix: &str, mode: &str) {

@@ -112,6 +112,14 @@ pub const NP6_LOCAL: u16 = 30091;
 /// NodePort of `guarded6` (LoadBalancer [`GUARDED_LB_IP6`], source range
 /// [`CLIENT_IP6`]/128 only, a pod behind node2).
 pub const NP6_GUARDED: u16 = 30093;
+/// NodePort of `maglev6` (Maglev, [`MAGLEV_PODS6`] behind node2).
+pub const NP6_MAGLEV: u16 = 30094;
+pub const MAGLEV_PODS6: [Ipv6Addr; 4] = [
+    Ipv6Addr::new(0xfd00, 0, 0x244, 2, 0, 0, 0, 0x31),
+    Ipv6Addr::new(0xfd00, 0, 0x244, 2, 0, 0, 0, 0x32),
+    Ipv6Addr::new(0xfd00, 0, 0x244, 2, 0, 0, 0, 0x33),
+    Ipv6Addr::new(0xfd00, 0, 0x244, 2, 0, 0, 0, 0x34),
+];
 pub const GUARDED_LB_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0xb, 0, 0, 0, 0, 0x10);
 pub const GUARDED_POD6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0x244, 2, 0, 0, 0, 0x41);
 /// Maglev table size of the node (one of the allowed primes).
@@ -296,6 +304,31 @@ ports:
 - {name: http, protocol: TCP, port: 8080}
 endpoints:
 - {addresses: ["fd00:0:244:2::41"], nodeName: node2}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: maglev6
+  namespace: t
+  annotations: {service.kpr.io/lb-algorithm: maglev}
+spec:
+  type: NodePort
+  ipFamilies: [IPv6]
+  clusterIP: "fd00:96::19"
+  ports:
+  - {name: http, protocol: TCP, port: 80, targetPort: 8080, nodePort: 30094}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: maglev6-1, namespace: t, labels: {kubernetes.io/service-name: maglev6}}
+addressType: IPv6
+ports:
+- {name: http, protocol: TCP, port: 8080}
+endpoints:
+- {addresses: ["fd00:0:244:2::31"], nodeName: node2}
+- {addresses: ["fd00:0:244:2::32"], nodeName: node2}
+- {addresses: ["fd00:0:244:2::33"], nodeName: node2}
+- {addresses: ["fd00:0:244:2::34"], nodeName: node2}
 "#;
 
 /// The network of the node's namespace, for `ip -batch -`.
@@ -572,17 +605,22 @@ impl TestNode {
 
     /// The frontend id of NodePort `port` on the node IP.
     pub fn svc_id(&self, port: u16, proto: Protocol) -> u32 {
+        self.svc_id_at(IpAddr::V4(NODE_IP), port, proto)
+    }
+
+    /// The id of the External frontend `ip:port/proto`.
+    pub fn svc_id_at(&self, ip: IpAddr, port: u16, proto: Protocol) -> u32 {
         self.snapshot
             .frontends
             .iter()
             .find(|(fe, _)| {
                 fe.scope == Scope::External
-                    && fe.addr.ip == IpAddr::V4(NODE_IP)
+                    && fe.addr.ip == ip
                     && fe.addr.port == port
                     && fe.addr.proto == proto
             })
             .map(|(_, e)| e.master.svc_id)
-            .unwrap_or_else(|| panic!("no frontend {NODE_IP}:{port}/{proto:?}"))
+            .unwrap_or_else(|| panic!("no frontend {ip}:{port}/{proto:?}"))
     }
 
     /// The address of backend `id`.
