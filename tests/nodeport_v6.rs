@@ -331,6 +331,27 @@ fn an_agent_restart_under_ipv6_load_fails_no_connection() {
     assert_eq!(pods(&seen), all_pods6(&bed), "{seen:?}");
 }
 
+/// DSR has no IPv6 carrier yet: in `dsr` mode IPv6 flows to remote pods
+/// are SNATed (the backend sees the node) and served.
+#[test]
+#[ignore = "needs root"]
+fn in_dsr_mode_ipv6_flows_to_remote_backends_are_snated() {
+    require_root();
+    let plan = ClusterPlan {
+        direct_return: true,
+        ..dual_stack_plan(false)
+    };
+    let bed = Bed::with_manifest("np6ds", &plan, manifest, &["--nodeport-mode", "dsr"]);
+    v6_reaches_every_pod(
+        &bed,
+        1,
+        node_port6(bed.node(1), DUAL_TCP),
+        node_port6(bed.node(1), DUAL_UDP),
+    );
+    let stats = bed.stats(1).unwrap();
+    assert!(stats.flows_snat > 0 && stats.flows_dsr == 0, "{stats:?}");
+}
+
 /// The same through XDP in `mode`: XDP must have forwarded IPv6 packets
 /// itself.
 fn through_xdp(prefix: &str, mode: &str) {
