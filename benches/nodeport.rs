@@ -47,9 +47,10 @@ fn manifest_dual_stack(cluster: &Cluster) -> String {
     let slice = |family: &str, ip: &str| {
         format!(
             "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
-             metadata: {{name: bench-{family}, namespace: bench, labels: {{kubernetes.io/service-name: bench}}}}\n\
+             metadata: {{name: bench-{}, namespace: bench, labels: {{kubernetes.io/service-name: bench}}}}\n\
              addressType: {family}\nports:\n- {{name: http, protocol: TCP, port: {POD_TCP}}}\n\
-             endpoints:\n- {{addresses: [\"{ip}\"], nodeName: node2}}\n"
+             endpoints:\n- {{addresses: [\"{ip}\"], nodeName: node2}}\n",
+            family.to_lowercase()
         )
     };
     format!(
