@@ -8,15 +8,18 @@
 //! 2. the same requests through node1's NodePort to the backend on node2
 //!    (remote backend), in snat and in dsr mode (tc only), each against
 //!    the requests routed straight to the backend.
-//! 3. a bounded UDP flood from the client to node2's NodePort, counted at
+//! 3. the measurement of 1 over IPv6 (a dual-stack bed, tc only): node2's
+//!    IPv6 NodePort against its pod's IPv6 address.
+//! 4. a bounded UDP flood from the client to node2's NodePort, counted at
 //!    the backend, with tc only, generic XDP and native XDP on veth; the
 //!    delivered rate of each XDP mode over tc's is printed as "x tc".
 //!
-//! The latency runs (1 and 2) pin client, servers and agents to one CPU
+//! The latency runs (1 to 3) pin client, servers and agents to one CPU
 //! (see `kpr_testbed::pin_to_cpu0`); the flood runs on every CPU.
 //!
 //! Needs root; without it, it says so and measures nothing.
-//! `cargo bench --bench nodeport` (KPR_BENCH_REQUESTS, KPR_BENCH_DATAGRAMS).
+//! `cargo bench --bench nodeport` (KPR_BENCH_REQUESTS, KPR_BENCH_DATAGRAMS);
+//! `cargo bench --bench nodeport -- ipv6` runs 3 only.
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::Path;
@@ -34,6 +37,30 @@ fn manifest(cluster: &Cluster) -> String {
     let pod = cluster.node(2).pod_ips()[0];
     let endpoints = format!("- {{addresses: [{pod}], nodeName: node2}}\n");
     nodeport_manifest("bench", "bench", NODE_PORT_TCP, NODE_PORT_UDP, &endpoints)
+}
+
+/// A dual-stack Service whose only endpoints are node2's first pod's two
+/// addresses.
+fn manifest_dual_stack(cluster: &Cluster) -> String {
+    let node2 = cluster.node(2);
+    let (pod4, pod6) = (node2.pod_ips()[0], node2.pod_ips6()[0]);
+    let slice = |family: &str, ip: &str| {
+        format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: bench-{}, namespace: bench, labels: {{kubernetes.io/service-name: bench}}}}\n\
+             addressType: {family}\nports:\n- {{name: http, protocol: TCP, port: {POD_TCP}}}\n\
+             endpoints:\n- {{addresses: [\"{ip}\"], nodeName: node2}}\n",
+            family.to_lowercase()
+        )
+    };
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: bench, namespace: bench}}\nspec:\n  \
+         type: NodePort\n  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]\n  \
+         clusterIPs: [10.96.0.10, \"fd00:96::10\"]\n  ports:\n  \
+         - {{name: http, protocol: TCP, port: 80, targetPort: {POD_TCP}, nodePort: {NODE_PORT_TCP}}}\n{}{}",
+        slice("IPv4", &pod4.to_string()),
+        slice("IPv6", &pod6.to_string())
+    )
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
@@ -66,6 +93,16 @@ fn bed_in_mode(prefix: &str, accel: &str, mode: &str) -> NodePortBed {
 fn latency(bed: &NodePortBed, via_node: u8, rounds: u32) -> ((f64, f64), (f64, f64)) {
     let via = SocketAddr::new(IpAddr::V4(bed.node(via_node).ext_ip()), NODE_PORT_TCP);
     let direct = SocketAddr::new(IpAddr::V4(bed.node(2).pod_ips()[0]), POD_TCP);
+    latency_between(bed, via, direct, rounds)
+}
+
+/// p50/p90 (us) to `via` and to `direct`, interleaved per request.
+fn latency_between(
+    bed: &NodePortBed,
+    via: SocketAddr,
+    direct: SocketAddr,
+    rounds: u32,
+) -> ((f64, f64), (f64, f64)) {
     let run = |count| {
         let spec = ProbeSpec::TcpInterleaved {
             targets: vec![via, direct],
@@ -138,6 +175,12 @@ fn main() {
     };
     let rounds = env("KPR_BENCH_REQUESTS", 3000) as u32;
     let datagrams = env("KPR_BENCH_DATAGRAMS", 200_000);
+    let only_ipv6 = std::env::args().skip(1).any(|a| a == "ipv6");
+    if only_ipv6 {
+        let _one_cpu = kpr_testbed::pin_to_cpu0().expect("pinning to cpu 0");
+        ipv6_latency(rounds);
+        return;
+    }
 
     println!("NodePort (node2, local backend) vs direct to the backend through node2: connect + request + close, {rounds} requests each, interleaved");
     println!(
@@ -175,6 +218,7 @@ fn main() {
         );
     }
 
+    ipv6_latency(rounds);
     drop(one_cpu);
 
     println!("\nUDP flood to node2's NodePort, {datagrams} datagrams from one socket, counted at the backend");
@@ -200,4 +244,35 @@ fn main() {
             stats.xdp_fwd
         );
     }
+}
+
+/// Section 3: node2's IPv6 NodePort (local backend) vs the pod's IPv6
+/// address through node2, tc only.
+fn ipv6_latency(rounds: u32) {
+    println!("\nIPv6: NodePort (node2, local backend) vs direct to the backend through node2: connect + request + close, {rounds} requests each, interleaved");
+    println!(
+        "{:<26}{:>12}{:>12}{:>12}{:>12}{:>10}{:>10}",
+        "", "NP p50 us", "NP p90 us", "dir p50 us", "dir p90 us", "p50 x", "p90 x"
+    );
+    let plan = ClusterPlan {
+        dual_stack: true,
+        ..ClusterPlan::default()
+    };
+    let bed = NodePortBed::start(
+        "npb6",
+        Path::new(env!("CARGO_BIN_EXE_kpr")),
+        &plan,
+        manifest_dual_stack,
+        &["--nodeport-acceleration", "disabled"],
+    )
+    .expect("bed");
+    let via = SocketAddr::new(IpAddr::V6(bed.node(2).ext_ip6()), NODE_PORT_TCP);
+    let direct = SocketAddr::new(IpAddr::V6(bed.node(2).pod_ips6()[0]), POD_TCP);
+    let ((v50, v90), (d50, d90)) = latency_between(&bed, via, direct, rounds);
+    println!(
+        "{:<26}{v50:>12.1}{v90:>12.1}{d50:>12.1}{d90:>12.1}{:>10.3}{:>10.3}",
+        "tc, IPv6",
+        v50 / d50,
+        v90 / d90
+    );
 }

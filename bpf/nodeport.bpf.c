@@ -34,6 +34,9 @@
  * acceleration this ingress program sees what XDP handed on (no neighbour
  * entry yet, IP options, anything XDP does not rewrite).
  *
+ * IPv6 frames are lb_nodeport6_tc.h's (the same decisions for IPv6
+ * frontends and flows, SNAT only).
+ *
  * Packets that are none of these go on untouched (TCX_NEXT), at the price
  * of one hash lookup (two at egress). ClusterIP frontends are not served
  * here: in-cluster clients reach them through the socket hooks.
@@ -52,6 +55,7 @@
 #include "lb_peerdev.h"
 #include "lb_icmp_err.h"
 #include "lb_frag.h"
+#include "lb_nodeport6_tc.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -168,8 +172,9 @@ static __always_inline int np_icmp_error_egress(struct __sk_buff *skb, const str
 	return NP_PASS;
 }
 
-SEC("tcx/ingress")
-int kpr_np_ingress(struct __sk_buff *skb)
+/* Ingress for everything but IPv6 (kpr_np_ingress): a function of its
+ * own, so that its stack and the IPv6 half's are not one frame. */
+static __noinline int np4_tc_ingress(struct __sk_buff *skb)
 {
 	struct icmp_err4 icmp_err;
 	__be32 outer_daddr;
@@ -214,8 +219,17 @@ int kpr_np_ingress(struct __sk_buff *skb)
 	return np_send(skb, &fwd);
 }
 
-SEC("tcx/egress")
-int kpr_np_egress(struct __sk_buff *skb)
+SEC("tcx/ingress")
+int kpr_np_ingress(struct __sk_buff *skb)
+{
+	if (skb->protocol == bpf_htons(ETH_P_IPV6))
+		return np6_tc_ingress(skb);
+	return np4_tc_ingress(skb);
+}
+
+/* Egress for everything but IPv6 (kpr_np_egress), a function of its own
+ * as np4_tc_ingress(). */
+static __noinline int np4_tc_egress(struct __sk_buff *skb)
 {
 	struct icmp_err4 icmp_err;
 	struct ct_entry *e;
@@ -252,4 +266,12 @@ int kpr_np_egress(struct __sk_buff *skb)
 	if (nat_rewrite4(skb, &p, e->nat_saddr[3], e->nat_sport, e->nat_daddr[3], e->nat_dport) < 0)
 		return TC_ACT_SHOT;
 	return NP_PASS;
+}
+
+SEC("tcx/egress")
+int kpr_np_egress(struct __sk_buff *skb)
+{
+	if (skb->protocol == bpf_htons(ETH_P_IPV6))
+		return np6_tc_egress(skb);
+	return np4_tc_egress(skb);
 }

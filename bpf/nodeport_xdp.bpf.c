@@ -17,6 +17,8 @@
  *   - rejects of frontends without backend: tc turns the packet into the
  *     ICMP error (an skb can be resized in place)
  *
+ * IPv6 frames are lb_nodeport6_xdp.h's (SNAT and local backends).
+ *
  * DSR is done here at both ends: a new or tracked DSR flow's frame gets
  * its IPIP header in front (bpf_xdp_adjust_head) and is redirected, and an
  * IPIP frame for a local backend loses it and is DNATed and redirected;
@@ -40,6 +42,7 @@
 /* Bytes of the frame, for the per-frontend and per-backend counters. */
 #define NP_FRAME_LEN(ctx) ((__u32)bpf_xdp_get_buff_len(ctx))
 #include "lb_nodeport.h"
+#include "lb_nodeport6_xdp.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -213,8 +216,9 @@ static __always_inline int xdp_dsr_decap(struct xdp_md *ctx, struct iphdr *outer
 	return xdp_nat_send(eth, ip, ports, l4_check, &p, &fwd);
 }
 
-SEC("xdp")
-int kpr_np_xdp(struct xdp_md *ctx)
+/* XDP for everything but IPv6 (kpr_np_xdp): a function of its own, so
+ * that its stack and the IPv6 half's are not one frame. */
+static __noinline int np4_xdp(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
@@ -253,4 +257,16 @@ int kpr_np_xdp(struct xdp_md *ctx)
 	if (fwd.encap)
 		return xdp_encap_send(ctx, &fwd);
 	return xdp_nat_send(eth, ip, ports, l4_check, &p, &fwd);
+}
+
+SEC("xdp")
+int kpr_np_xdp(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) <= data_end && eth->h_proto == bpf_htons(ETH_P_IPV6))
+		return np6_xdp(ctx);
+	return np4_xdp(ctx);
 }

@@ -22,7 +22,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::mem::MaybeUninit;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -84,6 +84,14 @@ pub const GUARDED_LB_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 /// `unrouted`'s endpoint, behind [`UNRESOLVED_ROUTER`].
 pub const UNRESOLVED_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 3, 51);
 
+/// The IPv6 side of the same link: the node's NodePort address, the
+/// client, node2 (next hop to fd00:0:244:2::/64) and the pods.
+pub const NODE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0xc, 0, 0, 0, 0, 1);
+pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0xc, 0, 0, 0, 0, 9);
+pub const NODE2_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0xc, 0, 0, 0, 0, 2);
+pub const LOCAL_POD6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0x244, 1, 0, 0, 0, 0x11);
+pub const REMOTE_POD6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0x244, 2, 0, 0, 0, 0x21);
+
 /// Pods' ports.
 pub const POD_TCP: u16 = 8080;
 pub const POD_UDP: u16 = 5353;
@@ -97,6 +105,23 @@ pub const NP_EMPTY_TCP: u16 = 30083;
 pub const NP_EMPTY_UDP: u16 = 30085;
 pub const NP_GUARDED: u16 = 30084;
 pub const NP_UNROUTED: u16 = 30086;
+/// NodePorts of the IPv6-only Services `remote6` (TCP, UDP) and `local6`.
+pub const NP6_REMOTE_TCP: u16 = 30090;
+pub const NP6_REMOTE_UDP: u16 = 30092;
+pub const NP6_LOCAL: u16 = 30091;
+/// NodePort of `guarded6` (LoadBalancer [`GUARDED_LB_IP6`], source range
+/// [`CLIENT_IP6`]/128 only, a pod behind node2).
+pub const NP6_GUARDED: u16 = 30093;
+/// NodePort of `maglev6` (Maglev, [`MAGLEV_PODS6`] behind node2).
+pub const NP6_MAGLEV: u16 = 30094;
+pub const MAGLEV_PODS6: [Ipv6Addr; 4] = [
+    Ipv6Addr::new(0xfd00, 0, 0x244, 2, 0, 0, 0, 0x31),
+    Ipv6Addr::new(0xfd00, 0, 0x244, 2, 0, 0, 0, 0x32),
+    Ipv6Addr::new(0xfd00, 0, 0x244, 2, 0, 0, 0, 0x33),
+    Ipv6Addr::new(0xfd00, 0, 0x244, 2, 0, 0, 0, 0x34),
+];
+pub const GUARDED_LB_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0xb, 0, 0, 0, 0, 0x10);
+pub const GUARDED_POD6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0x244, 2, 0, 0, 0, 0x41);
 /// Maglev table size of the node (one of the allowed primes).
 pub const MAGLEV_TABLE_SIZE: u32 = 251;
 
@@ -216,6 +241,94 @@ ports:
 - {name: http, protocol: TCP, port: 8080}
 endpoints:
 - {addresses: [10.244.3.51], nodeName: node3}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: remote6, namespace: t}
+spec:
+  type: NodePort
+  ipFamilies: [IPv6]
+  clusterIP: "fd00:96::16"
+  ports:
+  - {name: http, protocol: TCP, port: 80, targetPort: 8080, nodePort: 30090}
+  - {name: dns, protocol: UDP, port: 53, targetPort: 5353, nodePort: 30092}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: remote6-1, namespace: t, labels: {kubernetes.io/service-name: remote6}}
+addressType: IPv6
+ports:
+- {name: http, protocol: TCP, port: 8080}
+- {name: dns, protocol: UDP, port: 5353}
+endpoints:
+- {addresses: ["fd00:0:244:2::21"], nodeName: node2}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: local6, namespace: t}
+spec:
+  type: NodePort
+  ipFamilies: [IPv6]
+  clusterIP: "fd00:96::17"
+  ports:
+  - {name: http, protocol: TCP, port: 80, targetPort: 8080, nodePort: 30091}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: local6-1, namespace: t, labels: {kubernetes.io/service-name: local6}}
+addressType: IPv6
+ports:
+- {name: http, protocol: TCP, port: 8080}
+endpoints:
+- {addresses: ["fd00:0:244:1::11"], nodeName: node1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: guarded6, namespace: t}
+spec:
+  type: LoadBalancer
+  ipFamilies: [IPv6]
+  clusterIP: "fd00:96::18"
+  loadBalancerSourceRanges: ["fd00:0:c::9/128"]
+  ports:
+  - {name: http, protocol: TCP, port: 80, targetPort: 8080, nodePort: 30093}
+status:
+  loadBalancer:
+    ingress: [{ip: "fd00:0:b::10"}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: guarded6-1, namespace: t, labels: {kubernetes.io/service-name: guarded6}}
+addressType: IPv6
+ports:
+- {name: http, protocol: TCP, port: 8080}
+endpoints:
+- {addresses: ["fd00:0:244:2::41"], nodeName: node2}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: maglev6
+  namespace: t
+  annotations: {service.kpr.io/lb-algorithm: maglev}
+spec:
+  type: NodePort
+  ipFamilies: [IPv6]
+  clusterIP: "fd00:96::19"
+  ports:
+  - {name: http, protocol: TCP, port: 80, targetPort: 8080, nodePort: 30094}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: maglev6-1, namespace: t, labels: {kubernetes.io/service-name: maglev6}}
+addressType: IPv6
+ports:
+- {name: http, protocol: TCP, port: 8080}
+endpoints:
+- {addresses: ["fd00:0:244:2::31"], nodeName: node2}
+- {addresses: ["fd00:0:244:2::32"], nodeName: node2}
+- {addresses: ["fd00:0:244:2::33"], nodeName: node2}
+- {addresses: ["fd00:0:244:2::34"], nodeName: node2}
 "#;
 
 /// The network of the node's namespace, for `ip -batch -`.
@@ -232,6 +345,12 @@ route add 10.244.2.0/24 via 192.0.2.2 dev ext0
 route add 10.244.3.0/24 via 192.0.2.3 dev ext0
 route add 10.244.1.0/24 dev pod0
 neigh add 10.244.1.11 lladdr 02:00:00:00:01:11 dev pod0 nud permanent
+addr add fd00:0:c::1/64 dev ext0 nodad
+neigh add fd00:0:c::9 lladdr 02:00:00:00:00:09 dev ext0 nud permanent
+neigh add fd00:0:c::2 lladdr 02:00:00:00:00:02 dev ext0 nud permanent
+route add fd00:0:244:2::/64 via fd00:0:c::2 dev ext0
+route add fd00:0:244:1::/64 dev pod0
+neigh add fd00:0:244:1::11 lladdr 02:00:00:00:01:11 dev pod0 nud permanent
 ";
 
 /// The agent's north-south configuration for the node: `ext0`, SNAT mode,
@@ -391,7 +510,7 @@ impl TestNode {
         let node = NodeContext {
             node_name: "node1".into(),
             zone: None,
-            node_ips: vec![IpAddr::V4(NODE_IP)],
+            node_ips: vec![IpAddr::V4(NODE_IP), IpAddr::V6(NODE_IP6)],
             lb_algorithm: LbAlgorithm::Random,
         };
         let translation = translate::translate(&set.services, &set.slices, &node);
@@ -486,17 +605,22 @@ impl TestNode {
 
     /// The frontend id of NodePort `port` on the node IP.
     pub fn svc_id(&self, port: u16, proto: Protocol) -> u32 {
+        self.svc_id_at(IpAddr::V4(NODE_IP), port, proto)
+    }
+
+    /// The id of the External frontend `ip:port/proto`.
+    pub fn svc_id_at(&self, ip: IpAddr, port: u16, proto: Protocol) -> u32 {
         self.snapshot
             .frontends
             .iter()
             .find(|(fe, _)| {
                 fe.scope == Scope::External
-                    && fe.addr.ip == IpAddr::V4(NODE_IP)
+                    && fe.addr.ip == ip
                     && fe.addr.port == port
                     && fe.addr.proto == proto
             })
             .map(|(_, e)| e.master.svc_id)
-            .unwrap_or_else(|| panic!("no frontend {NODE_IP}:{port}/{proto:?}"))
+            .unwrap_or_else(|| panic!("no frontend {ip}:{port}/{proto:?}"))
     }
 
     /// The address of backend `id`.
@@ -590,4 +714,5 @@ fn enter_own_netns() {
     let status = ip.wait().expect("waiting for ip");
     assert!(status.success(), "ip -batch failed: {status}");
     std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("forwarding on");
+    std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1").expect("IPv6 forwarding on");
 }

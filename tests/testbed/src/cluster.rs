@@ -37,6 +37,10 @@ use super::error::{Result, TestbedError};
 use super::netns::Netns;
 use super::topology::{static_neighbour, wait_link_up};
 
+#[path = "cluster6.rs"]
+mod ipv6;
+pub use ipv6::{client_ip6, node_ext_ip6, node_peer_ip6, pod_subnet6};
+
 /// The client's interface toward node1.
 pub const CLIENT_TO_NODE1_IF: &str = "eth-n1";
 /// The client's interface toward node2.
@@ -71,6 +75,9 @@ pub struct ClusterPlan {
     /// over the node-to-node link (replies to a client that addressed the
     /// other node pass through that node).
     pub direct_return: bool,
+    /// Give every link an IPv6 address too (cluster6.rs), for IPv6 and
+    /// dual-stack Services; the agents then get both node IPs.
+    pub dual_stack: bool,
 }
 
 impl Default for ClusterPlan {
@@ -79,6 +86,7 @@ impl Default for ClusterPlan {
             pods_per_node: 2,
             xdp_ready: false,
             direct_return: false,
+            dual_stack: false,
         }
     }
 }
@@ -178,6 +186,7 @@ pub struct Cluster {
     nodes: [ClusterNode; 2],
     xdp_ready: bool,
     direct_return: bool,
+    dual_stack: bool,
 }
 
 impl Cluster {
@@ -219,9 +228,15 @@ impl Cluster {
             nodes,
             xdp_ready: plan.xdp_ready,
             direct_return: plan.direct_return,
+            dual_stack: plan.dual_stack,
         };
         cluster.configure()?;
         Ok(cluster)
+    }
+
+    /// Whether the links have IPv6 addresses too ([`ClusterPlan::dual_stack`]).
+    pub fn dual_stack(&self) -> bool {
+        self.dual_stack
     }
 
     /// The external client's namespace.
@@ -373,6 +388,9 @@ impl Cluster {
                 ethtool_set(ns, dev, ETHTOOL_STXCSUM, false)?;
                 ethtool_set(ns, dev, ETHTOOL_SGRO, true)?;
             }
+        }
+        if self.dual_stack {
+            self.configure_ipv6()?;
         }
 
         // The client reaches each pod subnet (and the node link) through

@@ -106,7 +106,9 @@ impl NodePortBed {
     /// 1..=7 of `[a-z0-9]`),
     /// writes `manifest(&cluster)` and starts `exe agent` on every node
     /// with `--node-name nodeN --node-ip <ext ip> --devices eth-c,eth-n`
-    /// and `extra_args`; returns once every agent is healthy.
+    /// (and `--node-ip <ext IPv6>` on a dual-stack plan, whose pods'
+    /// IPv6 addresses get identity servers too) and `extra_args`; returns
+    /// once every agent is healthy.
     pub fn start(
         prefix: &str,
         exe: &Path,
@@ -150,8 +152,9 @@ impl NodePortBed {
         let cluster = Cluster::build(prefix, plan)?;
         let mut servers = Vec::new();
         for node in cluster.nodes() {
-            for ip in node.pod_ips() {
-                let ip = IpAddr::V4(*ip);
+            let v6 = node.pod_ips6().into_iter().map(IpAddr::V6);
+            let v6 = v6.filter(|_| cluster.dual_stack());
+            for ip in node.pod_ips().iter().map(|ip| IpAddr::V4(*ip)).chain(v6) {
                 servers.push(Server::tcp_reporting_peer(
                     node.pods(),
                     SocketAddr::new(ip, POD_TCP),
@@ -187,8 +190,12 @@ impl NodePortBed {
             let cgroup = TestCgroup::create(&format!("{prefix}{n}"))?;
             let name = format!("node{n}");
             let ip = node.ext_ip().to_string();
+            let ip6 = node.ext_ip6().to_string();
             let devices = node.devices().join(",");
             let mut args = vec!["--node-name", &name, "--node-ip", &ip];
+            if bed.cluster.dual_stack() {
+                args.extend(["--node-ip", &ip6]);
+            }
             if name_devices {
                 args.extend(["--devices", &devices]);
             }
