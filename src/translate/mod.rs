@@ -110,6 +110,8 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// Label the control plane puts on headless Services' EndpointSlices.
 pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// The Node label that names its zone, compared with `hints.forZones`.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// Annotation choosing a Service's north-south backend selection,
 /// `random` or `maglev`, over `--lb-algorithm`.
 pub const LB_ALGORITHM_ANNOTATION: &str = "service.kpr.io/lb-algorithm";
