@@ -28,6 +28,7 @@ mod pin_watch;
 mod schedule;
 mod serve;
 mod socket_stats;
+mod stale_sockets;
 mod standalone;
 mod startup;
 mod switch_over;
@@ -109,7 +110,9 @@ pub async fn run(config: AgentConfig, held: crate::preflight::Held) -> Result<()
             .with_dsr(&config.bpf_root)
             .context("opening the DSR map")?;
     }
-    let syncer = syncer.with_switch_over(started.switch_over);
+    let syncer = syncer
+        .with_switch_over(started.switch_over)
+        .with_stale_udp_sockets(&config.bpf_root, &config.cgroup);
     // Holds the bpf root from here on (and moves the hold to a root made
     // again after a cleanup).
     let mut pins = pin_watch::PinWatch::new(&config, held.owner, started.socket_lb)?;

@@ -14,6 +14,7 @@ use anyhow::{Context, Result};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::events::ServiceEvents;
+use super::stale_sockets::StaleUdpSockets;
 use super::switch_over::SwitchOver;
 use super::unprogrammed::Unprogrammed;
 use crate::datapath::dsr::{self, DsrTable};
@@ -47,6 +48,8 @@ pub struct Syncer {
     unprogrammed: Unprogrammed,
     /// Kubernetes mode: Warning Events on the unprogrammed Services.
     events: Option<ServiceEvents>,
+    /// Destroys connected UDP sockets to the backends a sync removed.
+    stale_udp: Option<StaleUdpSockets>,
     /// The DSR map, kept in step with the services map after every sync
     /// that wrote to it (north-south datapath only).
     dsr: Option<DsrTable>,
@@ -107,6 +110,7 @@ impl Syncer {
             status,
             unprogrammed: Unprogrammed::default(),
             events: None,
+            stale_udp: None,
             dsr: None,
             dsr_stale: true,
             source_healthy: true,
@@ -122,6 +126,13 @@ impl Syncer {
     /// ones once they are filled.
     pub(super) fn with_switch_over(mut self, switch_over: SwitchOver) -> Syncer {
         self.switch_over = Some(switch_over);
+        self
+    }
+
+    /// Also destroys the connected UDP sockets to removed backends, in the
+    /// network namespaces of `cgroup`'s processes.
+    pub(super) fn with_stale_udp_sockets(mut self, bpf_root: &Path, cgroup: &Path) -> Syncer {
+        self.stale_udp = Some(StaleUdpSockets::new(bpf_root, cgroup));
         self
     }
 
@@ -323,6 +334,9 @@ impl Syncer {
             .map_or(true, |o| o.writes > 0 || o.pruned_frontends > 0);
         let synced = match result {
             Ok(outcome) => {
+                if let Some(stale) = &mut self.stale_udp {
+                    stale.backends_removed(&outcome.removed_backends);
+                }
                 let known = self.unprogrammed.messages();
                 match synced {
                     None => self.unprogrammed.replace_refused(&outcome.refused),

@@ -41,6 +41,7 @@ pub mod pins;
 pub mod resize;
 pub mod routes;
 pub mod skel;
+pub mod sock_destroy;
 pub mod sys;
 
 pub use maps::{
