@@ -15,8 +15,10 @@
 //! - For each IP family the Service has a clusterIP of (the first of that
 //!   family), for each TCP/UDP port: a `ClusterIP` frontend; for NodePort
 //!   and LoadBalancer Services with a `nodePort`, `NodePort` frontends on
-//!   every [`NodeContext::node_ips`] address of the family plus `127.0.0.1`
-//!   (IPv4 only: kube-proxy's iptables mode serves localhost NodePorts);
+//!   every [`NodeContext::node_ips`] address of the family plus the
+//!   family's stand-in for every other node address: `127.0.0.1` (IPv4;
+//!   kube-proxy's iptables mode serves localhost NodePorts) and `[::]`
+//!   (IPv6, Cilium's `[::]:nodePort`);
 //!   `ExternalIP` frontends for `spec.externalIPs` of the family;
 //!   `LoadBalancer` frontends for `status.loadBalancer.ingress[].ip` of the
 //!   family whose `ipMode` is `VIP` or unset (`Proxy` load balancers deliver
@@ -129,7 +131,7 @@ pub struct NodeContext {
     /// `hints.forZones`. None (the default): zone hints are ignored.
     pub zone: Option<String>,
     /// The addresses NodePorts are served on. Empty (the default): only the
-    /// `127.0.0.1` NodePort frontends.
+    /// `127.0.0.1` and `[::]` NodePort frontends.
     pub node_ips: Vec<IpAddr>,
     /// North-south backend selection of Services without the
     /// [`LB_ALGORITHM_ANNOTATION`] (`--lb-algorithm`; default random).
