@@ -457,6 +457,12 @@ impl Syncer {
             let slices: Vec<&EndpointSlice> = slices.iter().collect();
             translation.add(key.clone(), svc, &slices, node);
         }
+        for (key, pod) in store.pods_by_key() {
+            let frontends = translate::translate_host_ports(pod, node, &mut translation.skipped);
+            if !frontends.is_empty() {
+                translation.desired.insert(key.clone(), frontends);
+            }
+        }
         let mut translation = translation.finish();
         self.record_skipped(&translation.skipped);
         policies.replace_all(&translation);
@@ -497,7 +503,17 @@ impl Syncer {
                         true,
                     )
                 }
-                None => (ServiceTranslation::default(), false),
+                None => match store.pod(key) {
+                    Some(pod) => {
+                        let frontends = translate::translate_host_ports(pod, node, &mut skipped);
+                        let t = ServiceTranslation {
+                            frontends,
+                            ..ServiceTranslation::default()
+                        };
+                        (t, true)
+                    }
+                    None => (ServiceTranslation::default(), false),
+                },
             };
             policies.replace_service(key, &t);
             self.unprogrammed

@@ -79,6 +79,7 @@
 
 mod addresses;
 mod endpoints;
+mod host_ports;
 mod policy;
 mod service;
 mod source_ranges;
@@ -95,6 +96,7 @@ use crate::reconcile::{DesiredByService, ServiceFrontends};
 use crate::skip::SkipReason;
 
 pub use addresses::IpFamily;
+pub use host_ports::{host_port_key, translate_host_ports};
 pub use policy::{HealthCheck, NoLocalEndpoints, TrafficPolicy};
 pub use service::translate_service;
 // What the translation tests (`use super::*`) name.

@@ -43,7 +43,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 pub use files::{resolve_paths, ReadError, ReadErrorReason};
@@ -124,6 +124,8 @@ pub struct ManifestSet {
     pub slices: Vec<EndpointSlice>,
     /// v1 Nodes (slimmed to name, labels, addresses, taints), in the same order.
     pub nodes: Vec<Node>,
+    /// v1 Pods (slimmed to what hostPorts need), in the same order.
+    pub pods: Vec<Pod>,
     /// Documents (or whole paths) that were not used, in the order met.
     pub skipped: Vec<SkippedDocument>,
 }
@@ -149,6 +151,7 @@ pub fn load(paths: &[PathBuf]) -> ManifestSet {
             Object::Service(s) => set.services.push((**s).clone()),
             Object::EndpointSlice(s) => set.slices.push(s.to_k8s()),
             Object::Node(n) => set.nodes.push((**n).clone()),
+            Object::Pod(p) => set.pods.push((**p).clone()),
         }
     }
     set

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Node, Service, ServiceSpec, ServiceStatus};
+use k8s_openapi::api::core::v1::{Node, Pod, Service, ServiceSpec, ServiceStatus};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::{Metadata, Resource};
@@ -26,6 +26,8 @@ pub enum ObjectKind {
     EndpointSlice,
     /// Cluster-scoped: its key's namespace is empty.
     Node,
+    /// Read for its hostPorts.
+    Pod,
 }
 
 impl ObjectKind {
@@ -34,6 +36,7 @@ impl ObjectKind {
             ObjectKind::Service => Service::KIND,
             ObjectKind::EndpointSlice => EndpointSlice::KIND,
             ObjectKind::Node => Node::KIND,
+            ObjectKind::Pod => Pod::KIND,
         }
     }
 
@@ -57,6 +60,8 @@ pub enum Object {
     EndpointSlice(Arc<SlimSlice>),
     /// Slimmed as the Kubernetes source's Node is ([`slim::node`]).
     Node(Arc<Node>),
+    /// Slimmed to what hostPorts need ([`slim::pod`]).
+    Pod(Arc<Pod>),
 }
 
 impl Object {
@@ -66,6 +71,7 @@ impl Object {
             (Object::Service(a), Object::Service(b)) => Arc::ptr_eq(a, b) || a == b,
             (Object::EndpointSlice(a), Object::EndpointSlice(b)) => Arc::ptr_eq(a, b) || a == b,
             (Object::Node(a), Object::Node(b)) => Arc::ptr_eq(a, b) || a == b,
+            (Object::Pod(a), Object::Pod(b)) => Arc::ptr_eq(a, b) || a == b,
             _ => false,
         }
     }
@@ -297,6 +303,15 @@ impl Parsed {
                 }
                 Err(e) => self.skip(item, SkipReason::Malformed, e),
             },
+            (Pod::API_VERSION, Pod::KIND) => match body.decode::<Pod>() {
+                Ok(pod) => {
+                    if let Some((key, pod)) = self.object(pod, item, ObjectKind::Pod, rules) {
+                        self.objects
+                            .push((key, Object::Pod(Arc::new(slim::pod(pod)))));
+                    }
+                }
+                Err(e) => self.skip(item, SkipReason::Malformed, e),
+            },
             ("v1", "List") if item.is_some() => {
                 self.skip(item, SkipReason::UnsupportedKind, "a List nested in a List")
             }
@@ -311,7 +326,7 @@ impl Parsed {
             _ => self.skip(
                 item,
                 SkipReason::UnsupportedKind,
-                format!("{api_version}/{kind} (kpr reads v1/Service, discovery.k8s.io/v1/EndpointSlice and v1/Node)"),
+                format!("{api_version}/{kind} (kpr reads v1/Service, discovery.k8s.io/v1/EndpointSlice, v1/Node and v1/Pod)"),
             ),
         }
     }

@@ -616,6 +616,11 @@ impl SourceState {
             let store_key = format!("{}/{}", key.namespace, key.name);
             let current = match key.kind {
                 ObjectKind::Node => None,
+                ObjectKind::Pod => self
+                    .store
+                    .pod_shared(&pod_store_key(&key))
+                    .cloned()
+                    .map(Object::Pod),
                 ObjectKind::Service => self
                     .store
                     .service_shared(&store_key)
@@ -632,6 +637,8 @@ impl SourceState {
                 (Some(w), Some(c)) if w.same(&c) => {}
                 (Some(Object::Service(s)), _) => self.store.apply_service(s.clone()),
                 (Some(Object::EndpointSlice(s)), _) => self.store.apply_slice(s.clone()),
+                (Some(Object::Pod(p)), _) => self.store.apply_pod(p.clone()),
+                (None, Some(Object::Pod(c))) => self.store.delete_pod(&c),
                 // The agent's own Node reached the store above.
                 (Some(Object::Node(_)), _) | (None, Some(Object::Node(_))) => {}
                 (None, Some(Object::Service(c))) => self.store.delete_service(&c),
@@ -674,4 +681,9 @@ impl SourceState {
         };
         self.store.set_node(node);
     }
+}
+
+/// The store's key of a Pod's hostPort frontends.
+fn pod_store_key(key: &ObjectKey) -> String {
+    crate::translate::host_port_key(&key.namespace, &key.name)
 }

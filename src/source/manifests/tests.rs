@@ -387,14 +387,14 @@ fn the_second_object_with_the_same_kind_and_name_is_a_duplicate() {
 fn empty_and_comment_only_documents_are_ignored_and_not_counted() {
     let dir = tempfile::tempdir().unwrap();
     let text = format!(
-        "%YAML 1.1\n---\n# nothing here\n---\n\n--- # web\n{WEB_SERVICE}...\n---\n~\n---\napiVersion: v1\nkind: Pod\n---\n"
+        "%YAML 1.1\n---\n# nothing here\n---\n\n--- # web\n{WEB_SERVICE}...\n---\n~\n---\napiVersion: v1\nkind: ConfigMap\n---\n"
     );
     let file = write(dir.path(), "sparse.yaml", &text);
 
     let set = load(&[file]);
 
     assert_eq!(names(&set.services), ["default/web"]);
-    // web is document 0, `~` document 1, the Pod document 2.
+    // web is document 0, `~` document 1, the ConfigMap document 2.
     assert_eq!(reasons(&set), [(2, SkipReason::UnsupportedKind)]);
 }
 

@@ -17,7 +17,7 @@
 
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::skip::SkipReason;
@@ -107,6 +107,20 @@ impl Validate for Node {
             label_value(ZONE_LABEL, zone)?;
         }
         Ok(())
+    }
+}
+
+/// A Pod is read for its hostPorts: its name and namespace must be ones
+/// the API server takes; ports and addresses are checked as they are
+/// translated.
+impl Validate for Pod {
+    fn validate(&self, _rules: &Rules) -> Result<(), Invalid> {
+        let meta = &self.metadata;
+        dns1123_subdomain("metadata.name", meta.name.as_deref().unwrap_or(""))?;
+        dns1123_label(
+            "metadata.namespace",
+            meta.namespace.as_deref().unwrap_or(""),
+        )
     }
 }
 
