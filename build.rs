@@ -14,6 +14,7 @@ const PROGRAMS: &[(&str, &str)] = &[
     ("bpf/sock_lb.bpf.c", "sock_lb"),
     ("bpf/nodeport.bpf.c", "nodeport"),
     ("bpf/nodeport_xdp.bpf.c", "nodeport_xdp"),
+    ("bpf/sock_destroy.bpf.c", "sock_destroy"),
 ];
 
 fn main() {

@@ -20,8 +20,8 @@
  * ranges at its first packet instead (cgroup_skb/egress, lb_src_pending.h),
  * which drops what they refuse.
  *
- * NodePorts are frontends on every IPv4 address of the node, for both
- * (lb_hostaddr.h): one more lookup only for destinations that are no
+ * NodePorts are frontends on every address of the node, IPv4 and IPv6, for
+ * both (lb_hostaddr.h): one more lookup only for destinations that are no
  * frontend.
  */
 #include <linux/bpf.h>
@@ -407,13 +407,12 @@ int kpr_getpeername6(struct bpf_sock_addr *ctx)
 
 /* The frontend id (never 0) whose traffic a socket bound to @addr:@port would take, of a
  * NodePort, LoadBalancer or externalIP frontend: the exact frontend, or,
- * for a wildcard address or any other IPv4 address of the node
- * (lb_hostaddr.h), a NodePort of the family. NodePorts of IPv4 are always
- * programmed on 127.0.0.1 as well (src/translate), so that entry says
- * whether @port is an IPv4 NodePort. An IPv6 wildcard socket is dual-stack
- * (bpf_sock does not say whether IPV6_V6ONLY is set), so it is checked
- * against IPv4 NodePorts too; IPv6 NodePorts have no such surrogate, so
- * only their exact node addresses are protected. */
+ * for a wildcard address or any other address of the node (lb_hostaddr.h),
+ * a NodePort of the family. NodePorts are always programmed on their
+ * family's stand-in as well, 127.0.0.1 or [::] (src/translate), so that
+ * entry says whether @port is a NodePort of the family. An IPv6 wildcard
+ * socket is dual-stack (bpf_sock does not say whether IPV6_V6ONLY is set),
+ * so it is checked against both families' NodePorts. */
 static __always_inline __u32 bind_takes_frontend(__be32 addr[4], __be16 port,
 						 __u8 proto, int v6_any)
 {
@@ -426,7 +425,13 @@ static __always_inline __u32 bind_takes_frontend(__be32 addr[4], __be16 port,
 					SVC_F_EXTERNAL_IP)))
 		return master->svc_id;
 	if (v6_any || (lb_addr_is_v4(addr) && addr[3] == 0)) {
-		lb_addr_set_v4(key.addr, bpf_htonl(0x7f000001));
+		lb_set_nodeport_wildcard(key.addr, 1);
+		master = lb_lookup_master(&key);
+		if (master && (master->flags & SVC_F_NODE_PORT))
+			return master->svc_id;
+		if (!v6_any)
+			return 0;
+		lb_set_nodeport_wildcard(key.addr, 0);
 		master = lb_lookup_master(&key);
 		return master && (master->flags & SVC_F_NODE_PORT) ? master->svc_id : 0;
 	}

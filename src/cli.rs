@@ -127,6 +127,12 @@ pub struct AgentArgs {
     /// object's; repeatable (standalone mode has no Node object).
     #[arg(long = "node-ip", value_name = "IP")]
     pub node_ips: Vec<std::net::IpAddr>,
+    /// This node's zone, compared with EndpointSlice zone hints (topology
+    /// aware routing, `trafficDistribution: PreferClose`); over the Node's
+    /// `topology.kubernetes.io/zone` label [default: that label; without
+    /// a Node, no zone: hints are ignored].
+    #[arg(long, value_name = "ZONE")]
+    pub node_zone: Option<String>,
     /// Address the healthCheckNodePort listeners bind to.
     #[arg(long, default_value_t = healthcheck::DEFAULT_BIND_ADDR)]
     pub health_check_bind_address: std::net::IpAddr,

@@ -100,6 +100,9 @@ pub enum ServiceType {
     NodePort,
     LoadBalancer,
     ExternalIP,
+    /// A pod's `hostPort`: served as a NodePort on its host IP (or on every
+    /// node address), backed by that pod alone.
+    HostPort,
 }
 
 impl fmt::Display for ServiceType {

@@ -124,6 +124,7 @@ fn cilium_type(t: ServiceType) -> &'static str {
         ServiceType::NodePort => "NodePort",
         ServiceType::LoadBalancer => "LoadBalancer",
         ServiceType::ExternalIP => "ExternalIPs",
+        ServiceType::HostPort => "HostPort",
     }
 }
 

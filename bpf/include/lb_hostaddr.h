@@ -14,8 +14,8 @@
  *
  * The 127.0.0.1 NodePort frontend (programmed for every IPv4 NodePort, with
  * the node IPs' backends and flags; src/translate) stands in for the
- * wildcard, so no frontend is added per address. IPv6 NodePorts have no
- * such surrogate: only their node addresses are served.
+ * wildcard, so no frontend is added per address; the [::] NodePort frontend
+ * (every IPv6 NodePort, Cilium's [::]:nodePort) does for IPv6.
  */
 #ifndef KPR_LB_HOSTADDR_H
 #define KPR_LB_HOSTADDR_H
@@ -51,17 +51,32 @@ static __always_inline int lb_is_host_addr(const __be32 addr[4])
 	return bpf_map_lookup_elem(&kpr_hostaddr_v1, &key) != NULL;
 }
 
-/* The NodePort frontend for @key's port and protocol on an IPv4 address of
- * the node that no frontend has (@key holds that address; it is left on
- * 127.0.0.1, the backends' key, when found). NULL when the address is no
- * IPv4 address of the node or the port no NodePort. */
+/* Puts the stand-in NodePort address of @addr's family in @addr:
+ * 127.0.0.1 for IPv4, [::] for IPv6. */
+static __always_inline void lb_set_nodeport_wildcard(__be32 addr[4], int v4)
+{
+	if (v4) {
+		lb_addr_set_v4(addr, bpf_htonl(0x7f000001));
+	} else {
+		addr[0] = 0;
+		addr[1] = 0;
+		addr[2] = 0;
+		addr[3] = 0;
+	}
+}
+
+/* The NodePort frontend for @key's port and protocol on an address of the
+ * node that no frontend has (@key holds that address; it is left on the
+ * family's stand-in, 127.0.0.1 or [::], the backends' key, when found).
+ * NULL when the address is no address of the node or the port no
+ * NodePort. */
 static __always_inline struct lb_svc_val *lb_host_nodeport_lookup(struct lb_svc_key *key)
 {
 	struct lb_svc_val *master;
 
-	if (!lb_addr_is_v4(key->addr) || !lb_is_host_addr(key->addr))
+	if (!lb_is_host_addr(key->addr))
 		return NULL;
-	lb_addr_set_v4(key->addr, bpf_htonl(0x7f000001));
+	lb_set_nodeport_wildcard(key->addr, lb_addr_is_v4(key->addr));
 	master = lb_lookup_master(key);
 	if (master && (master->flags & SVC_F_NODE_PORT))
 		return master;

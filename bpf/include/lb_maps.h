@@ -41,13 +41,7 @@ struct {
 	__uint(max_entries, 65536);
 } kpr_affinity_v1 SEC(".maps");
 
-/* (socket, backend) -> frontend, for recvmsg and getpeername */
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__type(key, struct lb_sock_rnat_key);
-	__type(value, struct lb_sock_rnat_val);
-	__uint(max_entries, 262144);
-} kpr_sockrnat_v1 SEC(".maps");
+#include "lb_sockrnat.h"
 
 /* (frontend id, client prefix) -> 1, for loadBalancerSourceRanges. An LPM
  * trie must not be preallocated; lookups take the longest matching prefix,

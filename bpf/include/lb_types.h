@@ -57,6 +57,9 @@ enum lb_svc_flags {
 	SVC_F_MAGLEV        = 1 << 10, /* north-south new flows pick from the
 					  * frontend's Maglev table (kpr_maglev_v1[svc_id]);
 					  * zero, as every older writer left it, is random */
+	SVC_F_HOST_PORT     = 1 << 12, /* with SVC_F_NODE_PORT: a pod's hostPort
+					  * (served as a NodePort; the type only
+					  * tells tools) */
 	SVC_F_PORT_REJECT   = 1 << 11, /* the port-reject entry of a ClusterIP (key
 					  * port 0, proto 0, slot 0, scope EXT; no other
 					  * field set): a destination on this address that

@@ -66,6 +66,8 @@ pub struct AgentConfig {
     pub node_name: String,
     /// Node addresses added to those of the Node object (NodePort frontends).
     pub node_ips: Vec<IpAddr>,
+    /// `--node-zone`: the node's zone over its Node's label.
+    pub node_zone: Option<String>,
     /// Address the health check node port listeners bind to.
     pub health_check_bind: IpAddr,
     /// The north-south datapath (on the devices `--devices` names, or on
@@ -80,6 +82,15 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
+    /// What the flags say about the node, for [`super::node::node_context`].
+    pub fn node_flags(&self) -> super::node::NodeFlags<'_> {
+        super::node::NodeFlags {
+            ips: &self.node_ips,
+            zone: self.node_zone.as_deref(),
+            lb_algorithm: self.lb_algorithm,
+        }
+    }
+
     /// The configuration `kpr agent` runs with: --cgroup defaults to the
     /// root of the cgroup2 mount, --node-name to $NODE_NAME, else the
     /// hostname; `--devices` absent means detected devices, empty means
@@ -122,6 +133,7 @@ impl AgentConfig {
                         args.service_node_port_range.max,
                     ),
                 },
+                node_name: node_name.clone(),
             })
         };
         let secs = |d: Duration| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX);
@@ -180,6 +192,7 @@ impl AgentConfig {
             kpr_mode: args.kube_proxy_replacement,
             node_name,
             node_ips: args.node_ips,
+            node_zone: args.node_zone.filter(|z| !z.is_empty()),
             health_check_bind: args.health_check_bind_address,
             lb_algorithm: args.lb_algorithm,
             maglev,

@@ -123,12 +123,7 @@ impl SourceState {
             tracing::warn!(node = %ctx.config.node_name, "no Node object with this name (check --node-name / NODE_NAME): no node IPs for NodePorts, no zone, and no endpoint counts as local");
         }
         status.update(|s| s.own_node_found = Some(store.node().is_some()));
-        let node = node_context(
-            &ctx.config.node_name,
-            store.node(),
-            &ctx.config.node_ips,
-            ctx.config.lb_algorithm,
-        );
+        let node = node_context(&ctx.config.node_name, store.node(), ctx.config.node_flags());
         let synced = match scope {
             Scope::Everything => syncer.sync_everything(&mut self.policies, store, &node, true),
             Scope::Changed => {

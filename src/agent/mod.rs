@@ -29,6 +29,7 @@ mod pin_watch;
 mod schedule;
 mod serve;
 mod socket_stats;
+mod stale_sockets;
 mod standalone;
 mod startup;
 mod switch_over;
@@ -122,7 +123,8 @@ pub async fn run(config: AgentConfig, held: crate::preflight::Held) -> Result<()
     }
     let syncer = syncer
         .with_switch_over(started.switch_over)
-        .with_datapath_names(datapath_names, config.metrics_frontend_labels_max);
+        .with_datapath_names(datapath_names, config.metrics_frontend_labels_max)
+        .with_stale_udp_sockets(&config.bpf_root, &config.cgroup);
     // Holds the bpf root from here on (and moves the hold to a root made
     // again after a cleanup).
     let mut pins = pin_watch::PinWatch::new(&config, held.owner, started.socket_lb)?;

@@ -1,7 +1,8 @@
 //! The node as translation sees it: which endpoints are local, its zone,
-//! and the addresses NodePorts listen on. Kubernetes mode reads them from
-//! the node's Node object; standalone mode has none and goes by
-//! --node-name and --node-ip alone. Also whether the node is eligible for
+//! and the addresses NodePorts listen on. Both modes read them from the
+//! node's Node object (Kubernetes mode from the API, standalone mode from
+//! a Node document in the manifests, if there is one), with --node-ip
+//! adding addresses and --node-zone overriding the zone label. Also whether the node is eligible for
 //! load-balancer traffic (KEP-3836), which `/healthz` reports.
 
 use std::net::IpAddr;
@@ -9,7 +10,7 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1::Node;
 
 use crate::model::LbAlgorithm;
-use crate::translate::NodeContext;
+use crate::translate::{NodeContext, ZONE_LABEL};
 
 /// The taint the Cluster Autoscaler puts on a node it is about to delete.
 pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
@@ -35,19 +36,31 @@ pub fn node_eligible(node: Option<&Node>) -> bool {
     !deleting && !to_be_deleted
 }
 
-/// The node's identity for translation: its name, zone label and
-/// addresses (from its Node object) plus any --node-ip, and the agent's
+/// What the agent's flags say about its node: --node-ip, --node-zone,
 /// --lb-algorithm.
-pub fn node_context(
-    node_name: &str,
-    node: Option<&Node>,
-    extra_ips: &[IpAddr],
-    lb_algorithm: LbAlgorithm,
-) -> NodeContext {
-    let zone = node
-        .and_then(|n| n.metadata.labels.as_ref())
-        .and_then(|l| l.get("topology.kubernetes.io/zone"))
-        .cloned();
+#[derive(Clone, Copy, Debug)]
+pub struct NodeFlags<'a> {
+    /// Added to the Node's addresses.
+    pub ips: &'a [IpAddr],
+    /// Over the Node's zone label.
+    pub zone: Option<&'a str>,
+    pub lb_algorithm: LbAlgorithm,
+}
+
+/// The node's identity for translation: its name, zone (--node-zone, else
+/// the Node's label) and addresses (the Node's, plus any --node-ip), and
+/// the agent's --lb-algorithm.
+pub fn node_context(node_name: &str, node: Option<&Node>, flags: NodeFlags<'_>) -> NodeContext {
+    let NodeFlags {
+        ips: extra_ips,
+        zone,
+        lb_algorithm,
+    } = flags;
+    let zone = zone.map(str::to_string).or_else(|| {
+        node.and_then(|n| n.metadata.labels.as_ref())
+            .and_then(|l| l.get(ZONE_LABEL))
+            .cloned()
+    });
     let mut node_ips: Vec<IpAddr> = node
         .and_then(|n| n.status.as_ref())
         .and_then(|s| s.addresses.as_ref())
@@ -77,6 +90,27 @@ mod tests {
         serde_json::from_value(json).expect("a Node")
     }
 
+    fn flags<'a>(ips: &'a [IpAddr], zone: Option<&'a str>, lb: LbAlgorithm) -> NodeFlags<'a> {
+        NodeFlags {
+            ips,
+            zone,
+            lb_algorithm: lb,
+        }
+    }
+
+    #[test]
+    fn the_node_zone_flag_wins_over_the_label_and_gives_a_zone_without_a_node() {
+        let n = node(serde_json::json!({
+            "metadata": {"name": "n1", "labels": {"topology.kubernetes.io/zone": "z1"}},
+        }));
+
+        let over_label = node_context("n1", Some(&n), flags(&[], Some("z2"), LbAlgorithm::Random));
+        let without_node = node_context("n1", None, flags(&[], Some("z3"), LbAlgorithm::Random));
+
+        assert_eq!(over_label.zone.as_deref(), Some("z2"));
+        assert_eq!(without_node.zone.as_deref(), Some("z3"));
+    }
+
     #[test]
     fn the_node_objects_internal_and_external_addresses_come_first_and_node_ips_add_new_ones() {
         let n = node(serde_json::json!({
@@ -93,7 +127,7 @@ mod tests {
             "fd00::10".parse().expect("an address"),
         ];
 
-        let ctx = node_context("n1", Some(&n), &extra, LbAlgorithm::Maglev);
+        let ctx = node_context("n1", Some(&n), flags(&extra, None, LbAlgorithm::Maglev));
 
         assert_eq!(ctx.node_name, "n1");
         assert_eq!(ctx.zone.as_deref(), Some("z1"));
@@ -134,7 +168,7 @@ mod tests {
     fn without_a_node_object_only_node_ips_count_and_there_is_no_zone() {
         let extra: Vec<IpAddr> = vec!["192.0.2.20".parse().expect("an address")];
 
-        let ctx = node_context("standalone", None, &extra, LbAlgorithm::Random);
+        let ctx = node_context("standalone", None, flags(&extra, None, LbAlgorithm::Random));
 
         assert_eq!(ctx.zone, None);
         assert_eq!(ctx.node_ips, extra);

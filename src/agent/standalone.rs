@@ -1,6 +1,7 @@
 //! Standalone mode's source loop: the manifest source reloads what changed
 //! on disk into its object store, and the Services it marks changed are
-//! translated and synced. Every sync is full until a complete read has
+//! translated and synced (all of them when the agent's Node document
+//! changed). Every sync is full until a complete read has
 //! pruned the maps once (so a restart with a file that cannot be read
 //! prunes nothing); a path that cannot be read keeps its last state and
 //! turns health red. A sync that did not end clean is retried on its own,
@@ -51,14 +52,6 @@ pub(super) async fn run(
     let mut retry_at: Option<Instant> = None;
     let mut pruned = false;
     let mut policies = PolicyState::default();
-    // No Node object in standalone mode: --node-name and --node-ip say
-    // which endpoints are local and where NodePorts listen.
-    let node = node_context(
-        &ctx.config.node_name,
-        None,
-        &ctx.config.node_ips,
-        ctx.config.lb_algorithm,
-    );
     loop {
         if reload {
             let report = match first_report.take() {
@@ -99,7 +92,10 @@ pub(super) async fn run(
         if reload || retry_at.is_some_and(|at| at <= Instant::now()) {
             let changes = source.take_changes();
             let store = source.store();
-            let synced = if !pruned || retry_at.is_some() {
+            // The Node document named --node-name, if any, with the flags:
+            // a change of it marks every Service changed (`changes.all`).
+            let node = node_context(&ctx.config.node_name, store.node(), ctx.config.node_flags());
+            let synced = if !pruned || retry_at.is_some() || changes.all {
                 let complete = source.is_complete();
                 let synced = syncer.sync_everything(&mut policies, store, &node, complete);
                 pruned |= complete && synced != Synced::Failed;

@@ -15,6 +15,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::applied_record::AppliedRecord;
 use super::events::ServiceEvents;
+use super::stale_sockets::StaleUdpSockets;
 use super::switch_over::SwitchOver;
 use super::unprogrammed::Unprogrammed;
 use crate::datapath::dsr::{self, DsrTable};
@@ -49,6 +50,8 @@ pub struct Syncer {
     unprogrammed: Unprogrammed,
     /// Kubernetes mode: Warning Events on the unprogrammed Services.
     events: Option<ServiceEvents>,
+    /// Destroys connected UDP sockets to the backends a sync removed.
+    stale_udp: Option<StaleUdpSockets>,
     /// The DSR map, kept in step with the services map after every sync
     /// that wrote to it (north-south datapath only).
     dsr: Option<DsrTable>,
@@ -117,6 +120,7 @@ impl Syncer {
             status,
             unprogrammed: Unprogrammed::default(),
             events: None,
+            stale_udp: None,
             dsr: None,
             datapath_names: None,
             dsr_stale: true,
@@ -171,6 +175,13 @@ impl Syncer {
 
     pub(super) fn with_switch_over(mut self, switch_over: SwitchOver) -> Syncer {
         self.switch_over = Some(switch_over);
+        self
+    }
+
+    /// Also destroys the connected UDP sockets to removed backends, in the
+    /// network namespaces of `cgroup`'s processes.
+    pub(super) fn with_stale_udp_sockets(mut self, bpf_root: &Path, cgroup: &Path) -> Syncer {
+        self.stale_udp = Some(StaleUdpSockets::new(bpf_root, cgroup));
         self
     }
 
@@ -379,6 +390,9 @@ impl Syncer {
             .map_or(true, |o| o.writes > 0 || o.pruned_frontends > 0);
         let synced = match result {
             Ok(outcome) => {
+                if let Some(stale) = &mut self.stale_udp {
+                    stale.backends_removed(&outcome.removed_backends);
+                }
                 let known = self.unprogrammed.messages();
                 match synced {
                     None => self.unprogrammed.replace_refused(&outcome.refused),
@@ -522,6 +536,12 @@ impl Syncer {
             let slices: Vec<&EndpointSlice> = slices.iter().collect();
             translation.add(key.clone(), svc, &slices, node);
         }
+        for (key, pod) in store.pods_by_key() {
+            let frontends = translate::translate_host_ports(pod, node, &mut translation.skipped);
+            if !frontends.is_empty() {
+                translation.desired.insert(key.clone(), frontends);
+            }
+        }
         let mut translation = translation.finish();
         self.record_skipped(&translation.skipped);
         policies.replace_all(&translation);
@@ -562,7 +582,17 @@ impl Syncer {
                         true,
                     )
                 }
-                None => (ServiceTranslation::default(), false),
+                None => match store.pod(key) {
+                    Some(pod) => {
+                        let frontends = translate::translate_host_ports(pod, node, &mut skipped);
+                        let t = ServiceTranslation {
+                            frontends,
+                            ..ServiceTranslation::default()
+                        };
+                        (t, true)
+                    }
+                    None => (ServiceTranslation::default(), false),
+                },
             };
             policies.replace_service(key, &t);
             self.unprogrammed

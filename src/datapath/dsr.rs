@@ -69,7 +69,9 @@ pub fn desired(snapshot: &Snapshot) -> BTreeMap<DsrKey, BackendId> {
                 IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
                 IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
             },
-            ServiceType::LoadBalancer | ServiceType::ExternalIP => fe.addr.ip,
+            ServiceType::LoadBalancer | ServiceType::ExternalIP | ServiceType::HostPort => {
+                fe.addr.ip
+            }
             ServiceType::ClusterIP => continue,
         };
         for id in &entries.slots {

@@ -31,6 +31,7 @@ const SVC_F_ITP_LOCAL: u16 = lb_svc_flags::SVC_F_ITP_LOCAL.0 as u16;
 const SVC_F_SRC_RANGE: u16 = lb_svc_flags::SVC_F_SRC_RANGE.0 as u16;
 const SVC_F_SRC_RANGE_NODE: u16 = lb_svc_flags::SVC_F_SRC_RANGE_NODE.0 as u16;
 const SVC_F_MAGLEV: u16 = lb_svc_flags::SVC_F_MAGLEV.0 as u16;
+const SVC_F_HOST_PORT: u16 = lb_svc_flags::SVC_F_HOST_PORT.0 as u16;
 const SVC_F_PORT_REJECT: u16 = lb_svc_flags::SVC_F_PORT_REJECT.0 as u16;
 const BE_STATE_ACTIVE: u8 = lb_backend_state::BE_STATE_ACTIVE.0 as u8;
 const BE_STATE_TERMINATING: u8 = lb_backend_state::BE_STATE_TERMINATING.0 as u8;
@@ -149,6 +150,8 @@ fn master_flags(m: &MasterEntry) -> u16 {
         ServiceType::NodePort => SVC_F_NODE_PORT,
         ServiceType::LoadBalancer => SVC_F_LOADBALANCER,
         ServiceType::ExternalIP => SVC_F_EXTERNAL_IP,
+        // Served as a NodePort is, wherever NodePorts are served.
+        ServiceType::HostPort => SVC_F_NODE_PORT | SVC_F_HOST_PORT,
     };
     let o = &m.options;
     if o.affinity_timeout.is_some() {
@@ -186,6 +189,8 @@ pub fn decode_svc_value(slot: u16, val: &lb_svc_val) -> Option<SvcValue> {
     let f = val.flags;
     let svc_type = if f & SVC_F_CLUSTER_IP != 0 {
         ServiceType::ClusterIP
+    } else if f & SVC_F_NODE_PORT != 0 && f & SVC_F_HOST_PORT != 0 {
+        ServiceType::HostPort
     } else if f & SVC_F_NODE_PORT != 0 {
         ServiceType::NodePort
     } else if f & SVC_F_LOADBALANCER != 0 {

@@ -42,6 +42,7 @@ pub mod pins;
 pub mod resize;
 pub mod routes;
 pub mod skel;
+pub mod sock_destroy;
 pub mod sys;
 
 pub use maps::{

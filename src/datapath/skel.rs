@@ -19,3 +19,7 @@ pub mod nodeport {
 pub mod nodeport_xdp {
     include!(concat!(env!("OUT_DIR"), "/nodeport_xdp.skel.rs"));
 }
+
+pub mod sock_destroy {
+    include!(concat!(env!("OUT_DIR"), "/sock_destroy.skel.rs"));
+}

@@ -92,6 +92,8 @@ pub struct SyncOutcome {
     pub writes: usize,
     /// Frontends removed because no Service claims them any more.
     pub pruned_frontends: usize,
+    /// Backends deleted from the maps (no frontend has them any more).
+    pub removed_backends: Vec<L4Addr>,
 }
 
 pub struct Reconciler<M: LbMaps> {
@@ -331,6 +333,7 @@ impl<M: LbMaps> Reconciler<M> {
         }
         self.affinity_unchecked = false;
         self.port_rejects_unchecked = false;
+        outcome.removed_backends = std::mem::take(&mut plan.removed_backend_addrs);
         self.release_ids(plan);
         Ok(outcome)
     }

@@ -41,6 +41,9 @@ pub(super) struct Plan {
     /// Ids freed by this sync, released only once it is applied.
     pub released_svc_ids: Vec<ServiceId>,
     pub released_backends: Vec<BackendId>,
+    /// Addresses of the deleted backends that no backend keeps (a removed
+    /// backend's connected UDP sockets are destroyed once it is applied).
+    pub removed_backend_addrs: Vec<L4Addr>,
 }
 
 impl Plan {
@@ -282,6 +285,7 @@ impl<M: LbMaps> Reconciler<M> {
             if let Some(b) = self.actual.backends.remove(&id) {
                 if self.backend_by_addr.get(&b.addr) == Some(&id) {
                     self.backend_by_addr.remove(&b.addr);
+                    plan.removed_backend_addrs.push(b.addr);
                 }
                 plan.delete_backends.push(id);
                 plan.released_backends.push(id);

@@ -179,6 +179,11 @@ fn an_endpoint_change_rewrites_one_slot_and_frees_the_removed_backend_id() {
     let out = r.sync_full(&d, true).unwrap();
     // new backend, slot 2, old backend deleted
     assert_eq!(out.writes, 3);
+    assert_eq!(
+        out.removed_backends,
+        [be("10.244.0.12", 8080).addr],
+        "the removed backend is reported (its connected UDP sockets are destroyed)"
+    );
     assert_maps_hold(&r, &d);
     assert!(
         !r.snapshot().backends.contains_key(&2),

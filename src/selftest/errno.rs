@@ -52,6 +52,7 @@ pub fn errno_name(code: i32) -> String {
         libc::ENETUNREACH => "ENETUNREACH",
         libc::ENETRESET => "ENETRESET",
         libc::ECONNABORTED => "ECONNABORTED",
+        libc::EDESTADDRREQ => "EDESTADDRREQ",
         libc::ECONNRESET => "ECONNRESET",
         libc::ENOBUFS => "ENOBUFS",
         libc::EISCONN => "EISCONN",

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+pub mod held;
+
 use super::errno::{error_name, EOF, TIMEOUT};
 use super::error::{Result, TestbedError};
 
@@ -85,6 +87,21 @@ pub enum ProbeSpec {
     /// Where the probe runs: its cgroup v2 path and network namespace;
     /// lets a launcher check that placement worked.
     Placement {},
+    /// `sockets` connected UDP sockets held while something changes (see
+    /// [`held::udp_held`]): one exchange each, then, once the file
+    /// `trigger` exists, every socket exercised for `watch_ms`.
+    UdpHeld {
+        /// Where to connect.
+        target: SocketAddr,
+        /// How many sockets.
+        sockets: u32,
+        /// The file whose creation starts the watch.
+        trigger: std::path::PathBuf,
+        /// How long to wait for the trigger, then to watch, in ms.
+        watch_ms: u64,
+        /// How long to wait for the first replies, in ms.
+        timeout_ms: u64,
+    },
     /// bind() to each address in turn (TCP: a listener; UDP: a socket),
     /// closing each right after: which ones the host lets this process take.
     Bind {
@@ -114,6 +131,8 @@ pub enum ProbeResult {
     TcpInterleaved(BTreeMap<String, RequestsReport>),
     /// Result of [`ProbeSpec::Placement`].
     Placement(PlacementReport),
+    /// Result of [`ProbeSpec::UdpHeld`]: one report per socket.
+    UdpHeld(held::HeldReport),
     /// Result of [`ProbeSpec::Bind`]: address as written -> `OK` or the
     /// errno name (`EADDRINUSE`, ...).
     Bind(BTreeMap<String, String>),
@@ -202,6 +221,12 @@ impl ProbeSpec {
             ProbeSpec::TcpPeerName { timeout_ms, .. }
             | ProbeSpec::TcpConnectError { timeout_ms, .. } => (1, *timeout_ms),
             ProbeSpec::Placement {} => return Ok(()),
+            ProbeSpec::UdpHeld {
+                sockets,
+                watch_ms,
+                timeout_ms,
+                ..
+            } => (*sockets, (*watch_ms).max(*timeout_ms)),
             ProbeSpec::Bind { addrs, .. } => (addrs.len() as u32, 1),
         };
         if count > MAX_COUNT {
@@ -228,6 +253,7 @@ impl ProbeSpec {
             ProbeSpec::TcpInterleaved { .. } => "tcp_interleaved",
             ProbeSpec::Placement {} => "placement",
             ProbeSpec::Bind { .. } => "bind",
+            ProbeSpec::UdpHeld { .. } => "udp_held",
         }
     }
 
@@ -250,8 +276,26 @@ impl ProbeSpec {
         if let ProbeSpec::Bind { addrs, udp } = self {
             return Ok(ProbeResult::Bind(bind_each(addrs, *udp)));
         }
+        if let ProbeSpec::UdpHeld {
+            target,
+            sockets,
+            trigger,
+            watch_ms,
+            timeout_ms,
+        } = self
+        {
+            return Ok(ProbeResult::UdpHeld(held::udp_held(
+                *target,
+                *sockets,
+                trigger,
+                ms(*watch_ms),
+                ms(*timeout_ms),
+            )));
+        }
         Ok(match *self {
-            ProbeSpec::TcpInterleaved { .. } | ProbeSpec::Bind { .. } => {
+            ProbeSpec::TcpInterleaved { .. }
+            | ProbeSpec::Bind { .. }
+            | ProbeSpec::UdpHeld { .. } => {
                 unreachable!("handled above")
             }
             ProbeSpec::TcpRequests {
@@ -292,6 +336,15 @@ impl ProbeResult {
             ProbeResult::TcpInterleaved(_) => "tcp_interleaved",
             ProbeResult::Placement(_) => "placement",
             ProbeResult::Bind(_) => "bind",
+            ProbeResult::UdpHeld(_) => "udp_held",
+        }
+    }
+
+    /// The held sockets' reports, if this is one.
+    pub fn as_held(&self) -> Option<&[held::HeldSocket]> {
+        match self {
+            ProbeResult::UdpHeld(r) => Some(&r.sockets),
+            _ => None,
         }
     }
 

@@ -21,7 +21,10 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::{Node, NodeSpec, NodeStatus, Service, ServiceSpec, ServiceStatus};
+use k8s_openapi::api::core::v1::{
+    Container, Node, NodeSpec, NodeStatus, Pod, PodSpec, PodStatus, Service, ServiceSpec,
+    ServiceStatus,
+};
 use k8s_openapi::api::discovery::v1::{
     Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice,
 };
@@ -210,6 +213,46 @@ fn map(pairs: &[(Box<str>, Box<str>)]) -> Option<BTreeMap<String, String>> {
 
 fn lookup<'a>(pairs: &'a [(Box<str>, Box<str>)], key: &str) -> Option<&'a str> {
     pairs.iter().find(|(k, _)| &**k == key).map(|(_, v)| &**v)
+}
+
+/// A Pod as its hostPorts need it: name, namespace, node, hostNetwork,
+/// the containers' ports, phase and addresses.
+pub fn pod(pod: Pod) -> Pod {
+    let spec = pod.spec.map(|s| PodSpec {
+        node_name: s.node_name,
+        host_network: s.host_network,
+        containers: s
+            .containers
+            .into_iter()
+            .filter(|c| {
+                c.ports
+                    .as_ref()
+                    .is_some_and(|p| p.iter().any(|p| p.host_port.is_some()))
+            })
+            .map(|c| Container {
+                name: c.name,
+                ports: c.ports,
+                ..Container::default()
+            })
+            .collect(),
+        ..PodSpec::default()
+    });
+    let status = pod.status.map(|s| PodStatus {
+        phase: s.phase,
+        pod_ip: s.pod_ip,
+        pod_ips: s.pod_ips,
+        ..PodStatus::default()
+    });
+    Pod {
+        metadata: ObjectMeta {
+            name: pod.metadata.name,
+            namespace: pod.metadata.namespace,
+            uid: pod.metadata.uid,
+            ..ObjectMeta::default()
+        },
+        spec,
+        status,
+    }
 }
 
 /// The agent's own Node: its labels (zone) and addresses, and what

@@ -9,13 +9,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::jiff::Timestamp;
 use serde::Serialize;
 
 use crate::source::slim::{self, SlimSlice};
-use crate::translate::object_key;
+use crate::translate::{host_port_key, object_key};
 
 /// Annotation the EndpointSlice controller sets to when the change that led
 /// to this slice version happened (kube-proxy's network programming latency).
@@ -65,6 +65,9 @@ pub struct ObjectStore {
     /// always has one slice (a set's first node alone is ~300 bytes).
     slices_by_service: BTreeMap<String, Vec<String>>,
     node: Option<Node>,
+    /// Pods with hostPorts (standalone mode), by [`host_port_key`]; their
+    /// changes are marked under that key, as a Service's are.
+    pods: BTreeMap<String, Arc<Pod>>,
     /// Objects of a relist in progress, per kind.
     relist: BTreeMap<Kind, Vec<Relisted>>,
     listed: BTreeSet<Kind>,
@@ -85,6 +88,7 @@ impl Default for ObjectStore {
             slices: BTreeMap::new(),
             slices_by_service: BTreeMap::new(),
             node: None,
+            pods: BTreeMap::new(),
             relist: BTreeMap::new(),
             listed: BTreeSet::new(),
             pending: Changes::default(),
@@ -150,6 +154,32 @@ impl ObjectStore {
 
     pub fn counts(&self) -> (usize, usize) {
         (self.services.len(), self.slices.len())
+    }
+
+    /// The pod of a [`host_port_key`].
+    pub fn pod(&self, key: &str) -> Option<&Pod> {
+        self.pods.get(key).map(|p| &**p)
+    }
+
+    pub fn pod_shared(&self, key: &str) -> Option<&Arc<Pod>> {
+        self.pods.get(key)
+    }
+
+    /// Every pod, by [`host_port_key`].
+    pub fn pods_by_key(&self) -> impl Iterator<Item = (&String, &Pod)> {
+        self.pods.iter().map(|(k, p)| (k, &**p))
+    }
+
+    pub fn apply_pod(&mut self, pod: Arc<Pod>) {
+        let key = pod_key(&pod);
+        self.pending.services.insert(key.clone());
+        self.pods.insert(key, pod);
+    }
+
+    pub fn delete_pod(&mut self, pod: &Pod) {
+        let key = pod_key(pod);
+        self.pending.services.insert(key.clone());
+        self.pods.remove(&key);
     }
 
     pub fn apply_service(&mut self, svc: impl Into<Arc<Service>>) {
@@ -373,6 +403,14 @@ impl Watched for Node {
     fn relist(self, store: &mut ObjectStore) {
         store.relist_node(slim::node(self))
     }
+}
+
+/// A pod's [`host_port_key`].
+pub fn pod_key(pod: &Pod) -> String {
+    host_port_key(
+        pod.metadata.namespace.as_deref().unwrap_or("default"),
+        pod.metadata.name.as_deref().unwrap_or(""),
+    )
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 
@@ -146,14 +146,21 @@ fn addresses_of<'a>(
 }
 
 /// The addresses a NodePort is served on in `family`: the node's addresses
-/// of that family, plus `127.0.0.1` for IPv4 (kube-proxy's iptables mode
-/// serves localhost NodePorts; IPv6 has no `route_localnet`).
+/// of that family, plus the family's stand-in for every other address of
+/// the node, which the socket hooks look up for a node address no frontend
+/// has (`bpf/include/lb_hostaddr.h`): `127.0.0.1` for IPv4 (itself served:
+/// kube-proxy's iptables mode serves localhost NodePorts), `[::]` for IPv6
+/// (Cilium's `[::]:nodePort`: node-local clients reach an IPv6 NodePort on
+/// every IPv6 address of the node, `[::1]` included, as with Cilium).
 pub(super) fn node_port_addresses(
     node_ips: &BTreeSet<IpAddr>,
     family: IpFamily,
 ) -> BTreeSet<IpAddr> {
-    let localhost = (family == IpFamily::V4).then_some(IpAddr::V4(Ipv4Addr::LOCALHOST));
-    of_family(node_ips, family).chain(localhost).collect()
+    let every_address = match family {
+        IpFamily::V4 => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpFamily::V6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    };
+    of_family(node_ips, family).chain([every_address]).collect()
 }
 
 /// The addresses of `ips` in `family`, in their order.

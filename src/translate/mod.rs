@@ -15,8 +15,10 @@
 //! - For each IP family the Service has a clusterIP of (the first of that
 //!   family), for each TCP/UDP port: a `ClusterIP` frontend; for NodePort
 //!   and LoadBalancer Services with a `nodePort`, `NodePort` frontends on
-//!   every [`NodeContext::node_ips`] address of the family plus `127.0.0.1`
-//!   (IPv4 only: kube-proxy's iptables mode serves localhost NodePorts);
+//!   every [`NodeContext::node_ips`] address of the family plus the
+//!   family's stand-in for every other node address: `127.0.0.1` (IPv4;
+//!   kube-proxy's iptables mode serves localhost NodePorts) and `[::]`
+//!   (IPv6, Cilium's `[::]:nodePort`);
 //!   `ExternalIP` frontends for `spec.externalIPs` of the family;
 //!   `LoadBalancer` frontends for `status.loadBalancer.ingress[].ip` of the
 //!   family whose `ipMode` is `VIP` or unset (`Proxy` load balancers deliver
@@ -77,6 +79,7 @@
 
 mod addresses;
 mod endpoints;
+mod host_ports;
 mod policy;
 mod service;
 mod source_ranges;
@@ -93,6 +96,7 @@ use crate::reconcile::{DesiredByService, ServiceFrontends};
 use crate::skip::SkipReason;
 
 pub use addresses::IpFamily;
+pub use host_ports::{host_port_key, translate_host_ports};
 pub use policy::{HealthCheck, NoLocalEndpoints, TrafficPolicy};
 pub use service::translate_service;
 // What the translation tests (`use super::*`) name.
@@ -110,6 +114,8 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// Label the control plane puts on headless Services' EndpointSlices.
 pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// The Node label that names its zone, compared with `hints.forZones`.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// Annotation choosing a Service's north-south backend selection,
 /// `random` or `maglev`, over `--lb-algorithm`.
 pub const LB_ALGORITHM_ANNOTATION: &str = "service.kpr.io/lb-algorithm";
@@ -127,7 +133,7 @@ pub struct NodeContext {
     /// `hints.forZones`. None (the default): zone hints are ignored.
     pub zone: Option<String>,
     /// The addresses NodePorts are served on. Empty (the default): only the
-    /// `127.0.0.1` NodePort frontends.
+    /// `127.0.0.1` and `[::]` NodePort frontends.
     pub node_ips: Vec<IpAddr>,
     /// North-south backend selection of Services without the
     /// [`LB_ALGORITHM_ANNOTATION`] (`--lb-algorithm`; default random).

@@ -728,7 +728,7 @@ endpoints: [{addresses: [10.244.1.1], nodeName: node-b}]
         skips: &[],
     },
     Case {
-        name: "a dual-stack UDP NodePort gets IPv6 node IPs too, but no IPv6 localhost",
+        name: "a dual-stack UDP NodePort gets IPv6 node IPs too, and [::] for every other IPv6 address of the node",
         service: r#"
 apiVersion: v1
 kind: Service
@@ -751,6 +751,7 @@ endpoints: [{addresses: ["fd00:10:244::1:2"]}]
             "10.96.1.2:53/UDP ClusterIP => ",
             "127.0.0.1:30053/UDP NodePort => ",
             "192.168.1.10:30053/UDP NodePort => ",
+            "[::]:30053/UDP NodePort => [fd00:10:244::1:2]:5353/UDP",
             "[fd00:10:96::1:2]:53/UDP ClusterIP => [fd00:10:244::1:2]:5353/UDP",
             "[fd00:192:168:1::10]:30053/UDP NodePort => [fd00:10:244::1:2]:5353/UDP",
         ],
@@ -890,6 +891,7 @@ status:
             "198.51.100.9:80/TCP LoadBalancer src=10.0.0.0/8,192.0.2.0/24,203.0.113.0/24 => ",
             "203.0.113.99:80/TCP ExternalIP => ",
             "[2001:db8:ff::9]:80/TCP LoadBalancer src=2001:db8::/32 => ",
+            "[::]:30190/TCP NodePort => ",
             "[fd00:10:96::39]:80/TCP ClusterIP => ",
             "[fd00:192:168:1::10]:30190/TCP NodePort => ",
         ],

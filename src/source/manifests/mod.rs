@@ -1,6 +1,10 @@
 //! Standalone mode's input: v1 Services and discovery.k8s.io/v1
 //! EndpointSlices read from YAML or JSON files (`kpr agent --manifests PATH`),
 //! so a node can be programmed without an API server (labs, tests, appliances).
+//! A v1 Node document named as the agent's node (`--node-name`) gives what
+//! the Node object gives in Kubernetes mode: its zone label (topology hints)
+//! and its InternalIP/ExternalIP addresses (NodePorts); other nodes'
+//! documents are read, validated and otherwise unused.
 //!
 //! Each path is a file (read whatever its extension) or a directory (its
 //! files whose names end in `.yaml`, `.yml` or `.json`, symlinks followed as
@@ -39,7 +43,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 pub use files::{resolve_paths, ReadError, ReadErrorReason};
@@ -90,6 +94,9 @@ pub struct ManifestOptions {
     pub debounce: Duration,
     pub limits: Limits,
     pub rules: Rules,
+    /// The agent's node (`--node-name`): its Node document, if any, is the
+    /// store's Node.
+    pub node_name: String,
 }
 
 /// A document, or a whole path, that was not used.
@@ -115,6 +122,10 @@ pub struct ManifestSet {
     pub services: Vec<Service>,
     /// discovery.k8s.io/v1 EndpointSlices, with the same guarantees.
     pub slices: Vec<EndpointSlice>,
+    /// v1 Nodes (slimmed to name, labels, addresses, taints), in the same order.
+    pub nodes: Vec<Node>,
+    /// v1 Pods (slimmed to what hostPorts need), in the same order.
+    pub pods: Vec<Pod>,
     /// Documents (or whole paths) that were not used, in the order met.
     pub skipped: Vec<SkippedDocument>,
 }
@@ -139,6 +150,8 @@ pub fn load(paths: &[PathBuf]) -> ManifestSet {
         match object {
             Object::Service(s) => set.services.push((**s).clone()),
             Object::EndpointSlice(s) => set.slices.push(s.to_k8s()),
+            Object::Node(n) => set.nodes.push((**n).clone()),
+            Object::Pod(p) => set.pods.push((**p).clone()),
         }
     }
     set
@@ -159,13 +172,14 @@ impl ManifestSource {
     /// The watcher could not be set up.
     pub fn open(options: &ManifestOptions) -> Result<ManifestSource, WatchError> {
         let watch = ManifestWatch::new(&options.paths, options.debounce)?;
-        let state = SourceState::new(
+        let mut state = SourceState::new(
             options.paths.clone(),
             options.limits,
             options.rules,
             true,
             options.debounce,
         );
+        state.set_node_name(&options.node_name);
         Ok(ManifestSource { state, watch })
     }
 

@@ -1,11 +1,12 @@
 //! One document into objects: read its apiVersion/kind, decode the kinds
-//! kpr consumes, flatten a `v1` `List`, default the namespace, and hand
+//! kpr consumes, flatten a `v1` `List`, default the namespace of the
+//! namespaced kinds (a Node has none), and hand
 //! each object to [`validate`](super::validate). Pure: no I/O, no state, so
 //! a document whose text did not change never needs to come back here.
 
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Service, ServiceSpec, ServiceStatus};
+use k8s_openapi::api::core::v1::{Node, Pod, Service, ServiceSpec, ServiceStatus};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::{Metadata, Resource};
@@ -23,6 +24,10 @@ use crate::source::slim::{self, SlimSlice};
 pub enum ObjectKind {
     Service,
     EndpointSlice,
+    /// Cluster-scoped: its key's namespace is empty.
+    Node,
+    /// Read for its hostPorts.
+    Pod,
 }
 
 impl ObjectKind {
@@ -30,7 +35,13 @@ impl ObjectKind {
         match self {
             ObjectKind::Service => Service::KIND,
             ObjectKind::EndpointSlice => EndpointSlice::KIND,
+            ObjectKind::Node => Node::KIND,
+            ObjectKind::Pod => Pod::KIND,
         }
+    }
+
+    fn namespaced(self) -> bool {
+        self != ObjectKind::Node
     }
 }
 
@@ -47,6 +58,10 @@ pub struct ObjectKey {
 pub enum Object {
     Service(Arc<Service>),
     EndpointSlice(Arc<SlimSlice>),
+    /// Slimmed as the Kubernetes source's Node is ([`slim::node`]).
+    Node(Arc<Node>),
+    /// Slimmed to what hostPorts need ([`slim::pod`]).
+    Pod(Arc<Pod>),
 }
 
 impl Object {
@@ -55,6 +70,8 @@ impl Object {
         match (self, other) {
             (Object::Service(a), Object::Service(b)) => Arc::ptr_eq(a, b) || a == b,
             (Object::EndpointSlice(a), Object::EndpointSlice(b)) => Arc::ptr_eq(a, b) || a == b,
+            (Object::Node(a), Object::Node(b)) => Arc::ptr_eq(a, b) || a == b,
+            (Object::Pod(a), Object::Pod(b)) => Arc::ptr_eq(a, b) || a == b,
             _ => false,
         }
     }
@@ -277,6 +294,24 @@ impl Parsed {
                 Ok(slice) => self.slice(slice, item, rules),
                 Err(e) => self.skip(item, SkipReason::Malformed, e),
             },
+            (Node::API_VERSION, Node::KIND) => match body.decode::<Node>() {
+                Ok(node) => {
+                    if let Some((key, node)) = self.object(node, item, ObjectKind::Node, rules) {
+                        self.objects
+                            .push((key, Object::Node(Arc::new(slim::node(node)))));
+                    }
+                }
+                Err(e) => self.skip(item, SkipReason::Malformed, e),
+            },
+            (Pod::API_VERSION, Pod::KIND) => match body.decode::<Pod>() {
+                Ok(pod) => {
+                    if let Some((key, pod)) = self.object(pod, item, ObjectKind::Pod, rules) {
+                        self.objects
+                            .push((key, Object::Pod(Arc::new(slim::pod(pod)))));
+                    }
+                }
+                Err(e) => self.skip(item, SkipReason::Malformed, e),
+            },
             ("v1", "List") if item.is_some() => {
                 self.skip(item, SkipReason::UnsupportedKind, "a List nested in a List")
             }
@@ -291,7 +326,7 @@ impl Parsed {
             _ => self.skip(
                 item,
                 SkipReason::UnsupportedKind,
-                format!("{api_version}/{kind} (kpr reads v1/Service and discovery.k8s.io/v1/EndpointSlice)"),
+                format!("{api_version}/{kind} (kpr reads v1/Service, discovery.k8s.io/v1/EndpointSlice, v1/Node and v1/Pod)"),
             ),
         }
     }
@@ -310,7 +345,8 @@ impl Parsed {
         }
     }
 
-    /// Checks the name, defaults the namespace and validates.
+    /// Checks the name, defaults the namespace (clears it for a
+    /// cluster-scoped kind) and validates.
     fn object<T>(
         &mut self,
         mut object: T,
@@ -334,10 +370,11 @@ impl Parsed {
             }
         };
         let namespace = match meta.namespace.as_deref() {
+            _ if !kind.namespaced() => String::new(),
             Some(namespace) if !namespace.is_empty() => namespace.to_string(),
             _ => DEFAULT_NAMESPACE.to_string(),
         };
-        meta.namespace = Some(namespace.clone());
+        meta.namespace = kind.namespaced().then(|| namespace.clone());
         if let Err((reason, detail)) = object.validate(rules) {
             if kind == ObjectKind::Service {
                 self.rejected.push(Rejected {
@@ -346,11 +383,12 @@ impl Parsed {
                     detail: escape(&detail),
                 });
             }
-            let detail = format!(
-                "{} {:?}: {detail}",
-                kind.name(),
+            let shown = if kind.namespaced() {
                 format!("{namespace}/{name}")
-            );
+            } else {
+                name.clone()
+            };
+            let detail = format!("{} {shown:?}: {detail}", kind.name());
             self.skip(item, reason, detail);
             return None;
         }

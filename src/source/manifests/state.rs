@@ -99,6 +99,9 @@ pub struct SourceState {
     /// Files without a state that were not read yet (being written).
     unread: BTreeSet<PathBuf>,
     recheck_at: Option<Instant>,
+    /// The agent's node (`--node-name`): the one Node document that reaches
+    /// the store; other nodes' documents are read and kept out of it.
+    node_name: Option<String>,
 }
 
 /// One reload's working set.
@@ -132,7 +135,14 @@ impl SourceState {
             refused: BTreeMap::new(),
             unread: BTreeSet::new(),
             recheck_at: None,
+            node_name: None,
         }
+    }
+
+    /// Names the agent's node, whose Node document (if any) the store
+    /// holds. Call before the first reload.
+    pub fn set_node_name(&mut self, name: &str) {
+        self.node_name = Some(name.to_string());
     }
 
     pub fn store(&self) -> &ObjectStore {
@@ -596,10 +606,21 @@ impl SourceState {
     /// and reports new definitions that lose to an earlier one.
     fn resolve(&mut self, pass: &mut Pass) {
         for key in std::mem::take(&mut pass.affected) {
+            if key.kind == ObjectKind::Node {
+                let winner = self.claims.get(&key).and_then(|c| c.iter().next());
+                let winner = winner.map(|(_, o)| o.clone());
+                self.resolve_node(&key, winner.as_ref());
+            }
             let claims = self.claims.get(&key);
             let winner = claims.and_then(|c| c.iter().next());
             let store_key = format!("{}/{}", key.namespace, key.name);
             let current = match key.kind {
+                ObjectKind::Node => None,
+                ObjectKind::Pod => self
+                    .store
+                    .pod_shared(&pod_store_key(&key))
+                    .cloned()
+                    .map(Object::Pod),
                 ObjectKind::Service => self
                     .store
                     .service_shared(&store_key)
@@ -616,6 +637,10 @@ impl SourceState {
                 (Some(w), Some(c)) if w.same(&c) => {}
                 (Some(Object::Service(s)), _) => self.store.apply_service(s.clone()),
                 (Some(Object::EndpointSlice(s)), _) => self.store.apply_slice(s.clone()),
+                (Some(Object::Pod(p)), _) => self.store.apply_pod(p.clone()),
+                (None, Some(Object::Pod(c))) => self.store.delete_pod(&c),
+                // The agent's own Node reached the store above.
+                (Some(Object::Node(_)), _) | (None, Some(Object::Node(_))) => {}
                 (None, Some(Object::Service(c))) => self.store.delete_service(&c),
                 (None, Some(Object::EndpointSlice(c))) => self.store.delete_slice(&c),
             }
@@ -643,4 +668,22 @@ impl SourceState {
             }
         }
     }
+
+    /// The store's Node follows the winning document of the agent's own
+    /// node; a change of its labels or addresses re-translates everything.
+    fn resolve_node(&mut self, key: &ObjectKey, winner: Option<&Object>) {
+        if self.node_name.as_deref() != Some(key.name.as_str()) {
+            return;
+        }
+        let node = match winner {
+            Some(Object::Node(n)) => Some((**n).clone()),
+            _ => None,
+        };
+        self.store.set_node(node);
+    }
+}
+
+/// The store's key of a Pod's hostPort frontends.
+fn pod_store_key(key: &ObjectKey) -> String {
+    crate::translate::host_port_key(&key.namespace, &key.name)
 }

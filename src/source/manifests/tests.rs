@@ -387,14 +387,14 @@ fn the_second_object_with_the_same_kind_and_name_is_a_duplicate() {
 fn empty_and_comment_only_documents_are_ignored_and_not_counted() {
     let dir = tempfile::tempdir().unwrap();
     let text = format!(
-        "%YAML 1.1\n---\n# nothing here\n---\n\n--- # web\n{WEB_SERVICE}...\n---\n~\n---\napiVersion: v1\nkind: Pod\n---\n"
+        "%YAML 1.1\n---\n# nothing here\n---\n\n--- # web\n{WEB_SERVICE}...\n---\n~\n---\napiVersion: v1\nkind: ConfigMap\n---\n"
     );
     let file = write(dir.path(), "sparse.yaml", &text);
 
     let set = load(&[file]);
 
     assert_eq!(names(&set.services), ["default/web"]);
-    // web is document 0, `~` document 1, the Pod document 2.
+    // web is document 0, `~` document 1, the ConfigMap document 2.
     assert_eq!(reasons(&set), [(2, SkipReason::UnsupportedKind)]);
 }
 
@@ -871,4 +871,86 @@ fn fields_of_the_other_kind_that_do_not_fit_are_ignored_as_the_api_type_does() {
             .and_then(|s| s.cluster_ip.as_deref()),
         Some("10.96.1.1")
     );
+}
+
+// --- the agent's Node -------------------------------------------------------
+
+fn node_doc(name: &str, zone: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}, labels: {{topology.kubernetes.io/zone: {zone}}}}}\n\
+         status: {{addresses: [{{type: InternalIP, address: 192.0.2.7}}, {{type: Hostname, address: {name}}}]}}\n---\n"
+    )
+}
+
+#[test]
+fn the_node_document_named_as_the_agent_reaches_the_store_and_a_zone_change_retranslates_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = format!(
+        "{}{}",
+        node_doc("node-b", "zone-b"),
+        node_doc("node-a", "zone-a")
+    );
+    write(dir.path(), "nodes.yaml", &nodes);
+    write(dir.path(), "web.yaml", WEB_SERVICE);
+    let mut state = new_state(dir.path());
+    state.set_node_name("node-a");
+    let first = state.reload(watch::Hints::default());
+    assert!(first.skipped.is_empty(), "{:?}", first.skipped);
+    state.store_mut().take_changes();
+
+    let zone = |state: &state::SourceState| {
+        state
+            .store()
+            .node()
+            .and_then(|n| n.metadata.labels.as_ref())
+            .and_then(|l| l.get("topology.kubernetes.io/zone").cloned())
+    };
+    assert_eq!(zone(&state), Some("zone-a".to_string()));
+    let addresses = state
+        .store()
+        .node()
+        .and_then(|n| n.status.clone())
+        .and_then(|s| s.addresses);
+    assert_eq!(addresses.map(|a| a.len()), Some(2));
+
+    write(
+        dir.path(),
+        "nodes.yaml",
+        &nodes.replace("zone: zone-a", "zone: zone-c"),
+    );
+    state.reload(watch::Hints::default());
+    assert_eq!(zone(&state), Some("zone-c".to_string()));
+    assert!(state.store_mut().take_changes().all);
+
+    // Another node's change leaves the store alone.
+    write(
+        dir.path(),
+        "nodes.yaml",
+        &node_doc("node-a", "zone-c").replace("zone-b", "zone-x"),
+    );
+    state.reload(watch::Hints::default());
+    assert!(!state.store_mut().take_changes().all);
+
+    fs::remove_file(dir.path().join("nodes.yaml")).unwrap();
+    state.reload(watch::Hints::default());
+    assert_eq!(state.store().node(), None);
+    assert!(state.store_mut().take_changes().all);
+}
+
+#[test]
+fn node_documents_are_loaded_cluster_scoped_and_an_invalid_zone_is_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = node_doc("node-c", "\"not a label value!\"");
+    write(
+        dir.path(),
+        "nodes.yaml",
+        &format!("{}{bad}", node_doc("node-a", "zone-a")),
+    );
+
+    let set = load(&[dir.path().to_path_buf()]);
+
+    assert_eq!(set.nodes.len(), 1);
+    assert_eq!(set.nodes[0].metadata.name.as_deref(), Some("node-a"));
+    assert_eq!(set.nodes[0].metadata.namespace, None);
+    assert_eq!(reasons(&set), [(1, SkipReason::InvalidName)]);
 }

@@ -17,11 +17,11 @@
 
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::skip::SkipReason;
-use crate::translate::SERVICE_NAME_LABEL;
+use crate::translate::{SERVICE_NAME_LABEL, ZONE_LABEL};
 
 /// kube-apiserver's default `--service-node-port-range`.
 pub const DEFAULT_NODE_PORT_RANGE: (u16, u16) = (30000, 32767);
@@ -88,6 +88,38 @@ impl Validate for Service {
         in_range(
             "spec.healthCheckNodePort",
             spec.health_check_node_port.unwrap_or(0),
+        )
+    }
+}
+
+/// A Node is read for its name, zone label and addresses: the name must
+/// be one the API server takes, and addresses that do not parse are left
+/// out when the node's addresses are read, as from the API.
+impl Validate for Node {
+    fn validate(&self, _rules: &Rules) -> Result<(), Invalid> {
+        dns1123_subdomain("metadata.name", self.metadata.name.as_deref().unwrap_or(""))?;
+        if let Some(zone) = self
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(ZONE_LABEL))
+        {
+            label_value(ZONE_LABEL, zone)?;
+        }
+        Ok(())
+    }
+}
+
+/// A Pod is read for its hostPorts: its name and namespace must be ones
+/// the API server takes; ports and addresses are checked as they are
+/// translated.
+impl Validate for Pod {
+    fn validate(&self, _rules: &Rules) -> Result<(), Invalid> {
+        let meta = &self.metadata;
+        dns1123_subdomain("metadata.name", meta.name.as_deref().unwrap_or(""))?;
+        dns1123_label(
+            "metadata.namespace",
+            meta.namespace.as_deref().unwrap_or(""),
         )
     }
 }
