@@ -183,7 +183,9 @@ pub struct AgentArgs {
     #[arg(long, value_parser = clap::value_parser!(u32).range(16..))]
     pub lb_map_max: Option<u32>,
     /// Capacity the services, backends and source-range maps are created
-    /// with when --lb-map-max is not given; they grow from there.
+    /// with when --lb-map-max is not given (at least; standalone mode
+    /// creates them large enough for the manifests' first read); they
+    /// grow from there.
     #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(16..))]
     pub lb_map_initial: u32,
     /// strict: every kernel feature kpr uses must be there, or the agent

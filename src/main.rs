@@ -115,6 +115,8 @@ fn run_agent(args: AgentArgs) -> Result<()> {
     // Two arenas for two runtime threads: freed memory is reused across
     // threads instead of kept resident per arena.
     kpr::sys::limit_malloc_arenas(2);
+    // Large transient buffers go back to the kernel when dropped.
+    kpr::sys::mmap_large_allocations(256 << 10);
     preflight::ignore_sighup()?;
     let nofile = preflight::raise_nofile_limit()?;
     tracing::debug!(nofile, "descriptor limit");

@@ -98,6 +98,20 @@ pub fn limit_malloc_arenas(max: i32) -> bool {
     unsafe { libc::mallopt(libc::M_ARENA_MAX, max) == 1 }
 }
 
+/// Serves every allocation of `bytes` or more from its own mapping
+/// (`M_MMAP_THRESHOLD`), returned to the kernel when freed. glibc's
+/// default starts at 128 KiB but rises to the size of each large block
+/// freed (up to 32 MiB): after the first sync freed its batch buffers,
+/// the next large transient buffers (plans, batch writes, file contents)
+/// came from the heap, where the long-lived objects allocated around them
+/// kept the pages resident. Setting it fixes it. Returns whether glibc
+/// took it.
+pub fn mmap_large_allocations(bytes: i32) -> bool {
+    // SAFETY: mallopt only sets an allocator parameter; it is called
+    // before the runtime starts its threads.
+    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, bytes) == 1 }
+}
+
 /// Returns the allocator's free memory to the kernel (`malloc_trim(0)`),
 /// after a full sync freed its translation and plan: resident memory then
 /// follows what the agent keeps, not the sync's peak.

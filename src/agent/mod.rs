@@ -61,12 +61,19 @@ const LRU_GAUGE_PERIOD: Duration = Duration::from_secs(10);
 /// Runs the agent until SIGINT or SIGTERM, with what
 /// [`crate::preflight::check`] found in order (the bound listeners, the hold
 /// on the bpf root, kept until the agent ends).
-pub async fn run(config: AgentConfig, held: crate::preflight::Held) -> Result<()> {
-    // Standalone: the manifests are read while the datapath loads.
+pub async fn run(mut config: AgentConfig, held: crate::preflight::Held) -> Result<()> {
+    // Standalone: the manifests are read before the datapath loads, and
+    // the maps created large enough for them: the first sync then needs
+    // no growth, whose switch-over would load the programs again.
     let first_read = match &config.source {
-        SourceConfig::Manifests(options) => Some(standalone::read_ahead(options)?),
+        SourceConfig::Manifests(options) => Some(standalone::read_ahead(options)?.await?),
         SourceConfig::Kubernetes(_) => None,
     };
+    if let Some((source, _)) = &first_read {
+        let demand = standalone::first_demand(source.store(), &config)?;
+        let growth = startup::growth(&config)?;
+        config.map_sizes = switch_over::sized_for(config.map_sizes, growth, &demand);
+    }
     let started = startup::start(&config)?;
     let status = started.status;
     let (metrics, datapath_names) = Metrics::new().with_datapath_counters(DatapathCounters::new(

@@ -9,6 +9,7 @@
 //! restored (see `pin_watch`).
 
 use anyhow::{Context, Result};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -16,17 +17,23 @@ use super::node::node_context;
 use super::pin_watch::PinWatch;
 use super::schedule::retry_delay;
 use super::syncer::{PolicyState, Synced, Syncer};
-use super::{pin_ticks, sleep_until_opt, stop_requested, SourceContext, LRU_GAUGE_PERIOD};
+use super::LRU_GAUGE_PERIOD;
+use super::{pin_ticks, sleep_until_opt, stop_requested, AgentConfig, SourceContext};
+use crate::datapath::fake::FakeMaps;
+use crate::datapath::resize::Demand;
+use crate::reconcile::Reconciler;
 use crate::source::manifests::{ManifestOptions, ManifestSource, ReloadReport};
+use crate::source::store::ObjectStore;
 use crate::status::WatcherState;
+use crate::translate::translate_service;
 
-/// The first read of the manifests, under way while the datapath loads.
-pub(super) type FirstRead = JoinHandle<(ManifestSource, ReloadReport)>;
+/// The first read of the manifests: done before the datapath loads, so
+/// the maps are created large enough for it ([`first_demand`]).
+pub(super) type FirstRead = (ManifestSource, ReloadReport);
 
 /// Starts watching the manifests of `options` and reading them, on the
-/// blocking pool: at scale decoding them takes longer than loading the
-/// datapath, and neither needs the other.
-pub(super) fn read_ahead(options: &ManifestOptions) -> Result<FirstRead> {
+/// blocking pool (a file's documents are decoded on several threads).
+pub(super) fn read_ahead(options: &ManifestOptions) -> Result<JoinHandle<FirstRead>> {
     let mut source = ManifestSource::open(options).context("watching the manifests")?;
     Ok(tokio::task::spawn_blocking(move || {
         let report = source.reload();
@@ -42,7 +49,7 @@ pub(super) async fn run(
     first: FirstRead,
     ctx: &SourceContext<'_>,
 ) -> Result<()> {
-    let (mut source, first_report) = first.await?;
+    let (mut source, first_report) = first;
     let mut first_report = Some(first_report);
     let mut lru_tick = tokio::time::interval(LRU_GAUGE_PERIOD);
     let mut pin_tick = pin_ticks();
@@ -124,4 +131,32 @@ pub(super) async fn run(
             _ = &mut stop => return Ok(()),
         }
     }
+}
+
+/// Entries the Services of `store` need in each growable map when the
+/// maps are empty: what the first sync's admission would count, without
+/// the backends Services share (each counted per Service, an upper bound
+/// at worst). Translated one Service at a time, nothing kept.
+pub(super) fn first_demand(store: &ObjectStore, config: &AgentConfig) -> Result<Demand> {
+    let node = node_context(
+        &config.node_name,
+        None,
+        &config.node_ips,
+        config.lb_algorithm,
+    );
+    let empty = Reconciler::new(FakeMaps::new()).context("sizing the maps")?;
+    let mut demand = Demand::default();
+    let mut skipped = Vec::new();
+    for (key, svc) in store.services_by_key() {
+        let slices = store.slices_of(key);
+        let slices: Vec<&EndpointSlice> = slices.iter().collect();
+        let translated = translate_service(svc, &slices, &node, &mut skipped);
+        skipped.clear();
+        let used = empty.peak_use([&translated.frontends]);
+        demand.services += used.services;
+        demand.backends += used.backends;
+        demand.source_ranges += used.source_ranges;
+        demand.maglev += used.maglev;
+    }
+    Ok(demand)
 }

@@ -61,14 +61,7 @@ pub(super) fn start(config: &AgentConfig) -> Result<Started> {
     } else {
         attach_socket_lb(config, &options)?;
     }
-    let growth = if config.map_growth {
-        let memory = resize::mem_total_bytes().context("sizing the maps' growth")?;
-        Growth::Auto {
-            ceiling: resize::growth_ceiling_entries(memory),
-        }
-    } else {
-        Growth::Fixed
-    };
+    let growth = growth(config)?;
     let socket_lb = options.clone();
     let switch_over = SwitchOver::new(
         config.bpf_root.clone(),
@@ -105,6 +98,18 @@ pub(super) fn start(config: &AgentConfig) -> Result<Started> {
         addresses,
         switch_over,
         socket_lb,
+    })
+}
+
+/// How the maps grow: up to 1/32 of the node's memory, or not at all with
+/// --lb-map-max.
+pub(super) fn growth(config: &AgentConfig) -> Result<Growth> {
+    if !config.map_growth {
+        return Ok(Growth::Fixed);
+    }
+    let memory = resize::mem_total_bytes().context("sizing the maps' growth")?;
+    Ok(Growth::Auto {
+        ceiling: resize::growth_ceiling_entries(memory),
     })
 }
 

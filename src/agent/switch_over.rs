@@ -133,3 +133,27 @@ impl SwitchOver {
         Ok(Some(grown))
     }
 }
+
+/// The sizes to create the maps with when the desired state is known
+/// before the datapath loads (the manifests' first read): `initial`
+/// (`--lb-map-initial`) grown to hold `demand` as a later growth would,
+/// so the first sync needs no switch-over. `initial` as is with a fixed
+/// size (`--lb-map-max`), or when the growth would pass `ceiling`: the
+/// first sync then refuses and shows what does not fit, as before. Pins
+/// of an earlier agent keep their capacity whatever is asked.
+pub fn sized_for(initial: MapSizes, growth: Growth, demand: &Demand) -> MapSizes {
+    let Growth::Auto { ceiling } = growth else {
+        return initial;
+    };
+    match resize::sizes_for(&initial, demand) {
+        Some(next) if resize::total_entries(&next) <= ceiling => {
+            tracing::info!(
+                services = next.services,
+                backends = next.backends,
+                "maps sized for the first read"
+            );
+            next
+        }
+        _ => initial,
+    }
+}
