@@ -138,12 +138,7 @@ pub(super) async fn run(
 /// the backends Services share (each counted per Service, an upper bound
 /// at worst). Translated one Service at a time, nothing kept.
 pub(super) fn first_demand(store: &ObjectStore, config: &AgentConfig) -> Result<Demand> {
-    let node = node_context(
-        &config.node_name,
-        None,
-        &config.node_ips,
-        config.lb_algorithm,
-    );
+    let node = node_context(&config.node_name, store.node(), config.node_flags());
     let empty = Reconciler::new(FakeMaps::new()).context("sizing the maps")?;
     let mut demand = Demand::default();
     let mut skipped = Vec::new();
