@@ -406,8 +406,9 @@ pub struct MonitorArgs {
     /// `10.96.0.10` or its id.
     #[arg(long)]
     pub frontend: Option<String>,
-    /// Only events of this Service: its frontend, as --frontend (Service
-    /// names are not in the pinned maps yet).
+    /// Only events of this Service: `namespace/name` or
+    /// `namespace/name:port-name`, as `svc list` names it (from the agent's
+    /// record of what it programmed).
     #[arg(long)]
     pub service: Option<String>,
     /// Only events whose chosen backend is this one (address, address:port or id).

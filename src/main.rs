@@ -149,7 +149,8 @@ fn monitor(args: &kpr::cli::MonitorArgs) -> Result<()> {
         bpf_root: args.bpf_root.bpf_root.clone(),
         json,
         filters: kpr::monitor::Filters {
-            frontend: args.frontend.clone().or_else(|| args.service.clone()),
+            frontend: args.frontend.clone(),
+            service: args.service.clone(),
             backend: args.backend.clone(),
             verdict: args.verdict,
         },

@@ -246,6 +246,19 @@ fn monitor_shows_a_connect_s_frontend_backend_and_reason_and_a_refusal_s_verdict
     require_root();
     let bed = bed("lbmon");
     let m = Monitor::start(&bed, &["--count", "2", "--duration", "20s"]);
+    // One reader at a time: a second monitor is refused with the pid.
+    let second = std::process::Command::new(KPR)
+        .args(["monitor", "--bpf-root"])
+        .arg(&bed.agent.bpf_root)
+        .args(["--duration", "1s"])
+        .output()
+        .unwrap();
+    let second_err = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "{second_err}");
+    assert!(
+        second_err.contains("reads the events already"),
+        "{second_err}"
+    );
     bed.tcp_spread(addr("10.96.0.10:80"), 1).unwrap();
     refused(&bed, "10.96.0.30:80", 1, "ECONNREFUSED");
     let (events, summary) = m.finish();
@@ -255,6 +268,7 @@ fn monitor_shows_a_connect_s_frontend_backend_and_reason_and_a_refusal_s_verdict
     assert_eq!(connect["verdict"], "translated");
     assert_eq!(connect["reason"], "random");
     assert_eq!(connect["frontend"], "10.96.0.10:80/TCP");
+    assert_eq!(connect["service"], "t/web:http", "{connect}");
     let backend = connect["backend"].as_str().unwrap_or_default();
     assert!(
         ["10.244.0.11:8080/TCP", "10.244.0.12:8080/TCP"].contains(&backend),
@@ -265,10 +279,22 @@ fn monitor_shows_a_connect_s_frontend_backend_and_reason_and_a_refusal_s_verdict
     let refusal = &events[1];
     assert_eq!(refusal["verdict"], "no_backend");
     assert_eq!(refusal["frontend"], "10.96.0.30:80/TCP");
+    assert_eq!(refusal["service"], "t/empty:http", "{refusal}");
     assert!(refusal["backend"].is_null());
     assert_eq!(summary["shown"], 2, "{summary}");
     let emitted = summary["datapath"]["emitted"].as_u64().unwrap();
     assert!(emitted >= 2, "{summary}");
+
+    // --service: only the named Service's decisions.
+    let only_empty = Monitor::start(
+        &bed,
+        &["--service", "t/empty", "--count", "1", "--duration", "20s"],
+    );
+    bed.tcp_spread(addr("10.96.0.10:80"), 1).unwrap();
+    refused(&bed, "10.96.0.30:80", 3, "ECONNREFUSED");
+    let (of_empty, _) = only_empty.finish();
+    assert_eq!(of_empty.len(), 1, "{of_empty:#?}");
+    assert_eq!(of_empty[0]["service"], "t/empty:http", "{of_empty:#?}");
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! The agent's web view in a real headless browser (Debian's chromium,
 //! tools/setup-deps): the page loads from the metrics address and lists
 //! the selftest's Services with their frontends and backends; its event
-//! stream delivers the sync a manifest change causes. The screenshot's
+//! stream delivers the sync a manifest change causes and the flow of a
+//! connect made while it is open. The screenshot's
 //! path is printed (`screenshot: ...`) for CI to keep.
 //!
 //! Needs root (the socket-LB bed): every test is `#[ignore = "needs root"]`
@@ -109,7 +110,7 @@ spec:
 
 #[test]
 #[ignore = "needs root"]
-fn the_web_view_lists_the_selftest_services_in_a_browser_and_streams_syncs() {
+fn the_web_view_lists_the_selftest_services_in_a_browser_and_streams_syncs_and_flows() {
     require_root();
     let bed = SocketLbBed::start(
         "webui",
@@ -169,4 +170,21 @@ fn the_web_view_lists_the_selftest_services_in_a_browser_and_streams_syncs() {
         bed.write_manifest("added.yaml", EXTRA).expect("manifest");
     });
     assert!(line.contains("\"result\":\"ok\""), "{line}");
+
+    // A connect made while the page listens is a flow on the stream, with
+    // its Service and backend (the reader joins as a monitor within a
+    // fraction of a second of the page opening; connects are repeated,
+    // bounded, until then).
+    let line = event_after(addr, "\"kind\":\"flow\"", || {
+        for _ in 0..10 {
+            let _ = bed.tcp_spread("10.96.0.10:80".parse().unwrap(), 1);
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    });
+    assert!(line.contains("\"service\":\"selftest/web:http\""), "{line}");
+    assert!(
+        line.contains("\"frontend\":\"10.96.0.10:80/TCP\""),
+        "{line}"
+    );
+    assert!(line.contains("\"verdict\":\"translated\""), "{line}");
 }

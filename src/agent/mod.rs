@@ -89,7 +89,8 @@ pub async fn run(mut config: AgentConfig, held: crate::preflight::Held) -> Resul
     }
     let shutdown = Shutdown::new();
     let listeners = (held.metrics, held.healthz);
-    // The web view's live tail; the syncer publishes to it.
+    // The web view's live tail; the syncer and the ring buffer reader
+    // publish to it.
     let feed = crate::web_ui::EventFeed::new();
     let ui = crate::web_ui::router(config.bpf_root.clone(), metrics.clone(), feed.clone());
     let mut tasks = serve::spawn(listeners, &metrics, &health, &status, ui, &shutdown)?;
@@ -99,6 +100,11 @@ pub async fn run(mut config: AgentConfig, held: crate::preflight::Held) -> Resul
     tasks.push(tokio::spawn(addresses::run(
         started.addresses,
         metrics.clone(),
+        shutdown.requested(),
+    )));
+    tasks.push(tokio::spawn(crate::monitor::tail::run(
+        config.bpf_root.clone(),
+        feed.clone(),
         shutdown.requested(),
     )));
     tasks.push(tokio::spawn(socket_stats::run(

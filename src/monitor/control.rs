@@ -1,16 +1,15 @@
 //! The monitor's runtime switch (`kpr_monitor_v1[0]`, struct
 //! lb_monitor_ctl): a reader registers its pid there and the datapath
-//! reports while any is registered, no program reload.
+//! reports while one is registered, no program reload.
 //!
-//! Several monitors may run at once: each keeps its pid in one of the
-//! eight `reader_pids` slots and sets `readers` to the number of live pids
-//! (a pid whose process is gone is dropped, so a monitor killed with
-//! SIGKILL does not keep the switch on for ever). Each monitor re-asserts
-//! its slot and the count at every poll, so two monitors that write the
-//! entry at the same moment (a read-modify-write of a map value is not
-//! atomic from user space) heal within one poll interval. The last one to
-//! leave turns the switch off. The sampling and rate settings are the
-//! latest monitor's.
+//! One reader at a time: a BPF ring buffer has one consumer position, so
+//! two readers would each get an arbitrary share of the events. A second
+//! monitor is refused with the holder's pid (a `kpr monitor`, or the
+//! agent while a web view page listens). A pid whose process is gone is
+//! dropped, so a monitor killed with SIGKILL does not keep the switch on
+//! for ever. The reader re-asserts its slot at every poll, and turns the
+//! switch off when it leaves. The struct keeps eight slots (its layout is
+//! the datapath's); only one is used.
 
 #![deny(unsafe_code)]
 
@@ -80,24 +79,24 @@ impl Ctl {
     }
 
     /// Keeps the pids `alive` says are, with `me` in a slot (when `Some`)
-    /// and `readers` their count. False when every slot is taken.
-    fn settle(&mut self, me: Option<u32>, alive: impl Fn(u32) -> bool) -> bool {
+    /// and `readers` their count. Err(holder) when another live reader
+    /// holds the switch.
+    fn settle(&mut self, me: Option<u32>, alive: impl Fn(u32) -> bool) -> Result<(), u32> {
         for p in self.pids.iter_mut() {
             if *p != 0 && Some(*p) != me && !alive(*p) {
                 *p = 0;
             }
         }
-        let mut ok = true;
+        let mut outcome = Ok(());
         if let Some(me) = me {
-            if !self.pids.contains(&me) {
-                match self.pids.iter_mut().find(|p| **p == 0) {
-                    Some(slot) => *slot = me,
-                    None => ok = false,
-                }
+            if let Some(&holder) = self.pids.iter().find(|p| **p != 0 && **p != me) {
+                outcome = Err(holder);
+            } else if !self.pids.contains(&me) {
+                self.pids[0] = me;
             }
         }
         self.readers = self.pids.iter().filter(|p| **p != 0).count() as u32;
-        ok
+        outcome
     }
 }
 
@@ -149,8 +148,11 @@ impl Registration {
 
     fn write(&self, me: Option<u32>, budget: Option<Budget>) -> Result<()> {
         let mut ctl = self.read()?;
-        if !ctl.settle(me, process_alive) {
-            bail!("{SLOTS} monitors run already");
+        if let Err(holder) = ctl.settle(me, process_alive) {
+            bail!(
+                "process {holder} reads the events already (a kpr monitor, or the agent while a \
+                 web view page is open); a BPF ring buffer has one reader"
+            );
         }
         let b = budget.unwrap_or(self.budget);
         if budget.is_some() || ctl.sample_every == 0 {
@@ -172,7 +174,7 @@ impl Registration {
         for p in ctl.pids.iter_mut().filter(|p| **p == self.pid) {
             *p = 0;
         }
-        ctl.settle(None, process_alive);
+        let _ = ctl.settle(None, process_alive);
         self.map
             .update(&0u32.to_ne_bytes(), &ctl.encode(), MapFlags::ANY)
             .map_err(to_io)
@@ -193,28 +195,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn readers_count_live_pids_and_a_dead_one_is_dropped() {
+    fn a_dead_reader_is_dropped_and_the_new_one_takes_the_switch() {
         let mut ctl = Ctl {
-            pids: [10, 0, 20, 0, 0, 0, 0, 0],
+            pids: [0, 0, 20, 0, 0, 0, 0, 0],
             ..Ctl::default()
         };
-        assert!(ctl.settle(Some(30), |p| p != 20));
-        assert_eq!(ctl.readers, 2);
-        assert!(ctl.pids.contains(&30) && !ctl.pids.contains(&20));
-        // The other monitor (10) leaving keeps this one on.
-        ctl.pids[0] = 0;
-        ctl.settle(None, |_| true);
+        assert_eq!(ctl.settle(Some(30), |p| p != 20), Ok(()));
         assert_eq!(ctl.readers, 1);
+        assert!(ctl.pids.contains(&30) && !ctl.pids.contains(&20));
+        // Re-asserting keeps one slot.
+        assert_eq!(ctl.settle(Some(30), |_| true), Ok(()));
+        assert_eq!(ctl.readers, 1);
+        // Leaving turns the switch off.
+        ctl.pids = [0; SLOTS];
+        let _ = ctl.settle(None, |_| true);
+        assert_eq!(ctl.readers, 0);
     }
 
     #[test]
-    fn a_ninth_reader_is_refused() {
+    fn a_second_live_reader_is_refused_with_the_holders_pid() {
         let mut ctl = Ctl {
-            pids: [1, 2, 3, 4, 5, 6, 7, 8],
+            pids: [10, 0, 0, 0, 0, 0, 0, 0],
             ..Ctl::default()
         };
-        assert!(!ctl.settle(Some(9), |_| true));
-        assert_eq!(ctl.readers, 8);
+        assert_eq!(ctl.settle(Some(9), |_| true), Err(10));
+        assert_eq!(ctl.readers, 1);
+        assert!(!ctl.pids.contains(&9));
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod control;
 pub mod event;
 pub mod render;
 pub mod resolve;
+pub mod tail;
 
 use std::cell::RefCell;
 use std::path::PathBuf;

@@ -31,6 +31,8 @@ pub struct Event {
     pub frontend_id: u32,
     /// The frontend of `frontend_id` in the maps (None: no frontend, or gone).
     pub frontend: Option<String>,
+    /// Its Service, `namespace/name:port-name`, from the agent's record.
+    pub service: Option<String>,
     pub backend_id: u32,
     pub backend: Option<String>,
 }
@@ -68,6 +70,7 @@ impl Event {
             ),
             frontend_id: raw.svc_id,
             frontend: resolver.frontend(raw.svc_id).map(|a| a.to_string()),
+            service: resolver.service(raw.svc_id),
             backend_id: raw.backend_id,
             backend: resolver.backend(raw.backend_id).map(|a| a.to_string()),
         }
@@ -86,6 +89,9 @@ impl Event {
             self.client,
             self.frontend.as_deref().unwrap_or(&self.destination)
         );
+        if let Some(svc) = &self.service {
+            line += &format!(" ({svc})");
+        }
         if let Some(b) = &self.backend {
             line += &format!(" => {b}");
         }
@@ -114,9 +120,16 @@ impl Event {
 pub struct Filters {
     /// The frontend (`10.96.0.10:80/TCP`, or just its address) or its id.
     pub frontend: Option<String>,
+    /// The Service: `namespace/name`, or `namespace/name:port-name`.
+    pub service: Option<String>,
     /// The backend (`10.244.0.11:8080/TCP`, or just its address) or its id.
     pub backend: Option<String>,
     pub verdict: Option<Verdict>,
+}
+
+/// Whether `want` (`ns/name` or `ns/name:port`) names the Service `have`.
+fn names_service(want: &str, have: Option<&str>) -> bool {
+    have.is_some_and(|h| h == want || h.split(':').next() == Some(want))
 }
 
 /// Whether `want` names `id` or the address `have` (whole, or its IP).
@@ -142,9 +155,13 @@ impl Filters {
                 Some(&e.destination),
             )
         }) && self
-            .backend
+            .service
             .as_deref()
-            .is_none_or(|b| names(b, e.backend_id, e.backend.as_deref(), None))
+            .is_none_or(|s| names_service(s, e.service.as_deref()))
+            && self
+                .backend
+                .as_deref()
+                .is_none_or(|b| names(b, e.backend_id, e.backend.as_deref(), None))
             && self.verdict.is_none_or(|v| e.verdict == Some(v))
     }
 }
@@ -170,6 +187,7 @@ mod tests {
             frontend: Some("10.96.0.10:80/TCP".into()),
             backend_id: 9,
             backend: Some("10.244.0.11:8080/TCP".into()),
+            service: Some("default/web:http".into()),
         }
     }
 
@@ -177,12 +195,28 @@ mod tests {
     fn a_translated_connect_reads_as_one_line() {
         assert_eq!(
             event().text_line(),
-            "1.500000 connect 10.0.0.5:43210 -> 10.96.0.10:80/TCP => 10.244.0.11:8080/TCP translated (random) pid 42"
+            "1.500000 connect 10.0.0.5:43210 -> 10.96.0.10:80/TCP (default/web:http) => 10.244.0.11:8080/TCP translated (random) pid 42"
         );
         let j: serde_json::Value = serde_json::from_str(&event().json_line()).unwrap();
         assert_eq!(j["verdict"], "translated");
         assert_eq!(j["reason"], "random");
         assert_eq!(j["backend"], "10.244.0.11:8080/TCP");
+        assert_eq!(j["service"], "default/web:http");
+    }
+
+    #[test]
+    fn the_service_filter_takes_the_service_with_or_without_its_port() {
+        let e = event();
+        let f = |svc: &str| Filters {
+            service: Some(svc.to_string()),
+            ..Filters::default()
+        };
+        assert!(f("default/web").matches(&e));
+        assert!(f("default/web:http").matches(&e));
+        assert!(!f("default/we").matches(&e));
+        assert!(!f("default/web:https").matches(&e));
+        let unnamed = Event { service: None, ..e };
+        assert!(!f("default/web").matches(&unnamed));
     }
 
     #[test]
@@ -190,6 +224,7 @@ mod tests {
         let e = event();
         let f = |frontend: Option<&str>, backend: Option<&str>, verdict| Filters {
             frontend: frontend.map(str::to_string),
+            service: None,
             backend: backend.map(str::to_string),
             verdict,
         };

@@ -1,5 +1,6 @@
 //! Names for the ids and numbers of an event, from what the node holds
 //! without the agent: frontend and backend ids from the pinned maps, the
+//! frontend's Service from the agent's record (crate::applied_state), the
 //! client's cgroup path from cgroup2 (a directory's inode is its id), and
 //! the pod from that path when it is a kubelet's (`.../pod<uid>/...`).
 
@@ -10,6 +11,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::applied_state::{self, frontend_label};
 use crate::datapath::kernel::KernelMaps;
 use crate::datapath::maps::LbMaps;
 use crate::model::L4Addr;
@@ -25,6 +27,9 @@ const RELOAD_EVERY: Duration = Duration::from_secs(1);
 pub struct Resolver {
     bpf_root: PathBuf,
     frontends: BTreeMap<u32, L4Addr>,
+    /// Frontend id -> `namespace/name:port-name`, for the frontends the
+    /// agent's record names.
+    services: BTreeMap<u32, String>,
     backends: BTreeMap<u32, L4Addr>,
     loaded: Option<Instant>,
     cgroups: HashMap<u64, Option<String>>,
@@ -35,6 +40,7 @@ impl Resolver {
         let mut r = Resolver {
             bpf_root: bpf_root.to_path_buf(),
             frontends: BTreeMap::new(),
+            services: BTreeMap::new(),
             backends: BTreeMap::new(),
             loaded: None,
             cgroups: HashMap::new(),
@@ -43,12 +49,23 @@ impl Resolver {
         r
     }
 
-    /// Reads the frontends (masters) and backends of the pinned maps.
+    /// Reads the frontends (masters) and backends of the pinned maps, and
+    /// the Service names of the agent's record (none without a record).
     fn reload(&mut self) {
         self.loaded = Some(Instant::now());
         let Ok(Ok(snapshot)) = KernelMaps::open(&self.bpf_root).map(|m| m.snapshot()) else {
             return;
         };
+        let names = applied_state::read(&self.bpf_root)
+            .ok()
+            .flatten()
+            .map(|state| state.names())
+            .unwrap_or_default();
+        self.services = snapshot
+            .frontends
+            .iter()
+            .filter_map(|(fe, e)| Some((e.master.svc_id, names.get(&frontend_label(fe))?.clone())))
+            .collect();
         self.frontends = snapshot
             .frontends
             .iter()
@@ -76,6 +93,17 @@ impl Resolver {
             self.reload_for_miss();
         }
         self.frontends.get(&id).copied()
+    }
+
+    /// The Service of frontend `id`, when the agent's record names it.
+    pub fn service(&mut self, id: u32) -> Option<String> {
+        if id == 0 {
+            return None;
+        }
+        if !self.services.contains_key(&id) {
+            self.reload_for_miss();
+        }
+        self.services.get(&id).cloned()
     }
 
     /// The backend of id `id` (0: none).

@@ -1,10 +1,9 @@
 //! The live tail behind `/ui/events`: a broadcast of JSON lines, one per
 //! event, that any part of the agent may publish to ([`EventSink`]) and
-//! every open page receives as server-sent events. Today the syncer
-//! publishes each sync that changed something (`"kind":"sync"`); a
-//! load-balancing event reader (the monitor's ring buffer) publishes its
-//! events the same way. Nothing is made up: with no publisher, the tail
-//! stays empty.
+//! every open page receives as server-sent events: the syncer publishes
+//! each sync that changed something (`"kind":"sync"`), and while a page
+//! listens the monitor's ring buffer reader (`crate::monitor::tail`)
+//! publishes every load-balancing decision (`"kind":"flow"`).
 //!
 //! A slow page loses events rather than holding memory: the channel keeps
 //! the last [`BACKLOG`] lines, a receiver behind that skips ahead and is
@@ -39,6 +38,11 @@ impl Default for EventFeed {
 impl EventFeed {
     pub fn new() -> EventFeed {
         EventFeed::default()
+    }
+
+    /// How many pages listen now.
+    pub fn listeners(&self) -> usize {
+        self.tx.receiver_count()
     }
 
     /// A receiver of every line published from now on.
