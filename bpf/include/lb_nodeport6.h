@@ -325,6 +325,27 @@ static __noinline int np6_new_flow(void *ctx, const struct pkt6 *p, struct lb_sv
 	return v;
 }
 
+/* np_direct_syn() for IPv6: a SYN that is for no frontend, from a client
+ * whose source port a translated flow to this same pod still holds, opens
+ * a direct connection; the translated flow's entries go, or its reply
+ * rule would rewrite the pod's SYN-ACK at egress. @key is the caller's
+ * (the XDP program's stack is nearly full). */
+static __always_inline void np6_direct_syn(const struct pkt6 *p, struct ct_key *key)
+{
+	struct ct_entry *e;
+
+	__builtin_memset(key, 0, sizeof(*key));
+	__builtin_memcpy(key->saddr, p->daddr, sizeof(key->saddr));
+	__builtin_memcpy(key->daddr, p->saddr, sizeof(key->daddr));
+	key->sport = p->dport;
+	key->dport = p->sport;
+	key->proto = p->proto;
+	key->dir = CT_DIR_REPLY;
+	e = bpf_map_lookup_elem(&kpr_ct_v1, key);
+	if (e && !(e->flags & CT_F_SNAT))
+		ct_delete_pair(key, e);
+}
+
 /* The decision for an IPv6 packet that entered on @ifindex, as
  * np_ingress(): a SNATed flow's reply, a packet to a frontend (tracked or
  * new), or not ours. On NP_V_FWD the packet is to be rewritten as @fwd
@@ -367,8 +388,11 @@ static __always_inline int np6_ingress(void *ctx, __u32 ifindex, const struct pk
 	skey.proto = p->proto;
 	skey.scope = LB_SCOPE_EXT;
 	master = lb_lookup_master(&skey);
-	if (!master || !(master->flags & NP_SVC_TYPES))
+	if (!master || !(master->flags & NP_SVC_TYPES)) {
+		if (is_tcp_syn6(p))
+			np6_direct_syn(p, &key);
 		return NP_V_PASS;
+	}
 	if (np6_hop_exceeded(p))
 		return NP_V_DROP;
 
