@@ -1202,7 +1202,7 @@ fn privileged_true_makes_the_agent_privileged_without_a_capability_list() {
 }
 
 #[test]
-fn volumes_are_the_host_bpffs_cgroup2_root_modules_and_a_scratch_tmp() {
+fn volumes_are_the_host_bpffs_cgroup2_root_modules_the_applied_record_and_a_scratch_tmp() {
     let ds = render(&DEFAULTS).daemonset();
     assert_eq!(
         volumes(&ds),
@@ -1227,6 +1227,11 @@ fn volumes_are_the_host_bpffs_cgroup2_root_modules_and_a_scratch_tmp() {
                 "tmp".to_string(),
                 json!({"emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}})
             ),
+            // svc list's names and --verify under a read-only root.
+            (
+                "applied-record".to_string(),
+                json!({"hostPath": {"path": "/run/kpr/applied", "type": "DirectoryOrCreate"}})
+            ),
         ])
     );
     // Unprivileged, the agent may not propagate mounts to the host
@@ -1241,6 +1246,7 @@ fn volumes_are_the_host_bpffs_cgroup2_root_modules_and_a_scratch_tmp() {
             ),
             ("/lib/modules", ("lib-modules", "None", true)),
             ("/tmp", ("tmp", "None", false)),
+            ("/run/kpr/applied", ("applied-record", "None", false)),
         ])
     );
 }
