@@ -99,6 +99,18 @@ fn event_after(addr: SocketAddr, want: &str, trigger: impl FnOnce()) -> String {
     panic!("no event with {want:?} in:\n{seen}");
 }
 
+/// The body of `GET path` (HTTP/1.0, so the server closes; bounded).
+fn get(addr: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect to the metrics address");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: kpr\r\n\r\n").unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or(out)
+}
+
 const EXTRA: &str = r#"
 apiVersion: v1
 kind: Service
@@ -187,4 +199,20 @@ fn the_web_view_lists_the_selftest_services_in_a_browser_and_streams_syncs_and_f
         "{line}"
     );
     assert!(line.contains("\"verdict\":\"translated\""), "{line}");
+
+    // The page's counters (/ui/counters) now hold those connects: the
+    // socket hooks' translated decisions of that frontend.
+    let counters: serde_json::Value =
+        serde_json::from_str(&get(addr, "/ui/counters")).expect("counters are JSON");
+    let translated = counters
+        .as_array()
+        .expect("a list of samples")
+        .iter()
+        .find(|c| {
+            c["family"] == "kpr_socket_lb_decisions_total"
+                && c["labels"]["frontend"] == "10.96.0.10:80/TCP"
+                && c["labels"]["verdict"] == "translated"
+        })
+        .unwrap_or_else(|| panic!("no translated decisions of 10.96.0.10:80/TCP in {counters}"));
+    assert!(translated["value"].as_f64().unwrap() >= 1.0, "{translated}");
 }
