@@ -83,8 +83,9 @@ pub fn flow_hash4(saddr: std::net::Ipv4Addr, sport: u16, dport: u16, proto: u8, 
     )
 }
 
-/// The kernel's jhash_3words() (Bob Jenkins' lookup3 final mix).
-fn jhash_3words(a: u32, b: u32, c: u32, initval: u32) -> u32 {
+/// The kernel's jhash_3words() (Bob Jenkins' lookup3 final mix), as the
+/// datapath's flow hashes use it (lb_maglev.h, lb_nodeport6.h).
+pub fn jhash_3words(a: u32, b: u32, c: u32, initval: u32) -> u32 {
     let init = initval.wrapping_add(0xdead_beef).wrapping_add(3 << 2);
     let (mut a, mut b, mut c) = (
         a.wrapping_add(init),

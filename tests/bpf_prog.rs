@@ -13,6 +13,7 @@ mod packet;
 #[path = "support/packet_node.rs"]
 mod packet_node;
 
+use kpr::maglev::jhash_3words;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -884,32 +885,6 @@ fn dsr_node_encapsulates_toward_remote_backends_and_decapsulates_for_local_ones(
         },
     ];
     run_table(&node, cases);
-}
-
-/// jhash_3words of lb_maglev.h: the datapath's flow hash, which every
-/// node must compute alike (so a change to it shows here).
-fn jhash_3words(a: u32, b: u32, c: u32, initval: u32) -> u32 {
-    let init = initval.wrapping_add(0xdeadbeef).wrapping_add(3 << 2);
-    let (mut a, mut b, mut c) = (
-        a.wrapping_add(init),
-        b.wrapping_add(init),
-        c.wrapping_add(init),
-    );
-    c ^= b;
-    c = c.wrapping_sub(b.rotate_left(14));
-    a ^= c;
-    a = a.wrapping_sub(c.rotate_left(11));
-    b ^= a;
-    b = b.wrapping_sub(a.rotate_left(25));
-    c ^= b;
-    c = c.wrapping_sub(b.rotate_left(16));
-    a ^= c;
-    a = a.wrapping_sub(c.rotate_left(4));
-    b ^= a;
-    b = b.wrapping_sub(a.rotate_left(14));
-    c ^= b;
-    c = c.wrapping_sub(b.rotate_left(24));
-    c
 }
 
 #[test]

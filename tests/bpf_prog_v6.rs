@@ -10,6 +10,7 @@
 #[path = "support/packet_node.rs"]
 mod packet_node;
 
+use kpr::maglev::jhash_3words;
 use std::collections::BTreeMap;
 use std::net::Ipv6Addr;
 
@@ -469,31 +470,6 @@ fn ipv6_nodeport_flows_are_snated_to_remote_backends_kept_for_local_ones_and_tra
         }
         assert!(moved(&node, &before).is_empty());
     }
-}
-
-/// jhash_3words of lb_maglev.h (tests/bpf_prog.rs has the same).
-fn jhash_3words(a: u32, b: u32, c: u32, initval: u32) -> u32 {
-    let init = initval.wrapping_add(0xdeadbeef).wrapping_add(3 << 2);
-    let (mut a, mut b, mut c) = (
-        a.wrapping_add(init),
-        b.wrapping_add(init),
-        c.wrapping_add(init),
-    );
-    c ^= b;
-    c = c.wrapping_sub(b.rotate_left(14));
-    a ^= c;
-    a = a.wrapping_sub(c.rotate_left(11));
-    b ^= a;
-    b = b.wrapping_sub(a.rotate_left(25));
-    c ^= b;
-    c = c.wrapping_sub(b.rotate_left(16));
-    a ^= c;
-    a = a.wrapping_sub(c.rotate_left(4));
-    b ^= a;
-    b = b.wrapping_sub(a.rotate_left(14));
-    c ^= b;
-    c = c.wrapping_sub(b.rotate_left(24));
-    c
 }
 
 /// lb_flow_hash6 of lb_nodeport6.h: the IPv6 flow hash, a function of the
