@@ -88,14 +88,20 @@ static __always_inline void ct_key4(struct ct_key *key, const struct pkt4 *p, __
 	key->dir = dir;
 }
 
-/* State a packet tells about its flow. */
-static __always_inline __u16 pkt_ct_flags(const struct pkt4 *p, __u8 dir)
+/* State a packet of direction @dir with TCP flags @tcp_flags tells about
+ * its flow (either family). */
+static __always_inline __u16 ct_flags_of(__u8 tcp_flags, __u8 dir)
 {
 	__u16 flags = dir == CT_DIR_REPLY ? CT_F_ESTABLISHED : 0;
 
-	if (p->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST))
+	if (tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST))
 		flags |= CT_F_CLOSING;
 	return flags;
+}
+
+static __always_inline __u16 pkt_ct_flags(const struct pkt4 *p, __u8 dir)
+{
+	return ct_flags_of(p->tcp_flags, dir);
 }
 
 /* State a client's packet tells about a flow whose entry has @eflags: a

@@ -93,11 +93,7 @@ static __always_inline void ct_key6(struct ct_key *key, const struct pkt6 *p, __
 /* pkt_ct_flags() for an IPv6 packet. */
 static __always_inline __u16 pkt6_ct_flags(const struct pkt6 *p, __u8 dir)
 {
-	__u16 flags = dir == CT_DIR_REPLY ? CT_F_ESTABLISHED : 0;
-
-	if (p->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST))
-		flags |= CT_F_CLOSING;
-	return flags;
+	return ct_flags_of(p->tcp_flags, dir);
 }
 
 static __always_inline int is_tcp_syn6(const struct pkt6 *p)
